@@ -1,0 +1,82 @@
+//! The command line (clap derive): each command with its help and an example.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "runhook", version, about = "Follow Travelmode agent runs and deliver their events to webhooks, Slack and files.")]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Log format: human on a terminal, json for machines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon. SIGTERM/SIGINT stop ingest, finish in-flight deliveries and exit 0.
+    ///
+    /// Example: runhook --config /etc/runhook/runhook.toml run
+    Run,
+    /// Validate the config and print the routing table; exit 78 on error.
+    ///
+    /// Example: runhook --config ./runhook.toml check
+    Check,
+    /// Follow a run (the running daemon picks it up within a second).
+    ///
+    /// Example: runhook watch 9f2a1c7e-0000-4000-8000-000000000001 --label team=rome
+    Watch {
+        run_id: String,
+        /// A label for routing, key=value; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Stop following a run; what was recorded is still delivered.
+    ///
+    /// Example: runhook unwatch 9f2a1c7e-0000-4000-8000-000000000001
+    Unwatch { run_id: String },
+    /// Show runs (cursor, status, phase, transport, state) and sinks (pending, done, dead).
+    ///
+    /// Example: runhook status --json
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List dead letters.
+    ///
+    /// Example: runhook dead --sink ops
+    Dead {
+        #[arg(long)]
+        sink: Option<String>,
+        #[arg(long)]
+        run: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a local fake of the Agent Runs API with scripted runs and faults.
+    ///
+    /// Example: runhook simulate --listen 127.0.0.1:8787 --scenario scenario.toml
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: std::net::SocketAddr,
+        /// A scenario file (TOML); the built-in demo runs when absent.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+    },
+    /// Simulator + daemon + a file sink in one process, on a temp dir: try runhook in one command.
+    ///
+    /// Example: cargo run --release -- demo
+    Demo,
+}

@@ -1,0 +1,188 @@
+//! `runhook run`: open the store, start a delivery loop per sink and an
+//! ingest task per watched run, follow `watch`/`unwatch`, drain on shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SinkKind, Transport};
+use crate::deliver;
+use crate::ingest::{Ingest, RunEnd};
+use crate::sink::file::FileSink;
+use crate::store::{Reader, Store, StoreError};
+use crate::upstream::{Client, UpstreamError};
+
+/// How often the daemon looks for `watch`/`unwatch` from the command line.
+const CONTROL_POLL: Duration = Duration::from_millis(500);
+
+/// Run states in which ingest does not start the run again by itself.
+const ENDED_STATES: [&str; 3] = ["finished", "forbidden", "not_found"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("sink {sink}: cannot open {path}: {error}")]
+    SinkFile {
+        sink: String,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("sink {sink}: {kind} sinks are not implemented in this build")]
+    Unsupported { sink: String, kind: &'static str },
+}
+
+/// Runs until `shutdown` is cancelled, then stops ingest, lets in-flight
+/// deliveries finish within `state.shutdown_grace`, and returns.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let store = Store::open(&config.state.path)?;
+    subscribe_config_runs(&store, &config).await?;
+
+    let sinks_stop = CancellationToken::new();
+    let mut sinks = start_sinks(&config, &store, &sinks_stop)?;
+    let ingest = Arc::new(Ingest {
+        client: Client::new(&config.api)?,
+        store: store.clone(),
+        router: Arc::new(config.router.clone()),
+        poll_interval: config.api.poll_interval,
+    });
+    tracing::info!(
+        state = %config.state.path.display(),
+        runs = config.runs.len(),
+        sinks = config.sinks.len(),
+        "runhook started"
+    );
+    let supervised = supervise_runs(ingest, store.reader()?, shutdown.clone()).await;
+
+    tracing::info!("stopping: ingest stopped, finishing in-flight deliveries");
+    sinks_stop.cancel();
+    let drained = tokio::time::timeout(config.state.shutdown_grace, async {
+        while let Some(result) = sinks.join_next().await {
+            if let Ok(Err(error)) = result {
+                tracing::error!(%error, "delivery loop failed");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?config.state.shutdown_grace, "deliveries still in flight at the end of the grace period; they resume on restart");
+        sinks.abort_all();
+    }
+    supervised
+}
+
+async fn subscribe_config_runs(store: &Store, config: &Config) -> Result<(), StoreError> {
+    for run in &config.runs {
+        store
+            .subscribe(run.id.clone(), run.labels.clone(), "config", run.transport.map(transport_name))
+            .await?;
+    }
+    store
+        .unsubscribe_config_runs_except(config.runs.iter().map(|r| r.id.clone()).collect())
+        .await
+}
+
+fn transport_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Auto => "auto",
+        Transport::Sse => "sse",
+        Transport::Poll => "poll",
+    }
+}
+
+fn start_sinks(
+    config: &Config,
+    store: &Store,
+    stop: &CancellationToken,
+) -> Result<JoinSet<Result<(), StoreError>>, DaemonError> {
+    let mut tasks = JoinSet::new();
+    for sink in config.sinks.values() {
+        match &sink.kind {
+            SinkKind::File(file) => {
+                let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
+                    sink: sink.name.to_string(),
+                    path: file.path.display().to_string(),
+                    error,
+                })?;
+                tasks.spawn(deliver::run_file_sink(
+                    sink.name.clone(),
+                    Arc::new(opened),
+                    sink.delivery.clone(),
+                    store.clone(),
+                    store.reader()?,
+                    stop.clone(),
+                ));
+            }
+            other => {
+                return Err(DaemonError::Unsupported {
+                    sink: sink.name.to_string(),
+                    kind: other.type_name(),
+                });
+            }
+        }
+    }
+    Ok(tasks)
+}
+
+/// Keeps one ingest task per watched run, following `watch`/`unwatch`
+/// through the store, until `shutdown`.
+async fn supervise_runs(
+    ingest: Arc<Ingest>,
+    reader: Reader,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut tasks: JoinSet<(String, Result<RunEnd, StoreError>)> = JoinSet::new();
+    let mut seen_generation = None;
+    loop {
+        let generation = reader.control_generation().await?;
+        if seen_generation != Some(generation) {
+            seen_generation = Some(generation);
+            let watched = reader.watched_runs().await?;
+            running.retain(|run_id, cancel| {
+                let keep = watched.iter().any(|w| &w.run_id == run_id);
+                if !keep {
+                    tracing::info!(run_id = %run_id, "unwatched; stopping ingest");
+                    cancel.cancel();
+                }
+                keep
+            });
+            for run in watched {
+                if running.contains_key(&run.run_id) || ENDED_STATES.contains(&run.state.as_str()) {
+                    continue;
+                }
+                let cancel = shutdown.child_token();
+                running.insert(run.run_id.clone(), cancel.clone());
+                let ingest = ingest.clone();
+                tasks.spawn(async move {
+                    let run_id = run.run_id.clone();
+                    (run_id, ingest.follow(run, cancel).await)
+                });
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(joined) = tasks.join_next() => {
+                if let Ok((run_id, result)) = joined {
+                    if let Err(error) = result {
+                        tracing::error!(run_id = %run_id, %error, "ingest stopped on a state database error");
+                        return Err(error.into());
+                    }
+                    running.remove(&run_id);
+                }
+            }
+            _ = tokio::time::sleep(CONTROL_POLL) => {}
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((run_id, Err(error))) = joined {
+            tracing::warn!(run_id = %run_id, %error, "ingest ended with an error during shutdown");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! Parses the command line and dispatches; errors become exit codes here.
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+/// sysexits.h EX_CONFIG: what `check` (and every command) exits with on a bad config.
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Demo => "warn",
+        _ => "info",
+    };
+    commands::init_logging(cli.log_format, default_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("runhook: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::dispatch(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            if error.downcast_ref::<runhook::config::ConfigError>().is_some() {
+                eprintln!("runhook: config error: {error}");
+                return ExitCode::from(EX_CONFIG);
+            }
+            eprintln!("runhook: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

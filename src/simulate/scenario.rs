@@ -1,0 +1,233 @@
+//! Scripted runs for the simulator: the built-in demo, a TOML scenario file,
+//! or a bulk high-throughput workload.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Fault;
+
+/// What the simulator serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Bearer token accepted (as user `user-1`).
+    #[serde(default = "default_token")]
+    pub token: String,
+    /// Session cookie value accepted (as user `user-1`).
+    #[serde(default = "default_session")]
+    pub session: String,
+    /// Most events in one poll response.
+    #[serde(default = "default_page_size")]
+    pub page_size: usize,
+    /// Seconds between SSE `status` heartbeats.
+    #[serde(default = "default_heartbeat", with = "humantime_serde_compat")]
+    pub heartbeat: Duration,
+    #[serde(default)]
+    pub runs: Vec<ScriptedRun>,
+    #[serde(default)]
+    pub bulk: Option<Bulk>,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+}
+
+/// N runs x M events, no delays unless `interval` says so.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bulk {
+    pub runs: usize,
+    pub events: usize,
+    #[serde(default, with = "humantime_serde_compat")]
+    pub interval: Duration,
+    #[serde(default = "default_bulk_prefix")]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptedRun {
+    pub id: String,
+    /// Owner; a run of another user answers 403.
+    #[serde(default = "default_user")]
+    pub owner: String,
+    /// Time between events.
+    #[serde(default, with = "humantime_serde_compat")]
+    pub interval: Duration,
+    /// Status once every event is out.
+    #[serde(default = "default_final")]
+    pub final_status: String,
+    pub error_message: Option<String>,
+    pub cancel_reason: Option<String>,
+    /// False: the run stays `pending` until a `start` control action.
+    #[serde(default = "yes")]
+    pub started: bool,
+    #[serde(default)]
+    pub events: Vec<ScriptedEvent>,
+    /// Events emitted after a `retry` control action on the failed run.
+    #[serde(default)]
+    pub retry_events: Vec<ScriptedEvent>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptedEvent {
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Raw JSON text, served byte for byte.
+    #[serde(default = "empty_object")]
+    pub payload: String,
+    /// Explicit sequence (to make gaps); default: previous + 1.
+    pub sequence: Option<i64>,
+    /// False: the event has no `createdAt`.
+    #[serde(default = "yes")]
+    pub created_at: bool,
+}
+
+fn default_token() -> String {
+    "sim-token".into()
+}
+fn default_session() -> String {
+    "sim-session".into()
+}
+fn default_page_size() -> usize {
+    500
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_bulk_prefix() -> String {
+    "bulk".into()
+}
+fn default_user() -> String {
+    super::USER.into()
+}
+fn default_final() -> String {
+    "completed".into()
+}
+fn empty_object() -> String {
+    "{}".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// Durations as `"150ms"` strings.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            token: default_token(),
+            session: default_session(),
+            page_size: default_page_size(),
+            heartbeat: default_heartbeat(),
+            runs: Vec::new(),
+            bulk: None,
+            faults: Vec::new(),
+        }
+    }
+}
+
+impl Scenario {
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The built-in demo: runs that complete, fail and get cancelled, with
+    /// a sequence gap, an unknown event type and an event without
+    /// `createdAt`.
+    pub fn demo() -> Self {
+        let step = Duration::from_millis(120);
+        let phases = |run: &str| -> Vec<ScriptedEvent> {
+            let mut events = Vec::new();
+            for (i, phase) in ["understand", "plan", "retrieve", "reason", "act", "compose", "deliver", "done"]
+                .iter()
+                .enumerate()
+            {
+                events.push(event("PHASE_STARTED", &format!(r#"{{"phase":"{phase}"}}"#)));
+                if i == 3 {
+                    events.push(event(
+                        "ARTIFACT_CREATED",
+                        &format!(
+                            r#"{{"artifactType":"candidates","trip":"{run}","score":1.10,"note":"café ☕","z":1,"a":2}}"#
+                        ),
+                    ));
+                }
+                if i == 5 {
+                    events.push(event("ARTIFACT_CREATED", r#"{"artifactType":"proposals","count":3}"#));
+                }
+            }
+            events
+        };
+        let mut rome = run("demo-rome-0001", step, phases("rome"));
+        rome.final_status = "completed".into();
+        let mut oslo = run("demo-oslo-0002", step, phases("oslo").into_iter().take(5).collect());
+        oslo.final_status = "failed".into();
+        oslo.error_message = Some("Flight search timed out".into());
+        let mut kyoto = run("demo-kyoto-0003", step, phases("kyoto").into_iter().take(3).collect());
+        kyoto.final_status = "cancelled".into();
+        kyoto.cancel_reason = Some("User cancelled the plan".into());
+        let mut lima_events = vec![
+            event("PHASE_STARTED", r#"{"phase":"understand"}"#),
+            event("PHASE_STARTED", r#"{"phase":"plan"}"#),
+        ];
+        let mut gap = event("PHASE_STARTED", r#"{"phase":"retrieve"}"#);
+        gap.sequence = Some(5);
+        lima_events.push(gap);
+        lima_events.push(event("TOOL_CALLED", r#"{"tool":"hotel_search","args":{"city":"Lima","nights":3}}"#));
+        let mut undated = event("ARTIFACT_CREATED", r#"{"artifactType":"entities"}"#);
+        undated.created_at = false;
+        lima_events.push(undated);
+        lima_events.push(event("PHASE_STARTED", r#"{"phase":"done"}"#));
+        let lima = run("demo-lima-0004", step, lima_events);
+        Self {
+            runs: vec![rome, oslo, kyoto, lima],
+            ..Self::default()
+        }
+    }
+}
+
+fn event(event_type: &str, payload: &str) -> ScriptedEvent {
+    ScriptedEvent {
+        event_type: event_type.into(),
+        payload: payload.into(),
+        sequence: None,
+        created_at: true,
+    }
+}
+
+fn run(id: &str, interval: Duration, events: Vec<ScriptedEvent>) -> ScriptedRun {
+    ScriptedRun {
+        id: id.into(),
+        owner: default_user(),
+        interval,
+        final_status: default_final(),
+        error_message: None,
+        cancel_reason: None,
+        started: true,
+        events,
+        retry_events: Vec::new(),
+    }
+}
+
+/// The runs of a bulk workload.
+pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
+    const TYPES: [&str; 3] = ["PHASE_STARTED", "ARTIFACT_CREATED", "TOOL_CALLED"];
+    (0..bulk.runs)
+        .map(|r| {
+            let events = (0..bulk.events)
+                .map(|i| event(TYPES[i % 3], &format!(r#"{{"n":{i},"run":{r},"ratio":0.10}}"#)))
+                .collect();
+            run(&format!("{}-{r:05}", bulk.prefix), bulk.interval, events)
+        })
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! The schema, versioned with `PRAGMA user_version`. Each migration runs once,
+//! in order, inside one transaction.
+
+use rusqlite::Connection;
+
+/// Migration N brings the schema from version N to N+1.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the outbox.
+    r#"
+    CREATE TABLE runs (
+        run_id        TEXT PRIMARY KEY,
+        labels        TEXT NOT NULL DEFAULT '{}',   -- JSON object
+        origin        TEXT NOT NULL,                -- 'config' | 'watch'
+        watched       INTEGER NOT NULL DEFAULT 1,
+        transport     TEXT,                         -- requested: auto | sse | poll
+        active_transport TEXT,                      -- what ingest uses now
+        cursor        INTEGER NOT NULL DEFAULT 0,   -- highest sequence recorded
+        run_status    TEXT,
+        phase         TEXT,
+        state         TEXT NOT NULL DEFAULT 'starting',
+        last_error    TEXT,
+        finished_seq  INTEGER,                      -- lastSequence of the last run_finished
+        finished_at   INTEGER,
+        last_event_at INTEGER,                      -- unix ms, last event recorded
+        upstream_seq  INTEGER,                      -- lastEventSequence from a run lookup
+        updated_at    INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        rowid       INTEGER PRIMARY KEY,            -- ingest order
+        id          TEXT NOT NULL UNIQUE,           -- {runId}:{sequence} or {runId}:finished:{n}
+        run_id      TEXT NOT NULL,
+        sequence    INTEGER,                        -- NULL for run_finished
+        event_type  TEXT NOT NULL,
+        payload     TEXT NOT NULL,                  -- bytes as received
+        created_at  TEXT,
+        run_status  TEXT,
+        phase       TEXT,
+        seen_at     INTEGER NOT NULL                -- unix ms
+    );
+    CREATE INDEX events_by_run ON events(run_id, rowid);
+    CREATE TABLE deliveries (
+        sink            TEXT NOT NULL,
+        event           INTEGER NOT NULL,           -- events.rowid
+        run_id          TEXT NOT NULL,
+        state           INTEGER NOT NULL DEFAULT 0, -- 0 pending, 1 done, 2 dead
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,           -- unix ms
+        last_status     INTEGER,
+        last_error      TEXT,
+        done_at         INTEGER,
+        PRIMARY KEY (sink, event)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_by_state ON deliveries(sink, state, event);
+    CREATE INDEX deliveries_by_run ON deliveries(sink, run_id, state, event);
+    CREATE TABLE sinks (
+        name            TEXT PRIMARY KEY,
+        file_offset     INTEGER,                    -- file sink: bytes marked done
+        last_success_at INTEGER,
+        down            INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('control', 0);
+    "#,
+];
+
+pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to the current version. A database from a newer
+/// runhook is refused rather than guessed at.
+pub fn migrate(conn: &mut Connection) -> Result<(), super::StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > VERSION {
+        return Err(super::StoreError::TooNew {
+            found: current,
+            known: VERSION,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

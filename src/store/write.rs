@@ -1,0 +1,360 @@
+//! Everything that changes the database. Each public method is one job in
+//! the writer's group transaction.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::value::RawValue;
+
+use super::{Store, StoreError, now_ms};
+
+/// An upstream event ready to record, with the sinks routing chose.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub sequence: i64,
+    pub event_type: String,
+    pub payload: Box<RawValue>,
+    pub created_at: Option<String>,
+    pub sinks: Vec<Arc<str>>,
+}
+
+/// The run reached a final status: record one `run_finished`.
+#[derive(Debug)]
+pub struct Finish {
+    pub status: String,
+    pub error_message: Option<String>,
+    pub cancel_reason: Option<String>,
+    pub sinks: Vec<Arc<str>>,
+}
+
+/// One ingest step of one run: events (ascending sequence), the run's status
+/// and phase as seen, and perhaps its end.
+#[derive(Debug)]
+pub struct Batch {
+    pub run_id: String,
+    pub events: Vec<NewEvent>,
+    pub run_status: Option<String>,
+    pub phase: Option<String>,
+    pub finish: Option<Finish>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// The run's cursor after the batch.
+    pub cursor: i64,
+    /// Events newly recorded (a `run_finished` included).
+    pub recorded: usize,
+    /// Events at or below the cursor, dropped.
+    pub dropped: usize,
+}
+
+impl Store {
+    /// The core operation (DESIGN.md guarantee 1): the batch's new events,
+    /// their deliveries and the advanced cursor, in one transaction. Events
+    /// not above the stored cursor are dropped, whatever the server sent.
+    pub async fn record_batch(&self, batch: Batch) -> Result<Recorded, StoreError> {
+        self.write(move |conn| record_batch(conn, &batch)).await
+    }
+
+    /// Subscribes to a run (or refreshes its labels), keeping its cursor.
+    pub async fn subscribe(
+        &self,
+        run_id: String,
+        labels: BTreeMap<String, String>,
+        origin: &'static str,
+        transport: Option<&'static str>,
+    ) -> Result<(), StoreError> {
+        let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO runs (run_id, labels, origin, watched, transport, updated_at)
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5)
+                 ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels,
+                    origin = excluded.origin, watched = 1, transport = excluded.transport",
+            )?
+            .execute(params![run_id, labels, origin, transport, now_ms()])?;
+            bump_control(conn)
+        })
+        .await
+    }
+
+    /// Stops following a run; its recorded events still get delivered.
+    /// Returns whether the run was known.
+    pub async fn unsubscribe(&self, run_id: String) -> Result<bool, StoreError> {
+        self.write(move |conn| {
+            let changed = conn.execute(
+                "UPDATE runs SET watched = 0, updated_at = ?2 WHERE run_id = ?1",
+                params![run_id, now_ms()],
+            )?;
+            bump_control(conn)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    /// Config runs no longer in the config stop being followed.
+    pub async fn unsubscribe_config_runs_except(&self, keep: Vec<String>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let mut stale = Vec::new();
+            {
+                let mut stmt = conn.prepare("SELECT run_id FROM runs WHERE origin = 'config' AND watched = 1")?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                for id in rows {
+                    let id = id?;
+                    if !keep.contains(&id) {
+                        stale.push(id);
+                    }
+                }
+            }
+            for id in stale {
+                conn.execute("UPDATE runs SET watched = 0 WHERE run_id = ?1", [id])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// What ingest is doing with a run, for `status`.
+    pub async fn set_run_state(
+        &self,
+        run_id: String,
+        state: &'static str,
+        last_error: Option<String>,
+        active_transport: Option<&'static str>,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE runs SET state = ?2, last_error = ?3,
+                    active_transport = COALESCE(?4, active_transport), updated_at = ?5
+                 WHERE run_id = ?1",
+            )?
+            .execute(params![run_id, state, last_error, active_transport, now_ms()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deliveries that reached their sink. For a file sink, `file_offset` is
+    /// the file length after the write, kept for the restart reconciliation.
+    pub async fn mark_delivered(
+        &self,
+        sink: Arc<str>,
+        events: Vec<i64>,
+        file_offset: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut update = conn.prepare_cached(
+                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3,
+                    last_status = NULL, last_error = NULL
+                 WHERE sink = ?1 AND event = ?2 AND state = 0",
+            )?;
+            for event in &events {
+                update.execute(params![&*sink, event, now])?;
+            }
+            conn.prepare_cached(
+                "INSERT INTO sinks (name, file_offset, last_success_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET
+                    file_offset = COALESCE(excluded.file_offset, file_offset),
+                    last_success_at = excluded.last_success_at, down = 0",
+            )?
+            .execute(params![&*sink, file_offset.map(|o| o as i64), now])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A failed attempt: count it and schedule the next, or dead-letter.
+    pub async fn record_failure(&self, sink: Arc<str>, failure: Failure) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let mut update = conn.prepare_cached(
+                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?3,
+                    last_status = ?4, last_error = ?5, state = ?6, done_at = ?7
+                 WHERE sink = ?1 AND event = ?2 AND state = 0",
+            )?;
+            let (state, done_at) = if failure.dead { (2, Some(now_ms())) } else { (0, None) };
+            for event in &failure.events {
+                update.execute(params![
+                    &*sink,
+                    event,
+                    failure.next_attempt_at,
+                    failure.status,
+                    failure.error,
+                    state,
+                    done_at
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// File sink start-up: lines found in the file past the recorded offset
+    /// are deliveries that were written but not yet marked done.
+    pub async fn reconcile_file(
+        &self,
+        sink: Arc<str>,
+        ids_in_file: Vec<String>,
+        file_offset: u64,
+    ) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut marked = 0;
+            let mut update = conn.prepare_cached(
+                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3
+                 WHERE sink = ?1 AND state = 0
+                   AND event = (SELECT rowid FROM events WHERE id = ?2)",
+            )?;
+            for id in &ids_in_file {
+                marked += update.execute(params![&*sink, id, now])?;
+            }
+            conn.prepare_cached(
+                "INSERT INTO sinks (name, file_offset) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET file_offset = excluded.file_offset",
+            )?
+            .execute(params![&*sink, file_offset as i64])?;
+            Ok(marked)
+        })
+        .await
+    }
+}
+
+/// A failed delivery attempt of one or more deliveries of a sink.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub events: Vec<i64>,
+    pub status: Option<u16>,
+    pub error: String,
+    pub next_attempt_at: i64,
+    /// Give up: move to the dead-letter list.
+    pub dead: bool,
+}
+
+fn bump_control(conn: &Connection) -> Result<(), rusqlite::Error> {
+    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'control'", [])?;
+    Ok(())
+}
+
+fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::Error> {
+    let now = now_ms();
+    let mut cursor: i64 = conn
+        .prepare_cached("SELECT cursor FROM runs WHERE run_id = ?1")?
+        .query_row([&batch.run_id], |r| r.get(0))
+        .optional()?
+        .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    let mut recorded = 0;
+    let mut dropped = 0;
+    let mut insert_event = conn.prepare_cached(
+        "INSERT INTO events (id, run_id, sequence, event_type, payload, created_at,
+                             run_status, phase, seen_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (id) DO NOTHING",
+    )?;
+    let mut insert_delivery = conn.prepare_cached(
+        "INSERT INTO deliveries (sink, event, run_id, next_attempt_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT DO NOTHING",
+    )?;
+    let mut record = |id: &str,
+                      sequence: Option<i64>,
+                      event_type: &str,
+                      payload: &str,
+                      created_at: Option<&str>,
+                      sinks: &[Arc<str>]|
+     -> Result<bool, rusqlite::Error> {
+        let inserted = insert_event.execute(params![
+            id,
+            batch.run_id,
+            sequence,
+            event_type,
+            payload,
+            created_at,
+            batch.run_status,
+            batch.phase,
+            now
+        ])?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let event = conn.last_insert_rowid();
+        for sink in sinks {
+            insert_delivery.execute(params![&**sink, event, batch.run_id, now])?;
+        }
+        Ok(true)
+    };
+
+    for event in &batch.events {
+        if event.sequence <= cursor {
+            dropped += 1;
+            continue;
+        }
+        let id = format!("{}:{}", batch.run_id, event.sequence);
+        if record(
+            &id,
+            Some(event.sequence),
+            &event.event_type,
+            event.payload.get(),
+            event.created_at.as_deref(),
+            &event.sinks,
+        )? {
+            recorded += 1;
+        }
+        cursor = event.sequence;
+    }
+
+    let mut finished_seq = None;
+    if let Some(finish) = &batch.finish {
+        let id = format!("{}:finished:{cursor}", batch.run_id);
+        let payload = finished_payload(finish, cursor);
+        if record(&id, None, "run_finished", &payload, None, &finish.sinks)? {
+            recorded += 1;
+        }
+        finished_seq = Some(cursor);
+    }
+
+    conn.prepare_cached(
+        "UPDATE runs SET cursor = ?2,
+            run_status = COALESCE(?3, run_status), phase = COALESCE(?4, phase),
+            last_event_at = CASE WHEN ?5 > 0 THEN ?6 ELSE last_event_at END,
+            finished_seq = COALESCE(?7, finished_seq),
+            finished_at = CASE WHEN ?7 IS NOT NULL THEN ?6 ELSE finished_at END,
+            state = CASE WHEN ?7 IS NOT NULL THEN 'finished' ELSE 'following' END,
+            last_error = NULL, updated_at = ?6
+         WHERE run_id = ?1",
+    )?
+    .execute(params![
+        batch.run_id,
+        cursor,
+        batch.run_status,
+        batch.phase,
+        recorded as i64,
+        now,
+        finished_seq
+    ])?;
+    Ok(Recorded {
+        cursor,
+        recorded,
+        dropped,
+    })
+}
+
+/// `{"status", "errorMessage"?, "cancelReason"?, "lastSequence"}` in that order.
+fn finished_payload(finish: &Finish, last_sequence: i64) -> String {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Payload<'a> {
+        status: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error_message: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cancel_reason: Option<&'a str>,
+        last_sequence: i64,
+    }
+    serde_json::to_string(&Payload {
+        status: &finish.status,
+        error_message: finish.error_message.as_deref(),
+        cancel_reason: finish.cancel_reason.as_deref(),
+        last_sequence,
+    })
+    .unwrap_or_else(|_| "{}".to_owned())
+}

@@ -1,0 +1,169 @@
+//! The HTTP client for the Agent Runs API: one shared connection pool, a cap
+//! on requests in flight, and errors sorted into the classes ingest acts on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, COOKIE, HeaderValue};
+use tokio::sync::Semaphore;
+
+use super::types::{EventsPage, RunEnvelope, RunInfo, error_message};
+use crate::config::{ApiConfig, Secret};
+use crate::http::{read_capped, retry_after, snippet};
+
+/// A response page larger than this is refused rather than buffered.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
+pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream answered {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("cannot reach upstream: {0}")]
+    Network(#[source] reqwest::Error),
+    #[error("unparseable upstream response: {0}")]
+    Decode(String),
+}
+
+/// What ingest does about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// 401: the credential is wrong or expired; keep trying slowly.
+    AuthFailed,
+    /// 403: the credential's user does not own the run; stop the run.
+    Forbidden,
+    /// 404: no such run; stop the run.
+    NotFound,
+    /// Network, 5xx, 429, garbage: back off and try again.
+    Transient,
+}
+
+impl UpstreamError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Status { status: 401, .. } => ErrorClass::AuthFailed,
+            Self::Status { status: 403, .. } => ErrorClass::Forbidden,
+            Self::Status { status: 404, .. } => ErrorClass::NotFound,
+            _ => ErrorClass::Transient,
+        }
+    }
+
+    /// How long the server asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    token: Option<Secret>,
+    cookie: Option<Secret>,
+    permits: Arc<Semaphore>,
+}
+
+impl Client {
+    pub fn new(api: &ApiConfig) -> Result<Self, UpstreamError> {
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(UpstreamError::Network)?;
+        Ok(Self {
+            http,
+            base: api.base_url.clone(),
+            token: api.token.clone(),
+            cookie: api.session_cookie.clone(),
+            permits: Arc::new(Semaphore::new(api.max_concurrency)),
+        })
+    }
+
+    /// `{base}/v1/agent-runs/{run_id}/{tail...}` with the run id as one
+    /// encoded path segment.
+    pub fn run_url(&self, run_id: &str, tail: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .pop_if_empty()
+                .extend(["v1", "agent-runs", run_id])
+                .extend(tail);
+        }
+        url
+    }
+
+    /// Events after `since`, with the run's status.
+    pub async fn events(&self, run_id: &str, since: i64) -> Result<EventsPage, UpstreamError> {
+        let mut url = self.run_url(run_id, &["events"]);
+        url.query_pairs_mut().append_pair("since", &since.to_string());
+        let body = self.get(url).await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            UpstreamError::Decode(format!("{e}; body starts {:?}", snippet(&body, 120)))
+        })
+    }
+
+    /// The run itself: status, error message, `lastEventSequence`.
+    pub async fn run(&self, run_id: &str) -> Result<RunInfo, UpstreamError> {
+        let body = self.get(self.run_url(run_id, &[])).await?;
+        serde_json::from_slice::<RunEnvelope>(&body)
+            .map(|envelope| envelope.run)
+            .map_err(|e| UpstreamError::Decode(format!("{e}; body starts {:?}", snippet(&body, 120))))
+    }
+
+    async fn get(&self, url: reqwest::Url) -> Result<Vec<u8>, UpstreamError> {
+        let _permit = self.permits.acquire().await.ok();
+        let mut request = self.http.get(url);
+        if let Some(token) = &self.token {
+            request = request.header(AUTHORIZATION, sensitive(&format!("Bearer {}", token.expose())));
+        } else if let Some(cookie) = &self.cookie {
+            request = request.header(COOKIE, self.cookie_header(cookie));
+        }
+        let response = request.send().await.map_err(UpstreamError::Network)?;
+        let status = response.status();
+        let wait = retry_after(response.headers());
+        let (body, _) = read_capped(response, MAX_BODY)
+            .await
+            .map_err(UpstreamError::Network)?;
+        if !status.is_success() {
+            return Err(UpstreamError::Status {
+                status: status.as_u16(),
+                message: error_message(&body).unwrap_or_else(|| snippet(&body, 200)),
+                retry_after: wait,
+            });
+        }
+        Ok(body)
+    }
+
+    /// The session cookie header, marked sensitive so it never shows in
+    /// reqwest's debug output.
+    pub fn cookie_header(&self, cookie: &Secret) -> HeaderValue {
+        sensitive(&format!("session_token={}", cookie.expose()))
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub fn session_cookie(&self) -> Option<&Secret> {
+        self.cookie.as_ref()
+    }
+
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+}
+
+fn sensitive(value: &str) -> HeaderValue {
+    let mut header = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
+    header.set_sensitive(true);
+    header
+}
