@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "runhook", version, about = "Follow Travelmode agent runs and deliver their events to webhooks, Slack and files.")]
+#[command(
+    name = "runhook",
+    version,
+    about = "Follow Travelmode agent runs and deliver their events to webhooks, Slack and files."
+)]
 pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]

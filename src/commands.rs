@@ -14,7 +14,8 @@ use runhook::config::Config;
 use runhook::store::{Reader, Store};
 
 pub fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = EnvFilter::try_from_env("RUNHOOK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_env("RUNHOOK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -38,7 +39,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             let labels = runhook::ingest::parse_labels(&labels).map_err(anyhow::Error::msg)?;
             let store = Store::open(&config.state.path)?;
-            store.subscribe(run_id.clone(), labels, "watch", None).await?;
+            store
+                .subscribe(run_id.clone(), labels, "watch", None)
+                .await?;
             println!("watching {run_id}");
         }
         Command::Unwatch { run_id } => {
@@ -50,7 +53,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("no longer watching {run_id}");
         }
         Command::Status { json } => status(&Config::load(&cli.config)?, json).await?,
-        Command::Dead { sink, run, json } => dead(&Config::load(&cli.config)?, sink, run, json).await?,
+        Command::Dead { sink, run, json } => {
+            dead(&Config::load(&cli.config)?, sink, run, json).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -66,7 +71,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// First SIGTERM/SIGINT: drain and stop. Second: exit at once.
 async fn stop_on_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -78,11 +86,16 @@ async fn stop_on_signals(shutdown: CancellationToken) {
     std::process::exit(1);
 }
 
-async fn simulate(listen: std::net::SocketAddr, scenario: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+async fn simulate(
+    listen: std::net::SocketAddr,
+    scenario: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let scenario = match scenario {
         Some(path) => {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            runhook::simulate::Scenario::from_toml(&text).with_context(|| format!("scenario {}", path.display()))?
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            runhook::simulate::Scenario::from_toml(&text)
+                .with_context(|| format!("scenario {}", path.display()))?
         }
         None => runhook::simulate::Scenario::demo(),
     };
@@ -125,7 +138,12 @@ fn check(config: &Config) {
     println!("\nroutes:");
     for (i, route) in config.router.routes().iter().enumerate() {
         let sinks: Vec<&str> = route.sinks.iter().map(|s| &**s).collect();
-        println!("  #{:<3} {:<50} -> {}", i + 1, route.describe_filters(), sinks.join(", "));
+        println!(
+            "  #{:<3} {:<50} -> {}",
+            i + 1,
+            route.describe_filters(),
+            sinks.join(", ")
+        );
     }
 }
 
@@ -134,7 +152,10 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let runs = reader.runs().await?;
     let sinks = reader.sinks().await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "sinks": sinks }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "sinks": sinks }))?
+        );
         return Ok(());
     }
     let now = runhook::store::now_ms();
@@ -146,7 +167,11 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<38} {:<12} {:<9} {:>7} {:<10} {:<10} {:>5} {:>9}  {}",
             run.run_id,
-            if run.watched { run.state.as_str() } else { "unwatched" },
+            if run.watched {
+                run.state.as_str()
+            } else {
+                "unwatched"
+            },
             run.transport.as_deref().unwrap_or("-"),
             run.cursor,
             run.status.as_deref().unwrap_or("-"),
@@ -156,7 +181,10 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             run.last_error.as_deref().unwrap_or(""),
         );
     }
-    println!("\n{:<16} {:>8} {:>9} {:>9} {:>6} {:<5} LAST SUCCESS", "SINK", "PENDING", "RETRYING", "DONE", "DEAD", "UP");
+    println!(
+        "\n{:<16} {:>8} {:>9} {:>9} {:>6} {:<5} LAST SUCCESS",
+        "SINK", "PENDING", "RETRYING", "DONE", "DEAD", "UP"
+    );
     for sink in &sinks {
         println!(
             "{:<16} {:>8} {:>9} {:>9} {:>6} {:<5} {}",
@@ -166,13 +194,19 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
             sink.done,
             sink.dead,
             if sink.down { "down" } else { "up" },
-            sink.last_success_at.map_or("-".into(), |t| format!("{} ago", age(now - t))),
+            sink.last_success_at
+                .map_or("-".into(), |t| format!("{} ago", age(now - t))),
         );
     }
     Ok(())
 }
 
-async fn dead(config: &Config, sink: Option<String>, run: Option<String>, json: bool) -> anyhow::Result<()> {
+async fn dead(
+    config: &Config,
+    sink: Option<String>,
+    run: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
     let reader = Reader::open(&config.state.path)?;
     let letters = reader.dead_letters(sink, run).await?;
     if json {
@@ -180,7 +214,10 @@ async fn dead(config: &Config, sink: Option<String>, run: Option<String>, json: 
         return Ok(());
     }
     let now = runhook::store::now_ms();
-    println!("{:<48} {:<12} {:>8} {:>6} {:>8}  LAST ERROR", "ID", "SINK", "ATTEMPTS", "STATUS", "AGE");
+    println!(
+        "{:<48} {:<12} {:>8} {:>6} {:>8}  LAST ERROR",
+        "ID", "SINK", "ATTEMPTS", "STATUS", "AGE"
+    );
     for letter in &letters {
         println!(
             "{:<48} {:<12} {:>8} {:>6} {:>8}  {}",

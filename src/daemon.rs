@@ -79,7 +79,12 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 async fn subscribe_config_runs(store: &Store, config: &Config) -> Result<(), StoreError> {
     for run in &config.runs {
         store
-            .subscribe(run.id.clone(), run.labels.clone(), "config", run.transport.map(transport_name))
+            .subscribe(
+                run.id.clone(),
+                run.labels.clone(),
+                "config",
+                run.transport.map(transport_name),
+            )
             .await?;
     }
     store

@@ -19,7 +19,11 @@ const FILE_BATCH: usize = 2048;
 /// How long to wait before attempt `attempt + 1`, after `attempt` failures:
 /// exponential from `initial_backoff` (backon's schedule), capped at
 /// `max_backoff`, with full jitter; never sooner than the sink asked.
-pub fn retry_delay(policy: &DeliveryPolicy, attempt: u32, retry_after: Option<Duration>) -> Duration {
+pub fn retry_delay(
+    policy: &DeliveryPolicy,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
     let ceiling = ExponentialBuilder::default()
         .with_min_delay(policy.initial_backoff)
         .with_max_delay(policy.max_backoff)
@@ -38,7 +42,8 @@ pub fn retry_delay(policy: &DeliveryPolicy, attempt: u32, retry_after: Option<Du
 /// Whether a delivery that has failed `attempts` times, first seen at
 /// `seen_at` (unix ms), should go to the dead-letter list now.
 pub fn exhausted(policy: &DeliveryPolicy, attempts: u32, seen_at: i64, now: i64) -> bool {
-    attempts >= policy.max_attempts || now.saturating_sub(seen_at) >= policy.max_age.as_millis() as i64
+    attempts >= policy.max_attempts
+        || now.saturating_sub(seen_at) >= policy.max_age.as_millis() as i64
 }
 
 /// Delivers a file sink's backlog in ingest order (which is per-run order),
@@ -136,7 +141,11 @@ async fn write_file_batch(
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match written {
-        Ok(offset) => store.mark_delivered(name.clone(), events, Some(offset)).await,
+        Ok(offset) => {
+            store
+                .mark_delivered(name.clone(), events, Some(offset))
+                .await
+        }
         Err(error) => {
             let head = &batch[0];
             let attempts = head.attempts + 1;
@@ -177,7 +186,8 @@ mod tests {
             assert!(retry_delay(&p, 3, None) <= Duration::from_millis(400));
             assert!(retry_delay(&p, 30, None) <= Duration::from_secs(2));
         }
-        let spread: std::collections::BTreeSet<_> = (0..50).map(|_| retry_delay(&p, 4, None)).collect();
+        let spread: std::collections::BTreeSet<_> =
+            (0..50).map(|_| retry_delay(&p, 4, None)).collect();
         assert!(spread.len() > 10, "full jitter spreads the delays");
     }
 

@@ -63,7 +63,8 @@ pub async fn run(out: &mut (dyn Write + Send)) -> Result<BTreeMap<String, usize>
 
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(daemon::run(config.clone(), shutdown.clone()));
-    let result = tokio::time::timeout(DEADLINE, follow_file(&events_path, &config.state.path, out)).await;
+    let result =
+        tokio::time::timeout(DEADLINE, follow_file(&events_path, &config.state.path, out)).await;
     shutdown.cancel();
     let stopped = daemon.await.map_err(std::io::Error::other)?;
     stopped?;
@@ -145,24 +146,35 @@ async fn follow_file(
 }
 
 fn describe(line: &Line) -> String {
-    let seq = line.sequence.map_or("  -".to_owned(), |s| format!("{s:>3}"));
+    let seq = line
+        .sequence
+        .map_or("  -".to_owned(), |s| format!("{s:>3}"));
     let detail = match line.event_type.as_str() {
         "run_finished" => {
             let status = line.payload["status"].as_str().unwrap_or("?");
-            match line.payload["errorMessage"].as_str().or(line.payload["cancelReason"].as_str()) {
+            match line.payload["errorMessage"]
+                .as_str()
+                .or(line.payload["cancelReason"].as_str())
+            {
                 Some(why) => format!("{status}: {why}"),
                 None => status.to_owned(),
             }
         }
         "PHASE_STARTED" => format!("phase {}", line.payload["phase"].as_str().unwrap_or("?")),
-        "ARTIFACT_CREATED" => format!("artifact {}", line.payload["artifactType"].as_str().unwrap_or("?")),
+        "ARTIFACT_CREATED" => format!(
+            "artifact {}",
+            line.payload["artifactType"].as_str().unwrap_or("?")
+        ),
         _ => format!(
             "{}/{}",
             line.run_status.as_deref().unwrap_or("-"),
             line.current_phase.as_deref().unwrap_or("-")
         ),
     };
-    format!("  {:<16} #{seq}  {:<17} {detail}", line.run_id, line.event_type)
+    format!(
+        "  {:<16} #{seq}  {:<17} {detail}",
+        line.run_id, line.event_type
+    )
 }
 
 fn summarise(

@@ -32,7 +32,11 @@ pub enum RunEnd {
 
 impl Ingest {
     /// Follows one run by polling until it finishes, is refused, or `cancel`.
-    pub async fn follow(&self, run: WatchedRun, cancel: CancellationToken) -> Result<RunEnd, StoreError> {
+    pub async fn follow(
+        &self,
+        run: WatchedRun,
+        cancel: CancellationToken,
+    ) -> Result<RunEnd, StoreError> {
         let run_id = run.run_id.clone();
         let mut cursor = run.cursor;
         self.store
@@ -50,16 +54,26 @@ impl Ingest {
                     ErrorClass::AuthFailed => {
                         tracing::warn!(run_id = %run_id, %error, "upstream refused the credential; retrying slowly");
                         self.store
-                            .set_run_state(run_id.clone(), "auth_failed", Some(error.to_string()), None)
+                            .set_run_state(
+                                run_id.clone(),
+                                "auth_failed",
+                                Some(error.to_string()),
+                                None,
+                            )
                             .await?;
-                        let wait = Iterator::next(&mut auth_backoff).unwrap_or(Duration::from_secs(300));
+                        let wait =
+                            Iterator::next(&mut auth_backoff).unwrap_or(Duration::from_secs(300));
                         if sleep_or_cancel(wait, &cancel).await {
                             return Ok(RunEnd::Stopped);
                         }
                         continue;
                     }
                     ErrorClass::Forbidden | ErrorClass::NotFound => {
-                        let state = if error.class() == ErrorClass::Forbidden { "forbidden" } else { "not_found" };
+                        let state = if error.class() == ErrorClass::Forbidden {
+                            "forbidden"
+                        } else {
+                            "not_found"
+                        };
                         tracing::error!(run_id = %run_id, %error, "run cannot be followed; stopped");
                         self.store
                             .set_run_state(run_id.clone(), state, Some(error.to_string()), None)
@@ -107,7 +121,9 @@ impl Ingest {
                 let store = self.store.clone();
                 let (run_id, error) = (run_id.to_owned(), error.to_string());
                 tokio::spawn(async move {
-                    let _ = store.set_run_state(run_id, "retrying", Some(error), None).await;
+                    let _ = store
+                        .set_run_state(run_id, "retrying", Some(error), None)
+                        .await;
                 });
             })
             .await
@@ -234,7 +250,10 @@ mod tests {
     use super::*;
 
     fn event(sequence: i64) -> Event {
-        serde_json::from_str(&format!(r#"{{"sequence":{sequence},"eventType":"X","payload":{{}}}}"#)).unwrap()
+        serde_json::from_str(&format!(
+            r#"{{"sequence":{sequence},"eventType":"X","payload":{{}}}}"#
+        ))
+        .unwrap()
     }
 
     #[test]

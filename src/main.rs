@@ -29,7 +29,10 @@ fn main() -> ExitCode {
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
         Err(error) => {
-            if error.downcast_ref::<runhook::config::ConfigError>().is_some() {
+            if error
+                .downcast_ref::<runhook::config::ConfigError>()
+                .is_some()
+            {
                 eprintln!("runhook: config error: {error}");
                 return ExitCode::from(EX_CONFIG);
             }

@@ -231,7 +231,11 @@ impl Config {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let cx = Cx { file: path, text, env };
+        let cx = Cx {
+            file: path,
+            text,
+            env,
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
         cx.validate(raw)
     }
@@ -350,8 +354,9 @@ impl Cx<'_> {
     fn positive(&self, value: Option<&Spanned<i64>>, key: &str, default: usize) -> Result<usize> {
         match value {
             None => Ok(default),
-            Some(v) if *v.get_ref() >= 1 => usize::try_from(*v.get_ref())
-                .map_err(|_| self.error(v, key, "is too large")),
+            Some(v) if *v.get_ref() >= 1 => {
+                usize::try_from(*v.get_ref()).map_err(|_| self.error(v, key, "is too large"))
+            }
             Some(v) => Err(self.error(v, key, "must be at least 1")),
         }
     }
@@ -511,7 +516,11 @@ impl Cx<'_> {
     fn transport(&self, value: &Str, key: &str) -> Result<Transport> {
         let text = self.string(value, key)?;
         Transport::parse(&text).ok_or_else(|| {
-            self.error(value, key, format!("`{text}`: expected \"auto\", \"sse\" or \"poll\""))
+            self.error(
+                value,
+                key,
+                format!("`{text}`: expected \"auto\", \"sse\" or \"poll\""),
+            )
         })
     }
 
@@ -521,7 +530,11 @@ impl Cx<'_> {
             .map(|run| {
                 let id = self.non_empty(&run.id, "runs.id")?;
                 if !seen.insert(id.clone()) {
-                    return Err(self.error(&run.id, "runs.id", format!("run {id} is listed twice")));
+                    return Err(self.error(
+                        &run.id,
+                        "runs.id",
+                        format!("run {id} is listed twice"),
+                    ));
                 }
                 Ok(RunSpec {
                     labels: self.labels(&run.labels, "runs.labels")?,
@@ -536,7 +549,12 @@ impl Cx<'_> {
             .collect()
     }
 
-    fn delivery(&self, raw: &RawDelivery, key: &str, base: &DeliveryPolicy) -> Result<DeliveryPolicy> {
+    fn delivery(
+        &self,
+        raw: &RawDelivery,
+        key: &str,
+        base: &DeliveryPolicy,
+    ) -> Result<DeliveryPolicy> {
         let policy = DeliveryPolicy {
             max_attempts: match &raw.max_attempts {
                 None => base.max_attempts,
@@ -544,10 +562,18 @@ impl Cx<'_> {
                     .ok()
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| {
-                        self.error(v, &format!("{key}.max_attempts"), "must be between 1 and 2^32")
+                        self.error(
+                            v,
+                            &format!("{key}.max_attempts"),
+                            "must be between 1 and 2^32",
+                        )
                     })?,
             },
-            max_age: self.duration(raw.max_age.as_ref(), &format!("{key}.max_age"), base.max_age)?,
+            max_age: self.duration(
+                raw.max_age.as_ref(),
+                &format!("{key}.max_age"),
+                base.max_age,
+            )?,
             initial_backoff: self.duration(
                 raw.initial_backoff.as_ref(),
                 &format!("{key}.initial_backoff"),
@@ -581,7 +607,15 @@ impl Cx<'_> {
         let key = format!("sinks.{name}");
         let kind_name = self.string(&raw.kind, &format!("{key}.type"))?;
         let allowed: &[&str] = match kind_name.as_str() {
-            "webhook" => &["url", "url_file", "secret", "secret_file", "secrets", "headers", "timeout"],
+            "webhook" => &[
+                "url",
+                "url_file",
+                "secret",
+                "secret_file",
+                "secrets",
+                "headers",
+                "timeout",
+            ],
             "slack" => &[
                 "webhook_url",
                 "webhook_url_file",
@@ -596,7 +630,9 @@ impl Cx<'_> {
                 return Err(self.error(
                     &raw.kind,
                     &format!("{key}.type"),
-                    format!("unknown sink type `{other}`: expected \"webhook\", \"slack\" or \"file\""),
+                    format!(
+                        "unknown sink type `{other}`: expected \"webhook\", \"slack\" or \"file\""
+                    ),
                 ));
             }
         };
@@ -628,7 +664,11 @@ impl Cx<'_> {
         Ok(SinkConfig {
             name: Arc::from(name),
             kind,
-            concurrency: self.positive(raw.concurrency.as_ref(), &format!("{key}.concurrency"), 16)?,
+            concurrency: self.positive(
+                raw.concurrency.as_ref(),
+                &format!("{key}.concurrency"),
+                16,
+            )?,
             ordered: raw.ordered.as_ref().is_none_or(|o| *o.get_ref()),
             delivery: self.delivery(&delivery, &key, defaults)?,
         })
@@ -638,7 +678,11 @@ impl Cx<'_> {
         let url_key = format!("{key}.url");
         let url = match self.secret(raw.url.as_ref(), raw.url_file.as_ref(), &url_key)? {
             Some(url) => {
-                let spot = raw.url.as_ref().or(raw.url_file.as_ref()).expect("one is set");
+                let spot = raw
+                    .url
+                    .as_ref()
+                    .or(raw.url_file.as_ref())
+                    .expect("one is set");
                 let shown = Spanned::new(spot.span(), url.expose().to_owned());
                 self.url(&shown, &url_key)?
             }
@@ -646,19 +690,33 @@ impl Cx<'_> {
         };
         let mut secrets = Vec::new();
         let secret_key = format!("{key}.secret");
-        if let Some(single) = self.secret(raw.secret.as_ref(), raw.secret_file.as_ref(), &secret_key)? {
-            let spot = raw.secret.as_ref().or(raw.secret_file.as_ref()).expect("one is set");
+        if let Some(single) =
+            self.secret(raw.secret.as_ref(), raw.secret_file.as_ref(), &secret_key)?
+        {
+            let spot = raw
+                .secret
+                .as_ref()
+                .or(raw.secret_file.as_ref())
+                .expect("one is set");
             secrets.push(self.signing_key(&single, spot, &secret_key)?);
         }
         for value in raw.secrets.iter().flatten() {
             if !secrets.is_empty() && raw.secret.is_some() {
-                return Err(self.error(value, &format!("{key}.secrets"), "set `secret` or `secrets`, not both"));
+                return Err(self.error(
+                    value,
+                    &format!("{key}.secrets"),
+                    "set `secret` or `secrets`, not both",
+                ));
             }
             let secret = Secret::new(self.string(value, &format!("{key}.secrets"))?);
             secrets.push(self.signing_key(&secret, value, &format!("{key}.secrets"))?);
         }
         if secrets.is_empty() {
-            return Err(self.error(at, key, "a webhook sink needs `secret` (whsec_...) or `secrets`"));
+            return Err(self.error(
+                at,
+                key,
+                "a webhook sink needs `secret` (whsec_...) or `secrets`",
+            ));
         }
         let mut headers = BTreeMap::new();
         for (name, value) in raw.headers.iter().flatten() {
@@ -678,14 +736,22 @@ impl Cx<'_> {
             url,
             secrets,
             headers,
-            timeout: self.duration(raw.timeout.as_ref(), &format!("{key}.timeout"), Duration::from_secs(10))?,
+            timeout: self.duration(
+                raw.timeout.as_ref(),
+                &format!("{key}.timeout"),
+                Duration::from_secs(10),
+            )?,
         })
     }
 
     /// `whsec_` + base64 of 24 to 64 bytes, as the Standard Webhooks spec asks.
     fn signing_key(&self, secret: &Secret, at: &Str, key: &str) -> Result<SigningKey> {
         let encoded = secret.expose().strip_prefix("whsec_").ok_or_else(|| {
-            self.error(at, key, "a webhook secret starts with `whsec_` followed by base64")
+            self.error(
+                at,
+                key,
+                "a webhook secret starts with `whsec_` followed by base64",
+            )
         })?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded)
@@ -694,7 +760,10 @@ impl Cx<'_> {
             return Err(self.error(
                 at,
                 key,
-                format!("the secret decodes to {} bytes; use 24 to 64 random bytes", bytes.len()),
+                format!(
+                    "the secret decodes to {} bytes; use 24 to 64 random bytes",
+                    bytes.len()
+                ),
             ));
         }
         Ok(SigningKey(bytes))
@@ -733,7 +802,11 @@ impl Cx<'_> {
                 return Err(self.error(at, key, "set `webhook_url` or `bot_token`, not both"));
             }
             (None, None) => {
-                return Err(self.error(at, key, "a slack sink needs `webhook_url` or `bot_token` + `channel`"));
+                return Err(self.error(
+                    at,
+                    key,
+                    "a slack sink needs `webhook_url` or `bot_token` + `channel`",
+                ));
             }
         };
         let templates = raw
@@ -746,7 +819,11 @@ impl Cx<'_> {
             Some(u) => self.url(u, &format!("{key}.api_base"))?,
             None => reqwest::Url::parse("https://slack.com/api/").expect("valid URL"),
         };
-        Ok(SlackConfig { mode, templates, api_base })
+        Ok(SlackConfig {
+            mode,
+            templates,
+            api_base,
+        })
     }
 
     fn route(
@@ -758,13 +835,21 @@ impl Cx<'_> {
         let raw = spanned.get_ref();
         let key = format!("routes[{index}]");
         if raw.sinks.is_empty() {
-            return Err(self.error(spanned, &format!("{key}.sinks"), "a route needs at least one sink"));
+            return Err(self.error(
+                spanned,
+                &format!("{key}.sinks"),
+                "a route needs at least one sink",
+            ));
         }
         let mut route_sinks = Vec::new();
         for sink in &raw.sinks {
             let name = self.string(sink, &format!("{key}.sinks"))?;
             let Some(config) = sinks.get(&name) else {
-                return Err(self.error(sink, &format!("{key}.sinks"), format!("no sink named `{name}`")));
+                return Err(self.error(
+                    sink,
+                    &format!("{key}.sinks"),
+                    format!("no sink named `{name}`"),
+                ));
             };
             route_sinks.push(config.name.clone());
         }
@@ -774,14 +859,20 @@ impl Cx<'_> {
                 return Err(self.error(
                     at,
                     &format!("{key}.statuses"),
-                    format!("unknown status `{status}`: expected one of {}", RUN_STATUSES.join(", ")),
+                    format!(
+                        "unknown status `{status}`: expected one of {}",
+                        RUN_STATUSES.join(", ")
+                    ),
                 ));
             }
         }
         Ok(Route {
             event_types: self.strings(raw.event_types.as_ref(), &format!("{key}.event_types"))?,
             runs: self.strings(raw.runs.as_ref(), &format!("{key}.runs"))?,
-            labels: self.labels(raw.labels.as_ref().unwrap_or(&BTreeMap::new()), &format!("{key}.labels"))?,
+            labels: self.labels(
+                raw.labels.as_ref().unwrap_or(&BTreeMap::new()),
+                &format!("{key}.labels"),
+            )?,
             statuses,
             phases: self.strings(raw.phases.as_ref(), &format!("{key}.phases"))?,
             sinks: route_sinks,
@@ -801,15 +892,39 @@ fn present_type_fields(raw: &RawSink) -> Vec<(&'static str, usize)> {
     add("url_file", raw.url_file.as_ref().map(Spanned::span));
     add("secret", raw.secret.as_ref().map(Spanned::span));
     add("secret_file", raw.secret_file.as_ref().map(Spanned::span));
-    add("secrets", raw.secrets.as_ref().and_then(|s| s.first()).map(Spanned::span));
-    add("headers", raw.headers.as_ref().and_then(|h| h.values().next()).map(Spanned::span));
+    add(
+        "secrets",
+        raw.secrets
+            .as_ref()
+            .and_then(|s| s.first())
+            .map(Spanned::span),
+    );
+    add(
+        "headers",
+        raw.headers
+            .as_ref()
+            .and_then(|h| h.values().next())
+            .map(Spanned::span),
+    );
     add("timeout", raw.timeout.as_ref().map(Spanned::span));
     add("webhook_url", raw.webhook_url.as_ref().map(Spanned::span));
-    add("webhook_url_file", raw.webhook_url_file.as_ref().map(Spanned::span));
+    add(
+        "webhook_url_file",
+        raw.webhook_url_file.as_ref().map(Spanned::span),
+    );
     add("bot_token", raw.bot_token.as_ref().map(Spanned::span));
-    add("bot_token_file", raw.bot_token_file.as_ref().map(Spanned::span));
+    add(
+        "bot_token_file",
+        raw.bot_token_file.as_ref().map(Spanned::span),
+    );
     add("channel", raw.channel.as_ref().map(Spanned::span));
-    add("templates", raw.templates.as_ref().and_then(|t| t.values().next()).map(Spanned::span));
+    add(
+        "templates",
+        raw.templates
+            .as_ref()
+            .and_then(|t| t.values().next())
+            .map(Spanned::span),
+    );
     add("api_base", raw.api_base.as_ref().map(Spanned::span));
     add("path", raw.path.as_ref().map(Spanned::span));
     fields
@@ -828,7 +943,9 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 fn key_at(text: &str, offset: usize) -> String {
     let before = &text[..offset.min(text.len())];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text[line_start..].find('\n').map_or(text.len(), |i| line_start + i);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
     let line = text[line_start..line_end].trim();
     let table = before[..line_start]
         .lines()
@@ -839,7 +956,9 @@ fn key_at(text: &str, offset: usize) -> String {
     let key = if line.starts_with('[') {
         None
     } else {
-        line.split('=').next().map(|k| k.trim().trim_matches('"').to_owned())
+        line.split('=')
+            .next()
+            .map(|k| k.trim().trim_matches('"').to_owned())
     };
     match (table, key) {
         (Some(t), Some(k)) if !k.is_empty() => format!("{t}.{k}"),

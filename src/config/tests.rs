@@ -1,0 +1,232 @@
+use std::path::Path;
+
+use super::*;
+
+const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "TRAVELMODE_TOKEN" => Some("tok-123".into()),
+        "RUNHOOK_WEBHOOK_SECRET" => Some(SECRET.into()),
+        _ => None,
+    }
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("test.toml"), &env)
+}
+
+const MINIMAL: &str = r#"
+[api]
+token = "t"
+[sinks.archive]
+type = "file"
+path = "/tmp/x.jsonl"
+[[routes]]
+sinks = ["archive"]
+"#;
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("session"), "cookie-value\n").unwrap();
+    std::fs::write(
+        dir.path().join("slack"),
+        "https://hooks.slack.com/services/T/B/X\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .unwrap()
+        .replace(
+            "/run/credentials/runhook.service",
+            &dir.path().display().to_string(),
+        );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.api.token.as_ref().unwrap().expose(), "tok-123");
+    assert_eq!(
+        config.api.session_cookie.as_ref().unwrap().expose(),
+        "cookie-value"
+    );
+    assert_eq!(config.api.poll_interval, Duration::from_secs(2));
+    assert_eq!(config.state.retain, Duration::from_secs(7 * 86400));
+    assert_eq!(config.sinks.len(), 3);
+    assert_eq!(config.router.routes().len(), 3);
+    assert_eq!(config.runs[0].labels["team"], "rome");
+    let SinkKind::Webhook(ops) = &config.sinks["ops"].kind else {
+        panic!("ops is a webhook")
+    };
+    assert_eq!(ops.secrets.len(), 1);
+    assert_eq!(ops.headers["x-team"], "ops");
+}
+
+#[test]
+fn defaults_apply() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.api.base_url.as_str(), "https://api.travelmode.ai/");
+    assert_eq!(config.api.transport, Transport::Auto);
+    assert_eq!(config.api.max_concurrency, 64);
+    assert_eq!(config.state.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(config.sinks["archive"].delivery, DeliveryPolicy::default());
+    assert!(config.sinks["archive"].ordered);
+    assert!(config.server.is_none());
+}
+
+fn error_of(text: &str) -> ConfigError {
+    parse(text).expect_err("config should be rejected")
+}
+
+#[test]
+fn unknown_keys_name_line_column_and_key() {
+    let error = error_of("[api]\ntoken = \"t\"\npoll_intervl = \"2s\"\n");
+    assert_eq!((error.line, error.column), (3, 1));
+    assert_eq!(error.key, "api.poll_intervl");
+    assert!(error.message.contains("unknown field"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("test.toml:3:1: api.poll_intervl:"),
+        "{error}"
+    );
+}
+
+#[test]
+fn bad_values_name_their_place() {
+    let text = MINIMAL.replace("token = \"t\"", "token = \"t\"\npoll_interval = \"soon\"");
+    let error = error_of(&text);
+    assert_eq!(
+        (error.line, error.column, error.key.as_str()),
+        (4, 17, "api.poll_interval")
+    );
+    let text = MINIMAL.replace("type = \"file\"", "type = \"fax\"");
+    let error = error_of(&text);
+    assert_eq!((error.line, error.key.as_str()), (5, "sinks.archive.type"));
+    let error = error_of(&MINIMAL.replace("[api]", "[api]\nmax_concurrency = \"many\""));
+    assert_eq!((error.line, error.key.as_str()), (3, "api.max_concurrency"));
+}
+
+#[test]
+fn env_vars_expand_and_unset_ones_are_errors() {
+    let text = MINIMAL.replace("token = \"t\"", "token = \"${TRAVELMODE_TOKEN}\"");
+    assert_eq!(parse(&text).unwrap().api.token.unwrap().expose(), "tok-123");
+    let error = error_of(&MINIMAL.replace("token = \"t\"", "token = \"${NOPE}\""));
+    assert!(error.message.contains("`NOPE` is not set"), "{error}");
+    assert_eq!((error.line, error.key.as_str()), (3, "api.token"));
+}
+
+#[test]
+fn secrets_from_files_and_not_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "from-file\n").unwrap();
+    let text = MINIMAL.replace(
+        "token = \"t\"",
+        &format!("token_file = \"{}\"", file.display()),
+    );
+    assert_eq!(
+        parse(&text).unwrap().api.token.unwrap().expose(),
+        "from-file"
+    );
+    let both = MINIMAL.replace(
+        "token = \"t\"",
+        &format!("token = \"t\"\ntoken_file = \"{}\"", file.display()),
+    );
+    assert!(error_of(&both).message.contains("not both"));
+    let missing = MINIMAL.replace("token = \"t\"", "token_file = \"/nonexistent/token\"");
+    assert_eq!(error_of(&missing).key, "api.token_file");
+}
+
+#[test]
+fn routes_and_sinks_must_agree() {
+    let error =
+        error_of(&MINIMAL.replace("sinks = [\"archive\"]", "sinks = [\"archive\", \"nope\"]"));
+    assert!(error.message.contains("no sink named `nope`"), "{error}");
+    assert_eq!(error.key, "routes[0].sinks");
+    let unrouted = format!("{MINIMAL}\n[sinks.extra]\ntype = \"file\"\npath = \"/tmp/y\"\n");
+    let error = error_of(&unrouted);
+    assert_eq!(error.key, "sinks.extra");
+    assert!(error.message.contains("no route"), "{error}");
+    let error = error_of(&MINIMAL.replace("[[routes]]", "[[routes]]\nstatuses = [\"done\"]"));
+    assert!(error.message.contains("unknown status"), "{error}");
+}
+
+fn webhook(secret_line: &str) -> String {
+    format!(
+        "[api]\ntoken = \"t\"\n[sinks.ops]\ntype = \"webhook\"\nurl = \"https://example.com/h\"\n{secret_line}\n[[routes]]\nsinks = [\"ops\"]\n"
+    )
+}
+
+#[test]
+fn webhook_secrets_are_checked() {
+    assert!(parse(&webhook(&format!("secret = \"{SECRET}\""))).is_ok());
+    let error = error_of(&webhook("secret = \"hunter2\""));
+    assert!(error.message.contains("whsec_"), "{error}");
+    assert_eq!((error.line, error.key.as_str()), (6, "sinks.ops.secret"));
+    let short = format!(
+        "secret = \"whsec_{}\"",
+        base64::engine::general_purpose::STANDARD.encode([7u8; 16])
+    );
+    assert!(error_of(&webhook(&short)).message.contains("16 bytes"));
+    assert!(
+        error_of(&webhook("secret = \"\""))
+            .message
+            .contains("empty")
+    );
+    assert!(error_of(&webhook("")).message.contains("needs `secret`"));
+    let rotating = webhook(&format!(
+        "secrets = [\"{SECRET}\", \"whsec_{}\"]",
+        base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+    ));
+    let SinkKind::Webhook(w) = &parse(&rotating).unwrap().sinks["ops"].kind else {
+        panic!()
+    };
+    assert_eq!(w.secrets.len(), 2);
+}
+
+#[test]
+fn keys_of_another_sink_type_are_rejected() {
+    let text = MINIMAL.replace(
+        "path = \"/tmp/x.jsonl\"",
+        "path = \"/tmp/x.jsonl\"\nchannel = \"C1\"",
+    );
+    let error = error_of(&text);
+    assert_eq!(error.key, "sinks.archive.channel");
+    assert!(
+        error.message.contains("does not apply to a file sink"),
+        "{error}"
+    );
+}
+
+#[test]
+fn slack_needs_one_mode() {
+    let slack = |keys: &str| {
+        format!(
+            "[api]\ntoken = \"t\"\n[sinks.chat]\ntype = \"slack\"\n{keys}\n[[routes]]\nsinks = [\"chat\"]\n"
+        )
+    };
+    assert!(parse(&slack("webhook_url = \"https://hooks.slack.com/x\"")).is_ok());
+    assert!(parse(&slack("bot_token = \"xoxb-1\"\nchannel = \"C1\"")).is_ok());
+    assert!(
+        error_of(&slack("bot_token = \"xoxb-1\""))
+            .message
+            .contains("channel")
+    );
+    assert!(error_of(&slack("")).message.contains("needs"));
+}
+
+#[test]
+fn transport_needs_its_credential() {
+    let error = error_of(&MINIMAL.replace("token = \"t\"", "token = \"t\"\ntransport = \"sse\""));
+    assert!(error.message.contains("session_cookie"), "{error}");
+    let error = error_of(&MINIMAL.replace("token = \"t\"", ""));
+    assert!(error.message.contains("no credential"), "{error}");
+}
+
+#[test]
+fn debug_output_holds_no_secret() {
+    let text = webhook(&format!("secret = \"{SECRET}\""))
+        .replace("token = \"t\"", "token = \"tok-very-secret\"");
+    let config = parse(&text).unwrap();
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("tok-very-secret"), "{debug}");
+    assert!(!debug.contains("C2FVsBQIhrscChlQIMV"), "{debug}");
+}

@@ -71,6 +71,8 @@ pub struct LoggedRequest {
     pub run_id: Option<String>,
     pub since: Option<i64>,
     pub status: u16,
+    /// Milliseconds since the simulator started.
+    pub at_ms: u64,
 }
 
 #[derive(Debug)]
@@ -124,12 +126,11 @@ impl SimRun {
             let last = self.events.last().map_or(0, |e| e.sequence);
             let sequence = scripted.sequence.filter(|s| *s > last).unwrap_or(last + 1);
             let after = start + self.interval * (i as u32 + 1);
-            if scripted.event_type == "PHASE_STARTED" {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&scripted.payload) {
-                    if let Some(p) = value["phase"].as_str() {
-                        phase = Some(p.to_owned());
-                    }
-                }
+            if scripted.event_type == "PHASE_STARTED"
+                && let Ok(value) = serde_json::from_str::<serde_json::Value>(&scripted.payload)
+                && let Some(p) = value["phase"].as_str()
+            {
+                phase = Some(p.to_owned());
             }
             self.events.push(SimEvent {
                 sequence,
@@ -169,12 +170,16 @@ impl SimRun {
 
     fn phase(&self, now: Instant) -> Option<&str> {
         let visible = self.visible(now);
-        visible.checked_sub(1).and_then(|i| self.events[i].phase.as_deref())
+        visible
+            .checked_sub(1)
+            .and_then(|i| self.events[i].phase.as_deref())
     }
 
     fn last_sequence(&self, now: Instant) -> i64 {
         let visible = self.visible(now);
-        visible.checked_sub(1).map_or(0, |i| self.events[i].sequence)
+        visible
+            .checked_sub(1)
+            .map_or(0, |i| self.events[i].sequence)
     }
 
     /// When the next event comes out, if one is still due.
@@ -197,10 +202,10 @@ impl SimRun {
         if status == "failed" {
             run["errorMessage"] = json!(self.error_message.as_deref().unwrap_or("Run failed"));
         }
-        if status == "cancelled" {
-            if let Some(reason) = &self.cancel_reason {
-                run["cancelReason"] = json!(reason);
-            }
+        if status == "cancelled"
+            && let Some(reason) = &self.cancel_reason
+        {
+            run["cancelReason"] = json!(reason);
         }
         run
     }
@@ -222,6 +227,7 @@ fn event_json(event: &SimEvent) -> String {
 }
 
 struct Sim {
+    started: Instant,
     token: String,
     session: String,
     page_size: usize,
@@ -238,16 +244,25 @@ impl Sim {
     }
 
     fn record(&self, endpoint: &str, run_id: Option<&str>, since: Option<i64>, status: u16) {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).push(LoggedRequest {
-            endpoint: endpoint.into(),
-            run_id: run_id.map(str::to_owned),
-            since,
-            status,
-        });
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(LoggedRequest {
+                endpoint: endpoint.into(),
+                run_id: run_id.map(str::to_owned),
+                since,
+                status,
+                at_ms: self.started.elapsed().as_millis() as u64,
+            });
     }
 
     /// The first fault matching the request, used up by one.
-    fn take_fault(&self, endpoint: &str, run_id: &str, want: impl Fn(&FaultKind) -> bool) -> Option<FaultKind> {
+    fn take_fault(
+        &self,
+        endpoint: &str,
+        run_id: &str,
+        want: impl Fn(&FaultKind) -> bool,
+    ) -> Option<FaultKind> {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         let index = faults.iter().position(|f| {
             f.run.as_deref().is_none_or(|r| r == run_id)
@@ -296,15 +311,19 @@ fn error(status: StatusCode, message: &str) -> Response {
 fn fault_response(status: u16, retry_after: Option<u64>) -> Response {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = if status == 502 {
-        (code, [(header::CONTENT_TYPE, "text/html")], "<html><body>502 Bad Gateway</body></html>")
+        (
+            code,
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body>502 Bad Gateway</body></html>",
+        )
             .into_response()
     } else {
         error(code, code.canonical_reason().unwrap_or("Injected fault"))
     };
-    if let Some(seconds) = retry_after {
-        if let Ok(value) = seconds.to_string().parse() {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
+    if let Some(seconds) = retry_after
+        && let Ok(value) = seconds.to_string().parse()
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
     }
     response
 }
@@ -321,11 +340,16 @@ impl Simulator {
     pub async fn start(listen: SocketAddr, scenario: Scenario) -> std::io::Result<Self> {
         let clock = Instant::now();
         let mut runs = HashMap::new();
-        let bulk = scenario.bulk.as_ref().map(scenario::bulk_runs).unwrap_or_default();
+        let bulk = scenario
+            .bulk
+            .as_ref()
+            .map(scenario::bulk_runs)
+            .unwrap_or_default();
         for script in scenario.runs.iter().chain(&bulk) {
             runs.insert(script.id.clone(), SimRun::new(script, clock));
         }
         let sim = Arc::new(Sim {
+            started: clock,
             token: scenario.token,
             session: scenario.session,
             page_size: scenario.page_size.max(1),
@@ -379,15 +403,27 @@ impl Simulator {
 
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<LoggedRequest> {
-        self.sim.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.sim
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn inject(&self, fault: Fault) {
-        self.sim.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
+        self.sim
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fault);
     }
 
     pub fn clear_faults(&self) {
-        self.sim.faults.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.sim
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// The events a run will have emitted once it is done: (sequence, type,
@@ -399,7 +435,14 @@ impl Simulator {
             .map(|run| {
                 run.events
                     .iter()
-                    .map(|e| (e.sequence, e.event_type.clone(), e.payload.clone(), e.created_at.clone()))
+                    .map(|e| {
+                        (
+                            e.sequence,
+                            e.event_type.clone(),
+                            e.payload.clone(),
+                            e.created_at.clone(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -407,7 +450,10 @@ impl Simulator {
 
     /// The status a run has now.
     pub fn status(&self, run_id: &str) -> Option<String> {
-        self.sim.lock_runs().get(run_id).map(|r| r.status(Instant::now()).to_owned())
+        self.sim
+            .lock_runs()
+            .get(run_id)
+            .map(|r| r.status(Instant::now()).to_owned())
     }
 }
 
@@ -456,8 +502,15 @@ async fn create_run(State(sim): Shared, headers: HeaderMap, body: Bytes) -> Resp
 }
 
 /// Authentication, ownership and injected status faults, common to the
-/// per-run endpoints.
-fn admit(sim: &Sim, endpoint: &str, id: &str, headers: &HeaderMap, since: Option<i64>) -> Result<(), Response> {
+/// per-run endpoints. The error is the response to send.
+#[allow(clippy::result_large_err)]
+fn admit(
+    sim: &Sim,
+    endpoint: &str,
+    id: &str,
+    headers: &HeaderMap,
+    since: Option<i64>,
+) -> Result<(), Response> {
     let cookie_only = endpoint == "stream";
     let refuse = |status: StatusCode, message: &str| {
         sim.record(endpoint, Some(id), since, status.as_u16());
@@ -466,8 +519,10 @@ fn admit(sim: &Sim, endpoint: &str, id: &str, headers: &HeaderMap, since: Option
     let Some(user) = sim.user(headers, cookie_only) else {
         return refuse(StatusCode::UNAUTHORIZED, "Authentication required");
     };
-    if let Some(FaultKind::Status { status, retry_after }) =
-        sim.take_fault(endpoint, id, |k| matches!(k, FaultKind::Status { .. }))
+    if let Some(FaultKind::Status {
+        status,
+        retry_after,
+    }) = sim.take_fault(endpoint, id, |k| matches!(k, FaultKind::Status { .. }))
     {
         sim.record(endpoint, Some(id), since, status);
         return Err(fault_response(status, retry_after));
@@ -480,7 +535,9 @@ fn admit(sim: &Sim, endpoint: &str, id: &str, headers: &HeaderMap, since: Option
 }
 
 async fn slow_fault(sim: &Sim, endpoint: &str, id: &str) {
-    if let Some(FaultKind::Slow { delay_ms }) = sim.take_fault(endpoint, id, |k| matches!(k, FaultKind::Slow { .. })) {
+    if let Some(FaultKind::Slow { delay_ms }) =
+        sim.take_fault(endpoint, id, |k| matches!(k, FaultKind::Slow { .. }))
+    {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
     }
 }
@@ -511,7 +568,12 @@ struct ControlBody {
     reason: Option<String>,
 }
 
-async fn control(State(sim): Shared, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn control(
+    State(sim): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err(response) = admit(&sim, "control", &id, &headers, None) {
         return response;
     }
@@ -536,7 +598,9 @@ async fn control(State(sim): Shared, Path(id): Path<String>, headers: HeaderMap,
             Ok(())
         }
         ("retry", "failed") => {
-            let elapsed = run.started.map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+            let elapsed = run
+                .started
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
             let more = std::mem::take(&mut run.retry_events);
             let more = if more.is_empty() {
                 vec![ScriptedEvent {
@@ -576,7 +640,12 @@ struct Since {
     since: Option<i64>,
 }
 
-async fn events(State(sim): Shared, Path(id): Path<String>, Query(q): Query<Since>, headers: HeaderMap) -> Response {
+async fn events(
+    State(sim): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+    headers: HeaderMap,
+) -> Response {
     let asked = q.since.unwrap_or(0);
     if let Err(response) = admit(&sim, "events", &id, &headers, Some(asked)) {
         return response;
@@ -585,7 +654,9 @@ async fn events(State(sim): Shared, Path(id): Path<String>, Query(q): Query<Sinc
     let ignore_since = sim
         .take_fault("events", &id, |k| *k == FaultKind::IgnoreSince)
         .is_some();
-    let resend = sim.take_fault("events", &id, |k| *k == FaultKind::Resend).is_some();
+    let resend = sim
+        .take_fault("events", &id, |k| *k == FaultKind::Resend)
+        .is_some();
     let since = if ignore_since { 0 } else { asked };
     let now = Instant::now();
     let body = {
@@ -595,11 +666,19 @@ async fn events(State(sim): Shared, Path(id): Path<String>, Query(q): Query<Sinc
         };
         let visible = &run.events[..run.visible(now)];
         let first_new = visible.partition_point(|e| e.sequence <= since);
-        let first = if resend { first_new.saturating_sub(2) } else { first_new };
+        let first = if resend {
+            first_new.saturating_sub(2)
+        } else {
+            first_new
+        };
         let last = (first_new + sim.page_size).min(visible.len());
         let events: Vec<String> = visible[first..last].iter().map(event_json).collect();
         // While a page is cut short, report the run as still running.
-        let status = if last < visible.len() { "running" } else { run.status(now) };
+        let status = if last < visible.len() {
+            "running"
+        } else {
+            run.status(now)
+        };
         format!(
             r#"{{"events":[{}],"runStatus":{},"currentPhase":{}}}"#,
             events.join(","),
@@ -611,7 +690,12 @@ async fn events(State(sim): Shared, Path(id): Path<String>, Query(q): Query<Sinc
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn stream(State(sim): Shared, Path(id): Path<String>, Query(q): Query<Since>, headers: HeaderMap) -> Response {
+async fn stream(
+    State(sim): Shared,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+    headers: HeaderMap,
+) -> Response {
     let since = q.since.unwrap_or(0);
     if let Err(response) = admit(&sim, "stream", &id, &headers, Some(since)) {
         return response;
@@ -642,12 +726,25 @@ fn sse_frame(data: &str) -> Bytes {
 
 /// Feeds one stream connection until the run finishes, a fault ends it, or
 /// the client goes away.
-async fn serve_stream(sim: Arc<Sim>, id: String, since: i64, tx: mpsc::Sender<Result<Bytes, std::io::Error>>) {
+async fn serve_stream(
+    sim: Arc<Sim>,
+    id: String,
+    since: i64,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
     let send = |bytes: Bytes| tx.send(Ok(bytes));
-    if send(Bytes::from_static(b"retry: 1000\n: welcome\n\n")).await.is_err() {
+    if send(Bytes::from_static(b"retry: 1000\n: welcome\n\n"))
+        .await
+        .is_err()
+    {
         return;
     }
-    if send(sse_frame(&json!({"type": "connected", "runId": id}).to_string())).await.is_err() {
+    if send(sse_frame(
+        &json!({"type": "connected", "runId": id}).to_string(),
+    ))
+    .await
+    .is_err()
+    {
         return;
     }
     let drop_after = sim.take_fault("stream", &id, |k| matches!(k, FaultKind::DropStream { .. }));
@@ -663,7 +760,12 @@ async fn serve_stream(sim: Arc<Sim>, id: String, since: i64, tx: mpsc::Sender<Re
             let first = visible.partition_point(|e| e.sequence <= cursor);
             let frames: Vec<(i64, String)> = visible[first..]
                 .iter()
-                .map(|e| (e.sequence, format!(r#"{{"type":"run_event","event":{}}}"#, event_json(e))))
+                .map(|e| {
+                    (
+                        e.sequence,
+                        format!(r#"{{"type":"run_event","event":{}}}"#, event_json(e)),
+                    )
+                })
                 .collect();
             let status = run.status(now);
             let finished = crate::upstream::types::is_final(status).then(|| {
@@ -676,19 +778,20 @@ async fn serve_stream(sim: Arc<Sim>, id: String, since: i64, tx: mpsc::Sender<Re
             (frames, finished, run.next_emit(now))
         };
         for (sequence, frame) in frames {
-            if let Some(FaultKind::DropStream { after }) = &drop_after {
-                if sent >= *after {
-                    let bytes = sse_frame(&frame);
-                    let _ = send(bytes.slice(..bytes.len() / 2)).await;
-                    let _ = tx.send(Err(std::io::Error::other("injected drop"))).await;
-                    return;
-                }
+            if let Some(FaultKind::DropStream { after }) = &drop_after
+                && sent >= *after
+            {
+                let bytes = sse_frame(&frame);
+                let _ = send(bytes.slice(..bytes.len() / 2)).await;
+                let _ = tx.send(Err(std::io::Error::other("injected drop"))).await;
+                return;
             }
-            if let Some(FaultKind::ErrorFrame { after }) = &error_after {
-                if sent >= *after {
-                    let _ = send(sse_frame(r#"{"type":"error","error":"Injected stream error"}"#)).await;
-                    return;
-                }
+            if let Some(FaultKind::ErrorFrame { after }) = &error_after
+                && sent >= *after
+            {
+                let error = r#"{"type":"error","error":"Injected stream error"}"#;
+                let _ = send(sse_frame(error)).await;
+                return;
             }
             if send(sse_frame(&frame)).await.is_err() {
                 return;
@@ -714,10 +817,10 @@ async fn serve_stream(sim: Arc<Sim>, id: String, since: i64, tx: mpsc::Sender<Re
                     let runs = sim.lock_runs();
                     runs.get(&id).map(|r| json!({"type": "status", "status": r.status(Instant::now()), "phase": r.phase(Instant::now())}))
                 };
-                if let Some(status) = status {
-                    if send(sse_frame(&status.to_string())).await.is_err() {
-                        return;
-                    }
+                if let Some(status) = status
+                    && send(sse_frame(&status.to_string())).await.is_err()
+                {
+                    return;
                 }
             }
         }
@@ -730,6 +833,9 @@ async fn requests(State(sim): Shared) -> Response {
 }
 
 async fn add_fault(State(sim): Shared, axum::Json(fault): axum::Json<Fault>) -> Response {
-    sim.faults.lock().unwrap_or_else(|p| p.into_inner()).push(fault);
+    sim.faults
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(fault);
     StatusCode::NO_CONTENT.into_response()
 }

@@ -149,9 +149,18 @@ impl Scenario {
         let step = Duration::from_millis(120);
         let phases = |run: &str| -> Vec<ScriptedEvent> {
             let mut events = Vec::new();
-            for (i, phase) in ["understand", "plan", "retrieve", "reason", "act", "compose", "deliver", "done"]
-                .iter()
-                .enumerate()
+            for (i, phase) in [
+                "understand",
+                "plan",
+                "retrieve",
+                "reason",
+                "act",
+                "compose",
+                "deliver",
+                "done",
+            ]
+            .iter()
+            .enumerate()
             {
                 events.push(event("PHASE_STARTED", &format!(r#"{{"phase":"{phase}"}}"#)));
                 if i == 3 {
@@ -163,17 +172,28 @@ impl Scenario {
                     ));
                 }
                 if i == 5 {
-                    events.push(event("ARTIFACT_CREATED", r#"{"artifactType":"proposals","count":3}"#));
+                    events.push(event(
+                        "ARTIFACT_CREATED",
+                        r#"{"artifactType":"proposals","count":3}"#,
+                    ));
                 }
             }
             events
         };
         let mut rome = run("demo-rome-0001", step, phases("rome"));
         rome.final_status = "completed".into();
-        let mut oslo = run("demo-oslo-0002", step, phases("oslo").into_iter().take(5).collect());
+        let mut oslo = run(
+            "demo-oslo-0002",
+            step,
+            phases("oslo").into_iter().take(5).collect(),
+        );
         oslo.final_status = "failed".into();
         oslo.error_message = Some("Flight search timed out".into());
-        let mut kyoto = run("demo-kyoto-0003", step, phases("kyoto").into_iter().take(3).collect());
+        let mut kyoto = run(
+            "demo-kyoto-0003",
+            step,
+            phases("kyoto").into_iter().take(3).collect(),
+        );
         kyoto.final_status = "cancelled".into();
         kyoto.cancel_reason = Some("User cancelled the plan".into());
         let mut lima_events = vec![
@@ -183,7 +203,10 @@ impl Scenario {
         let mut gap = event("PHASE_STARTED", r#"{"phase":"retrieve"}"#);
         gap.sequence = Some(5);
         lima_events.push(gap);
-        lima_events.push(event("TOOL_CALLED", r#"{"tool":"hotel_search","args":{"city":"Lima","nights":3}}"#));
+        lima_events.push(event(
+            "TOOL_CALLED",
+            r#"{"tool":"hotel_search","args":{"city":"Lima","nights":3}}"#,
+        ));
         let mut undated = event("ARTIFACT_CREATED", r#"{"artifactType":"entities"}"#);
         undated.created_at = false;
         lima_events.push(undated);
@@ -225,7 +248,12 @@ pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
     (0..bulk.runs)
         .map(|r| {
             let events = (0..bulk.events)
-                .map(|i| event(TYPES[i % 3], &format!(r#"{{"n":{i},"run":{r},"ratio":0.10}}"#)))
+                .map(|i| {
+                    event(
+                        TYPES[i % 3],
+                        &format!(r#"{{"n":{i},"run":{r},"ratio":0.10}}"#),
+                    )
+                })
                 .collect();
             run(&format!("{}-{r:05}", bulk.prefix), bulk.interval, events)
         })

@@ -54,7 +54,9 @@ impl FileSink {
         };
         let mut tail = Vec::new();
         file.seek(SeekFrom::Start(start))?;
-        Read::by_ref(&mut *file).take(len - start).read_to_end(&mut tail)?;
+        Read::by_ref(&mut *file)
+            .take(len - start)
+            .read_to_end(&mut tail)?;
         let complete = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         let torn_bytes = (tail.len() - complete) as u64;
         if torn_bytes > 0 {
@@ -82,7 +84,9 @@ impl FileSink {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, File> {
-        self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -121,12 +125,16 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         let sink = FileSink::open(&path).unwrap();
         let first = sink.append(b"{\"id\":\"r:1\"}\n").unwrap();
-        sink.append(b"{\"id\":\"r:2\"}\n{\"id\":\"r:3\"}\n{\"id\":\"r:4\"").unwrap();
+        sink.append(b"{\"id\":\"r:2\"}\n{\"id\":\"r:3\"}\n{\"id\":\"r:4\"")
+            .unwrap();
         let recovery = sink.recover(Some(first)).unwrap();
         assert_eq!(recovery.ids, ["r:2", "r:3"]);
         assert_eq!(recovery.torn_bytes, 11);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, "{\"id\":\"r:1\"}\n{\"id\":\"r:2\"}\n{\"id\":\"r:3\"}\n");
+        assert_eq!(
+            text,
+            "{\"id\":\"r:1\"}\n{\"id\":\"r:2\"}\n{\"id\":\"r:3\"}\n"
+        );
         assert_eq!(recovery.offset, text.len() as u64);
     }
 

@@ -29,7 +29,10 @@ pub enum StoreError {
     #[error("state database: {0}")]
     Sqlite(Arc<rusqlite::Error>),
     #[error("state database {path}: {error}")]
-    Open { path: PathBuf, error: Arc<std::io::Error> },
+    Open {
+        path: PathBuf,
+        error: Arc<std::io::Error>,
+    },
     #[error(
         "state database schema version {found} is newer than this runhook knows ({known}); upgrade runhook"
     )]

@@ -93,7 +93,9 @@ fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
         created_at: row.get(6)?,
         run_status: row.get(7)?,
         phase: row.get(8)?,
-        labels: row.get::<_, Option<String>>(9)?.unwrap_or_else(|| "{}".into()),
+        labels: row
+            .get::<_, Option<String>>(9)?
+            .unwrap_or_else(|| "{}".into()),
         attempts: row.get(10)?,
         next_attempt_at: row.get(11)?,
         seen_at: row.get(12)?,
@@ -103,7 +105,11 @@ fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
 impl Reader {
     /// The first `limit` pending deliveries of a sink in ingest order, due or
     /// not: a sink that fails as a whole (a file) retries its head first.
-    pub async fn pending_in_order(&self, sink: &str, limit: usize) -> Result<Vec<Pending>, StoreError> {
+    pub async fn pending_in_order(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
             let sql = format!(
@@ -121,8 +127,12 @@ impl Reader {
 
     /// Changes whenever `watch`, `unwatch` or `replay` wrote something.
     pub async fn control_generation(&self) -> Result<i64, StoreError> {
-        self.read(|conn| conn.query_row("SELECT value FROM meta WHERE key = 'control'", [], |r| r.get(0)))
-            .await
+        self.read(|conn| {
+            conn.query_row("SELECT value FROM meta WHERE key = 'control'", [], |r| {
+                r.get(0)
+            })
+        })
+        .await
     }
 
     pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StoreError> {
@@ -207,9 +217,11 @@ impl Reader {
     pub async fn file_offset(&self, sink: &str) -> Result<Option<u64>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
-            conn.query_row("SELECT file_offset FROM sinks WHERE name = ?1", [sink], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
+            conn.query_row(
+                "SELECT file_offset FROM sinks WHERE name = ?1",
+                [sink],
+                |r| r.get::<_, Option<i64>>(0),
+            )
             .optional()
             .map(|o| o.flatten().map(|v| v as u64))
         })
@@ -218,8 +230,12 @@ impl Reader {
 
     /// Deliveries not yet done or dead, over all sinks.
     pub async fn pending_total(&self) -> Result<i64, StoreError> {
-        self.read(|conn| conn.query_row("SELECT COUNT(*) FROM deliveries WHERE state = 0", [], |r| r.get(0)))
-            .await
+        self.read(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM deliveries WHERE state = 0", [], |r| {
+                r.get(0)
+            })
+        })
+        .await
     }
 }
 

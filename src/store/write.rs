@@ -94,11 +94,15 @@ impl Store {
     }
 
     /// Config runs no longer in the config stop being followed.
-    pub async fn unsubscribe_config_runs_except(&self, keep: Vec<String>) -> Result<(), StoreError> {
+    pub async fn unsubscribe_config_runs_except(
+        &self,
+        keep: Vec<String>,
+    ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let mut stale = Vec::new();
             {
-                let mut stmt = conn.prepare("SELECT run_id FROM runs WHERE origin = 'config' AND watched = 1")?;
+                let mut stmt = conn
+                    .prepare("SELECT run_id FROM runs WHERE origin = 'config' AND watched = 1")?;
                 let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
                 for id in rows {
                     let id = id?;
@@ -129,7 +133,13 @@ impl Store {
                     active_transport = COALESCE(?4, active_transport), updated_at = ?5
                  WHERE run_id = ?1",
             )?
-            .execute(params![run_id, state, last_error, active_transport, now_ms()])?;
+            .execute(params![
+                run_id,
+                state,
+                last_error,
+                active_transport,
+                now_ms()
+            ])?;
             Ok(())
         })
         .await
@@ -173,7 +183,11 @@ impl Store {
                     last_status = ?4, last_error = ?5, state = ?6, done_at = ?7
                  WHERE sink = ?1 AND event = ?2 AND state = 0",
             )?;
-            let (state, done_at) = if failure.dead { (2, Some(now_ms())) } else { (0, None) };
+            let (state, done_at) = if failure.dead {
+                (2, Some(now_ms()))
+            } else {
+                (0, None)
+            };
             for event in &failure.events {
                 update.execute(params![
                     &*sink,
@@ -232,7 +246,10 @@ pub struct Failure {
 }
 
 fn bump_control(conn: &Connection) -> Result<(), rusqlite::Error> {
-    conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'control'", [])?;
+    conn.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'control'",
+        [],
+    )?;
     Ok(())
 }
 

@@ -104,7 +104,8 @@ impl Client {
     /// Events after `since`, with the run's status.
     pub async fn events(&self, run_id: &str, since: i64) -> Result<EventsPage, UpstreamError> {
         let mut url = self.run_url(run_id, &["events"]);
-        url.query_pairs_mut().append_pair("since", &since.to_string());
+        url.query_pairs_mut()
+            .append_pair("since", &since.to_string());
         let body = self.get(url).await?;
         serde_json::from_slice(&body).map_err(|e| {
             UpstreamError::Decode(format!("{e}; body starts {:?}", snippet(&body, 120)))
@@ -116,14 +117,19 @@ impl Client {
         let body = self.get(self.run_url(run_id, &[])).await?;
         serde_json::from_slice::<RunEnvelope>(&body)
             .map(|envelope| envelope.run)
-            .map_err(|e| UpstreamError::Decode(format!("{e}; body starts {:?}", snippet(&body, 120))))
+            .map_err(|e| {
+                UpstreamError::Decode(format!("{e}; body starts {:?}", snippet(&body, 120)))
+            })
     }
 
     async fn get(&self, url: reqwest::Url) -> Result<Vec<u8>, UpstreamError> {
         let _permit = self.permits.acquire().await.ok();
         let mut request = self.http.get(url);
         if let Some(token) = &self.token {
-            request = request.header(AUTHORIZATION, sensitive(&format!("Bearer {}", token.expose())));
+            request = request.header(
+                AUTHORIZATION,
+                sensitive(&format!("Bearer {}", token.expose())),
+            );
         } else if let Some(cookie) = &self.cookie {
             request = request.header(COOKIE, self.cookie_header(cookie));
         }

@@ -49,9 +49,17 @@ pub struct RunInfo {
     pub phase: Option<String>,
     #[serde(rename = "lastEventSequence", default)]
     pub last_event_sequence: i64,
-    #[serde(rename = "errorMessage", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "errorMessage",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub error_message: Option<String>,
-    #[serde(rename = "cancelReason", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "cancelReason",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cancel_reason: Option<String>,
 }
 
@@ -109,7 +117,10 @@ mod tests {
 
     #[test]
     fn error_bodies_of_both_forms() {
-        assert_eq!(error_message(br#"{"error":"Forbidden"}"#).unwrap(), "Forbidden");
+        assert_eq!(
+            error_message(br#"{"error":"Forbidden"}"#).unwrap(),
+            "Forbidden"
+        );
         assert_eq!(
             error_message(br#"{"error":[{"path":["tripId"],"message":"Required"}]}"#).unwrap(),
             "tripId: Required"

@@ -1,0 +1,111 @@
+//! The command line: `check` exit codes, `watch` beside a running daemon,
+//! `status`.
+
+use std::process::Command;
+
+use runhook::simulate::Scenario;
+
+use crate::support::*;
+
+fn runhook(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("runhook runs")
+}
+
+#[test]
+fn check_exits_78_and_names_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[api]\ntoken = \"t\"\npoll_intervl = \"2s\"\n").unwrap();
+    let output = runhook(&path, &["check"]);
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:1: api.poll_intervl", path.display())),
+        "{stderr}"
+    );
+    let output = runhook(&dir.path().join("missing.toml"), &["check"]);
+    assert_eq!(output.status.code(), Some(78));
+}
+
+#[test]
+fn check_prints_the_routing_table_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("slack"),
+        "https://hooks.slack.com/services/SECRETPATH\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .unwrap()
+        .replace(
+            "/run/credentials/runhook.service",
+            &dir.path().display().to_string(),
+        );
+    std::fs::write(dir.path().join("session"), "cookie-secret\n").unwrap();
+    let path = dir.path().join("runhook.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("TRAVELMODE_TOKEN", "token-secret")
+        .env(
+            "RUNHOOK_WEBHOOK_SECRET",
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("everything"), "{stdout}");
+    assert!(stdout.contains("-> chat, ops"), "{stdout}");
+    for secret in ["SECRETPATH", "cookie-secret", "token-secret", "C2FVsBQ"] {
+        assert!(!stdout.contains(secret), "{secret} leaked: {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn watch_on_a_running_daemon_starts_delivering_that_run() {
+    let sim = start_sim(Scenario::demo()).await;
+    let env = Env::new(&sim, &[]);
+    let config = env.write_config();
+    let daemon = env.start();
+    wait_for("the daemon's state database", || async {
+        if env.state_path().exists() {
+            Ok(())
+        } else {
+            Err("no database yet".into())
+        }
+    })
+    .await;
+    let output = runhook(
+        &config,
+        &["watch", "demo-kyoto-0003", "--label", "team=kyoto"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = env.wait_finished(&["demo-kyoto-0003"]).await;
+    assert_eq!(lines[0]["labels"]["team"], "kyoto");
+    let status = runhook(&config, &["status", "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("status --json is JSON");
+    assert_eq!(status["runs"][0]["run_id"], "demo-kyoto-0003");
+    assert_eq!(status["runs"][0]["state"], "finished");
+    assert_eq!(status["sinks"][0]["sink"], "archive");
+    assert_eq!(status["sinks"][0]["pending"], 0);
+    let output = runhook(&config, &["unwatch", "demo-kyoto-0003"]);
+    assert!(output.status.success());
+    daemon.stop().await;
+}

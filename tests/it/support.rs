@@ -1,0 +1,212 @@
+//! Shared fixtures: a simulator, a daemon on a temp dir, the file it writes,
+//! and waiting for conditions with a deadline (never a bare sleep).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runhook::config::Config;
+use runhook::simulate::{Scenario, Simulator};
+use runhook::store::{Reader, RunRow};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, or panics after `DEADLINE` with
+/// what `describe` says was seen last.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) if start.elapsed() > DEADLINE => {
+                panic!("timed out waiting for {what}; last seen: {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+pub async fn start_sim(scenario: Scenario) -> Simulator {
+    Simulator::start(([127, 0, 0, 1], 0).into(), scenario)
+        .await
+        .expect("simulator starts")
+}
+
+/// A state dir with a config pointing at a simulator.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub base_url: String,
+    pub token: String,
+    pub runs: Vec<String>,
+    /// Extra TOML appended to the generated config.
+    pub extra: String,
+}
+
+impl Env {
+    pub fn new(sim: &Simulator, runs: &[&str]) -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            base_url: sim.url(),
+            token: sim.token().to_owned(),
+            runs: runs.iter().map(|r| r.to_string()).collect(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.path().join("events.jsonl")
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.path().join("state/runhook.db")
+    }
+
+    pub fn config_text(&self) -> String {
+        let runs: String = self
+            .runs
+            .iter()
+            .map(|id| format!("[[runs]]\nid = \"{id}\"\nlabels = {{ team = \"rome\" }}\n"))
+            .collect();
+        format!(
+            "[api]\nbase_url = \"{}\"\ntoken = \"{}\"\ntransport = \"poll\"\npoll_interval = \"50ms\"\n\n\
+             [state]\npath = \"{}\"\nshutdown_grace = \"5s\"\n\n{runs}\n\
+             [sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nsinks = [\"archive\"]\n{}",
+            self.base_url,
+            self.token,
+            self.state_path().display(),
+            self.events_path().display(),
+            self.extra
+        )
+    }
+
+    /// Writes the config to `runhook.toml` in the dir and returns its path.
+    pub fn write_config(&self) -> PathBuf {
+        let path = self.dir.path().join("runhook.toml");
+        std::fs::write(&path, self.config_text()).expect("write config");
+        path
+    }
+
+    pub fn config(&self) -> Config {
+        Config::parse(
+            &self.config_text(),
+            &self.dir.path().join("runhook.toml"),
+            &|_| None,
+        )
+        .expect("valid config")
+    }
+
+    /// Starts the daemon in this process.
+    pub fn start(&self) -> Daemon {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(runhook::daemon::run(
+            Arc::new(self.config()),
+            shutdown.clone(),
+        ));
+        Daemon { shutdown, task }
+    }
+
+    /// The file sink's lines, parsed.
+    pub fn lines(&self) -> Vec<Value> {
+        read_lines(&self.events_path())
+    }
+
+    pub async fn runs(&self) -> Vec<RunRow> {
+        match Reader::open(&self.state_path()) {
+            Ok(reader) => reader.runs().await.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub async fn run_row(&self, run_id: &str) -> Option<RunRow> {
+        self.runs().await.into_iter().find(|r| r.run_id == run_id)
+    }
+
+    /// Waits until the file holds a `run_finished` for each run.
+    pub async fn wait_finished(&self, runs: &[&str]) -> Vec<Value> {
+        wait_for("run_finished of every run in the file", || async {
+            let lines = self.lines();
+            let done = runs.iter().all(|run| {
+                lines
+                    .iter()
+                    .any(|l| l["runId"] == *run && l["type"] == "run_finished")
+            });
+            if done {
+                Ok(lines)
+            } else {
+                Err(format!("{} lines", lines.len()))
+            }
+        })
+        .await
+    }
+}
+
+pub fn read_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// A daemon running in this process.
+pub struct Daemon {
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), runhook::daemon::DaemonError>>,
+}
+
+impl Daemon {
+    /// A clean stop (SIGTERM's path).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("daemon task")
+            .expect("daemon stops cleanly");
+    }
+
+    /// Drops the daemon mid-flight, as a crash would (nothing drains).
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Asserts that the file holds exactly the events of `run` in the
+/// simulator's script, once each, in order, bytes intact, then one
+/// `run_finished`.
+pub fn assert_run_exactly_once(sim: &Simulator, lines: &[Value], run: &str, raw: &str) {
+    let script = sim.script(run);
+    let of_run: Vec<&Value> = lines.iter().filter(|l| l["runId"] == run).collect();
+    let sequences: Vec<i64> = of_run
+        .iter()
+        .filter_map(|l| l["sequence"].as_i64())
+        .collect();
+    let expected: Vec<i64> = script.iter().map(|e| e.0).collect();
+    assert_eq!(sequences, expected, "run {run}: every event once, in order");
+    let finished: Vec<&&Value> = of_run
+        .iter()
+        .filter(|l| l["type"] == "run_finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "run {run}: one run_finished");
+    assert_eq!(
+        of_run.last().map(|l| &l["type"]),
+        Some(&Value::from("run_finished")),
+        "run_finished comes last"
+    );
+    for (sequence, _, payload, _) in &script {
+        let needle = format!("\"id\":\"{run}:{sequence}\"");
+        let line = raw
+            .lines()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("{needle} in file"));
+        assert!(
+            line.contains(&format!("\"payload\":{payload},")),
+            "payload bytes of {run}:{sequence} intact: {line}"
+        );
+    }
+}
