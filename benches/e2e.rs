@@ -15,15 +15,29 @@ use runhook::store::Reader;
 use tokio_util::sync::CancellationToken;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// (a) 1 run x N events, polling -> file sink: events/s from daemon start to
 /// the last delivery marked done.
 async fn polling_to_file(events: usize) -> f64 {
-    let bulk = Bulk { runs: 1, events, interval: Duration::ZERO, prefix: "bench".into() };
-    let scenario = Scenario { page_size: 5000, bulk: Some(bulk), ..Scenario::default() };
-    let sim = Simulator::start(([127, 0, 0, 1], 0).into(), scenario).await.expect("simulator");
+    let bulk = Bulk {
+        runs: 1,
+        events,
+        interval: Duration::ZERO,
+        prefix: "bench".into(),
+    };
+    let scenario = Scenario {
+        page_size: 5000,
+        bulk: Some(bulk),
+        ..Scenario::default()
+    };
+    let sim = Simulator::start(([127, 0, 0, 1], 0).into(), scenario)
+        .await
+        .expect("simulator");
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("runhook.db");
     let text = format!(
@@ -65,12 +79,17 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let reps = env_usize("RUNHOOK_BENCH_REPS", 3);
     let events = env_usize("RUNHOOK_BENCH_EVENTS", 200_000);
-    let runs: Vec<f64> = (0..reps).map(|_| runtime.block_on(polling_to_file(events))).collect();
+    let runs: Vec<f64> = (0..reps)
+        .map(|_| runtime.block_on(polling_to_file(events)))
+        .collect();
     println!("| scenario | median | runs |");
     println!("|---|---|---|");
     println!(
         "| (a) 1 run x {events} events, polling -> file | {:.0} events/s | {} |",
         median(runs.clone()),
-        runs.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+        runs.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 }
