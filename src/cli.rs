@@ -58,9 +58,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List dead letters.
+    /// List dead letters (id, sink, attempts, last status and error, age), or purge them.
     ///
-    /// Example: runhook dead --sink ops
+    /// Example: runhook dead --sink ops --json
     Dead {
         #[arg(long)]
         sink: Option<String>,
@@ -68,6 +68,21 @@ pub enum Command {
         run: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Delete the matching dead letters for good instead of listing them.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Queue dead letters again, with the same ids; works while the daemon runs.
+    ///
+    /// Example: runhook replay --sink ops --run 9f2a1c7e-0000-4000-8000-000000000001
+    Replay {
+        #[arg(long)]
+        sink: Option<String>,
+        #[arg(long)]
+        run: Option<String>,
+        /// One event id, e.g. 9f2a...:15
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Serve a local fake of the Agent Runs API with scripted runs and faults.
     ///

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, LogFormat};
 use runhook::config::Config;
-use runhook::store::{Reader, Store};
+use runhook::store::{DeadFilter, Reader, Store};
 
 pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter =
@@ -53,8 +53,32 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("no longer watching {run_id}");
         }
         Command::Status { json } => status(&Config::load(&cli.config)?, json).await?,
-        Command::Dead { sink, run, json } => {
-            dead(&Config::load(&cli.config)?, sink, run, json).await?
+        Command::Dead {
+            sink,
+            run,
+            json,
+            purge: false,
+        } => dead(&Config::load(&cli.config)?, sink, run, json).await?,
+        Command::Dead {
+            sink,
+            run,
+            purge: true,
+            ..
+        } => {
+            let store = Store::open(&Config::load(&cli.config)?.state.path)?;
+            let purged = store
+                .purge_dead(DeadFilter {
+                    sink,
+                    run,
+                    id: None,
+                })
+                .await?;
+            println!("purged {purged} dead letters");
+        }
+        Command::Replay { sink, run, id } => {
+            let store = Store::open(&Config::load(&cli.config)?.state.path)?;
+            let replayed = store.replay(DeadFilter { sink, run, id }).await?;
+            println!("queued {replayed} dead letters again (same ids)");
         }
     }
     Ok(ExitCode::SUCCESS)

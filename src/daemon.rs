@@ -10,13 +10,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SinkKind, Transport};
 use crate::deliver;
+use crate::deliver::runs::SinkRuntime;
 use crate::ingest::{Ingest, RunEnd};
+use crate::sink::Sender;
 use crate::sink::file::FileSink;
+use crate::sink::webhook::WebhookSink;
 use crate::store::{Reader, Store, StoreError};
 use crate::upstream::{Client, UpstreamError};
 
 /// How often the daemon looks for `watch`/`unwatch` from the command line.
 const CONTROL_POLL: Duration = Duration::from_millis(500);
+
+/// How often delivered events past `state.retain` are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Run states in which ingest does not start the run again by itself.
 const ENDED_STATES: [&str; 3] = ["finished", "forbidden", "not_found"];
@@ -33,6 +39,8 @@ pub enum DaemonError {
         path: String,
         error: std::io::Error,
     },
+    #[error("sink {sink}: cannot build its HTTP client: {error}")]
+    SinkClient { sink: String, error: reqwest::Error },
     #[error("sink {sink}: {kind} sinks are not implemented in this build")]
     Unsupported { sink: String, kind: &'static str },
 }
@@ -45,6 +53,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 
     let sinks_stop = CancellationToken::new();
     let mut sinks = start_sinks(&config, &store, &sinks_stop)?;
+    sinks.spawn(prune_periodically(
+        store.clone(),
+        config.state.retain,
+        sinks_stop.clone(),
+    ));
     let ingest = Arc::new(Ingest {
         client: Client::new(&config.api)?,
         store: store.clone(),
@@ -107,14 +120,14 @@ fn start_sinks(
 ) -> Result<JoinSet<Result<(), StoreError>>, DaemonError> {
     let mut tasks = JoinSet::new();
     for sink in config.sinks.values() {
-        match &sink.kind {
+        let sender = match &sink.kind {
             SinkKind::File(file) => {
                 let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
                     sink: sink.name.to_string(),
                     path: file.path.display().to_string(),
                     error,
                 })?;
-                tasks.spawn(deliver::run_file_sink(
+                tasks.spawn(deliver::file::run_file_sink(
                     sink.name.clone(),
                     Arc::new(opened),
                     sink.delivery.clone(),
@@ -122,6 +135,15 @@ fn start_sinks(
                     store.reader()?,
                     stop.clone(),
                 ));
+                continue;
+            }
+            SinkKind::Webhook(webhook) => {
+                Sender::Webhook(WebhookSink::new(webhook).map_err(|error| {
+                    DaemonError::SinkClient {
+                        sink: sink.name.to_string(),
+                        error,
+                    }
+                })?)
             }
             other => {
                 return Err(DaemonError::Unsupported {
@@ -129,9 +151,42 @@ fn start_sinks(
                     kind: other.type_name(),
                 });
             }
-        }
+        };
+        tasks.spawn(deliver::runs::run_http_sink(Arc::new(SinkRuntime {
+            name: sink.name.clone(),
+            sender,
+            policy: sink.delivery.clone(),
+            ordered: sink.ordered,
+            concurrency: sink.concurrency,
+            store: store.clone(),
+            reader: store.reader()?,
+            shutdown: stop.clone(),
+        })));
     }
     Ok(tasks)
+}
+
+/// Drops delivered events older than `state.retain`, hourly.
+async fn prune_periodically(
+    store: Store,
+    retain: Duration,
+    stop: CancellationToken,
+) -> Result<(), StoreError> {
+    loop {
+        let cutoff = crate::store::now_ms() - retain.as_millis() as i64;
+        let (deliveries, events) = store.prune(cutoff).await?;
+        if deliveries + events > 0 {
+            tracing::info!(
+                deliveries,
+                events,
+                "pruned delivered events past state.retain"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
 }
 
 /// Keeps one ingest task per watched run, following `watch`/`unwatch`

@@ -1,17 +1,83 @@
-//! Sinks send and report an outcome; the delivery engine records it.
+//! Sinks send and report an [`Outcome`]; the delivery engine records it.
+//! Whether an answer is worth retrying is decided here, per sink, in one
+//! pure function each (`webhook::classify`).
 
 pub mod file;
+pub mod sign;
+pub mod webhook;
+
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::store::Pending;
 
-/// The JSON envelope of one event, as the file sink writes it: payload and
-/// labels go out as the exact bytes stored.
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered,
+    /// Worth another attempt, not before `after` if the sink said so.
+    Retry {
+        status: Option<u16>,
+        error: String,
+        after: Option<Duration>,
+    },
+    /// Retrying cannot help: dead-letter at once.
+    Permanent {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// A sink that takes one delivery at a time (the HTTP ones).
+pub enum Sender {
+    Webhook(webhook::WebhookSink),
+}
+
+impl Sender {
+    pub async fn send(&self, event: &Pending) -> Outcome {
+        match self {
+            Self::Webhook(sink) => sink.send(event).await,
+        }
+    }
+}
+
+/// The fields every envelope carries, payload and labels as stored bytes.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Envelope<'a> {
+pub struct EventFields<'a> {
+    pub id: &'a str,
+    pub run_id: &'a str,
+    pub sequence: Option<i64>,
+    pub event_type: &'a str,
+    pub payload: &'a RawValue,
+    pub created_at: Option<&'a str>,
+    pub run_status: Option<&'a str>,
+    pub current_phase: Option<&'a str>,
+    pub labels: &'a RawValue,
+}
+
+impl<'a> EventFields<'a> {
+    pub fn of(event: &'a Pending) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: &event.id,
+            run_id: &event.run_id,
+            sequence: event.sequence,
+            event_type: &event.event_type,
+            payload: serde_json::from_str(&event.payload)?,
+            created_at: event.created_at.as_deref(),
+            run_status: event.run_status.as_deref(),
+            current_phase: event.phase.as_deref(),
+            labels: serde_json::from_str(&event.labels)?,
+        })
+    }
+}
+
+/// The file sink's line: `type` in place of `eventType`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileLine<'a> {
     id: &'a str,
     #[serde(rename = "type")]
     event_type: &'a str,
@@ -26,22 +92,19 @@ struct Envelope<'a> {
 
 /// Appends the envelope of `event` to `out` as one JSON line.
 pub fn write_envelope_line(event: &Pending, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-    let payload: &RawValue = serde_json::from_str(&event.payload)?;
-    let labels: &RawValue = serde_json::from_str(&event.labels)?;
-    serde_json::to_writer(
-        &mut *out,
-        &Envelope {
-            id: &event.id,
-            event_type: &event.event_type,
-            run_id: &event.run_id,
-            sequence: event.sequence,
-            created_at: event.created_at.as_deref(),
-            payload,
-            run_status: event.run_status.as_deref(),
-            current_phase: event.phase.as_deref(),
-            labels,
-        },
-    )?;
+    let f = EventFields::of(event)?;
+    let line = FileLine {
+        id: f.id,
+        event_type: f.event_type,
+        run_id: f.run_id,
+        sequence: f.sequence,
+        created_at: f.created_at,
+        payload: f.payload,
+        run_status: f.run_status,
+        current_phase: f.current_phase,
+        labels: f.labels,
+    };
+    serde_json::to_writer(&mut *out, &line)?;
     out.push(b'\n');
     Ok(())
 }

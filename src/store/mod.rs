@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use read::{DeadLetter, Pending, RunRow, SinkRow, WatchedRun};
-pub use write::{Batch, Failure, Finish, NewEvent, Recorded};
+pub use write::{Batch, DeadFilter, Failure, Finish, NewEvent, NewWork, Recorded};
 
 /// Most jobs folded into one transaction.
 const GROUP_COMMIT_MAX: usize = 1024;
@@ -58,6 +58,8 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     /// Bumped after every commit, so delivery loops wake without polling.
     committed: watch::Receiver<u64>,
+    /// Which runs got deliveries for which sinks.
+    new_work: broadcast::Sender<NewWork>,
 }
 
 impl Store {
@@ -79,6 +81,7 @@ impl Store {
             path: Arc::from(path),
             jobs,
             committed,
+            new_work: broadcast::channel(4096).0,
         })
     }
 
@@ -91,6 +94,11 @@ impl Store {
         Ok(Reader {
             conn: Arc::new(Mutex::new(open_connection(&self.path, false)?)),
         })
+    }
+
+    /// Runs that got new deliveries, as they are committed.
+    pub fn new_work(&self) -> broadcast::Receiver<NewWork> {
+        self.new_work.subscribe()
     }
 
     /// Changes after every commit.

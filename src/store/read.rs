@@ -28,6 +28,9 @@ pub struct Pending {
     pub next_attempt_at: i64,
     /// When runhook recorded the event (unix ms).
     pub seen_at: i64,
+    /// When the delivery was queued or replayed (unix ms); `max_age` counts
+    /// from here.
+    pub queued_at: i64,
 }
 
 /// A run ingest should follow.
@@ -80,7 +83,7 @@ pub struct DeadLetter {
 }
 
 const PENDING_COLUMNS: &str = "d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
-    e.created_at, e.run_status, e.phase, r.labels, d.attempts, d.next_attempt_at, e.seen_at";
+    e.created_at, e.run_status, e.phase, r.labels, d.attempts, d.next_attempt_at, e.seen_at, d.queued_at";
 
 fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
     Ok(Pending {
@@ -99,6 +102,7 @@ fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
         attempts: row.get(10)?,
         next_attempt_at: row.get(11)?,
         seen_at: row.get(12)?,
+        queued_at: row.get(13)?,
     })
 }
 
@@ -120,6 +124,42 @@ impl Reader {
             );
             let mut stmt = conn.prepare_cached(&sql)?;
             let rows = stmt.query_map(params![sink, limit as i64], pending_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// The runs with pending deliveries for a sink (a full scan: used at
+    /// start and after a replay, not per event).
+    pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT run_id FROM deliveries WHERE sink = ?1 AND state = 0",
+            )?;
+            let rows = stmt.query_map([sink], |r| r.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// The first `limit` pending deliveries of one run for one sink, in order.
+    pub async fn pending_for_run(
+        &self,
+        sink: &str,
+        run_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError> {
+        let (sink, run_id) = (sink.to_owned(), run_id.to_owned());
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {PENDING_COLUMNS} FROM deliveries d
+                 JOIN events e ON e.rowid = d.event
+                 LEFT JOIN runs r ON r.run_id = d.run_id
+                 WHERE d.sink = ?1 AND d.run_id = ?2 AND d.state = 0 ORDER BY d.event LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![sink, run_id, limit as i64], pending_row)?;
             rows.collect()
         })
         .await

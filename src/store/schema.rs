@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
         state           INTEGER NOT NULL DEFAULT 0, -- 0 pending, 1 done, 2 dead
         attempts        INTEGER NOT NULL DEFAULT 0,
         next_attempt_at INTEGER NOT NULL,           -- unix ms
+        queued_at       INTEGER NOT NULL,           -- queued or replayed; max_age counts from here
         last_status     INTEGER,
         last_error      TEXT,
         done_at         INTEGER,
@@ -58,6 +59,13 @@ const MIGRATIONS: &[&str] = &[
         last_success_at INTEGER,
         down            INTEGER NOT NULL DEFAULT 0
     );
+    CREATE TABLE slack_threads (
+        sink    TEXT NOT NULL,
+        run_id  TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        ts      TEXT NOT NULL,                      -- the root message; replies carry it as thread_ts
+        PRIMARY KEY (sink, run_id)
+    ) WITHOUT ROWID;
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value INTEGER NOT NULL

@@ -39,7 +39,7 @@ pub struct Batch {
     pub finish: Option<Finish>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     /// The run's cursor after the batch.
     pub cursor: i64,
@@ -47,6 +47,16 @@ pub struct Recorded {
     pub recorded: usize,
     /// Events at or below the cursor, dropped.
     pub dropped: usize,
+    /// The sinks that got new deliveries.
+    pub routed: Vec<Arc<str>>,
+}
+
+/// Published after a commit that queued deliveries, so delivery loops start
+/// on a run without scanning the table.
+#[derive(Debug, Clone)]
+pub struct NewWork {
+    pub run_id: Arc<str>,
+    pub sinks: Vec<Arc<str>>,
 }
 
 impl Store {
@@ -54,7 +64,16 @@ impl Store {
     /// their deliveries and the advanced cursor, in one transaction. Events
     /// not above the stored cursor are dropped, whatever the server sent.
     pub async fn record_batch(&self, batch: Batch) -> Result<Recorded, StoreError> {
-        self.write(move |conn| record_batch(conn, &batch)).await
+        let run_id: Arc<str> = Arc::from(batch.run_id.as_str());
+        let recorded = self.write(move |conn| record_batch(conn, &batch)).await?;
+        if !recorded.routed.is_empty() {
+            // Nobody listening (a command-line process) is fine.
+            let _ = self.new_work.send(NewWork {
+                run_id,
+                sinks: recorded.routed.clone(),
+            });
+        }
+        Ok(recorded)
     }
 
     /// Subscribes to a run (or refreshes its labels), keeping its cursor.
@@ -204,6 +223,82 @@ impl Store {
         .await
     }
 
+    /// A sink marked down (or up again), for `status`.
+    pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO sinks (name, down) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET down = excluded.down",
+                params![&*sink, down],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A sink answered again: its backlog is due now rather than at each
+    /// delivery's own backoff.
+    pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?2
+                 WHERE sink = ?1 AND state = 0 AND next_attempt_at > ?2",
+                params![&*sink, now_ms()],
+            )
+        })
+        .await
+    }
+
+    /// Queues dead letters again, with the same ids and fresh attempts.
+    /// Returns how many.
+    pub async fn replay(&self, filter: DeadFilter) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let replayed = conn.execute(
+                "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_at = ?4, queued_at = ?4,
+                    done_at = NULL
+                 WHERE state = 2 AND (?1 IS NULL OR sink = ?1) AND (?2 IS NULL OR run_id = ?2)
+                   AND (?3 IS NULL OR event = (SELECT rowid FROM events WHERE id = ?3))",
+                params![filter.sink, filter.run, filter.id, now],
+            )?;
+            bump_control(conn)?;
+            Ok(replayed)
+        })
+        .await
+    }
+
+    /// Deletes dead letters for good. Returns how many.
+    pub async fn purge_dead(&self, filter: DeadFilter) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM deliveries
+                 WHERE state = 2 AND (?1 IS NULL OR sink = ?1) AND (?2 IS NULL OR run_id = ?2)
+                   AND (?3 IS NULL OR event = (SELECT rowid FROM events WHERE id = ?3))",
+                params![filter.sink, filter.run, filter.id],
+            )
+        })
+        .await
+    }
+
+    /// Drops deliveries done before `cutoff` (unix ms), then events nothing
+    /// refers to any more. Dead letters and pending deliveries keep theirs.
+    pub async fn prune(&self, cutoff: i64) -> Result<(usize, usize), StoreError> {
+        self.write(move |conn| {
+            // Events first, while the deliveries still say which are needed.
+            let events = conn.execute(
+                "DELETE FROM events WHERE seen_at < ?1 AND rowid NOT IN
+                    (SELECT event FROM deliveries WHERE state != 1 OR done_at >= ?1)",
+                [cutoff],
+            )?;
+            let deliveries = conn.execute(
+                "DELETE FROM deliveries WHERE state = 1 AND done_at < ?1",
+                [cutoff],
+            )?;
+            Ok((deliveries, events))
+        })
+        .await
+    }
+
     /// File sink start-up: lines found in the file past the recorded offset
     /// are deliveries that were written but not yet marked done.
     pub async fn reconcile_file(
@@ -234,6 +329,14 @@ impl Store {
     }
 }
 
+/// Which dead letters `replay` and `dead --purge` act on; `None` = any.
+#[derive(Debug, Clone, Default)]
+pub struct DeadFilter {
+    pub sink: Option<String>,
+    pub run: Option<String>,
+    pub id: Option<String>,
+}
+
 /// A failed delivery attempt of one or more deliveries of a sink.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -262,6 +365,7 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
         .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
     let mut recorded = 0;
     let mut dropped = 0;
+    let mut routed: Vec<Arc<str>> = Vec::new();
     let mut insert_event = conn.prepare_cached(
         "INSERT INTO events (id, run_id, sequence, event_type, payload, created_at,
                              run_status, phase, seen_at)
@@ -269,7 +373,8 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
          ON CONFLICT (id) DO NOTHING",
     )?;
     let mut insert_delivery = conn.prepare_cached(
-        "INSERT INTO deliveries (sink, event, run_id, next_attempt_at) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
+         VALUES (?1, ?2, ?3, ?4, ?4)
          ON CONFLICT DO NOTHING",
     )?;
     let mut record = |id: &str,
@@ -296,6 +401,9 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
         let event = conn.last_insert_rowid();
         for sink in sinks {
             insert_delivery.execute(params![&**sink, event, batch.run_id, now])?;
+            if !routed.contains(sink) {
+                routed.push(sink.clone());
+            }
         }
         Ok(true)
     };
@@ -352,6 +460,7 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
         cursor,
         recorded,
         dropped,
+        routed,
     })
 }
 

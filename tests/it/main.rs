@@ -4,4 +4,6 @@
 mod cli;
 mod crash;
 mod polling;
+mod receiver;
 mod support;
+mod webhook;

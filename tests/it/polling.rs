@@ -1,33 +1,10 @@
 //! Polling ingest to a file sink: exactly once, in order, bytes intact,
 //! through crashes, misbehaving servers and every error class.
 
-use runhook::simulate::scenario::{ScriptedEvent, ScriptedRun};
+use runhook::simulate::scenario::ScriptedEvent;
 use runhook::simulate::{Fault, FaultKind, Scenario};
 
 use crate::support::*;
-
-fn scripted(id: &str, events: Vec<ScriptedEvent>) -> ScriptedRun {
-    let mut run = Scenario::demo().runs.remove(0);
-    run.id = id.into();
-    run.interval = std::time::Duration::ZERO;
-    run.events = events;
-    run
-}
-
-fn event(event_type: &str, payload: &str) -> ScriptedEvent {
-    ScriptedEvent {
-        event_type: event_type.into(),
-        payload: payload.into(),
-        sequence: None,
-        created_at: true,
-    }
-}
-
-fn numbered(n: usize) -> Vec<ScriptedEvent> {
-    (0..n)
-        .map(|i| event("PHASE_STARTED", &format!(r#"{{"i":{i},"x":1.10}}"#)))
-        .collect()
-}
 
 /// Payloads a re-serialiser would change: float formatting, escapes, key order.
 const TRICKY: [&str; 4] = [

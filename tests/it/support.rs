@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runhook::config::Config;
+use runhook::simulate::scenario::{ScriptedEvent, ScriptedRun};
 use runhook::simulate::{Scenario, Simulator};
 use runhook::store::{Reader, RunRow};
 use serde_json::Value;
@@ -209,4 +210,28 @@ pub fn assert_run_exactly_once(sim: &Simulator, lines: &[Value], run: &str, raw:
             "payload bytes of {run}:{sequence} intact: {line}"
         );
     }
+}
+
+/// A run that emits `events` at once and completes.
+pub fn scripted(id: &str, events: Vec<ScriptedEvent>) -> ScriptedRun {
+    let mut run = Scenario::demo().runs.remove(0);
+    run.id = id.into();
+    run.interval = std::time::Duration::ZERO;
+    run.events = events;
+    run
+}
+
+pub fn event(event_type: &str, payload: &str) -> ScriptedEvent {
+    ScriptedEvent {
+        event_type: event_type.into(),
+        payload: payload.into(),
+        sequence: None,
+        created_at: true,
+    }
+}
+
+pub fn numbered(n: usize) -> Vec<ScriptedEvent> {
+    (0..n)
+        .map(|i| event("PHASE_STARTED", &format!(r#"{{"i":{i},"x":1.10}}"#)))
+        .collect()
 }

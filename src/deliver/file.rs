@@ -1,13 +1,12 @@
-//! The delivery engine: due deliveries -> sinks, outcome -> done, retry or
-//! dead letter, all recorded in the store so backoff survives restarts.
+//! The file sink's loop: its backlog in ingest order (which is per-run
+//! order), a batch per write and fsync.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use rand::RngExt;
 use tokio_util::sync::CancellationToken;
 
+use super::retry::{exhausted, retry_delay};
 use crate::config::DeliveryPolicy;
 use crate::sink::file::FileSink;
 use crate::sink::write_envelope_line;
@@ -15,36 +14,6 @@ use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
 
 /// Deliveries fetched and written per file write.
 const FILE_BATCH: usize = 2048;
-
-/// How long to wait before attempt `attempt + 1`, after `attempt` failures:
-/// exponential from `initial_backoff` (backon's schedule), capped at
-/// `max_backoff`, with full jitter; never sooner than the sink asked.
-pub fn retry_delay(
-    policy: &DeliveryPolicy,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let ceiling = ExponentialBuilder::default()
-        .with_min_delay(policy.initial_backoff)
-        .with_max_delay(policy.max_backoff)
-        .without_max_times()
-        .build()
-        .nth(attempt.saturating_sub(1) as usize)
-        .unwrap_or(policy.max_backoff);
-    let jittered = if ceiling.is_zero() {
-        ceiling
-    } else {
-        rand::rng().random_range(Duration::ZERO..=ceiling)
-    };
-    jittered.max(retry_after.unwrap_or(Duration::ZERO))
-}
-
-/// Whether a delivery that has failed `attempts` times, first seen at
-/// `seen_at` (unix ms), should go to the dead-letter list now.
-pub fn exhausted(policy: &DeliveryPolicy, attempts: u32, seen_at: i64, now: i64) -> bool {
-    attempts >= policy.max_attempts
-        || now.saturating_sub(seen_at) >= policy.max_age.as_millis() as i64
-}
 
 /// Delivers a file sink's backlog in ingest order (which is per-run order),
 /// a batch per write and fsync. A file fails as a whole, so its head waits out
@@ -150,7 +119,7 @@ async fn write_file_batch(
             let head = &batch[0];
             let attempts = head.attempts + 1;
             let now = now_ms();
-            let dead = exhausted(policy, attempts, head.seen_at, now);
+            let dead = exhausted(policy, attempts, head.queued_at, now);
             let delay = retry_delay(policy, attempts, None);
             tracing::warn!(sink = %name, %error, attempts, dead, "file sink: write failed");
             let failure = Failure {
@@ -162,46 +131,5 @@ async fn write_file_batch(
             };
             store.record_failure(name.clone(), failure).await
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy() -> DeliveryPolicy {
-        DeliveryPolicy {
-            max_attempts: 5,
-            max_age: Duration::from_secs(60),
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
-        }
-    }
-
-    #[test]
-    fn delay_grows_stays_capped_and_is_jittered() {
-        let p = policy();
-        for _ in 0..200 {
-            assert!(retry_delay(&p, 1, None) <= Duration::from_millis(100));
-            assert!(retry_delay(&p, 3, None) <= Duration::from_millis(400));
-            assert!(retry_delay(&p, 30, None) <= Duration::from_secs(2));
-        }
-        let spread: std::collections::BTreeSet<_> =
-            (0..50).map(|_| retry_delay(&p, 4, None)).collect();
-        assert!(spread.len() > 10, "full jitter spreads the delays");
-    }
-
-    #[test]
-    fn retry_after_is_a_floor() {
-        let p = policy();
-        assert!(retry_delay(&p, 1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
-    }
-
-    #[test]
-    fn exhausted_by_attempts_or_age() {
-        let p = policy();
-        assert!(!exhausted(&p, 4, 0, 1_000));
-        assert!(exhausted(&p, 5, 0, 1_000));
-        assert!(exhausted(&p, 1, 0, 60_000));
     }
 }

@@ -1,0 +1,411 @@
+//! Delivery to HTTP sinks, run by run.
+//!
+//! One dispatcher per sink keeps, in memory, only which runs have work (fed
+//! by the store's new-work notices, or a scan at start and after a replay)
+//! and which are waiting out a backoff; the deliveries themselves stay in
+//! SQLite. For each run with work it starts a chain that delivers the run's
+//! pending deliveries in order, up to `concurrency` runs at once. A chain
+//! stops at the first failure (event N+1 waits for N), recording the retry
+//! time in the store.
+//!
+//! A sink that fails `DOWN_AFTER` times in a row is marked down: no chains
+//! start, and one probe delivery goes out at the backoff pace until the sink
+//! answers; then every waiting delivery is due at once and the backlog
+//! drains.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::retry::{exhausted, retry_delay};
+use crate::config::DeliveryPolicy;
+use crate::sink::{Outcome, Sender};
+use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
+
+/// Consecutive failed attempts that mark a sink down.
+const DOWN_AFTER: u32 = 5;
+/// Deliveries a chain reads at a time.
+const CHAIN_BATCH: usize = 64;
+/// How often the dispatcher looks for replays from the command line.
+const CONTROL_POLL: Duration = Duration::from_secs(1);
+
+/// Everything a chain needs.
+pub struct SinkRuntime {
+    pub name: Arc<str>,
+    pub sender: Sender,
+    pub policy: DeliveryPolicy,
+    pub ordered: bool,
+    pub concurrency: usize,
+    pub store: Store,
+    pub reader: Reader,
+    pub shutdown: CancellationToken,
+}
+
+/// How a chain ended.
+#[derive(Debug)]
+enum ChainEnd {
+    /// Nothing pending for the run.
+    Drained,
+    /// The head waits until this time (unix ms).
+    Blocked(i64),
+    /// A probe sent its one delivery; more may be pending.
+    Paused,
+    /// Shutdown.
+    Stopped,
+}
+
+#[derive(Debug)]
+struct ChainReport {
+    run_id: Arc<str>,
+    end: ChainEnd,
+    delivered: u32,
+    failed: u32,
+}
+
+/// What recording an outcome did.
+enum Recorded {
+    Done,
+    Dead,
+    RetryAt(i64),
+}
+
+/// The dispatcher's view of one sink.
+#[derive(Default)]
+struct Board {
+    /// Runs that may have due work, not in flight.
+    work: BTreeSet<Arc<str>>,
+    in_flight: HashSet<Arc<str>>,
+    /// In flight and told of new work meanwhile.
+    dirty: HashSet<Arc<str>>,
+    /// Runs whose head waits until (unix ms).
+    blocked: BTreeMap<Arc<str>, i64>,
+    consecutive_failures: u32,
+    down: bool,
+    probe_failures: u32,
+    next_probe: Option<Instant>,
+}
+
+impl Board {
+    fn add_work(&mut self, run_id: Arc<str>) {
+        if self.in_flight.contains(&run_id) {
+            self.dirty.insert(run_id);
+        } else if !self.blocked.contains_key(&run_id) {
+            self.work.insert(run_id);
+        }
+    }
+
+    /// Blocked runs whose time has come go back to work.
+    fn unblock_due(&mut self, now: i64) {
+        let due: Vec<Arc<str>> = self
+            .blocked
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(run, _)| run.clone())
+            .collect();
+        for run in due {
+            self.blocked.remove(&run);
+            self.work.insert(run);
+        }
+    }
+
+    /// When the dispatcher must look again by itself.
+    fn next_wake(&self) -> Instant {
+        let now_ms = now_ms();
+        let blocked = self
+            .blocked
+            .values()
+            .min()
+            .map(|at| Instant::now() + Duration::from_millis((at - now_ms).max(0) as u64));
+        let probe = if self.down { self.next_probe } else { None };
+        [blocked, probe, Some(Instant::now() + CONTROL_POLL)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + CONTROL_POLL)
+    }
+}
+
+/// Runs a sink's deliveries until shutdown.
+pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StoreError> {
+    let mut new_work = sink.store.new_work();
+    let mut board = Board::default();
+    let mut chains: JoinSet<Result<ChainReport, StoreError>> = JoinSet::new();
+    let mut control = None;
+    loop {
+        let generation = sink.reader.control_generation().await?;
+        if control != Some(generation) {
+            control = Some(generation);
+            for run in sink.reader.runs_with_pending(&sink.name).await? {
+                board.add_work(Arc::from(run));
+            }
+        }
+        board.unblock_due(now_ms());
+        start_chains(&sink, &mut board, &mut chains);
+        let wake = board.next_wake();
+        tokio::select! {
+            notice = new_work.recv() => match notice {
+                Ok(notice) if notice.sinks.contains(&sink.name) => board.add_work(notice.run_id),
+                Ok(_) => {}
+                // Missed notices: rescan on the next turn.
+                Err(RecvError::Lagged(_)) => control = None,
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            Some(joined) = chains.join_next() => {
+                let report = joined.map_err(|_| StoreError::Closed)??;
+                finish_chain(&sink, &mut board, report).await?;
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = sink.shutdown.cancelled() => break,
+        }
+    }
+    // In-flight chains stop after the delivery they are sending.
+    while let Some(joined) = chains.join_next().await {
+        if let Ok(Err(error)) = joined {
+            tracing::error!(sink = %sink.name, %error, "delivery chain failed during shutdown");
+        }
+    }
+    Ok(())
+}
+
+fn start_chains(
+    sink: &Arc<SinkRuntime>,
+    board: &mut Board,
+    chains: &mut JoinSet<Result<ChainReport, StoreError>>,
+) {
+    if board.down {
+        let probe_due = board.next_probe.is_none_or(|at| at <= Instant::now());
+        if chains.is_empty() && probe_due {
+            // The run waiting longest (or any with work) carries the probe.
+            let run = board
+                .blocked
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(run, _)| run.clone())
+                .or_else(|| board.work.first().cloned());
+            if let Some(run) = run {
+                board.blocked.remove(&run);
+                board.work.remove(&run);
+                board.in_flight.insert(run.clone());
+                chains.spawn(chain(sink.clone(), run, true));
+            }
+        }
+        return;
+    }
+    while chains.len() < sink.concurrency {
+        let Some(run) = board.work.pop_first() else {
+            break;
+        };
+        board.in_flight.insert(run.clone());
+        chains.spawn(chain(sink.clone(), run, false));
+    }
+}
+
+async fn finish_chain(
+    sink: &SinkRuntime,
+    board: &mut Board,
+    report: ChainReport,
+) -> Result<(), StoreError> {
+    board.in_flight.remove(&report.run_id);
+    let had_news = board.dirty.remove(&report.run_id);
+    match report.end {
+        ChainEnd::Paused => {
+            board.work.insert(report.run_id.clone());
+        }
+        ChainEnd::Drained if had_news => {
+            board.work.insert(report.run_id.clone());
+        }
+        ChainEnd::Drained | ChainEnd::Stopped => {}
+        ChainEnd::Blocked(at) => {
+            board.blocked.insert(report.run_id.clone(), at);
+        }
+    }
+    if report.delivered > 0 {
+        board.consecutive_failures = 0;
+        if board.down {
+            board.down = false;
+            board.probe_failures = 0;
+            board.next_probe = None;
+            let released = sink.store.release_backoff(sink.name.clone()).await?;
+            tracing::info!(sink = %sink.name, released, "sink answers again; draining its backlog");
+            sink.store.set_sink_down(sink.name.clone(), false).await?;
+            let waiting: Vec<Arc<str>> = std::mem::take(&mut board.blocked).into_keys().collect();
+            board.work.extend(waiting);
+        }
+    }
+    if report.failed > 0 && report.delivered == 0 {
+        board.consecutive_failures += report.failed;
+        if board.down {
+            board.probe_failures += 1;
+            let wait = retry_delay(&sink.policy, board.probe_failures, None);
+            board.next_probe = Some(Instant::now() + wait);
+        } else if board.consecutive_failures >= DOWN_AFTER {
+            board.down = true;
+            board.probe_failures = 1;
+            board.next_probe = Some(Instant::now() + retry_delay(&sink.policy, 1, None));
+            tracing::warn!(sink = %sink.name, failures = board.consecutive_failures, "sink marked down; probing with one delivery at a time");
+            sink.store.set_sink_down(sink.name.clone(), true).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Delivers one run's pending deliveries in order until the run is drained,
+/// a delivery must wait, or shutdown. A probe sends one delivery, due or not.
+async fn chain(
+    sink: Arc<SinkRuntime>,
+    run_id: Arc<str>,
+    probe: bool,
+) -> Result<ChainReport, StoreError> {
+    let mut report = ChainReport {
+        run_id: run_id.clone(),
+        end: ChainEnd::Drained,
+        delivered: 0,
+        failed: 0,
+    };
+    loop {
+        let batch = sink
+            .reader
+            .pending_for_run(&sink.name, &run_id, CHAIN_BATCH)
+            .await?;
+        if batch.is_empty() {
+            report.end = ChainEnd::Drained;
+            return Ok(report);
+        }
+        let end = if sink.ordered {
+            deliver_in_order(&sink, batch, probe, &mut report).await?
+        } else {
+            deliver_unordered(&sink, batch, probe, &mut report).await?
+        };
+        if let Some(end) = end {
+            report.end = end;
+            return Ok(report);
+        }
+        if probe {
+            report.end = ChainEnd::Paused;
+            return Ok(report);
+        }
+    }
+}
+
+/// Returns `Some(end)` when the chain must stop.
+async fn deliver_in_order(
+    sink: &SinkRuntime,
+    batch: Vec<Pending>,
+    probe: bool,
+    report: &mut ChainReport,
+) -> Result<Option<ChainEnd>, StoreError> {
+    for pending in batch {
+        if sink.shutdown.is_cancelled() {
+            return Ok(Some(ChainEnd::Stopped));
+        }
+        if !probe && pending.next_attempt_at > now_ms() {
+            return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
+        }
+        let outcome = sink.sender.send(&pending).await;
+        match record(sink, &pending, outcome).await? {
+            Recorded::Done => report.delivered += 1,
+            Recorded::Dead => report.failed += 1,
+            Recorded::RetryAt(at) => {
+                report.failed += 1;
+                return Ok(Some(ChainEnd::Blocked(at)));
+            }
+        }
+        if probe {
+            return Ok(Some(ChainEnd::Paused));
+        }
+    }
+    Ok(None)
+}
+
+/// `ordered = false`: the due deliveries of the batch go out in parallel.
+async fn deliver_unordered(
+    sink: &SinkRuntime,
+    batch: Vec<Pending>,
+    probe: bool,
+    report: &mut ChainReport,
+) -> Result<Option<ChainEnd>, StoreError> {
+    if sink.shutdown.is_cancelled() {
+        return Ok(Some(ChainEnd::Stopped));
+    }
+    let now = now_ms();
+    let (due, waiting): (Vec<Pending>, Vec<Pending>) = batch
+        .into_iter()
+        .partition(|p| probe || p.next_attempt_at <= now);
+    let due: Vec<Pending> = if probe {
+        due.into_iter().take(1).collect()
+    } else {
+        due
+    };
+    let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
+    let results: Vec<Result<Recorded, StoreError>> = futures::stream::iter(due)
+        .map(|pending| async move {
+            let outcome = sink.sender.send(&pending).await;
+            record(sink, &pending, outcome).await
+        })
+        .buffer_unordered(sink.concurrency)
+        .collect()
+        .await;
+    for result in results {
+        match result? {
+            Recorded::Done => report.delivered += 1,
+            Recorded::Dead => report.failed += 1,
+            Recorded::RetryAt(at) => {
+                report.failed += 1;
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            }
+        }
+    }
+    Ok(earliest.map(ChainEnd::Blocked))
+}
+
+/// Writes an attempt's outcome: done, a scheduled retry, or a dead letter.
+async fn record(
+    sink: &SinkRuntime,
+    pending: &Pending,
+    outcome: Outcome,
+) -> Result<Recorded, StoreError> {
+    let (status, error, after, permanent) = match outcome {
+        Outcome::Delivered => {
+            sink.store
+                .mark_delivered(sink.name.clone(), vec![pending.event], None)
+                .await?;
+            return Ok(Recorded::Done);
+        }
+        Outcome::Retry {
+            status,
+            error,
+            after,
+        } => (status, error, after, false),
+        Outcome::Permanent { status, error } => (status, error, None, true),
+    };
+    let attempts = pending.attempts + 1;
+    let now = now_ms();
+    let dead = permanent || exhausted(&sink.policy, attempts, pending.queued_at, now);
+    let next_attempt_at = now + retry_delay(&sink.policy, attempts, after).as_millis() as i64;
+    if dead {
+        tracing::warn!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery dead-lettered");
+    } else {
+        tracing::debug!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery failed; will retry");
+    }
+    let failure = Failure {
+        events: vec![pending.event],
+        status,
+        error,
+        next_attempt_at,
+        dead,
+    };
+    sink.store
+        .record_failure(sink.name.clone(), failure)
+        .await?;
+    Ok(if dead {
+        Recorded::Dead
+    } else {
+        Recorded::RetryAt(next_attempt_at)
+    })
+}

@@ -1,0 +1,181 @@
+//! A real webhook receiver on 127.0.0.1: records every request, verifies
+//! signatures with the reference `standardwebhooks` crate, and answers as
+//! the test scripts it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+
+pub const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+pub const OLD_SECRET: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub user_agent: String,
+    pub content_type: String,
+    pub extra_header: Option<String>,
+    pub body: Bytes,
+    /// Which of the known secrets verified the request.
+    pub verified_new: bool,
+    pub verified_old: bool,
+    pub at: Instant,
+    pub answered: u16,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("webhook body is JSON")
+    }
+}
+
+/// How the receiver answers.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Status(u16),
+    /// 429 with this `Retry-After`.
+    TooMany(u64),
+    /// 500 with `Retry-After`.
+    ErrorRetryAfter(u64),
+    /// 302 to /elsewhere.
+    Redirect,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<Received>,
+    /// Answers for the next requests, then `default`.
+    script: VecDeque<Answer>,
+    default: Option<Answer>,
+}
+
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    _server: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .fallback(post(receive))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            inner,
+            _server: Arc::new(server),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hooks", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// Answers for the next requests, in order.
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.inner.lock().unwrap().script.extend(answers);
+    }
+
+    /// The answer after the script runs out (`None`: 204).
+    pub fn set_default(&self, answer: Option<Answer>) {
+        self.inner.lock().unwrap().default = answer;
+    }
+
+    /// Requests answered 2xx, in arrival order.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.answered))
+            .collect()
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn receive(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let verify = |secret: &str| {
+        standardwebhooks::Webhook::new(secret)
+            .expect("secret")
+            .verify(&body, &headers)
+            .is_ok()
+    };
+    let (verified_new, verified_old) = (verify(SECRET), verify(OLD_SECRET));
+    let mut inner = inner.lock().unwrap();
+    let answer = inner.script.pop_front().or_else(|| inner.default.clone());
+    let response = match &answer {
+        None => StatusCode::NO_CONTENT.into_response(),
+        Some(Answer::Status(code)) => (
+            StatusCode::from_u16(*code).unwrap(),
+            format!("receiver says {code}"),
+        )
+            .into_response(),
+        Some(Answer::TooMany(secs)) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            "slow down",
+        )
+            .into_response(),
+        Some(Answer::ErrorRetryAfter(secs)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::RETRY_AFTER, secs.to_string())],
+            "busy",
+        )
+            .into_response(),
+        Some(Answer::Redirect) => {
+            (StatusCode::FOUND, [(header::LOCATION, "/elsewhere")]).into_response()
+        }
+    };
+    inner.requests.push(Received {
+        path: uri.path().to_owned(),
+        id: header(&headers, "webhook-id"),
+        timestamp: header(&headers, "webhook-timestamp"),
+        signature: header(&headers, "webhook-signature"),
+        user_agent: header(&headers, "user-agent"),
+        content_type: header(&headers, "content-type"),
+        extra_header: headers
+            .get("x-team")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body,
+        verified_new,
+        verified_old,
+        at: Instant::now(),
+        answered: response.status().as_u16(),
+    });
+    response
+}
