@@ -14,6 +14,7 @@ use crate::deliver::runs::SinkRuntime;
 use crate::ingest::{Ingest, RunEnd};
 use crate::sink::Sender;
 use crate::sink::file::FileSink;
+use crate::sink::slack::SlackSink;
 use crate::sink::webhook::WebhookSink;
 use crate::store::{Reader, Store, StoreError};
 use crate::upstream::{Client, UpstreamError};
@@ -41,8 +42,6 @@ pub enum DaemonError {
     },
     #[error("sink {sink}: cannot build its HTTP client: {error}")]
     SinkClient { sink: String, error: reqwest::Error },
-    #[error("sink {sink}: {kind} sinks are not implemented in this build")]
-    Unsupported { sink: String, kind: &'static str },
 }
 
 /// Runs until `shutdown` is cancelled, then stops ingest, lets in-flight
@@ -120,6 +119,10 @@ fn start_sinks(
 ) -> Result<JoinSet<Result<(), StoreError>>, DaemonError> {
     let mut tasks = JoinSet::new();
     for sink in config.sinks.values() {
+        let client_error = |error| DaemonError::SinkClient {
+            sink: sink.name.to_string(),
+            error,
+        };
         let sender = match &sink.kind {
             SinkKind::File(file) => {
                 let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
@@ -138,19 +141,12 @@ fn start_sinks(
                 continue;
             }
             SinkKind::Webhook(webhook) => {
-                Sender::Webhook(WebhookSink::new(webhook).map_err(|error| {
-                    DaemonError::SinkClient {
-                        sink: sink.name.to_string(),
-                        error,
-                    }
-                })?)
+                Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
             }
-            other => {
-                return Err(DaemonError::Unsupported {
-                    sink: sink.name.to_string(),
-                    kind: other.type_name(),
-                });
-            }
+            SinkKind::Slack(slack) => Sender::Slack(
+                SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
+                    .map_err(client_error)?,
+            ),
         };
         tasks.spawn(deliver::runs::run_http_sink(Arc::new(SinkRuntime {
             name: sink.name.clone(),

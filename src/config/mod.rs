@@ -809,12 +809,19 @@ impl Cx<'_> {
                 ));
             }
         };
-        let templates = raw
-            .templates
-            .iter()
-            .flatten()
-            .map(|(t, v)| Ok((t.clone(), self.string(v, &format!("{key}.templates.{t}"))?)))
-            .collect::<Result<_>>()?;
+        let mut templates = BTreeMap::new();
+        for (event_type, value) in raw.templates.iter().flatten() {
+            let template_key = format!("{key}.templates.{event_type}");
+            let source = self.string(value, &template_key)?;
+            if let Err(error) = minijinja::Environment::new().template_from_str(&source) {
+                return Err(self.error(
+                    value,
+                    &template_key,
+                    format!("not a valid template: {error}"),
+                ));
+            }
+            templates.insert(event_type.clone(), source);
+        }
         let api_base = match &raw.api_base {
             Some(u) => self.url(u, &format!("{key}.api_base"))?,
             None => reqwest::Url::parse("https://slack.com/api/").expect("valid URL"),

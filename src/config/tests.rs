@@ -211,6 +211,12 @@ fn slack_needs_one_mode() {
             .contains("channel")
     );
     assert!(error_of(&slack("")).message.contains("needs"));
+    let bad_template = slack(
+        "webhook_url = \"https://hooks.slack.com/x\"\ntemplates = { run_finished = \"{{ run_id \" }",
+    );
+    let error = error_of(&bad_template);
+    assert_eq!(error.key, "sinks.chat.templates.run_finished");
+    assert!(error.message.contains("not a valid template"), "{error}");
 }
 
 #[test]

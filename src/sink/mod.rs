@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod sign;
+pub mod slack;
 pub mod webhook;
 
 use std::time::Duration;
@@ -30,15 +31,19 @@ pub enum Outcome {
     },
 }
 
-/// A sink that takes one delivery at a time (the HTTP ones).
+/// A sink that takes one delivery at a time (the HTTP ones). One per sink,
+/// held behind an `Arc`, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Sender {
     Webhook(webhook::WebhookSink),
+    Slack(slack::SlackSink),
 }
 
 impl Sender {
     pub async fn send(&self, event: &Pending) -> Outcome {
         match self {
             Self::Webhook(sink) => sink.send(event).await,
+            Self::Slack(sink) => sink.send(event).await,
         }
     }
 }

@@ -165,6 +165,23 @@ impl Reader {
         .await
     }
 
+    /// The thread root a Slack sink keeps for a run: (channel, ts).
+    pub async fn slack_thread(
+        &self,
+        sink: &str,
+        run_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let (sink, run_id) = (sink.to_owned(), run_id.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT channel, ts FROM slack_threads WHERE sink = ?1 AND run_id = ?2",
+            )?
+            .query_row(params![sink, run_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })
+        .await
+    }
+
     /// Changes whenever `watch`, `unwatch` or `replay` wrote something.
     pub async fn control_generation(&self) -> Result<i64, StoreError> {
         self.read(|conn| {

@@ -223,6 +223,26 @@ impl Store {
         .await
     }
 
+    /// Remembers a Slack thread root so later events (and restarts) reply
+    /// in the same thread.
+    pub async fn save_slack_thread(
+        &self,
+        sink: Arc<str>,
+        run_id: String,
+        channel: String,
+        ts: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO slack_threads (sink, run_id, channel, ts) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (sink, run_id) DO UPDATE SET channel = excluded.channel, ts = excluded.ts",
+                params![&*sink, run_id, channel, ts],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// A sink marked down (or up again), for `status`.
     pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StoreError> {
         self.write(move |conn| {

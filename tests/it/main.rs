@@ -5,5 +5,6 @@ mod cli;
 mod crash;
 mod polling;
 mod receiver;
+mod slack;
 mod support;
 mod webhook;

@@ -204,9 +204,18 @@ async fn retry_after_on_429_is_honoured_and_the_id_stays_the_same() {
     let requests = receiver.requests();
     assert_eq!(requests[0].answered, 429);
     assert_eq!(requests[0].id, requests[1].id);
-    assert_ne!(requests[0].timestamp, requests[1].timestamp, "a fresh timestamp per attempt");
-    assert_ne!(requests[0].signature, requests[1].signature, "a fresh signature per attempt");
-    assert_eq!(requests[0].body, requests[1].body, "the same body on every attempt");
+    assert_ne!(
+        requests[0].timestamp, requests[1].timestamp,
+        "a fresh timestamp per attempt"
+    );
+    assert_ne!(
+        requests[0].signature, requests[1].signature,
+        "a fresh signature per attempt"
+    );
+    assert_eq!(
+        requests[0].body, requests[1].body,
+        "the same body on every attempt"
+    );
     let waited = requests[1].at - requests[0].at;
     assert!(
         waited >= Duration::from_secs(2),

@@ -1,0 +1,354 @@
+//! The Slack sink, in two modes:
+//! - incoming webhook: one message per event;
+//! - bot token + channel: one thread per run. The first event posts a root
+//!   message (`chat.postMessage`), every event goes into its thread, and the
+//!   root is edited (`chat.update`) to show the run's live status. The
+//!   thread's `ts` is kept in SQLite so a restart continues the same thread.
+//!
+//! About one message per second per sink (a token bucket), `Retry-After`
+//! honoured, and Slack's permanent errors dead-lettered at once.
+
+pub mod message;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use minijinja::Environment;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use super::Outcome;
+use crate::config::{Secret, SlackConfig, SlackMode};
+use crate::http::{read_capped, retry_after, snippet};
+use crate::store::{Pending, Reader, Store};
+use crate::upstream::client::USER_AGENT;
+use message::Message;
+
+/// Errors after which retrying cannot help.
+const PERMANENT: [&str; 10] = [
+    "invalid_payload",
+    "action_prohibited",
+    "channel_not_found",
+    "channel_is_archived",
+    "invalid_auth",
+    "not_in_channel",
+    "not_authed",
+    "account_inactive",
+    "token_revoked",
+    "no_text",
+];
+const BODY_CAP: usize = 16 * 1024;
+const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
+
+pub struct SlackSink {
+    name: Arc<str>,
+    client: reqwest::Client,
+    mode: SlackMode,
+    api_base: reqwest::Url,
+    templates: Environment<'static>,
+    bucket: DefaultDirectRateLimiter,
+    store: Store,
+    reader: Reader,
+    /// One root per run even if two deliveries of a run race (`ordered = false`).
+    roots: tokio::sync::Mutex<()>,
+}
+
+impl SlackSink {
+    pub fn new(
+        name: Arc<str>,
+        config: &SlackConfig,
+        store: Store,
+        reader: Reader,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut templates = Environment::new();
+        for (event_type, source) in &config.templates {
+            // Checked at config load; a failure here keeps the default.
+            if let Err(error) = templates.add_template_owned(event_type.clone(), source.clone()) {
+                tracing::warn!(sink = %name, %event_type, %error, "slack template ignored");
+            }
+        }
+        Ok(Self {
+            name,
+            client,
+            mode: config.mode.clone(),
+            api_base: config.api_base.clone(),
+            templates,
+            bucket: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
+            store,
+            reader,
+            roots: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub async fn send(&self, event: &Pending) -> Outcome {
+        let message = message::render(event, &self.templates);
+        match &self.mode {
+            SlackMode::IncomingWebhook { url } => self.post_webhook(url, &message).await,
+            SlackMode::Bot { token, channel } => {
+                self.post_in_thread(token, channel, event, &message).await
+            }
+        }
+    }
+
+    async fn post_webhook(&self, url: &Secret, message: &Message) -> Outcome {
+        self.bucket.until_ready().await;
+        let request = self.client.post(url.expose()).json(message);
+        match request.send().await {
+            // Without the URL: it is the secret.
+            Err(error) => retry(None, format!("slack: {}", error.without_url())),
+            Ok(response) => {
+                let status = response.status();
+                let wait = retry_after(response.headers());
+                let body = read_capped(response, BODY_CAP)
+                    .await
+                    .map(|(b, _)| b)
+                    .unwrap_or_default();
+                classify_webhook(status, wait, &snippet(&body, 300))
+            }
+        }
+    }
+
+    async fn post_in_thread(
+        &self,
+        token: &Secret,
+        channel: &str,
+        event: &Pending,
+        message: &Message,
+    ) -> Outcome {
+        let root = match self.thread_root(token, channel, event).await {
+            Ok(ts) => ts,
+            Err(outcome) => return outcome,
+        };
+        let mut reply = json!({"channel": channel, "thread_ts": root, "text": message.text, "blocks": message.blocks});
+        if event.event_type == "run_finished" {
+            // The end of a run shows in the channel too.
+            reply["reply_broadcast"] = json!(true);
+        }
+        if let Err(outcome) = self.call(token, "chat.postMessage", &reply).await {
+            return outcome;
+        }
+        if matches!(event.event_type.as_str(), "PHASE_STARTED" | "run_finished") {
+            let live = message::thread_root(event);
+            let update =
+                json!({"channel": channel, "ts": root, "text": live.text, "blocks": live.blocks});
+            // Best effort: the reply is out; a stale root is not worth a duplicate reply.
+            if let Err(outcome) = self.call(token, "chat.update", &update).await {
+                tracing::warn!(sink = %self.name, run_id = %event.run_id, ?outcome, "slack: root message not updated");
+            }
+        }
+        Outcome::Delivered
+    }
+
+    /// The run's thread root, posted on its first event.
+    async fn thread_root(
+        &self,
+        token: &Secret,
+        channel: &str,
+        event: &Pending,
+    ) -> Result<String, Outcome> {
+        let _guard = self.roots.lock().await;
+        let known = self.reader.slack_thread(&self.name, &event.run_id).await;
+        if let Ok(Some((_, ts))) = known {
+            return Ok(ts);
+        }
+        let root = message::thread_root(event);
+        let answer = self
+            .call(
+                token,
+                "chat.postMessage",
+                &json!({"channel": channel, "text": root.text, "blocks": root.blocks}),
+            )
+            .await?;
+        let ts = answer["ts"]
+            .as_str()
+            .ok_or_else(|| retry(None, "slack: chat.postMessage answered without `ts`".into()))?
+            .to_owned();
+        let channel_id = answer["channel"].as_str().unwrap_or(channel).to_owned();
+        self.store
+            .save_slack_thread(
+                self.name.clone(),
+                event.run_id.clone(),
+                channel_id,
+                ts.clone(),
+            )
+            .await
+            .map_err(|error| retry(None, format!("slack: cannot keep the thread: {error}")))?;
+        Ok(ts)
+    }
+
+    /// One Web API call; the answer when Slack says `ok`.
+    async fn call(&self, token: &Secret, method: &str, body: &Value) -> Result<Value, Outcome> {
+        self.bucket.until_ready().await;
+        let url = self.api_base.join(method).map_err(|e| Outcome::Permanent {
+            status: None,
+            error: format!("slack: bad api_base: {e}"),
+        })?;
+        let response = self
+            .client
+            .post(url)
+            .bearer_auth(token.expose())
+            .json(body)
+            .send()
+            .await
+            .map_err(|error| retry(None, format!("slack {method}: {}", error.without_url())))?;
+        let status = response.status();
+        let wait = retry_after(response.headers());
+        let bytes = read_capped(response, BODY_CAP)
+            .await
+            .map(|(b, _)| b)
+            .unwrap_or_default();
+        classify_api(method, status, wait, &bytes)
+    }
+}
+
+fn retry(status: Option<u16>, error: String) -> Outcome {
+    Outcome::Retry {
+        status,
+        error,
+        after: None,
+    }
+}
+
+/// An incoming webhook's answer (plain text, e.g. `invalid_payload`).
+pub fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) -> Outcome {
+    let code = Some(status.as_u16());
+    if status.is_success() {
+        return Outcome::Delivered;
+    }
+    let error = format!("slack: HTTP {}: {body}", status.as_u16());
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return Outcome::Retry {
+            status: code,
+            error,
+            after: Some(wait.unwrap_or(DEFAULT_429_WAIT)),
+        };
+    }
+    let permanent_status = matches!(status.as_u16(), 400 | 403 | 404 | 410);
+    if permanent_status || PERMANENT.iter().any(|p| body.contains(p)) {
+        return Outcome::Permanent {
+            status: code,
+            error,
+        };
+    }
+    Outcome::Retry {
+        status: code,
+        error,
+        after: wait,
+    }
+}
+
+/// A Web API answer: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
+pub fn classify_api(
+    method: &str,
+    status: StatusCode,
+    wait: Option<Duration>,
+    body: &[u8],
+) -> Result<Value, Outcome> {
+    let code = Some(status.as_u16());
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let error = format!("slack {method}: rate limited");
+        return Err(Outcome::Retry {
+            status: code,
+            error,
+            after: Some(wait.unwrap_or(DEFAULT_429_WAIT)),
+        });
+    }
+    let answer: Value = match serde_json::from_slice(body) {
+        Ok(answer) => answer,
+        Err(_) => {
+            return Err(retry(
+                code,
+                format!(
+                    "slack {method}: HTTP {}: {}",
+                    status.as_u16(),
+                    snippet(body, 200)
+                ),
+            ));
+        }
+    };
+    if answer["ok"] == json!(true) {
+        return Ok(answer);
+    }
+    let slack_error = answer["error"].as_str().unwrap_or("unknown_error");
+    let error = format!("slack {method}: {slack_error}");
+    if PERMANENT.contains(&slack_error) {
+        Err(Outcome::Permanent {
+            status: code,
+            error,
+        })
+    } else {
+        Err(Outcome::Retry {
+            status: code,
+            error,
+            after: wait,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_answers() {
+        assert_eq!(
+            classify_webhook(StatusCode::OK, None, "ok"),
+            Outcome::Delivered
+        );
+        assert!(matches!(
+            classify_webhook(StatusCode::NOT_FOUND, None, "channel_not_found"),
+            Outcome::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify_webhook(StatusCode::GONE, None, "channel_is_archived"),
+            Outcome::Permanent { .. }
+        ));
+        let Outcome::Retry { after, .. } =
+            classify_webhook(StatusCode::TOO_MANY_REQUESTS, None, "")
+        else {
+            panic!("429 retries")
+        };
+        assert_eq!(after, Some(DEFAULT_429_WAIT));
+        assert!(matches!(
+            classify_webhook(StatusCode::INTERNAL_SERVER_ERROR, None, "rollup_error"),
+            Outcome::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn api_answers() {
+        let ok = classify_api(
+            "chat.postMessage",
+            StatusCode::OK,
+            None,
+            br#"{"ok":true,"ts":"1.2"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok["ts"], "1.2");
+        let Err(Outcome::Permanent { error, .. }) = classify_api(
+            "chat.postMessage",
+            StatusCode::OK,
+            None,
+            br#"{"ok":false,"error":"not_in_channel"}"#,
+        ) else {
+            panic!("permanent")
+        };
+        assert_eq!(error, "slack chat.postMessage: not_in_channel");
+        assert!(matches!(
+            classify_api(
+                "chat.update",
+                StatusCode::OK,
+                None,
+                br#"{"ok":false,"error":"internal_error"}"#
+            ),
+            Err(Outcome::Retry { .. })
+        ));
+    }
+}

@@ -1,0 +1,335 @@
+//! The Slack sink against a local fake of Slack: message shape and limits,
+//! the rate limit, 429, permanent errors, and thread mode across a restart.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use runhook::simulate::Scenario;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+#[derive(Debug, Clone)]
+struct Call {
+    path: String,
+    body: Value,
+    auth: Option<String>,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct FakeState {
+    calls: Vec<Call>,
+    /// Scripted answers for the incoming webhook: (status, body, retry-after).
+    webhook_script: VecDeque<(u16, &'static str, Option<u64>)>,
+    next_ts: u64,
+}
+
+#[derive(Clone)]
+struct FakeSlack {
+    addr: std::net::SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeSlack {
+    async fn start() -> Self {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let app = Router::new()
+            .route("/webhook", post(webhook))
+            .route("/api/{method}", post(api))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state }
+    }
+
+    fn calls(&self, path: &str) -> Vec<Call> {
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|c| c.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn webhook(State(state): State<Arc<Mutex<FakeState>>>, body: String) -> Response {
+    let mut state = state.lock().unwrap();
+    state.calls.push(Call {
+        path: "/webhook".into(),
+        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        auth: None,
+        at: Instant::now(),
+    });
+    match state.webhook_script.pop_front() {
+        None => (StatusCode::OK, "ok").into_response(),
+        Some((status, text, retry_after)) => {
+            let mut response = (StatusCode::from_u16(status).unwrap(), text).into_response();
+            if let Some(secs) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, secs.to_string().parse().unwrap());
+            }
+            response
+        }
+    }
+}
+
+async fn api(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let mut state = state.lock().unwrap();
+    state.next_ts += 1;
+    let ts = format!("1700000000.{:06}", state.next_ts);
+    state.calls.push(Call {
+        path: method.clone(),
+        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        auth: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        at: Instant::now(),
+    });
+    axum::Json(json!({"ok": true, "channel": "C0123", "ts": ts})).into_response()
+}
+
+fn slack_env(sim: &runhook::simulate::Simulator, runs: &[&str], keys: &str) -> Env {
+    let mut env = Env::new(sim, runs);
+    env.extra =
+        format!("\n[sinks.chat]\ntype = \"slack\"\n{keys}\n\n[[routes]]\nsinks = [\"chat\"]\n");
+    env
+}
+
+fn assert_within_limits(message: &Value) {
+    let blocks = message["blocks"].as_array().expect("blocks");
+    assert!(!blocks.is_empty() && blocks.len() <= 50);
+    assert!(
+        message["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty() && t.chars().count() <= 3000),
+        "fallback text"
+    );
+    for block in blocks {
+        if block["type"] == "section" {
+            assert!(block["text"]["text"].as_str().unwrap().chars().count() <= 3000);
+        }
+    }
+}
+
+#[tokio::test]
+async fn incoming_webhook_messages_are_readable_limited_and_rate_limited() {
+    let events = vec![
+        event("PHASE_STARTED", r#"{"phase":"plan"}"#),
+        event(
+            "ARTIFACT_CREATED",
+            &format!(
+                r#"{{"artifactType":"proposals","note":"{}"}}"#,
+                "x".repeat(5000)
+            ),
+        ),
+    ];
+    let mut run = scripted("run-s", events);
+    run.final_status = "failed".into();
+    run.error_message = Some("Flight search timed out".into());
+    let sim = start_sim(Scenario {
+        runs: vec![run],
+        ..Scenario::default()
+    })
+    .await;
+    let slack = FakeSlack::start().await;
+    // The first answer is a 429: honoured, then the same message again.
+    slack
+        .state
+        .lock()
+        .unwrap()
+        .webhook_script
+        .push_back((429, "rate_limited", Some(1)));
+    let template = r#"templates = { ARTIFACT_CREATED = "{{ payload.note }}" }"#;
+    let env = slack_env(
+        &sim,
+        &["run-s"],
+        &format!(
+            "webhook_url = \"http://{}/webhook\"\n{template}",
+            slack.addr
+        ),
+    );
+    let daemon = env.start();
+    let calls = wait_for("four messages accepted", || async {
+        let calls = slack.calls("/webhook");
+        if calls.len() >= 4 {
+            Ok(calls)
+        } else {
+            Err(format!("{} calls", calls.len()))
+        }
+    })
+    .await;
+    daemon.stop().await;
+    for call in &calls {
+        assert_within_limits(&call.body);
+    }
+    assert_eq!(
+        calls[0].body, calls[1].body,
+        "the 429'd message is sent again"
+    );
+    assert!(
+        calls[1].at - calls[0].at >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    assert!(
+        calls[1].body["text"]
+            .as_str()
+            .unwrap()
+            .contains("phase *plan* started")
+    );
+    assert_eq!(
+        calls[2].body["text"].as_str().unwrap().chars().count(),
+        3000,
+        "templated and cut to the limit"
+    );
+    let finished = calls[3].body["text"].as_str().unwrap();
+    assert!(
+        finished.contains("*failed*: Flight search timed out"),
+        "{finished}"
+    );
+    for pair in calls[1..].windows(2) {
+        assert!(
+            pair[1].at - pair[0].at >= Duration::from_millis(900),
+            "about one message per second"
+        );
+    }
+}
+
+#[tokio::test]
+async fn slack_permanent_errors_dead_letter_at_once_with_slacks_message() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-p", numbered(1))],
+        ..Scenario::default()
+    })
+    .await;
+    let slack = FakeSlack::start().await;
+    slack
+        .state
+        .lock()
+        .unwrap()
+        .webhook_script
+        .push_back((404, "channel_not_found", None));
+    let env = slack_env(
+        &sim,
+        &["run-p"],
+        &format!("webhook_url = \"http://{}/webhook\"", slack.addr),
+    );
+    let daemon = env.start();
+    let reader = wait_for("the state database", || async {
+        runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())
+    })
+    .await;
+    let dead = wait_for("a dead letter", || async {
+        let dead = reader
+            .dead_letters(None, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if dead.is_empty() {
+            Err("none".into())
+        } else {
+            Ok(dead)
+        }
+    })
+    .await;
+    wait_for("the run_finished delivered", || async {
+        let n = slack.calls("/webhook").len();
+        if n >= 2 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].id.as_str(), dead[0].attempts, dead[0].last_status),
+        ("run-p:1", 1, Some(404))
+    );
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("channel_not_found")
+    );
+}
+
+#[tokio::test]
+async fn thread_mode_keeps_one_thread_per_run_across_a_restart() {
+    let mut run = scripted("run-t", numbered(3));
+    run.interval = Duration::from_millis(10);
+    let sim = start_sim(Scenario {
+        runs: vec![run],
+        ..Scenario::default()
+    })
+    .await;
+    let slack = FakeSlack::start().await;
+    let keys = format!(
+        "bot_token = \"xoxb-test\"\nchannel = \"C0123\"\napi_base = \"http://{}/api/\"",
+        slack.addr
+    );
+    let env = slack_env(&sim, &["run-t"], &keys);
+    let daemon = env.start();
+    wait_for("the root and a first reply", || async {
+        let n = slack.calls("chat.postMessage").len();
+        if n >= 2 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    daemon.crash().await;
+    let daemon = env.start();
+    wait_for("the final status on the root", || async {
+        let updates = slack.calls("chat.update");
+        if updates
+            .iter()
+            .any(|u| u.body["text"].as_str().unwrap_or("").contains("completed"))
+        {
+            Ok(())
+        } else {
+            Err(format!("{updates:?}"))
+        }
+    })
+    .await;
+    daemon.stop().await;
+    let posts = slack.calls("chat.postMessage");
+    let roots: Vec<&Call> = posts
+        .iter()
+        .filter(|c| c.body.get("thread_ts").is_none())
+        .collect();
+    assert_eq!(roots.len(), 1, "one root per run, also after the restart");
+    let root_ts = "1700000000.000001";
+    let replies: Vec<&Call> = posts
+        .iter()
+        .filter(|c| c.body.get("thread_ts").is_some())
+        .collect();
+    assert!(replies.len() >= 4, "every event in the thread: {replies:?}");
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.body["thread_ts"] == root_ts && r.body["channel"] == "C0123")
+    );
+    assert!(
+        posts
+            .iter()
+            .all(|c| c.auth.as_deref() == Some("Bearer xoxb-test"))
+    );
+    let updates = slack.calls("chat.update");
+    assert!(updates.iter().all(|u| u.body["ts"] == root_ts));
+    for call in posts.iter().chain(&updates) {
+        assert_within_limits(&call.body);
+    }
+}
