@@ -22,11 +22,18 @@ use crate::upstream::{Client, UpstreamError};
 /// How often the daemon looks for `watch`/`unwatch` from the command line.
 const CONTROL_POLL: Duration = Duration::from_millis(500);
 
+/// Start-up spread: runs starting together begin within
+/// `min(n x STARTUP_SPREAD_PER_RUN, STARTUP_SPREAD_MAX)`.
+const STARTUP_SPREAD_PER_RUN: Duration = Duration::from_millis(2);
+const STARTUP_SPREAD_MAX: Duration = Duration::from_secs(10);
+
 /// How often delivered events past `state.retain` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Run states in which ingest does not start the run again by itself.
-const ENDED_STATES: [&str; 3] = ["finished", "forbidden", "not_found"];
+/// Run states in which ingest does not start the run again by itself
+/// (`watch` it again to retry). A finished run's task decides itself whether
+/// it still lingers (a failed run may be retried upstream).
+const ENDED_STATES: [&str; 2] = ["forbidden", "not_found"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -61,7 +68,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         client: Client::new(&config.api)?,
         store: store.clone(),
         router: Arc::new(config.router.clone()),
+        transport: config.api.transport,
         poll_interval: config.api.poll_interval,
+        stream_idle_timeout: config.api.stream_idle_timeout,
+        finished_recheck: config.api.finished_recheck,
+        finished_linger: config.api.finished_linger,
     });
     tracing::info!(
         state = %config.state.path.display(),
@@ -208,15 +219,28 @@ async fn supervise_runs(
                 }
                 keep
             });
-            for run in watched {
-                if running.contains_key(&run.run_id) || ENDED_STATES.contains(&run.state.as_str()) {
-                    continue;
-                }
+            let starting: Vec<_> = watched
+                .into_iter()
+                .filter(|run| {
+                    !running.contains_key(&run.run_id)
+                        && !ENDED_STATES.contains(&run.state.as_str())
+                })
+                .collect();
+            // Many runs at once (a start, a big `watch`) connect over a few
+            // seconds rather than in one stampede.
+            let spread = STARTUP_SPREAD_PER_RUN * starting.len() as u32;
+            for run in starting {
                 let cancel = shutdown.child_token();
                 running.insert(run.run_id.clone(), cancel.clone());
                 let ingest = ingest.clone();
+                let delay = spread
+                    .min(STARTUP_SPREAD_MAX)
+                    .mul_f64(rand::random::<f64>());
                 tasks.spawn(async move {
                     let run_id = run.run_id.clone();
+                    if crate::ingest::sleep_or_cancel(delay, &cancel).await {
+                        return (run_id, Ok(RunEnd::Stopped));
+                    }
                     (run_id, ingest.follow(run, cancel).await)
                 });
             }

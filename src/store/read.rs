@@ -41,6 +41,9 @@ pub struct WatchedRun {
     pub transport: Option<String>,
     pub state: String,
     pub cursor: i64,
+    pub run_status: Option<String>,
+    /// When the last `run_finished` was recorded (unix ms).
+    pub finished_at: Option<i64>,
 }
 
 /// One line of `runhook status`.
@@ -195,7 +198,8 @@ impl Reader {
     pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT run_id, labels, transport, state, cursor FROM runs WHERE watched = 1 ORDER BY run_id",
+                "SELECT run_id, labels, transport, state, cursor, run_status, finished_at
+                 FROM runs WHERE watched = 1 ORDER BY run_id",
             )?;
             let rows = stmt.query_map([], |row| {
                 let labels: String = row.get(1)?;
@@ -205,6 +209,8 @@ impl Reader {
                     transport: row.get(2)?,
                     state: row.get(3)?,
                     cursor: row.get(4)?,
+                    run_status: row.get(5)?,
+                    finished_at: row.get(6)?,
                 })
             })?;
             rows.collect()

@@ -164,6 +164,21 @@ impl Store {
         .await
     }
 
+    /// How far upstream the run is (`lastEventSequence`), for the lag in
+    /// `status`.
+    pub async fn set_upstream_seq(
+        &self,
+        run_id: String,
+        last_event_sequence: i64,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached("UPDATE runs SET upstream_seq = ?2 WHERE run_id = ?1")?
+                .execute(params![run_id, last_event_sequence])?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Deliveries that reached their sink. For a file sink, `file_offset` is
     /// the file length after the write, kept for the restart reconciliation.
     pub async fn mark_delivered(

@@ -65,6 +65,8 @@ impl UpstreamError {
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// For streams: no whole-request timeout, a read timeout past the idle timer.
+    stream_http: reqwest::Client,
     base: reqwest::Url,
     token: Option<Secret>,
     cookie: Option<Secret>,
@@ -79,8 +81,15 @@ impl Client {
             .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(UpstreamError::Network)?;
+        let stream_http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(api.stream_idle_timeout + Duration::from_secs(30))
+            .build()
+            .map_err(UpstreamError::Network)?;
         Ok(Self {
             http,
+            stream_http,
             base: api.base_url.clone(),
             token: api.token.clone(),
             cookie: api.session_cookie.clone(),
@@ -149,18 +158,40 @@ impl Client {
         Ok(body)
     }
 
+    /// Opens the live stream of a run from `since`, with the session cookie.
+    /// reqwest-eventsource's own reconnect is off: it would re-send the first
+    /// request with a stale `since`; the caller reconnects from its cursor.
+    pub fn open_stream(
+        &self,
+        run_id: &str,
+        since: i64,
+    ) -> Option<reqwest_eventsource::EventSource> {
+        let cookie = self.cookie.as_ref()?;
+        let mut url = self.run_url(run_id, &["stream"]);
+        url.query_pairs_mut()
+            .append_pair("since", &since.to_string());
+        let request = self
+            .stream_http
+            .get(url)
+            .header(COOKIE, self.cookie_header(cookie));
+        let mut source = reqwest_eventsource::EventSource::new(request).ok()?;
+        source.set_retry_policy(Box::new(reqwest_eventsource::retry::Never));
+        Some(source)
+    }
+
+    /// A permit of `max_concurrency`, held while a stream connects.
+    pub async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.permits.acquire().await.ok()
+    }
+
     /// The session cookie header, marked sensitive so it never shows in
     /// reqwest's debug output.
     pub fn cookie_header(&self, cookie: &Secret) -> HeaderValue {
         sensitive(&format!("session_token={}", cookie.expose()))
     }
 
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
-    }
-
-    pub fn session_cookie(&self) -> Option<&Secret> {
-        self.cookie.as_ref()
+    pub fn has_cookie(&self) -> bool {
+        self.cookie.is_some()
     }
 
     pub fn has_token(&self) -> bool {

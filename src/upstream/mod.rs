@@ -2,6 +2,7 @@
 //! error classes. Knows nothing of SQLite or sinks.
 
 pub mod client;
+pub mod frame;
 pub mod types;
 
 pub use client::{Client, ErrorClass, UpstreamError};

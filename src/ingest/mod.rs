@@ -1,0 +1,345 @@
+//! One task per run: pick the transport, drive it, route what arrives, hand
+//! batches to the store. The cursor only moves through
+//! `Store::record_batch`; a run task keeps a copy of what the store returned.
+
+mod poll;
+mod sse;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Transport;
+use crate::route::{EventFacts, Router};
+use crate::store::{Batch, Finish, NewEvent, Recorded, Store, StoreError, WatchedRun, now_ms};
+use crate::upstream::types::is_final;
+use crate::upstream::{Client, Event};
+
+/// How often a run's lag (`lastEventSequence - cursor`) is looked up.
+const LAG_REFRESH: Duration = Duration::from_secs(60);
+
+/// What every run task shares.
+pub struct Ingest {
+    pub client: Client,
+    pub store: Store,
+    pub router: Arc<Router>,
+    pub transport: Transport,
+    pub poll_interval: Duration,
+    pub stream_idle_timeout: Duration,
+    pub finished_recheck: Duration,
+    pub finished_linger: Duration,
+}
+
+/// Why a run task ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    Finished,
+    Stopped,
+    /// 403 or 404: the run cannot be followed with this credential.
+    Refused,
+}
+
+/// How one transport's attempt at a run ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Leg {
+    /// `run_finished` recorded with this status.
+    Finished(String),
+    Stopped,
+    Refused,
+    /// The stream refused the cookie (401/403); polling may still work.
+    StreamRefused(String),
+}
+
+/// A run being followed: its row and what ingest last recorded.
+struct Following {
+    run: WatchedRun,
+    cursor: i64,
+    status: Option<String>,
+    phase: Option<String>,
+    next_lag_at: tokio::time::Instant,
+}
+
+impl Ingest {
+    /// Follows one run until it finishes (and, for a failed run, until
+    /// `finished_linger` has passed without a retry), is refused, or `cancel`.
+    pub async fn follow(
+        &self,
+        run: WatchedRun,
+        cancel: CancellationToken,
+    ) -> Result<RunEnd, StoreError> {
+        let mut following = Following {
+            cursor: run.cursor,
+            status: run.run_status.clone(),
+            phase: None,
+            next_lag_at: tokio::time::Instant::now() + jitter(LAG_REFRESH),
+            run,
+        };
+        let mut transport = self.transport_for(&following.run);
+        if following.run.state == "finished" {
+            if !self.lingering(&following) {
+                return Ok(RunEnd::Finished);
+            }
+            if !self.linger(&mut following, &cancel).await? {
+                return Ok(RunEnd::Finished);
+            }
+        }
+        loop {
+            let leg = match transport {
+                Transport::Sse => self.follow_sse(&mut following, &cancel).await?,
+                _ => self.follow_poll(&mut following, &cancel).await?,
+            };
+            match leg {
+                Leg::StreamRefused(why) => {
+                    tracing::warn!(run_id = %following.run.run_id, %why, "the stream refused the session cookie; falling back to polling with the token");
+                    self.store
+                        .set_run_state(
+                            following.run.run_id.clone(),
+                            "following",
+                            Some(format!("stream refused ({why}); polling instead")),
+                            Some("poll"),
+                        )
+                        .await?;
+                    transport = Transport::Poll;
+                }
+                Leg::Finished(status) if status == "failed" => {
+                    if !self.linger(&mut following, &cancel).await? {
+                        return Ok(RunEnd::Finished);
+                    }
+                }
+                Leg::Finished(_) => return Ok(RunEnd::Finished),
+                Leg::Stopped => return Ok(RunEnd::Stopped),
+                Leg::Refused => return Ok(RunEnd::Refused),
+            }
+        }
+    }
+
+    /// `auto`: the stream when a session cookie is configured.
+    fn transport_for(&self, run: &WatchedRun) -> Transport {
+        let asked = match run.transport.as_deref() {
+            Some("sse") => Transport::Sse,
+            Some("poll") => Transport::Poll,
+            _ => self.transport,
+        };
+        match asked {
+            Transport::Auto if self.client.has_cookie() => Transport::Sse,
+            Transport::Auto => Transport::Poll,
+            Transport::Sse if !self.client.has_cookie() => Transport::Poll,
+            other => other,
+        }
+    }
+
+    /// A failed run is watched for `finished_linger` after it finished: it
+    /// may be retried upstream.
+    fn lingering(&self, following: &Following) -> bool {
+        following.run.run_status.as_deref() == Some("failed")
+            && following
+                .run
+                .finished_at
+                .is_some_and(|at| now_ms() - at < self.finished_linger.as_millis() as i64)
+    }
+
+    /// Looks at a failed run every `finished_recheck`; true when it runs
+    /// again (or has events past the cursor), false once the linger is over.
+    async fn linger(
+        &self,
+        following: &mut Following,
+        cancel: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let run_id = following.run.run_id.clone();
+        let finished_at = following.run.finished_at.unwrap_or_else(now_ms);
+        let until = finished_at + self.finished_linger.as_millis() as i64;
+        self.store
+            .set_run_state(run_id.clone(), "finished", None, None)
+            .await?;
+        while now_ms() < until {
+            let wait = self
+                .finished_recheck
+                .min(Duration::from_millis((until - now_ms()).max(0) as u64));
+            if sleep_or_cancel(wait, cancel).await {
+                return Ok(false);
+            }
+            match self.client.run(&run_id).await {
+                Ok(info)
+                    if !is_final(&info.status) || info.last_event_sequence > following.cursor =>
+                {
+                    tracing::info!(run_id = %run_id, status = %info.status, "a finished run runs again; resuming");
+                    following.status = Some(info.status);
+                    following.run.finished_at = None;
+                    return Ok(true);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(run_id = %run_id, %error, "recheck of a failed run failed")
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Routes and records events (above the cursor, ascending) with the
+    /// run's state, and perhaps its end.
+    async fn record(
+        &self,
+        following: &mut Following,
+        events: Vec<Event>,
+        finish: Option<Finish>,
+    ) -> Result<Recorded, StoreError> {
+        let run = &following.run;
+        let events = events
+            .into_iter()
+            .map(|event| {
+                let sinks = self.router.sinks_for(&EventFacts {
+                    event_type: &event.event_type,
+                    run_id: &run.run_id,
+                    labels: &run.labels,
+                    status: following.status.as_deref(),
+                    phase: following.phase.as_deref(),
+                });
+                NewEvent {
+                    sequence: event.sequence,
+                    event_type: event.event_type,
+                    payload: event.payload,
+                    created_at: event.created_at,
+                    sinks,
+                }
+            })
+            .collect();
+        let recorded = self
+            .store
+            .record_batch(Batch {
+                run_id: run.run_id.clone(),
+                events,
+                run_status: following.status.clone(),
+                phase: following.phase.clone(),
+                finish,
+            })
+            .await?;
+        if recorded.dropped > 0 {
+            tracing::debug!(run_id = %run.run_id, dropped = recorded.dropped, "dropped events at or below the cursor");
+        }
+        following.cursor = recorded.cursor;
+        Ok(recorded)
+    }
+
+    /// The `run_finished` to record: `errorMessage` and `cancelReason` from
+    /// the frame, or a run lookup; without them if the lookup fails.
+    async fn finish(
+        &self,
+        following: &Following,
+        status: &str,
+        error_message: Option<String>,
+        cancel_reason: Option<String>,
+    ) -> Finish {
+        let run = &following.run;
+        let (mut error_message, mut cancel_reason) = (error_message, cancel_reason);
+        if status != "completed" && error_message.is_none() && cancel_reason.is_none() {
+            match self.client.run(&run.run_id).await {
+                Ok(info) => {
+                    (error_message, cancel_reason) = (info.error_message, info.cancel_reason)
+                }
+                Err(error) => {
+                    tracing::warn!(run_id = %run.run_id, %error, "run lookup failed; run_finished without error details");
+                }
+            }
+        }
+        let facts = EventFacts {
+            event_type: "run_finished",
+            run_id: &run.run_id,
+            labels: &run.labels,
+            status: Some(status),
+            phase: following.phase.as_deref(),
+        };
+        Finish {
+            status: status.to_owned(),
+            error_message,
+            cancel_reason,
+            sinks: self.router.sinks_for(&facts),
+        }
+    }
+
+    /// Every `LAG_REFRESH`, one run lookup for `lastEventSequence`.
+    async fn refresh_lag(&self, following: &mut Following) -> Result<(), StoreError> {
+        if tokio::time::Instant::now() < following.next_lag_at {
+            return Ok(());
+        }
+        following.next_lag_at = tokio::time::Instant::now() + jitter(LAG_REFRESH);
+        if let Ok(info) = self.client.run(&following.run.run_id).await {
+            self.store
+                .set_upstream_seq(following.run.run_id.clone(), info.last_event_sequence)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Events above the cursor, ascending, each sequence once.
+pub fn new_events(mut events: Vec<Event>, cursor: i64) -> Vec<Event> {
+    events.retain(|e| e.sequence > cursor);
+    events.sort_by_key(|e| e.sequence);
+    events.dedup_by_key(|e| e.sequence);
+    events
+}
+
+/// Backoff for reconnects and transient errors: 200 ms doubling to 60 s,
+/// jittered.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(60))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Between 50% and 100% of `base`, so that runs started together spread out.
+fn jitter(base: Duration) -> Duration {
+    use rand::RngExt;
+    base.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+/// Sleeps; true when cancelled first.
+pub async fn sleep_or_cancel(wait: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        _ = cancel.cancelled() => true,
+    }
+}
+
+/// Labels for a new subscription from `k=v` pairs.
+pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(format!("label `{pair}`: write key=value")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: i64) -> Event {
+        serde_json::from_str(&format!(
+            r#"{{"sequence":{sequence},"eventType":"X","payload":{{}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_new_events_ascending_once() {
+        let events = vec![event(5), event(3), event(9), event(5), event(2)];
+        let kept: Vec<i64> = new_events(events, 3).iter().map(|e| e.sequence).collect();
+        assert_eq!(kept, [5, 9]);
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(parse_labels(&["team=rome".into()]).unwrap()["team"], "rome");
+        assert!(parse_labels(&["oops".into()]).is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! Polling (any credential): `events?since=<cursor>` again at once while
+//! answers carry new events, `poll_interval` when idle; the run ends when an
+//! answer has no new events and a final `runStatus`.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use tokio_util::sync::CancellationToken;
+
+use super::{Following, Ingest, Leg, new_events, sleep_or_cancel};
+use crate::store::StoreError;
+use crate::upstream::types::is_final;
+use crate::upstream::{ErrorClass, EventsPage, UpstreamError};
+
+impl Ingest {
+    pub(super) async fn follow_poll(
+        &self,
+        following: &mut Following,
+        cancel: &CancellationToken,
+    ) -> Result<Leg, StoreError> {
+        let run_id = following.run.run_id.clone();
+        self.store
+            .set_run_state(run_id.clone(), "following", None, Some("poll"))
+            .await?;
+        let mut auth_backoff = self.auth_backoff();
+        loop {
+            let page = tokio::select! {
+                page = self.fetch(&run_id, following.cursor) => page,
+                _ = cancel.cancelled() => return Ok(Leg::Stopped),
+            };
+            let page = match page {
+                Ok(page) => page,
+                Err(error) if error.class() == ErrorClass::AuthFailed => {
+                    tracing::warn!(run_id = %run_id, %error, "upstream refused the credential; retrying slowly");
+                    self.store
+                        .set_run_state(run_id.clone(), "auth_failed", Some(error.to_string()), None)
+                        .await?;
+                    let wait = auth_backoff.next().unwrap_or(Duration::from_secs(300));
+                    if sleep_or_cancel(wait, cancel).await {
+                        return Ok(Leg::Stopped);
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    let state = match error.class() {
+                        ErrorClass::Forbidden => "forbidden",
+                        _ => "not_found",
+                    };
+                    tracing::error!(run_id = %run_id, %error, "run cannot be followed; stopped");
+                    self.store
+                        .set_run_state(run_id.clone(), state, Some(error.to_string()), None)
+                        .await?;
+                    return Ok(Leg::Refused);
+                }
+            };
+            auth_backoff = self.auth_backoff();
+            following.status = page.run_status.clone().or(following.status.take());
+            following.phase = page.current_phase.clone().or(following.phase.take());
+            let events = new_events(page.events, following.cursor);
+            let idle = events.is_empty();
+            let finish = match page.run_status.as_deref() {
+                Some(status) if idle && is_final(status) => {
+                    Some(self.finish(following, status, None, None).await)
+                }
+                _ => None,
+            };
+            let finished = finish.as_ref().map(|f| f.status.clone());
+            self.record(following, events, finish).await?;
+            if let Some(status) = finished {
+                tracing::info!(run_id = %run_id, cursor = following.cursor, %status, "run finished");
+                return Ok(Leg::Finished(status));
+            }
+            self.refresh_lag(following).await?;
+            if idle && sleep_or_cancel(self.poll_interval, cancel).await {
+                return Ok(Leg::Stopped);
+            }
+        }
+    }
+
+    /// One poll, retried with backoff and jitter through transient errors,
+    /// honouring `Retry-After`.
+    async fn fetch(&self, run_id: &str, since: i64) -> Result<EventsPage, UpstreamError> {
+        (|| self.client.events(run_id, since))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(60))
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .when(|e: &UpstreamError| e.class() == ErrorClass::Transient)
+            .adjust(honour_retry_after)
+            .notify(|error: &UpstreamError, wait: Duration| {
+                tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
+                let store = self.store.clone();
+                let (run_id, error) = (run_id.to_owned(), error.to_string());
+                tokio::spawn(async move {
+                    let _ = store
+                        .set_run_state(run_id, "retrying", Some(error), None)
+                        .await;
+                });
+            })
+            .await
+    }
+
+    pub(super) fn auth_backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.poll_interval.max(Duration::from_millis(100)))
+            .with_max_delay(Duration::from_secs(300))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}
+
+/// Backon's `adjust`: a server's `Retry-After` replaces the computed delay
+/// (only when backon would retry at all).
+pub(super) fn honour_retry_after(
+    error: &UpstreamError,
+    delay: Option<Duration>,
+) -> Option<Duration> {
+    match (error.retry_after(), delay) {
+        (Some(wait), Some(_)) => Some(wait),
+        (_, delay) => delay,
+    }
+}
