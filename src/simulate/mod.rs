@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 pub use scenario::Scenario;
-use scenario::{ScriptedEvent, ScriptedRun};
+use scenario::{ScriptedEvent, ScriptedRun, StreamStyle};
 
 /// The user every accepted credential belongs to.
 pub const USER: &str = "user-1";
@@ -54,7 +54,7 @@ pub enum FaultKind {
     },
     /// Answer after this many milliseconds.
     Slow { delay_ms: u64 },
-    /// Poll answers also carry the two events before `since`.
+    /// Poll answers (and new streams) also carry the two events before `since`.
     Resend,
     /// Poll answers start from sequence 0 whatever `since` says.
     IgnoreSince,
@@ -62,6 +62,8 @@ pub enum FaultKind {
     DropStream { after: usize },
     /// Streams send an in-band `error` frame after this many events, then end.
     ErrorFrame { after: usize },
+    /// Streams go silent (no frames, no heartbeats) after this many events.
+    Stall { after: usize },
 }
 
 /// One request the simulator answered, for tests to inspect.
@@ -232,6 +234,7 @@ struct Sim {
     session: String,
     page_size: usize,
     heartbeat: Duration,
+    style: StreamStyle,
     runs: Mutex<HashMap<String, SimRun>>,
     faults: Mutex<Vec<Fault>>,
     log: Mutex<Vec<LoggedRequest>>,
@@ -354,6 +357,7 @@ impl Simulator {
             session: scenario.session,
             page_size: scenario.page_size.max(1),
             heartbeat: scenario.heartbeat,
+            style: scenario.stream,
             runs: Mutex::new(runs),
             faults: Mutex::new(scenario.faults),
             log: Mutex::new(Vec::new()),
@@ -712,6 +716,19 @@ async fn stream(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// A `run_event` frame: the event nested under `event` or flattened; with
+/// `multiline`, a line break between tokens (valid JSON, several `data:`
+/// lines on the wire, payload bytes untouched).
+fn run_event_frame(event: &SimEvent, style: &StreamStyle) -> String {
+    let event = event_json(event);
+    let separator = if style.multiline { ",\n" } else { "," };
+    if style.flat {
+        format!(r#"{{"type":"run_event"{separator}{}"#, &event[1..])
+    } else {
+        format!(r#"{{"type":"run_event"{separator}"event":{event}}}"#)
+    }
+}
+
 /// SSE framing: one `data:` line per line of the JSON.
 fn sse_frame(data: &str) -> Bytes {
     let mut frame = String::with_capacity(data.len() + 16);
@@ -732,7 +749,24 @@ async fn serve_stream(
     since: i64,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
-    let send = |bytes: Bytes| tx.send(Ok(bytes));
+    let style = sim.style.clone();
+    let send = |bytes: Bytes| {
+        let tx = tx.clone();
+        let style = style.clone();
+        async move {
+            if style.comments {
+                tx.send(Ok(Bytes::from_static(b": ping\n"))).await?;
+            }
+            if !style.split {
+                return tx.send(Ok(bytes)).await;
+            }
+            for piece in bytes.chunks(7) {
+                tx.send(Ok(Bytes::copy_from_slice(piece))).await?;
+                tokio::task::yield_now().await;
+            }
+            Ok(())
+        }
+    };
     if send(Bytes::from_static(b"retry: 1000\n: welcome\n\n"))
         .await
         .is_err()
@@ -747,8 +781,34 @@ async fn serve_stream(
     {
         return;
     }
-    let drop_after = sim.take_fault("stream", &id, |k| matches!(k, FaultKind::DropStream { .. }));
-    let error_after = sim.take_fault("stream", &id, |k| matches!(k, FaultKind::ErrorFrame { .. }));
+    // One way of ending per connection: the first such fault that matches.
+    let ending = sim.take_fault("stream", &id, |k| {
+        matches!(
+            k,
+            FaultKind::DropStream { .. } | FaultKind::ErrorFrame { .. } | FaultKind::Stall { .. }
+        )
+    });
+    if sim
+        .take_fault("stream", &id, |k| *k == FaultKind::Resend)
+        .is_some()
+    {
+        // Replay the two events before `since`, as a confused proxy might.
+        let stale: Vec<String> = {
+            let runs = sim.lock_runs();
+            let Some(run) = runs.get(&id) else { return };
+            let visible = &run.events[..run.visible(Instant::now())];
+            let upto = visible.partition_point(|e| e.sequence <= since);
+            visible[upto.saturating_sub(2)..upto]
+                .iter()
+                .map(|e| run_event_frame(e, &sim.style))
+                .collect()
+        };
+        for frame in stale {
+            if send(sse_frame(&frame)).await.is_err() {
+                return;
+            }
+        }
+    }
     let mut cursor = since;
     let mut sent = 0usize;
     loop {
@@ -760,12 +820,7 @@ async fn serve_stream(
             let first = visible.partition_point(|e| e.sequence <= cursor);
             let frames: Vec<(i64, String)> = visible[first..]
                 .iter()
-                .map(|e| {
-                    (
-                        e.sequence,
-                        format!(r#"{{"type":"run_event","event":{}}}"#, event_json(e)),
-                    )
-                })
+                .map(|e| (e.sequence, run_event_frame(e, &sim.style)))
                 .collect();
             let status = run.status(now);
             let finished = crate::upstream::types::is_final(status).then(|| {
@@ -778,20 +833,30 @@ async fn serve_stream(
             (frames, finished, run.next_emit(now))
         };
         for (sequence, frame) in frames {
-            if let Some(FaultKind::DropStream { after }) = &drop_after
-                && sent >= *after
-            {
-                let bytes = sse_frame(&frame);
-                let _ = send(bytes.slice(..bytes.len() / 2)).await;
-                let _ = tx.send(Err(std::io::Error::other("injected drop"))).await;
-                return;
-            }
-            if let Some(FaultKind::ErrorFrame { after }) = &error_after
-                && sent >= *after
-            {
-                let error = r#"{"type":"error","error":"Injected stream error"}"#;
-                let _ = send(sse_frame(error)).await;
-                return;
+            match ending {
+                Some(FaultKind::DropStream { after }) if sent >= after => {
+                    let bytes = sse_frame(&frame);
+                    let _ = send(bytes.slice(..bytes.len() / 2)).await;
+                    // Let what was sent reach the socket before the reset,
+                    // as on a real network.
+                    while tx.capacity() < tx.max_capacity() {
+                        tokio::task::yield_now().await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = tx.send(Err(std::io::Error::other("injected drop"))).await;
+                    return;
+                }
+                Some(FaultKind::Stall { after }) if sent >= after => {
+                    // Silent, connection open, until the client goes away.
+                    tx.closed().await;
+                    return;
+                }
+                Some(FaultKind::ErrorFrame { after }) if sent >= after => {
+                    let error = r#"{"type":"error","error":"Injected stream error"}"#;
+                    let _ = send(sse_frame(error)).await;
+                    return;
+                }
+                _ => {}
             }
             if send(sse_frame(&frame)).await.is_err() {
                 return;

@@ -23,12 +23,33 @@ pub struct Scenario {
     /// Seconds between SSE `status` heartbeats.
     #[serde(default = "default_heartbeat", with = "humantime_serde_compat")]
     pub heartbeat: Duration,
+    /// How stream frames are written.
+    #[serde(default)]
+    pub stream: StreamStyle,
     #[serde(default)]
     pub runs: Vec<ScriptedRun>,
     #[serde(default)]
     pub bulk: Option<Bulk>,
     #[serde(default)]
     pub faults: Vec<Fault>,
+}
+
+/// The shapes a real stream may take, for parity tests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamStyle {
+    /// `run_event` frames carry the event's fields flattened, not under `event`.
+    #[serde(default)]
+    pub flat: bool,
+    /// Frames span several `data:` lines.
+    #[serde(default)]
+    pub multiline: bool,
+    /// Each frame goes out in small pieces, separate writes.
+    #[serde(default)]
+    pub split: bool,
+    /// `: ping` comment lines between frames.
+    #[serde(default)]
+    pub comments: bool,
 }
 
 /// N runs x M events, no delays unless `interval` says so.
@@ -130,6 +151,7 @@ impl Default for Scenario {
             session: default_session(),
             page_size: default_page_size(),
             heartbeat: default_heartbeat(),
+            stream: StreamStyle::default(),
             runs: Vec::new(),
             bulk: None,
             faults: Vec::new(),

@@ -6,5 +6,6 @@ mod crash;
 mod polling;
 mod receiver;
 mod slack;
+mod sse;
 mod support;
 mod webhook;

@@ -45,6 +45,8 @@ pub struct Env {
     pub base_url: String,
     pub token: String,
     pub runs: Vec<String>,
+    /// The `[api]` keys besides `base_url` and `token` (transport, cookie, timers).
+    pub api: String,
     /// Extra TOML appended to the generated config.
     pub extra: String,
 }
@@ -56,6 +58,7 @@ impl Env {
             base_url: sim.url(),
             token: sim.token().to_owned(),
             runs: runs.iter().map(|r| r.to_string()).collect(),
+            api: "transport = \"poll\"\npoll_interval = \"50ms\"\n".into(),
             extra: String::new(),
         }
     }
@@ -75,11 +78,16 @@ impl Env {
             .map(|id| format!("[[runs]]\nid = \"{id}\"\nlabels = {{ team = \"rome\" }}\n"))
             .collect();
         format!(
-            "[api]\nbase_url = \"{}\"\ntoken = \"{}\"\ntransport = \"poll\"\npoll_interval = \"50ms\"\n\n\
+            "[api]\nbase_url = \"{}\"\n{}{}\n\
              [state]\npath = \"{}\"\nshutdown_grace = \"5s\"\n\n{runs}\n\
              [sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nsinks = [\"archive\"]\n{}",
             self.base_url,
-            self.token,
+            if self.token.is_empty() {
+                String::new()
+            } else {
+                format!("token = \"{}\"\n", self.token)
+            },
+            self.api,
             self.state_path().display(),
             self.events_path().display(),
             self.extra
