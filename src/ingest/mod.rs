@@ -74,7 +74,8 @@ impl Ingest {
             cursor: run.cursor,
             status: run.run_status.clone(),
             phase: None,
-            next_lag_at: tokio::time::Instant::now() + jitter(LAG_REFRESH),
+            // The first lookup soon after start; then every LAG_REFRESH.
+            next_lag_at: tokio::time::Instant::now(),
             run,
         };
         let mut transport = self.transport_for(&following.run);

@@ -478,6 +478,7 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
             last_event_at = CASE WHEN ?5 > 0 THEN ?6 ELSE last_event_at END,
             finished_seq = COALESCE(?7, finished_seq),
             finished_at = CASE WHEN ?7 IS NOT NULL THEN ?6 ELSE finished_at END,
+            upstream_seq = CASE WHEN ?7 IS NOT NULL THEN ?2 ELSE upstream_seq END,
             state = CASE WHEN ?7 IS NOT NULL THEN 'finished' ELSE 'following' END,
             last_error = NULL, updated_at = ?6
          WHERE run_id = ?1",
