@@ -84,6 +84,23 @@ pub enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Print events as they are recorded (beside a running daemon); Ctrl-C stops.
+    ///
+    /// Example: runhook tail --run 9f2a1c7e-0000-4000-8000-000000000001 --type 'run_finished'
+    Tail {
+        #[arg(long)]
+        run: Option<String>,
+        /// Only this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// One JSON envelope per line (as the file sink writes them).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Example: runhook completions bash > /etc/bash_completion.d/runhook
+    Completions { shell: clap_complete::Shell },
     /// Serve a local fake of the Agent Runs API with scripted runs and faults.
     ///
     /// Example: runhook simulate --listen 127.0.0.1:8787 --scenario scenario.toml

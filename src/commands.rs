@@ -34,7 +34,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Simulate { listen, scenario } => simulate(listen, scenario).await?,
         Command::Check => check(&Config::load(&cli.config)?),
-        Command::Run => run(Config::load(&cli.config)?).await?,
+        Command::Run => run(&cli.config, Config::load(&cli.config)?).await?,
+        Command::Tail {
+            run,
+            event_type,
+            json,
+        } => tail(&Config::load(&cli.config)?, run, event_type, json).await?,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "runhook", &mut std::io::stdout());
+        }
         Command::Watch { run_id, labels } => {
             let config = Config::load(&cli.config)?;
             let labels = runhook::ingest::parse_labels(&labels).map_err(anyhow::Error::msg)?;
@@ -84,12 +93,81 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(path: &std::path::Path, config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signals(shutdown.clone()));
-    runhook::daemon::run(Arc::new(config), shutdown).await?;
+    let (reloads, reloaded) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(reload_on_sighup(path.to_owned(), reloads));
+    runhook::daemon::run_reloadable(Arc::new(config), shutdown, reloaded).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: read the config again; a valid one is applied, an invalid one
+/// is refused with its error and the running config stays.
+async fn reload_on_sighup(path: std::path::PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(config) => {
+                tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: the new config is invalid; keeping the running one");
+            }
+        }
+    }
+}
+
+/// Prints events as they are recorded, beside a running daemon.
+async fn tail(
+    config: &Config,
+    run: Option<String>,
+    event_type: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let reader = Reader::open(&config.state.path)?;
+    let mut after = reader.last_event_row().await?;
+    loop {
+        let events = reader
+            .events_after(after, run.clone(), event_type.clone(), 500)
+            .await?;
+        for event in &events {
+            after = after.max(event.event);
+            if json {
+                let mut line = Vec::new();
+                runhook::sink::write_envelope_line(event, &mut line)?;
+                print!("{}", String::from_utf8_lossy(&line));
+            } else {
+                println!(
+                    "{} {:<38} {:>6} {:<20} {}/{} {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(event.seen_at.max(0) as u64)
+                    ),
+                    event.run_id,
+                    event.sequence.map_or("-".into(), |s| s.to_string()),
+                    event.event_type,
+                    event.run_status.as_deref().unwrap_or("-"),
+                    event.phase.as_deref().unwrap_or("-"),
+                    event.payload,
+                );
+            }
+        }
+        if events.is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
 }
 
 /// First SIGTERM/SIGINT: drain and stop. Second: exit at once.

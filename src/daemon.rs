@@ -1,14 +1,17 @@
 //! `runhook run`: open the store, start a delivery loop per sink and an
-//! ingest task per watched run, follow `watch`/`unwatch`, drain on shutdown.
+//! ingest task per watched run, follow `watch`/`unwatch`, apply reloads,
+//! talk to systemd, drain on shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SinkKind, Transport};
+use crate::config::{Config, SinkConfig, SinkKind, Transport};
 use crate::deliver;
 use crate::deliver::runs::SinkRuntime;
 use crate::ingest::{Ingest, RunEnd};
@@ -16,7 +19,7 @@ use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
 use crate::sink::webhook::WebhookSink;
-use crate::store::{Reader, Store, StoreError};
+use crate::store::{Reader, Store, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
 
 /// How often the daemon looks for `watch`/`unwatch` from the command line.
@@ -29,6 +32,9 @@ const STARTUP_SPREAD_MAX: Duration = Duration::from_secs(10);
 
 /// How often delivered events past `state.retain` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// How often systemd's STATUS= line is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Run states in which ingest does not start the run again by itself
 /// (`watch` it again to retry). A finished run's task decides itself whether
@@ -49,54 +55,141 @@ pub enum DaemonError {
     },
     #[error("sink {sink}: cannot build its HTTP client: {error}")]
     SinkClient { sink: String, error: reqwest::Error },
+    #[error("[server] cannot listen on {listen}: {error}")]
+    Server {
+        listen: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
-/// Runs until `shutdown` is cancelled, then stops ingest, lets in-flight
-/// deliveries finish within `state.shutdown_grace`, and returns.
+/// Runs until `shutdown` is cancelled; see [`run_reloadable`].
 pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_reloadable(config, shutdown, reloads).await
+}
+
+/// Runs until `shutdown` is cancelled, applying each config from `reloads`
+/// (already validated) as it comes. On shutdown: stops ingest, lets
+/// in-flight deliveries finish within `state.shutdown_grace`, and returns.
+pub async fn run_reloadable(
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    mut reloads: mpsc::Receiver<Config>,
+) -> Result<(), DaemonError> {
     let store = Store::open(&config.state.path)?;
     subscribe_config_runs(&store, &config).await?;
-
-    let sinks_stop = CancellationToken::new();
-    let mut sinks = start_sinks(&config, &store, &sinks_stop)?;
-    sinks.spawn(prune_periodically(
+    let mut sinks = Sinks::default();
+    sinks.apply(&config, &store, false).await?;
+    let background_stop = CancellationToken::new();
+    let mut background = JoinSet::new();
+    background.spawn(prune_periodically(
         store.clone(),
         config.state.retain,
-        sinks_stop.clone(),
+        background_stop.clone(),
     ));
+    let server = match &config.server {
+        Some(server) => Some(
+            crate::server::serve(
+                server.listen,
+                store.clone(),
+                shutdown.clone(),
+                background_stop.clone(),
+            )
+            .await
+            .map_err(|error| DaemonError::Server {
+                listen: server.listen,
+                error,
+            })?,
+        ),
+        None => None,
+    };
     let ingest = Arc::new(Ingest {
         client: Client::new(&config.api)?,
         store: store.clone(),
-        router: Arc::new(config.router.clone()),
+        router: std::sync::RwLock::new(Arc::new(config.router.clone())),
         transport: config.api.transport,
         poll_interval: config.api.poll_interval,
         stream_idle_timeout: config.api.stream_idle_timeout,
         finished_recheck: config.api.finished_recheck,
         finished_linger: config.api.finished_linger,
     });
+    let heartbeat = Arc::new(AtomicI64::new(now_ms()));
+    background.spawn(systemd_watchdog(
+        store.clone(),
+        heartbeat.clone(),
+        background_stop.clone(),
+    ));
+    background.spawn(systemd_status(store.reader()?, background_stop.clone()));
     tracing::info!(
         state = %config.state.path.display(),
         runs = config.runs.len(),
         sinks = config.sinks.len(),
         "runhook started"
     );
-    let supervised = supervise_runs(ingest, store.reader()?, shutdown.clone()).await;
+    notify(&[sd_notify::NotifyState::Ready]);
 
-    tracing::info!("stopping: ingest stopped, finishing in-flight deliveries");
-    sinks_stop.cancel();
-    let drained = tokio::time::timeout(config.state.shutdown_grace, async {
-        while let Some(result) = sinks.join_next().await {
-            if let Ok(Err(error)) = result {
-                tracing::error!(%error, "delivery loop failed");
+    let mut config = config;
+    let supervisor = supervise_runs(ingest.clone(), store.reader()?, shutdown.clone(), heartbeat);
+    tokio::pin!(supervisor);
+    let supervised = loop {
+        tokio::select! {
+            result = &mut supervisor => break result,
+            Some(next) = reloads.recv() => {
+                config = reload(&config, next, &store, &ingest, &mut sinks).await?;
             }
         }
-    })
-    .await;
-    if drained.is_err() {
+    };
+
+    notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopping: ingest stopped, finishing in-flight deliveries");
+    if tokio::time::timeout(config.state.shutdown_grace, sinks.stop_all())
+        .await
+        .is_err()
+    {
         tracing::warn!(grace = ?config.state.shutdown_grace, "deliveries still in flight at the end of the grace period; they resume on restart");
-        sinks.abort_all();
+    }
+    background_stop.cancel();
+    while background.join_next().await.is_some() {}
+    if let Some(server) = server {
+        let _ = server.await;
     }
     supervised
+}
+
+/// Applies a new, valid config: routes for new events, runs, sinks. What
+/// cannot change without a restart is said so.
+async fn reload(
+    old: &Arc<Config>,
+    new: Config,
+    store: &Store,
+    ingest: &Ingest,
+    sinks: &mut Sinks,
+) -> Result<Arc<Config>, DaemonError> {
+    notify(&[
+        sd_notify::NotifyState::Reloading,
+        sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::Reloading),
+    ]);
+    if new.state.path != old.state.path
+        || new.api != old.api
+        || new.server.as_ref().map(|s| s.listen) != old.server.as_ref().map(|s| s.listen)
+    {
+        tracing::warn!(
+            "[api], [state] and [server] changes take effect on restart; the rest is applied now"
+        );
+    }
+    let mut new = new;
+    new.state.path = old.state.path.clone();
+    ingest.set_router(new.router.clone());
+    subscribe_config_runs(store, &new).await?;
+    sinks.apply(&new, store, true).await?;
+    tracing::info!(
+        runs = new.runs.len(),
+        sinks = new.sinks.len(),
+        routes = new.router.routes().len(),
+        "config reloaded"
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+    Ok(Arc::new(new))
 }
 
 async fn subscribe_config_runs(store: &Store, config: &Config) -> Result<(), StoreError> {
@@ -123,43 +216,109 @@ fn transport_name(transport: Transport) -> &'static str {
     }
 }
 
-fn start_sinks(
-    config: &Config,
+/// The delivery loops, one per sink, each with its own stop switch so a
+/// reload can start, stop or restart one without touching the others.
+#[derive(Default)]
+struct Sinks {
+    running: HashMap<String, RunningSink>,
+}
+
+struct RunningSink {
+    config: SinkConfig,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+}
+
+impl Sinks {
+    /// Brings the running loops in line with `config`. On reload, file
+    /// sinks restart too, which reopens their files (logrotate).
+    async fn apply(
+        &mut self,
+        config: &Config,
+        store: &Store,
+        reopen_files: bool,
+    ) -> Result<(), DaemonError> {
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| {
+                let reopen = reopen_files && matches!(running.config.kind, SinkKind::File(_));
+                config.sinks.get(*name) != Some(&running.config) || reopen
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(running) = self.running.remove(&name) {
+                running.stop.cancel();
+                if let Ok(Err(error)) = running.task.await {
+                    tracing::error!(sink = %name, %error, "delivery loop failed");
+                }
+            }
+        }
+        for (name, sink) in &config.sinks {
+            if !self.running.contains_key(name) {
+                let stop = CancellationToken::new();
+                let task = start_sink(sink, store, stop.clone())?;
+                self.running.insert(
+                    name.clone(),
+                    RunningSink {
+                        config: sink.clone(),
+                        stop,
+                        task,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_all(&mut self) {
+        for running in self.running.values() {
+            running.stop.cancel();
+        }
+        for (name, running) in self.running.drain() {
+            if let Ok(Err(error)) = running.task.await {
+                tracing::error!(sink = %name, %error, "delivery loop failed");
+            }
+        }
+    }
+}
+
+fn start_sink(
+    sink: &SinkConfig,
     store: &Store,
-    stop: &CancellationToken,
-) -> Result<JoinSet<Result<(), StoreError>>, DaemonError> {
-    let mut tasks = JoinSet::new();
-    for sink in config.sinks.values() {
-        let client_error = |error| DaemonError::SinkClient {
-            sink: sink.name.to_string(),
-            error,
-        };
-        let sender = match &sink.kind {
-            SinkKind::File(file) => {
-                let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
-                    sink: sink.name.to_string(),
-                    path: file.path.display().to_string(),
-                    error,
-                })?;
-                tasks.spawn(deliver::file::run_file_sink(
-                    sink.name.clone(),
-                    Arc::new(opened),
-                    sink.delivery.clone(),
-                    store.clone(),
-                    store.reader()?,
-                    stop.clone(),
-                ));
-                continue;
-            }
-            SinkKind::Webhook(webhook) => {
-                Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
-            }
-            SinkKind::Slack(slack) => Sender::Slack(
-                SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
-                    .map_err(client_error)?,
-            ),
-        };
-        tasks.spawn(deliver::runs::run_http_sink(Arc::new(SinkRuntime {
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<Result<(), StoreError>>, DaemonError> {
+    let client_error = |error| DaemonError::SinkClient {
+        sink: sink.name.to_string(),
+        error,
+    };
+    let sender = match &sink.kind {
+        SinkKind::File(file) => {
+            let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
+                sink: sink.name.to_string(),
+                path: file.path.display().to_string(),
+                error,
+            })?;
+            return Ok(tokio::spawn(deliver::file::run_file_sink(
+                sink.name.clone(),
+                Arc::new(opened),
+                sink.delivery.clone(),
+                store.clone(),
+                store.reader()?,
+                stop,
+            )));
+        }
+        SinkKind::Webhook(webhook) => {
+            Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
+        }
+        SinkKind::Slack(slack) => Sender::Slack(
+            SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
+                .map_err(client_error)?,
+        ),
+    };
+    Ok(tokio::spawn(deliver::runs::run_http_sink(Arc::new(
+        SinkRuntime {
             name: sink.name.clone(),
             sender,
             policy: sink.delivery.clone(),
@@ -167,32 +326,90 @@ fn start_sinks(
             concurrency: sink.concurrency,
             store: store.clone(),
             reader: store.reader()?,
-            shutdown: stop.clone(),
-        })));
-    }
-    Ok(tasks)
+            shutdown: stop,
+        },
+    ))))
 }
 
 /// Drops delivered events older than `state.retain`, hourly.
-async fn prune_periodically(
-    store: Store,
-    retain: Duration,
-    stop: CancellationToken,
-) -> Result<(), StoreError> {
+async fn prune_periodically(store: Store, retain: Duration, stop: CancellationToken) {
     loop {
-        let cutoff = crate::store::now_ms() - retain.as_millis() as i64;
-        let (deliveries, events) = store.prune(cutoff).await?;
-        if deliveries + events > 0 {
-            tracing::info!(
-                deliveries,
-                events,
-                "pruned delivered events past state.retain"
-            );
+        let cutoff = now_ms() - retain.as_millis() as i64;
+        match store.prune(cutoff).await {
+            Ok((deliveries, events)) if deliveries + events > 0 => {
+                tracing::info!(
+                    deliveries,
+                    events,
+                    "pruned delivered events past state.retain"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "pruning failed; trying again later"),
         }
         tokio::select! {
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// Tells systemd (when it asked, `WatchdogSec=`) that the daemon lives, but
+/// only while the run supervisor ticks and the store commits: a wedged
+/// daemon stops pinging and gets restarted.
+async fn systemd_watchdog(store: Store, heartbeat: Arc<AtomicI64>, stop: CancellationToken) {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = period / 2;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let supervisor_alive =
+            now_ms() - heartbeat.load(Ordering::Relaxed) < period.as_millis() as i64;
+        let store_alive = matches!(tokio::time::timeout(every, store.ping()).await, Ok(Ok(())));
+        if supervisor_alive && store_alive {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!(
+                supervisor_alive,
+                store_alive,
+                "not pinging the systemd watchdog"
+            );
+        }
+    }
+}
+
+/// A STATUS= line for `systemctl status`.
+async fn systemd_status(reader: Reader, stop: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    loop {
+        if let (Ok(runs), Ok(sinks)) = (reader.runs().await, reader.sinks().await) {
+            let following = runs
+                .iter()
+                .filter(|r| r.watched && r.state == "following")
+                .count();
+            let pending: i64 = sinks.iter().map(|s| s.pending).sum();
+            let dead: i64 = sinks.iter().map(|s| s.dead).sum();
+            let down = sinks.iter().filter(|s| s.down).count();
+            let line = format!(
+                "{following} runs following, {pending} deliveries pending, {dead} dead, {down} sinks down"
+            );
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STATUS_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::debug!(%error, "sd_notify failed");
     }
 }
 
@@ -202,11 +419,13 @@ async fn supervise_runs(
     ingest: Arc<Ingest>,
     reader: Reader,
     shutdown: CancellationToken,
+    heartbeat: Arc<AtomicI64>,
 ) -> Result<(), DaemonError> {
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut tasks: JoinSet<(String, Result<RunEnd, StoreError>)> = JoinSet::new();
     let mut seen_generation = None;
     loop {
+        heartbeat.store(now_ms(), Ordering::Relaxed);
         let generation = reader.control_generation().await?;
         if seen_generation != Some(generation) {
             seen_generation = Some(generation);

@@ -71,7 +71,7 @@ impl Transport {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ApiConfig {
     pub base_url: reqwest::Url,
     pub token: Option<Secret>,
@@ -84,14 +84,14 @@ pub struct ApiConfig {
     pub finished_linger: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     pub path: PathBuf,
     pub retain: Duration,
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
 }
@@ -123,7 +123,7 @@ impl Default for DeliveryPolicy {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
     pub name: Arc<str>,
     pub kind: SinkKind,
@@ -134,7 +134,7 @@ pub struct SinkConfig {
     pub delivery: DeliveryPolicy,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     Webhook(WebhookConfig),
     Slack(SlackConfig),
@@ -172,7 +172,7 @@ impl SinkKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebhookConfig {
     pub url: reqwest::Url,
     /// Signing keys (base64-decoded), newest first. Several while rotating.
@@ -182,7 +182,7 @@ pub struct WebhookConfig {
 }
 
 /// The decoded key of a `whsec_...` secret.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SigningKey(pub Vec<u8>);
 
 impl std::fmt::Debug for SigningKey {
@@ -191,7 +191,7 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SlackConfig {
     pub mode: SlackMode,
     /// Per event type message templates.
@@ -200,13 +200,13 @@ pub struct SlackConfig {
     pub api_base: reqwest::Url,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SlackMode {
     IncomingWebhook { url: Secret },
     Bot { token: Secret, channel: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FileConfig {
     pub path: PathBuf,
 }

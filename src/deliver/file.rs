@@ -113,7 +113,9 @@ async fn write_file_batch(
         Ok(offset) => {
             store
                 .mark_delivered(name.clone(), events, Some(offset))
-                .await
+                .await?;
+            super::count_delivered(name, &batch);
+            Ok(())
         }
         Err(error) => {
             let head = &batch[0];
@@ -122,6 +124,7 @@ async fn write_file_batch(
             let dead = exhausted(policy, attempts, head.queued_at, now);
             let delay = retry_delay(policy, attempts, None);
             tracing::warn!(sink = %name, %error, attempts, dead, "file sink: write failed");
+            crate::metrics::metrics().delivery(name, if dead { "dead" } else { "retry" });
             let failure = Failure {
                 events,
                 status: None,

@@ -8,3 +8,17 @@ mod retry;
 pub mod runs;
 
 pub use retry::{exhausted, retry_delay};
+
+/// Counts deliveries done and observes their latency (recorded -> delivered).
+fn count_delivered(sink: &str, delivered: &[crate::store::Pending]) {
+    let metrics = crate::metrics::metrics();
+    metrics
+        .deliveries
+        .with_label_values(&[sink, "delivered"])
+        .inc_by(delivered.len() as u64);
+    let latency = metrics.delivery_latency.with_label_values(&[sink]);
+    let now = crate::store::now_ms();
+    for pending in delivered {
+        latency.observe((now - pending.seen_at).max(0) as f64 / 1000.0);
+    }
+}

@@ -375,6 +375,7 @@ async fn record(
             sink.store
                 .mark_delivered(sink.name.clone(), vec![pending.event], None)
                 .await?;
+            super::count_delivered(&sink.name, std::slice::from_ref(pending));
             return Ok(Recorded::Done);
         }
         Outcome::Retry {
@@ -403,6 +404,7 @@ async fn record(
     sink.store
         .record_failure(sink.name.clone(), failure)
         .await?;
+    crate::metrics::metrics().delivery(&sink.name, if dead { "dead" } else { "retry" });
     Ok(if dead {
         Recorded::Dead
     } else {

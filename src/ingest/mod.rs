@@ -25,7 +25,8 @@ const LAG_REFRESH: Duration = Duration::from_secs(60);
 pub struct Ingest {
     pub client: Client,
     pub store: Store,
-    pub router: Arc<Router>,
+    /// Swapped on reload: new routes apply to new events.
+    pub router: std::sync::RwLock<Arc<Router>>,
     pub transport: Transport,
     pub poll_interval: Duration,
     pub stream_idle_timeout: Duration,
@@ -56,6 +57,8 @@ enum Leg {
 /// A run being followed: its row and what ingest last recorded.
 struct Following {
     run: WatchedRun,
+    /// "poll" or "sse": the transport in use, for metrics.
+    transport: &'static str,
     cursor: i64,
     status: Option<String>,
     phase: Option<String>,
@@ -63,6 +66,19 @@ struct Following {
 }
 
 impl Ingest {
+    /// The routing table in force.
+    pub fn router(&self) -> Arc<Router> {
+        self.router
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |r| r.clone())
+    }
+
+    /// Replaces the routing table (SIGHUP).
+    pub fn set_router(&self, router: Router) {
+        let mut current = self.router.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(router);
+    }
+
     /// Follows one run until it finishes (and, for a failed run, until
     /// `finished_linger` has passed without a retry), is refused, or `cancel`.
     pub async fn follow(
@@ -71,6 +87,7 @@ impl Ingest {
         cancel: CancellationToken,
     ) -> Result<RunEnd, StoreError> {
         let mut following = Following {
+            transport: "poll",
             cursor: run.cursor,
             status: run.run_status.clone(),
             phase: None,
@@ -189,10 +206,11 @@ impl Ingest {
         finish: Option<Finish>,
     ) -> Result<Recorded, StoreError> {
         let run = &following.run;
+        let router = self.router();
         let events = events
             .into_iter()
             .map(|event| {
-                let sinks = self.router.sinks_for(&EventFacts {
+                let sinks = router.sinks_for(&EventFacts {
                     event_type: &event.event_type,
                     run_id: &run.run_id,
                     labels: &run.labels,
@@ -222,6 +240,10 @@ impl Ingest {
             tracing::debug!(run_id = %run.run_id, dropped = recorded.dropped, "dropped events at or below the cursor");
         }
         following.cursor = recorded.cursor;
+        crate::metrics::metrics()
+            .events_ingested
+            .with_label_values(&[following.transport])
+            .inc_by(recorded.recorded as u64);
         Ok(recorded)
     }
 
@@ -257,7 +279,7 @@ impl Ingest {
             status: status.to_owned(),
             error_message,
             cancel_reason,
-            sinks: self.router.sinks_for(&facts),
+            sinks: self.router().sinks_for(&facts),
         }
     }
 

@@ -19,6 +19,7 @@ impl Ingest {
         cancel: &CancellationToken,
     ) -> Result<Leg, StoreError> {
         let run_id = following.run.run_id.clone();
+        following.transport = "poll";
         self.store
             .set_run_state(run_id.clone(), "following", None, Some("poll"))
             .await?;

@@ -42,6 +42,7 @@ impl Ingest {
         cancel: &CancellationToken,
     ) -> Result<Leg, StoreError> {
         let run_id = following.run.run_id.clone();
+        following.transport = "sse";
         let mut backoff = reconnect_backoff();
         let mut auth_backoff = self.auth_backoff();
         let mut rechecks = 0;
@@ -79,6 +80,7 @@ impl Ingest {
                     retry_after,
                     progressed,
                 } => {
+                    crate::metrics::metrics().stream_reconnects.inc();
                     if progressed {
                         backoff = reconnect_backoff();
                     }
@@ -136,6 +138,7 @@ impl Ingest {
                 Ok(None) => return Ok(dropped("stream closed".into(), progressed)),
                 Ok(Some(Ok(SseEvent::Open))) => {
                     permit.take();
+                    crate::metrics::metrics().upstream_answer(Some(200));
                     self.store
                         .set_run_state(run_id.clone(), "following", None, Some("sse"))
                         .await?;
@@ -220,6 +223,7 @@ impl Ingest {
 async fn refused_or_dropped(error: SseError, progressed: bool) -> Connection {
     match error {
         SseError::InvalidStatusCode(status, response) => {
+            crate::metrics::metrics().upstream_answer(Some(status.as_u16()));
             let wait = retry_after(response.headers());
             let body = read_capped(response, 4096)
                 .await

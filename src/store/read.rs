@@ -185,6 +185,38 @@ impl Reader {
         .await
     }
 
+    /// The newest event row, where `tail` starts.
+    pub async fn last_event_row(&self) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(rowid), 0) FROM events", [], |r| {
+                r.get(0)
+            })
+        })
+        .await
+    }
+
+    /// Events recorded after row `after`, optionally of one run or type.
+    pub async fn events_after(
+        &self,
+        after: i64,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT e.rowid, e.id, e.run_id, e.sequence, e.event_type, e.payload, e.created_at,
+                        e.run_status, e.phase, r.labels, 0, 0, e.seen_at, e.seen_at
+                 FROM events e LEFT JOIN runs r ON r.run_id = e.run_id
+                 WHERE e.rowid > ?1 AND (?2 IS NULL OR e.run_id = ?2) AND (?3 IS NULL OR e.event_type = ?3)
+                 ORDER BY e.rowid LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![after, run, event_type, limit as i64], pending_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
     /// Changes whenever `watch`, `unwatch` or `replay` wrote something.
     pub async fn control_generation(&self) -> Result<i64, StoreError> {
         self.read(|conn| {

@@ -258,6 +258,12 @@ impl Store {
         .await
     }
 
+    /// A no-op through the writer: proves it is alive and can commit.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
     /// A sink marked down (or up again), for `status`.
     pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StoreError> {
         self.write(move |conn| {

@@ -142,8 +142,12 @@ impl Client {
         } else if let Some(cookie) = &self.cookie {
             request = request.header(COOKIE, self.cookie_header(cookie));
         }
-        let response = request.send().await.map_err(UpstreamError::Network)?;
+        let response = request.send().await.map_err(|error| {
+            crate::metrics::metrics().upstream_answer(None);
+            UpstreamError::Network(error)
+        })?;
         let status = response.status();
+        crate::metrics::metrics().upstream_answer(Some(status.as_u16()));
         let wait = retry_after(response.headers());
         let (body, _) = read_capped(response, MAX_BODY)
             .await

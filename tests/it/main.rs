@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod polling;
 mod receiver;
+mod service;
 mod slack;
 mod sse;
 mod support;

@@ -58,6 +58,8 @@ struct Inner {
     /// Answers for the next requests, then `default`.
     script: VecDeque<Answer>,
     default: Option<Answer>,
+    /// Every answer waits this long.
+    delay: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -105,6 +107,11 @@ impl Receiver {
         self.inner.lock().unwrap().default = answer;
     }
 
+    /// Every answer waits `delay` (a slow receiver).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.inner.lock().unwrap().delay = delay;
+    }
+
     /// Requests answered 2xx, in arrival order.
     pub fn accepted(&self) -> Vec<Received> {
         self.requests()
@@ -135,6 +142,8 @@ async fn receive(
             .is_ok()
     };
     let (verified_new, verified_old) = (verify(SECRET), verify(OLD_SECRET));
+    let delay = inner.lock().unwrap().delay;
+    tokio::time::sleep(delay).await;
     let mut inner = inner.lock().unwrap();
     let answer = inner.script.pop_front().or_else(|| inner.default.clone());
     let response = match &answer {

@@ -1,0 +1,419 @@
+//! Running as a service: reload, SIGTERM during busy delivery, /metrics and
+//! /readyz, the systemd unit, and secrets that never reach the logs.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runhook::config::Config;
+use runhook::simulate::Scenario;
+use tokio_util::sync::CancellationToken;
+
+use crate::receiver::{Receiver, SECRET};
+use crate::support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn reload_applies_new_routes_to_new_events_and_starts_new_runs() {
+    let mut slow = scripted("run-a", numbered(30));
+    slow.interval = Duration::from_millis(60);
+    let sim = start_sim(Scenario {
+        runs: vec![slow, scripted("run-b", numbered(5))],
+        ..Scenario::default()
+    })
+    .await;
+    let mut env = Env::new(&sim, &["run-a"]);
+    let config = Arc::new(env.config());
+    let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(runhook::daemon::run_reloadable(
+        config,
+        shutdown.clone(),
+        reloaded,
+    ));
+    wait_for("some of run-a", || async {
+        let n = env.lines().len();
+        if n >= 5 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    let second = env.dir.path().join("second.jsonl");
+    env.runs.push("run-b".into());
+    env.extra = format!(
+        "\n[sinks.second]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nsinks = [\"second\"]\n",
+        second.display()
+    );
+    reloads.send(env.config()).await.unwrap();
+    env.wait_finished(&["run-a", "run-b"]).await;
+    wait_for("run-a's end on the new sink", || async {
+        let lines = read_lines(&second);
+        if lines.iter().any(|l| l["id"] == "run-a:finished:30") {
+            Ok(())
+        } else {
+            Err(format!("{}", lines.len()))
+        }
+    })
+    .await;
+    shutdown.cancel();
+    daemon.await.unwrap().unwrap();
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.lines();
+    assert_run_exactly_once(&sim, &lines, "run-a", &raw);
+    assert_run_exactly_once(&sim, &lines, "run-b", &raw);
+    // The new sink got only events recorded after the reload, each once.
+    let first_before = lines
+        .iter()
+        .take(5)
+        .map(|l| l["id"].clone())
+        .collect::<Vec<_>>();
+    let on_second = read_lines(&second);
+    assert!(
+        on_second.iter().all(|l| !first_before.contains(&l["id"])),
+        "no event recorded before the reload"
+    );
+    let mut ids: Vec<&str> = on_second
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "each once");
+}
+
+fn spawn_daemon(config: &std::path::Path, log: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .args(["--config", &config.display().to_string(), "run"])
+        .env("RUNHOOK_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runhook starts")
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() {
+    let mut run = scripted("run-h", numbered(20));
+    run.interval = Duration::from_millis(100);
+    let sim = start_sim(Scenario {
+        runs: vec![run],
+        ..Scenario::default()
+    })
+    .await;
+    let env = Env::new(&sim, &["run-h"]);
+    let config = env.write_config();
+    let mut child = spawn_daemon(&config, "info");
+    wait_for("first events", || async {
+        if env.lines().len() >= 2 {
+            Ok(())
+        } else {
+            Err("waiting".into())
+        }
+    })
+    .await;
+    std::fs::write(&config, "[api]\ntoken = \"t\"\nbogus = 1\n").unwrap();
+    signal(&child, "HUP");
+    let lines = env.wait_finished(&["run-h"]).await;
+    signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the new config is invalid; keeping the running one"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("runhook.toml:3:1"),
+        "the error names the place: {stderr}"
+    );
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-h", &raw);
+}
+
+#[tokio::test]
+async fn sigterm_during_busy_delivery_exits_in_time_and_loses_nothing() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-busy", numbered(40))],
+        ..Scenario::default()
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(150));
+    let mut env = Env::new(&sim, &["run-busy"]);
+    env.extra = format!(
+        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\n[[routes]]\nsinks = [\"ops\"]\n",
+        receiver.url()
+    );
+    let config = env.write_config();
+    let mut child = spawn_daemon(&config, "warn");
+    wait_for("deliveries under way", || async {
+        let n = receiver.accepted().len();
+        if n >= 3 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    let asked = Instant::now();
+    signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5 + 2),
+        "within shutdown_grace: {:?}",
+        asked.elapsed()
+    );
+    let at_stop = receiver.accepted().len();
+    assert!(at_stop < 41, "the test needs a busy daemon at SIGTERM");
+    let mut child = spawn_daemon(&config, "warn");
+    let accepted = wait_for("everything after the restart", || async {
+        let accepted = receiver.accepted();
+        let ids: std::collections::BTreeSet<String> =
+            accepted.iter().map(|r| r.id.clone()).collect();
+        if ids.len() == 41 {
+            Ok(accepted)
+        } else {
+            Err(format!("{} distinct", ids.len()))
+        }
+    })
+    .await;
+    signal(&child, "TERM");
+    child.wait().unwrap();
+    let ids: Vec<String> = accepted.iter().map(|r| r.id.clone()).collect();
+    let mut expected: Vec<String> = (1..=40).map(|s| format!("run-busy:{s}")).collect();
+    expected.push("run-busy:finished:40".into());
+    let mut deduped = ids.clone();
+    deduped.dedup();
+    assert_eq!(
+        deduped, expected,
+        "in order; at most the in-flight one repeated"
+    );
+    assert!(ids.len() <= 42);
+}
+
+async fn get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(response) => (
+            response.status().as_u16(),
+            response.text().await.unwrap_or_default(),
+        ),
+        Err(error) => (0, error.to_string()),
+    }
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_move_and_readyz_turns_unready_on_shutdown() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-m", numbered(10))],
+        ..Scenario::default()
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(300));
+    let port = free_port();
+    let mut env = Env::new(&sim, &["run-m"]);
+    env.extra = format!(
+        "\n[server]\nlisten = \"127.0.0.1:{port}\"\n\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\n[[routes]]\nsinks = [\"ops\"]\n",
+        receiver.url()
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let config: Config = env.config();
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(runhook::daemon::run(Arc::new(config), shutdown.clone()));
+    let text = wait_for("events counted in /metrics", || async {
+        let (status, text) = get(&format!("{base}/metrics")).await;
+        let ingested = metric(&text, "runhook_events_ingested_total{transport=\"poll\"}");
+        if status == 200 && ingested >= 11.0 && receiver.accepted().len() >= 2 {
+            Ok(text)
+        } else {
+            Err(format!("{status} {ingested}"))
+        }
+    })
+    .await;
+    assert!(
+        metric(
+            &text,
+            "runhook_deliveries_total{outcome=\"delivered\",sink=\"archive\"}"
+        ) >= 11.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("runhook_delivery_latency_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("runhook_pending_deliveries{sink=\"ops\"}"),
+        "{text}"
+    );
+    assert!(text.contains("runhook_sink_up{sink=\"ops\"} 1"), "{text}");
+    assert!(
+        text.contains("runhook_upstream_requests_total{class=\"2xx\"}"),
+        "{text}"
+    );
+    assert!(text.contains("runhook_runs{state="), "{text}");
+    promtool_check(&text);
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    assert_eq!(get(&format!("{base}/readyz")).await.0, 200);
+    shutdown.cancel();
+    // The slow receiver keeps the drain going: /readyz must say so.
+    wait_for("/readyz unready while draining", || async {
+        let (status, body) = get(&format!("{base}/readyz")).await;
+        if status == 503 {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await;
+    daemon.await.unwrap().unwrap();
+}
+
+/// `promtool check metrics`; CI installs it (Debian package `prometheus`).
+fn promtool_check(text: &str) {
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool must be installed in CI"
+        );
+        eprintln!("SKIPPED promtool check: promtool is not installed here");
+        return;
+    };
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze must be available in CI"
+        );
+        eprintln!("SKIPPED: systemd-analyze is not installed here");
+        return;
+    };
+    assert!(version.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/runhook.service"
+    ))
+    .unwrap()
+    .replace("/usr/local/bin/runhook", env!("CARGO_BIN_EXE_runhook"));
+    let path = dir.path().join("runhook.service");
+    std::fs::write(&path, unit).unwrap();
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "systemd-analyze verify: {stderr}");
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("runhook.service"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_logs_check_or_debug_output() {
+    const TOKEN: &str = "tok-SECRET-1f3a";
+    const COOKIE: &str = "cookie-SECRET-77b2";
+    const SLACK_PATH: &str = "SECRETSLACKPATH9";
+    const BOT: &str = "xoxb-SECRET-bot-42";
+    let mut run = scripted("run-sec", numbered(3));
+    run.interval = Duration::from_millis(5);
+    let scenario = Scenario {
+        token: TOKEN.into(),
+        session: COOKIE.into(),
+        runs: vec![run],
+        ..Scenario::default()
+    };
+    let sim = start_sim(scenario).await;
+    let receiver = Receiver::start().await;
+    let mut env = Env::new(&sim, &["run-sec"]);
+    env.api = format!("session_cookie = \"{COOKIE}\"\nstream_idle_timeout = \"2s\"\n");
+    env.extra = format!(
+        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\n\
+         [sinks.chat]\ntype = \"slack\"\nwebhook_url = \"{}/{SLACK_PATH}\"\n\n\
+         [sinks.thread]\ntype = \"slack\"\nbot_token = \"{BOT}\"\nchannel = \"C1\"\napi_base = \"http://{}/api/\"\n\n\
+         [[routes]]\nsinks = [\"ops\", \"chat\", \"thread\"]\n",
+        receiver.url(),
+        receiver.url(),
+        receiver.addr
+    );
+    let config = env.write_config();
+    let mut child = spawn_daemon(&config, "trace");
+    let stderr = child.stderr.take().unwrap();
+    let collected = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    env.wait_finished(&["run-sec"]).await;
+    wait_for("webhook deliveries", || async {
+        if receiver.requests().len() >= 4 {
+            Ok(())
+        } else {
+            Err("waiting".into())
+        }
+    })
+    .await;
+    signal(&child, "TERM");
+    child.wait().unwrap();
+    let logs = collected.join().unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&check.stdout).into_owned();
+    let debug = format!("{:?}", env.config());
+    assert!(
+        logs.contains("TRACE") && logs.contains("DEBUG"),
+        "trace logging was on: {logs}"
+    );
+    for secret in [TOKEN, COOKIE, SLACK_PATH, BOT, &SECRET[6..]] {
+        assert!(!logs.contains(secret), "{secret} in the logs");
+        assert!(!check.contains(secret), "{secret} in check: {check}");
+        assert!(!debug.contains(secret), "{secret} in Debug");
+    }
+}
