@@ -207,10 +207,12 @@ pub fn assert_run_exactly_once(sim: &Simulator, lines: &[Value], run: &str, raw:
         Some(&Value::from("run_finished")),
         "run_finished comes last"
     );
+    let run_marker = format!("\"runId\":\"{run}\"");
+    let run_lines: Vec<&str> = raw.lines().filter(|l| l.contains(&run_marker)).collect();
     for (sequence, _, payload, _) in &script {
         let needle = format!("\"id\":\"{run}:{sequence}\"");
-        let line = raw
-            .lines()
+        let line = run_lines
+            .iter()
             .find(|l| l.contains(&needle))
             .unwrap_or_else(|| panic!("{needle} in file"));
         assert!(
