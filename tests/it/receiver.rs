@@ -60,6 +60,9 @@ struct Inner {
     default: Option<Answer>,
     /// Every answer waits this long.
     delay: std::time::Duration,
+    /// Percent of requests answered 500, spread evenly (deterministic).
+    fail_percent: u64,
+    counter: u64,
 }
 
 #[derive(Clone)]
@@ -107,6 +110,11 @@ impl Receiver {
         self.inner.lock().unwrap().default = answer;
     }
 
+    /// Fails this percent of requests with a 500.
+    pub fn set_fail_percent(&self, percent: u64) {
+        self.inner.lock().unwrap().fail_percent = percent;
+    }
+
     /// Every answer waits `delay` (a slow receiver).
     pub fn set_delay(&self, delay: std::time::Duration) {
         self.inner.lock().unwrap().delay = delay;
@@ -145,7 +153,13 @@ async fn receive(
     let delay = inner.lock().unwrap().delay;
     tokio::time::sleep(delay).await;
     let mut inner = inner.lock().unwrap();
-    let answer = inner.script.pop_front().or_else(|| inner.default.clone());
+    inner.counter += 1;
+    let flaky = (inner.counter * 37) % 100 < inner.fail_percent;
+    let answer = inner
+        .script
+        .pop_front()
+        .or_else(|| inner.default.clone())
+        .or_else(|| flaky.then_some(Answer::Status(500)));
     let response = match &answer {
         None => StatusCode::NO_CONTENT.into_response(),
         Some(Answer::Status(code)) => (

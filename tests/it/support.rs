@@ -45,6 +45,8 @@ pub struct Env {
     pub base_url: String,
     pub token: String,
     pub runs: Vec<String>,
+    /// Runs that poll whatever `api.transport` says.
+    pub poll_runs: Vec<String>,
     /// The `[api]` keys besides `base_url` and `token` (transport, cookie, timers).
     pub api: String,
     /// Extra TOML appended to the generated config.
@@ -58,6 +60,7 @@ impl Env {
             base_url: sim.url(),
             token: sim.token().to_owned(),
             runs: runs.iter().map(|r| r.to_string()).collect(),
+            poll_runs: Vec::new(),
             api: "transport = \"poll\"\npoll_interval = \"50ms\"\n".into(),
             extra: String::new(),
         }
@@ -75,7 +78,14 @@ impl Env {
         let runs: String = self
             .runs
             .iter()
-            .map(|id| format!("[[runs]]\nid = \"{id}\"\nlabels = {{ team = \"rome\" }}\n"))
+            .map(|id| {
+                let transport = if self.poll_runs.contains(id) {
+                    "transport = \"poll\"\n"
+                } else {
+                    ""
+                };
+                format!("[[runs]]\nid = \"{id}\"\nlabels = {{ team = \"rome\" }}\n{transport}")
+            })
             .collect();
         format!(
             "[api]\nbase_url = \"{}\"\n{}{}\n\
