@@ -967,12 +967,17 @@ fn key_at(text: &str, offset: usize) -> String {
             .next()
             .map(|k| k.trim().trim_matches('"').to_owned())
     };
-    match (table, key) {
+    let key = match (table, key) {
         (Some(t), Some(k)) if !k.is_empty() => format!("{t}.{k}"),
         (None, Some(k)) if !k.is_empty() => k,
         (Some(t), _) => t,
         _ if line.starts_with('[') => line.trim_matches(|c| c == '[' || c == ']').to_owned(),
-        _ => "(top level)".to_owned(),
+        _ => String::new(),
+    };
+    if key.trim().is_empty() {
+        "(top level)".to_owned()
+    } else {
+        key
     }
 }
 

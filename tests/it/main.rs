@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod faults;
 mod polling;
+mod props;
 mod receiver;
 mod service;
 mod slack;
