@@ -88,7 +88,7 @@ pub async fn run_reloadable(
         background_stop.clone(),
     ));
     let server = match &config.server {
-        Some(server) => Some(
+        Some(server) => Some(Owned::new(
             crate::server::serve(
                 server.listen,
                 store.clone(),
@@ -100,7 +100,7 @@ pub async fn run_reloadable(
                 listen: server.listen,
                 error,
             })?,
-        ),
+        )),
         None => None,
     };
     let ingest = Arc::new(Ingest {
@@ -151,7 +151,7 @@ pub async fn run_reloadable(
     background_stop.cancel();
     while background.join_next().await.is_some() {}
     if let Some(server) = server {
-        let _ = server.await;
+        server.join().await;
     }
     supervised
 }
@@ -226,7 +226,30 @@ struct Sinks {
 struct RunningSink {
     config: SinkConfig,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), StoreError>>,
+    task: Owned<Result<(), StoreError>>,
+}
+
+/// A spawned task that dies with its owner: if the daemon future is dropped
+/// (a panic, a test simulating a crash), nothing it started runs on.
+struct Owned<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> Owned<T> {
+    fn new(handle: tokio::task::JoinHandle<T>) -> Self {
+        Self(Some(handle))
+    }
+
+    /// Waits for the task; `None` if it panicked or was aborted.
+    async fn join(mut self) -> Option<T> {
+        self.0.take()?.await.ok()
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
 }
 
 impl Sinks {
@@ -250,7 +273,7 @@ impl Sinks {
         for name in stale {
             if let Some(running) = self.running.remove(&name) {
                 running.stop.cancel();
-                if let Ok(Err(error)) = running.task.await {
+                if let Some(Err(error)) = running.task.join().await {
                     tracing::error!(sink = %name, %error, "delivery loop failed");
                 }
             }
@@ -258,7 +281,7 @@ impl Sinks {
         for (name, sink) in &config.sinks {
             if !self.running.contains_key(name) {
                 let stop = CancellationToken::new();
-                let task = start_sink(sink, store, stop.clone())?;
+                let task = Owned::new(start_sink(sink, store, stop.clone())?);
                 self.running.insert(
                     name.clone(),
                     RunningSink {
@@ -277,7 +300,7 @@ impl Sinks {
             running.stop.cancel();
         }
         for (name, running) in self.running.drain() {
-            if let Ok(Err(error)) = running.task.await {
+            if let Some(Err(error)) = running.task.join().await {
                 tracing::error!(sink = %name, %error, "delivery loop failed");
             }
         }

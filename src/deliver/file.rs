@@ -111,8 +111,9 @@ async fn write_file_batch(
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match written {
         Ok(offset) => {
+            let (first, last) = (batch[0].event, batch[batch.len() - 1].event);
             store
-                .mark_delivered(name.clone(), events, Some(offset))
+                .mark_delivered_range(name.clone(), first, last, offset)
                 .await?;
             super::count_delivered(name, &batch);
             Ok(())

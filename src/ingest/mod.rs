@@ -19,7 +19,7 @@ use crate::upstream::types::is_final;
 use crate::upstream::{Client, Event};
 
 /// How often a run's lag (`lastEventSequence - cursor`) is looked up.
-const LAG_REFRESH: Duration = Duration::from_secs(60);
+const LAG_REFRESH: Duration = Duration::from_secs(300);
 
 /// What every run task shares.
 pub struct Ingest {

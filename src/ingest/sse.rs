@@ -124,7 +124,9 @@ impl Ingest {
                     source.close();
                     return Ok(Connection::Stopped);
                 }
-                _ = tokio::time::sleep_until(following.next_lag_at) => {
+                // Not while holding the connect permit: the lookup needs
+                // one too, and 64 tasks waiting on each other is a deadlock.
+                _ = tokio::time::sleep_until(following.next_lag_at), if permit.is_none() => {
                     self.refresh_lag(following).await?;
                     continue;
                 }

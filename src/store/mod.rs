@@ -230,6 +230,11 @@ fn open_connection(path: &Path, create: bool) -> Result<Connection, StoreError> 
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    if create {
+        // The writer's page cache keeps the hot indexes in memory (16 MiB,
+        // bounded); readers keep SQLite's default.
+        conn.pragma_update(None, "cache_size", -16 * 1024)?;
+    }
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }

@@ -323,6 +323,19 @@ impl Reader {
         .await
     }
 
+    /// Deliveries of one sink not yet done or dead (uses the pending index).
+    pub async fn pending_count(&self, sink: &str) -> Result<i64, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM deliveries WHERE sink = ?1 AND state = 0",
+                [sink],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
     /// Deliveries not yet done or dead, over all sinks.
     pub async fn pending_total(&self) -> Result<i64, StoreError> {
         self.read(|conn| {

@@ -37,7 +37,6 @@ const MIGRATIONS: &[&str] = &[
         phase       TEXT,
         seen_at     INTEGER NOT NULL                -- unix ms
     );
-    CREATE INDEX events_by_run ON events(run_id, rowid);
     CREATE TABLE deliveries (
         sink            TEXT NOT NULL,
         event           INTEGER NOT NULL,           -- events.rowid
@@ -51,8 +50,10 @@ const MIGRATIONS: &[&str] = &[
         done_at         INTEGER,
         PRIMARY KEY (sink, event)
     ) WITHOUT ROWID;
-    CREATE INDEX deliveries_by_state ON deliveries(sink, state, event);
-    CREATE INDEX deliveries_by_run ON deliveries(sink, run_id, state, event);
+    -- Partial indexes over pending deliveries only: small, and a delivery
+    -- leaves them when it is done or dead.
+    CREATE INDEX deliveries_pending ON deliveries(sink, event) WHERE state = 0;
+    CREATE INDEX deliveries_pending_by_run ON deliveries(sink, run_id, event) WHERE state = 0;
     CREATE TABLE sinks (
         name            TEXT PRIMARY KEY,
         file_offset     INTEGER,                    -- file sink: bytes marked done
