@@ -80,7 +80,27 @@ async fn start_receiver() -> (SocketAddr, Arc<Sink>) {
     (addr, sink)
 }
 
-async fn start_sim(scenario: Scenario) -> Simulator {
+/// The simulator in bulk mode: `runs` x `events`, `interval` apart.
+async fn bulk_sim(
+    runs: usize,
+    events: usize,
+    interval: Duration,
+    prefix: &str,
+    page_size: usize,
+    heartbeat: Duration,
+) -> Simulator {
+    let bulk = Bulk {
+        runs,
+        events,
+        interval,
+        prefix: prefix.into(),
+    };
+    let scenario = Scenario {
+        page_size,
+        heartbeat,
+        bulk: Some(bulk),
+        ..Scenario::default()
+    };
     Simulator::start(([127, 0, 0, 1], 0).into(), scenario)
         .await
         .expect("simulator")
@@ -140,17 +160,14 @@ async fn drained(reader: &Reader) -> bool {
 /// (a) events/s, polling -> file.
 async fn polling_to_file() -> f64 {
     let events = scaled(200_000);
-    let bulk = Bulk {
-        runs: 1,
+    let sim = bulk_sim(
+        1,
         events,
-        interval: Duration::ZERO,
-        prefix: "bench".into(),
-    };
-    let sim = start_sim(Scenario {
-        page_size: 5000,
-        bulk: Some(bulk),
-        ..Scenario::default()
-    })
+        Duration::ZERO,
+        "bench",
+        5000,
+        Duration::from_secs(5),
+    )
     .await;
     let dir = tempfile::tempdir().unwrap();
     let sink = format!(
@@ -172,17 +189,14 @@ async fn polling_to_file() -> f64 {
 /// (b) deliveries/s, 200 runs -> webhook.
 async fn webhooks() -> f64 {
     let (runs, events) = (scaled(200), 1000);
-    let bulk = Bulk {
+    let sim = bulk_sim(
         runs,
         events,
-        interval: Duration::ZERO,
-        prefix: "hook".into(),
-    };
-    let sim = start_sim(Scenario {
-        page_size: 1000,
-        bulk: Some(bulk),
-        ..Scenario::default()
-    })
+        Duration::ZERO,
+        "hook",
+        1000,
+        Duration::from_secs(5),
+    )
     .await;
     let (addr, sink) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
@@ -204,16 +218,14 @@ async fn webhooks() -> f64 {
 /// (c) p50 and p99 in ms, SSE at 200 events/s -> webhook.
 async fn sse_latency() -> (f64, f64) {
     let events = scaled(2000);
-    let bulk = Bulk {
-        runs: 1,
+    let sim = bulk_sim(
+        1,
         events,
-        interval: Duration::from_millis(5),
-        prefix: "live".into(),
-    };
-    let sim = start_sim(Scenario {
-        bulk: Some(bulk),
-        ..Scenario::default()
-    })
+        Duration::from_millis(5),
+        "live",
+        500,
+        Duration::from_secs(5),
+    )
     .await;
     let (addr, sink) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
@@ -306,17 +318,14 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
 /// (d) RSS (MB) and CPU (% of a core) with 10,000 idle SSE runs.
 async fn idle_streams() -> (f64, f64) {
     let runs = scaled(10_000);
-    let bulk = Bulk {
+    let sim = bulk_sim(
         runs,
-        events: 1,
-        interval: Duration::from_secs(3600),
-        prefix: "idle".into(),
-    };
-    let sim = start_sim(Scenario {
-        heartbeat: Duration::from_secs(30),
-        bulk: Some(bulk),
-        ..Scenario::default()
-    })
+        1,
+        Duration::from_secs(3600),
+        "idle",
+        500,
+        Duration::from_secs(30),
+    )
     .await;
     let dir = tempfile::tempdir().unwrap();
     let sink = format!(
@@ -349,17 +358,14 @@ async fn idle_streams() -> (f64, f64) {
 /// it is back (deliveries/s).
 async fn backlog() -> (f64, f64, usize) {
     let (runs, events) = (100, scaled(1_000_000) / 100);
-    let bulk = Bulk {
+    let sim = bulk_sim(
         runs,
         events,
-        interval: Duration::ZERO,
-        prefix: "backlog".into(),
-    };
-    let sim = start_sim(Scenario {
-        page_size: 5000,
-        bulk: Some(bulk),
-        ..Scenario::default()
-    })
+        Duration::ZERO,
+        "backlog",
+        5000,
+        Duration::from_secs(5),
+    )
     .await;
     let (addr, sink) = start_receiver().await;
     sink.down.store(true, Ordering::Relaxed);

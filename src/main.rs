@@ -19,7 +19,13 @@ fn main() -> ExitCode {
         _ => "info",
     };
     commands::init_logging(cli.log_format, default_level);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Store reads run on the blocking pool; a small pool keeps threads (and
+    // their malloc arenas) few, which keeps memory bounded.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("runhook: cannot start the async runtime: {error}");

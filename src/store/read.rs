@@ -120,7 +120,7 @@ impl Reader {
         let sink = sink.to_owned();
         self.read(move |conn| {
             let sql = format!(
-                "SELECT {PENDING_COLUMNS} FROM deliveries d
+                "SELECT {PENDING_COLUMNS} FROM deliveries d INDEXED BY deliveries_pending
                  JOIN events e ON e.rowid = d.event
                  LEFT JOIN runs r ON r.run_id = d.run_id
                  WHERE d.sink = ?1 AND d.state = 0 ORDER BY d.event LIMIT ?2"
@@ -138,7 +138,8 @@ impl Reader {
         let sink = sink.to_owned();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT DISTINCT run_id FROM deliveries WHERE sink = ?1 AND state = 0",
+                "SELECT DISTINCT run_id FROM deliveries INDEXED BY deliveries_pending_by_run
+                 WHERE sink = ?1 AND state = 0",
             )?;
             let rows = stmt.query_map([sink], |r| r.get(0))?;
             rows.collect()
@@ -156,7 +157,7 @@ impl Reader {
         let (sink, run_id) = (sink.to_owned(), run_id.to_owned());
         self.read(move |conn| {
             let sql = format!(
-                "SELECT {PENDING_COLUMNS} FROM deliveries d
+                "SELECT {PENDING_COLUMNS} FROM deliveries d INDEXED BY deliveries_pending_by_run
                  JOIN events e ON e.rowid = d.event
                  LEFT JOIN runs r ON r.run_id = d.run_id
                  WHERE d.sink = ?1 AND d.run_id = ?2 AND d.state = 0 ORDER BY d.event LIMIT ?3"
@@ -328,7 +329,8 @@ impl Reader {
         let sink = sink.to_owned();
         self.read(move |conn| {
             conn.query_row(
-                "SELECT COUNT(*) FROM deliveries WHERE sink = ?1 AND state = 0",
+                "SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_pending
+                 WHERE sink = ?1 AND state = 0",
                 [sink],
                 |r| r.get(0),
             )

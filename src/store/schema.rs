@@ -51,7 +51,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (sink, event)
     ) WITHOUT ROWID;
     -- Partial indexes over pending deliveries only: small, and a delivery
-    -- leaves them when it is done or dead.
+    -- leaves them when it is done or dead. Queries name them (INDEXED BY):
+    -- without statistics the planner would walk the primary key through
+    -- every delivery ever done.
     CREATE INDEX deliveries_pending ON deliveries(sink, event) WHERE state = 0;
     CREATE INDEX deliveries_pending_by_run ON deliveries(sink, run_id, event) WHERE state = 0;
     CREATE TABLE sinks (

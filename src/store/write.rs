@@ -223,7 +223,8 @@ impl Store {
             let now = now_ms();
             let marked = conn
                 .prepare_cached(
-                    "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?4,
+                    "UPDATE deliveries INDEXED BY deliveries_pending
+                     SET state = 1, attempts = attempts + 1, done_at = ?4,
                         last_status = NULL, last_error = NULL
                      WHERE sink = ?1 AND state = 0 AND event BETWEEN ?2 AND ?3",
                 )?
@@ -312,7 +313,7 @@ impl Store {
     pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, StoreError> {
         self.write(move |conn| {
             conn.execute(
-                "UPDATE deliveries SET next_attempt_at = ?2
+                "UPDATE deliveries INDEXED BY deliveries_pending SET next_attempt_at = ?2
                  WHERE sink = ?1 AND state = 0 AND next_attempt_at > ?2",
                 params![&*sink, now_ms()],
             )
