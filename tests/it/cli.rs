@@ -109,3 +109,64 @@ async fn watch_on_a_running_daemon_starts_delivering_that_run() {
     assert!(output.status.success());
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn tail_prints_events_as_they_are_recorded() {
+    use std::io::BufRead;
+    let sim = start_sim(Scenario::demo()).await;
+    let env = Env::new(&sim, &[]);
+    let config = env.write_config();
+    // The state database must exist for `tail`; `unwatch` of nothing creates it.
+    let _ = runhook(&config, &["unwatch", "nothing"]);
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(&config)
+        .args(["tail", "--json", "--run", "demo-oslo-0002"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let reading = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .take(6)
+            .collect::<Vec<String>>()
+    });
+    let daemon = env.start();
+    assert!(
+        runhook(&config, &["watch", "demo-oslo-0002"])
+            .status
+            .success()
+    );
+    assert!(
+        runhook(&config, &["watch", "demo-rome-0001"])
+            .status
+            .success()
+    );
+    wait_for("tail's six lines", || {
+        let done = reading.is_finished();
+        async move {
+            if done {
+                Ok(())
+            } else {
+                Err("tail still reading".into())
+            }
+        }
+    })
+    .await;
+    tail.kill().unwrap();
+    daemon.stop().await;
+    let lines: Vec<serde_json::Value> = reading
+        .join()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines.iter().all(|l| l["runId"] == "demo-oslo-0002"),
+        "--run filters"
+    );
+    assert_eq!(lines[0]["id"], "demo-oslo-0002:1");
+    assert_eq!(lines[5]["type"], "run_finished");
+}

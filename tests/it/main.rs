@@ -7,6 +7,7 @@ mod faults;
 mod polling;
 mod props;
 mod receiver;
+mod retention;
 mod service;
 mod slack;
 mod sse;
