@@ -156,6 +156,7 @@ async fn tail_prints_events_as_they_are_recorded() {
     })
     .await;
     tail.kill().unwrap();
+    tail.wait().unwrap();
     daemon.stop().await;
     let lines: Vec<serde_json::Value> = reading
         .join()
