@@ -150,6 +150,7 @@ pub async fn run_reloadable(
     }
     background_stop.cancel();
     while background.join_next().await.is_some() {}
+
     if let Some(server) = server {
         server.join().await;
     }

@@ -217,6 +217,11 @@ fn writer_loop(conn: Connection, mut queue: mpsc::Receiver<Job>, bump: watch::Se
         }
         bump.send_modify(|n| *n = n.wrapping_add(1));
     }
+    // Every handle is gone (shutdown): fold the WAL back into the database
+    // file, so a backup or the next start sees one file.
+    if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        tracing::warn!(%error, "WAL checkpoint at shutdown failed; SQLite completes it on the next start");
+    }
 }
 
 /// Opens a connection with runhook's settings; the writer also creates the
