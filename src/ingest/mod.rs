@@ -18,6 +18,10 @@ use crate::store::{Batch, Finish, NewEvent, Recorded, Store, StoreError, Watched
 use crate::upstream::types::is_final;
 use crate::upstream::{Client, Event};
 
+/// Pages (fetched, not yet recorded) held at once over all polling runs:
+/// bounds ingest memory whatever the number of runs or the page size.
+pub const PAGES_IN_FLIGHT: usize = 32;
+
 /// How often a run's lag (`lastEventSequence - cursor`) is looked up.
 const LAG_REFRESH: Duration = Duration::from_secs(300);
 
@@ -32,6 +36,8 @@ pub struct Ingest {
     pub stream_idle_timeout: Duration,
     pub finished_recheck: Duration,
     pub finished_linger: Duration,
+    /// `PAGES_IN_FLIGHT` permits.
+    pub pages: tokio::sync::Semaphore,
 }
 
 /// Why a run task ended.

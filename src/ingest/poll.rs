@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::{Following, Ingest, Leg, new_events, sleep_or_cancel};
@@ -25,8 +26,9 @@ impl Ingest {
             .await?;
         let mut auth_backoff = self.auth_backoff();
         loop {
-            let page = tokio::select! {
-                page = self.fetch(&run_id, following.cursor) => page,
+            // The page permit is held until the page is recorded.
+            let (page, _page_permit) = tokio::select! {
+                fetched = self.fetch(&run_id, following.cursor) => fetched,
                 _ = cancel.cancelled() => return Ok(Leg::Stopped),
             };
             let page = match page {
@@ -79,29 +81,43 @@ impl Ingest {
     }
 
     /// One poll, retried with backoff and jitter through transient errors,
-    /// honouring `Retry-After`.
-    async fn fetch(&self, run_id: &str, since: i64) -> Result<EventsPage, UpstreamError> {
-        (|| self.client.events(run_id, since))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(60))
-                    .with_jitter()
-                    .without_max_times(),
-            )
-            .when(|e: &UpstreamError| e.class() == ErrorClass::Transient)
-            .adjust(honour_retry_after)
-            .notify(|error: &UpstreamError, wait: Duration| {
-                tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
-                let store = self.store.clone();
-                let (run_id, error) = (run_id.to_owned(), error.to_string());
-                tokio::spawn(async move {
-                    let _ = store
-                        .set_run_state(run_id, "retrying", Some(error), None)
-                        .await;
-                });
-            })
-            .await
+    /// honouring `Retry-After`. Each attempt holds one of `PAGES_IN_FLIGHT`
+    /// permits, returned with the page so that it is kept until the page is
+    /// recorded: however many runs poll, only so many pages sit in memory.
+    /// Waiting out a backoff holds none.
+    async fn fetch(
+        &self,
+        run_id: &str,
+        since: i64,
+    ) -> (
+        Result<EventsPage, UpstreamError>,
+        Option<SemaphorePermit<'_>>,
+    ) {
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(60))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            let permit = self.pages.acquire().await.ok();
+            let error = match self.client.events(run_id, since).await {
+                Err(error) if error.class() == ErrorClass::Transient => error,
+                answer => return (answer, permit),
+            };
+            drop(permit);
+            // A server's Retry-After replaces the computed delay.
+            let wait = error
+                .retry_after()
+                .or_else(|| backoff.next())
+                .unwrap_or(Duration::from_secs(60));
+            tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
+            self.store
+                .set_run_state(run_id.to_owned(), "retrying", Some(error.to_string()), None)
+                .await
+                .ok();
+            tokio::time::sleep(wait).await;
+        }
     }
 
     pub(super) fn auth_backoff(&self) -> impl Iterator<Item = Duration> + use<> {
@@ -111,17 +127,5 @@ impl Ingest {
             .with_jitter()
             .without_max_times()
             .build()
-    }
-}
-
-/// Backon's `adjust`: a server's `Retry-After` replaces the computed delay
-/// (only when backon would retry at all).
-pub(super) fn honour_retry_after(
-    error: &UpstreamError,
-    delay: Option<Duration>,
-) -> Option<Duration> {
-    match (error.retry_after(), delay) {
-        (Some(wait), Some(_)) => Some(wait),
-        (_, delay) => delay,
     }
 }
