@@ -130,11 +130,7 @@ async fn a_crash_mid_run_loses_and_doubles_nothing() {
 
 #[tokio::test]
 async fn lines_written_before_a_crash_but_not_marked_are_not_written_again() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-r", numbered(10))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-r", numbered(10))]).await;
     let env = Env::new(&sim, &["run-r"]);
     let daemon = env.start();
     env.wait_finished(&["run-r"]).await;
@@ -227,11 +223,7 @@ async fn a_server_that_resends_or_ignores_since_doubles_nothing() {
 
 #[tokio::test]
 async fn a_rejected_token_keeps_retrying_slowly_and_shows_auth_failed() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-x", numbered(3))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-x", numbered(3))]).await;
     let mut env = Env::new(&sim, &["run-x"]);
     env.token = "wrong-token".into();
     let daemon = env.start();
@@ -264,11 +256,7 @@ async fn a_rejected_token_keeps_retrying_slowly_and_shows_auth_failed() {
 async fn forbidden_and_unknown_runs_stop_with_the_servers_message() {
     let mut theirs = scripted("run-theirs", numbered(2));
     theirs.owner = "user-2".into();
-    let sim = start_sim(Scenario {
-        runs: vec![theirs, scripted("run-ok", numbered(2))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![theirs, scripted("run-ok", numbered(2))]).await;
     let env = Env::new(&sim, &["run-theirs", "run-missing", "run-ok"]);
     let daemon = env.start();
     for (run, state, message) in [

@@ -25,11 +25,7 @@ fn free_port() -> u16 {
 async fn reload_applies_new_routes_to_new_events_and_starts_new_runs() {
     let mut slow = scripted("run-a", numbered(30));
     slow.interval = Duration::from_millis(60);
-    let sim = start_sim(Scenario {
-        runs: vec![slow, scripted("run-b", numbered(5))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![slow, scripted("run-b", numbered(5))]).await;
     let mut env = Env::new(&sim, &["run-a"]);
     let config = Arc::new(env.config());
     let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
@@ -108,11 +104,7 @@ fn signal(child: &std::process::Child, name: &str) {
 async fn an_invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() {
     let mut run = scripted("run-h", numbered(20));
     run.interval = Duration::from_millis(100);
-    let sim = start_sim(Scenario {
-        runs: vec![run],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![run]).await;
     let env = Env::new(&sim, &["run-h"]);
     let config = env.write_config();
     let mut child = spawn_daemon(&config, "info");
@@ -151,11 +143,7 @@ async fn an_invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() 
 
 #[tokio::test]
 async fn sigterm_during_busy_delivery_exits_in_time_and_loses_nothing() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-busy", numbered(40))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-busy", numbered(40))]).await;
     let receiver = Receiver::start().await;
     receiver.set_delay(Duration::from_millis(150));
     let mut env = Env::new(&sim, &["run-busy"]);
@@ -227,11 +215,7 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_pass_promtool_and_move_and_readyz_turns_unready_on_shutdown() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-m", numbered(10))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-m", numbered(10))]).await;
     let receiver = Receiver::start().await;
     receiver.set_delay(Duration::from_millis(300));
     let port = free_port();

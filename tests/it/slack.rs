@@ -10,7 +10,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use runhook::simulate::Scenario;
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -145,11 +144,7 @@ async fn incoming_webhook_messages_are_readable_limited_and_rate_limited() {
     let mut run = scripted("run-s", events);
     run.final_status = "failed".into();
     run.error_message = Some("Flight search timed out".into());
-    let sim = start_sim(Scenario {
-        runs: vec![run],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![run]).await;
     let slack = FakeSlack::start().await;
     // The first answer is a 429: honoured, then the same message again.
     slack
@@ -215,11 +210,7 @@ async fn incoming_webhook_messages_are_readable_limited_and_rate_limited() {
 
 #[tokio::test]
 async fn slack_permanent_errors_dead_letter_at_once_with_slacks_message() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-p", numbered(1))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-p", numbered(1))]).await;
     let slack = FakeSlack::start().await;
     slack
         .state
@@ -273,11 +264,7 @@ async fn slack_permanent_errors_dead_letter_at_once_with_slacks_message() {
 async fn thread_mode_keeps_one_thread_per_run_across_a_restart() {
     let mut run = scripted("run-t", numbered(3));
     run.interval = Duration::from_millis(10);
-    let sim = start_sim(Scenario {
-        runs: vec![run],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![run]).await;
     let slack = FakeSlack::start().await;
     let keys = format!(
         "bot_token = \"xoxb-test\"\nchannel = \"C0123\"\napi_base = \"http://{}/api/\"",

@@ -51,11 +51,7 @@ fn stream_sinces(sim: &Simulator) -> Vec<i64> {
 async fn the_stream_delivers_every_event_once_and_one_run_finished() {
     let mut run = scripted("run-live", numbered(20));
     run.interval = Duration::from_millis(5);
-    let sim = start_sim(Scenario {
-        runs: vec![run],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![run]).await;
     let env = sse_env(&sim, &["run-live"]);
     run_to_completion(&sim, &env, &["run-live"]).await;
     assert!(
@@ -159,11 +155,7 @@ fn event_payloads() -> Vec<runhook::simulate::scenario::ScriptedEvent> {
 
 #[tokio::test]
 async fn bearer_only_polls_and_never_opens_the_stream() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-b", numbered(4))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-b", numbered(4))]).await;
     let mut env = Env::new(&sim, &["run-b"]);
     env.api = "poll_interval = \"50ms\"\n".into(); // transport auto, no cookie
     run_to_completion(&sim, &env, &["run-b"]).await;
@@ -176,11 +168,7 @@ async fn bearer_only_polls_and_never_opens_the_stream() {
 
 #[tokio::test]
 async fn a_rejected_cookie_falls_back_to_polling_with_the_token() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-fb", numbered(6))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-fb", numbered(6))]).await;
     let mut env = Env::new(&sim, &["run-fb"]);
     env.api = "session_cookie = \"stale-cookie\"\npoll_interval = \"50ms\"\n".into();
     run_to_completion(&sim, &env, &["run-fb"]).await;
@@ -207,11 +195,7 @@ async fn a_failed_run_retried_upstream_gets_its_new_events_and_a_second_run_fini
     run.final_status = "failed".into();
     run.error_message = Some("Out of hotels".into());
     run.retry_events = numbered(2);
-    let sim = start_sim(Scenario {
-        runs: vec![run],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![run]).await;
     let mut env = sse_env(&sim, &["run-retry"]);
     env.api
         .push_str("finished_recheck = \"100ms\"\nfinished_linger = \"1m\"\n");

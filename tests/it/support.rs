@@ -35,6 +35,15 @@ where
     }
 }
 
+/// A simulator serving just these runs.
+pub async fn sim_with(runs: Vec<ScriptedRun>) -> Simulator {
+    start_sim(Scenario {
+        runs,
+        ..Scenario::default()
+    })
+    .await
+}
+
 pub async fn start_sim(scenario: Scenario) -> Simulator {
     Simulator::start(([127, 0, 0, 1], 0).into(), scenario)
         .await

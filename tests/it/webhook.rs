@@ -74,11 +74,7 @@ fn assert_per_run_order(accepted: &[crate::receiver::Received], runs: &[&str], p
 
 #[tokio::test]
 async fn deliveries_verify_with_the_reference_library_during_rotation() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-sig", numbered(3))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-sig", numbered(3))]).await;
     let receiver = Receiver::start().await;
     let env = webhook_env(
         &sim,
@@ -190,11 +186,7 @@ async fn an_outage_is_probed_not_hammered_and_then_drains_in_order() {
 
 #[tokio::test]
 async fn retry_after_on_429_is_honoured_and_the_id_stays_the_same() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-429", numbered(1))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-429", numbered(1))]).await;
     let receiver = Receiver::start().await;
     receiver.script([Answer::TooMany(2)]);
     let env = webhook_env(&sim, &["run-429"], &receiver, "");
@@ -225,11 +217,7 @@ async fn retry_after_on_429_is_honoured_and_the_id_stays_the_same() {
 
 #[tokio::test]
 async fn redirects_are_not_followed() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-302", numbered(1))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-302", numbered(1))]).await;
     let receiver = Receiver::start().await;
     receiver.script([Answer::Redirect, Answer::Redirect]);
     let env = webhook_env(&sim, &["run-302"], &receiver, "");
@@ -253,11 +241,7 @@ async fn redirects_are_not_followed() {
 
 #[tokio::test]
 async fn permanent_failures_dead_letter_and_replay_delivers_the_same_ids() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-dead", numbered(2))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-dead", numbered(2))]).await;
     let receiver = Receiver::start().await;
     receiver.set_default(Some(Answer::Status(500)));
     let env = webhook_env(&sim, &["run-dead"], &receiver, "max_attempts = 2");
@@ -305,11 +289,7 @@ async fn permanent_failures_dead_letter_and_replay_delivers_the_same_ids() {
 
 #[tokio::test]
 async fn retry_state_survives_a_restart() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-rs", numbered(1))],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_with(vec![scripted("run-rs", numbered(1))]).await;
     let receiver = Receiver::start().await;
     receiver.script([Answer::ErrorRetryAfter(3)]);
     let env = webhook_env(&sim, &["run-rs"], &receiver, "");
