@@ -115,7 +115,12 @@ async fn write_file_batch(
             store
                 .mark_delivered_range(name.clone(), first, last, offset)
                 .await?;
-            super::count_delivered(name, &batch);
+            // Lines that could not be encoded were dead-lettered above.
+            let delivered: Vec<Pending> = batch
+                .into_iter()
+                .filter(|p| events.binary_search(&p.event).is_ok())
+                .collect();
+            super::count_delivered(name, &delivered);
             Ok(())
         }
         Err(error) => {
