@@ -57,7 +57,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
     let receiver = Receiver::start().await;
     let mut env = Env::new(&sim, &refs);
     env.extra = format!(
-        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ninitial_backoff = \"50ms\"\n\n[[routes]]\nsinks = [\"ops\"]\n",
+        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ninitial_backoff = \"50ms\"\nconcurrency = 1\n\n[[routes]]\nsinks = [\"ops\"]\n",
         receiver.url()
     );
     let config = env.write_config();
@@ -72,15 +72,20 @@ async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
     let expected = runs * (events + 1);
     let lines = env.wait_finished(&refs).await;
     println!("file complete after {:?}", started.elapsed());
-    wait_for("every webhook delivery", || async {
-        let distinct: std::collections::HashSet<String> =
-            receiver.accepted().into_iter().map(|r| r.id).collect();
-        if distinct.len() == expected {
-            Ok(())
-        } else {
-            Err(format!("{} of {expected}", distinct.len()))
-        }
-    })
+    // One delivery at a time in a debug build: give it room on a busy machine.
+    wait_for_within(
+        Duration::from_secs(600),
+        "every webhook delivery",
+        || async {
+            let distinct: std::collections::HashSet<String> =
+                receiver.accepted().into_iter().map(|r| r.id).collect();
+            if distinct.len() == expected {
+                Ok(())
+            } else {
+                Err(format!("{} of {expected}", distinct.len()))
+            }
+        },
+    )
     .await;
     println!("webhooks complete after {:?}", started.elapsed());
     Command::new("kill")
@@ -95,9 +100,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
     }
     assert_eq!(lines.len(), expected, "the file holds each event once");
 
-    // A kill can catch one delivery per run in flight: accepted by the
-    // receiver, not yet recorded. So per run at most one repeat per kill,
-    // and each repeat is the same id again, right after itself.
+    // A kill can catch a delivery in flight: accepted by the receiver, not
+    // yet recorded. With `concurrency = 1` one is in flight at a time, so
+    // there are at most as many repeats as kills (with more concurrency,
+    // one per run in flight), and a repeat is the same id, right after itself.
     let accepted = receiver.accepted();
     let repeats = accepted.len() - expected;
     println!("{repeats} repeated deliveries over {kills} kills");
@@ -107,8 +113,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
         per_run.entry(run).or_default().push(request.id.clone());
     }
     assert!(
-        repeats <= kills * 16,
-        "at most one per chain in flight (concurrency 16) per kill (seed {seed})"
+        repeats <= kills,
+        "{repeats} repeats for {kills} kills (seed {seed})"
     );
     for (run, mut delivered) in per_run {
         let sent = delivered.len();

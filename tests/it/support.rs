@@ -18,7 +18,16 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Polls `check` until it returns `Some`, or panics after `DEADLINE` with
 /// what `describe` says was seen last.
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    wait_for_within(DEADLINE, what, check).await
+}
+
+/// [`wait_for`] with its own deadline, for the longest tests.
+pub async fn wait_for_within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
@@ -27,7 +36,7 @@ where
     loop {
         match check().await {
             Ok(value) => return value,
-            Err(seen) if start.elapsed() > DEADLINE => {
+            Err(seen) if start.elapsed() > deadline => {
                 panic!("timed out waiting for {what}; last seen: {seen}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
