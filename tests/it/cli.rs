@@ -98,13 +98,22 @@ async fn watch_on_a_running_daemon_starts_delivering_that_run() {
     );
     let lines = env.wait_finished(&["demo-kyoto-0003"]).await;
     assert_eq!(lines[0]["labels"]["team"], "kyoto");
-    let status = runhook(&config, &["status", "--json"]);
-    let status: serde_json::Value =
-        serde_json::from_slice(&status.stdout).expect("status --json is JSON");
+    // A line is in the file (fsync'd) just before its delivery is marked done.
+    let status = wait_for("status: nothing pending", || async {
+        let output = runhook(&config, &["status", "--json"]);
+        let status: serde_json::Value =
+            serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
+        if status["sinks"][0]["pending"] == 0 {
+            Ok(status)
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
     assert_eq!(status["runs"][0]["run_id"], "demo-kyoto-0003");
     assert_eq!(status["runs"][0]["state"], "finished");
     assert_eq!(status["sinks"][0]["sink"], "archive");
-    assert_eq!(status["sinks"][0]["pending"], 0);
+    assert_eq!(status["sinks"][0]["done"], 4);
     let output = runhook(&config, &["unwatch", "demo-kyoto-0003"]);
     assert!(output.status.success());
     daemon.stop().await;

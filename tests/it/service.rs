@@ -231,7 +231,11 @@ async fn metrics_pass_promtool_and_move_and_readyz_turns_unready_on_shutdown() {
     let text = wait_for("events counted in /metrics", || async {
         let (status, text) = get(&format!("{base}/metrics")).await;
         let ingested = metric(&text, "runhook_events_ingested_total{transport=\"poll\"}");
-        if status == 200 && ingested >= 11.0 && receiver.accepted().len() >= 2 {
+        let archived = metric(
+            &text,
+            "runhook_deliveries_total{outcome=\"delivered\",sink=\"archive\"}",
+        );
+        if status == 200 && ingested >= 11.0 && archived >= 11.0 && receiver.accepted().len() >= 2 {
             Ok(text)
         } else {
             Err(format!("{status} {ingested}"))
