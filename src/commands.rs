@@ -216,9 +216,9 @@ async fn simulate(
 fn check(config: &Config) {
     println!("{}: ok", config.source.display());
     println!(
-        "api: {} (transport {:?}, credentials: {})",
+        "api: {} (transport {}, credentials: {})",
         config.api.base_url,
-        config.api.transport,
+        config.api.transport.name(),
         match (&config.api.token, &config.api.session_cookie) {
             (Some(_), Some(_)) => "token + session cookie",
             (Some(_), None) => "token",

@@ -201,21 +201,13 @@ async fn subscribe_config_runs(store: &Store, config: &Config) -> Result<(), Sto
                 run.id.clone(),
                 run.labels.clone(),
                 "config",
-                run.transport.map(transport_name),
+                run.transport.map(Transport::name),
             )
             .await?;
     }
     store
         .unsubscribe_config_runs_except(config.runs.iter().map(|r| r.id.clone()).collect())
         .await
-}
-
-fn transport_name(transport: Transport) -> &'static str {
-    match transport {
-        Transport::Auto => "auto",
-        Transport::Sse => "sse",
-        Transport::Poll => "poll",
-    }
 }
 
 /// The delivery loops, one per sink, each with its own stop switch so a

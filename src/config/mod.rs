@@ -61,6 +61,15 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Sse => "sse",
+            Self::Poll => "poll",
+        }
+    }
+
     fn parse(value: &str) -> Option<Self> {
         match value {
             "auto" => Some(Self::Auto),
