@@ -192,28 +192,8 @@ fn writer_loop(conn: Connection, mut queue: mpsc::Receiver<Job>, bump: watch::Se
                 Err(_) => break,
             }
         }
-        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {
-                let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&conn)).collect();
-                let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
-                if commit.is_err() {
-                    let _ = conn.execute_batch("ROLLBACK");
-                }
-                (commit, completions)
-            }
-            Err(error) => {
-                let error = StoreError::from(error);
-                for job in jobs {
-                    // Never run: report the failure to each caller.
-                    drop(job);
-                }
-                tracing::error!(%error, "cannot begin a state transaction");
-                (Err(error), Vec::new())
-            }
-        };
-        let (result, completions) = commit;
-        for done in completions {
-            done(result.clone());
+        for (done, result) in run_group(&conn, jobs) {
+            done(result);
         }
         bump.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -222,6 +202,27 @@ fn writer_loop(conn: Connection, mut queue: mpsc::Receiver<Job>, bump: watch::Se
     if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
         tracing::warn!(%error, "WAL checkpoint at shutdown failed; SQLite completes it on the next start");
     }
+}
+
+/// Runs queued jobs in one transaction and pairs each completion with the
+/// commit's outcome. If the transaction cannot even begin (another process
+/// holds the write lock past the busy timeout), each job runs on its own, so
+/// every caller gets its real result rather than a silent drop.
+fn run_group(conn: &Connection, jobs: Vec<Job>) -> Vec<(Completion, Result<(), StoreError>)> {
+    if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
+        tracing::warn!(%error, "cannot begin a group transaction; running its jobs one by one");
+        // Outside a transaction each job's savepoint commits by itself.
+        return jobs.into_iter().map(|job| (job(conn), Ok(()))).collect();
+    }
+    let completions: Vec<Completion> = jobs.into_iter().map(|job| job(conn)).collect();
+    let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    completions
+        .into_iter()
+        .map(|done| (done, commit.clone()))
+        .collect()
 }
 
 /// Opens a connection with runhook's settings; the writer also creates the
