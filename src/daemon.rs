@@ -447,8 +447,10 @@ async fn supervise_runs(
         if seen_generation != Some(generation) {
             seen_generation = Some(generation);
             let watched = reader.watched_runs().await?;
+            let still_watched: std::collections::HashSet<&str> =
+                watched.iter().map(|w| w.run_id.as_str()).collect();
             running.retain(|run_id, cancel| {
-                let keep = watched.iter().any(|w| &w.run_id == run_id);
+                let keep = still_watched.contains(run_id.as_str());
                 if !keep {
                     tracing::info!(run_id = %run_id, "unwatched; stopping ingest");
                     cancel.cancel();

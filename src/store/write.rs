@@ -117,6 +117,7 @@ impl Store {
         &self,
         keep: Vec<String>,
     ) -> Result<(), StoreError> {
+        let keep: std::collections::HashSet<String> = keep.into_iter().collect();
         self.write(move |conn| {
             let mut stale = Vec::new();
             {
