@@ -124,21 +124,35 @@ async fn write_file_batch(
             Ok(())
         }
         Err(error) => {
-            let head = &batch[0];
-            let attempts = head.attempts + 1;
+            // The batch failed as a whole, but each delivery counts its own
+            // attempts and age: only those that have run out are dead-lettered.
             let now = now_ms();
-            let dead = exhausted(policy, attempts, head.queued_at, now);
+            let attempts = batch[0].attempts + 1;
             let delay = retry_delay(policy, attempts, None);
-            tracing::warn!(sink = %name, %error, attempts, dead, "file sink: write failed");
-            crate::metrics::metrics().delivery(name, if dead { "dead" } else { "retry" });
-            let failure = Failure {
-                events,
-                status: None,
-                error: error.to_string(),
-                next_attempt_at: now + delay.as_millis() as i64,
-                dead,
-            };
-            store.record_failure(name.clone(), failure).await
+            let (dead, retry): (Vec<&Pending>, Vec<&Pending>) = batch
+                .iter()
+                .filter(|p| events.binary_search(&p.event).is_ok())
+                .partition(|p| exhausted(policy, p.attempts + 1, p.queued_at, now));
+            tracing::warn!(sink = %name, %error, attempts, dead = dead.len(), "file sink: write failed");
+            for (group, is_dead) in [(dead, true), (retry, false)] {
+                if group.is_empty() {
+                    continue;
+                }
+                let metrics = crate::metrics::metrics();
+                metrics
+                    .deliveries
+                    .with_label_values(&[&**name, if is_dead { "dead" } else { "retry" }])
+                    .inc_by(group.len() as u64);
+                let failure = Failure {
+                    events: group.iter().map(|p| p.event).collect(),
+                    status: None,
+                    error: error.to_string(),
+                    next_attempt_at: now + delay.as_millis() as i64,
+                    dead: is_dead,
+                };
+                store.record_failure(name.clone(), failure).await?;
+            }
+            Ok(())
         }
     }
 }

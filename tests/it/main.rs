@@ -11,5 +11,6 @@ mod retention;
 mod service;
 mod slack;
 mod sse;
+mod store;
 mod support;
 mod webhook;

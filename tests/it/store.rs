@@ -1,0 +1,94 @@
+//! The store under contention and a file sink that cannot write.
+
+use std::time::{Duration, Instant};
+
+use runhook::store::{Reader, Store};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn a_write_lock_held_past_the_busy_timeout_delays_writes_but_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = Store::open(&path).unwrap();
+    // Another process (say `runhook watch`) holds the write lock for longer
+    // than the writer's 10 s busy timeout: its group cannot even begin.
+    let holder = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            std::thread::sleep(Duration::from_secs(11));
+            conn.execute_batch("COMMIT").unwrap();
+        })
+    };
+    // Let the holder take the lock first.
+    wait_for("the other writer's lock", || async {
+        let conn = rusqlite::Connection::open(&path).map_err(|e| e.to_string())?;
+        match conn.execute_batch("BEGIN IMMEDIATE") {
+            Err(_) => Ok(()),
+            Ok(()) => {
+                conn.execute_batch("ROLLBACK").map_err(|e| e.to_string())?;
+                Err("not locked yet".into())
+            }
+        }
+    })
+    .await;
+    let started = Instant::now();
+    store
+        .subscribe("r1".into(), Default::default(), "watch", None)
+        .await
+        .expect("the write lands once the lock is free");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "it did wait for the lock"
+    );
+    holder.join().unwrap();
+    let runs = Reader::open(&path).unwrap().runs().await.unwrap();
+    assert_eq!(runs.len(), 1);
+}
+
+#[tokio::test]
+async fn a_file_sink_that_cannot_write_retries_then_dead_letters() {
+    if !std::path::Path::new("/dev/full").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs on Linux, which has /dev/full"
+        );
+        eprintln!("SKIPPED: no /dev/full here");
+        return;
+    }
+    let sim = sim_with(vec![scripted("run-full", numbered(2))]).await;
+    let mut env = Env::new(&sim, &["run-full"]);
+    env.extra = "\n[sinks.full]\ntype = \"file\"\npath = \"/dev/full\"\nmax_attempts = 3\ninitial_backoff = \"10ms\"\n\n[[routes]]\nsinks = [\"full\"]\n".into();
+    let daemon = env.start();
+    let reader = wait_for("the state database", || async {
+        Reader::open(&env.state_path()).map_err(|e| e.to_string())
+    })
+    .await;
+    let dead = wait_for("all three dead-lettered", || async {
+        let dead = reader
+            .dead_letters(Some("full".into()), None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if dead.len() == 3 {
+            Ok(dead)
+        } else {
+            Err(format!("{dead:?}"))
+        }
+    })
+    .await;
+    env.wait_finished(&["run-full"]).await;
+    daemon.stop().await;
+    assert!(dead.iter().all(|d| d.attempts == 3), "{dead:?}");
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("No space left"),
+        "{dead:?}"
+    );
+    // The other sink was not held up by the broken one.
+    assert_eq!(env.lines().len(), 3);
+}
