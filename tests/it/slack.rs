@@ -51,6 +51,12 @@ impl FakeSlack {
         Self { addr, state }
     }
 
+    /// The incoming webhook's next answer: status, body, `Retry-After`.
+    fn answer_webhook(&self, status: u16, body: &'static str, retry_after: Option<u64>) {
+        let mut state = self.state.lock().unwrap();
+        state.webhook_script.push_back((status, body, retry_after));
+    }
+
     fn calls(&self, path: &str) -> Vec<Call> {
         self.state
             .lock()
@@ -147,12 +153,7 @@ async fn incoming_webhook_messages_are_readable_limited_and_rate_limited() {
     let sim = sim_with(vec![run]).await;
     let slack = FakeSlack::start().await;
     // The first answer is a 429: honoured, then the same message again.
-    slack
-        .state
-        .lock()
-        .unwrap()
-        .webhook_script
-        .push_back((429, "rate_limited", Some(1)));
+    slack.answer_webhook(429, "rate_limited", Some(1));
     let template = r#"templates = { ARTIFACT_CREATED = "{{ payload.note }}" }"#;
     let env = slack_env(
         &sim,
@@ -212,12 +213,7 @@ async fn incoming_webhook_messages_are_readable_limited_and_rate_limited() {
 async fn slack_permanent_errors_dead_letter_at_once_with_slacks_message() {
     let sim = sim_with(vec![scripted("run-p", numbered(1))]).await;
     let slack = FakeSlack::start().await;
-    slack
-        .state
-        .lock()
-        .unwrap()
-        .webhook_script
-        .push_back((404, "channel_not_found", None));
+    slack.answer_webhook(404, "channel_not_found", None);
     let env = slack_env(
         &sim,
         &["run-p"],
