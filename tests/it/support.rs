@@ -185,9 +185,13 @@ impl Env {
     }
 }
 
+/// The complete lines of a JSON Lines file; a last line still being written
+/// (no newline yet) is left for the next look. Every complete line must parse.
 pub fn read_lines(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
         .collect()
 }
