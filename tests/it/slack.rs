@@ -343,3 +343,77 @@ async fn thread_mode_keeps_one_thread_per_run_across_a_restart() {
         assert_within_limits(&call.body);
     }
 }
+
+/// Every string in a message body: `text` and each block's texts.
+fn texts(message: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![message.clone()];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn upstream_text_cannot_ping_the_channel_or_hide_a_link() {
+    const EVIL: &str = "<!channel> <https://evil.example|click here> & co";
+    let events = vec![
+        event("PHASE_STARTED", r#"{"phase":"<!here>"}"#),
+        event("ARTIFACT_CREATED", r#"{"artifactType":"<@U0123|boss>"}"#),
+        event("<!everyone>", "{}"),
+    ];
+    let mut run = scripted("run-x", events);
+    run.final_status = "failed".into();
+    run.error_message = Some(EVIL.into());
+    let sim = sim_with(vec![run]).await;
+    let slack = FakeSlack::start().await;
+    // A template's variables are escaped too; its own text is the user's.
+    let template = r#"templates = { ARTIFACT_CREATED = "<!here> got {{ artifact_type }} ({{ payload.artifactType }})" }"#;
+    let env = slack_env(
+        &sim,
+        &["run-x"],
+        &format!(
+            "webhook_url = \"http://{}/webhook\"\n{template}",
+            slack.addr
+        ),
+    );
+    let daemon = env.start();
+    let calls = wait_for("four messages", || async {
+        let calls = slack.calls("/webhook");
+        if calls.len() >= 4 {
+            Ok(calls)
+        } else {
+            Err(format!("{} calls", calls.len()))
+        }
+    })
+    .await;
+    daemon.stop().await;
+    let finished = calls[3].body["text"].as_str().unwrap();
+    assert!(
+        finished.contains("&lt;!channel&gt; &lt;https://evil.example|click here&gt; &amp; co"),
+        "{finished}"
+    );
+    let artifact = calls[1].body["text"].as_str().unwrap();
+    assert_eq!(
+        artifact,
+        "<!here> got &lt;@U0123|boss&gt; (&lt;@U0123|boss&gt;)"
+    );
+    for call in [&calls[0], &calls[2], &calls[3]] {
+        for text in texts(&call.body) {
+            assert!(
+                !text.contains('<') && !text.contains('>'),
+                "unescaped upstream text: {text}"
+            );
+        }
+    }
+    // Besides the template's own `<!here>`, nothing unescaped.
+    for text in texts(&calls[1].body["blocks"]) {
+        let rest = text.replacen("<!here> got", "", 1);
+        assert!(!rest.contains('<') && !rest.contains('>'), "{text}");
+    }
+}

@@ -1,8 +1,17 @@
 //! What a Slack message says: a line a person reads at a glance per event
 //! type, or the user's template; Block Kit with a plain `text` fallback,
 //! inside Slack's limits.
+//!
+//! Slack reads `<...>` in mrkdwn (and in the `text` fallback) as a mention or
+//! a link: upstream text such as an error message saying `<!channel>` would
+//! ping a whole channel. So every string that comes from upstream or from
+//! labels is escaped (`&`, `<`, `>` as Slack's formatting rules ask), in the
+//! default wording and, by default, in template variables.
 
-use minijinja::Environment;
+use std::borrow::Cow;
+
+use minijinja::value::Value as TemplateValue;
+use minijinja::{AutoEscape, Environment, Output, State};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -21,57 +30,142 @@ pub struct Message {
     pub blocks: Vec<Value>,
 }
 
-/// What templates and default messages may use.
+/// The auto-escape mode of Slack templates: variables are escaped for mrkdwn.
+const SLACK_ESCAPE: &str = "slack-mrkdwn";
+
+/// A template environment whose variables are escaped for mrkdwn unless
+/// marked `|safe`: a template author writes Slack markup, the data in it
+/// cannot.
+pub fn template_environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(|_| AutoEscape::Custom(SLACK_ESCAPE.into()));
+    env.set_formatter(format_for_slack);
+    env
+}
+
+fn format_for_slack(
+    out: &mut Output<'_>,
+    state: &mut State<'_, '_>,
+    value: &TemplateValue,
+) -> Result<(), minijinja::Error> {
+    match state.auto_escape() {
+        AutoEscape::Custom(name) if name == SLACK_ESCAPE => {
+            let text = value.to_string();
+            let text = if value.is_safe() {
+                Cow::Borrowed(text.as_str())
+            } else {
+                escape(&text)
+            };
+            out.write_str(&text).map_err(minijinja::Error::from)
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// `&`, `<` and `>` as Slack's formatting rules want them escaped; nothing
+/// else needs it.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.contains(['&', '<', '>']) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// What templates and default messages may use. Built raw from the event;
+/// [`Context::escaped`] is what the default wording prints.
 #[derive(Debug, Serialize)]
-struct Context<'a> {
-    id: &'a str,
-    run_id: &'a str,
-    event_type: &'a str,
+struct Context {
+    id: String,
+    run_id: String,
+    event_type: String,
     sequence: Option<i64>,
     status: Option<String>,
-    phase: Option<&'a str>,
-    created_at: Option<&'a str>,
+    phase: Option<String>,
+    created_at: Option<String>,
     payload: Value,
     labels: Value,
     error_message: Option<String>,
     artifact_type: Option<String>,
 }
 
-impl<'a> Context<'a> {
-    fn of(event: &'a Pending) -> Self {
+impl Context {
+    fn of(event: &Pending) -> Self {
         let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
         let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);
         let finished = event.event_type == "run_finished";
         Self {
-            id: &event.id,
-            run_id: &event.run_id,
-            event_type: &event.event_type,
+            id: event.id.clone(),
+            run_id: event.run_id.clone(),
+            event_type: event.event_type.clone(),
             sequence: event.sequence,
             status: if finished {
                 text("status")
             } else {
                 event.run_status.clone()
             },
-            phase: event.phase.as_deref(),
-            created_at: event.created_at.as_deref(),
+            phase: event.phase.clone(),
+            created_at: event.created_at.clone(),
             error_message: text("errorMessage").or_else(|| text("cancelReason")),
             artifact_type: text("artifactType"),
             labels: serde_json::from_str(&event.labels).unwrap_or(Value::Null),
             payload,
         }
     }
+
+    /// Every string (payload and labels included) escaped for mrkdwn.
+    fn escaped(&self) -> Self {
+        let text = |s: &str| escape(s).into_owned();
+        let optional = |s: &Option<String>| s.as_deref().map(text);
+        Self {
+            id: text(&self.id),
+            run_id: text(&self.run_id),
+            event_type: text(&self.event_type),
+            sequence: self.sequence,
+            status: optional(&self.status),
+            phase: optional(&self.phase),
+            created_at: optional(&self.created_at),
+            payload: escape_json(&self.payload),
+            labels: escape_json(&self.labels),
+            error_message: optional(&self.error_message),
+            artifact_type: optional(&self.artifact_type),
+        }
+    }
+}
+
+/// A JSON value with every string and key escaped for mrkdwn.
+fn escape_json(value: &Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(escape(s).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(escape_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (escape(k).into_owned(), escape_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// The message for one event: the template for its type if there is one,
 /// else the default wording.
 pub fn render(event: &Pending, templates: &Environment<'static>) -> Message {
-    let context = Context::of(event);
+    let raw = Context::of(event);
     let custom = templates.get_template(&event.event_type).ok().and_then(|template| {
         template
-            .render(minijinja::value::Serde(&context))
+            .render(minijinja::value::Serde(&raw))
             .map_err(|error| tracing::warn!(id = %event.id, %error, "slack template failed; using the default message"))
             .ok()
     });
+    let context = raw.escaped();
     let text = custom.unwrap_or_else(|| default_text(&context));
     let details = details(&context);
     build(text, Some(details))
@@ -79,14 +173,14 @@ pub fn render(event: &Pending, templates: &Environment<'static>) -> Message {
 
 /// The root message of a run's thread: its live status.
 pub fn thread_root(event: &Pending) -> Message {
-    let context = Context::of(event);
+    let context = Context::of(event).escaped();
     let status = context.status.as_deref().unwrap_or("running");
     let mut text = format!(
         "{} Run `{}` is *{status}*",
         status_icon(status),
         context.run_id
     );
-    if let Some(phase) = context.phase.filter(|_| status == "running") {
+    if let Some(phase) = context.phase.as_deref().filter(|_| status == "running") {
         text.push_str(&format!(" (phase *{phase}*)"));
     }
     if let Some(why) = &context.error_message {
@@ -108,9 +202,9 @@ fn build(text: String, context_line: Option<String>) -> Message {
     }
 }
 
-fn default_text(c: &Context<'_>) -> String {
+fn default_text(c: &Context) -> String {
     let run = format!("`{}`", c.run_id);
-    match c.event_type {
+    match c.event_type.as_str() {
         "run_finished" => {
             let status = c.status.as_deref().unwrap_or("finished");
             let mut text = format!("{} Run {run} *{status}*", status_icon(status));
@@ -124,7 +218,7 @@ fn default_text(c: &Context<'_>) -> String {
                 .payload
                 .get("phase")
                 .and_then(Value::as_str)
-                .or(c.phase)
+                .or(c.phase.as_deref())
                 .unwrap_or("?");
             format!(":arrow_forward: Run {run}: phase *{phase}* started")
         }
@@ -138,16 +232,16 @@ fn default_text(c: &Context<'_>) -> String {
     }
 }
 
-fn details(c: &Context<'_>) -> String {
+fn details(c: &Context) -> String {
     let mut parts = Vec::new();
     if let Some(sequence) = c.sequence {
         parts.push(format!("#{sequence}"));
     }
-    parts.push(c.event_type.to_owned());
+    parts.push(c.event_type.clone());
     if let Some(status) = &c.status {
         parts.push(status.clone());
     }
-    if let Some(phase) = c.phase {
+    if let Some(phase) = &c.phase {
         parts.push(format!("phase {phase}"));
     }
     if let Some(labels) = labels_line(c) {
@@ -156,7 +250,7 @@ fn details(c: &Context<'_>) -> String {
     parts.join(" · ")
 }
 
-fn labels_line(c: &Context<'_>) -> Option<String> {
+fn labels_line(c: &Context) -> Option<String> {
     let labels = c.labels.as_object()?;
     let line: Vec<String> = labels
         .iter()
@@ -179,10 +273,20 @@ fn status_icon(status: &str) -> &'static str {
     }
 }
 
-/// At most `limit` characters, with an ellipsis when cut.
+/// At most `limit` characters, with an ellipsis when cut. A cut never
+/// splits an escape such as `&amp;`: a half entity would show as litter.
 pub fn truncate(text: &str, limit: usize) -> String {
     match text.char_indices().nth(limit.saturating_sub(1)) {
-        Some((i, _)) if text[i..].chars().count() > 1 => format!("{}…", &text[..i]),
+        Some((i, _)) if text[i..].chars().count() > 1 => {
+            let head = &text[..i];
+            let head = match head.rfind('&') {
+                Some(amp) if head.len() - amp < "&amp;".len() && !head[amp..].contains(';') => {
+                    &head[..amp]
+                }
+                _ => head,
+            };
+            format!("{head}…")
+        }
         _ => text.to_owned(),
     }
 }
@@ -212,7 +316,7 @@ mod tests {
 
     #[test]
     fn defaults_read_at_a_glance() {
-        let env = Environment::new();
+        let env = template_environment();
         let failed = render(
             &pending(
                 "run_finished",
@@ -243,7 +347,7 @@ mod tests {
 
     #[test]
     fn templates_replace_the_default() {
-        let mut env = Environment::new();
+        let mut env = template_environment();
         env.add_template_owned(
             "run_finished".to_owned(),
             "{{ run_id }} ended {{ status }} at #{{ payload.lastSequence }}".to_owned(),
@@ -258,7 +362,7 @@ mod tests {
 
     #[test]
     fn limits_hold_for_huge_text() {
-        let mut env = Environment::new();
+        let mut env = template_environment();
         env.add_template_owned("X".to_owned(), "{{ payload.big }}".to_owned())
             .unwrap();
         let big = "é".repeat(10_000);
@@ -267,6 +371,87 @@ mod tests {
         assert_eq!(section.chars().count(), SECTION_LIMIT);
         assert!(message.text.chars().count() <= SECTION_LIMIT);
         assert!(message.blocks.len() <= BLOCK_LIMIT);
+    }
+
+    const EVIL: &str = "<!channel> <https://evil.example|click here> & co";
+    const EVIL_ESCAPED: &str = "&lt;!channel&gt; &lt;https://evil.example|click here&gt; &amp; co";
+
+    /// Every string of a message: its fallback and each block's texts.
+    fn all_texts(message: &Message) -> Vec<String> {
+        let mut out = vec![message.text.clone()];
+        let mut stack: Vec<&Value> = message.blocks.iter().collect();
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::String(s) => out.push(s.clone()),
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => stack.extend(map.values()),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn upstream_and_label_text_is_escaped_in_default_messages() {
+        let env = template_environment();
+        let mut finished = pending(
+            "run_finished",
+            &format!(r#"{{"status":"failed","errorMessage":"{EVIL}","lastSequence":5}}"#),
+        );
+        finished.labels = r#"{"<!here>":"<https://x.example|y>"}"#.into();
+        finished.phase = Some("<!subteam^S1>".into());
+        let message = render(&finished, &env);
+        assert_eq!(message.text, format!(":x: Run `run-1` *failed*: {EVIL_ESCAPED}"));
+        let cancelled = pending(
+            "run_finished",
+            &format!(r#"{{"status":"cancelled","cancelReason":"{EVIL}"}}"#),
+        );
+        let mut phase = pending("PHASE_STARTED", r#"{"phase":"<!here>"}"#);
+        phase.run_status = Some("<b>".into());
+        let artifact = pending("ARTIFACT_CREATED", r#"{"artifactType":"<@U1>"}"#);
+        let other = pending("<!everyone>", "{}");
+        for event in [&finished, &cancelled, &phase, &artifact, &other] {
+            for message in [render(event, &env), thread_root(event)] {
+                for text in all_texts(&message) {
+                    assert!(!text.contains(['<', '>']), "unescaped: {text}");
+                }
+            }
+        }
+        assert!(
+            thread_root(&cancelled).text.ends_with(EVIL_ESCAPED),
+            "{}",
+            thread_root(&cancelled).text
+        );
+    }
+
+    #[test]
+    fn template_variables_are_escaped_unless_marked_safe() {
+        let mut env = template_environment();
+        env.add_template_owned(
+            "run_finished".to_owned(),
+            "<!here> {{ error_message }} | {{ labels.team }} | {{ payload.link|safe }} | {{ payload.lastSequence }}{{ payload.missing }}"
+                .to_owned(),
+        )
+        .unwrap();
+        let mut event = pending(
+            "run_finished",
+            &format!(
+                r#"{{"status":"failed","errorMessage":"{EVIL}","link":"<https://ok.example|ok>","lastSequence":4}}"#
+            ),
+        );
+        event.labels = r#"{"team":"a&b"}"#.into();
+        let message = render(&event, &env);
+        assert_eq!(
+            message.text,
+            format!("<!here> {EVIL_ESCAPED} | a&amp;b | <https://ok.example|ok> | 4")
+        );
+    }
+
+    #[test]
+    fn truncate_never_splits_an_escape() {
+        let text = format!("{}&amp;tail", "a".repeat(10));
+        assert_eq!(truncate(&text, 13), format!("{}…", "a".repeat(10)));
+        assert_eq!(truncate(&text, 16), format!("{}&amp;…", "a".repeat(10)));
     }
 
     #[test]

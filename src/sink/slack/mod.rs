@@ -67,7 +67,7 @@ impl SlackSink {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(10))
             .build()?;
-        let mut templates = Environment::new();
+        let mut templates = message::template_environment();
         for (event_type, source) in &config.templates {
             // Checked at config load; a failure here keeps the default.
             if let Err(error) = templates.add_template_owned(event_type.clone(), source.clone()) {
