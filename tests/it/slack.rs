@@ -417,3 +417,112 @@ async fn upstream_text_cannot_ping_the_channel_or_hide_a_link() {
         assert!(!rest.contains('<') && !rest.contains('>'), "{text}");
     }
 }
+
+/// Thread mode against the fake, retrying fast so a fault is retried often.
+fn thread_env(sim: &runhook::simulate::Simulator, run: &str, slack: &FakeSlack) -> Env {
+    let keys = format!(
+        "bot_token = \"xoxb-test\"\nchannel = \"C0123\"\napi_base = \"http://{}/api/\"\n\
+         initial_backoff = \"20ms\"\nmax_backoff = \"100ms\"",
+        slack.addr
+    );
+    slack_env(sim, &[run], &keys)
+}
+
+/// The state database, created before the daemon so a test can break it
+/// first; and a connection of the test's own to do the breaking.
+fn state_db(env: &Env) -> rusqlite::Connection {
+    let path = env.state_path();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    drop(runhook::store::Store::open(&path).expect("state database"));
+    rusqlite::Connection::open(&path).unwrap()
+}
+
+/// Waits until the run's first pending delivery to `chat` failed `n` times.
+async fn wait_attempts(env: &Env, run: &str, n: u32) {
+    let reader = runhook::store::Reader::open(&env.state_path()).unwrap();
+    wait_for("repeated failed attempts", || async {
+        let pending = reader
+            .pending_for_run("chat", run, 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        match pending.first() {
+            Some(p) if p.attempts as u32 >= n => Ok(()),
+            other => Err(format!("{:?}", other.map(|p| p.attempts))),
+        }
+    })
+    .await;
+}
+
+/// Waits for the run's `run_finished` reply; returns the roots and replies.
+async fn finished_thread(slack: &FakeSlack, run: &str) -> (Vec<Call>, Vec<Call>) {
+    let needle = format!("Run `{run}` *completed*");
+    wait_for("the run_finished reply", || async {
+        let posts = slack.calls("chat.postMessage");
+        let done = posts.iter().any(|p| {
+            p.body.get("thread_ts").is_some()
+                && p.body["text"].as_str().unwrap_or("").contains(&needle)
+        });
+        if done {
+            Ok(())
+        } else {
+            Err(format!("{} posts", posts.len()))
+        }
+    })
+    .await;
+    slack
+        .calls("chat.postMessage")
+        .into_iter()
+        .partition(|c| c.body.get("thread_ts").is_none())
+}
+
+#[tokio::test]
+async fn thread_mode_posts_no_root_while_the_saved_thread_cannot_be_read() {
+    let sim = sim_with(vec![scripted("run-r", numbered(2))]).await;
+    let slack = FakeSlack::start().await;
+    let env = thread_env(&sim, "run-r", &slack);
+    let db = state_db(&env);
+    db.execute_batch("ALTER TABLE slack_threads RENAME TO slack_threads_away")
+        .unwrap();
+    let daemon = env.start();
+    wait_attempts(&env, "run-r", 3).await;
+    db.execute_batch("ALTER TABLE slack_threads_away RENAME TO slack_threads")
+        .unwrap();
+    let (roots, replies) = finished_thread(&slack, "run-r").await;
+    daemon.stop().await;
+    assert_eq!(roots.len(), 1, "one root: {roots:?}");
+    let root_ts = "1700000000.000001";
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+}
+
+#[tokio::test]
+async fn thread_mode_posts_one_root_when_saving_it_fails() {
+    let sim = sim_with(vec![scripted("run-w", numbered(2))]).await;
+    let slack = FakeSlack::start().await;
+    let env = thread_env(&sim, "run-w", &slack);
+    let db = state_db(&env);
+    db.execute_batch(
+        "CREATE TRIGGER slack_save_fails BEFORE INSERT ON slack_threads
+         BEGIN SELECT RAISE(ABORT, 'injected: cannot save the thread'); END;",
+    )
+    .unwrap();
+    let daemon = env.start();
+    wait_attempts(&env, "run-w", 3).await;
+    let roots = slack.calls("chat.postMessage");
+    assert_eq!(roots.len(), 1, "one root while its ts cannot be saved");
+    db.execute_batch("DROP TRIGGER slack_save_fails").unwrap();
+    let (roots, replies) = finished_thread(&slack, "run-w").await;
+    daemon.stop().await;
+    assert_eq!(roots.len(), 1, "one root: {roots:?}");
+    let root_ts = "1700000000.000001";
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+    let saved: String = db
+        .query_row(
+            "SELECT ts FROM slack_threads WHERE run_id = 'run-w'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(saved, root_ts, "the root is kept for a restart");
+}

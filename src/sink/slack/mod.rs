@@ -10,6 +10,7 @@
 
 pub mod message;
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,8 +52,17 @@ pub struct SlackSink {
     bucket: DefaultDirectRateLimiter,
     store: Store,
     reader: Reader,
-    /// One root per run even if two deliveries of a run race (`ordered = false`).
-    roots: tokio::sync::Mutex<()>,
+    /// One root per run even if two deliveries of a run race (`ordered =
+    /// false`). Inside: roots posted whose `ts` could not be saved yet, by
+    /// run id; only runs whose save failed, so it stays small.
+    roots: tokio::sync::Mutex<HashMap<String, ThreadRoot>>,
+}
+
+/// A posted root message: where later events of the run reply.
+#[derive(Debug, Clone)]
+struct ThreadRoot {
+    channel: String,
+    ts: String,
 }
 
 impl SlackSink {
@@ -83,7 +93,7 @@ impl SlackSink {
             bucket: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
             store,
             reader,
-            roots: tokio::sync::Mutex::new(()),
+            roots: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -146,41 +156,70 @@ impl SlackSink {
         Outcome::Delivered
     }
 
-    /// The run's thread root, posted on its first event.
+    /// The run's thread root, posted on its first event. Posted at most once
+    /// per run: when the saved thread cannot be read, or the new root cannot
+    /// be saved, this is a retry, and the next attempt uses the root already
+    /// posted. (A crash between posting and saving is the one window left.)
     async fn thread_root(
         &self,
         token: &Secret,
         channel: &str,
         event: &Pending,
     ) -> Result<String, Outcome> {
-        let _guard = self.roots.lock().await;
-        let known = self.reader.slack_thread(&self.name, &event.run_id).await;
-        if let Ok(Some((_, ts))) = known {
-            return Ok(ts);
+        let mut unsaved = self.roots.lock().await;
+        if let Some(root) = unsaved.get(&event.run_id).cloned() {
+            self.save_root(event, &root).await?;
+            unsaved.remove(&event.run_id);
+            return Ok(root.ts);
         }
-        let root = message::thread_root(event);
+        match self.reader.slack_thread(&self.name, &event.run_id).await {
+            Ok(Some((_, ts))) => return Ok(ts),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot read the run's thread; retrying");
+                return Err(retry(
+                    None,
+                    format!("slack: cannot read the run's thread: {error}"),
+                ));
+            }
+        }
+        let message = message::thread_root(event);
         let answer = self
             .call(
                 token,
                 "chat.postMessage",
-                &json!({"channel": channel, "text": root.text, "blocks": root.blocks}),
+                &json!({"channel": channel, "text": message.text, "blocks": message.blocks}),
             )
             .await?;
         let ts = answer["ts"]
             .as_str()
             .ok_or_else(|| retry(None, "slack: chat.postMessage answered without `ts`".into()))?
             .to_owned();
-        let channel_id = answer["channel"].as_str().unwrap_or(channel).to_owned();
+        let root = ThreadRoot {
+            channel: answer["channel"].as_str().unwrap_or(channel).to_owned(),
+            ts,
+        };
+        unsaved.insert(event.run_id.clone(), root.clone());
+        self.save_root(event, &root).await?;
+        unsaved.remove(&event.run_id);
+        Ok(root.ts)
+    }
+
+    /// Keeps a posted root in SQLite; a failure is a retry (the caller keeps
+    /// the root in memory meanwhile).
+    async fn save_root(&self, event: &Pending, root: &ThreadRoot) -> Result<(), Outcome> {
         self.store
             .save_slack_thread(
                 self.name.clone(),
                 event.run_id.clone(),
-                channel_id,
-                ts.clone(),
+                root.channel.clone(),
+                root.ts.clone(),
             )
             .await
-            .map_err(|error| retry(None, format!("slack: cannot keep the thread: {error}")))?;
-        Ok(ts)
+            .map_err(|error| {
+                tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot save the run's thread; keeping it in memory and retrying");
+                retry(None, format!("slack: cannot keep the thread: {error}"))
+            })
     }
 
     /// One Web API call; the answer when Slack says `ok`.
