@@ -217,7 +217,7 @@ fn check(config: &Config) {
     println!("{}: ok", config.source.display());
     println!(
         "api: {} (transport {}, credentials: {})",
-        config.api.base_url,
+        runhook::config::url_origin(&config.api.base_url),
         config.api.transport.name(),
         match (&config.api.token, &config.api.session_cookie) {
             (Some(_), Some(_)) => "token + session cookie",

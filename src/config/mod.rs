@@ -19,7 +19,7 @@ use toml::Spanned;
 
 use crate::route::{Route, Router};
 use raw::{RawApi, RawConfig, RawDelivery, RawRoute, RawRun, RawSink, Str};
-pub use secret::Secret;
+pub use secret::{Secret, url_origin};
 
 /// Where the daemon looks when neither `--config` nor `RUNHOOK_CONFIG` is set.
 pub const DEFAULT_PATH: &str = "/etc/runhook/runhook.toml";
@@ -80,7 +80,8 @@ impl Transport {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` is redacted (see `secret.rs`).
+#[derive(Clone, PartialEq)]
 pub struct ApiConfig {
     pub base_url: reqwest::Url,
     pub token: Option<Secret>,
@@ -162,16 +163,16 @@ impl SinkKind {
     /// Where it delivers, without anything secret, for `check` and `status`.
     pub fn describe_target(&self) -> String {
         match self {
-            Self::Webhook(w) => {
-                let mut url = w.url.clone();
-                url.set_query(None);
-                let _ = url.set_password(None);
-                url.to_string()
-            }
+            // Scheme and host only: a path or query may hold the secret
+            // (Discord), as may userinfo.
+            Self::Webhook(w) => url_origin(&w.url),
             Self::Slack(SlackConfig {
-                mode: SlackMode::IncomingWebhook { .. },
+                mode: SlackMode::IncomingWebhook { url },
                 ..
-            }) => "incoming webhook".to_owned(),
+            }) => match reqwest::Url::parse(url.expose()) {
+                Ok(url) => format!("incoming webhook {}", url_origin(&url)),
+                Err(_) => "incoming webhook".to_owned(),
+            },
             Self::Slack(SlackConfig {
                 mode: SlackMode::Bot { channel, .. },
                 ..
@@ -181,7 +182,8 @@ impl SinkKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` is redacted (see `secret.rs`).
+#[derive(Clone, PartialEq)]
 pub struct WebhookConfig {
     pub url: reqwest::Url,
     /// Signing keys (base64-decoded), newest first. Several while rotating.
@@ -200,7 +202,8 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` is redacted (see `secret.rs`).
+#[derive(Clone, PartialEq)]
 pub struct SlackConfig {
     pub mode: SlackMode,
     /// Per event type message templates.

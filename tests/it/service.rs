@@ -405,3 +405,109 @@ async fn no_secret_reaches_the_logs_check_or_debug_output() {
         assert!(!debug.contains(secret), "{secret} in Debug");
     }
 }
+
+/// `runhook --config CONFIG ARGS...`: stdout and stderr together.
+fn runhook_output(config: &std::path::Path, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "runhook {args:?}: {output:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test]
+async fn no_url_secret_reaches_check_status_logs_or_debug() {
+    // Secrets that live in URLs (userinfo, path, query) and header values.
+    const BASE_USER: &str = "baseuser-SECRET-a9";
+    const BASE_PASS: &str = "basepass-SECRET-5e1";
+    const COOKIE: &str = "cookie-SECRET-3d0";
+    const FILE_PATH: &str = "FILEPATH-SECRET-77";
+    const QUERY: &str = "querytok-SECRET-31";
+    const HEADER: &str = "hdr-SECRET-0c4";
+    const DISCORD: &str = "DISCORD-SECRET-b2";
+    const SLACK: &str = "SLACKFILE-SECRET-8";
+    let mut run = scripted("run-url", numbered(3));
+    run.interval = Duration::from_millis(5);
+    let scenario = Scenario {
+        session: COOKIE.into(),
+        runs: vec![run],
+        ..Scenario::default()
+    };
+    let sim = start_sim(scenario).await;
+    let receiver = Receiver::start().await;
+    let mut env = Env::new(&sim, &["run-url"]);
+    // The cookie authenticates; the URL's userinfo is only there to leak.
+    env.token = String::new();
+    env.base_url = sim
+        .url()
+        .replacen("http://", &format!("http://{BASE_USER}:{BASE_PASS}@"), 1);
+    env.api = format!("session_cookie = \"{COOKIE}\"\nstream_idle_timeout = \"2s\"\n");
+    let hook_file = env.dir.path().join("hook-url");
+    std::fs::write(
+        &hook_file,
+        format!("http://{}/hooks/{FILE_PATH}?token={QUERY}\n", receiver.addr),
+    )
+    .unwrap();
+    let slack_file = env.dir.path().join("slack-url");
+    std::fs::write(
+        &slack_file,
+        format!("http://{}/services/T0/B0/{SLACK}\n", receiver.addr),
+    )
+    .unwrap();
+    env.extra = format!(
+        "\n[sinks.ops]\ntype = \"webhook\"\nurl_file = \"{}\"\nsecret = \"{SECRET}\"\n\
+         headers = {{ \"x-api-key\" = \"{HEADER}\" }}\n\n\
+         [sinks.discord]\ntype = \"webhook\"\nurl = \"http://{}/api/webhooks/1234/{DISCORD}\"\nsecret = \"{SECRET}\"\n\n\
+         [sinks.chat]\ntype = \"slack\"\nwebhook_url_file = \"{}\"\n\n\
+         [[routes]]\nsinks = [\"ops\", \"discord\", \"chat\"]\n",
+        hook_file.display(),
+        receiver.addr,
+        slack_file.display()
+    );
+    let config = env.write_config();
+    let mut child = spawn_daemon(&config, "trace");
+    let stderr = child.stderr.take().unwrap();
+    let collected = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    env.wait_finished(&["run-url"]).await;
+    wait_for("webhook deliveries", || async {
+        let n = receiver.requests().len();
+        if n >= 8 { Ok(()) } else { Err(format!("{n}")) }
+    })
+    .await;
+    signal(&child, "TERM");
+    child.wait().unwrap();
+    let outputs = [
+        ("logs", collected.join().unwrap()),
+        ("check", runhook_output(&config, &["check"])),
+        ("status", runhook_output(&config, &["status"])),
+        (
+            "status --json",
+            runhook_output(&config, &["status", "--json"]),
+        ),
+        ("Debug", format!("{:?}", env.config())),
+    ];
+    assert!(outputs[0].1.contains("TRACE"), "trace logging was on");
+    assert!(
+        outputs[1].1.contains(&format!("http://{}", receiver.addr)),
+        "check still says where each sink delivers: {}",
+        outputs[1].1
+    );
+    for (what, text) in &outputs {
+        for secret in [
+            BASE_USER, BASE_PASS, COOKIE, FILE_PATH, QUERY, HEADER, DISCORD, SLACK,
+        ] {
+            assert!(!text.contains(secret), "{secret} in {what}: {text}");
+        }
+    }
+}

@@ -401,7 +401,10 @@ mod tests {
         finished.labels = r#"{"<!here>":"<https://x.example|y>"}"#.into();
         finished.phase = Some("<!subteam^S1>".into());
         let message = render(&finished, &env);
-        assert_eq!(message.text, format!(":x: Run `run-1` *failed*: {EVIL_ESCAPED}"));
+        assert_eq!(
+            message.text,
+            format!(":x: Run `run-1` *failed*: {EVIL_ESCAPED}")
+        );
         let cancelled = pending(
             "run_finished",
             &format!(r#"{{"status":"cancelled","cancelReason":"{EVIL}"}}"#),
