@@ -446,7 +446,7 @@ async fn wait_attempts(env: &Env, run: &str, n: u32) {
             .await
             .map_err(|e| e.to_string())?;
         match pending.first() {
-            Some(p) if p.attempts as u32 >= n => Ok(()),
+            Some(p) if p.attempts >= n => Ok(()),
             other => Err(format!("{:?}", other.map(|p| p.attempts))),
         }
     })
