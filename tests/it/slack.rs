@@ -28,6 +28,11 @@ struct FakeState {
     /// Scripted answers for the incoming webhook: (status, body, retry-after).
     webhook_script: VecDeque<(u16, &'static str, Option<u64>)>,
     next_ts: u64,
+    /// How many coming thread roots Slack posts but answers with a 500, so
+    /// runhook cannot know they were posted.
+    unconfirmed_roots: usize,
+    /// The error `conversations.history` answers, e.g. `missing_scope`.
+    history_error: Option<&'static str>,
 }
 
 #[derive(Clone)]
@@ -55,6 +60,10 @@ impl FakeSlack {
     fn answer_webhook(&self, status: u16, body: &'static str, retry_after: Option<u64>) {
         let mut state = self.state.lock().unwrap();
         state.webhook_script.push_back((status, body, retry_after));
+    }
+
+    fn post_roots_without_confirming(&self, n: usize) {
+        self.state.lock().unwrap().unconfirmed_roots = n;
     }
 
     fn calls(&self, path: &str) -> Vec<Call> {
@@ -100,16 +109,63 @@ async fn api(
     let mut state = state.lock().unwrap();
     state.next_ts += 1;
     let ts = format!("1700000000.{:06}", state.next_ts);
+    let json_body = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let is_root = method == "chat.postMessage" && json_body.get("thread_ts").is_none();
     state.calls.push(Call {
         path: method.clone(),
-        body: serde_json::from_str(&body).unwrap_or(Value::Null),
+        body: if json_body.is_null() {
+            form(&body)
+        } else {
+            json_body
+        },
         auth: headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         at: Instant::now(),
     });
+    if method == "conversations.history" {
+        if let Some(error) = state.history_error {
+            return axum::Json(json!({"ok": false, "error": error})).into_response();
+        }
+        return axum::Json(history(&state.calls, &form(&body))).into_response();
+    }
+    if is_root && state.unconfirmed_roots > 0 {
+        state.unconfirmed_roots -= 1;
+        return (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response();
+    }
     axum::Json(json!({"ok": true, "channel": "C0123", "ts": ts})).into_response()
+}
+
+/// A form body (`a=1&b=2`) as a JSON object; the values runhook sends need
+/// no decoding beyond `+` and `%3A`.
+fn form(body: &str) -> Value {
+    body.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), json!(v.replace('+', " ").replace("%3A", ":"))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// `conversations.history`: the channel's messages (roots, not replies),
+/// newest first, with metadata only when asked for.
+fn history(calls: &[Call], query: &Value) -> Value {
+    let with_metadata = query["include_all_metadata"] == "true";
+    let mut messages: Vec<Value> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.path == "chat.postMessage" && c.body.get("thread_ts").is_none())
+        .map(|(i, c)| {
+            let mut message = json!({"type": "message", "text": c.body["text"],
+                "ts": format!("1700000000.{:06}", i + 1)});
+            if with_metadata && let Some(metadata) = c.body.get("metadata") {
+                message["metadata"] = metadata.clone();
+            }
+            message
+        })
+        .collect();
+    messages.reverse();
+    json!({"ok": true, "messages": messages, "has_more": false})
 }
 
 fn slack_env(sim: &runhook::simulate::Simulator, runs: &[&str], keys: &str) -> Env {
@@ -437,6 +493,24 @@ fn state_db(env: &Env) -> rusqlite::Connection {
     rusqlite::Connection::open(&path).unwrap()
 }
 
+/// Makes saving a root's `ts` fail (a real SQLite error, from a trigger):
+/// whatever runhook notes before posting may be saved, a Slack `ts` not.
+fn fail_root_saves(db: &rusqlite::Connection) {
+    db.execute_batch(
+        "CREATE TRIGGER root_update_fails BEFORE UPDATE OF ts ON slack_threads
+         BEGIN SELECT RAISE(ABORT, 'injected: cannot save the root'); END;
+         CREATE TRIGGER root_insert_fails BEFORE INSERT ON slack_threads
+         WHEN NEW.ts GLOB '[0-9]*.[0-9]*'
+         BEGIN SELECT RAISE(ABORT, 'injected: cannot save the root'); END;",
+    )
+    .unwrap();
+}
+
+fn allow_root_saves(db: &rusqlite::Connection) {
+    db.execute_batch("DROP TRIGGER root_update_fails; DROP TRIGGER root_insert_fails")
+        .unwrap();
+}
+
 /// Waits until the run's first pending delivery to `chat` failed `n` times.
 async fn wait_attempts(env: &Env, run: &str, n: u32) {
     let reader = runhook::store::Reader::open(&env.state_path()).unwrap();
@@ -501,16 +575,12 @@ async fn thread_mode_posts_one_root_when_saving_it_fails() {
     let slack = FakeSlack::start().await;
     let env = thread_env(&sim, "run-w", &slack);
     let db = state_db(&env);
-    db.execute_batch(
-        "CREATE TRIGGER slack_save_fails BEFORE INSERT ON slack_threads
-         BEGIN SELECT RAISE(ABORT, 'injected: cannot save the thread'); END;",
-    )
-    .unwrap();
+    fail_root_saves(&db);
     let daemon = env.start();
     wait_attempts(&env, "run-w", 3).await;
     let roots = slack.calls("chat.postMessage");
     assert_eq!(roots.len(), 1, "one root while its ts cannot be saved");
-    db.execute_batch("DROP TRIGGER slack_save_fails").unwrap();
+    allow_root_saves(&db);
     let (roots, replies) = finished_thread(&slack, "run-w").await;
     daemon.stop().await;
     assert_eq!(roots.len(), 1, "one root: {roots:?}");
@@ -525,4 +595,60 @@ async fn thread_mode_posts_one_root_when_saving_it_fails() {
         )
         .unwrap();
     assert_eq!(saved, root_ts, "the root is kept for a restart");
+}
+
+#[tokio::test]
+async fn thread_mode_finds_a_root_slack_posted_but_did_not_confirm() {
+    let sim = sim_with(vec![scripted("run-u", numbered(2))]).await;
+    let slack = FakeSlack::start().await;
+    slack.post_roots_without_confirming(2);
+    let env = thread_env(&sim, "run-u", &slack);
+    let daemon = env.start();
+    let (roots, replies) = finished_thread(&slack, "run-u").await;
+    daemon.stop().await;
+    assert_eq!(roots.len(), 1, "one root: {roots:?}");
+    let root_ts = "1700000000.000001";
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+}
+
+#[tokio::test]
+async fn thread_mode_finds_its_root_after_a_crash_before_saving_it() {
+    let sim = sim_with(vec![scripted("run-c", numbered(2))]).await;
+    let slack = FakeSlack::start().await;
+    let env = thread_env(&sim, "run-c", &slack);
+    let db = state_db(&env);
+    fail_root_saves(&db);
+    let daemon = env.start();
+    wait_attempts(&env, "run-c", 2).await;
+    daemon.crash().await;
+    allow_root_saves(&db);
+    let daemon = env.start();
+    let (roots, replies) = finished_thread(&slack, "run-c").await;
+    daemon.stop().await;
+    assert_eq!(roots.len(), 1, "one root, also after the crash: {roots:?}");
+    let root_ts = "1700000000.000001";
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+}
+
+#[tokio::test]
+async fn thread_mode_without_history_scope_posts_again_rather_than_stall() {
+    let sim = sim_with(vec![scripted("run-h", numbered(1))]).await;
+    let slack = FakeSlack::start().await;
+    slack.post_roots_without_confirming(1);
+    slack.state.lock().unwrap().history_error = Some("missing_scope");
+    let env = thread_env(&sim, "run-h", &slack);
+    let daemon = env.start();
+    let (roots, replies) = finished_thread(&slack, "run-h").await;
+    daemon.stop().await;
+    // The documented limit: without channels:history the unconfirmed root
+    // cannot be found, so the run gets a second root and goes on.
+    assert_eq!(roots.len(), 2, "{roots:?}");
+    let root_ts = "1700000000.000003";
+    assert!(
+        replies.iter().all(|r| r.body["thread_ts"] == root_ts),
+        "{replies:?}"
+    );
+    assert_eq!(slack.calls("conversations.history").len(), 1);
 }

@@ -4,6 +4,12 @@
 //!   message (`chat.postMessage`), every event goes into its thread, and the
 //!   root is edited (`chat.update`) to show the run's live status. The
 //!   thread's `ts` is kept in SQLite so a restart continues the same thread.
+//!   At most one root per run: a thread that cannot be read is a retry (not
+//!   "no thread yet"); a root whose `ts` cannot be saved is kept in memory
+//!   and saved on the next attempt instead of being posted again; and a note
+//!   saved before posting (plus the root's message metadata) lets a later
+//!   attempt, or a restart after a crash, find a root Slack posted without
+//!   runhook learning its `ts` (`conversations.history`).
 //!
 //! About one message per second per sink (a token bucket), `Retry-After`
 //! honoured, and Slack's permanent errors dead-lettered at once.
@@ -41,6 +47,13 @@ const PERMANENT: [&str; 10] = [
     "no_text",
 ];
 const BODY_CAP: usize = 16 * 1024;
+/// A saved thread whose `ts` starts with this is the note written before a
+/// root was posted (`pending:<unix seconds>`): a root may be out there.
+const ROOT_PENDING: &str = "pending:";
+/// The metadata event type on root messages, to find them again.
+const ROOT_METADATA: &str = "runhook_thread_root";
+/// How far `conversations.history` is searched for a root: pages of 200.
+const HISTORY_PAGES: usize = 10;
 const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
 
 pub struct SlackSink {
@@ -159,7 +172,7 @@ impl SlackSink {
     /// The run's thread root, posted on its first event. Posted at most once
     /// per run: when the saved thread cannot be read, or the new root cannot
     /// be saved, this is a retry, and the next attempt uses the root already
-    /// posted. (A crash between posting and saving is the one window left.)
+    /// posted; a root posted but never confirmed is looked up before posting.
     async fn thread_root(
         &self,
         token: &Secret,
@@ -172,37 +185,145 @@ impl SlackSink {
             unsaved.remove(&event.run_id);
             return Ok(root.ts);
         }
-        match self.reader.slack_thread(&self.name, &event.run_id).await {
-            Ok(Some((_, ts))) => return Ok(ts),
-            Ok(None) => {}
-            Err(error) => {
+        let saved = self
+            .reader
+            .slack_thread(&self.name, &event.run_id)
+            .await
+            .map_err(|error| {
                 tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot read the run's thread; retrying");
-                return Err(retry(
-                    None,
-                    format!("slack: cannot read the run's thread: {error}"),
-                ));
+                retry(None, format!("slack: cannot read the run's thread: {error}"))
+            })?;
+        let found = match saved {
+            Some((_, ts)) if !ts.starts_with(ROOT_PENDING) => return Ok(ts),
+            Some((noted_channel, note)) => {
+                let since = note[ROOT_PENDING.len()..].parse().unwrap_or(0);
+                self.find_root(token, &noted_channel, event, since).await?
             }
-        }
-        let message = message::thread_root(event);
-        let answer = self
-            .call(
-                token,
-                "chat.postMessage",
-                &json!({"channel": channel, "text": message.text, "blocks": message.blocks}),
-            )
-            .await?;
-        let ts = answer["ts"]
-            .as_str()
-            .ok_or_else(|| retry(None, "slack: chat.postMessage answered without `ts`".into()))?
-            .to_owned();
-        let root = ThreadRoot {
-            channel: answer["channel"].as_str().unwrap_or(channel).to_owned(),
-            ts,
+            None => {
+                self.note_root_pending(event, channel).await?;
+                None
+            }
+        };
+        let root = match found {
+            Some(root) => {
+                tracing::info!(sink = %self.name, run_id = %event.run_id, ts = %root.ts, "slack: found the root an earlier attempt posted");
+                root
+            }
+            None => self.post_root(token, channel, event).await?,
         };
         unsaved.insert(event.run_id.clone(), root.clone());
         self.save_root(event, &root).await?;
         unsaved.remove(&event.run_id);
         Ok(root.ts)
+    }
+
+    /// Posts the root message, with metadata naming the sink and run so it
+    /// can be found again.
+    async fn post_root(
+        &self,
+        token: &Secret,
+        channel: &str,
+        event: &Pending,
+    ) -> Result<ThreadRoot, Outcome> {
+        let message = message::thread_root(event);
+        let metadata = json!({"event_type": ROOT_METADATA,
+            "event_payload": {"sink": &*self.name, "run_id": event.run_id}});
+        let answer = self
+            .call(
+                token,
+                "chat.postMessage",
+                &json!({"channel": channel, "text": message.text, "blocks": message.blocks, "metadata": metadata}),
+            )
+            .await?;
+        let ts = answer["ts"]
+            .as_str()
+            .ok_or_else(|| retry(None, "slack: chat.postMessage answered without `ts`".into()))?;
+        Ok(ThreadRoot {
+            channel: answer["channel"].as_str().unwrap_or(channel).to_owned(),
+            ts: ts.to_owned(),
+        })
+    }
+
+    /// Notes, before posting a root, that one may exist from now on, so that
+    /// an attempt that never learns the root's `ts` (a timeout, a crash) is
+    /// followed by a look-up rather than a second root.
+    async fn note_root_pending(&self, event: &Pending, channel: &str) -> Result<(), Outcome> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let note = ThreadRoot {
+            channel: channel.to_owned(),
+            ts: format!("{ROOT_PENDING}{now}"),
+        };
+        self.save_root(event, &note).await
+    }
+
+    /// A root this sink posted for the run since `since` (unix seconds), from
+    /// the channel's history and the roots' metadata; the oldest if several.
+    /// Without the `channels:history` scope nothing can be found: `None`,
+    /// with a warning.
+    async fn find_root(
+        &self,
+        token: &Secret,
+        channel: &str,
+        event: &Pending,
+        since: i64,
+    ) -> Result<Option<ThreadRoot>, Outcome> {
+        let mut cursor: Option<String> = None;
+        let mut found = None;
+        for _ in 0..HISTORY_PAGES {
+            let mut form = vec![
+                ("channel", channel.to_owned()),
+                ("oldest", (since - 60).max(0).to_string()),
+                ("limit", "200".to_owned()),
+                ("include_all_metadata", "true".to_owned()),
+            ];
+            if let Some(cursor) = cursor.take() {
+                form.push(("cursor", cursor));
+            }
+            let answer = match self.call_form(token, "conversations.history", &form).await {
+                Ok(answer) => answer,
+                Err(Outcome::Retry { error, .. } | Outcome::Permanent { error, .. })
+                    if error.contains("missing_scope") =>
+                {
+                    tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot look for a root that may have been posted (grant channels:history); posting one");
+                    return Ok(None);
+                }
+                Err(outcome) => return Err(outcome),
+            };
+            // Newest first: the last match on a page is the oldest so far.
+            if let Some(ts) = self.last_root_in(&answer, &event.run_id) {
+                found = Some(ts);
+            }
+            cursor = answer["response_metadata"]["next_cursor"]
+                .as_str()
+                .filter(|c| !c.is_empty() && answer["has_more"] == json!(true))
+                .map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        Ok(found.map(|ts| ThreadRoot {
+            channel: channel.to_owned(),
+            ts,
+        }))
+    }
+
+    /// The `ts` of the last message in a history page that is this sink's
+    /// root for the run.
+    fn last_root_in(&self, history: &Value, run_id: &str) -> Option<String> {
+        history["messages"]
+            .as_array()?
+            .iter()
+            .filter(|m| {
+                let metadata = &m["metadata"];
+                metadata["event_type"] == ROOT_METADATA
+                    && metadata["event_payload"]["run_id"] == run_id
+                    && metadata["event_payload"]["sink"] == *self.name
+            })
+            .filter_map(|m| m["ts"].as_str())
+            .next_back()
+            .map(str::to_owned)
     }
 
     /// Keeps a posted root in SQLite; a failure is a retry (the caller keeps
@@ -222,18 +343,37 @@ impl SlackSink {
             })
     }
 
-    /// One Web API call; the answer when Slack says `ok`.
+    /// One Web API call with a JSON body; the answer when Slack says `ok`.
     async fn call(&self, token: &Secret, method: &str, body: &Value) -> Result<Value, Outcome> {
+        self.api_call(token, method, |request| request.json(body))
+            .await
+    }
+
+    /// One Web API call with a form body, as Slack's read methods
+    /// (`conversations.history`) take their arguments.
+    async fn call_form(
+        &self,
+        token: &Secret,
+        method: &str,
+        form: &[(&str, String)],
+    ) -> Result<Value, Outcome> {
+        self.api_call(token, method, |request| request.form(form))
+            .await
+    }
+
+    async fn api_call(
+        &self,
+        token: &Secret,
+        method: &str,
+        body: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<Value, Outcome> {
         self.bucket.until_ready().await;
         let url = self.api_base.join(method).map_err(|e| Outcome::Permanent {
             status: None,
             error: format!("slack: bad api_base: {e}"),
         })?;
-        let response = self
-            .client
-            .post(url)
-            .bearer_auth(token.expose())
-            .json(body)
+        let request = self.client.post(url).bearer_auth(token.expose());
+        let response = body(request)
             .send()
             .await
             .map_err(|error| retry(None, format!("slack {method}: {}", error.without_url())))?;
