@@ -25,6 +25,17 @@ pub use secret::{Secret, url_origin};
 pub const DEFAULT_PATH: &str = "/etc/runhook/runhook.toml";
 pub const DEFAULT_BASE_URL: &str = "https://api.travelmode.ai";
 
+/// Floors for durations that pace a loop: at zero the loop would spin.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+pub const MIN_FINISHED_RECHECK: Duration = Duration::from_millis(100);
+pub const MIN_STREAM_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
+pub const MIN_INITIAL_BACKOFF: Duration = Duration::from_millis(10);
+pub const MIN_SINK_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Cap for `api.max_concurrency` and a sink's `concurrency`: far above what
+/// one machine needs, far below where a semaphore panics.
+pub const MAX_CONCURRENCY: usize = 10_000;
+
 /// Statuses the upstream documents; `statuses` route filters must use them.
 pub const RUN_STATUSES: [&str; 5] = ["pending", "running", "completed", "failed", "cancelled"];
 
@@ -363,13 +374,44 @@ impl Cx<'_> {
         })
     }
 
-    fn positive(&self, value: Option<&Spanned<i64>>, key: &str, default: usize) -> Result<usize> {
+    /// A duration that paces a loop: refused below `floor`, where the loop
+    /// would spin.
+    fn duration_at_least(
+        &self,
+        value: Option<&Str>,
+        key: &str,
+        default: Duration,
+        floor: Duration,
+    ) -> Result<Duration> {
+        let duration = self.duration(value, key, default)?;
+        match value {
+            Some(at) if duration < floor => Err(self.error(
+                at,
+                key,
+                format!(
+                    "must be at least {} (shorter would make runhook spin)",
+                    humantime::format_duration(floor)
+                ),
+            )),
+            _ => Ok(duration),
+        }
+    }
+
+    /// A concurrency: 1 to [`MAX_CONCURRENCY`].
+    fn concurrency(
+        &self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        default: usize,
+    ) -> Result<usize> {
         match value {
             None => Ok(default),
-            Some(v) if *v.get_ref() >= 1 => {
-                usize::try_from(*v.get_ref()).map_err(|_| self.error(v, key, "is too large"))
-            }
-            Some(v) => Err(self.error(v, key, "must be at least 1")),
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_CONCURRENCY).contains(n))
+                .ok_or_else(|| {
+                    self.error(v, key, format!("must be between 1 and {MAX_CONCURRENCY}"))
+                }),
         }
     }
 
@@ -415,6 +457,7 @@ impl Cx<'_> {
                 Duration::from_secs(10),
             )?,
         };
+        self.check_retain_covers_linger(&raw, &state, &api)?;
         let server = match &raw.server {
             None => None,
             Some(server) => {
@@ -462,6 +505,41 @@ impl Cx<'_> {
         })
     }
 
+    /// A failed run is looked at again for `finished_linger` (it may be
+    /// retried upstream). Were its `run_finished` pruned meanwhile, seeing
+    /// the same finish again would record it anew and deliver that id a
+    /// second time. So `retain` must cover the linger.
+    fn check_retain_covers_linger(
+        &self,
+        raw: &RawConfig,
+        state: &StateConfig,
+        api: &ApiConfig,
+    ) -> Result<()> {
+        if state.retain >= api.finished_linger {
+            return Ok(());
+        }
+        let (at, key, message) = match (&raw.state.retain, &raw.api.finished_linger) {
+            (Some(retain), _) => (
+                retain,
+                "state.retain",
+                format!(
+                    "must be at least api.finished_linger ({})",
+                    humantime::format_duration(api.finished_linger)
+                ),
+            ),
+            (None, Some(linger)) => (
+                linger,
+                "api.finished_linger",
+                format!(
+                    "must not be longer than state.retain ({})",
+                    humantime::format_duration(state.retain)
+                ),
+            ),
+            (None, None) => return Ok(()),
+        };
+        Err(self.error(at, key, message))
+    }
+
     fn api(&self, raw: &RawApi) -> Result<ApiConfig> {
         let base_url = match &raw.base_url {
             Some(u) => self.url(u, "api.base_url")?,
@@ -497,25 +575,28 @@ impl Cx<'_> {
             token,
             session_cookie,
             transport,
-            poll_interval: self.duration(
+            poll_interval: self.duration_at_least(
                 raw.poll_interval.as_ref(),
                 "api.poll_interval",
                 Duration::from_secs(2),
+                MIN_POLL_INTERVAL,
             )?,
-            max_concurrency: self.positive(
+            max_concurrency: self.concurrency(
                 raw.max_concurrency.as_ref(),
                 "api.max_concurrency",
                 64,
             )?,
-            stream_idle_timeout: self.duration(
+            stream_idle_timeout: self.duration_at_least(
                 raw.stream_idle_timeout.as_ref(),
                 "api.stream_idle_timeout",
                 Duration::from_secs(90),
+                MIN_STREAM_IDLE_TIMEOUT,
             )?,
-            finished_recheck: self.duration(
+            finished_recheck: self.duration_at_least(
                 raw.finished_recheck.as_ref(),
                 "api.finished_recheck",
                 Duration::from_secs(300),
+                MIN_FINISHED_RECHECK,
             )?,
             finished_linger: self.duration(
                 raw.finished_linger.as_ref(),
@@ -586,10 +667,11 @@ impl Cx<'_> {
                 &format!("{key}.max_age"),
                 base.max_age,
             )?,
-            initial_backoff: self.duration(
+            initial_backoff: self.duration_at_least(
                 raw.initial_backoff.as_ref(),
                 &format!("{key}.initial_backoff"),
                 base.initial_backoff,
+                MIN_INITIAL_BACKOFF,
             )?,
             max_backoff: self.duration(
                 raw.max_backoff.as_ref(),
@@ -676,7 +758,7 @@ impl Cx<'_> {
         Ok(SinkConfig {
             name: Arc::from(name),
             kind,
-            concurrency: self.positive(
+            concurrency: self.concurrency(
                 raw.concurrency.as_ref(),
                 &format!("{key}.concurrency"),
                 16,
@@ -748,10 +830,11 @@ impl Cx<'_> {
             url,
             secrets,
             headers,
-            timeout: self.duration(
+            timeout: self.duration_at_least(
                 raw.timeout.as_ref(),
                 &format!("{key}.timeout"),
                 Duration::from_secs(10),
+                MIN_SINK_TIMEOUT,
             )?,
         })
     }

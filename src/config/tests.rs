@@ -104,6 +104,77 @@ fn bad_values_name_their_place() {
     assert_eq!((error.line, error.key.as_str()), (3, "api.max_concurrency"));
 }
 
+/// Values that would make a loop spin (a zero interval), panic (a semaphore
+/// past its maximum) or emit a second `run_finished` for one finish (rows
+/// pruned while the run still lingers) are refused where they are written.
+#[test]
+fn values_that_spin_or_panic_are_rejected_where_written() {
+    let in_api = |line: &str, key: &str| {
+        let error = error_of(&MINIMAL.replace("token = \"t\"", &format!("token = \"t\"\n{line}")));
+        let column = line.find('=').unwrap() + 3;
+        assert_eq!(
+            (error.line, error.column, error.key.as_str()),
+            (4, column, key),
+            "{line}: {error}"
+        );
+    };
+    in_api("poll_interval = \"0s\"", "api.poll_interval");
+    in_api("poll_interval = \"5ms\"", "api.poll_interval");
+    in_api("finished_recheck = \"0s\"", "api.finished_recheck");
+    in_api("stream_idle_timeout = \"0s\"", "api.stream_idle_timeout");
+    in_api("max_concurrency = 0", "api.max_concurrency");
+    in_api(
+        "max_concurrency = 2305843009213693952",
+        "api.max_concurrency",
+    );
+    in_api("max_concurrency = 10001", "api.max_concurrency");
+    // The default retain (7d) is shorter than this linger.
+    in_api("finished_linger = \"30d\"", "api.finished_linger");
+
+    let error = error_of(&format!("{MINIMAL}[state]\nretain = \"1h\"\n"));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (10, "state.retain"),
+        "{error}"
+    );
+    assert!(error.message.contains("finished_linger"), "{error}");
+
+    let in_sink = |line: &str, key: &str| {
+        let text = MINIMAL.replace(
+            "path = \"/tmp/x.jsonl\"",
+            &format!("path = \"/tmp/x.jsonl\"\n{line}"),
+        );
+        let error = error_of(&text);
+        assert_eq!(
+            (error.line, error.key.as_str()),
+            (7, key),
+            "{line}: {error}"
+        );
+    };
+    in_sink("concurrency = 1000000", "sinks.archive.concurrency");
+    in_sink("initial_backoff = \"0s\"", "sinks.archive.initial_backoff");
+    let error = error_of(&format!("{MINIMAL}[delivery]\ninitial_backoff = \"0ms\"\n"));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (10, "delivery.initial_backoff"),
+        "{error}"
+    );
+    let error = error_of(&webhook(
+        "secret = \"${RUNHOOK_WEBHOOK_SECRET}\"\ntimeout = \"0s\"",
+    ));
+    assert_eq!(error.key, "sinks.ops.timeout", "{error}");
+
+    // The floors and caps themselves are fine (tests and benchmarks use them).
+    let ok = MINIMAL.replace(
+        "token = \"t\"",
+        "token = \"t\"\npoll_interval = \"10ms\"\nfinished_recheck = \"100ms\"\n\
+         stream_idle_timeout = \"100ms\"\nmax_concurrency = 10000\nfinished_linger = \"7d\"",
+    );
+    let config = parse(&format!("{ok}[delivery]\ninitial_backoff = \"10ms\"\n")).unwrap();
+    assert_eq!(config.api.max_concurrency, 10_000);
+    assert_eq!(config.api.poll_interval, Duration::from_millis(10));
+}
+
 #[test]
 fn env_vars_expand_and_unset_ones_are_errors() {
     let text = MINIMAL.replace("token = \"t\"", "token = \"${TRAVELMODE_TOKEN}\"");
