@@ -76,6 +76,8 @@ pub async fn run_reloadable(
     shutdown: CancellationToken,
     mut reloads: mpsc::Receiver<Config>,
 ) -> Result<(), DaemonError> {
+    // Held until this function returns: one daemon per state database.
+    let _lock = crate::store::DaemonLock::acquire(&config.state.path)?;
     let store = Store::open(&config.state.path)?;
     subscribe_config_runs(&store, &config).await?;
     let mut sinks = Sinks::default();

@@ -7,6 +7,7 @@
 //! caller never acts on a write that could still be lost (`synchronous=FULL`:
 //! not even to a power loss). Readers open their own connections (WAL).
 
+mod lock;
 mod read;
 mod schema;
 mod write;
@@ -18,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use lock::DaemonLock;
 pub use read::{DeadLetter, Pending, RunRow, SinkRow, WatchedRun};
 pub use write::{Batch, DeadFilter, Failure, Finish, NewEvent, NewWork, Recorded};
 
@@ -37,6 +39,10 @@ pub enum StoreError {
         "state database schema version {found} is newer than this runhook knows ({known}); upgrade runhook"
     )]
     TooNew { found: i64, known: i64 },
+    #[error(
+        "state database {path} is in use by another runhook daemon (pid {holder}); one daemon per state database"
+    )]
+    Locked { path: PathBuf, holder: String },
     #[error("the state database writer has stopped")]
     Closed,
 }

@@ -92,3 +92,107 @@ async fn a_file_sink_that_cannot_write_retries_then_dead_letters() {
     // The other sink was not held up by the broken one.
     assert_eq!(env.lines().len(), 3);
 }
+
+/// DESIGN.md guarantee 7: one daemon per state database. A second `runhook
+/// run` on the same state exits at once, naming the state and the holder;
+/// the commands that only read or change state keep working beside it.
+#[tokio::test]
+async fn a_second_daemon_on_one_state_database_exits_at_once_naming_the_holder() {
+    use std::process::{Command, Stdio};
+    let sim = start_sim(runhook::simulate::Scenario::demo()).await;
+    let env = Env::new(&sim, &[]);
+    let config = env.write_config();
+    let runhook = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("RUNHOOK_LOG", "error");
+        command
+    };
+    let mut first = KillOnDrop(
+        runhook()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("runhook starts"),
+    );
+    wait_for("the first daemon's state database, migrated", || async {
+        let conn = rusqlite::Connection::open_with_flags(
+            env.state_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .map_err(|e| e.to_string())?;
+        match conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)) {
+            Ok(version) if version > 0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    let mut second = KillOnDrop(
+        runhook()
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runhook starts"),
+    );
+    let exited = wait_for_within(Duration::from_secs(30), "the second daemon to exit", || {
+        let status = second.0.try_wait();
+        async move {
+            match status {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running beside the first".into()),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    })
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!exited.success(), "{stderr}");
+    assert!(
+        stderr.contains(&env.state_path().display().to_string()),
+        "names the state path: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pid {}", first.0.id())),
+        "names the holder's pid: {stderr}"
+    );
+
+    let status = runhook().args(["status", "--json"]).output().unwrap();
+    assert!(
+        status.status.success(),
+        "status beside the daemon: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let watch = runhook()
+        .args(["watch", "demo-rome-0001"])
+        .output()
+        .unwrap();
+    assert!(
+        watch.status.success(),
+        "watch beside the daemon: {}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &first.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(first.0.wait().unwrap().success());
+}
+
+/// A child process that does not outlive a failing test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
