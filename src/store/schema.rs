@@ -1,5 +1,5 @@
 //! The schema, versioned with `PRAGMA user_version`. Each migration runs once,
-//! in order, inside one transaction.
+//! in order; the pending ones run inside one transaction.
 
 use rusqlite::Connection;
 
@@ -80,20 +80,82 @@ const MIGRATIONS: &[&str] = &[
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the database to the current version. A database from a newer
-/// runhook is refused rather than guessed at.
+/// runhook is refused rather than guessed at. The version is read again
+/// under the write lock (`BEGIN IMMEDIATE`): two processes opening a fresh
+/// database at once (the daemon's first start and a `runhook watch`) must
+/// not both run a migration.
 pub fn migrate(conn: &mut Connection) -> Result<(), super::StoreError> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = |conn: &Connection| -> Result<i64, rusqlite::Error> {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+    };
+    let current = version(conn)?;
     if current > VERSION {
         return Err(super::StoreError::TooNew {
             found: current,
             known: VERSION,
         });
     }
+    if current == VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let current = version(&tx)?;
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version as i64 + 1)?;
-        tx.commit()?;
     }
+    tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    static SECOND_WAITS: AtomicBool = AtomicBool::new(false);
+
+    fn note_waiting(_retries: i32) -> bool {
+        SECOND_WAITS.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(1));
+        true
+    }
+
+    /// The daemon's first start and a `runhook watch` typed at the same
+    /// moment both open a fresh database: the one that waits for the other's
+    /// migration must see it done, not run it a second time.
+    #[test]
+    fn a_migration_waits_for_one_already_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let first = Connection::open(&path).unwrap();
+        first.pragma_update(None, "journal_mode", "WAL").unwrap();
+        let mut second = Connection::open(&path).unwrap();
+        second.busy_handler(Some(note_waiting)).unwrap();
+        first.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let migrating = std::thread::spawn(move || migrate(&mut second));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !SECOND_WAITS.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the second never waited for the lock"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for sql in MIGRATIONS {
+            first.execute_batch(sql).unwrap();
+        }
+        first.pragma_update(None, "user_version", VERSION).unwrap();
+        first.execute_batch("COMMIT").unwrap();
+        migrating
+            .join()
+            .unwrap()
+            .expect("the second sees the migration done");
+        let version: i64 = first
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, VERSION);
+    }
 }
