@@ -354,7 +354,12 @@ fn start_sink(
 async fn prune_periodically(store: Store, retain: Duration, stop: CancellationToken) {
     loop {
         let cutoff = now_ms() - retain.as_millis() as i64;
-        match store.prune(cutoff).await {
+        // Prune works in chunks, each committed: stopping between them is safe.
+        let pruned = tokio::select! {
+            pruned = store.prune(cutoff) => pruned,
+            _ = stop.cancelled() => return,
+        };
+        match pruned {
             Ok((deliveries, events)) if deliveries + events > 0 => {
                 tracing::info!(
                     deliveries,

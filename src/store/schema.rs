@@ -75,6 +75,16 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO meta (key, value) VALUES ('control', 0);
     "#,
+    // 1 -> 2: indexes for maintenance, which shares the single writer with
+    // ingest and delivery and so must reach its rows without a table scan.
+    r#"
+    -- Delivered deliveries by age: what prune removes.
+    CREATE INDEX deliveries_done ON deliveries(done_at) WHERE state = 1;
+    -- Dead letters only: what replay and dead --purge act on.
+    CREATE INDEX deliveries_dead ON deliveries(sink, run_id, event) WHERE state = 2;
+    -- Whether an event still has deliveries: prune keeps those events.
+    CREATE INDEX deliveries_by_event ON deliveries(event);
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;

@@ -75,3 +75,147 @@ async fn delivered_events_are_pruned_and_dead_letters_kept_until_purged() {
     assert_eq!(purged, 1);
     assert!(reader.dead_letters(None, None).await.unwrap().is_empty());
 }
+
+/// `count(*)` of a table, straight from the file.
+fn count(path: &std::path::Path, table: &str) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+/// The store's commit counter; it moves once per writer transaction.
+fn commits(store: &Store) -> u64 {
+    *store.commits().borrow()
+}
+
+/// Waits until the millisecond clock has passed `t`, so rows written next
+/// are stamped after it.
+async fn clock_past(t: i64) {
+    crate::support::wait_for("the clock to move on", || async move {
+        if now_ms() > t {
+            Ok(())
+        } else {
+            Err(format!("still {t}"))
+        }
+    })
+    .await;
+}
+
+fn bulk(run: &str, range: std::ops::RangeInclusive<i64>, sinks: &[&str]) -> Batch {
+    let mut batch = events(run, range);
+    for event in &mut batch.events {
+        event.sinks = sinks.iter().map(|s| (*s).into()).collect();
+    }
+    batch
+}
+
+/// Maintenance on a large state database (200,000 deliveries) keeps what it
+/// must, and works in bounded chunks, each its own writer transaction, so
+/// ingest and delivery get the writer in between (the watchdog's ping too).
+#[tokio::test]
+async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
+    const EVENTS: i64 = 100_000;
+    const CHUNK: u64 = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = Store::open(&path).unwrap();
+    for run in ["r", "n", "m"] {
+        store
+            .subscribe(run.into(), Default::default(), "watch", None)
+            .await
+            .unwrap();
+    }
+    // Run r: every event to sinks a and b (200,000 deliveries); run n: 1,000
+    // events routed nowhere.
+    for start in (1..=EVENTS).step_by(10_000) {
+        store
+            .record_batch(bulk("r", start..=start + 9_999, &["a", "b"]))
+            .await
+            .unwrap();
+    }
+    store.record_batch(bulk("n", 1..=1_000, &[])).await.unwrap();
+    let rowid = |sequence: i64| sequence; // r's events were recorded first
+    // Before the cutoff: a has everything delivered, b events 1..=60,000;
+    // b's 60,001..=80,000 are dead.
+    store
+        .mark_delivered_range("a".into(), rowid(1), rowid(EVENTS), 0)
+        .await
+        .unwrap();
+    store
+        .mark_delivered_range("b".into(), rowid(1), rowid(60_000), 0)
+        .await
+        .unwrap();
+    let dead = |events: Vec<i64>| Failure {
+        events,
+        status: Some(500),
+        error: "boom".into(),
+        next_attempt_at: 0,
+        dead: true,
+    };
+    store
+        .record_failure("b".into(), dead((rowid(60_001)..=rowid(80_000)).collect()))
+        .await
+        .unwrap();
+    clock_past(now_ms()).await;
+    let cutoff = now_ms();
+    clock_past(cutoff).await;
+    // After the cutoff: b's 80,001..=90,000 delivered; 90,001.. stay
+    // pending; run m records 10 events routed nowhere.
+    store
+        .mark_delivered_range("b".into(), rowid(80_001), rowid(90_000), 0)
+        .await
+        .unwrap();
+    store.record_batch(bulk("m", 1..=10, &[])).await.unwrap();
+
+    let before = commits(&store);
+    let (deliveries, events) = store.prune(cutoff).await.unwrap();
+    let transactions = commits(&store) - before;
+    assert_eq!(deliveries, 160_000, "a's 100,000 and b's first 60,000");
+    assert_eq!(events, 61_000, "r's 1..=60,000 and all of n");
+    assert!(
+        transactions >= 160_000 / CHUNK,
+        "prune ran as {transactions} writer transactions; expected chunks of at most {CHUNK} rows"
+    );
+    assert_eq!(count(&path, "deliveries"), 40_000);
+    assert_eq!(count(&path, "events"), 40_010);
+    let reader = Reader::open(&path).unwrap();
+    let sinks = reader.sinks().await.unwrap();
+    let b = sinks.iter().find(|s| s.sink == "b").unwrap();
+    assert_eq!((b.done, b.dead, b.pending), (10_000, 20_000, 10_000));
+    assert!(
+        sinks
+            .iter()
+            .all(|s| s.sink != "a" || s.done + s.pending + s.dead == 0)
+    );
+    // A second prune finds nothing more.
+    assert_eq!(store.prune(cutoff).await.unwrap(), (0, 0));
+
+    let only_b = || DeadFilter {
+        sink: Some("b".into()),
+        ..DeadFilter::default()
+    };
+    let before = commits(&store);
+    assert_eq!(store.replay(only_b()).await.unwrap(), 20_000);
+    let transactions = commits(&store) - before;
+    assert!(
+        transactions >= 20_000 / CHUNK,
+        "replay ran as {transactions} writer transactions"
+    );
+    assert!(reader.dead_letters(None, None).await.unwrap().is_empty());
+    let b = reader.sinks().await.unwrap();
+    let b = b.iter().find(|s| s.sink == "b").unwrap();
+    assert_eq!((b.dead, b.pending), (0, 30_000));
+
+    store
+        .record_failure("b".into(), dead((rowid(60_001)..=rowid(80_000)).collect()))
+        .await
+        .unwrap();
+    let before = commits(&store);
+    assert_eq!(store.purge_dead(only_b()).await.unwrap(), 20_000);
+    let transactions = commits(&store) - before;
+    assert!(
+        transactions >= 20_000 / CHUNK,
+        "purge ran as {transactions} writer transactions"
+    );
+    assert_eq!(count(&path, "deliveries"), 20_000);
+}
