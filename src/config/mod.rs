@@ -32,6 +32,10 @@ pub const MIN_STREAM_IDLE_TIMEOUT: Duration = Duration::from_millis(100);
 pub const MIN_INITIAL_BACKOFF: Duration = Duration::from_millis(10);
 pub const MIN_SINK_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Longest duration any key takes ("keep forever" fits): beyond it, clock
+/// arithmetic (`now + duration`) overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Cap for `api.max_concurrency` and a sink's `concurrency`: far above what
 /// one machine needs, far below where a semaphore panics.
 pub const MAX_CONCURRENCY: usize = 10_000;
@@ -365,13 +369,17 @@ impl Cx<'_> {
             return Ok(default);
         };
         let text = self.string(value, key)?;
-        humantime::parse_duration(text.trim()).map_err(|e| {
+        let duration = humantime::parse_duration(text.trim()).map_err(|e| {
             self.error(
                 value,
                 key,
                 format!("`{text}` is not a duration ({e}); write e.g. \"500ms\", \"2s\", \"5m\""),
             )
-        })
+        })?;
+        if duration > MAX_DURATION {
+            return Err(self.error(value, key, "must be at most 100 years"));
+        }
+        Ok(duration)
     }
 
     /// A duration that paces a loop: refused below `floor`, where the loop

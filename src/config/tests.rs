@@ -128,6 +128,8 @@ fn values_that_spin_or_panic_are_rejected_where_written() {
         "api.max_concurrency",
     );
     in_api("max_concurrency = 10001", "api.max_concurrency");
+    // Past any sane value, durations overflow the clock arithmetic.
+    in_api("poll_interval = \"500000000y\"", "api.poll_interval");
     // The default retain (7d) is shorter than this linger.
     in_api("finished_linger = \"30d\"", "api.finished_linger");
 
@@ -153,6 +155,14 @@ fn values_that_spin_or_panic_are_rejected_where_written() {
     };
     in_sink("concurrency = 1000000", "sinks.archive.concurrency");
     in_sink("initial_backoff = \"0s\"", "sinks.archive.initial_backoff");
+    let error = error_of(&format!(
+        "{MINIMAL}[delivery]\nmax_backoff = \"300000000y\"\n"
+    ));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (10, "delivery.max_backoff"),
+        "{error}"
+    );
     let error = error_of(&format!("{MINIMAL}[delivery]\ninitial_backoff = \"0ms\"\n"));
     assert_eq!(
         (error.line, error.key.as_str()),
