@@ -64,6 +64,14 @@ pub enum FaultKind {
     ErrorFrame { after: usize },
     /// Streams go silent (no frames, no heartbeats) after this many events.
     Stall { after: usize },
+    /// Poll pages and streams serve the event with this sequence in a form
+    /// that cannot be decoded (`eventType` a number), to test that the
+    /// cursor never passes it.
+    BadEvent { sequence: i64 },
+    /// Poll pages and streams leave out the events from this sequence on,
+    /// while the run's status, `lastEventSequence` and `run_finished` still
+    /// count them: a finish announced past what was served.
+    Withhold { from: i64 },
 }
 
 /// One request the simulator answered, for tests to inspect.
@@ -210,6 +218,55 @@ impl SimRun {
             run["cancelReason"] = json!(reason);
         }
         run
+    }
+}
+
+/// The `BadEvent` and `Withhold` faults one poll answer or one stream
+/// connection carries: which events it leaves out or garbles.
+#[derive(Debug, Default, Clone, Copy)]
+struct Damage {
+    bad: Option<i64>,
+    withhold: Option<i64>,
+}
+
+impl Damage {
+    fn take(sim: &Sim, endpoint: &str, run_id: &str) -> Self {
+        let bad = sim.take_fault(endpoint, run_id, |k| matches!(k, FaultKind::BadEvent { .. }));
+        let withhold =
+            sim.take_fault(endpoint, run_id, |k| matches!(k, FaultKind::Withhold { .. }));
+        Self {
+            bad: match bad {
+                Some(FaultKind::BadEvent { sequence }) => Some(sequence),
+                _ => None,
+            },
+            withhold: match withhold {
+                Some(FaultKind::Withhold { from }) => Some(from),
+                _ => None,
+            },
+        }
+    }
+
+    /// Whether the event is served at all.
+    fn keeps(&self, event: &SimEvent) -> bool {
+        self.withhold.is_none_or(|from| event.sequence < from)
+    }
+
+    /// The event's JSON, or an undecodable version of it.
+    fn event_json(&self, event: &SimEvent) -> String {
+        if self.bad == Some(event.sequence) {
+            format!(r#"{{"sequence":{},"eventType":42,"payload":{{}}}}"#, event.sequence)
+        } else {
+            event_json(event)
+        }
+    }
+
+    /// The event's stream frame, or an undecodable one.
+    fn frame(&self, event: &SimEvent, style: &StreamStyle) -> String {
+        if self.bad == Some(event.sequence) {
+            format!(r#"{{"type":"run_event","event":{}}}"#, self.event_json(event))
+        } else {
+            run_event_frame(event, style)
+        }
     }
 }
 
@@ -661,6 +718,7 @@ async fn events(
     let resend = sim
         .take_fault("events", &id, |k| *k == FaultKind::Resend)
         .is_some();
+    let damage = Damage::take(&sim, "events", &id);
     let since = if ignore_since { 0 } else { asked };
     let now = Instant::now();
     let body = {
@@ -668,7 +726,10 @@ async fn events(
         let Some(run) = runs.get(&id) else {
             return error(StatusCode::NOT_FOUND, "Run not found");
         };
-        let visible = &run.events[..run.visible(now)];
+        let visible: Vec<&SimEvent> = run.events[..run.visible(now)]
+            .iter()
+            .filter(|e| damage.keeps(e))
+            .collect();
         let first_new = visible.partition_point(|e| e.sequence <= since);
         let first = if resend {
             first_new.saturating_sub(2)
@@ -676,7 +737,10 @@ async fn events(
             first_new
         };
         let last = (first_new + sim.page_size).min(visible.len());
-        let events: Vec<String> = visible[first..last].iter().map(event_json).collect();
+        let events: Vec<String> = visible[first..last]
+            .iter()
+            .map(|e| damage.event_json(e))
+            .collect();
         // While a page is cut short, report the run as still running.
         let status = if last < visible.len() {
             "running"
@@ -809,6 +873,7 @@ async fn serve_stream(
             }
         }
     }
+    let damage = Damage::take(&sim, "stream", &id);
     let mut cursor = since;
     let mut sent = 0usize;
     loop {
@@ -820,7 +885,8 @@ async fn serve_stream(
             let first = visible.partition_point(|e| e.sequence <= cursor);
             let frames: Vec<(i64, String)> = visible[first..]
                 .iter()
-                .map(|e| (e.sequence, run_event_frame(e, &sim.style)))
+                .filter(|e| damage.keeps(e))
+                .map(|e| (e.sequence, damage.frame(e, &sim.style)))
                 .collect();
             let status = run.status(now);
             let finished = crate::upstream::types::is_final(status).then(|| {
