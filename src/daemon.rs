@@ -114,6 +114,7 @@ pub async fn run_reloadable(
         stream_idle_timeout: config.api.stream_idle_timeout,
         finished_recheck: config.api.finished_recheck,
         finished_linger: config.api.finished_linger,
+        not_found_confirm: config.api.not_found_confirm,
         pages: tokio::sync::Semaphore::new(crate::ingest::PAGES_IN_FLIGHT),
     });
     let heartbeat = Arc::new(AtomicI64::new(now_ms()));

@@ -107,6 +107,9 @@ pub struct ApiConfig {
     pub stream_idle_timeout: Duration,
     pub finished_recheck: Duration,
     pub finished_linger: Duration,
+    /// A 404 must last this long (a few tries spread over it) before a run
+    /// is stopped: a load balancer answers 404 for a moment during a deploy.
+    pub not_found_confirm: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -610,6 +613,11 @@ impl Cx<'_> {
                 raw.finished_linger.as_ref(),
                 "api.finished_linger",
                 Duration::from_secs(24 * 3600),
+            )?,
+            not_found_confirm: self.duration(
+                raw.not_found_confirm.as_ref(),
+                "api.not_found_confirm",
+                Duration::from_secs(60),
             )?,
         })
     }

@@ -42,6 +42,7 @@ pub struct RawApi {
     pub stream_idle_timeout: Option<Str>,
     pub finished_recheck: Option<Str>,
     pub finished_linger: Option<Str>,
+    pub not_found_confirm: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

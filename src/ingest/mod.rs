@@ -36,6 +36,8 @@ pub struct Ingest {
     pub stream_idle_timeout: Duration,
     pub finished_recheck: Duration,
     pub finished_linger: Duration,
+    /// How long a 404 must last before the run is stopped as `not_found`.
+    pub not_found_confirm: Duration,
     /// `PAGES_IN_FLIGHT` permits.
     pub pages: tokio::sync::Semaphore,
 }
@@ -58,6 +60,8 @@ enum Leg {
     Refused,
     /// The stream refused the cookie (401/403); polling may still work.
     StreamRefused(String),
+    /// The stream endpoint answered 404/405 for a run that exists: poll it.
+    StreamUnavailable(String),
 }
 
 /// A run being followed: its row and what ingest last recorded.
@@ -123,6 +127,18 @@ impl Ingest {
                             following.run.run_id.clone(),
                             "following",
                             Some(format!("stream refused ({why}); polling instead")),
+                            Some("poll"),
+                        )
+                        .await?;
+                    transport = Transport::Poll;
+                }
+                Leg::StreamUnavailable(why) => {
+                    tracing::warn!(run_id = %following.run.run_id, %why, "the run exists but its stream does not answer; falling back to polling");
+                    self.store
+                        .set_run_state(
+                            following.run.run_id.clone(),
+                            "following",
+                            Some(format!("no stream ({why}); polling instead")),
                             Some("poll"),
                         )
                         .await?;
@@ -274,6 +290,18 @@ impl Ingest {
                 }
             }
         }
+        self.finish_as(following, status, error_message, cancel_reason)
+    }
+
+    /// The `run_finished` to record, with the details already known.
+    fn finish_as(
+        &self,
+        following: &Following,
+        status: &str,
+        error_message: Option<String>,
+        cancel_reason: Option<String>,
+    ) -> Finish {
+        let run = &following.run;
         let facts = EventFacts {
             event_type: "run_finished",
             run_id: &run.run_id,
@@ -301,6 +329,78 @@ impl Ingest {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The run's state while something keeps it from following normally
+/// (`stalled`, `catching_up`, `auth_failed`, ...), so that the warning is
+/// logged once when it starts, not on every retry.
+#[derive(Default)]
+struct Trouble {
+    state: Option<&'static str>,
+}
+
+impl Trouble {
+    /// Records the state and its reason; warns when the state is new.
+    async fn enter(
+        &mut self,
+        store: &Store,
+        run_id: &str,
+        state: &'static str,
+        why: String,
+    ) -> Result<(), StoreError> {
+        if self.state != Some(state) {
+            tracing::warn!(run_id = %run_id, %state, %why, "run cannot follow normally; retrying slowly");
+            self.state = Some(state);
+        } else {
+            tracing::debug!(run_id = %run_id, %state, %why, "still not following normally");
+        }
+        store
+            .set_run_state(run_id.to_owned(), state, Some(why), None)
+            .await
+    }
+
+    /// The run follows again (its state was reset by the batch recorded).
+    fn clear(&mut self, run_id: &str) {
+        if let Some(state) = self.state.take() {
+            tracing::info!(run_id = %run_id, %state, "run follows again");
+        }
+    }
+}
+
+/// A 404 is believed only when it lasts: a proxy or load balancer answers
+/// 404 for a moment during a deploy. The tries after the first are spread
+/// over `window` (1/15, 2/15, 4/15 and 8/15 of it), so a run is stopped
+/// only after five 404s in a row over the whole window.
+struct NotFoundConfirm {
+    window: Duration,
+    tries: u32,
+}
+
+impl NotFoundConfirm {
+    const RETRIES: u32 = 4;
+
+    fn new(window: Duration) -> Self {
+        Self { window, tries: 0 }
+    }
+
+    /// The wait before the next try, or `None` once the 404 is confirmed.
+    fn next(&mut self) -> Option<Duration> {
+        if self.tries >= Self::RETRIES {
+            return None;
+        }
+        let wait = self.window * (1 << self.tries) / ((1 << Self::RETRIES) - 1);
+        self.tries += 1;
+        Some(wait)
+    }
+
+    /// "2 of 5 tries answered 404", for `status`.
+    fn progress(&self) -> String {
+        format!("{} of {} tries answered 404", self.tries, Self::RETRIES + 1)
+    }
+
+    fn reset(&mut self) {
+        self.tries = 0;
     }
 }
 
@@ -364,6 +464,19 @@ mod tests {
         let events = vec![event(5), event(3), event(9), event(5), event(2)];
         let kept: Vec<i64> = new_events(events, 3).iter().map(|e| e.sequence).collect();
         assert_eq!(kept, [5, 9]);
+    }
+
+    #[test]
+    fn a_404_is_confirmed_over_the_whole_window() {
+        let mut confirm = NotFoundConfirm::new(Duration::from_secs(60));
+        let waits: Vec<Duration> = std::iter::from_fn(|| confirm.next()).collect();
+        assert_eq!(
+            waits.iter().map(Duration::as_secs).collect::<Vec<_>>(),
+            [4, 8, 16, 32]
+        );
+        assert_eq!(waits.iter().sum::<Duration>(), Duration::from_secs(60));
+        confirm.reset();
+        assert_eq!(confirm.next(), Some(Duration::from_secs(4)));
     }
 
     #[test]

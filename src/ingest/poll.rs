@@ -1,6 +1,9 @@
 //! Polling (any credential): `events?since=<cursor>` again at once while
-//! answers carry new events, `poll_interval` when idle; the run ends when an
-//! answer has no new events and a final `runStatus`.
+//! answers carry new events, `poll_interval` when idle. The run ends when an
+//! answer has no new events, a final `runStatus`, and a run lookup shows the
+//! cursor at the run's `lastEventSequence` (DESIGN.md guarantee 8). A page
+//! with an undecodable event records the good events before it and leaves
+//! the run `stalled`, retried slowly, until upstream serves a good page.
 
 use std::time::Duration;
 
@@ -8,10 +11,28 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::{Following, Ingest, Leg, new_events, sleep_or_cancel};
-use crate::store::StoreError;
+use super::{Following, Ingest, Leg, NotFoundConfirm, Trouble, new_events, sleep_or_cancel};
+use crate::store::{Finish, StoreError};
 use crate::upstream::types::is_final;
 use crate::upstream::{ErrorClass, EventsPage, UpstreamError};
+
+/// What one poll did.
+pub(super) enum Polled {
+    /// New events recorded: ask again at once.
+    Progressed,
+    /// Nothing new; the run goes on.
+    Idle,
+    /// `run_finished` recorded with this status.
+    Finished(String),
+    /// A final status, but the cursor is short of `lastEventSequence` (or
+    /// that could not be checked): keep polling from the cursor.
+    Short(String),
+    /// An event that cannot be decoded; the good ones before it are recorded.
+    Stalled(String),
+    /// 401, 403 or 404 (transient errors are retried inside the poll).
+    Refused(UpstreamError),
+    Stopped,
+}
 
 impl Ingest {
     pub(super) async fn follow_poll(
@@ -24,60 +45,127 @@ impl Ingest {
         self.store
             .set_run_state(run_id.clone(), "following", None, Some("poll"))
             .await?;
-        let mut auth_backoff = self.auth_backoff();
+        let mut slow = self.auth_backoff();
+        let mut trouble = Trouble::default();
+        let mut not_found = NotFoundConfirm::new(self.not_found_confirm);
         loop {
-            // The page permit is held until the page is recorded.
-            let (page, _page_permit) = tokio::select! {
-                fetched = self.fetch(&run_id, following.cursor) => fetched,
-                _ = cancel.cancelled() => return Ok(Leg::Stopped),
-            };
-            let page = match page {
-                Ok(page) => page,
-                Err(error) if error.class() == ErrorClass::AuthFailed => {
-                    tracing::warn!(run_id = %run_id, %error, "upstream refused the credential; retrying slowly");
-                    self.store
-                        .set_run_state(run_id.clone(), "auth_failed", Some(error.to_string()), None)
-                        .await?;
-                    let wait = auth_backoff.next().unwrap_or(Duration::from_secs(300));
-                    if sleep_or_cancel(wait, cancel).await {
+            let polled = self.poll_once(following, cancel).await?;
+            let (state, why, wait) = match polled {
+                Polled::Stopped => return Ok(Leg::Stopped),
+                Polled::Finished(status) => return Ok(Leg::Finished(status)),
+                Polled::Progressed | Polled::Idle => {
+                    slow = self.auth_backoff();
+                    not_found.reset();
+                    trouble.clear(&run_id);
+                    self.refresh_lag(following).await?;
+                    let idle = matches!(polled, Polled::Idle);
+                    if idle && sleep_or_cancel(self.poll_interval, cancel).await {
                         return Ok(Leg::Stopped);
                     }
                     continue;
                 }
-                Err(error) => {
-                    let state = match error.class() {
-                        ErrorClass::Forbidden => "forbidden",
-                        _ => "not_found",
-                    };
-                    tracing::error!(run_id = %run_id, %error, "run cannot be followed; stopped");
-                    self.store
-                        .set_run_state(run_id.clone(), state, Some(error.to_string()), None)
-                        .await?;
-                    return Ok(Leg::Refused);
-                }
+                Polled::Short(why) => ("catching_up", why, slow.next()),
+                Polled::Stalled(why) => ("stalled", why, slow.next()),
+                Polled::Refused(error) => match error.class() {
+                    ErrorClass::AuthFailed => ("auth_failed", error.to_string(), slow.next()),
+                    ErrorClass::NotFound => match not_found.next() {
+                        Some(wait) => {
+                            let why = format!("{error} ({}); confirming", not_found.progress());
+                            ("retrying", why, Some(wait))
+                        }
+                        None => return self.refused(&run_id, "not_found", error).await,
+                    },
+                    _ => return self.refused(&run_id, "forbidden", error).await,
+                },
             };
-            auth_backoff = self.auth_backoff();
-            following.status = page.run_status.clone().or(following.status.take());
-            following.phase = page.current_phase.clone().or(following.phase.take());
-            let events = new_events(page.events, following.cursor);
-            let idle = events.is_empty();
-            let finish = match page.run_status.as_deref() {
-                Some(status) if idle && is_final(status) => {
-                    Some(self.finish(following, status, None, None).await)
-                }
-                _ => None,
-            };
-            let finished = finish.as_ref().map(|f| f.status.clone());
-            self.record(following, events, finish).await?;
-            if let Some(status) = finished {
-                tracing::info!(run_id = %run_id, cursor = following.cursor, %status, "run finished");
-                return Ok(Leg::Finished(status));
+            if !matches!(state, "retrying") {
+                not_found.reset();
             }
-            self.refresh_lag(following).await?;
-            if idle && sleep_or_cancel(self.poll_interval, cancel).await {
+            trouble.enter(&self.store, &run_id, state, why).await?;
+            let wait = wait.unwrap_or(Duration::from_secs(300));
+            if sleep_or_cancel(wait, cancel).await {
                 return Ok(Leg::Stopped);
             }
         }
+    }
+
+    /// Stops a run the upstream will not serve (403, or a confirmed 404).
+    pub(super) async fn refused(
+        &self,
+        run_id: &str,
+        state: &'static str,
+        error: UpstreamError,
+    ) -> Result<Leg, StoreError> {
+        tracing::error!(run_id = %run_id, %error, %state, "run cannot be followed; stopped");
+        self.store
+            .set_run_state(run_id.to_owned(), state, Some(error.to_string()), None)
+            .await?;
+        Ok(Leg::Refused)
+    }
+
+    /// One page: fetch it, record what it holds, perhaps finish the run.
+    pub(super) async fn poll_once(
+        &self,
+        following: &mut Following,
+        cancel: &CancellationToken,
+    ) -> Result<Polled, StoreError> {
+        // The page permit is held until the page is recorded.
+        let (page, _page_permit) = tokio::select! {
+            fetched = self.fetch(&following.run.run_id, following.cursor) => fetched,
+            _ = cancel.cancelled() => return Ok(Polled::Stopped),
+        };
+        let page = match page {
+            Ok(page) => page,
+            Err(error) => return Ok(Polled::Refused(error)),
+        };
+        following.status = page.run_status.clone().or(following.status.take());
+        following.phase = page.current_phase.clone().or(following.phase.take());
+        let events = new_events(page.events, following.cursor);
+        let progressed = !events.is_empty();
+        if let Some(why) = page.undecodable {
+            self.record(following, events, None).await?;
+            return Ok(Polled::Stalled(why));
+        }
+        let finish = match page.run_status.as_deref() {
+            Some(status) if !progressed && is_final(status) => {
+                match self.confirmed_finish(following, status).await {
+                    Ok(finish) => Some(finish),
+                    Err(why) => return Ok(Polled::Short(why)),
+                }
+            }
+            _ => None,
+        };
+        let finished = finish.as_ref().map(|f| f.status.clone());
+        self.record(following, events, finish).await?;
+        Ok(match finished {
+            Some(status) => {
+                tracing::info!(run_id = %following.run.run_id, cursor = following.cursor, %status, "run finished");
+                Polled::Finished(status)
+            }
+            None if progressed => Polled::Progressed,
+            None => Polled::Idle,
+        })
+    }
+
+    /// The `run_finished` for a final poll status, once a run lookup shows
+    /// the cursor at (or past) `lastEventSequence`; otherwise why not.
+    /// Sequences may have gaps, so the cursor is compared, not a count.
+    async fn confirmed_finish(
+        &self,
+        following: &Following,
+        status: &str,
+    ) -> Result<Finish, String> {
+        let run_id = &following.run.run_id;
+        let info = self.client.run(run_id).await.map_err(|error| {
+            format!("{status}, but the run lookup that checks for missing events failed: {error}")
+        })?;
+        if info.last_event_sequence > following.cursor {
+            return Err(format!(
+                "{status} with lastEventSequence {} but the cursor is {}: catching up from the cursor",
+                info.last_event_sequence, following.cursor
+            ));
+        }
+        Ok(self.finish_as(following, status, info.error_message, info.cancel_reason))
     }
 
     /// One poll, retried with backoff and jitter through transient errors,

@@ -1,7 +1,10 @@
 //! The live stream (session cookie). Each connection opens with `since` =
 //! the stored cursor; runhook reconnects itself, with backoff and jitter,
 //! after a drop, an in-band error frame, or a stream silent for
-//! `stream_idle_timeout` (heartbeats count).
+//! `stream_idle_timeout` (heartbeats count). A frame that cannot be parsed,
+//! or a `run_finished` past the cursor, drops the stream: runhook catches up
+//! from the cursor (by polling when a token is configured) and records
+//! `run_finished` only once the cursor reached the run's last sequence.
 
 use std::time::Duration;
 
@@ -9,9 +12,11 @@ use futures::StreamExt;
 use reqwest_eventsource::{Error as SseError, Event as SseEvent};
 use tokio_util::sync::CancellationToken;
 
-use super::{Following, Ingest, Leg, reconnect_backoff, sleep_or_cancel};
+use super::poll::Polled;
+use super::{Following, Ingest, Leg, NotFoundConfirm, Trouble, reconnect_backoff, sleep_or_cancel};
 use crate::http::{read_capped, retry_after, snippet};
 use crate::store::StoreError;
+use crate::upstream::ErrorClass;
 use crate::upstream::frame::{self, Frame};
 use crate::upstream::types::error_message;
 
@@ -21,8 +26,11 @@ enum Connection {
     Stopped,
     /// 401/403 on connect.
     Refused(String),
-    /// 404 on connect.
+    /// 404 or 405 on connect.
     NotFound(String),
+    /// A frame that cannot be parsed, or a finish past the cursor: catch up
+    /// from the cursor before anything else.
+    Behind(String),
     /// Reconnect from the cursor.
     Dropped {
         reason: String,
@@ -31,9 +39,17 @@ enum Connection {
     },
 }
 
-/// A `run_finished` announcing more than was received is not trusted at
-/// once: reconnect from the cursor this many times first.
-const FINISH_RECHECKS: u32 = 2;
+/// How a catch-up by polling (after a bad frame or a short finish) ended.
+enum CaughtUp {
+    /// Polled until idle; `progressed` when the cursor moved.
+    Done {
+        progressed: bool,
+    },
+    Finished(String),
+    Stopped,
+    /// Polling cannot get past the cursor either: this state, this reason.
+    Stuck(&'static str, String),
+}
 
 impl Ingest {
     pub(super) async fn follow_sse(
@@ -45,9 +61,11 @@ impl Ingest {
         following.transport = "sse";
         let mut backoff = reconnect_backoff();
         let mut auth_backoff = self.auth_backoff();
-        let mut rechecks = 0;
+        let mut slow = self.auth_backoff();
+        let mut trouble = Trouble::default();
+        let mut not_found = NotFoundConfirm::new(self.not_found_confirm);
         loop {
-            match self.connection(following, cancel, &mut rechecks).await? {
+            match self.connection(following, cancel, &mut not_found).await? {
                 Connection::Finished(status) => return Ok(Leg::Finished(status)),
                 Connection::Stopped => return Ok(Leg::Stopped),
                 Connection::Refused(why) if self.client.has_token() => {
@@ -69,11 +87,61 @@ impl Ingest {
                     }
                 }
                 Connection::NotFound(why) => {
-                    tracing::error!(run_id = %run_id, %why, "run not found; stopped");
-                    self.store
-                        .set_run_state(run_id.clone(), "not_found", Some(why), None)
-                        .await?;
-                    return Ok(Leg::Refused);
+                    let wait = match self.client.run(&run_id).await {
+                        // The run is there; its stream is not.
+                        Ok(_) => return Ok(Leg::StreamUnavailable(why)),
+                        Err(error) if error.class() == ErrorClass::Forbidden => {
+                            return self.refused(&run_id, "forbidden", error).await;
+                        }
+                        Err(error) if error.class() == ErrorClass::NotFound => {
+                            let Some(wait) = not_found.next() else {
+                                return self.refused(&run_id, "not_found", error).await;
+                            };
+                            let why = format!("{error} ({}); confirming", not_found.progress());
+                            trouble.enter(&self.store, &run_id, "retrying", why).await?;
+                            wait
+                        }
+                        Err(error) => {
+                            let why = format!("stream {why}; run lookup: {error}");
+                            trouble
+                                .enter(&self.store, &run_id, "reconnecting", why)
+                                .await?;
+                            backoff.next().unwrap_or(Duration::from_secs(60))
+                        }
+                    };
+                    if sleep_or_cancel(wait, cancel).await {
+                        return Ok(Leg::Stopped);
+                    }
+                }
+                Connection::Behind(why) => {
+                    let (state, why, wait) = if self.client.has_token() {
+                        following.transport = "poll";
+                        let caught_up = self.catch_up(following, cancel).await?;
+                        following.transport = "sse";
+                        match caught_up {
+                            CaughtUp::Finished(status) => return Ok(Leg::Finished(status)),
+                            CaughtUp::Stopped => return Ok(Leg::Stopped),
+                            CaughtUp::Done { progressed: true } => {
+                                (backoff, slow) = (reconnect_backoff(), self.auth_backoff());
+                                trouble.clear(&run_id);
+                                continue;
+                            }
+                            CaughtUp::Done { progressed: false } => {
+                                ("catching_up", why, backoff.next())
+                            }
+                            CaughtUp::Stuck(state, stuck) => {
+                                (state, format!("{why}; polling: {stuck}"), slow.next())
+                            }
+                        }
+                    } else {
+                        ("catching_up", why, backoff.next())
+                    };
+                    crate::metrics::metrics().stream_reconnects.inc();
+                    trouble.enter(&self.store, &run_id, state, why).await?;
+                    let wait = wait.unwrap_or(Duration::from_secs(60));
+                    if sleep_or_cancel(wait, cancel).await {
+                        return Ok(Leg::Stopped);
+                    }
                 }
                 Connection::Dropped {
                     reason,
@@ -99,11 +167,34 @@ impl Ingest {
         }
     }
 
+    /// Polls from the cursor until a page brings nothing new (or the run
+    /// finishes, or polling is stuck too).
+    async fn catch_up(
+        &self,
+        following: &mut Following,
+        cancel: &CancellationToken,
+    ) -> Result<CaughtUp, StoreError> {
+        let from = following.cursor;
+        loop {
+            return Ok(match self.poll_once(following, cancel).await? {
+                Polled::Progressed => continue,
+                Polled::Idle => CaughtUp::Done {
+                    progressed: following.cursor > from,
+                },
+                Polled::Finished(status) => CaughtUp::Finished(status),
+                Polled::Stopped => CaughtUp::Stopped,
+                Polled::Short(why) => CaughtUp::Stuck("catching_up", why),
+                Polled::Stalled(why) => CaughtUp::Stuck("stalled", why),
+                Polled::Refused(error) => CaughtUp::Stuck("catching_up", error.to_string()),
+            });
+        }
+    }
+
     async fn connection(
         &self,
         following: &mut Following,
         cancel: &CancellationToken,
-        rechecks: &mut u32,
+        not_found: &mut NotFoundConfirm,
     ) -> Result<Connection, StoreError> {
         let run_id = following.run.run_id.clone();
         let Some(mut source) = self.client.open_stream(&run_id, following.cursor) else {
@@ -140,6 +231,7 @@ impl Ingest {
                 Ok(None) => return Ok(dropped("stream closed".into(), progressed)),
                 Ok(Some(Ok(SseEvent::Open))) => {
                     permit.take();
+                    not_found.reset();
                     crate::metrics::metrics().upstream_answer(Some(200));
                     self.store
                         .set_run_state(run_id.clone(), "following", None, Some("sse"))
@@ -155,9 +247,10 @@ impl Ingest {
             let frame = match frame::parse(&message.data) {
                 Ok(frame) => frame,
                 Err(error) => {
-                    // The cursor stays where it is: nothing was recorded.
-                    tracing::warn!(run_id = %run_id, %error, "skipping an unparseable stream frame");
-                    continue;
+                    // Skipping it would let the next event move the cursor
+                    // past whatever it carried.
+                    source.close();
+                    return Ok(Connection::Behind(error.to_string()));
                 }
             };
             match frame {
@@ -177,18 +270,30 @@ impl Ingest {
                     }
                 }
                 Frame::Finished(finished) => {
-                    if finished
-                        .last_sequence
-                        .is_some_and(|last| last > following.cursor)
-                        && *rechecks < FINISH_RECHECKS
-                    {
-                        *rechecks += 1;
-                        source.close();
-                        let reason = format!(
-                            "run_finished says lastSequence {:?} but the cursor is {}",
-                            finished.last_sequence, following.cursor
-                        );
-                        return Ok(dropped(reason, progressed));
+                    let last = match finished.last_sequence {
+                        Some(last) => Ok(last),
+                        None => self
+                            .client
+                            .run(&run_id)
+                            .await
+                            .map(|r| r.last_event_sequence),
+                    };
+                    match last {
+                        Ok(last) if last > following.cursor => {
+                            source.close();
+                            return Ok(Connection::Behind(format!(
+                                "run_finished says lastSequence {last} but the cursor is {}",
+                                following.cursor
+                            )));
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            source.close();
+                            let reason = format!(
+                                "run_finished without lastSequence, and the run lookup failed: {error}"
+                            );
+                            return Ok(dropped(reason, progressed));
+                        }
                     }
                     let status = finished
                         .status
@@ -235,7 +340,7 @@ async fn refused_or_dropped(error: SseError, progressed: bool) -> Connection {
             let why = format!("{}: {message}", status.as_u16());
             match status.as_u16() {
                 401 | 403 => Connection::Refused(why),
-                404 => Connection::NotFound(format!("upstream answered {why}")),
+                404 | 405 => Connection::NotFound(format!("upstream answered {why}")),
                 _ => Connection::Dropped {
                     reason: format!("upstream answered {why}"),
                     retry_after: wait,

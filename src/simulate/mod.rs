@@ -231,9 +231,12 @@ struct Damage {
 
 impl Damage {
     fn take(sim: &Sim, endpoint: &str, run_id: &str) -> Self {
-        let bad = sim.take_fault(endpoint, run_id, |k| matches!(k, FaultKind::BadEvent { .. }));
-        let withhold =
-            sim.take_fault(endpoint, run_id, |k| matches!(k, FaultKind::Withhold { .. }));
+        let bad = sim.take_fault(endpoint, run_id, |k| {
+            matches!(k, FaultKind::BadEvent { .. })
+        });
+        let withhold = sim.take_fault(endpoint, run_id, |k| {
+            matches!(k, FaultKind::Withhold { .. })
+        });
         Self {
             bad: match bad {
                 Some(FaultKind::BadEvent { sequence }) => Some(sequence),
@@ -254,7 +257,10 @@ impl Damage {
     /// The event's JSON, or an undecodable version of it.
     fn event_json(&self, event: &SimEvent) -> String {
         if self.bad == Some(event.sequence) {
-            format!(r#"{{"sequence":{},"eventType":42,"payload":{{}}}}"#, event.sequence)
+            format!(
+                r#"{{"sequence":{},"eventType":42,"payload":{{}}}}"#,
+                event.sequence
+            )
         } else {
             event_json(event)
         }
@@ -263,7 +269,10 @@ impl Damage {
     /// The event's stream frame, or an undecodable one.
     fn frame(&self, event: &SimEvent, style: &StreamStyle) -> String {
         if self.bad == Some(event.sequence) {
-            format!(r#"{{"type":"run_event","event":{}}}"#, self.event_json(event))
+            format!(
+                r#"{{"type":"run_event","event":{}}}"#,
+                self.event_json(event)
+            )
         } else {
             run_event_frame(event, style)
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::header::{AUTHORIZATION, COOKIE, HeaderValue};
 use tokio::sync::Semaphore;
 
-use super::types::{EventsPage, RunEnvelope, RunInfo, error_message};
+use super::types::{EventsPage, RunEnvelope, RunInfo, decode_page, error_message};
 use crate::config::{ApiConfig, Secret};
 use crate::http::{read_capped, retry_after, snippet};
 
@@ -110,13 +110,14 @@ impl Client {
         url
     }
 
-    /// Events after `since`, with the run's status.
+    /// Events after `since`, with the run's status; a bad event cuts the
+    /// page short rather than failing it (`EventsPage::undecodable`).
     pub async fn events(&self, run_id: &str, since: i64) -> Result<EventsPage, UpstreamError> {
         let mut url = self.run_url(run_id, &["events"]);
         url.query_pairs_mut()
             .append_pair("since", &since.to_string());
         let body = self.get(url).await?;
-        serde_json::from_slice(&body).map_err(|e| {
+        decode_page(&body, since).map_err(|e| {
             UpstreamError::Decode(format!("{e}; body starts {:?}", snippet(&body, 120)))
         })
     }

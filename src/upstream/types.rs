@@ -38,6 +38,72 @@ pub struct EventsPage {
     pub run_status: Option<String>,
     #[serde(rename = "currentPhase", default)]
     pub current_phase: Option<String>,
+    /// Why the page's events stop short: the first event above `since`
+    /// that could not be decoded. `events` holds only what came before it,
+    /// so the cursor can never pass it (DESIGN.md guarantee 8).
+    #[serde(skip)]
+    pub undecodable: Option<String>,
+}
+
+/// Reads a poll answer event by event. A page with an event that cannot be
+/// decoded keeps the good events below it (and says why in `undecodable`)
+/// instead of failing whole, so a run records what it can and shows the bad
+/// event instead of retrying the same page forever. An undecodable event
+/// whose `sequence` is readable and not above `since` is already recorded:
+/// it is skipped.
+pub fn decode_page(body: &[u8], since: i64) -> Result<EventsPage, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct RawPage {
+        #[serde(default)]
+        events: Vec<Box<RawValue>>,
+        #[serde(rename = "runStatus", default)]
+        run_status: Option<String>,
+        #[serde(rename = "currentPhase", default)]
+        current_phase: Option<String>,
+    }
+    /// Just the sequence of an event that is otherwise unreadable.
+    #[derive(Deserialize)]
+    struct SequenceOnly {
+        sequence: i64,
+    }
+    let raw: RawPage = serde_json::from_slice(body)?;
+    let mut events = Vec::with_capacity(raw.events.len());
+    let mut undecodable = None;
+    for text in &raw.events {
+        let error = match serde_json::from_str::<Event>(text.get()) {
+            Ok(event) => {
+                events.push(event);
+                continue;
+            }
+            Err(error) => error,
+        };
+        let sequence = serde_json::from_str::<SequenceOnly>(text.get())
+            .ok()
+            .map(|s| s.sequence);
+        match sequence {
+            Some(sequence) if sequence <= since => continue,
+            Some(sequence) => {
+                // An unsorted page may hold good events above the bad one.
+                events.retain(|e: &Event| e.sequence < sequence);
+                undecodable = Some(format!(
+                    "the event with sequence {sequence} cannot be decoded: {error}"
+                ));
+            }
+            None => {
+                let start: String = text.get().chars().take(120).collect();
+                undecodable = Some(format!(
+                    "an event cannot be decoded ({error}); it starts {start:?}"
+                ));
+            }
+        }
+        break;
+    }
+    Ok(EventsPage {
+        events,
+        run_status: raw.run_status,
+        current_phase: raw.current_phase,
+        undecodable,
+    })
 }
 
 /// The `run` object of `GET /v1/agent-runs/{id}`.
@@ -113,6 +179,22 @@ mod tests {
         assert_eq!(page.events[0].payload.get(), r#"{"b":1.10,"a":"é\u00e9"}"#);
         assert_eq!(page.events[0].created_at, None);
         assert_eq!(page.current_phase, None);
+    }
+
+    #[test]
+    fn a_bad_event_keeps_the_good_ones_below_it() {
+        let body = br#"{"events":[{"sequence":2,"eventType":1},{"sequence":3,"eventType":"A"},{"sequence":5,"eventType":"B"},{"sequence":4,"eventType":42},{"sequence":6,"eventType":"C"}],"runStatus":"running"}"#;
+        let page = decode_page(body, 2).unwrap();
+        let kept: Vec<i64> = page.events.iter().map(|e| e.sequence).collect();
+        assert_eq!(kept, [3], "5 came before the bad 4 but is above it");
+        assert!(page.undecodable.unwrap().contains("sequence 4"));
+        let page =
+            decode_page(br#"{"events":[{"sequence":1,"eventType":"A"},"junk"]}"#, 0).unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert!(page.undecodable.unwrap().contains("junk"));
+        let page = decode_page(br#"{"events":[{"sequence":1,"eventType":"A"}]}"#, 0).unwrap();
+        assert_eq!((page.events.len(), page.undecodable), (1, None));
+        assert!(decode_page(b"<html>", 0).is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One integration-test binary (as ripgrep does): real HTTP on 127.0.0.1
 //! with ephemeral ports, real SQLite files in temp dirs, real receivers.
 
+mod catch_up;
 mod cli;
 mod crash;
 mod faults;

@@ -1,0 +1,196 @@
+//! The cursor never passes an event that was not recorded (DESIGN.md
+//! guarantee 8): an undecodable event or frame, or a finish announced past
+//! the cursor, makes runhook catch up from the cursor; a run is finished
+//! only once its cursor reached the run's `lastEventSequence`.
+
+use runhook::simulate::{Fault, FaultKind, Scenario, Simulator};
+use runhook::store::RunRow;
+
+use crate::support::*;
+
+fn fault(endpoint: &str, kind: FaultKind) -> Fault {
+    Fault {
+        run: None,
+        endpoint: Some(endpoint.into()),
+        count: None,
+        kind,
+    }
+}
+
+/// Stream with the cookie, catch-up polls with the token.
+fn sse_env_with_token(sim: &Simulator, runs: &[&str]) -> Env {
+    let mut env = Env::new(sim, runs);
+    env.api = format!(
+        "session_cookie = \"{}\"\npoll_interval = \"50ms\"\nstream_idle_timeout = \"2s\"\n",
+        sim.session()
+    );
+    env
+}
+
+async fn wait_state(env: &Env, run: &str, state: &str) -> RunRow {
+    wait_for(state, || async {
+        match env.run_row(run).await {
+            Some(row) if row.state == state => Ok(row),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
+fn sequences_of(env: &Env, run: &str) -> Vec<i64> {
+    env.lines()
+        .iter()
+        .filter(|l| l["runId"] == run)
+        .filter_map(|l| l["sequence"].as_i64())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_undecodable_event_on_a_page_stalls_the_run_after_the_good_ones() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-bad", numbered(6))],
+        faults: vec![fault("events", FaultKind::BadEvent { sequence: 4 })],
+        ..Scenario::default()
+    })
+    .await;
+    let env = Env::new(&sim, &["run-bad"]);
+    let daemon = env.start();
+    let row = wait_state(&env, "run-bad", "stalled").await;
+    assert_eq!(row.cursor, 3, "the good events before the bad one recorded");
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("sequence 4"), "{error}");
+    wait_for("events 1..3 in the file", || async {
+        let seen = sequences_of(&env, "run-bad");
+        if seen == [1, 2, 3] {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+    // Slow retries: a handful of polls while stalled, not a hot loop.
+    let stalled_at = sim.requests().len();
+    wait_for("two more polls while stalled", || async {
+        let polls = sim.requests().len() - stalled_at;
+        if polls >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{polls} polls"))
+        }
+    })
+    .await;
+    let log = sim.requests();
+    let gaps: Vec<u64> = log[stalled_at - 1..]
+        .windows(2)
+        .map(|w| w[1].at_ms - w[0].at_ms)
+        .collect();
+    assert!(
+        gaps.iter().all(|g| *g >= 40),
+        "backs off between polls: {gaps:?}"
+    );
+    assert_eq!(
+        env.run_row("run-bad").await.unwrap().state,
+        "stalled",
+        "no run_finished past the bad event"
+    );
+    // Upstream heals: the run resumes from the cursor by itself.
+    sim.clear_faults();
+    let lines = env.wait_finished(&["run-bad"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-bad", &raw);
+    assert_eq!(env.run_row("run-bad").await.unwrap().state, "finished");
+}
+
+#[tokio::test]
+async fn a_final_poll_status_short_of_last_event_sequence_does_not_finish() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-short", numbered(6))],
+        faults: vec![fault("events", FaultKind::Withhold { from: 5 })],
+        ..Scenario::default()
+    })
+    .await;
+    let env = Env::new(&sim, &["run-short"]);
+    let daemon = env.start();
+    let row = wait_state(&env, "run-short", "catching_up").await;
+    assert_eq!(row.cursor, 4);
+    let error = row.last_error.unwrap_or_default();
+    assert!(error.contains("lastEventSequence 6"), "{error}");
+    assert!(
+        env.lines().iter().all(|l| l["type"] != "run_finished"),
+        "no run_finished short of lastEventSequence"
+    );
+    sim.clear_faults();
+    let lines = env.wait_finished(&["run-short"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-short", &raw);
+    let finished = lines.iter().find(|l| l["type"] == "run_finished").unwrap();
+    assert_eq!(finished["id"], "run-short:finished:6");
+}
+
+#[tokio::test]
+async fn an_undecodable_stream_frame_is_caught_up_by_polling() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-frame", numbered(8))],
+        faults: vec![fault("stream", FaultKind::BadEvent { sequence: 3 })],
+        ..Scenario::default()
+    })
+    .await;
+    let env = sse_env_with_token(&sim, &["run-frame"]);
+    let daemon = env.start();
+    let lines = env.wait_finished(&["run-frame"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-frame", &raw);
+    assert!(
+        sim.requests()
+            .iter()
+            .any(|r| r.endpoint == "events" && r.since == Some(2)),
+        "caught up by polling from the cursor"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_finish_past_the_cursor_is_caught_up_by_polling() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-early", numbered(8))],
+        faults: vec![fault("stream", FaultKind::Withhold { from: 6 })],
+        ..Scenario::default()
+    })
+    .await;
+    let env = sse_env_with_token(&sim, &["run-early"]);
+    let daemon = env.start();
+    let lines = env.wait_finished(&["run-early"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-early", &raw);
+    let finished = lines.iter().find(|l| l["type"] == "run_finished").unwrap();
+    assert_eq!(finished["id"], "run-early:finished:8");
+}
+
+#[tokio::test]
+async fn a_stream_finish_past_the_cursor_without_a_token_reconnects_until_served() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-cookie", numbered(8))],
+        faults: vec![Fault {
+            count: Some(3),
+            ..fault("stream", FaultKind::Withhold { from: 6 })
+        }],
+        ..Scenario::default()
+    })
+    .await;
+    let mut env = sse_env_with_token(&sim, &["run-cookie"]);
+    env.token = String::new();
+    let daemon = env.start();
+    let lines = env.wait_finished(&["run-cookie"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-cookie", &raw);
+    let streams = sim
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == "stream")
+        .count();
+    assert!(streams >= 4, "reconnected until served: {streams} streams");
+}
