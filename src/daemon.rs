@@ -37,7 +37,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Run states in which ingest does not start the run again by itself
-/// (`watch` it again to retry). A finished run's task decides itself whether
+/// (`watch` it again to retry: `Store::subscribe` resets them). A finished run's task decides itself whether
 /// it still lingers (a failed run may be retried upstream).
 const ENDED_STATES: [&str; 2] = ["forbidden", "not_found"];
 
@@ -79,6 +79,10 @@ pub async fn run_reloadable(
     // Held until this function returns: one daemon per state database.
     let _lock = crate::store::DaemonLock::acquire(&config.state.path)?;
     let store = Store::open(&config.state.path)?;
+    let retried = store.retry_stopped_runs().await?;
+    if retried > 0 {
+        tracing::info!(runs = retried, "retrying runs stopped by a 403 or 404");
+    }
     subscribe_config_runs(&store, &config).await?;
     let mut sinks = Sinks::default();
     sinks.apply(&config, &store, false).await?;

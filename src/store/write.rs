@@ -76,7 +76,9 @@ impl Store {
         Ok(recorded)
     }
 
-    /// Subscribes to a run (or refreshes its labels), keeping its cursor.
+    /// Subscribes to a run (or refreshes its labels), keeping its cursor. A
+    /// run stopped by a 403 or a confirmed 404 (`daemon::ENDED_STATES`) is
+    /// given another chance: `watch` again is how a user retries it.
     pub async fn subscribe(
         &self,
         run_id: String,
@@ -90,10 +92,28 @@ impl Store {
                 "INSERT INTO runs (run_id, labels, origin, watched, transport, updated_at)
                  VALUES (?1, ?2, ?3, 1, ?4, ?5)
                  ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels,
-                    origin = excluded.origin, watched = 1, transport = excluded.transport",
+                    origin = excluded.origin, watched = 1, transport = excluded.transport,
+                    state = CASE WHEN state IN ('not_found', 'forbidden')
+                        THEN 'starting' ELSE state END,
+                    last_error = CASE WHEN state IN ('not_found', 'forbidden')
+                        THEN NULL ELSE last_error END",
             )?
             .execute(params![run_id, labels, origin, transport, now_ms()])?;
             bump_control(conn)
+        })
+        .await
+    }
+
+    /// At daemon start, runs stopped by a 403 or a confirmed 404 get another
+    /// chance, as `watch` gives them: a restart is how an operator says
+    /// "try everything again". Returns how many.
+    pub async fn retry_stopped_runs(&self) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE runs SET state = 'starting', last_error = NULL, updated_at = ?1
+                 WHERE watched = 1 AND state IN ('not_found', 'forbidden')",
+                [now_ms()],
+            )
         })
         .await
     }

@@ -12,6 +12,7 @@ mod retention;
 mod service;
 mod slack;
 mod sse;
+mod stopped;
 mod store;
 mod support;
 mod webhook;

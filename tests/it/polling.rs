@@ -257,7 +257,8 @@ async fn forbidden_and_unknown_runs_stop_with_the_servers_message() {
     let mut theirs = scripted("run-theirs", numbered(2));
     theirs.owner = "user-2".into();
     let sim = sim_with(vec![theirs, scripted("run-ok", numbered(2))]).await;
-    let env = Env::new(&sim, &["run-theirs", "run-missing", "run-ok"]);
+    let mut env = Env::new(&sim, &["run-theirs", "run-missing", "run-ok"]);
+    env.api.push_str("not_found_confirm = \"300ms\"\n");
     let daemon = env.start();
     for (run, state, message) in [
         ("run-theirs", "forbidden", "Forbidden"),
@@ -274,13 +275,21 @@ async fn forbidden_and_unknown_runs_stop_with_the_servers_message() {
     }
     env.wait_finished(&["run-ok"]).await;
     daemon.stop().await;
-    for run in ["run-theirs", "run-missing"] {
-        let asked = sim
+    // A 403 stops at once; a 404 only once five tries over
+    // `not_found_confirm` all answered 404.
+    for (run, tries) in [("run-theirs", 1), ("run-missing", 5)] {
+        let asked: Vec<u64> = sim
             .requests()
             .iter()
             .filter(|r| r.run_id.as_deref() == Some(run))
-            .count();
-        assert_eq!(asked, 1, "{run}: stopped after the first refusal");
+            .map(|r| r.at_ms)
+            .collect();
+        assert_eq!(asked.len(), tries, "{run}: stopped after {tries} refusals");
+        let span = asked[tries - 1] - asked[0];
+        assert!(
+            tries == 1 || span >= 290,
+            "{run}: tries spread over the window: {span} ms"
+        );
     }
 }
 
