@@ -30,7 +30,10 @@ enum Connection {
     NotFound(String),
     /// A frame that cannot be parsed, or a finish past the cursor: catch up
     /// from the cursor before anything else.
-    Behind(String),
+    Behind {
+        reason: String,
+        progressed: bool,
+    },
     /// Reconnect from the cursor.
     Dropped {
         reason: String,
@@ -113,7 +116,13 @@ impl Ingest {
                         return Ok(Leg::Stopped);
                     }
                 }
-                Connection::Behind(why) => {
+                Connection::Behind {
+                    reason: why,
+                    progressed,
+                } => {
+                    if progressed {
+                        backoff = reconnect_backoff();
+                    }
                     let (state, why, wait) = if self.client.has_token() {
                         following.transport = "poll";
                         let caught_up = self.catch_up(following, cancel).await?;
@@ -250,7 +259,10 @@ impl Ingest {
                     // Skipping it would let the next event move the cursor
                     // past whatever it carried.
                     source.close();
-                    return Ok(Connection::Behind(error.to_string()));
+                    return Ok(Connection::Behind {
+                        reason: error.to_string(),
+                        progressed,
+                    });
                 }
             };
             match frame {
@@ -281,10 +293,13 @@ impl Ingest {
                     match last {
                         Ok(last) if last > following.cursor => {
                             source.close();
-                            return Ok(Connection::Behind(format!(
-                                "run_finished says lastSequence {last} but the cursor is {}",
-                                following.cursor
-                            )));
+                            return Ok(Connection::Behind {
+                                reason: format!(
+                                    "run_finished says lastSequence {last} but the cursor is {}",
+                                    following.cursor
+                                ),
+                                progressed,
+                            });
                         }
                         Ok(_) => {}
                         Err(error) => {
