@@ -2,6 +2,7 @@
 //! with ephemeral ports, real SQLite files in temp dirs, real receivers.
 
 mod catch_up;
+mod chaos;
 mod cli;
 mod crash;
 mod faults;
