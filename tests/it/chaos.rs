@@ -79,7 +79,7 @@ const SWITCHES: &[(&str, bool)] = &[
     ("hup", true),
     ("hup_change", true),
     ("lock_short", true),
-    ("lock_long", true),
+    ("lock_long", false),
     ("webhook_5xx", true),
     ("webhook_429", true),
     ("webhook_timeout", true),
@@ -223,31 +223,32 @@ enum Action {
 /// Draws one scheduled action.
 type DrawAction = fn(&mut StdRng) -> Action;
 
-/// Process and receiver faults: name (a switch) and how to draw one.
-const SCHEDULE: &[(&str, DrawAction)] = &[
-    ("kill", |_| Action::Kill),
-    ("hup", |_| Action::Hup(false)),
-    ("hup_change", |_| Action::Hup(true)),
-    ("lock_short", |rng| {
+/// Process and receiver faults: name (a switch), weight (how often it is
+/// drawn against the others) and how to draw one.
+const SCHEDULE: &[(&str, u32, DrawAction)] = &[
+    ("kill", 5, |_| Action::Kill),
+    ("hup", 1, |_| Action::Hup(false)),
+    ("hup_change", 1, |_| Action::Hup(true)),
+    ("lock_short", 1, |rng| {
         Action::HoldLock(Duration::from_millis(rng.random_range(500..4000)))
     }),
     // Past the daemon's 10 s busy timeout.
-    ("lock_long", |rng| {
+    ("lock_long", 1, |rng| {
         Action::HoldLock(Duration::from_millis(rng.random_range(10_500..12_000)))
     }),
-    ("webhook_5xx", |rng| {
+    ("webhook_5xx", 1, |rng| {
         Action::Webhook(Mode::Fail(500), window(rng))
     }),
-    ("webhook_429", |rng| {
+    ("webhook_429", 1, |rng| {
         Action::Webhook(Mode::TooMany(rng.random_range(1..=2)), window(rng))
     }),
-    ("webhook_timeout", |rng| {
+    ("webhook_timeout", 1, |rng| {
         Action::Webhook(Mode::Late, window(rng))
     }),
-    ("slack_5xx", |rng| {
+    ("slack_5xx", 1, |rng| {
         Action::Slack(Mode::Fail(503), window(rng))
     }),
-    ("slack_429", |rng| {
+    ("slack_429", 1, |rng| {
         Action::Slack(Mode::TooMany(1), window(rng))
     }),
 ];
@@ -411,7 +412,9 @@ fn draw_payload(rng: &mut StdRng, switches: &Switches, n: i64) -> String {
     match rng.random_range(0..choices) {
         0 => format!(r#"{{"n":{n},"ratio":0.10}}"#),
         1 => {
-            format!(r#"{{ "n" : {n}, "note": "café ☕ \"q\" \n", "big": 1.5e300, "z":[1.50,{{}}] }}"#)
+            format!(
+                r#"{{ "n" : {n}, "note": "café ☕ \"q\" \n", "big": 1.5e300, "z":[1.50,{{}}] }}"#
+            )
         }
         2 => {
             format!(r#"{{"n":{n},"a":2,"n2":-0.0,"u":"\u00e9\ud83d\ude00","deep":{{"x":[[[]]]}}}}"#)
@@ -449,10 +452,10 @@ fn draw_events(
 fn draw_run(rng: &mut StdRng, switches: &Switches, index: usize) -> (Plan, Vec<Fault>) {
     let id = format!("chaos-{index:03}");
     let mut last = 0;
-    let count = rng.random_range(1..25);
+    let count = rng.random_range(1..30);
     let events = draw_events(rng, switches, &mut last, count);
     let mut run = scripted(&id, events);
-    run.interval = Duration::from_millis(rng.random_range(20..400));
+    run.interval = Duration::from_millis(rng.random_range(30..600));
     let mut retried_after = None;
     match rng.random_range(0..4) {
         0 => {
@@ -526,8 +529,17 @@ fn draw_schedule(rng: &mut StdRng, switches: &Switches) -> Vec<(Duration, Action
     let steps = rng.random_range(8..16);
     let mut schedule = Vec::new();
     for _ in 0..steps {
-        let pause = Duration::from_millis(rng.random_range(100..2000));
-        let (name, draw) = SCHEDULE[rng.random_range(0..SCHEDULE.len())];
+        let pause = Duration::from_millis(rng.random_range(50..1500));
+        let total: u32 = SCHEDULE.iter().map(|(_, weight, _)| weight).sum();
+        let mut pick = rng.random_range(0..total);
+        let (name, _, draw) = SCHEDULE
+            .iter()
+            .find(|(_, weight, _)| {
+                let hit = pick < *weight;
+                pick = pick.saturating_sub(*weight);
+                hit
+            })
+            .expect("a pick below the total weight");
         let action = draw(rng);
         if switches.on(name) {
             schedule.push((pause, action));
