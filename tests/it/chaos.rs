@@ -413,10 +413,14 @@ const EVENT_TYPES: [&str; 4] = [
 ];
 
 fn draw_payload(rng: &mut StdRng, switches: &Switches, n: i64) -> String {
-    let choices = 1
-        + usize::from(switches.on("odd_payloads")) * 2
-        + usize::from(switches.on("pretty_payload")) * 2;
-    match rng.random_range(0..choices) {
+    // Drawn whatever is switched on, so a switch leaves the rest of the
+    // seed's draws as they were; a shape switched off falls back to 0.
+    let shape = match rng.random_range(0..5) {
+        1 | 2 if !switches.on("odd_payloads") => 0,
+        3 | 4 if !switches.on("pretty_payload") => 0,
+        shape => shape,
+    };
+    match shape {
         0 => format!(r#"{{"n":{n},"ratio":0.10}}"#),
         1 => {
             format!(
@@ -440,8 +444,9 @@ fn draw_events(
 ) -> Vec<ScriptedEvent> {
     (0..count)
         .map(|_| {
-            let gap = if switches.on("gaps") && rng.random_bool(0.2) {
-                rng.random_range(1..5)
+            let (gapped, width) = (rng.random_bool(0.2), rng.random_range(1..5));
+            let gap = if gapped && switches.on("gaps") {
+                width
             } else {
                 0
             };
@@ -468,10 +473,12 @@ fn draw_run(rng: &mut StdRng, switches: &Switches, index: usize) -> (Plan, Vec<F
         0 => {
             run.final_status = "failed".into();
             run.error_message = Some("chaos: the agent gave up".into());
-            if switches.on("retried_runs") && rng.random_bool(0.6) {
-                retried_after = Some(last);
-                let more = rng.random_range(1..8);
-                run.retry_events = draw_events(rng, switches, &mut last, more);
+            let (retried, more) = (rng.random_bool(0.6), rng.random_range(1..8));
+            let (before, mut after) = (last, last);
+            let retry_events = draw_events(rng, switches, &mut after, more);
+            if retried && switches.on("retried_runs") {
+                retried_after = Some(before);
+                run.retry_events = retry_events;
             }
         }
         1 => {
@@ -879,6 +886,15 @@ fn check_http_sink(
     seed: u64,
 ) -> usize {
     let accepted = fake.accepted();
+    for hit in &accepted {
+        let run = hit.id.split(':').next().unwrap_or_default();
+        assert!(
+            expected.contains_key(run),
+            "seed {seed}: {} accepted an unexpected id {:?}",
+            fake.name(),
+            hit.id
+        );
+    }
     let runs = per_run(accepted.iter().map(|h| h.id.as_str()));
     let mut total = 0;
     for (run, want) in expected {
