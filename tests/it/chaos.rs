@@ -682,9 +682,16 @@ struct SeedGuard(u64);
 impl Drop for SeedGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            let switch = |var: &str| {
+                std::env::var(var)
+                    .map(|v| format!("{var}={v} "))
+                    .unwrap_or_default()
+            };
             eprintln!(
-                "chaos seed {0} FAILED: replay with RUNHOOK_CHAOS_SEED={0} cargo test --test it chaos",
-                self.0
+                "chaos seed {0} FAILED: replay with {1}{2}RUNHOOK_CHAOS_SEED={0} cargo test --test it chaos",
+                self.0,
+                switch("RUNHOOK_CHAOS_ON"),
+                switch("RUNHOOK_CHAOS_OFF"),
             );
         }
     }
