@@ -142,76 +142,37 @@ enum Transport {
     Poll,
 }
 
-/// Draws one simulator fault for a run on `transport`, or `None` when the
-/// kind does not apply to it.
-type DrawFault = fn(&mut StdRng, Transport) -> Option<(&'static str, FaultKind)>;
+/// Draws one simulator fault for a run on `transport`: the endpoint (`None`:
+/// the run's data endpoint, `events` or `stream`) and the fault, or `None`
+/// when the kind does not apply to that transport.
+type DrawFault = fn(&mut StdRng, Transport) -> Option<(Option<&'static str>, FaultKind)>;
 
-/// Upstream faults: name (a switch) and how to draw one. The endpoint is
-/// the run's data endpoint unless the entry names another.
+/// Upstream faults: name (a switch) and how to draw one, one line each.
+#[rustfmt::skip]
 const UPSTREAM_FAULTS: &[(&str, DrawFault)] = &[
-    ("upstream_5xx", |rng, _| {
-        let status = [500, 502, 503, 504][rng.random_range(0..4)];
-        Some((
-            "",
-            FaultKind::Status {
-                status,
-                retry_after: None,
-            },
-        ))
-    }),
-    ("upstream_429_retry_after", |rng, _| {
-        let retry_after = Some(rng.random_range(1..=2));
-        Some((
-            "",
-            FaultKind::Status {
-                status: 429,
-                retry_after,
-            },
-        ))
-    }),
-    ("upstream_429_bare", |_, _| {
-        Some((
-            "",
-            FaultKind::Status {
-                status: 429,
-                retry_after: None,
-            },
-        ))
-    }),
-    ("upstream_slow", |rng, _| {
-        Some((
-            "",
-            FaultKind::Slow {
-                delay_ms: rng.random_range(100..1500),
-            },
-        ))
-    }),
-    ("replay", |_, _| Some(("", FaultKind::Resend))),
-    ("ignore_since", |_, t| {
-        (t == Transport::Poll).then_some(("", FaultKind::IgnoreSince))
-    }),
-    ("drop_stream", |rng, t| {
-        let after = rng.random_range(0..6);
-        (t == Transport::Sse).then_some(("", FaultKind::DropStream { after }))
-    }),
-    ("error_frame", |rng, t| {
-        let after = rng.random_range(0..6);
-        (t == Transport::Sse).then_some(("", FaultKind::ErrorFrame { after }))
-    }),
-    ("stall", |rng, t| {
-        let after = rng.random_range(0..6);
-        (t == Transport::Sse).then_some(("", FaultKind::Stall { after }))
-    }),
-    ("lookup_5xx", |_, _| {
-        Some((
-            "run",
-            FaultKind::Status {
-                status: 503,
-                retry_after: None,
-            },
-        ))
-    }),
+    ("upstream_5xx", |rng, _| Some((None, status([500, 502, 503, 504][rng.random_range(0..4)], None)))),
+    ("upstream_429_retry_after", |rng, _| Some((None, status(429, Some(rng.random_range(1..=2)))))),
+    ("upstream_429_bare", |_, _| Some((None, status(429, None)))),
+    ("upstream_slow", |rng, _| Some((None, FaultKind::Slow { delay_ms: rng.random_range(100..1500) }))),
+    ("replay", |_, _| Some((None, FaultKind::Resend))),
+    ("ignore_since", |_, t| (t == Transport::Poll).then_some((None, FaultKind::IgnoreSince))),
+    ("drop_stream", |rng, t| sse_only(t, FaultKind::DropStream { after: rng.random_range(0..6) })),
+    ("error_frame", |rng, t| sse_only(t, FaultKind::ErrorFrame { after: rng.random_range(0..6) })),
+    ("stall", |rng, t| sse_only(t, FaultKind::Stall { after: rng.random_range(0..6) })),
+    ("lookup_5xx", |_, _| Some((Some("run"), status(503, None)))),
 ];
+
+fn status(status: u16, retry_after: Option<u64>) -> FaultKind {
+    FaultKind::Status {
+        status,
+        retry_after,
+    }
+}
+
+/// A stream-ending fault applies to SSE runs only.
+fn sse_only(transport: Transport, kind: FaultKind) -> Option<(Option<&'static str>, FaultKind)> {
+    (transport == Transport::Sse).then_some((None, kind))
+}
 
 /// What the scheduler does at one step.
 #[derive(Debug, Clone)]
@@ -232,32 +193,19 @@ type DrawAction = fn(&mut StdRng) -> Action;
 
 /// Process and receiver faults: name (a switch), weight (how often it is
 /// drawn against the others) and how to draw one.
+#[rustfmt::skip]
 const SCHEDULE: &[(&str, u32, DrawAction)] = &[
     ("kill", 5, |_| Action::Kill),
     ("hup", 1, |_| Action::Hup(false)),
     ("hup_change", 1, |_| Action::Hup(true)),
-    ("lock_short", 1, |rng| {
-        Action::HoldLock(Duration::from_millis(rng.random_range(500..4000)))
-    }),
+    ("lock_short", 1, |rng| Action::HoldLock(Duration::from_millis(rng.random_range(500..4000)))),
     // Past the daemon's 10 s busy timeout.
-    ("lock_long", 1, |rng| {
-        Action::HoldLock(Duration::from_millis(rng.random_range(10_500..12_000)))
-    }),
-    ("webhook_5xx", 1, |rng| {
-        Action::Webhook(Mode::Fail(500), window(rng))
-    }),
-    ("webhook_429", 1, |rng| {
-        Action::Webhook(Mode::TooMany(rng.random_range(1..=2)), window(rng))
-    }),
-    ("webhook_timeout", 1, |rng| {
-        Action::Webhook(Mode::Late, window(rng))
-    }),
-    ("slack_5xx", 1, |rng| {
-        Action::Slack(Mode::Fail(503), window(rng))
-    }),
-    ("slack_429", 1, |rng| {
-        Action::Slack(Mode::TooMany(1), window(rng))
-    }),
+    ("lock_long", 1, |rng| Action::HoldLock(Duration::from_millis(rng.random_range(10_500..12_000)))),
+    ("webhook_5xx", 1, |rng| Action::Webhook(Mode::Fail(500), window(rng))),
+    ("webhook_429", 1, |rng| Action::Webhook(Mode::TooMany(rng.random_range(1..=2)), window(rng))),
+    ("webhook_timeout", 1, |rng| Action::Webhook(Mode::Late, window(rng))),
+    ("slack_5xx", 1, |rng| Action::Slack(Mode::Fail(503), window(rng))),
+    ("slack_429", 1, |rng| Action::Slack(Mode::TooMany(1), window(rng))),
 ];
 
 fn window(rng: &mut StdRng) -> Duration {
@@ -504,11 +452,7 @@ fn draw_run(rng: &mut StdRng, switches: &Switches, index: usize) -> (Plan, Vec<F
         let drawn = draw(rng, transport);
         let count = rng.random_range(1..4);
         if let Some((endpoint, kind)) = drawn.filter(|_| switches.on(name)) {
-            let endpoint = if endpoint.is_empty() {
-                data_endpoint
-            } else {
-                endpoint
-            };
+            let endpoint = endpoint.unwrap_or(data_endpoint);
             faults.push(Fault {
                 run: Some(id.clone()),
                 endpoint: Some(endpoint.into()),
