@@ -349,7 +349,12 @@ impl Simulator {
             .map(scenario::bulk_runs)
             .unwrap_or_default();
         for script in scenario.runs.iter().chain(&bulk) {
-            runs.insert(script.id.clone(), SimRun::new(script, clock));
+            let run = if scenario.pretty_payloads {
+                SimRun::new(&scenario::prettified(script), clock)
+            } else {
+                SimRun::new(script, clock)
+            };
+            runs.insert(script.id.clone(), run);
         }
         let sim = Arc::new(Sim {
             started: clock,

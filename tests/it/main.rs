@@ -4,6 +4,7 @@
 mod cli;
 mod crash;
 mod faults;
+mod hostile;
 mod polling;
 mod props;
 mod receiver;
