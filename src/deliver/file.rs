@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{exhausted, retry_delay};
+use super::retry::{exhausted, next_attempt_at, retry_delay};
 use crate::config::DeliveryPolicy;
 use crate::sink::file::FileSink;
 use crate::sink::write_envelope_line;
@@ -147,7 +147,11 @@ async fn write_file_batch(
                     events: group.iter().map(|p| p.event).collect(),
                     status: None,
                     error: error.to_string(),
-                    next_attempt_at: now + delay.as_millis() as i64,
+                    next_attempt_at: group
+                        .iter()
+                        .map(|p| next_attempt_at(policy, delay, p.queued_at, now))
+                        .min()
+                        .unwrap_or(now),
                     dead: is_dead,
                 };
                 store.record_failure(name.clone(), failure).await?;

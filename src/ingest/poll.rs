@@ -106,11 +106,8 @@ impl Ingest {
                 answer => return (answer, permit),
             };
             drop(permit);
-            // A server's Retry-After replaces the computed delay.
-            let wait = error
-                .retry_after()
-                .or_else(|| backoff.next())
-                .unwrap_or(Duration::from_secs(60));
+            // A server's Retry-After, bounded, if longer than the backoff.
+            let wait = crate::http::upstream_wait(error.retry_after(), backoff.next());
             tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
             self.store
                 .set_run_state(run_id.to_owned(), "retrying", Some(error.to_string()), None)

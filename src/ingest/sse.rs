@@ -84,9 +84,7 @@ impl Ingest {
                     if progressed {
                         backoff = reconnect_backoff();
                     }
-                    let wait = retry_after
-                        .or_else(|| backoff.next())
-                        .unwrap_or(Duration::from_secs(60));
+                    let wait = crate::http::upstream_wait(retry_after, backoff.next());
                     tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, ?wait, "stream dropped; reconnecting from the cursor");
                     self.store
                         .set_run_state(run_id.clone(), "reconnecting", Some(reason), Some("sse"))

@@ -2,10 +2,13 @@
 //! still make one JSON Lines line each, `Retry-After` values that must not
 //! spin or park a run, and streams or answers too large to buffer.
 
+use std::time::Duration;
+
 use runhook::simulate::scenario::StreamStyle;
-use runhook::simulate::{Scenario, Simulator};
+use runhook::simulate::{Fault, FaultKind, Scenario, Simulator};
 use serde_json::Value;
 
+use crate::receiver::{Answer, Receiver, SECRET};
 use crate::support::*;
 
 /// Payloads whose pretty-printed form spans many lines; some carry escaped
@@ -91,4 +94,94 @@ async fn multi_line_payloads_make_one_file_line_per_event() {
     }
     let row = env.run_row("run-sse").await.unwrap();
     assert_eq!(row.transport.as_deref(), Some("sse"));
+}
+
+/// Gaps between the answers with `status` to `endpoint` requests of `run`.
+fn gaps(sim: &Simulator, endpoint: &str, run: &str, status: u16) -> Vec<u64> {
+    let at: Vec<u64> = sim
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.endpoint == endpoint && r.run_id.as_deref() == Some(run) && r.status == status
+        })
+        .map(|r| r.at_ms)
+        .collect();
+    at.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+#[tokio::test]
+async fn upstream_retry_after_zero_does_not_spin() {
+    let fault = |run: &str, endpoint: &str| Fault {
+        run: Some(run.into()),
+        endpoint: Some(endpoint.into()),
+        count: Some(3),
+        kind: FaultKind::Status {
+            status: 503,
+            retry_after: Some(0),
+        },
+    };
+    let sim = start_sim(Scenario {
+        runs: vec![
+            scripted("run-poll", numbered(3)),
+            scripted("run-sse", numbered(3)),
+        ],
+        faults: vec![fault("run-poll", "events"), fault("run-sse", "stream")],
+        ..Scenario::default()
+    })
+    .await;
+    let mut env = cookie_env(&sim, &["run-poll", "run-sse"]);
+    env.poll_runs = vec!["run-poll".into()];
+    let daemon = env.start();
+    env.wait_finished(&["run-poll", "run-sse"]).await;
+    daemon.stop().await;
+    for (endpoint, run) in [("events", "run-poll"), ("stream", "run-sse")] {
+        let gaps = gaps(&sim, endpoint, run, 503);
+        assert_eq!(gaps.len(), 2, "{run}: three 503 answers");
+        assert!(
+            gaps.iter().all(|gap| *gap >= 950),
+            "{run}: `Retry-After: 0` waits at least the 1 s floor, waited {gaps:?} ms"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sink_retry_after_past_max_age_dead_letters_at_max_age() {
+    let sim = sim_with(vec![scripted("run-week", numbered(2))]).await;
+    let receiver = Receiver::start().await;
+    receiver.script([Answer::TooMany(604_800), Answer::TooMany(604_800)]);
+    let mut env = Env::new(&sim, &["run-week"]);
+    env.extra = format!(
+        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\
+         max_age = \"2s\"\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\n[[routes]]\nsinks = [\"ops\"]\n",
+        receiver.url()
+    );
+    let daemon = env.start();
+    let accepted = wait_for_within(
+        Duration::from_secs(30),
+        "the rest of the run delivered after the first event's dead letter",
+        || async {
+            let accepted: Vec<String> = receiver.accepted().iter().map(|r| r.id.clone()).collect();
+            if accepted.len() >= 2 {
+                Ok(accepted)
+            } else {
+                Err(format!("{accepted:?}"))
+            }
+        },
+    )
+    .await;
+    daemon.stop().await;
+    assert_eq!(accepted, ["run-week:2", "run-week:finished:2"]);
+    let requests = receiver.requests();
+    let waited = requests[1].at - requests[0].at;
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "the last attempt comes at max_age (2 s after queueing), waited {waited:?}"
+    );
+    let reader = runhook::store::Reader::open(&env.state_path()).unwrap();
+    let dead = reader.dead_letters(None, None).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].id.as_str(), dead[0].last_status),
+        ("run-week:1", Some(429))
+    );
 }
