@@ -102,7 +102,11 @@ impl Ingest {
         loop {
             let permit = self.pages.acquire().await.ok();
             let error = match self.client.events(run_id, since).await {
-                Err(error) if error.class() == ErrorClass::Transient => error,
+                Err(error)
+                    if matches!(error.class(), ErrorClass::Transient | ErrorClass::TooLarge) =>
+                {
+                    error
+                }
                 answer => return (answer, permit),
             };
             drop(permit);

@@ -12,7 +12,11 @@ use crate::config::{ApiConfig, Secret};
 use crate::http::{read_capped, retry_after, snippet};
 
 /// A response page larger than this is refused rather than buffered.
-const MAX_BODY: usize = 64 * 1024 * 1024;
+pub const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// How often an answer over `MAX_BODY` is asked for again: it costs a
+/// download of the cap each time, and only a change upstream can help.
+pub const TOO_LARGE_RETRY: Duration = Duration::from_secs(300);
 
 pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
 
@@ -28,6 +32,12 @@ pub enum UpstreamError {
     Network(#[source] reqwest::Error),
     #[error("unparseable upstream response: {0}")]
     Decode(String),
+    #[error(
+        "upstream answer larger than the {} MiB cap; refused, asking again every {} minutes",
+        MAX_BODY / (1024 * 1024),
+        TOO_LARGE_RETRY.as_secs() / 60
+    )]
+    TooLarge,
 }
 
 /// What ingest does about an error.
@@ -41,6 +51,9 @@ pub enum ErrorClass {
     NotFound,
     /// Network, 5xx, 429, garbage: back off and try again.
     Transient,
+    /// An answer over `MAX_BODY`: refused, asked again every
+    /// `TOO_LARGE_RETRY` (ingest never gives up on a run).
+    TooLarge,
 }
 
 impl UpstreamError {
@@ -49,6 +62,7 @@ impl UpstreamError {
             Self::Status { status: 401, .. } => ErrorClass::AuthFailed,
             Self::Status { status: 403, .. } => ErrorClass::Forbidden,
             Self::Status { status: 404, .. } => ErrorClass::NotFound,
+            Self::TooLarge => ErrorClass::TooLarge,
             _ => ErrorClass::Transient,
         }
     }
@@ -57,6 +71,7 @@ impl UpstreamError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Status { retry_after, .. } => *retry_after,
+            Self::TooLarge => Some(TOO_LARGE_RETRY),
             _ => None,
         }
     }
@@ -149,9 +164,20 @@ impl Client {
         let status = response.status();
         crate::metrics::metrics().upstream_answer(Some(status.as_u16()));
         let wait = retry_after(response.headers());
-        let (body, _) = read_capped(response, MAX_BODY)
+        // Refused before reading when the length is announced.
+        if status.is_success()
+            && response
+                .content_length()
+                .is_some_and(|length| length > MAX_BODY as u64)
+        {
+            return Err(UpstreamError::TooLarge);
+        }
+        let (body, cut) = read_capped(response, MAX_BODY)
             .await
             .map_err(UpstreamError::Network)?;
+        if cut && status.is_success() {
+            return Err(UpstreamError::TooLarge);
+        }
         if !status.is_success() {
             return Err(UpstreamError::Status {
                 status: status.as_u16(),

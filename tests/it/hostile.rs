@@ -185,3 +185,44 @@ async fn a_sink_retry_after_past_max_age_dead_letters_at_max_age() {
         ("run-week:1", Some(429))
     );
 }
+
+#[tokio::test]
+async fn a_poll_answer_over_the_cap_is_a_clear_run_error_not_a_loop() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-big", numbered(2))],
+        faults: vec![Fault {
+            run: None,
+            endpoint: Some("events".into()),
+            count: None,
+            kind: FaultKind::BigAnswer {
+                bytes: 65 * 1024 * 1024,
+            },
+        }],
+        ..Scenario::default()
+    })
+    .await;
+    let env = Env::new(&sim, &["run-big"]);
+    let daemon = env.start();
+    let row = wait_for_within(Duration::from_secs(30), "the run's error", || async {
+        match env.run_row("run-big").await {
+            Some(row)
+                if row
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("64 MiB")) =>
+            {
+                Ok(row)
+            }
+            row => Err(format!("{row:?}")),
+        }
+    })
+    .await;
+    let asked = sim
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == "events")
+        .count();
+    daemon.stop().await;
+    assert_eq!(row.state, "retrying", "{row:?}");
+    assert_eq!(asked, 1, "not downloaded again at once");
+}
