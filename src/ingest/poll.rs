@@ -121,6 +121,38 @@ impl Ingest {
         }
     }
 
+    /// Polls from the cursor until an answer brings nothing new, recording
+    /// what it brings: how a stream gets past an event it cannot carry (over
+    /// its size cap, or not UTF-8). The run's end is left to the stream.
+    /// True when cancelled.
+    pub(super) async fn catch_up(
+        &self,
+        following: &mut Following,
+        cancel: &CancellationToken,
+    ) -> Result<bool, StoreError> {
+        let run_id = following.run.run_id.clone();
+        loop {
+            let (page, _page_permit) = tokio::select! {
+                fetched = self.fetch(&run_id, following.cursor) => fetched,
+                _ = cancel.cancelled() => return Ok(true),
+            };
+            let page = match page {
+                Ok(page) => page,
+                Err(error) => {
+                    tracing::warn!(run_id = %run_id, %error, "catching up by polling failed; back to the stream");
+                    return Ok(false);
+                }
+            };
+            let events = new_events(page.events, following.cursor);
+            if events.is_empty() {
+                return Ok(false);
+            }
+            following.status = page.run_status.or(following.status.take());
+            following.phase = page.current_phase.or(following.phase.take());
+            self.record(following, events, None).await?;
+        }
+    }
+
     pub(super) fn auth_backoff(&self) -> impl Iterator<Item = Duration> + use<> {
         ExponentialBuilder::default()
             .with_min_delay(self.poll_interval.max(Duration::from_millis(100)))

@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest_eventsource::{Error as SseError, Event as SseEvent};
 use tokio_util::sync::CancellationToken;
 
 use super::{Following, Ingest, Leg, reconnect_backoff, sleep_or_cancel};
 use crate::http::{read_capped, retry_after, snippet};
 use crate::store::StoreError;
 use crate::upstream::frame::{self, Frame};
+use crate::upstream::stream::{StreamError as SseError, StreamEvent as SseEvent};
 use crate::upstream::types::error_message;
 
 /// How one connection ended.
@@ -23,6 +23,9 @@ enum Connection {
     Refused(String),
     /// 404 on connect.
     NotFound(String),
+    /// The stream carried an event it cannot hold (over its size cap, not
+    /// UTF-8): reconnecting would meet it again, so catch up by polling.
+    Undecodable(String),
     /// Reconnect from the cursor.
     Dropped {
         reason: String,
@@ -74,6 +77,25 @@ impl Ingest {
                         .set_run_state(run_id.clone(), "not_found", Some(why), None)
                         .await?;
                     return Ok(Leg::Refused);
+                }
+                Connection::Undecodable(reason) => {
+                    crate::metrics::metrics().stream_reconnects.inc();
+                    tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, "stream dropped; catching up by polling");
+                    self.store
+                        .set_run_state(run_id.clone(), "reconnecting", Some(reason), Some("sse"))
+                        .await?;
+                    let before = following.cursor;
+                    if self.catch_up(following, cancel).await? {
+                        return Ok(Leg::Stopped);
+                    }
+                    if following.cursor > before {
+                        backoff = reconnect_backoff();
+                    } else {
+                        let wait = backoff.next().unwrap_or(Duration::from_secs(60));
+                        if sleep_or_cancel(wait, cancel).await {
+                            return Ok(Leg::Stopped);
+                        }
+                    }
                 }
                 Connection::Dropped {
                     reason,
@@ -251,6 +273,7 @@ async fn refused_or_dropped(error: SseError, progressed: bool) -> Connection {
             retry_after: None,
             progressed,
         },
+        other if other.is_undecodable() => Connection::Undecodable(other.to_string()),
         other => Connection::Dropped {
             reason: other.to_string(),
             retry_after: None,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use reqwest::header::{AUTHORIZATION, COOKIE, HeaderValue};
 use tokio::sync::Semaphore;
 
+use super::stream::EventSource;
 use super::types::{EventsPage, RunEnvelope, RunInfo, error_message};
 use crate::config::{ApiConfig, Secret};
 use crate::http::{read_capped, retry_after, snippet};
@@ -189,13 +190,9 @@ impl Client {
     }
 
     /// Opens the live stream of a run from `since`, with the session cookie.
-    /// reqwest-eventsource's own reconnect is off: it would re-send the first
-    /// request with a stale `since`; the caller reconnects from its cursor.
-    pub fn open_stream(
-        &self,
-        run_id: &str,
-        since: i64,
-    ) -> Option<reqwest_eventsource::EventSource> {
+    /// There is no built-in reconnect (it would re-send the first request
+    /// with a stale `since`); the caller reconnects from its cursor.
+    pub fn open_stream(&self, run_id: &str, since: i64) -> Option<EventSource> {
         let cookie = self.cookie.as_ref()?;
         let mut url = self.run_url(run_id, &["stream"]);
         url.query_pairs_mut()
@@ -204,9 +201,7 @@ impl Client {
             .stream_http
             .get(url)
             .header(COOKIE, self.cookie_header(cookie));
-        let mut source = reqwest_eventsource::EventSource::new(request).ok()?;
-        source.set_retry_policy(Box::new(reqwest_eventsource::retry::Never));
-        Some(source)
+        Some(EventSource::new(request))
     }
 
     /// A permit of `max_concurrency`, held while a stream connects.

@@ -226,3 +226,80 @@ async fn a_poll_answer_over_the_cap_is_a_clear_run_error_not_a_loop() {
     assert_eq!(row.state, "retrying", "{row:?}");
     assert_eq!(asked, 1, "not downloaded again at once");
 }
+
+/// `(since)` of each request to `endpoint`.
+fn sinces(sim: &Simulator, endpoint: &str) -> Vec<i64> {
+    sim.requests()
+        .iter()
+        .filter(|r| r.endpoint == endpoint && r.status == 200)
+        .filter_map(|r| r.since)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
+    let mut events = numbered(3);
+    let blob = "x".repeat(1536 * 1024);
+    events.push(event(
+        "ARTIFACT_CREATED",
+        &format!(r#"{{"blob":"{blob}"}}"#),
+    ));
+    events.extend(numbered(2));
+    let sim = sim_with(vec![scripted("run-huge", events)]).await;
+    let env = cookie_env(&sim, &["run-huge"]);
+    let daemon = env.start();
+    let lines = env.wait_finished(&["run-huge"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-huge", &raw);
+    assert_eq!(
+        sinces(&sim, "events").first(),
+        Some(&3),
+        "the oversize event (4) is fetched by polling from the cursor"
+    );
+    assert_eq!(
+        sinces(&sim, "stream"),
+        [0, 6],
+        "then the stream resumes after it"
+    );
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_utf8_drop_the_stream_at_once() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-bad", numbered(5))],
+        faults: vec![Fault {
+            run: None,
+            endpoint: Some("stream".into()),
+            count: Some(1),
+            kind: FaultKind::InvalidUtf8 { after: 2 },
+        }],
+        ..Scenario::default()
+    })
+    .await;
+    let mut env = cookie_env(&sim, &["run-bad"]);
+    // Far longer than the test waits: only the decoding error can end the
+    // poisoned connection in time.
+    env.api = env.api.replace(
+        "stream_idle_timeout = \"2s\"",
+        "stream_idle_timeout = \"120s\"",
+    );
+    let daemon = env.start();
+    wait_for_within(Duration::from_secs(20), "the run finished", || async {
+        let lines = read_lines(&env.events_path());
+        if lines.iter().any(|l| l["type"] == "run_finished") {
+            Ok(())
+        } else {
+            Err(format!("{} lines", lines.len()))
+        }
+    })
+    .await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &env.lines(), "run-bad", &raw);
+    assert_eq!(
+        sinces(&sim, "events").first(),
+        Some(&2),
+        "caught up by polling"
+    );
+}

@@ -1,0 +1,308 @@
+//! The live stream's transport: one GET per connection, its status and
+//! content type checked, then the body parsed by `eventsource-stream` behind
+//! a byte-counting guard. The guard is why this is not reqwest-eventsource
+//! (which parses with the same crate): that one buffers an endless line or a
+//! huge event without limit and stalls for good after a byte that is not
+//! UTF-8, with no hook to stop either. There is no built-in reconnect: the
+//! caller opens a new connection with `since` from its cursor.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::stream::{self, BoxStream, Stream, StreamExt};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use reqwest::{Response, StatusCode};
+
+/// The most bytes one stream event may take on the wire (its `data:` lines
+/// and other fields; comment lines aside). A larger event is not buffered:
+/// the connection is dropped and the run catches up by polling, whose
+/// answers have their own, larger cap.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// What a stream yields.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// The server answered 200 with an event stream.
+    Open,
+    Message(Event),
+}
+
+/// Why a stream could not open, or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("upstream answered {0}")]
+    InvalidStatusCode(StatusCode, Response),
+    #[error("not an event stream (content-type {0:?})")]
+    InvalidContentType(HeaderValue, Response),
+    #[error("{0}")]
+    Transport(reqwest::Error),
+    #[error("a stream event over the {} KiB cap", MAX_EVENT_BYTES / 1024)]
+    Oversize,
+    #[error("the stream carried bytes that are not UTF-8")]
+    InvalidUtf8,
+    #[error("the stream cannot be parsed: {0}")]
+    Parser(String),
+}
+
+impl StreamError {
+    /// The stream carried something it cannot deliver: reconnecting would
+    /// meet it again, so the run catches up by polling first.
+    pub fn is_undecodable(&self) -> bool {
+        matches!(self, Self::Oversize | Self::InvalidUtf8 | Self::Parser(_))
+    }
+}
+
+/// One connection's events: `Open`, then messages, until an error or the
+/// end of the body.
+pub struct EventSource {
+    inner: Option<BoxStream<'static, Result<StreamEvent, StreamError>>>,
+}
+
+impl EventSource {
+    /// Sends `request` when first polled.
+    pub fn new(request: reqwest::RequestBuilder) -> Self {
+        let connect = async move {
+            let response = request
+                .header(ACCEPT, HeaderValue::from_static("text/event-stream"))
+                .send()
+                .await
+                .map_err(StreamError::Transport)?;
+            check(response)
+        };
+        let inner = stream::once(connect)
+            .flat_map(|checked| match checked {
+                Ok(response) => {
+                    let body = ByteGuard::new(response.bytes_stream().boxed(), MAX_EVENT_BYTES);
+                    let messages = body.eventsource().map(|item| match item {
+                        Ok(event) => Ok(StreamEvent::Message(event)),
+                        Err(EventStreamError::Transport(error)) => Err(error),
+                        Err(EventStreamError::Utf8(_)) => Err(StreamError::InvalidUtf8),
+                        Err(EventStreamError::Parser(error)) => {
+                            Err(StreamError::Parser(format!("{error:?}")))
+                        }
+                    });
+                    stream::once(async { Ok(StreamEvent::Open) })
+                        .chain(messages)
+                        .left_stream()
+                }
+                Err(error) => stream::once(async { Err(error) }).right_stream(),
+            })
+            .boxed();
+        Self { inner: Some(inner) }
+    }
+
+    /// Drops the connection; the stream ends.
+    pub fn close(&mut self) {
+        self.inner = None;
+    }
+}
+
+impl Stream for EventSource {
+    type Item = Result<StreamEvent, StreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match &mut self.inner {
+            Some(inner) => inner.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// A 200 with `text/event-stream`, or the response handed back.
+fn check(response: Response) -> Result<Response, StreamError> {
+    if response.status() != StatusCode::OK {
+        return Err(StreamError::InvalidStatusCode(response.status(), response));
+    }
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static(""));
+    let essence = content_type
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    if essence.eq_ignore_ascii_case("text/event-stream") {
+        Ok(response)
+    } else {
+        Err(StreamError::InvalidContentType(content_type, response))
+    }
+}
+
+/// Passes body chunks through unchanged, and ends the body with an error
+/// once the event under way passes `cap` bytes or a byte is not UTF-8, so
+/// the parser behind it never buffers more than `cap` and a chunk.
+struct ByteGuard<S> {
+    inner: S,
+    cap: usize,
+    sizes: EventSize,
+    utf8: Utf8Check,
+    done: bool,
+}
+
+impl<S> ByteGuard<S> {
+    fn new(inner: S, cap: usize) -> Self {
+        Self {
+            inner,
+            cap,
+            sizes: EventSize::default(),
+            utf8: Utf8Check::default(),
+            done: false,
+        }
+    }
+}
+
+impl<S, B> Stream for ByteGuard<S>
+where
+    S: Stream<Item = Result<B, reqwest::Error>> + Unpin,
+    B: AsRef<[u8]>,
+{
+    type Item = Result<B, StreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let chunk = match this.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => chunk,
+            Poll::Ready(Some(Err(error))) => {
+                return Poll::Ready(Some(Err(StreamError::Transport(error))));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let fault = if !this.sizes.feed(chunk.as_ref(), this.cap) {
+            Some(StreamError::Oversize)
+        } else if !this.utf8.feed(chunk.as_ref()) {
+            Some(StreamError::InvalidUtf8)
+        } else {
+            None
+        };
+        match fault {
+            Some(error) => {
+                this.done = true;
+                Poll::Ready(Some(Err(error)))
+            }
+            None => Poll::Ready(Some(Ok(chunk))),
+        }
+    }
+}
+
+/// The size of the event under way: bytes since the last blank line, line
+/// terminators (LF, CR, CRLF) and comment lines (`:`) not counted. Counting
+/// only; parsing stays with `eventsource-stream`.
+#[derive(Debug, Default)]
+struct EventSize {
+    line: usize,
+    event: usize,
+    comment: bool,
+    after_cr: bool,
+}
+
+impl EventSize {
+    /// Counts `chunk`; false once the event under way is over `cap`.
+    fn feed(&mut self, chunk: &[u8], cap: usize) -> bool {
+        for &byte in chunk {
+            match byte {
+                b'\n' if self.after_cr => {}
+                b'\r' | b'\n' if self.line == 0 => self.event = 0,
+                b'\r' | b'\n' => (self.line, self.comment) = (0, false),
+                b':' if self.line == 0 => (self.line, self.comment) = (1, true),
+                _ if self.comment => {}
+                _ => (self.line, self.event) = (self.line + 1, self.event + 1),
+            }
+            self.after_cr = byte == b'\r';
+            if self.event > cap {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Whether the body so far is UTF-8, a character cut between two chunks
+/// being completed by the next.
+#[derive(Debug, Default)]
+struct Utf8Check {
+    /// The start of a character the last chunk ended in (at most 3 bytes).
+    carry: Vec<u8>,
+}
+
+impl Utf8Check {
+    fn feed(&mut self, chunk: &[u8]) -> bool {
+        let joined;
+        let bytes = if self.carry.is_empty() {
+            chunk
+        } else {
+            joined = [self.carry.as_slice(), chunk].concat();
+            joined.as_slice()
+        };
+        match std::str::from_utf8(bytes) {
+            Ok(_) => {
+                self.carry.clear();
+                true
+            }
+            Err(error) if error.error_len().is_none() => {
+                self.carry = bytes[error.valid_up_to()..].to_vec();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_size_counts_between_blank_lines() {
+        let mut size = EventSize::default();
+        for _ in 0..1000 {
+            assert!(size.feed(b"data: 0123456789\r\ndata: x\n\n", 40));
+        }
+        assert!(size.feed(b": a long comment line, not buffered by the parser\n", 40));
+        assert!(size.feed(b"data: 0123456789012345\r", 40));
+        assert!(size.feed(b"\ndata: 01234567890", 40));
+        assert!(!size.feed(b"12", 40), "one event over the cap");
+    }
+
+    #[test]
+    fn an_endless_line_is_over_the_cap() {
+        let mut size = EventSize::default();
+        let chunk = [b'x'; 1000];
+        let fed = (0..100).take_while(|_| size.feed(&chunk, 50_000)).count();
+        assert_eq!(fed, 50);
+    }
+
+    #[test]
+    fn utf8_across_chunks_passes_and_a_bad_byte_fails() {
+        let text = "é☕🚀".as_bytes();
+        let mut check = Utf8Check::default();
+        for byte in text {
+            assert!(check.feed(std::slice::from_ref(byte)));
+        }
+        assert!(check.carry.is_empty());
+        assert!(!Utf8Check::default().feed(b"data: \xff\n\n"));
+        let mut check = Utf8Check::default();
+        assert!(check.feed(b"ok \xe2\x98"));
+        assert!(!check.feed(b"x"), "a cut character not completed");
+    }
+
+    #[tokio::test]
+    async fn the_guard_ends_the_body_with_the_error() {
+        let chunks: Vec<Result<&'static [u8], reqwest::Error>> = vec![
+            Ok(b"data: 1\n\n"),
+            Ok(b"data: \xff\n\n"),
+            Ok(b"data: 2\n\n"),
+        ];
+        let guarded: Vec<_> = ByteGuard::new(stream::iter(chunks), 100).collect().await;
+        assert_eq!(guarded.len(), 2);
+        assert!(matches!(guarded[1], Err(StreamError::InvalidUtf8)));
+    }
+}
