@@ -247,7 +247,7 @@ async fn refused_or_dropped(error: SseError, progressed: bool) -> Connection {
         SseError::InvalidStatusCode(status, response) => {
             crate::metrics::metrics().upstream_answer(Some(status.as_u16()));
             let wait = retry_after(response.headers());
-            let body = read_capped(response, 4096)
+            let body = read_capped(*response, 4096)
                 .await
                 .map(|(b, _)| b)
                 .unwrap_or_default();

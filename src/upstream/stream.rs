@@ -31,10 +31,11 @@ pub enum StreamEvent {
 /// Why a stream could not open, or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
+    /// Boxed: a response is large, and errors travel by value.
     #[error("upstream answered {0}")]
-    InvalidStatusCode(StatusCode, Response),
+    InvalidStatusCode(StatusCode, Box<Response>),
     #[error("not an event stream (content-type {0:?})")]
-    InvalidContentType(HeaderValue, Response),
+    InvalidContentType(HeaderValue, Box<Response>),
     #[error("{0}")]
     Transport(reqwest::Error),
     #[error("a stream event over the {} KiB cap", MAX_EVENT_BYTES / 1024)]
@@ -112,7 +113,10 @@ impl Stream for EventSource {
 /// A 200 with `text/event-stream`, or the response handed back.
 fn check(response: Response) -> Result<Response, StreamError> {
     if response.status() != StatusCode::OK {
-        return Err(StreamError::InvalidStatusCode(response.status(), response));
+        return Err(StreamError::InvalidStatusCode(
+            response.status(),
+            Box::new(response),
+        ));
     }
     let content_type = response
         .headers()
@@ -129,7 +133,10 @@ fn check(response: Response) -> Result<Response, StreamError> {
     if essence.eq_ignore_ascii_case("text/event-stream") {
         Ok(response)
     } else {
-        Err(StreamError::InvalidContentType(content_type, response))
+        Err(StreamError::InvalidContentType(
+            content_type,
+            Box::new(response),
+        ))
     }
 }
 
