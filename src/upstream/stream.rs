@@ -9,6 +9,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::stream::{self, BoxStream, Stream, StreamExt};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
@@ -141,13 +142,17 @@ fn check(response: Response) -> Result<Response, StreamError> {
 }
 
 /// Passes body chunks through unchanged, and ends the body with an error
-/// once the event under way passes `cap` bytes or a byte is not UTF-8, so
-/// the parser behind it never buffers more than `cap` and a chunk.
+/// once the event under way passes `cap` bytes or a byte is not UTF-8 (the
+/// part of the chunk before that point goes out first, so the events it
+/// completes are not lost): the parser behind it never buffers more than
+/// `cap` bytes of an event.
 struct ByteGuard<S> {
     inner: S,
     cap: usize,
     sizes: EventSize,
     utf8: Utf8Check,
+    /// Sent at the next poll, after the good part of the chunk.
+    fault: Option<StreamError>,
     done: bool,
 }
 
@@ -158,20 +163,24 @@ impl<S> ByteGuard<S> {
             cap,
             sizes: EventSize::default(),
             utf8: Utf8Check::default(),
+            fault: None,
             done: false,
         }
     }
 }
 
-impl<S, B> Stream for ByteGuard<S>
+impl<S> Stream for ByteGuard<S>
 where
-    S: Stream<Item = Result<B, reqwest::Error>> + Unpin,
-    B: AsRef<[u8]>,
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Unpin,
 {
-    type Item = Result<B, StreamError>;
+    type Item = Result<Bytes, StreamError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(fault) = this.fault.take() {
+            this.done = true;
+            return Poll::Ready(Some(Err(fault)));
+        }
         if this.done {
             return Poll::Ready(None);
         }
@@ -183,20 +192,19 @@ where
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
-        let fault = if !this.sizes.feed(chunk.as_ref(), this.cap) {
-            Some(StreamError::Oversize)
-        } else if !this.utf8.feed(chunk.as_ref()) {
-            Some(StreamError::InvalidUtf8)
-        } else {
-            None
+        let over = this.sizes.feed(&chunk, this.cap);
+        let invalid = this.utf8.feed(&chunk[..over.unwrap_or(chunk.len())]);
+        let (good, fault) = match (invalid, over) {
+            (Some(at), _) => (at, StreamError::InvalidUtf8),
+            (None, Some(at)) => (at, StreamError::Oversize),
+            (None, None) => return Poll::Ready(Some(Ok(chunk))),
         };
-        match fault {
-            Some(error) => {
-                this.done = true;
-                Poll::Ready(Some(Err(error)))
-            }
-            None => Poll::Ready(Some(Ok(chunk))),
+        if good == 0 {
+            this.done = true;
+            return Poll::Ready(Some(Err(fault)));
         }
+        this.fault = Some(fault);
+        Poll::Ready(Some(Ok(chunk.slice(..good))))
     }
 }
 
@@ -212,9 +220,10 @@ struct EventSize {
 }
 
 impl EventSize {
-    /// Counts `chunk`; false once the event under way is over `cap`.
-    fn feed(&mut self, chunk: &[u8], cap: usize) -> bool {
-        for &byte in chunk {
+    /// Counts `chunk`; the index of the byte that takes the event under
+    /// way over `cap`, if one does.
+    fn feed(&mut self, chunk: &[u8], cap: usize) -> Option<usize> {
+        for (index, &byte) in chunk.iter().enumerate() {
             match byte {
                 b'\n' if self.after_cr => {}
                 b'\r' | b'\n' if self.line == 0 => self.event = 0,
@@ -225,10 +234,10 @@ impl EventSize {
             }
             self.after_cr = byte == b'\r';
             if self.event > cap {
-                return false;
+                return Some(index);
             }
         }
-        true
+        None
     }
 }
 
@@ -241,9 +250,12 @@ struct Utf8Check {
 }
 
 impl Utf8Check {
-    fn feed(&mut self, chunk: &[u8]) -> bool {
+    /// Checks `chunk`; the index in it of the first byte that cannot be
+    /// UTF-8 (or of the start of the character it breaks), if any.
+    fn feed(&mut self, chunk: &[u8]) -> Option<usize> {
+        let carried = self.carry.len();
         let joined;
-        let bytes = if self.carry.is_empty() {
+        let bytes = if carried == 0 {
             chunk
         } else {
             joined = [self.carry.as_slice(), chunk].concat();
@@ -252,13 +264,13 @@ impl Utf8Check {
         match std::str::from_utf8(bytes) {
             Ok(_) => {
                 self.carry.clear();
-                true
+                None
             }
             Err(error) if error.error_len().is_none() => {
                 self.carry = bytes[error.valid_up_to()..].to_vec();
-                true
+                None
             }
-            Err(_) => false,
+            Err(error) => Some(error.valid_up_to().saturating_sub(carried)),
         }
     }
 }
@@ -271,19 +283,22 @@ mod tests {
     fn event_size_counts_between_blank_lines() {
         let mut size = EventSize::default();
         for _ in 0..1000 {
-            assert!(size.feed(b"data: 0123456789\r\ndata: x\n\n", 40));
+            assert_eq!(size.feed(b"data: 0123456789\r\ndata: x\n\n", 40), None);
         }
-        assert!(size.feed(b": a long comment line, not buffered by the parser\n", 40));
-        assert!(size.feed(b"data: 0123456789012345\r", 40));
-        assert!(size.feed(b"\ndata: 01234567890", 40));
-        assert!(!size.feed(b"12", 40), "one event over the cap");
+        let comment = b": a long comment line, not buffered by the parser\n";
+        assert_eq!(size.feed(comment, 40), None);
+        assert_eq!(size.feed(b"data: 0123456789012345\r", 40), None);
+        assert_eq!(size.feed(b"\ndata: 01234567890", 40), None);
+        assert_eq!(size.feed(b"12", 40), Some(1), "one event over the cap");
     }
 
     #[test]
     fn an_endless_line_is_over_the_cap() {
         let mut size = EventSize::default();
         let chunk = [b'x'; 1000];
-        let fed = (0..100).take_while(|_| size.feed(&chunk, 50_000)).count();
+        let fed = (0..100)
+            .take_while(|_| size.feed(&chunk, 50_000).is_none())
+            .count();
         assert_eq!(fed, 50);
     }
 
@@ -292,24 +307,51 @@ mod tests {
         let text = "é☕🚀".as_bytes();
         let mut check = Utf8Check::default();
         for byte in text {
-            assert!(check.feed(std::slice::from_ref(byte)));
+            assert_eq!(check.feed(std::slice::from_ref(byte)), None);
         }
         assert!(check.carry.is_empty());
-        assert!(!Utf8Check::default().feed(b"data: \xff\n\n"));
+        assert_eq!(Utf8Check::default().feed(b"data: \xff\n\n"), Some(6));
         let mut check = Utf8Check::default();
-        assert!(check.feed(b"ok \xe2\x98"));
-        assert!(!check.feed(b"x"), "a cut character not completed");
+        assert_eq!(check.feed(b"ok \xe2\x98"), None);
+        assert_eq!(check.feed(b"x"), Some(0), "a cut character not completed");
+    }
+
+    async fn guarded(chunks: Vec<&'static [u8]>, cap: usize) -> Vec<Result<Bytes, StreamError>> {
+        let chunks = chunks.into_iter().map(|c| Ok(Bytes::from_static(c)));
+        ByteGuard::new(stream::iter(chunks), cap).collect().await
     }
 
     #[tokio::test]
-    async fn the_guard_ends_the_body_with_the_error() {
-        let chunks: Vec<Result<&'static [u8], reqwest::Error>> = vec![
-            Ok(b"data: 1\n\n"),
-            Ok(b"data: \xff\n\n"),
-            Ok(b"data: 2\n\n"),
-        ];
-        let guarded: Vec<_> = ByteGuard::new(stream::iter(chunks), 100).collect().await;
-        assert_eq!(guarded.len(), 2);
-        assert!(matches!(guarded[1], Err(StreamError::InvalidUtf8)));
+    async fn the_guard_passes_what_comes_before_the_fault_then_ends() {
+        let out = guarded(
+            vec![b"data: 1\n\n", b"data: 2\n\ndata: \xff\n\n", b"data: 3\n\n"],
+            100,
+        )
+        .await;
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1].as_ref().unwrap().as_ref(), b"data: 2\n\ndata: ");
+        assert!(matches!(out[2], Err(StreamError::InvalidUtf8)));
+        let out = guarded(vec![b"data: 1\n\ndata: 0123456789"], 8).await;
+        assert_eq!(out[0].as_ref().unwrap().as_ref(), b"data: 1\n\ndata: 01");
+        assert!(matches!(out[1], Err(StreamError::Oversize)));
+        assert_eq!(out.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn events_before_an_oversize_one_in_the_same_chunk_are_parsed() {
+        let body = stream::iter([Ok(Bytes::from_static(
+            b"data: a\n\ndata: b\n\ndata: 0123456789",
+        ))]);
+        let events: Vec<_> = ByteGuard::new(body, 8).eventsource().collect().await;
+        let data: Vec<&str> = events
+            .iter()
+            .filter_map(|e| e.as_ref().ok())
+            .map(|e| e.data.as_str())
+            .collect();
+        assert_eq!(data, ["a", "b"]);
+        assert!(matches!(
+            events.last(),
+            Some(Err(EventStreamError::Transport(StreamError::Oversize)))
+        ));
     }
 }
