@@ -13,11 +13,11 @@ use crate::config::{ApiConfig, Secret};
 use crate::http::{read_capped, retry_after, snippet};
 
 /// A response page larger than this is refused rather than buffered.
-pub const MAX_BODY: usize = 64 * 1024 * 1024;
+const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// How often an answer over `MAX_BODY` is asked for again: it costs a
 /// download of the cap each time, and only a change upstream can help.
-pub const TOO_LARGE_RETRY: Duration = Duration::from_secs(300);
+const TOO_LARGE_RETRY: Duration = Duration::from_secs(300);
 
 pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
 
