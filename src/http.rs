@@ -37,6 +37,25 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     )
 }
 
+/// The shortest wait after an upstream error that came with `Retry-After`:
+/// `0` or a date in the past must not turn into a tight request loop (with a
+/// SQLite write per turn).
+pub const UPSTREAM_RETRY_AFTER_FLOOR: Duration = Duration::from_secs(1);
+/// The longest `Retry-After` from upstream that is honoured: a huge value
+/// must not park a run for days.
+pub const UPSTREAM_RETRY_AFTER_CAP: Duration = Duration::from_secs(300);
+
+/// How long to wait before asking upstream again after an error: the
+/// server's `Retry-After` (bounded to 1 s ..= 5 min) or the computed
+/// `backoff`, whichever is longer, so that a server repeating a small
+/// `Retry-After` still meets a growing backoff.
+pub fn upstream_wait(retry_after: Option<Duration>, backoff: Option<Duration>) -> Duration {
+    let asked = retry_after.map_or(Duration::ZERO, |wait| {
+        wait.clamp(UPSTREAM_RETRY_AFTER_FLOOR, UPSTREAM_RETRY_AFTER_CAP)
+    });
+    asked.max(backoff.unwrap_or(Duration::from_secs(60)))
+}
+
 /// Text of a body for an error message: lossy UTF-8, cut to `max` chars.
 pub fn snippet(body: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(body);
@@ -63,6 +82,42 @@ mod tests {
         assert!(parsed > Duration::from_secs(100) && parsed <= Duration::from_secs(120));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn upstream_wait_is_floored_and_capped() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            upstream_wait(Some(Duration::ZERO), Some(ms(200))),
+            UPSTREAM_RETRY_AFTER_FLOOR
+        );
+        assert_eq!(
+            upstream_wait(None, Some(ms(10))),
+            ms(10),
+            "no Retry-After: the backoff"
+        );
+        let week = Duration::from_secs(604_800);
+        assert_eq!(
+            upstream_wait(Some(week), Some(ms(200))),
+            UPSTREAM_RETRY_AFTER_CAP
+        );
+        assert_eq!(
+            upstream_wait(Some(Duration::from_secs(7)), Some(ms(200))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            upstream_wait(Some(ms(1500)), Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(upstream_wait(None, None), Duration::from_secs(60));
+        // A date in the past parses as zero and meets the floor.
+        let mut headers = HeaderMap::new();
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&past).unwrap());
+        assert_eq!(
+            upstream_wait(retry_after(&headers), Some(ms(1))),
+            UPSTREAM_RETRY_AFTER_FLOOR
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{exhausted, retry_delay};
+use super::retry::{exhausted, next_attempt_at, retry_delay};
 use crate::config::DeliveryPolicy;
 use crate::sink::file::FileSink;
 use crate::sink::write_envelope_line;
@@ -14,6 +14,9 @@ use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
 
 /// Deliveries fetched and written per file write.
 const FILE_BATCH: usize = 2048;
+/// Payload bytes written per file write, at most (and at least one line):
+/// large payloads make smaller batches rather than a huge write buffer.
+const FILE_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Delivers a file sink's backlog in ingest order (which is per-run order),
 /// a batch per write and fsync. A file fails as a whole, so its head waits out
@@ -83,8 +86,10 @@ async fn write_file_batch(
     file: &Arc<FileSink>,
     policy: &DeliveryPolicy,
     store: &Store,
-    batch: Vec<Pending>,
+    mut batch: Vec<Pending>,
 ) -> Result<(), StoreError> {
+    // The rest stays pending, first in the next batch.
+    batch.truncate(within_bytes(&batch, FILE_BATCH_BYTES));
     let mut lines = Vec::with_capacity(batch.len() * 256);
     let mut events = Vec::with_capacity(batch.len());
     for pending in &batch {
@@ -147,12 +152,68 @@ async fn write_file_batch(
                     events: group.iter().map(|p| p.event).collect(),
                     status: None,
                     error: error.to_string(),
-                    next_attempt_at: now + delay.as_millis() as i64,
+                    next_attempt_at: group
+                        .iter()
+                        .map(|p| next_attempt_at(policy, delay, p.queued_at, now))
+                        .min()
+                        .unwrap_or(now),
                     dead: is_dead,
                 };
                 store.record_failure(name.clone(), failure).await?;
             }
             Ok(())
         }
+    }
+}
+
+/// How many deliveries from the head of `batch` fit in `cap` payload bytes;
+/// at least one, so a payload larger than `cap` still goes out alone.
+fn within_bytes(batch: &[Pending], cap: usize) -> usize {
+    let mut total = 0usize;
+    let fits = batch
+        .iter()
+        .take_while(|pending| {
+            total = total.saturating_add(pending.payload.len());
+            total <= cap
+        })
+        .count();
+    fits.max(batch.len().min(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(payload_bytes: usize) -> Pending {
+        Pending {
+            event: 1,
+            id: "r:1".into(),
+            run_id: "r".into(),
+            sequence: Some(1),
+            event_type: "T".into(),
+            payload: format!("\"{}\"", "x".repeat(payload_bytes.saturating_sub(2))),
+            created_at: None,
+            run_status: None,
+            phase: None,
+            labels: "{}".into(),
+            attempts: 0,
+            next_attempt_at: 0,
+            seen_at: 0,
+            queued_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_bounded_in_payload_bytes() {
+        let small: Vec<Pending> = (0..100).map(|_| pending(10)).collect();
+        assert_eq!(within_bytes(&small, 1000), 100);
+        let big: Vec<Pending> = (0..10).map(|_| pending(400)).collect();
+        assert_eq!(within_bytes(&big, 1000), 2);
+        assert_eq!(
+            within_bytes(&[pending(5000), pending(1)], 1000),
+            1,
+            "one, however large"
+        );
+        assert_eq!(within_bytes(&[], 1000), 0);
     }
 }

@@ -7,9 +7,16 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use rand::RngExt;
 
 use crate::config::DeliveryPolicy;
+
+/// A sink's `Retry-After` is honoured up to `max_backoff`, or up to this
+/// when `max_backoff` is shorter (a 429 without `Retry-After` waits 60 s):
+/// one answer of `Retry-After: 604800` must not hold a run for a week.
+pub const RETRY_AFTER_CAP_MIN: Duration = Duration::from_secs(60);
+
 /// How long to wait before attempt `attempt + 1`, after `attempt` failures:
 /// exponential from `initial_backoff` (backon's schedule), capped at
-/// `max_backoff`, with full jitter; never sooner than the sink asked.
+/// `max_backoff`, with full jitter; never sooner than the sink asked, as
+/// long as that is within `max(max_backoff, 60 s)`.
 pub fn retry_delay(
     policy: &DeliveryPolicy,
     attempt: u32,
@@ -27,14 +34,31 @@ pub fn retry_delay(
     } else {
         rand::rng().random_range(Duration::ZERO..=ceiling)
     };
-    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+    let asked = retry_after
+        .unwrap_or(Duration::ZERO)
+        .min(policy.max_backoff.max(RETRY_AFTER_CAP_MIN));
+    jittered.max(asked)
+}
+
+/// When (unix ms) a delivery queued at `queued_at` that failed at `now` is
+/// tried next, `delay` from now, but never later than `queued_at + max_age`:
+/// a delivery that would wait past its age limit is tried a last time then,
+/// and dead-lettered if that fails, instead of holding the run's later
+/// events. Saturating: no delay or age can wrap the clock.
+pub fn next_attempt_at(policy: &DeliveryPolicy, delay: Duration, queued_at: i64, now: i64) -> i64 {
+    let at = now.saturating_add(millis(delay));
+    let deadline = queued_at.saturating_add(millis(policy.max_age));
+    at.min(deadline.max(now))
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Whether a delivery that has failed `attempts` times, first seen at
 /// `queued_at` (unix ms), should go to the dead-letter list now.
 pub fn exhausted(policy: &DeliveryPolicy, attempts: u32, queued_at: i64, now: i64) -> bool {
-    attempts >= policy.max_attempts
-        || now.saturating_sub(queued_at) >= policy.max_age.as_millis() as i64
+    attempts >= policy.max_attempts || now.saturating_sub(queued_at) >= millis(policy.max_age)
 }
 
 #[cfg(test)]
@@ -67,6 +91,44 @@ mod tests {
     fn retry_after_is_a_floor() {
         let p = policy();
         assert!(retry_delay(&p, 1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_capped() {
+        let p = policy();
+        let week = Some(Duration::from_secs(604_800));
+        assert_eq!(retry_delay(&p, 1, week), RETRY_AFTER_CAP_MIN);
+        let long = DeliveryPolicy {
+            max_backoff: Duration::from_secs(600),
+            ..p
+        };
+        assert_eq!(retry_delay(&long, 1, week), Duration::from_secs(600));
+        assert!(retry_delay(&p, 1, Some(Duration::MAX)) <= RETRY_AFTER_CAP_MIN);
+    }
+
+    #[test]
+    fn the_next_attempt_never_falls_after_max_age() {
+        let p = policy(); // max_age 60 s
+        let at = next_attempt_at(&p, Duration::from_secs(5), 0, 10_000);
+        assert_eq!(at, 15_000, "within the age limit: now + delay");
+        let at = next_attempt_at(&p, Duration::from_secs(600), 0, 10_000);
+        assert_eq!(at, 60_000, "past it: at max_age");
+        assert!(
+            exhausted(&p, 1, 0, at),
+            "and dead-lettered if that attempt fails"
+        );
+        let at = next_attempt_at(&p, Duration::from_secs(5), 0, 70_000);
+        assert_eq!(at, 70_000, "already past: now");
+        let huge = DeliveryPolicy {
+            max_age: Duration::MAX,
+            ..p
+        };
+        assert_eq!(
+            next_attempt_at(&huge, Duration::MAX, 0, 1),
+            i64::MAX,
+            "saturates"
+        );
+        assert!(!exhausted(&huge, 1, 0, i64::MAX - 1));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{exhausted, retry_delay};
+use super::retry::{exhausted, next_attempt_at, retry_delay};
 use crate::config::DeliveryPolicy;
 use crate::sink::{Outcome, Sender};
 use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
@@ -388,7 +388,8 @@ async fn record(
     let attempts = pending.attempts + 1;
     let now = now_ms();
     let dead = permanent || exhausted(&sink.policy, attempts, pending.queued_at, now);
-    let next_attempt_at = now + retry_delay(&sink.policy, attempts, after).as_millis() as i64;
+    let delay = retry_delay(&sink.policy, attempts, after);
+    let next_attempt_at = next_attempt_at(&sink.policy, delay, pending.queued_at, now);
     if dead {
         tracing::warn!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery dead-lettered");
     } else {

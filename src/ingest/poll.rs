@@ -190,15 +190,16 @@ impl Ingest {
         loop {
             let permit = self.pages.acquire().await.ok();
             let error = match self.client.events(run_id, since).await {
-                Err(error) if error.class() == ErrorClass::Transient => error,
+                Err(error)
+                    if matches!(error.class(), ErrorClass::Transient | ErrorClass::TooLarge) =>
+                {
+                    error
+                }
                 answer => return (answer, permit),
             };
             drop(permit);
-            // A server's Retry-After replaces the computed delay.
-            let wait = error
-                .retry_after()
-                .or_else(|| backoff.next())
-                .unwrap_or(Duration::from_secs(60));
+            // A server's Retry-After, bounded, if longer than the backoff.
+            let wait = crate::http::upstream_wait(error.retry_after(), backoff.next());
             tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
             self.store
                 .set_run_state(run_id.to_owned(), "retrying", Some(error.to_string()), None)

@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest_eventsource::{Error as SseError, Event as SseEvent};
 use tokio_util::sync::CancellationToken;
 
 use super::poll::Polled;
@@ -18,6 +17,7 @@ use crate::http::{read_capped, retry_after, snippet};
 use crate::store::StoreError;
 use crate::upstream::ErrorClass;
 use crate::upstream::frame::{self, Frame};
+use crate::upstream::stream::{StreamError as SseError, StreamEvent as SseEvent};
 use crate::upstream::types::error_message;
 
 /// How one connection ended.
@@ -28,8 +28,9 @@ enum Connection {
     Refused(String),
     /// 404 or 405 on connect.
     NotFound(String),
-    /// A frame that cannot be parsed, or a finish past the cursor: catch up
-    /// from the cursor before anything else.
+    /// A frame that cannot be parsed or held (over the size cap, not
+    /// UTF-8), or a finish past the cursor: catch up from the cursor before
+    /// anything else.
     Behind {
         reason: String,
         progressed: bool,
@@ -161,9 +162,7 @@ impl Ingest {
                     if progressed {
                         backoff = reconnect_backoff();
                     }
-                    let wait = retry_after
-                        .or_else(|| backoff.next())
-                        .unwrap_or(Duration::from_secs(60));
+                    let wait = crate::http::upstream_wait(retry_after, backoff.next());
                     tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, ?wait, "stream dropped; reconnecting from the cursor");
                     self.store
                         .set_run_state(run_id.clone(), "reconnecting", Some(reason), Some("sse"))
@@ -347,7 +346,7 @@ async fn refused_or_dropped(error: SseError, progressed: bool) -> Connection {
         SseError::InvalidStatusCode(status, response) => {
             crate::metrics::metrics().upstream_answer(Some(status.as_u16()));
             let wait = retry_after(response.headers());
-            let body = read_capped(response, 4096)
+            let body = read_capped(*response, 4096)
                 .await
                 .map(|(b, _)| b)
                 .unwrap_or_default();
@@ -371,6 +370,11 @@ async fn refused_or_dropped(error: SseError, progressed: bool) -> Connection {
         SseError::Transport(error) => Connection::Dropped {
             reason: error.without_url().to_string(),
             retry_after: None,
+            progressed,
+        },
+        // Over the size cap, or not UTF-8: reconnecting would meet it again.
+        other if other.is_undecodable() => Connection::Behind {
+            reason: other.to_string(),
             progressed,
         },
         other => Connection::Dropped {

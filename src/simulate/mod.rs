@@ -72,6 +72,12 @@ pub enum FaultKind {
     /// while the run's status, `lastEventSequence` and `run_finished` still
     /// count them: a finish announced past what was served.
     Withhold { from: i64 },
+    /// Streams send a frame with bytes that are not UTF-8 after this many
+    /// events, then go silent.
+    InvalidUtf8 { after: usize },
+    /// Poll answers are padded with whitespace to this many bytes, sent in
+    /// chunks without a `Content-Length`: an answer too large to buffer.
+    BigAnswer { bytes: u64 },
 }
 
 /// One request the simulator answered, for tests to inspect.
@@ -415,7 +421,12 @@ impl Simulator {
             .map(scenario::bulk_runs)
             .unwrap_or_default();
         for script in scenario.runs.iter().chain(&bulk) {
-            runs.insert(script.id.clone(), SimRun::new(script, clock));
+            let run = if scenario.pretty_payloads {
+                SimRun::new(&scenario::prettified(script), clock)
+            } else {
+                SimRun::new(script, clock)
+            };
+            runs.insert(script.id.clone(), run);
         }
         let sim = Arc::new(Sim {
             started: clock,
@@ -728,6 +739,7 @@ async fn events(
         .take_fault("events", &id, |k| *k == FaultKind::Resend)
         .is_some();
     let damage = Damage::take(&sim, "events", &id);
+    let big = sim.take_fault("events", &id, |k| matches!(k, FaultKind::BigAnswer { .. }));
     let since = if ignore_since { 0 } else { asked };
     let now = Instant::now();
     let body = {
@@ -764,7 +776,31 @@ async fn events(
         )
     };
     sim.record("events", Some(&id), Some(asked), 200);
+    if let Some(FaultKind::BigAnswer { bytes }) = big {
+        return padded(body, bytes);
+    }
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `body` with whitespace before its closing brace up to `bytes` in all,
+/// streamed in 64 KiB chunks (nothing that size is held in memory here).
+fn padded(mut body: String, bytes: u64) -> Response {
+    use futures::StreamExt;
+    static SPACES: [u8; 64 * 1024] = [b' '; 64 * 1024];
+    body.pop();
+    let mut left = bytes.saturating_sub(body.len() as u64 + 1);
+    let head = futures::stream::iter([Bytes::from(body)]);
+    let pad = futures::stream::iter(std::iter::from_fn(move || {
+        let n = left.min(SPACES.len() as u64) as usize;
+        left -= n as u64;
+        (n > 0).then(|| Bytes::from_static(&SPACES[..n]))
+    }));
+    let tail = futures::stream::iter([Bytes::from_static(b"}")]);
+    let chunks = head.chain(pad).chain(tail).map(Ok::<_, std::io::Error>);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(chunks))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn stream(
@@ -858,7 +894,10 @@ async fn serve_stream(
     let ending = sim.take_fault("stream", &id, |k| {
         matches!(
             k,
-            FaultKind::DropStream { .. } | FaultKind::ErrorFrame { .. } | FaultKind::Stall { .. }
+            FaultKind::DropStream { .. }
+                | FaultKind::ErrorFrame { .. }
+                | FaultKind::Stall { .. }
+                | FaultKind::InvalidUtf8 { .. }
         )
     });
     if sim
@@ -923,6 +962,14 @@ async fn serve_stream(
                 }
                 Some(FaultKind::Stall { after }) if sent >= after => {
                     // Silent, connection open, until the client goes away.
+                    tx.closed().await;
+                    return;
+                }
+                Some(FaultKind::InvalidUtf8 { after }) if sent >= after => {
+                    let _ = send(Bytes::from_static(
+                        b"data: {\"type\":\"status\",\"x\":\"\xff\xfe\"}\n\n",
+                    ))
+                    .await;
                     tx.closed().await;
                     return;
                 }

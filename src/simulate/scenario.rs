@@ -26,6 +26,11 @@ pub struct Scenario {
     /// How stream frames are written.
     #[serde(default)]
     pub stream: StreamStyle,
+    /// Serve every payload pretty-printed, a member per line with CRLF
+    /// breaks, in poll answers and stream frames (where each line becomes
+    /// its own `data:` line), as some servers do. The same JSON values.
+    #[serde(default)]
+    pub pretty_payloads: bool,
     #[serde(default)]
     pub runs: Vec<ScriptedRun>,
     #[serde(default)]
@@ -152,6 +157,7 @@ impl Default for Scenario {
             page_size: default_page_size(),
             heartbeat: default_heartbeat(),
             stream: StreamStyle::default(),
+            pretty_payloads: false,
             runs: Vec::new(),
             bulk: None,
             faults: Vec::new(),
@@ -280,4 +286,70 @@ pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
             run(&format!("{}-{r:05}", bulk.prefix), bulk.interval, events)
         })
         .collect()
+}
+
+/// `raw` JSON text with a CRLF and two spaces of indent after every `{`,
+/// `[` and `,` outside strings: the same JSON value over several lines,
+/// every other byte untouched.
+pub fn pretty(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() * 2);
+    let (mut in_string, mut escaped, mut depth) = (false, false, 0usize);
+    for c in raw.chars() {
+        out.push(c);
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if matches!(c, '{' | '[' | ',') {
+            out.push_str("\r\n");
+            out.push_str(&"  ".repeat(depth));
+        }
+    }
+    out
+}
+
+/// `script` with its payloads (retries' too) [`pretty`]-printed.
+pub fn prettified(script: &ScriptedRun) -> ScriptedRun {
+    let mut script = script.clone();
+    for event in script.events.iter_mut().chain(&mut script.retry_events) {
+        event.payload = pretty(&event.payload);
+    }
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pretty_keeps_the_json_value_and_breaks_lines_outside_strings() {
+        for raw in [
+            r#"{"b":1.10,"a":"x,{[\"\\","z":[1,{"y":[]}],"e":{}}"#,
+            "[]",
+            "7",
+        ] {
+            let printed = pretty(raw);
+            let value = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+            assert_eq!(value(&printed), value(raw), "{printed}");
+            let stripped: String = printed.split("\r\n").map(|l| l.trim_start()).collect();
+            assert_eq!(
+                stripped,
+                raw.replace(' ', ""),
+                "only breaks and indent added"
+            );
+        }
+        assert!(pretty(r#"{"a":1,"b":2}"#).contains("\r\n"));
+        assert!(!pretty(r#"{"a":"x,y"}"#).contains("x,\r"));
+    }
 }

@@ -95,16 +95,20 @@ struct FileLine<'a> {
     labels: &'a RawValue,
 }
 
-/// Appends the envelope of `event` to `out` as one JSON line.
+/// Appends the envelope of `event` to `out` as one JSON line. A payload
+/// received pretty-printed carries raw CR/LF, which in JSON text can only be
+/// insignificant whitespace (strings escape them): they are dropped here, so
+/// that the line stays one line; every other byte is written as received.
 pub fn write_envelope_line(event: &Pending, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
     let f = EventFields::of(event)?;
+    let one_line = single_line(f.payload)?;
     let line = FileLine {
         id: f.id,
         event_type: f.event_type,
         run_id: f.run_id,
         sequence: f.sequence,
         created_at: f.created_at,
-        payload: f.payload,
+        payload: one_line.as_deref().unwrap_or(f.payload),
         run_status: f.run_status,
         current_phase: f.current_phase,
         labels: f.labels,
@@ -112,4 +116,35 @@ pub fn write_envelope_line(event: &Pending, out: &mut Vec<u8>) -> Result<(), ser
     serde_json::to_writer(&mut *out, &line)?;
     out.push(b'\n');
     Ok(())
+}
+
+/// `payload` without its raw CR and LF bytes, or `None` when it has none
+/// (the common case: nothing is copied).
+fn single_line(payload: &RawValue) -> Result<Option<Box<RawValue>>, serde_json::Error> {
+    let text = payload.get();
+    if !text.contains(['\r', '\n']) {
+        return Ok(None);
+    }
+    let joined: String = text.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
+    RawValue::from_string(joined).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_line_drops_raw_breaks_and_keeps_every_other_byte() {
+        let pretty = "{\r\n  \"a\": \"x\\ny\",\n  \"b\": [1.10,\n 2]\r\n}";
+        let raw: Box<RawValue> = serde_json::from_str(pretty).unwrap();
+        let line = single_line(&raw).unwrap().unwrap();
+        assert_eq!(line.get(), "{  \"a\": \"x\\ny\",  \"b\": [1.10, 2]}");
+        let value = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+        assert_eq!(value(line.get()), value(pretty));
+        let flat: Box<RawValue> = serde_json::from_str(r#"{"a":"x\ny"}"#).unwrap();
+        assert!(
+            single_line(&flat).unwrap().is_none(),
+            "escaped breaks are not raw"
+        );
+    }
 }

@@ -7,12 +7,17 @@ use std::time::Duration;
 use reqwest::header::{AUTHORIZATION, COOKIE, HeaderValue};
 use tokio::sync::Semaphore;
 
+use super::stream::EventSource;
 use super::types::{EventsPage, RunEnvelope, RunInfo, decode_page, error_message};
 use crate::config::{ApiConfig, Secret};
 use crate::http::{read_capped, retry_after, snippet};
 
 /// A response page larger than this is refused rather than buffered.
 const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// How often an answer over `MAX_BODY` is asked for again: it costs a
+/// download of the cap each time, and only a change upstream can help.
+const TOO_LARGE_RETRY: Duration = Duration::from_secs(300);
 
 pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
 
@@ -28,6 +33,12 @@ pub enum UpstreamError {
     Network(#[source] reqwest::Error),
     #[error("unparseable upstream response: {0}")]
     Decode(String),
+    #[error(
+        "upstream answer larger than the {} MiB cap; refused, asking again every {} minutes",
+        MAX_BODY / (1024 * 1024),
+        TOO_LARGE_RETRY.as_secs() / 60
+    )]
+    TooLarge,
 }
 
 /// What ingest does about an error.
@@ -41,6 +52,9 @@ pub enum ErrorClass {
     NotFound,
     /// Network, 5xx, 429, garbage: back off and try again.
     Transient,
+    /// An answer over `MAX_BODY`: refused, asked again every
+    /// `TOO_LARGE_RETRY` (ingest never gives up on a run).
+    TooLarge,
 }
 
 impl UpstreamError {
@@ -49,6 +63,7 @@ impl UpstreamError {
             Self::Status { status: 401, .. } => ErrorClass::AuthFailed,
             Self::Status { status: 403, .. } => ErrorClass::Forbidden,
             Self::Status { status: 404, .. } => ErrorClass::NotFound,
+            Self::TooLarge => ErrorClass::TooLarge,
             _ => ErrorClass::Transient,
         }
     }
@@ -57,6 +72,7 @@ impl UpstreamError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Status { retry_after, .. } => *retry_after,
+            Self::TooLarge => Some(TOO_LARGE_RETRY),
             _ => None,
         }
     }
@@ -150,9 +166,20 @@ impl Client {
         let status = response.status();
         crate::metrics::metrics().upstream_answer(Some(status.as_u16()));
         let wait = retry_after(response.headers());
-        let (body, _) = read_capped(response, MAX_BODY)
+        // Refused before reading when the length is announced.
+        if status.is_success()
+            && response
+                .content_length()
+                .is_some_and(|length| length > MAX_BODY as u64)
+        {
+            return Err(UpstreamError::TooLarge);
+        }
+        let (body, cut) = read_capped(response, MAX_BODY)
             .await
             .map_err(UpstreamError::Network)?;
+        if cut && status.is_success() {
+            return Err(UpstreamError::TooLarge);
+        }
         if !status.is_success() {
             return Err(UpstreamError::Status {
                 status: status.as_u16(),
@@ -164,13 +191,9 @@ impl Client {
     }
 
     /// Opens the live stream of a run from `since`, with the session cookie.
-    /// reqwest-eventsource's own reconnect is off: it would re-send the first
-    /// request with a stale `since`; the caller reconnects from its cursor.
-    pub fn open_stream(
-        &self,
-        run_id: &str,
-        since: i64,
-    ) -> Option<reqwest_eventsource::EventSource> {
+    /// There is no built-in reconnect (it would re-send the first request
+    /// with a stale `since`); the caller reconnects from its cursor.
+    pub fn open_stream(&self, run_id: &str, since: i64) -> Option<EventSource> {
         let cookie = self.cookie.as_ref()?;
         let mut url = self.run_url(run_id, &["stream"]);
         url.query_pairs_mut()
@@ -179,9 +202,7 @@ impl Client {
             .stream_http
             .get(url)
             .header(COOKIE, self.cookie_header(cookie));
-        let mut source = reqwest_eventsource::EventSource::new(request).ok()?;
-        source.set_retry_policy(Box::new(reqwest_eventsource::retry::Never));
-        Some(source)
+        Some(EventSource::new(request))
     }
 
     /// A permit of `max_concurrency`, held while a stream connects.

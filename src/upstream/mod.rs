@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod stream;
 pub mod types;
 
 pub use client::{Client, ErrorClass, UpstreamError};

@@ -6,6 +6,7 @@ mod chaos;
 mod cli;
 mod crash;
 mod faults;
+mod hostile;
 mod polling;
 mod props;
 mod receiver;
