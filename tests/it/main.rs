@@ -12,5 +12,6 @@ mod service;
 mod slack;
 mod sse;
 mod store;
+mod supervision;
 mod support;
 mod webhook;
