@@ -91,12 +91,15 @@ impl FileSink {
     /// says so and the error is returned.
     pub fn append(&self, lines: &[u8]) -> io::Result<u64> {
         let mut file = self.lock();
-        let known_good = file.metadata()?.len();
+        let before = file.metadata()?;
+        let known_good = before.len();
         let written = file
             .write_all(lines)
             .and_then(|()| file.sync_data())
             .and_then(|()| file.seek(SeekFrom::End(0)));
-        if written.is_err() {
+        // Only a regular file can be cut back (a device or a pipe keeps
+        // nothing to cut, and refuses to be truncated).
+        if written.is_err() && before.is_file() {
             let cut = file.set_len(known_good).and_then(|()| file.sync_data());
             if let Err(error) = cut {
                 self.needs_recovery.store(true, Ordering::Relaxed);
