@@ -227,12 +227,15 @@ impl<T> Owned<T> {
         self.join_result().await.ok()
     }
 
-    /// Waits for the task, with its panic if it panicked.
+    /// Waits for the task, with its panic if it panicked. The handle stays
+    /// owned while waiting, so dropping the waiter still aborts the task.
     async fn join_result(mut self) -> Result<T, tokio::task::JoinError> {
-        match self.0.take() {
+        let result = match self.0.as_mut() {
             Some(handle) => handle.await,
             None => std::future::pending().await,
-        }
+        };
+        self.0 = None;
+        result
     }
 }
 
