@@ -1,7 +1,8 @@
 //! The run supervisor: exactly one ingest task (follower) per watched run,
 //! following `watch`/`unwatch` through the store. Each follower is known by
 //! its task id, so the end of an old follower (unwatched, slow to stop) can
-//! never retire the new one that a quick `watch` started meanwhile. A
+//! never retire a newer one; and a run watched again while its old follower
+//! is still stopping gets its new one only once the old one has ended. A
 //! follower that panics or stops on a state database error is logged and
 //! started again after a backoff.
 
@@ -40,6 +41,11 @@ struct Followers {
     running: HashMap<String, (Id, CancellationToken)>,
     /// Which run each task follows (also tasks already told to stop).
     runs_by_task: HashMap<Id, String>,
+    /// Runs with followers told to stop that have not ended yet: a new
+    /// follower waits for them, so a run never has two at once.
+    stopping: HashMap<String, usize>,
+    /// A stopped follower ended: a run may wait for that to start again.
+    rescan: bool,
     tasks: JoinSet<FollowResult>,
     /// Runs whose follower failed: consecutive failures, and not restarted
     /// before this instant.
@@ -74,6 +80,7 @@ impl Followers {
             if !keep {
                 tracing::info!(run_id = %run_id, "unwatched; stopping ingest");
                 cancel.cancel();
+                *self.stopping.entry(run_id.clone()).or_default() += 1;
             }
             keep
         });
@@ -84,6 +91,7 @@ impl Followers {
     /// Whether a run may get a follower now.
     fn may_start(&self, run: &WatchedRun, now: Instant) -> bool {
         !self.running.contains_key(&run.run_id)
+            && !self.stopping.contains_key(&run.run_id)
             && !ENDED_STATES.contains(&run.state.as_str())
             && self
                 .failed
@@ -91,11 +99,15 @@ impl Followers {
                 .is_none_or(|(_, not_before)| *not_before <= now)
     }
 
-    /// A failed follower's run is due for a restart.
-    fn restart_due(&self, now: Instant) -> bool {
-        self.failed
-            .iter()
-            .any(|(run_id, (_, at))| *at <= now && !self.running.contains_key(run_id))
+    /// Whether the watched runs must be looked at again although no
+    /// `watch`/`unwatch` happened: a stopped follower ended (its run may
+    /// have been watched again meanwhile), or a failed run is due.
+    fn must_rescan(&mut self, now: Instant) -> bool {
+        std::mem::take(&mut self.rescan)
+            || self
+                .failed
+                .iter()
+                .any(|(run_id, (_, at))| *at <= now && !self.running.contains_key(run_id))
     }
 
     /// Books a follower's end: only that task's own entry is retired. A
@@ -127,6 +139,12 @@ impl Followers {
             .is_some_and(|(task, _)| *task == id);
         if current {
             self.running.remove(&run_id);
+        } else if let Some(count) = self.stopping.get_mut(&run_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.stopping.remove(&run_id);
+            }
+            self.rescan = true;
         }
         match failure {
             None => {
@@ -226,7 +244,7 @@ async fn look(
 ) -> Result<(), StoreError> {
     let generation = reader.control_generation().await?;
     let now = Instant::now();
-    if *seen_generation == Some(generation) && !followers.restart_due(now) {
+    if *seen_generation == Some(generation) && !followers.must_rescan(now) {
         return Ok(());
     }
     let watched = reader.watched_runs().await?;
@@ -310,6 +328,78 @@ mod tests {
             2,
             "restarted once, not spinning"
         );
+        assert_eq!(
+            most_active.load(Ordering::SeqCst),
+            1,
+            "one follower at a time"
+        );
+    }
+
+    /// `unwatch` then `watch` while the old follower is slow to stop: the
+    /// new one starts only once the old one has ended, and a later
+    /// `unwatch` stops it (it was not orphaned by the old one's end).
+    #[tokio::test]
+    async fn a_run_watched_again_gets_one_follower_after_the_old_one_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let watch = || store.subscribe("r1".into(), Default::default(), "watch", None);
+        watch().await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let told_to_stop = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(AtomicUsize::new(0));
+        let most_active = Arc::new(AtomicUsize::new(0));
+        let follow: Follow = {
+            let counters = (
+                calls.clone(),
+                told_to_stop.clone(),
+                active.clone(),
+                most_active.clone(),
+            );
+            Box::new(move |_run, cancel| {
+                let (calls, told_to_stop, active, most_active) = counters.clone();
+                Box::pin(async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let now_active = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    most_active.fetch_max(now_active, Ordering::SeqCst);
+                    cancel.cancelled().await;
+                    told_to_stop.fetch_add(1, Ordering::SeqCst);
+                    // Slow to stop, as inside a long request.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    Ok(RunEnd::Stopped)
+                })
+            })
+        };
+        let shutdown = CancellationToken::new();
+        let supervisor = tokio::spawn(supervise_runs(
+            follow,
+            store.reader().unwrap(),
+            shutdown.clone(),
+            Arc::new(AtomicI64::new(0)),
+        ));
+        let reach = |what: &'static str, counter: &Arc<AtomicUsize>, value: usize| {
+            let counter = counter.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while counter.load(Ordering::SeqCst) != value {
+                    assert!(
+                        Instant::now() < deadline,
+                        "timed out waiting for {what}: {}",
+                        counter.load(Ordering::SeqCst)
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        reach("the first follower", &calls, 1).await;
+        store.unsubscribe("r1".into()).await.unwrap();
+        reach("the first follower told to stop", &told_to_stop, 1).await;
+        watch().await.unwrap();
+        reach("the second follower", &calls, 2).await;
+        store.unsubscribe("r1".into()).await.unwrap();
+        reach("the second follower told to stop", &told_to_stop, 2).await;
+        shutdown.cancel();
+        supervisor.await.unwrap().unwrap();
         assert_eq!(
             most_active.load(Ordering::SeqCst),
             1,
