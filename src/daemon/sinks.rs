@@ -69,8 +69,13 @@ impl Sinks {
         for (name, sink) in &config.sinks {
             if !self.running.contains_key(name) {
                 let stop = CancellationToken::new();
+                let start = {
+                    let (sink, store) = (sink.clone(), store.clone());
+                    move |stop| start_sink(&sink, &store, stop)
+                };
                 let supervisor = Owned::new(tokio::spawn(supervise_sink(
-                    sink.clone(),
+                    sink.name.clone(),
+                    start,
                     store.clone(),
                     stop.clone(),
                 )));
@@ -114,16 +119,19 @@ enum LoopFailure {
 /// when it cannot start, ends or panics, logs it, marks the sink down and
 /// starts it again after a backoff. Marks the sink up again once a loop it
 /// had to restart is running.
-async fn supervise_sink(sink: SinkConfig, store: Store, stop: CancellationToken) {
+async fn supervise_sink<S>(name: Arc<str>, start: S, store: Store, stop: CancellationToken)
+where
+    S: Fn(CancellationToken) -> Result<Owned<Result<(), StoreError>>, DaemonError>,
+{
     let mut failures = 0u32;
     let mut marked_down = false;
     loop {
         let started = tokio::time::Instant::now();
-        let failure = match start_sink(&sink, &store, stop.clone()) {
+        let failure = match start(stop.clone()) {
             Ok(task) => {
                 if marked_down {
-                    marked_down = !mark_down(&store, &sink.name, false).await;
-                    tracing::info!(sink = %sink.name, "delivery loop running again");
+                    marked_down = !mark_down(&store, &name, false).await;
+                    tracing::info!(sink = %name, "delivery loop running again");
                 }
                 match task.join_result().await {
                     Ok(Ok(())) if stop.is_cancelled() => return,
@@ -138,7 +146,7 @@ async fn supervise_sink(sink: SinkConfig, store: Store, stop: CancellationToken)
             Err(error) => error.into(),
         };
         if stop.is_cancelled() {
-            tracing::warn!(sink = %sink.name, error = %failure, "delivery loop stopped with an error during a stop");
+            tracing::warn!(sink = %name, error = %failure, "delivery loop stopped with an error during a stop");
             return;
         }
         if started.elapsed() > RESTARTS_FORGOTTEN {
@@ -146,12 +154,12 @@ async fn supervise_sink(sink: SinkConfig, store: Store, stop: CancellationToken)
         }
         failures += 1;
         let wait = restart_backoff(failures);
-        tracing::error!(sink = %sink.name, error = %failure, failures, ?wait, "sink not delivering; restarting its delivery loop");
+        tracing::error!(sink = %name, error = %failure, failures, ?wait, "sink not delivering; restarting its delivery loop");
         crate::metrics::metrics()
             .sink_restarts
-            .with_label_values(&[&*sink.name])
+            .with_label_values(&[&*name])
             .inc();
-        marked_down = mark_down(&store, &sink.name, true).await || marked_down;
+        marked_down = mark_down(&store, &name, true).await || marked_down;
         if crate::ingest::sleep_or_cancel(wait, &stop).await {
             return;
         }
@@ -254,5 +262,64 @@ mod tests {
         assert_eq!(panic_message(Box::new("boom")), "boom");
         assert_eq!(panic_message(Box::new(String::from("bang"))), "bang");
         assert_eq!(panic_message(Box::new(7)), "a panic without a message");
+    }
+
+    fn sink_down(path: &std::path::Path, sink: &str) -> Option<bool> {
+        let conn = rusqlite::Connection::open(path).ok()?;
+        conn.query_row("SELECT down FROM sinks WHERE name = ?1", [sink], |r| {
+            r.get(0)
+        })
+        .ok()
+    }
+
+    /// A loop that panics is counted, the sink marked down, and the loop
+    /// started again; once it runs again the sink is marked up.
+    #[tokio::test]
+    async fn a_panicked_loop_is_marked_down_counted_and_restarted() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let start = {
+            let starts = starts.clone();
+            move |stop: CancellationToken| {
+                let first = starts.fetch_add(1, Ordering::SeqCst) == 0;
+                Ok(Owned::new(tokio::spawn(async move {
+                    if first {
+                        panic!("sink bug");
+                    }
+                    stop.cancelled().await;
+                    Ok(())
+                })))
+            }
+        };
+        let name: Arc<str> = Arc::from("panicky");
+        let restarts = || {
+            crate::metrics::metrics()
+                .sink_restarts
+                .with_label_values(&["panicky"])
+                .get()
+        };
+        let stop = CancellationToken::new();
+        let supervisor = tokio::spawn(supervise_sink(name, start, store.clone(), stop.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !(starts.load(Ordering::SeqCst) == 2 && sink_down(&path, "panicky") == Some(false)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "starts {}, down {:?}",
+                starts.load(Ordering::SeqCst),
+                sink_down(&path, "panicky")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(restarts(), 1);
+        stop.cancel();
+        supervisor.await.unwrap();
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "no restart after the stop"
+        );
     }
 }
