@@ -2,7 +2,6 @@
 //! ingest task per watched run, follow `watch`/`unwatch`, apply reloads,
 //! talk to systemd, drain on shutdown.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -11,16 +10,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, SinkConfig, SinkKind, Transport};
-use crate::deliver;
-use crate::deliver::runs::SinkRuntime;
-use crate::ingest::{Ingest, RunEnd};
-use crate::sink::Sender;
-use crate::sink::file::FileSink;
-use crate::sink::slack::SlackSink;
-use crate::sink::webhook::WebhookSink;
+use crate::config::{Config, Transport};
+use crate::ingest::Ingest;
 use crate::store::{Reader, Store, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
+
+mod runs;
+mod sinks;
+
+use sinks::Sinks;
 
 /// How often the daemon looks for `watch`/`unwatch` from the command line.
 const CONTROL_POLL: Duration = Duration::from_millis(500);
@@ -137,7 +135,12 @@ pub async fn run_reloadable(
     notify(&[sd_notify::NotifyState::Ready]);
 
     let mut config = config;
-    let supervisor = supervise_runs(ingest.clone(), store.reader()?, shutdown.clone(), heartbeat);
+    let follower = ingest.clone();
+    let follow: runs::Follow = Box::new(move |run, cancel| {
+        let ingest = follower.clone();
+        Box::pin(async move { ingest.follow(run, cancel).await })
+    });
+    let supervisor = runs::supervise_runs(follow, store.reader()?, shutdown.clone(), heartbeat);
     tokio::pin!(supervisor);
     let supervised = loop {
         tokio::select! {
@@ -217,19 +220,6 @@ async fn subscribe_config_runs(store: &Store, config: &Config) -> Result<(), Sto
         .await
 }
 
-/// The delivery loops, one per sink, each with its own stop switch so a
-/// reload can start, stop or restart one without touching the others.
-#[derive(Default)]
-struct Sinks {
-    running: HashMap<String, RunningSink>,
-}
-
-struct RunningSink {
-    config: SinkConfig,
-    stop: CancellationToken,
-    task: Owned<Result<(), StoreError>>,
-}
-
 /// A spawned task that dies with its owner: if the daemon future is dropped
 /// (a panic, a test simulating a crash), nothing it started runs on.
 struct Owned<T>(Option<tokio::task::JoinHandle<T>>);
@@ -240,8 +230,19 @@ impl<T> Owned<T> {
     }
 
     /// Waits for the task; `None` if it panicked or was aborted.
-    async fn join(mut self) -> Option<T> {
-        self.0.take()?.await.ok()
+    async fn join(self) -> Option<T> {
+        self.join_result().await.ok()
+    }
+
+    /// Waits for the task, with its panic if it panicked. The handle stays
+    /// owned while waiting, so dropping the waiter still aborts the task.
+    async fn join_result(mut self) -> Result<T, tokio::task::JoinError> {
+        let result = match self.0.as_mut() {
+            Some(handle) => handle.await,
+            None => std::future::pending().await,
+        };
+        self.0 = None;
+        result
     }
 }
 
@@ -251,108 +252,6 @@ impl<T> Drop for Owned<T> {
             handle.abort();
         }
     }
-}
-
-impl Sinks {
-    /// Brings the running loops in line with `config`. On reload, file
-    /// sinks restart too, which reopens their files (logrotate).
-    async fn apply(
-        &mut self,
-        config: &Config,
-        store: &Store,
-        reopen_files: bool,
-    ) -> Result<(), DaemonError> {
-        let stale: Vec<String> = self
-            .running
-            .iter()
-            .filter(|(name, running)| {
-                let reopen = reopen_files && matches!(running.config.kind, SinkKind::File(_));
-                config.sinks.get(*name) != Some(&running.config) || reopen
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(running) = self.running.remove(&name) {
-                running.stop.cancel();
-                if let Some(Err(error)) = running.task.join().await {
-                    tracing::error!(sink = %name, %error, "delivery loop failed");
-                }
-            }
-        }
-        for (name, sink) in &config.sinks {
-            if !self.running.contains_key(name) {
-                let stop = CancellationToken::new();
-                let task = Owned::new(start_sink(sink, store, stop.clone())?);
-                self.running.insert(
-                    name.clone(),
-                    RunningSink {
-                        config: sink.clone(),
-                        stop,
-                        task,
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    async fn stop_all(&mut self) {
-        for running in self.running.values() {
-            running.stop.cancel();
-        }
-        for (name, running) in self.running.drain() {
-            if let Some(Err(error)) = running.task.join().await {
-                tracing::error!(sink = %name, %error, "delivery loop failed");
-            }
-        }
-    }
-}
-
-fn start_sink(
-    sink: &SinkConfig,
-    store: &Store,
-    stop: CancellationToken,
-) -> Result<tokio::task::JoinHandle<Result<(), StoreError>>, DaemonError> {
-    let client_error = |error| DaemonError::SinkClient {
-        sink: sink.name.to_string(),
-        error,
-    };
-    let sender = match &sink.kind {
-        SinkKind::File(file) => {
-            let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
-                sink: sink.name.to_string(),
-                path: file.path.display().to_string(),
-                error,
-            })?;
-            return Ok(tokio::spawn(deliver::file::run_file_sink(
-                sink.name.clone(),
-                Arc::new(opened),
-                sink.delivery.clone(),
-                store.clone(),
-                store.reader()?,
-                stop,
-            )));
-        }
-        SinkKind::Webhook(webhook) => {
-            Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
-        }
-        SinkKind::Slack(slack) => Sender::Slack(
-            SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
-                .map_err(client_error)?,
-        ),
-    };
-    Ok(tokio::spawn(deliver::runs::run_http_sink(Arc::new(
-        SinkRuntime {
-            name: sink.name.clone(),
-            sender,
-            policy: sink.delivery.clone(),
-            ordered: sink.ordered,
-            concurrency: sink.concurrency,
-            store: store.clone(),
-            reader: store.reader()?,
-            shutdown: stop,
-        },
-    ))))
 }
 
 /// Drops delivered events older than `state.retain`, hourly.
@@ -440,79 +339,4 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(error) = sd_notify::notify(states) {
         tracing::debug!(%error, "sd_notify failed");
     }
-}
-
-/// Keeps one ingest task per watched run, following `watch`/`unwatch`
-/// through the store, until `shutdown`.
-async fn supervise_runs(
-    ingest: Arc<Ingest>,
-    reader: Reader,
-    shutdown: CancellationToken,
-    heartbeat: Arc<AtomicI64>,
-) -> Result<(), DaemonError> {
-    let mut running: HashMap<String, CancellationToken> = HashMap::new();
-    let mut tasks: JoinSet<(String, Result<RunEnd, StoreError>)> = JoinSet::new();
-    let mut seen_generation = None;
-    loop {
-        heartbeat.store(now_ms(), Ordering::Relaxed);
-        let generation = reader.control_generation().await?;
-        if seen_generation != Some(generation) {
-            seen_generation = Some(generation);
-            let watched = reader.watched_runs().await?;
-            let still_watched: std::collections::HashSet<&str> =
-                watched.iter().map(|w| w.run_id.as_str()).collect();
-            running.retain(|run_id, cancel| {
-                let keep = still_watched.contains(run_id.as_str());
-                if !keep {
-                    tracing::info!(run_id = %run_id, "unwatched; stopping ingest");
-                    cancel.cancel();
-                }
-                keep
-            });
-            let starting: Vec<_> = watched
-                .into_iter()
-                .filter(|run| {
-                    !running.contains_key(&run.run_id)
-                        && !ENDED_STATES.contains(&run.state.as_str())
-                })
-                .collect();
-            // Many runs at once (a start, a big `watch`) connect over a few
-            // seconds rather than in one stampede.
-            let spread = STARTUP_SPREAD_PER_RUN * starting.len() as u32;
-            for run in starting {
-                let cancel = shutdown.child_token();
-                running.insert(run.run_id.clone(), cancel.clone());
-                let ingest = ingest.clone();
-                let delay = spread
-                    .min(STARTUP_SPREAD_MAX)
-                    .mul_f64(rand::random::<f64>());
-                tasks.spawn(async move {
-                    let run_id = run.run_id.clone();
-                    if crate::ingest::sleep_or_cancel(delay, &cancel).await {
-                        return (run_id, Ok(RunEnd::Stopped));
-                    }
-                    (run_id, ingest.follow(run, cancel).await)
-                });
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(joined) = tasks.join_next() => {
-                if let Ok((run_id, result)) = joined {
-                    if let Err(error) = result {
-                        tracing::error!(run_id = %run_id, %error, "ingest stopped on a state database error");
-                        return Err(error.into());
-                    }
-                    running.remove(&run_id);
-                }
-            }
-            _ = tokio::time::sleep(CONTROL_POLL) => {}
-        }
-    }
-    while let Some(joined) = tasks.join_next().await {
-        if let Ok((run_id, Err(error))) = joined {
-            tracing::warn!(run_id = %run_id, %error, "ingest ended with an error during shutdown");
-        }
-    }
-    Ok(())
 }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub pending: IntGaugeVec,
     pub dead: IntGaugeVec,
     pub sink_up: IntGaugeVec,
+    /// `sink`: delivery loops restarted after they could not start, ended or panicked.
+    pub sink_restarts: IntCounterVec,
     /// `state`: following, reconnecting, finished, auth_failed, ...
     pub runs: IntGaugeVec,
     /// `run_id`: seconds since the run's last event, while it is followed.
@@ -69,6 +71,11 @@ impl Metrics {
             pending: gauge("runhook_pending_deliveries", "Deliveries waiting, by sink.", &["sink"]),
             dead: gauge("runhook_dead_letters", "Dead letters, by sink.", &["sink"]),
             sink_up: gauge("runhook_sink_up", "1 while the sink answers, 0 while marked down.", &["sink"]),
+            sink_restarts: counter(
+                "runhook_sink_restarts_total",
+                "Delivery loops restarted after they could not start, ended or panicked, by sink.",
+                &["sink"],
+            ),
             runs: gauge("runhook_runs", "Watched runs by ingest state.", &["state"]),
             last_event_age: GaugeVec::new(
                 Opts::new(
@@ -80,7 +87,7 @@ impl Metrics {
             .expect("valid metric"),
             registry: Registry::new(),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(metrics.events_ingested.clone()),
             Box::new(metrics.deliveries.clone()),
             Box::new(metrics.delivery_latency.clone()),
@@ -89,6 +96,7 @@ impl Metrics {
             Box::new(metrics.pending.clone()),
             Box::new(metrics.dead.clone()),
             Box::new(metrics.sink_up.clone()),
+            Box::new(metrics.sink_restarts.clone()),
             Box::new(metrics.runs.clone()),
             Box::new(metrics.last_event_age.clone()),
         ];

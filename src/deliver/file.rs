@@ -21,6 +21,10 @@ const FILE_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Delivers a file sink's backlog in ingest order (which is per-run order),
 /// a batch per write and fsync. A file fails as a whole, so its head waits out
 /// the backoff and everything behind it waits too.
+///
+/// A store error does not end the loop: it backs off, then reconciles with
+/// the file's tail again (lines written but not yet marked done are marked,
+/// not written twice) and carries on. Returns at shutdown.
 pub async fn run_file_sink(
     name: Arc<str>,
     file: Arc<FileSink>,
@@ -29,11 +33,53 @@ pub async fn run_file_sink(
     reader: Reader,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
-    recover_file(&name, &file, &store, &reader).await?;
+    let mut store_errors = 0;
+    loop {
+        let started = tokio::time::Instant::now();
+        let Err(error) = deliver_file(&name, &file, &policy, &store, &reader, &shutdown).await
+        else {
+            return Ok(());
+        };
+        if started.elapsed() > STORE_ERRORS_FORGOTTEN {
+            store_errors = 0;
+        }
+        store_errors += 1;
+        let wait = super::store_backoff(store_errors);
+        tracing::warn!(sink = %name, %error, ?wait, "file sink: state database error; reconciling with the file and retrying");
+        if crate::ingest::sleep_or_cancel(wait, &shutdown).await {
+            return Ok(());
+        }
+    }
+}
+
+/// A pass that ran this long without a store error starts the backoff afresh.
+const STORE_ERRORS_FORGOTTEN: Duration = Duration::from_secs(30);
+
+/// Reconciles with the file's tail, then writes batches until shutdown
+/// (`Ok`) or a store error.
+async fn deliver_file(
+    name: &Arc<str>,
+    file: &Arc<FileSink>,
+    policy: &DeliveryPolicy,
+    store: &Store,
+    reader: &Reader,
+    shutdown: &CancellationToken,
+) -> Result<(), StoreError> {
+    recover_file(name, file, store, reader).await?;
     let mut commits = store.commits();
     loop {
         commits.borrow_and_update();
-        let batch = reader.pending_in_order(&name, FILE_BATCH).await?;
+        if file.needs_recovery() {
+            // A failed write could not be cut back: reconcile before writing.
+            recover_file(name, file, store, reader).await?;
+            if file.needs_recovery()
+                && crate::ingest::sleep_or_cancel(RECOVERY_RETRY, shutdown).await
+            {
+                return Ok(());
+            }
+            continue;
+        }
+        let batch = reader.pending_in_order(name, FILE_BATCH).await?;
         let Some(head) = batch.first() else {
             tokio::select! {
                 _ = commits.changed() => continue,
@@ -49,9 +95,12 @@ pub async fn run_file_sink(
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
-        write_file_batch(&name, &file, &policy, &store, batch).await?;
+        write_file_batch(name, file, policy, store, batch).await?;
     }
 }
+
+/// How soon a file whose tail could not be reconciled is tried again.
+const RECOVERY_RETRY: Duration = Duration::from_secs(1);
 
 async fn recover_file(
     name: &Arc<str>,

@@ -22,3 +22,62 @@ fn count_delivered(sink: &str, delivered: &[crate::store::Pending]) {
         latency.observe((now - pending.seen_at).max(0) as f64 / 1000.0);
     }
 }
+
+/// Pause after the `attempt`-th store error in a row inside delivery (say
+/// `SQLITE_BUSY` while `runhook replay` holds the write lock on a big
+/// database): 100 ms doubling to 5 s, full jitter so the sinks do not all
+/// knock again at once.
+pub(crate) fn store_backoff(attempt: u32) -> std::time::Duration {
+    use rand::RngExt;
+    let ceiling = STORE_BACKOFF_MIN
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(STORE_BACKOFF_MAX);
+    rand::rng().random_range(ceiling / 2..=ceiling)
+}
+
+const STORE_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const STORE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a store write until it succeeds, backing off between store errors,
+/// so an outcome already seen by a sink is recorded rather than lost (and
+/// sent again). Gives up only at shutdown, with the last error.
+async fn retry_store<T, F, Fut>(
+    sink: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut write: F,
+) -> Result<T, crate::store::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match write().await {
+            Ok(value) => return Ok(value),
+            Err(error) if shutdown.is_cancelled() => return Err(error),
+            Err(error) => {
+                attempt += 1;
+                let wait = store_backoff(attempt);
+                tracing::warn!(sink, %error, attempt, ?wait, "delivery: state database write failed; retrying");
+                if crate::ingest::sleep_or_cancel(wait, shutdown).await {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn store_backoff_grows_jittered_and_capped() {
+        for _ in 0..100 {
+            let first = super::store_backoff(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            assert!(super::store_backoff(40) <= Duration::from_secs(5));
+            assert!(super::store_backoff(40) >= Duration::from_millis(2500));
+        }
+    }
+}

@@ -34,6 +34,8 @@ const DOWN_AFTER: u32 = 5;
 const CHAIN_BATCH: usize = 64;
 /// How often the dispatcher looks for replays from the command line.
 const CONTROL_POLL: Duration = Duration::from_secs(1);
+/// At least this long before a run whose chain met a store error is tried again.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// Everything a chain needs.
 pub struct SinkRuntime {
@@ -131,20 +133,28 @@ impl Board {
     }
 }
 
-/// Runs a sink's deliveries until shutdown.
+/// Runs a sink's deliveries until shutdown. A store error does not end it:
+/// the dispatcher backs off and looks again, a chain leaves its run blocked
+/// for a moment, and outcomes are written until the store takes them. A
+/// chain that panics takes the loop with it, for the daemon to restart.
 pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StoreError> {
     let mut new_work = sink.store.new_work();
     let mut board = Board::default();
-    let mut chains: JoinSet<Result<ChainReport, StoreError>> = JoinSet::new();
+    let mut chains: JoinSet<ChainReport> = JoinSet::new();
     let mut control = None;
+    let mut store_errors = 0;
     loop {
-        let generation = sink.reader.control_generation().await?;
-        if control != Some(generation) {
-            control = Some(generation);
-            for run in sink.reader.runs_with_pending(&sink.name).await? {
-                board.add_work(Arc::from(run));
+        if let Err(error) = rescan(&sink, &mut board, &mut control).await {
+            store_errors += 1;
+            let wait = super::store_backoff(store_errors);
+            tracing::warn!(sink = %sink.name, %error, ?wait, "delivery: cannot read the state database; retrying");
+            control = None;
+            if crate::ingest::sleep_or_cancel(wait, &sink.shutdown).await {
+                break;
             }
+            continue;
         }
+        store_errors = 0;
         board.unblock_due(now_ms());
         start_chains(&sink, &mut board, &mut chains);
         let wake = board.next_wake();
@@ -156,28 +166,38 @@ pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StoreError> {
                 Err(RecvError::Lagged(_)) => control = None,
                 Err(RecvError::Closed) => return Ok(()),
             },
-            Some(joined) = chains.join_next() => {
-                let report = joined.map_err(|_| StoreError::Closed)??;
-                finish_chain(&sink, &mut board, report).await?;
-            }
+            Some(joined) = chains.join_next() => match joined {
+                Ok(report) => finish_chain(&sink, &mut board, report).await,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                Err(_) => {}
+            },
             _ = tokio::time::sleep_until(wake) => {}
             _ = sink.shutdown.cancelled() => break,
         }
     }
     // In-flight chains stop after the delivery they are sending.
-    while let Some(joined) = chains.join_next().await {
-        if let Ok(Err(error)) = joined {
-            tracing::error!(sink = %sink.name, %error, "delivery chain failed during shutdown");
+    while chains.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// After a control change (a replay from the command line) or missed
+/// notices, every run with pending deliveries is work again.
+async fn rescan(
+    sink: &SinkRuntime,
+    board: &mut Board,
+    control: &mut Option<i64>,
+) -> Result<(), StoreError> {
+    let generation = sink.reader.control_generation().await?;
+    if *control != Some(generation) {
+        for run in sink.reader.runs_with_pending(&sink.name).await? {
+            board.add_work(Arc::from(run));
         }
+        *control = Some(generation);
     }
     Ok(())
 }
 
-fn start_chains(
-    sink: &Arc<SinkRuntime>,
-    board: &mut Board,
-    chains: &mut JoinSet<Result<ChainReport, StoreError>>,
-) {
+fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet<ChainReport>) {
     if board.down {
         let probe_due = board.next_probe.is_none_or(|at| at <= Instant::now());
         if chains.is_empty() && probe_due {
@@ -206,11 +226,9 @@ fn start_chains(
     }
 }
 
-async fn finish_chain(
-    sink: &SinkRuntime,
-    board: &mut Board,
-    report: ChainReport,
-) -> Result<(), StoreError> {
+/// Books a chain's end. The store writes here only inform (`status`, the
+/// backlog's early release): failing them is logged, not fatal.
+async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport) {
     board.in_flight.remove(&report.run_id);
     let had_news = board.dirty.remove(&report.run_id);
     match report.end {
@@ -231,9 +249,15 @@ async fn finish_chain(
             board.down = false;
             board.probe_failures = 0;
             board.next_probe = None;
-            let released = sink.store.release_backoff(sink.name.clone()).await?;
-            tracing::info!(sink = %sink.name, released, "sink answers again; draining its backlog");
-            sink.store.set_sink_down(sink.name.clone(), false).await?;
+            match sink.store.release_backoff(sink.name.clone()).await {
+                Ok(released) => {
+                    tracing::info!(sink = %sink.name, released, "sink answers again; draining its backlog")
+                }
+                Err(error) => {
+                    tracing::warn!(sink = %sink.name, %error, "sink answers again; its backlog keeps its own backoff")
+                }
+            }
+            set_sink_down(sink, false).await;
             let waiting: Vec<Arc<str>> = std::mem::take(&mut board.blocked).into_keys().collect();
             board.work.extend(waiting);
         }
@@ -249,46 +273,62 @@ async fn finish_chain(
             board.probe_failures = 1;
             board.next_probe = Some(Instant::now() + retry_delay(&sink.policy, 1, None));
             tracing::warn!(sink = %sink.name, failures = board.consecutive_failures, "sink marked down; probing with one delivery at a time");
-            sink.store.set_sink_down(sink.name.clone(), true).await?;
+            set_sink_down(sink, true).await;
         }
     }
-    Ok(())
+}
+
+async fn set_sink_down(sink: &SinkRuntime, down: bool) {
+    if let Err(error) = sink.store.set_sink_down(sink.name.clone(), down).await {
+        tracing::warn!(sink = %sink.name, %error, down, "cannot record the sink's state for status");
+    }
 }
 
 /// Delivers one run's pending deliveries in order until the run is drained,
 /// a delivery must wait, or shutdown. A probe sends one delivery, due or not.
-async fn chain(
-    sink: Arc<SinkRuntime>,
-    run_id: Arc<str>,
-    probe: bool,
-) -> Result<ChainReport, StoreError> {
+/// A store error blocks the run for a moment (`STORE_RETRY`).
+async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, probe: bool) -> ChainReport {
     let mut report = ChainReport {
         run_id: run_id.clone(),
         end: ChainEnd::Drained,
         delivered: 0,
         failed: 0,
     };
+    if let Err(error) = deliver_run(&sink, &run_id, probe, &mut report).await {
+        let wait = super::store_backoff(1).max(STORE_RETRY);
+        tracing::warn!(sink = %sink.name, run_id = %run_id, %error, ?wait, "delivery: state database error; the run waits");
+        report.end = ChainEnd::Blocked(now_ms() + wait.as_millis() as i64);
+    }
+    report
+}
+
+async fn deliver_run(
+    sink: &Arc<SinkRuntime>,
+    run_id: &Arc<str>,
+    probe: bool,
+    report: &mut ChainReport,
+) -> Result<(), StoreError> {
     loop {
         let batch = sink
             .reader
-            .pending_for_run(&sink.name, &run_id, CHAIN_BATCH)
+            .pending_for_run(&sink.name, run_id, CHAIN_BATCH)
             .await?;
         if batch.is_empty() {
             report.end = ChainEnd::Drained;
-            return Ok(report);
+            return Ok(());
         }
         let end = if sink.ordered {
-            deliver_in_order(&sink, batch, probe, &mut report).await?
+            deliver_in_order(sink, batch, probe, report).await?
         } else {
-            deliver_unordered(&sink, batch, probe, &mut report).await?
+            deliver_unordered(sink, batch, probe, report).await?
         };
         if let Some(end) = end {
             report.end = end;
-            return Ok(report);
+            return Ok(());
         }
         if probe {
             report.end = ChainEnd::Paused;
-            return Ok(report);
+            return Ok(());
         }
     }
 }
@@ -372,9 +412,11 @@ async fn record(
 ) -> Result<Recorded, StoreError> {
     let (status, error, after, permanent) = match outcome {
         Outcome::Delivered => {
-            sink.store
-                .mark_delivered(sink.name.clone(), vec![pending.event], None)
-                .await?;
+            super::retry_store(&sink.name, &sink.shutdown, || {
+                sink.store
+                    .mark_delivered(sink.name.clone(), vec![pending.event], None)
+            })
+            .await?;
             super::count_delivered(&sink.name, std::slice::from_ref(pending));
             return Ok(Recorded::Done);
         }
@@ -402,9 +444,11 @@ async fn record(
         next_attempt_at,
         dead,
     };
-    sink.store
-        .record_failure(sink.name.clone(), failure)
-        .await?;
+    super::retry_store(&sink.name, &sink.shutdown, || {
+        sink.store
+            .record_failure(sink.name.clone(), failure.clone())
+    })
+    .await?;
     crate::metrics::metrics().delivery(&sink.name, if dead { "dead" } else { "retry" });
     Ok(if dead {
         Recorded::Dead

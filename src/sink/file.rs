@@ -6,11 +6,17 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug)]
 pub struct FileSink {
     path: PathBuf,
     file: Mutex<File>,
+    /// A failed append could not be cut back: the file may end in bytes
+    /// that are not marked done (whole lines, a torn one). They must be
+    /// reconciled (`recover`) before the next append, or the retry would
+    /// write those lines again after a torn one.
+    needs_recovery: AtomicBool,
 }
 
 /// What start-up found past the recorded offset.
@@ -29,6 +35,7 @@ impl FileSink {
         Ok(Self {
             path: path.to_owned(),
             file: Mutex::new(open_append(path)?),
+            needs_recovery: AtomicBool::new(false),
         })
     }
 
@@ -76,14 +83,38 @@ impl FileSink {
             offset: start + scan.complete,
             torn_bytes,
         })
+        .inspect(|_| self.needs_recovery.store(false, Ordering::Relaxed))
     }
 
     /// Appends `lines` and fsyncs; returns the file length after.
+    ///
+    /// A failed write (a full disk may take part of the batch first) or
+    /// fsync is cut back to the length before it, so the retry appends the
+    /// batch to a clean end; if even that fails, [`Self::needs_recovery`]
+    /// says so and the error is returned.
     pub fn append(&self, lines: &[u8]) -> io::Result<u64> {
         let mut file = self.lock();
-        file.write_all(lines)?;
-        file.sync_data()?;
-        file.seek(SeekFrom::End(0))
+        let before = file.metadata()?;
+        let known_good = before.len();
+        let written = file
+            .write_all(lines)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| file.seek(SeekFrom::End(0)));
+        // Only a regular file can be cut back (a device or a pipe keeps
+        // nothing to cut, and refuses to be truncated).
+        if written.is_err() && before.is_file() {
+            let cut = file.set_len(known_good).and_then(|()| file.sync_data());
+            if let Err(error) = cut {
+                self.needs_recovery.store(true, Ordering::Relaxed);
+                tracing::error!(path = %self.path.display(), %error, "file sink: cannot cut a failed write back; reconciling before the next write");
+            }
+        }
+        written
+    }
+
+    /// Whether a failed append left bytes that must be reconciled first.
+    pub fn needs_recovery(&self) -> bool {
+        self.needs_recovery.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, File> {

@@ -16,5 +16,6 @@ mod slack;
 mod sse;
 mod stopped;
 mod store;
+mod supervision;
 mod support;
 mod webhook;

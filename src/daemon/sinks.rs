@@ -1,0 +1,325 @@
+//! The delivery loops, one per sink, each under a supervisor: a loop that
+//! cannot start (a file that cannot be opened after logrotate), ends or
+//! panics is logged, shown (the sink is marked down: `runhook status`,
+//! `runhook_sink_up` 0, `runhook_sink_restarts_total`) and restarted with
+//! backoff, while every other sink and every run carries on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{DaemonError, Owned};
+use crate::config::{Config, SinkConfig, SinkKind};
+use crate::deliver;
+use crate::deliver::runs::SinkRuntime;
+use crate::sink::Sender;
+use crate::sink::file::FileSink;
+use crate::sink::slack::SlackSink;
+use crate::sink::webhook::WebhookSink;
+use crate::store::{Store, StoreError};
+
+/// Restart backoff of a failed delivery loop: from `RESTART_MIN`, doubling,
+/// capped at `RESTART_MAX`.
+const RESTART_MIN: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(60);
+/// A loop that ran this long before it failed starts the backoff afresh.
+const RESTARTS_FORGOTTEN: Duration = Duration::from_secs(300);
+
+/// The delivery loops, one per sink, each with its own stop switch so a
+/// reload can start, stop or restart one without touching the others.
+#[derive(Default)]
+pub(super) struct Sinks {
+    running: HashMap<String, RunningSink>,
+}
+
+struct RunningSink {
+    config: SinkConfig,
+    stop: CancellationToken,
+    /// The sink's supervisor; it owns the delivery loop.
+    supervisor: Owned<()>,
+}
+
+impl Sinks {
+    /// Brings the running loops in line with `config`. On reload, file
+    /// sinks restart too, which reopens their files (logrotate). A sink that
+    /// cannot start does not fail this: its supervisor retries.
+    pub(super) async fn apply(
+        &mut self,
+        config: &Config,
+        store: &Store,
+        reopen_files: bool,
+    ) -> Result<(), DaemonError> {
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| {
+                let reopen = reopen_files && matches!(running.config.kind, SinkKind::File(_));
+                config.sinks.get(*name) != Some(&running.config) || reopen
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(running) = self.running.remove(&name) {
+                running.stop.cancel();
+                running.supervisor.join().await;
+            }
+        }
+        for (name, sink) in &config.sinks {
+            if !self.running.contains_key(name) {
+                let stop = CancellationToken::new();
+                let start = {
+                    let (sink, store) = (sink.clone(), store.clone());
+                    move |stop| start_sink(&sink, &store, stop)
+                };
+                let supervisor = Owned::new(tokio::spawn(supervise_sink(
+                    sink.name.clone(),
+                    start,
+                    store.clone(),
+                    stop.clone(),
+                )));
+                self.running.insert(
+                    name.clone(),
+                    RunningSink {
+                        config: sink.clone(),
+                        stop,
+                        supervisor,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn stop_all(&mut self) {
+        for running in self.running.values() {
+            running.stop.cancel();
+        }
+        for (_, running) in self.running.drain() {
+            running.supervisor.join().await;
+        }
+    }
+}
+
+/// Why a delivery loop is not running.
+#[derive(Debug, thiserror::Error)]
+enum LoopFailure {
+    #[error(transparent)]
+    Start(#[from] DaemonError),
+    #[error("delivery loop failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("delivery loop panicked: {0}")]
+    Panicked(String),
+    #[error("delivery loop ended by itself")]
+    Ended,
+}
+
+/// Keeps one sink's delivery loop running until `stop`: starts it, and
+/// when it cannot start, ends or panics, logs it, marks the sink down and
+/// starts it again after a backoff. Marks the sink up again once a loop it
+/// had to restart is running.
+async fn supervise_sink<S>(name: Arc<str>, start: S, store: Store, stop: CancellationToken)
+where
+    S: Fn(CancellationToken) -> Result<Owned<Result<(), StoreError>>, DaemonError>,
+{
+    let mut failures = 0u32;
+    let mut marked_down = false;
+    loop {
+        let started = tokio::time::Instant::now();
+        let failure = match start(stop.clone()) {
+            Ok(task) => {
+                if marked_down {
+                    marked_down = !mark_down(&store, &name, false).await;
+                    tracing::info!(sink = %name, "delivery loop running again");
+                }
+                match task.join_result().await {
+                    Ok(Ok(())) if stop.is_cancelled() => return,
+                    Ok(Ok(())) => LoopFailure::Ended,
+                    Ok(Err(error)) => error.into(),
+                    Err(error) if error.is_panic() => {
+                        LoopFailure::Panicked(panic_message(error.into_panic()))
+                    }
+                    Err(_) => LoopFailure::Ended,
+                }
+            }
+            Err(error) => error.into(),
+        };
+        if stop.is_cancelled() {
+            tracing::warn!(sink = %name, error = %failure, "delivery loop stopped with an error during a stop");
+            return;
+        }
+        if started.elapsed() > RESTARTS_FORGOTTEN {
+            failures = 0;
+        }
+        failures += 1;
+        let wait = restart_backoff(failures);
+        tracing::error!(sink = %name, error = %failure, failures, ?wait, "sink not delivering; restarting its delivery loop");
+        crate::metrics::metrics()
+            .sink_restarts
+            .with_label_values(&[&*name])
+            .inc();
+        marked_down = mark_down(&store, &name, true).await || marked_down;
+        if crate::ingest::sleep_or_cancel(wait, &stop).await {
+            return;
+        }
+    }
+}
+
+/// Marks the sink down (or up) for `status` and `/metrics`; true when the
+/// store took it. A store that is locked right now is not worth waiting for.
+async fn mark_down(store: &Store, sink: &Arc<str>, down: bool) -> bool {
+    match store.set_sink_down(sink.clone(), down).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(sink = %sink, %error, down, "cannot record the sink's state for status");
+            false
+        }
+    }
+}
+
+/// 1 s, 2 s, 4 s ... 60 s, jittered to between half and all of it.
+fn restart_backoff(failures: u32) -> Duration {
+    use rand::RngExt;
+    let ceiling = RESTART_MIN
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RESTART_MAX);
+    rand::rng().random_range(ceiling / 2..=ceiling)
+}
+
+pub(super) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+fn start_sink(
+    sink: &SinkConfig,
+    store: &Store,
+    stop: CancellationToken,
+) -> Result<Owned<Result<(), StoreError>>, DaemonError> {
+    let client_error = |error| DaemonError::SinkClient {
+        sink: sink.name.to_string(),
+        error,
+    };
+    let sender = match &sink.kind {
+        SinkKind::File(file) => {
+            let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
+                sink: sink.name.to_string(),
+                path: file.path.display().to_string(),
+                error,
+            })?;
+            return Ok(Owned::new(tokio::spawn(deliver::file::run_file_sink(
+                sink.name.clone(),
+                Arc::new(opened),
+                sink.delivery.clone(),
+                store.clone(),
+                store.reader()?,
+                stop,
+            ))));
+        }
+        SinkKind::Webhook(webhook) => {
+            Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
+        }
+        SinkKind::Slack(slack) => Sender::Slack(
+            SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
+                .map_err(client_error)?,
+        ),
+    };
+    Ok(Owned::new(tokio::spawn(deliver::runs::run_http_sink(
+        Arc::new(SinkRuntime {
+            name: sink.name.clone(),
+            sender,
+            policy: sink.delivery.clone(),
+            ordered: sink.ordered,
+            concurrency: sink.concurrency,
+            store: store.clone(),
+            reader: store.reader()?,
+            shutdown: stop,
+        }),
+    ))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_up_to_a_minute() {
+        for _ in 0..100 {
+            let first = restart_backoff(1);
+            assert!(first >= Duration::from_millis(500) && first <= RESTART_MIN);
+            let third = restart_backoff(3);
+            assert!(third >= Duration::from_secs(2) && third <= Duration::from_secs(4));
+            assert!(restart_backoff(50) <= RESTART_MAX);
+        }
+    }
+
+    #[test]
+    fn panic_messages_are_read() {
+        assert_eq!(panic_message(Box::new("boom")), "boom");
+        assert_eq!(panic_message(Box::new(String::from("bang"))), "bang");
+        assert_eq!(panic_message(Box::new(7)), "a panic without a message");
+    }
+
+    fn sink_down(path: &std::path::Path, sink: &str) -> Option<bool> {
+        let conn = rusqlite::Connection::open(path).ok()?;
+        conn.query_row("SELECT down FROM sinks WHERE name = ?1", [sink], |r| {
+            r.get(0)
+        })
+        .ok()
+    }
+
+    /// A loop that panics is counted, the sink marked down, and the loop
+    /// started again; once it runs again the sink is marked up.
+    #[tokio::test]
+    async fn a_panicked_loop_is_marked_down_counted_and_restarted() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        let starts = Arc::new(AtomicUsize::new(0));
+        let start = {
+            let starts = starts.clone();
+            move |stop: CancellationToken| {
+                let first = starts.fetch_add(1, Ordering::SeqCst) == 0;
+                Ok(Owned::new(tokio::spawn(async move {
+                    if first {
+                        panic!("sink bug");
+                    }
+                    stop.cancelled().await;
+                    Ok(())
+                })))
+            }
+        };
+        let name: Arc<str> = Arc::from("panicky");
+        let restarts = || {
+            crate::metrics::metrics()
+                .sink_restarts
+                .with_label_values(&["panicky"])
+                .get()
+        };
+        let stop = CancellationToken::new();
+        let supervisor = tokio::spawn(supervise_sink(name, start, store.clone(), stop.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !(starts.load(Ordering::SeqCst) == 2 && sink_down(&path, "panicky") == Some(false)) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "starts {}, down {:?}",
+                starts.load(Ordering::SeqCst),
+                sink_down(&path, "panicky")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(restarts(), 1);
+        stop.cancel();
+        supervisor.await.unwrap();
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "no restart after the stop"
+        );
+    }
+}
