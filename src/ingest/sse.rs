@@ -124,27 +124,24 @@ impl Ingest {
                     if progressed {
                         backoff = reconnect_backoff();
                     }
-                    let (state, why, wait) = if self.client.has_token() {
-                        following.transport = "poll";
-                        let caught_up = self.catch_up(following, cancel).await?;
-                        following.transport = "sse";
-                        match caught_up {
-                            CaughtUp::Finished(status) => return Ok(Leg::Finished(status)),
-                            CaughtUp::Stopped => return Ok(Leg::Stopped),
-                            CaughtUp::Done { progressed: true } => {
-                                (backoff, slow) = (reconnect_backoff(), self.auth_backoff());
-                                trouble.clear(&run_id);
-                                continue;
-                            }
-                            CaughtUp::Done { progressed: false } => {
-                                ("catching_up", why, backoff.next())
-                            }
-                            CaughtUp::Stuck(state, stuck) => {
-                                (state, format!("{why}; polling: {stuck}"), slow.next())
-                            }
+                    // Polling takes the session cookie as well as the token.
+                    following.transport = "poll";
+                    let caught_up = self.catch_up(following, cancel).await?;
+                    following.transport = "sse";
+                    let (state, why, wait) = match caught_up {
+                        CaughtUp::Finished(status) => return Ok(Leg::Finished(status)),
+                        CaughtUp::Stopped => return Ok(Leg::Stopped),
+                        CaughtUp::Done { progressed: true } => {
+                            (backoff, slow) = (reconnect_backoff(), self.auth_backoff());
+                            trouble.clear(&run_id);
+                            continue;
                         }
-                    } else {
-                        ("catching_up", why, backoff.next())
+                        CaughtUp::Done { progressed: false } => {
+                            ("catching_up", why, backoff.next())
+                        }
+                        CaughtUp::Stuck(state, stuck) => {
+                            (state, format!("{why}; polling: {stuck}"), slow.next())
+                        }
                     };
                     crate::metrics::metrics().stream_reconnects.inc();
                     trouble.enter(&self.store, &run_id, state, why).await?;

@@ -245,7 +245,11 @@ async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
         &format!(r#"{{"blob":"{blob}"}}"#),
     ));
     events.extend(numbered(2));
-    let sim = sim_with(vec![scripted("run-huge", events)]).await;
+    // Still live after the oversize event, so the stream has a reason to
+    // come back once polling got past it.
+    let mut run = scripted("run-huge", events);
+    run.interval = Duration::from_millis(300);
+    let sim = sim_with(vec![run]).await;
     let env = cookie_env(&sim, &["run-huge"]);
     let daemon = env.start();
     let lines = env.wait_finished(&["run-huge"]).await;
@@ -257,10 +261,10 @@ async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
         Some(&3),
         "the oversize event (4) is fetched by polling from the cursor"
     );
-    assert_eq!(
-        sinces(&sim, "stream"),
-        [0, 6],
-        "then the stream resumes after it"
+    let streams = sinces(&sim, "stream");
+    assert!(
+        streams.first() == Some(&0) && streams.get(1).is_some_and(|since| *since >= 4),
+        "then the stream resumes after it: {streams:?}"
     );
 }
 
