@@ -165,9 +165,10 @@ async fn write_file_batch(
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match written {
         Ok(offset) => {
-            let (first, last) = (batch[0].event, batch[batch.len() - 1].event);
+            // Exactly the rows written: a range would also take a delivery
+            // that `runhook replay` made pending meanwhile, without its line.
             store
-                .mark_delivered_range(name.clone(), first, last, offset)
+                .mark_delivered(name.clone(), events.clone(), Some(offset))
                 .await?;
             // Lines that could not be encoded were dead-lettered above.
             let delivered: Vec<Pending> = batch
@@ -264,5 +265,81 @@ mod tests {
             "one, however large"
         );
         assert_eq!(within_bytes(&[], 1000), 0);
+    }
+
+    /// `runhook replay` commits in another process while a batch is being
+    /// written: a dead letter of another run, whose row lies between the
+    /// batch's first and last, turns pending again. The batch must mark only
+    /// the deliveries it wrote, or the replayed one is "done" without a line.
+    #[tokio::test]
+    async fn a_batch_marks_only_what_it_wrote() {
+        use crate::store::{Batch, DeadFilter, NewEvent};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let reader = store.reader().unwrap();
+        let name: Arc<str> = Arc::from("archive");
+        for run in ["run-a", "run-b"] {
+            store
+                .subscribe(run.into(), Default::default(), "watch", None)
+                .await
+                .unwrap();
+        }
+        // Rows in ingest order: a:1, b:1, a:2.
+        for (run, sequence) in [("run-a", 1), ("run-b", 1), ("run-a", 2)] {
+            let event = NewEvent {
+                sequence,
+                event_type: "T".into(),
+                payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                created_at: None,
+                sinks: vec![name.clone()],
+            };
+            let batch = Batch {
+                run_id: run.into(),
+                events: vec![event],
+                run_status: None,
+                phase: None,
+                finish: None,
+            };
+            store.record_batch(batch).await.unwrap();
+        }
+        let b1 = reader.pending_in_order(&name, 10).await.unwrap()[1].clone();
+        assert_eq!(b1.id, "run-b:1");
+        let dead = Failure {
+            events: vec![b1.event],
+            status: None,
+            error: "gone".into(),
+            next_attempt_at: 0,
+            dead: true,
+        };
+        store.record_failure(name.clone(), dead).await.unwrap();
+        let batch = reader.pending_in_order(&name, 10).await.unwrap();
+        assert_eq!(batch.len(), 2, "a:1 and a:2");
+        let replay = DeadFilter {
+            run: Some("run-b".into()),
+            ..DeadFilter::default()
+        };
+        assert_eq!(store.replay(replay).await.unwrap(), 1);
+
+        let path = dir.path().join("events.jsonl");
+        let file = Arc::new(FileSink::open(&path).unwrap());
+        let policy = DeliveryPolicy {
+            max_attempts: 3,
+            max_age: Duration::from_secs(60),
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        };
+        write_file_batch(&name, &file, &policy, &store, batch)
+            .await
+            .unwrap();
+        let still: Vec<String> = reader
+            .pending_in_order(&name, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(still, ["run-b:1"], "the replayed delivery waits for its line");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
     }
 }

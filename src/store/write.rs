@@ -230,37 +230,6 @@ impl Store {
         .await
     }
 
-    /// The file sink's batch: every pending delivery of `sink` from `first`
-    /// to `last` (ingest order) is done. One statement for the whole batch;
-    /// right because a file batch is always the sink's oldest pending ones.
-    pub async fn mark_delivered_range(
-        &self,
-        sink: Arc<str>,
-        first: i64,
-        last: i64,
-        file_offset: u64,
-    ) -> Result<usize, StoreError> {
-        self.write(move |conn| {
-            let now = now_ms();
-            let marked = conn
-                .prepare_cached(
-                    "UPDATE deliveries INDEXED BY deliveries_pending
-                     SET state = 1, attempts = attempts + 1, done_at = ?4,
-                        last_status = NULL, last_error = NULL
-                     WHERE sink = ?1 AND state = 0 AND event BETWEEN ?2 AND ?3",
-                )?
-                .execute(params![&*sink, first, last, now])?;
-            conn.prepare_cached(
-                "INSERT INTO sinks (name, file_offset, last_success_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET file_offset = excluded.file_offset,
-                    last_success_at = excluded.last_success_at, down = 0",
-            )?
-            .execute(params![&*sink, file_offset as i64, now])?;
-            Ok(marked)
-        })
-        .await
-    }
-
     /// A failed attempt: count it and schedule the next, or dead-letter.
     pub async fn record_failure(&self, sink: Arc<str>, failure: Failure) -> Result<(), StoreError> {
         self.write(move |conn| {

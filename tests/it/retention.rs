@@ -138,11 +138,11 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     // Before the cutoff: a has everything delivered, b events 1..=60,000;
     // b's 60,001..=80,000 are dead.
     store
-        .mark_delivered_range("a".into(), rowid(1), rowid(EVENTS), 0)
+        .mark_delivered("a".into(), (rowid(1)..=rowid(EVENTS)).collect(), None)
         .await
         .unwrap();
     store
-        .mark_delivered_range("b".into(), rowid(1), rowid(60_000), 0)
+        .mark_delivered("b".into(), (rowid(1)..=rowid(60_000)).collect(), None)
         .await
         .unwrap();
     let dead = |events: Vec<i64>| Failure {
@@ -162,7 +162,7 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     // After the cutoff: b's 80,001..=90,000 delivered; 90,001.. stay
     // pending; run m records 10 events routed nowhere.
     store
-        .mark_delivered_range("b".into(), rowid(80_001), rowid(90_000), 0)
+        .mark_delivered("b".into(), (rowid(80_001)..=rowid(90_000)).collect(), None)
         .await
         .unwrap();
     store.record_batch(bulk("m", 1..=10, &[])).await.unwrap();
