@@ -267,34 +267,28 @@ mod tests {
         assert_eq!(within_bytes(&[], 1000), 0);
     }
 
-    /// `runhook replay` commits in another process while a batch is being
-    /// written: a dead letter of another run, whose row lies between the
-    /// batch's first and last, turns pending again. The batch must mark only
-    /// the deliveries it wrote, or the replayed one is "done" without a line.
-    #[tokio::test]
-    async fn a_batch_marks_only_what_it_wrote() {
-        use crate::store::{Batch, DeadFilter, NewEvent};
+    /// A store in a temp dir with one file sink, `archive`, and these
+    /// events recorded in this order, each routed to it.
+    async fn store_with(events: &[(&str, i64)]) -> (tempfile::TempDir, Store, Reader, Arc<str>) {
+        use crate::store::{Batch, NewEvent};
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         let reader = store.reader().unwrap();
         let name: Arc<str> = Arc::from("archive");
-        for run in ["run-a", "run-b"] {
+        for (run, sequence) in events {
             store
-                .subscribe(run.into(), Default::default(), "watch", None)
+                .subscribe(run.to_string(), Default::default(), "watch", None)
                 .await
                 .unwrap();
-        }
-        // Rows in ingest order: a:1, b:1, a:2.
-        for (run, sequence) in [("run-a", 1), ("run-b", 1), ("run-a", 2)] {
             let event = NewEvent {
-                sequence,
+                sequence: *sequence,
                 event_type: "T".into(),
                 payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
                 created_at: None,
                 sinks: vec![name.clone()],
             };
             let batch = Batch {
-                run_id: run.into(),
+                run_id: run.to_string(),
                 events: vec![event],
                 run_status: None,
                 phase: None,
@@ -302,16 +296,35 @@ mod tests {
             };
             store.record_batch(batch).await.unwrap();
         }
-        let b1 = reader.pending_in_order(&name, 10).await.unwrap()[1].clone();
-        assert_eq!(b1.id, "run-b:1");
-        let dead = Failure {
-            events: vec![b1.event],
+        (dir, store, reader, name)
+    }
+
+    fn dead(event: i64) -> Failure {
+        Failure {
+            events: vec![event],
             status: None,
             error: "gone".into(),
             next_attempt_at: 0,
             dead: true,
-        };
-        store.record_failure(name.clone(), dead).await.unwrap();
+        }
+    }
+
+    /// `runhook replay` commits in another process while a batch is being
+    /// written: a dead letter of another run, whose row lies between the
+    /// batch's first and last, turns pending again. The batch must mark only
+    /// the deliveries it wrote, or the replayed one is "done" without a line.
+    #[tokio::test]
+    async fn a_batch_marks_only_what_it_wrote() {
+        use crate::store::DeadFilter;
+        // Rows in ingest order: a:1, b:1, a:2.
+        let (dir, store, reader, name) =
+            store_with(&[("run-a", 1), ("run-b", 1), ("run-a", 2)]).await;
+        let b1 = reader.pending_in_order(&name, 10).await.unwrap()[1].clone();
+        assert_eq!(b1.id, "run-b:1");
+        store
+            .record_failure(name.clone(), dead(b1.event))
+            .await
+            .unwrap();
         let batch = reader.pending_in_order(&name, 10).await.unwrap();
         assert_eq!(batch.len(), 2, "a:1 and a:2");
         let replay = DeadFilter {
@@ -338,8 +351,32 @@ mod tests {
             .into_iter()
             .map(|p| p.id)
             .collect();
-        assert_eq!(still, ["run-b:1"], "the replayed delivery waits for its line");
+        assert_eq!(
+            still,
+            ["run-b:1"],
+            "the replayed delivery waits for its line"
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
+    }
+
+    /// A failed batch whose cut-back failed too leaves whole lines in the
+    /// file; one of them may belong to a delivery dead-lettered by that same
+    /// failure. Reconciling finds it in the file: it is done, not dead, or a
+    /// replay would write it a second time, after later events of its run.
+    #[tokio::test]
+    async fn a_dead_letter_found_in_the_file_is_done() {
+        let (dir, store, reader, name) = store_with(&[("run-a", 1)]).await;
+        let pending = reader.pending_in_order(&name, 10).await.unwrap();
+        store
+            .record_failure(name.clone(), dead(pending[0].event))
+            .await
+            .unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"id\":\"run-a:1\"}\n").unwrap();
+        let file = Arc::new(FileSink::open(&path).unwrap());
+        recover_file(&name, &file, &store, &reader).await.unwrap();
+        let dead = reader.dead_letters(None, None).await.unwrap();
+        assert!(dead.is_empty(), "the line is in the file: {dead:?}");
     }
 }

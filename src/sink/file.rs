@@ -55,6 +55,15 @@ impl FileSink {
     /// The tail is read in `RECOVER_CHUNK`s, keeping at most `LINE_PREFIX`
     /// bytes of a line: memory stays bounded however large the tail.
     pub fn recover(&self, offset: Option<u64>) -> io::Result<Recovery> {
+        let recovery = self.scan_tail(offset);
+        // Until a reconciliation succeeds, no batch may be appended: the
+        // lines past the offset would be written again.
+        self.needs_recovery
+            .store(recovery.is_err(), Ordering::Relaxed);
+        recovery
+    }
+
+    fn scan_tail(&self, offset: Option<u64>) -> io::Result<Recovery> {
         let mut file = self.lock();
         let len = file.metadata()?.len();
         let start = match offset {
@@ -83,7 +92,6 @@ impl FileSink {
             offset: start + scan.complete,
             torn_bytes,
         })
-        .inspect(|_| self.needs_recovery.store(false, Ordering::Relaxed))
     }
 
     /// Appends `lines` and fsyncs; returns the file length after.

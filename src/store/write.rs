@@ -396,7 +396,9 @@ impl Store {
     }
 
     /// File sink start-up: lines found in the file past the recorded offset
-    /// are deliveries that were written but not yet marked done.
+    /// are deliveries that were written but not yet marked done. A dead
+    /// letter among them (its batch failed after writing it, and the failed
+    /// write could not be cut back) is done too: its line is there.
     pub async fn reconcile_file(
         &self,
         sink: Arc<str>,
@@ -407,8 +409,9 @@ impl Store {
             let now = now_ms();
             let mut marked = 0;
             let mut update = conn.prepare_cached(
-                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3
-                 WHERE sink = ?1 AND state = 0
+                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3,
+                    last_status = NULL, last_error = NULL
+                 WHERE sink = ?1 AND state IN (0, 2)
                    AND event = (SELECT rowid FROM events WHERE id = ?2)",
             )?;
             for id in &ids_in_file {
