@@ -248,6 +248,7 @@ impl Ingest {
                 }
             })
             .collect();
+        let finishes = finish.is_some();
         let recorded = self
             .store
             .record_batch(Batch {
@@ -260,6 +261,11 @@ impl Ingest {
             .await?;
         if recorded.dropped > 0 {
             tracing::debug!(run_id = %run.run_id, dropped = recorded.dropped, "dropped events at or below the cursor");
+        }
+        if finishes {
+            // The linger of a failed run counts from its latest finish, not
+            // from one before a retry (the stored row may still hold that).
+            following.run.finished_at = Some(now_ms());
         }
         following.cursor = recorded.cursor;
         crate::metrics::metrics()

@@ -114,6 +114,7 @@ struct SimRun {
     error_message: Option<String>,
     cancel_reason: Option<String>,
     retry_events: Vec<ScriptedEvent>,
+    retry_final_status: Option<String>,
     created_at: String,
 }
 
@@ -129,6 +130,7 @@ impl SimRun {
             error_message: script.error_message.clone(),
             cancel_reason: script.cancel_reason.clone(),
             retry_events: script.retry_events.clone(),
+            retry_final_status: script.retry_final_status.clone(),
             created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         };
         run.append(&script.events, Duration::ZERO);
@@ -694,8 +696,13 @@ async fn control(
                 more
             };
             run.append(&more, elapsed);
-            run.final_status = "completed".into();
-            run.error_message = None;
+            run.final_status = run
+                .retry_final_status
+                .clone()
+                .unwrap_or_else(|| "completed".into());
+            if run.final_status != "failed" {
+                run.error_message = None;
+            }
             Ok(())
         }
         ("stop" | "cancel" | "retry", _) => Err("Action not valid for the run's status"),

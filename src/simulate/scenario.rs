@@ -92,6 +92,10 @@ pub struct ScriptedRun {
     /// Events emitted after a `retry` control action on the failed run.
     #[serde(default)]
     pub retry_events: Vec<ScriptedEvent>,
+    /// Status a retried run ends with (default `completed`); `failed` lets
+    /// it be retried again.
+    #[serde(default)]
+    pub retry_final_status: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +271,7 @@ fn run(id: &str, interval: Duration, events: Vec<ScriptedEvent>) -> ScriptedRun 
         started: true,
         events,
         retry_events: Vec::new(),
+        retry_final_status: None,
     }
 }
 

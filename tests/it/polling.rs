@@ -1,6 +1,8 @@
 //! Polling ingest to a file sink: exactly once, in order, bytes intact,
 //! through crashes, misbehaving servers and every error class.
 
+use std::time::Duration;
+
 use runhook::simulate::scenario::ScriptedEvent;
 use runhook::simulate::{Fault, FaultKind, Scenario};
 
@@ -332,4 +334,71 @@ async fn server_errors_and_429_back_off_then_everything_arrives() {
         waited >= 1000,
         "Retry-After: 1 honoured, waited {waited} ms"
     );
+}
+
+/// A failed run retried upstream is followed again; if the daemon restarts
+/// meanwhile and the run then fails again, its linger counts from that
+/// second failure, not the first, so a second retry is still followed.
+#[tokio::test]
+async fn a_run_that_fails_again_after_a_restart_lingers_from_its_latest_failure() {
+    let mut run = scripted("run-twice", numbered(2));
+    run.final_status = "failed".into();
+    run.error_message = Some("Out of hotels".into());
+    run.interval = Duration::from_millis(400);
+    run.retry_events = numbered(10);
+    run.retry_final_status = Some("failed".into());
+    let sim = sim_with(vec![run]).await;
+    let mut env = Env::new(&sim, &["run-twice"]);
+    env.api
+        .push_str("finished_recheck = \"100ms\"\nfinished_linger = \"3s\"\n");
+    let finished = |n: usize| {
+        let env = &env;
+        async move {
+            let count = env
+                .lines()
+                .iter()
+                .filter(|l| l["type"] == "run_finished")
+                .count();
+            if count >= n {
+                Ok(())
+            } else {
+                Err(format!("{count} run_finished"))
+            }
+        }
+    };
+    let retry = || async {
+        let answer = reqwest::Client::new()
+            .post(format!("{}/v1/agent-runs/run-twice/control", sim.url()))
+            .bearer_auth(sim.token())
+            .json(&serde_json::json!({"action": "retry"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "retry: {}", answer.status());
+    };
+
+    let daemon = env.start();
+    wait_for("the first failure", || finished(1)).await;
+    retry().await;
+    wait_for("the retried run followed", || async {
+        let lines = env.lines();
+        if lines.iter().any(|l| l["sequence"] == 3) {
+            Ok(())
+        } else {
+            Err(format!("{} lines", lines.len()))
+        }
+    })
+    .await;
+    // A restart while the run runs again: the new follower starts from the
+    // stored row, which still holds the first failure's time.
+    daemon.stop().await;
+    let daemon = env.start();
+    // The retried run takes 4 s: it fails again past the first linger.
+    wait_for("the second failure", || finished(2)).await;
+    retry().await;
+    wait_for_within(Duration::from_secs(30), "a third run_finished", || {
+        finished(3)
+    })
+    .await;
+    daemon.stop().await;
 }
