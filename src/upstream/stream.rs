@@ -209,8 +209,10 @@ where
 }
 
 /// The size of the event under way: bytes since the last blank line, line
-/// terminators (LF, CR, CRLF) and comment lines (`:`) not counted. Counting
-/// only; parsing stays with `eventsource-stream`.
+/// terminators (LF, CR, CRLF) and comment lines (`:`) not counted; and of
+/// the line under way, comments included (the parser buffers a line until
+/// its end, whatever the line). Counting only; parsing stays with
+/// `eventsource-stream`.
 #[derive(Debug, Default)]
 struct EventSize {
     line: usize,
@@ -229,11 +231,11 @@ impl EventSize {
                 b'\r' | b'\n' if self.line == 0 => self.event = 0,
                 b'\r' | b'\n' => (self.line, self.comment) = (0, false),
                 b':' if self.line == 0 => (self.line, self.comment) = (1, true),
-                _ if self.comment => {}
+                _ if self.comment => self.line += 1,
                 _ => (self.line, self.event) = (self.line + 1, self.event + 1),
             }
             self.after_cr = byte == b'\r';
-            if self.event > cap {
+            if self.event > cap || self.line > cap {
                 return Some(index);
             }
         }
@@ -285,11 +287,23 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(size.feed(b"data: 0123456789\r\ndata: x\n\n", 40), None);
         }
-        let comment = b": a long comment line, not buffered by the parser\n";
-        assert_eq!(size.feed(comment, 40), None);
+        let comment = b": a comment, not in the event\n";
+        assert_eq!(size.feed(b"data: 01234\n", 40), None);
+        for _ in 0..3 {
+            assert_eq!(size.feed(comment, 40), None, "comments are not counted");
+        }
+        assert_eq!(size.feed(b"\n", 40), None);
         assert_eq!(size.feed(b"data: 0123456789012345\r", 40), None);
         assert_eq!(size.feed(b"\ndata: 01234567890", 40), None);
         assert_eq!(size.feed(b"12", 40), Some(1), "one event over the cap");
+    }
+
+    #[test]
+    fn an_endless_comment_line_is_over_the_cap() {
+        let mut size = EventSize::default();
+        assert_eq!(size.feed(b": ping\n", 40), None, "short comments pass");
+        assert_eq!(size.feed(&[b':'; 30], 40), None);
+        assert_eq!(size.feed(&[b' '; 30], 40), Some(10));
     }
 
     #[test]
