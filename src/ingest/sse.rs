@@ -18,7 +18,7 @@ use crate::store::StoreError;
 use crate::upstream::ErrorClass;
 use crate::upstream::frame::{self, Frame};
 use crate::upstream::stream::{StreamError as SseError, StreamEvent as SseEvent};
-use crate::upstream::types::error_message;
+use crate::upstream::types::{error_message, is_final};
 
 /// How one connection ended.
 enum Connection {
@@ -278,46 +278,58 @@ impl Ingest {
                     }
                 }
                 Frame::Finished(finished) => {
-                    let last = match finished.last_sequence {
-                        Some(last) => Ok(last),
-                        None => self
-                            .client
-                            .run(&run_id)
-                            .await
-                            .map(|r| r.last_event_sequence),
+                    // The guides do not name the frame's fields: what it
+                    // leaves out (or a status that is not final), the run
+                    // lookup tells.
+                    let status = finished.status.filter(|s| is_final(s));
+                    let looked_up = match (&status, finished.last_sequence) {
+                        (Some(_), Some(_)) => None,
+                        _ => match self.client.run(&run_id).await {
+                            Ok(info) => Some(info),
+                            Err(error) => {
+                                source.close();
+                                let reason = format!(
+                                    "run_finished without status or lastSequence, and the run lookup failed: {error}"
+                                );
+                                return Ok(dropped(reason, progressed));
+                            }
+                        },
                     };
-                    match last {
-                        Ok(last) if last > following.cursor => {
-                            source.close();
-                            return Ok(Connection::Behind {
-                                reason: format!(
-                                    "run_finished says lastSequence {last} but the cursor is {}",
-                                    following.cursor
-                                ),
-                                progressed,
-                            });
+                    let last = finished
+                        .last_sequence
+                        .or(looked_up.as_ref().map(|info| info.last_event_sequence))
+                        .unwrap_or_default();
+                    if last > following.cursor {
+                        source.close();
+                        return Ok(Connection::Behind {
+                            reason: format!(
+                                "run_finished says lastSequence {last} but the cursor is {}",
+                                following.cursor
+                            ),
+                            progressed,
+                        });
+                    }
+                    let (mut error_message, mut cancel_reason) =
+                        (finished.error_message, finished.cancel_reason);
+                    let status = match (status, looked_up) {
+                        (Some(status), _) => status,
+                        (None, Some(info)) if is_final(&info.status) => {
+                            error_message = error_message.or(info.error_message);
+                            cancel_reason = cancel_reason.or(info.cancel_reason);
+                            info.status
                         }
-                        Ok(_) => {}
-                        Err(error) => {
+                        (None, info) => {
                             source.close();
+                            let status = info.map_or_else(String::new, |info| info.status);
                             let reason = format!(
-                                "run_finished without lastSequence, and the run lookup failed: {error}"
+                                "run_finished, but the run's status is {status:?}: reconnecting"
                             );
                             return Ok(dropped(reason, progressed));
                         }
-                    }
-                    let status = finished
-                        .status
-                        .or(following.status.clone())
-                        .unwrap_or_else(|| "completed".to_owned());
+                    };
                     following.status = Some(status.clone());
                     let finish = self
-                        .finish(
-                            following,
-                            &status,
-                            finished.error_message,
-                            finished.cancel_reason,
-                        )
+                        .finish(following, &status, error_message, cancel_reason)
                         .await;
                     self.record(following, Vec::new(), Some(finish)).await?;
                     source.close();

@@ -78,6 +78,9 @@ pub enum FaultKind {
     /// Poll answers are padded with whitespace to this many bytes, sent in
     /// chunks without a `Content-Length`: an answer too large to buffer.
     BigAnswer { bytes: u64 },
+    /// Streams end with a bare `{"type":"run_finished"}`: no status, no
+    /// `lastSequence`, no error message (the guides do not name its fields).
+    BareFinish,
 }
 
 /// One request the simulator answered, for tests to inspect.
@@ -235,6 +238,7 @@ impl SimRun {
 struct Damage {
     bad: Option<i64>,
     withhold: Option<i64>,
+    bare_finish: bool,
 }
 
 impl Damage {
@@ -245,7 +249,11 @@ impl Damage {
         let withhold = sim.take_fault(endpoint, run_id, |k| {
             matches!(k, FaultKind::Withhold { .. })
         });
+        let bare_finish = sim
+            .take_fault(endpoint, run_id, |k| *k == FaultKind::BareFinish)
+            .is_some();
         Self {
+            bare_finish,
             bad: match bad {
                 Some(FaultKind::BadEvent { sequence }) => Some(sequence),
                 _ => None,
@@ -945,6 +953,9 @@ async fn serve_stream(
                 .collect();
             let status = run.status(now);
             let finished = crate::upstream::types::is_final(status).then(|| {
+                if damage.bare_finish {
+                    return json!({"type": "run_finished"}).to_string();
+                }
                 let mut frame = json!({"type": "run_finished", "status": status, "lastSequence": run.last_sequence(now)});
                 if let Some(message) = run.info(&id, now).get("errorMessage") {
                     frame["errorMessage"] = message.clone();

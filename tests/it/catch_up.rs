@@ -196,3 +196,28 @@ async fn a_stream_finish_past_the_cursor_without_a_token_is_caught_up_by_polling
         "polled from the cursor (5) with the session cookie"
     );
 }
+
+/// The guides name `run_finished` but not its fields: a bare one (no
+/// status, no `lastSequence`) must not be taken for `completed`, nor for
+/// the last heartbeat's `running`: the run lookup says how it ended.
+#[tokio::test]
+async fn a_bare_run_finished_takes_its_status_from_the_run() {
+    let mut run = scripted("run-bare", numbered(3));
+    run.final_status = "failed".into();
+    run.error_message = Some("No rooms left".into());
+    let sim = start_sim(Scenario {
+        runs: vec![run],
+        faults: vec![fault("stream", FaultKind::BareFinish)],
+        ..Scenario::default()
+    })
+    .await;
+    let env = sse_env_with_token(&sim, &["run-bare"]);
+    let daemon = env.start();
+    let lines = env.wait_finished(&["run-bare"]).await;
+    daemon.stop().await;
+    let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    assert_run_exactly_once(&sim, &lines, "run-bare", &raw);
+    let finished = lines.last().unwrap();
+    assert_eq!(finished["payload"]["status"], "failed", "{finished}");
+    assert_eq!(finished["payload"]["errorMessage"], "No rooms left");
+}
