@@ -68,6 +68,10 @@ pub fn decode_page(body: &[u8], since: i64) -> Result<EventsPage, serde_json::Er
     }
     let raw: RawPage = serde_json::from_slice(body)?;
     let mut events = Vec::with_capacity(raw.events.len());
+    // The lowest bad sequence: nothing at or above it may be kept.
+    let mut ceiling: Option<i64> = None;
+    // Where the first item without a readable sequence stands in the page.
+    let mut unreadable_at: Option<usize> = None;
     let mut undecodable = None;
     for text in &raw.events {
         let error = match serde_json::from_str::<Event>(text.get()) {
@@ -80,23 +84,28 @@ pub fn decode_page(body: &[u8], since: i64) -> Result<EventsPage, serde_json::Er
         let sequence = serde_json::from_str::<SequenceOnly>(text.get())
             .ok()
             .map(|s| s.sequence);
-        match sequence {
+        let why = match sequence {
             Some(sequence) if sequence <= since => continue,
             Some(sequence) => {
-                // An unsorted page may hold good events above the bad one.
-                events.retain(|e: &Event| e.sequence < sequence);
-                undecodable = Some(format!(
-                    "the event with sequence {sequence} cannot be decoded: {error}"
-                ));
+                ceiling = Some(ceiling.map_or(sequence, |c| c.min(sequence)));
+                format!("the event with sequence {sequence} cannot be decoded: {error}")
             }
             None => {
+                unreadable_at.get_or_insert(events.len());
                 let start: String = text.get().chars().take(120).collect();
-                undecodable = Some(format!(
-                    "an event cannot be decoded ({error}); it starts {start:?}"
-                ));
+                format!("an event cannot be decoded ({error}); it starts {start:?}")
             }
-        }
-        break;
+        };
+        undecodable.get_or_insert(why);
+    }
+    if let Some(at) = unreadable_at {
+        // Its sequence is unknown: on an ascending page it lies above what
+        // stands before it; on any other page it could be anywhere.
+        let ascending = events.windows(2).all(|w| w[0].sequence < w[1].sequence);
+        events.truncate(if ascending { at } else { 0 });
+    }
+    if let Some(ceiling) = ceiling {
+        events.retain(|e| e.sequence < ceiling);
     }
     Ok(EventsPage {
         events,
@@ -195,6 +204,34 @@ mod tests {
         let page = decode_page(br#"{"events":[{"sequence":1,"eventType":"A"}]}"#, 0).unwrap();
         assert_eq!((page.events.len(), page.undecodable), (1, None));
         assert!(decode_page(b"<html>", 0).is_err());
+    }
+
+    /// Page order is not sequence order (ingest sorts): a good event after
+    /// the bad one may be below it, and must not be dropped; an unreadable
+    /// item on an unsorted page could be any sequence, so nothing is kept.
+    #[test]
+    fn an_unsorted_page_keeps_what_lies_below_the_bad_event_wherever_it_stands() {
+        let body = br#"{"events":[{"sequence":6,"eventType":"A"},{"sequence":7,"eventType":42},{"sequence":5,"eventType":"B"}]}"#;
+        let mut kept: Vec<i64> = decode_page(body, 4)
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        kept.sort();
+        assert_eq!(kept, [5, 6]);
+        let body = br#"{"events":[{"sequence":7,"eventType":"A"},"junk",{"sequence":6,"eventType":"B"}]}"#;
+        let page = decode_page(body, 4).unwrap();
+        assert!(page.events.is_empty(), "{:?}", page.events);
+        assert!(page.undecodable.is_some());
+        let body = br#"{"events":[{"sequence":5,"eventType":"A"},"junk",{"sequence":7,"eventType":"B"}]}"#;
+        let kept: Vec<i64> = decode_page(body, 4)
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(kept, [5], "an ascending page: what stands before the junk");
     }
 
     #[test]
