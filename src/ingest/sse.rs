@@ -124,6 +124,9 @@ impl Ingest {
                     if progressed {
                         backoff = reconnect_backoff();
                     }
+                    // The stream is dropped and opened again, whatever the
+                    // catch-up brings.
+                    crate::metrics::metrics().stream_reconnects.inc();
                     // Polling takes the session cookie as well as the token.
                     following.transport = "poll";
                     let caught_up = self.catch_up(following, cancel).await?;
@@ -143,7 +146,6 @@ impl Ingest {
                             (state, format!("{why}; polling: {stuck}"), slow.next())
                         }
                     };
-                    crate::metrics::metrics().stream_reconnects.inc();
                     trouble.enter(&self.store, &run_id, state, why).await?;
                     let wait = wait.unwrap_or(Duration::from_secs(60));
                     if sleep_or_cancel(wait, cancel).await {
