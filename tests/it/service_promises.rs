@@ -492,7 +492,7 @@ async fn thread_mode_dead_letters_a_permanent_ok_false_and_retries_a_transient_o
         (200, json!({"ok": false, "error": "not_in_channel"}), None),
         // The second event's root: a transient error, then rate limited.
         (200, json!({"ok": false, "error": "internal_error"}), None),
-        (429, json!({"ok": false, "error": "ratelimited"}), Some(2)),
+        (429, json!({"ok": false, "error": "ratelimited"}), Some(4)),
     ]);
     let env = slack_thread_env(&sim, "run-ok", &slack);
     let daemon = env.start();
@@ -523,10 +523,14 @@ async fn thread_mode_dead_letters_a_permanent_ok_false_and_retries_a_transient_o
     let posts = slack.calls("chat.postMessage");
     let answered: Vec<u16> = posts.iter().map(|p| p.answered).collect();
     assert_eq!(&answered[..4], [200, 200, 429, 200], "{posts:?}");
+    // Each attempt waits its turn in the 1/s bucket (a history look-up,
+    // then the post): Retry-After asks for longer than that.
+    let calls = slack.state.lock().unwrap().calls.clone();
+    let limited = calls.iter().position(|c| c.answered == 429).unwrap();
+    let next = calls[limited + 1].at - calls[limited].at;
     assert!(
-        posts[3].at - posts[2].at >= Duration::from_secs(2),
-        "Retry-After honoured: {:?}",
-        posts[3].at - posts[2].at
+        next >= Duration::from_secs(4),
+        "Retry-After honoured: the next call came {next:?} after the 429"
     );
     assert_eq!(
         posts[2].body, posts[3].body,
