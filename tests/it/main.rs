@@ -12,6 +12,7 @@ mod props;
 mod receiver;
 mod retention;
 mod service;
+mod service_promises;
 mod slack;
 mod sse;
 mod stopped;
