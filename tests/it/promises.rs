@@ -706,3 +706,38 @@ async fn upstream_errors_back_off_longer_each_time() {
         );
     }
 }
+
+#[tokio::test]
+async fn state_commands_need_only_the_state_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/runhook.db");
+    let missing = dir.path().join("no-such-config.toml");
+    let state_cli = |args: &[&str]| -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("--config")
+            .arg(&missing)
+            .arg("--state")
+            .arg(&db)
+            .args(args)
+            .output()
+            .expect("runhook runs");
+        assert!(
+            output.status.success(),
+            "runhook --state {} {args:?} without a config file: {}",
+            db.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let out = state_cli(&["watch", "run-s", "--label", "team=oslo"]);
+    assert!(out.contains("watching run-s"), "{out}");
+    let status: Value = serde_json::from_str(&state_cli(&["status", "--json"])).unwrap();
+    assert_eq!(status["runs"][0]["run_id"], "run-s", "{status}");
+    assert_eq!(status["runs"][0]["watched"], true, "{status}");
+    assert_eq!(state_cli(&["dead", "--json"]).trim(), "[]");
+    assert!(state_cli(&["replay", "--run", "run-s"]).contains("queued 0 "));
+    assert!(state_cli(&["dead", "--purge"]).contains("purged 0 "));
+    state_cli(&["unwatch", "run-s"]);
+    let status: Value = serde_json::from_str(&state_cli(&["status", "--json"])).unwrap();
+    assert_eq!(status["runs"][0]["watched"], false, "{status}");
+}
