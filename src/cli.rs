@@ -14,6 +14,10 @@ pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]
     pub config: PathBuf,
+    /// The state database, for the commands that only read or change state
+    /// (watch, unwatch, status, dead, replay, tail): no config file needed.
+    #[arg(long, global = true)]
+    pub state: Option<PathBuf>,
     /// Log format: human on a terminal, json for machines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,

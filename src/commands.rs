@@ -2,6 +2,7 @@
 //! `main.rs` only.
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -26,7 +27,17 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
+/// The state database of a command that needs nothing else: `--state`, or
+/// the config's `[state] path`.
+fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<PathBuf> {
+    match state {
+        Some(path) => Ok(path.to_owned()),
+        None => Ok(Config::load(config)?.state.path),
+    }
+}
+
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let state = || state_path(cli.state.as_deref(), &cli.config);
     match cli.command {
         Command::Demo => {
             let mut stdout = std::io::stdout();
@@ -39,42 +50,40 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             run,
             event_type,
             json,
-        } => tail(&Config::load(&cli.config)?, run, event_type, json).await?,
+        } => tail(&state()?, run, event_type, json).await?,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "runhook", &mut std::io::stdout());
         }
         Command::Watch { run_id, labels } => {
-            let config = Config::load(&cli.config)?;
             let labels = runhook::ingest::parse_labels(&labels).map_err(anyhow::Error::msg)?;
-            let store = Store::open(&config.state.path)?;
+            let store = Store::open(&state()?)?;
             store
                 .subscribe(run_id.clone(), labels, "watch", None)
                 .await?;
             println!("watching {run_id}");
         }
         Command::Unwatch { run_id } => {
-            let config = Config::load(&cli.config)?;
-            let store = Store::open(&config.state.path)?;
+            let store = Store::open(&state()?)?;
             if !store.unsubscribe(run_id.clone()).await? {
                 anyhow::bail!("run {run_id} is not known to this state database");
             }
             println!("no longer watching {run_id}");
         }
-        Command::Status { json } => status(&Config::load(&cli.config)?, json).await?,
+        Command::Status { json } => status(&state()?, json).await?,
         Command::Dead {
             sink,
             run,
             json,
             purge: false,
-        } => dead(&Config::load(&cli.config)?, sink, run, json).await?,
+        } => dead(&state()?, sink, run, json).await?,
         Command::Dead {
             sink,
             run,
             purge: true,
             ..
         } => {
-            let store = Store::open(&Config::load(&cli.config)?.state.path)?;
+            let store = Store::open(&state()?)?;
             let purged = store
                 .purge_dead(DeadFilter {
                     sink,
@@ -85,7 +94,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("purged {purged} dead letters");
         }
         Command::Replay { sink, run, id } => {
-            let store = Store::open(&Config::load(&cli.config)?.state.path)?;
+            let store = Store::open(&state()?)?;
             let replayed = store.replay(DeadFilter { sink, run, id }).await?;
             println!("queued {replayed} dead letters again (same ids)");
         }
@@ -128,12 +137,12 @@ async fn reload_on_sighup(path: std::path::PathBuf, reloads: tokio::sync::mpsc::
 
 /// Prints events as they are recorded, beside a running daemon.
 async fn tail(
-    config: &Config,
+    state: &Path,
     run: Option<String>,
     event_type: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let reader = Reader::open(&config.state.path)?;
+    let reader = Reader::open(state)?;
     let mut after = reader.last_event_row().await?;
     loop {
         let events = reader
@@ -249,8 +258,8 @@ fn check(config: &Config) {
     }
 }
 
-async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let reader = Reader::open(&config.state.path)?;
+async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
+    let reader = Reader::open(state)?;
     let runs = reader.runs().await?;
     let sinks = reader.sinks().await?;
     if json {
@@ -304,12 +313,12 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
 }
 
 async fn dead(
-    config: &Config,
+    state: &Path,
     sink: Option<String>,
     run: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let reader = Reader::open(&config.state.path)?;
+    let reader = Reader::open(state)?;
     let letters = reader.dead_letters(sink, run).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&letters)?);

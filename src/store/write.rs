@@ -151,8 +151,16 @@ impl Store {
                     }
                 }
             }
-            for id in stale {
-                conn.execute("UPDATE runs SET watched = 0 WHERE run_id = ?1", [id])?;
+            let now = now_ms();
+            for id in &stale {
+                conn.execute(
+                    "UPDATE runs SET watched = 0, updated_at = ?2 WHERE run_id = ?1",
+                    params![id, now],
+                )?;
+            }
+            // As `unsubscribe`: the supervisor stops their followers.
+            if !stale.is_empty() {
+                bump_control(conn)?;
             }
             Ok(())
         })

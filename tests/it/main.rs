@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod polling;
+mod promises;
 mod props;
 mod receiver;
 mod retention;

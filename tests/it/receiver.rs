@@ -2,7 +2,7 @@
 //! signatures with the reference `standardwebhooks` crate, and answers as
 //! the test scripts it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -50,6 +50,8 @@ pub enum Answer {
     ErrorRetryAfter(u64),
     /// 302 to /elsewhere.
     Redirect,
+    /// This status with a body that never ends (1 KiB every 10 ms).
+    Endless(u16),
 }
 
 #[derive(Default)]
@@ -63,6 +65,11 @@ struct Inner {
     /// Percent of requests answered 500, spread evenly (deterministic).
     fail_percent: u64,
     counter: u64,
+    /// Requests being answered now, and the most at once (overall, per run).
+    in_flight: usize,
+    peak: usize,
+    in_flight_per_run: HashMap<String, usize>,
+    peak_per_run: HashMap<String, usize>,
 }
 
 #[derive(Clone)]
@@ -120,6 +127,13 @@ impl Receiver {
         self.inner.lock().unwrap().delay = delay;
     }
 
+    /// The most requests answered at once: overall, and per run (the part
+    /// of `webhook-id` before the first `:`).
+    pub fn peaks(&self) -> (usize, HashMap<String, usize>) {
+        let inner = self.inner.lock().unwrap();
+        (inner.peak, inner.peak_per_run.clone())
+    }
+
     /// Requests answered 2xx, in arrival order.
     pub fn accepted(&self) -> Vec<Received> {
         self.requests()
@@ -150,9 +164,30 @@ async fn receive(
             .is_ok()
     };
     let (verified_new, verified_old) = (verify(SECRET), verify(OLD_SECRET));
-    let delay = inner.lock().unwrap().delay;
+    let run = header(&headers, "webhook-id")
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let delay = {
+        let mut inner = inner.lock().unwrap();
+        inner.in_flight += 1;
+        inner.peak = inner.peak.max(inner.in_flight);
+        let now = *inner
+            .in_flight_per_run
+            .entry(run.clone())
+            .and_modify(|n| *n += 1)
+            .or_insert(1);
+        let peak = inner.peak_per_run.entry(run.clone()).or_default();
+        *peak = (*peak).max(now);
+        inner.delay
+    };
     tokio::time::sleep(delay).await;
     let mut inner = inner.lock().unwrap();
+    inner.in_flight -= 1;
+    if let Some(n) = inner.in_flight_per_run.get_mut(&run) {
+        *n -= 1;
+    }
     inner.counter += 1;
     let flaky = (inner.counter * 37) % 100 < inner.fail_percent;
     let answer = inner
@@ -181,6 +216,20 @@ async fn receive(
             .into_response(),
         Some(Answer::Redirect) => {
             (StatusCode::FOUND, [(header::LOCATION, "/elsewhere")]).into_response()
+        }
+        Some(Answer::Endless(code)) => {
+            let chunks = futures::stream::unfold((), |()| async {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(vec![b'x'; 1024])),
+                    (),
+                ))
+            });
+            (
+                StatusCode::from_u16(*code).unwrap(),
+                axum::body::Body::from_stream(chunks),
+            )
+                .into_response()
         }
     };
     inner.requests.push(Received {
