@@ -220,11 +220,13 @@ mod tests {
             .collect();
         kept.sort();
         assert_eq!(kept, [5, 6]);
-        let body = br#"{"events":[{"sequence":7,"eventType":"A"},"junk",{"sequence":6,"eventType":"B"}]}"#;
+        let body =
+            br#"{"events":[{"sequence":7,"eventType":"A"},"junk",{"sequence":6,"eventType":"B"}]}"#;
         let page = decode_page(body, 4).unwrap();
         assert!(page.events.is_empty(), "{:?}", page.events);
         assert!(page.undecodable.is_some());
-        let body = br#"{"events":[{"sequence":5,"eventType":"A"},"junk",{"sequence":7,"eventType":"B"}]}"#;
+        let body =
+            br#"{"events":[{"sequence":5,"eventType":"A"},"junk",{"sequence":7,"eventType":"B"}]}"#;
         let kept: Vec<i64> = decode_page(body, 4)
             .unwrap()
             .events
