@@ -217,8 +217,19 @@ fn writer_loop(conn: Connection, mut queue: mpsc::Receiver<Job>, bump: watch::Se
 fn run_group(conn: &Connection, jobs: Vec<Job>) -> Vec<(Completion, Result<(), StoreError>)> {
     if let Err(error) = conn.execute_batch("BEGIN IMMEDIATE") {
         tracing::warn!(%error, "cannot begin a group transaction; running its jobs one by one");
-        // Outside a transaction each job's savepoint commits by itself.
-        return jobs.into_iter().map(|job| (job(conn), Ok(()))).collect();
+        // Outside a transaction each job's savepoint commits by itself. One
+        // whose release (its commit) failed reported the error; its open
+        // transaction must not swallow the jobs after it.
+        return jobs
+            .into_iter()
+            .map(|job| {
+                let done = job(conn);
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                (done, Ok(()))
+            })
+            .collect();
     }
     let completions: Vec<Completion> = jobs.into_iter().map(|job| job(conn)).collect();
     let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
