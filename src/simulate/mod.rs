@@ -352,6 +352,11 @@ impl Sim {
         Some(fault.kind.clone())
     }
 
+    fn faults_left(&self) -> u32 {
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.iter().filter_map(|f| f.count).sum()
+    }
+
     /// The user a request authenticates as; `cookie_only` for the stream.
     fn user(&self, headers: &HeaderMap, cookie_only: bool) -> Option<&'static str> {
         let cookie = headers
@@ -447,7 +452,7 @@ impl Simulator {
             .route("/v1/agent-runs/{id}/events", get(events))
             .route("/v1/agent-runs/{id}/stream", get(stream))
             .route("/_sim/requests", get(requests))
-            .route("/_sim/faults", post(add_fault))
+            .route("/_sim/faults", post(add_fault).get(list_faults))
             .with_state(sim.clone());
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -497,6 +502,12 @@ impl Simulator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(fault);
+    }
+
+    /// How many uses of counted faults (those with a `count`) are still
+    /// waiting to fire; faults without a count are not included.
+    pub fn faults_left(&self) -> u32 {
+        self.sim.faults_left()
     }
 
     pub fn clear_faults(&self) {
@@ -1025,4 +1036,12 @@ async fn add_fault(State(sim): Shared, axum::Json(fault): axum::Json<Fault>) -> 
         .unwrap_or_else(|p| p.into_inner())
         .push(fault);
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `GET /_sim/faults`: the injected faults as they stand, and how many uses
+/// of counted faults are left (`left`; 0 once every counted fault fired).
+async fn list_faults(State(sim): Shared) -> Response {
+    let faults = sim.faults.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let left = sim.faults_left();
+    axum::Json(serde_json::json!({ "left": left, "faults": faults })).into_response()
 }

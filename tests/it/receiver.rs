@@ -1,6 +1,8 @@
-//! A real webhook receiver on 127.0.0.1: records every request, verifies
-//! signatures with the reference `standardwebhooks` crate, and answers as
-//! the test scripts it.
+//! A real webhook receiver on 127.0.0.1: records every request (any
+//! method), verifies signatures with the reference `standardwebhooks`
+//! crate and, as a real receiver does, answers 401 to a request that
+//! verifies with neither known secret; otherwise it answers as the test
+//! scripts it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -12,13 +14,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::any;
 
 pub const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 pub const OLD_SECRET: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub method: String,
     pub path: String,
     pub id: String,
     pub timestamp: String,
@@ -30,6 +33,8 @@ pub struct Received {
     /// Which of the known secrets verified the request.
     pub verified_new: bool,
     pub verified_old: bool,
+    /// When the request arrived, and when it was answered (after any delay).
+    pub arrived: Instant,
     pub at: Instant,
     pub answered: u16,
 }
@@ -50,6 +55,9 @@ pub enum Answer {
     ErrorRetryAfter(u64),
     /// 302 to /elsewhere.
     Redirect,
+    /// 401: the request failed Standard Webhooks verification (never
+    /// scripted; the receiver answers it by itself).
+    Unverified,
 }
 
 #[derive(Default)]
@@ -76,7 +84,7 @@ impl Receiver {
     pub async fn start() -> Self {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
-            .fallback(post(receive))
+            .fallback(any(receive))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -139,6 +147,7 @@ fn header(headers: &HeaderMap, name: &str) -> String {
 
 async fn receive(
     State(inner): State<Arc<Mutex<Inner>>>,
+    method: axum::http::Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -150,18 +159,28 @@ async fn receive(
             .is_ok()
     };
     let (verified_new, verified_old) = (verify(SECRET), verify(OLD_SECRET));
+    let arrived = Instant::now();
     let delay = inner.lock().unwrap().delay;
     tokio::time::sleep(delay).await;
     let mut inner = inner.lock().unwrap();
     inner.counter += 1;
     let flaky = (inner.counter * 37) % 100 < inner.fail_percent;
-    let answer = inner
-        .script
-        .pop_front()
-        .or_else(|| inner.default.clone())
-        .or_else(|| flaky.then_some(Answer::Status(500)));
+    let answer = if verified_new || verified_old {
+        inner
+            .script
+            .pop_front()
+            .or_else(|| inner.default.clone())
+            .or_else(|| flaky.then_some(Answer::Status(500)))
+    } else {
+        Some(Answer::Unverified)
+    };
     let response = match &answer {
         None => StatusCode::NO_CONTENT.into_response(),
+        Some(Answer::Unverified) => (
+            StatusCode::UNAUTHORIZED,
+            "signature does not verify (Standard Webhooks)",
+        )
+            .into_response(),
         Some(Answer::Status(code)) => (
             StatusCode::from_u16(*code).unwrap(),
             format!("receiver says {code}"),
@@ -184,6 +203,7 @@ async fn receive(
         }
     };
     inner.requests.push(Received {
+        method: method.to_string(),
         path: uri.path().to_owned(),
         id: header(&headers, "webhook-id"),
         timestamp: header(&headers, "webhook-timestamp"),
@@ -197,6 +217,7 @@ async fn receive(
         body,
         verified_new,
         verified_old,
+        arrived,
         at: Instant::now(),
         answered: response.status().as_u16(),
     });
