@@ -36,6 +36,8 @@ pub struct Received {
     /// When the request arrived, and when it was answered (after any delay).
     pub arrived: Instant,
     pub at: Instant,
+    /// The status answered; 0 while unanswered, or when the sender hung up
+    /// before the answer.
     pub answered: u16,
 }
 
@@ -160,7 +162,31 @@ async fn receive(
     };
     let (verified_new, verified_old) = (verify(SECRET), verify(OLD_SECRET));
     let arrived = Instant::now();
-    let delay = inner.lock().unwrap().delay;
+    // Recorded on arrival: a request whose sender hangs up before the
+    // answer stays in the list, `answered` 0.
+    let (index, delay) = {
+        let mut inner = inner.lock().unwrap();
+        inner.requests.push(Received {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            id: header(&headers, "webhook-id"),
+            timestamp: header(&headers, "webhook-timestamp"),
+            signature: header(&headers, "webhook-signature"),
+            user_agent: header(&headers, "user-agent"),
+            content_type: header(&headers, "content-type"),
+            extra_header: headers
+                .get("x-team")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body,
+            verified_new,
+            verified_old,
+            arrived,
+            at: arrived,
+            answered: 0,
+        });
+        (inner.requests.len() - 1, inner.delay)
+    };
     tokio::time::sleep(delay).await;
     let mut inner = inner.lock().unwrap();
     inner.counter += 1;
@@ -202,24 +228,8 @@ async fn receive(
             (StatusCode::FOUND, [(header::LOCATION, "/elsewhere")]).into_response()
         }
     };
-    inner.requests.push(Received {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
-        id: header(&headers, "webhook-id"),
-        timestamp: header(&headers, "webhook-timestamp"),
-        signature: header(&headers, "webhook-signature"),
-        user_agent: header(&headers, "user-agent"),
-        content_type: header(&headers, "content-type"),
-        extra_header: headers
-            .get("x-team")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        body,
-        verified_new,
-        verified_old,
-        arrived,
-        at: Instant::now(),
-        answered: response.status().as_u16(),
-    });
+    let request = &mut inner.requests[index];
+    request.at = Instant::now();
+    request.answered = response.status().as_u16();
     response
 }

@@ -150,9 +150,15 @@ impl Env {
         Daemon { shutdown, task }
     }
 
-    /// The file sink's lines, parsed.
+    /// The file sink's lines, parsed (a last line still being written is
+    /// left out: for use while the daemon runs).
     pub fn lines(&self) -> Vec<Value> {
         read_lines(&self.events_path())
+    }
+
+    /// The file sink's lines once the daemon stopped: see [`final_lines`].
+    pub fn final_lines(&self) -> Vec<Value> {
+        final_lines(&self.events_path())
     }
 
     pub async fn runs(&self) -> Vec<RunRow> {
@@ -192,6 +198,21 @@ pub fn read_lines(path: &Path) -> Vec<Value> {
     let complete = text.rfind('\n').map_or("", |end| &text[..end]);
     complete
         .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// Every line of a JSON Lines file whose writer has stopped: the file must
+/// end with a newline (no torn last line) and every line must parse.
+pub fn final_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{}: a torn last line after the writer stopped: {:?}",
+        path.display(),
+        text.rsplit('\n').next()
+    );
+    text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
         .collect()
 }
