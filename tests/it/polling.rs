@@ -239,17 +239,34 @@ async fn a_rejected_token_keeps_retrying_slowly_and_shows_auth_failed() {
             .unwrap_or_default()
             .contains("Authentication required")
     );
-    wait_for("a second attempt after the 401", || async {
-        let refused = sim.requests().iter().filter(|r| r.status == 401).count();
-        if refused >= 2 {
-            Ok(())
+    let refused = wait_for("four polls refused with 401", || async {
+        let refused: Vec<u64> = sim
+            .requests()
+            .iter()
+            .filter(|r| r.status == 401)
+            .map(|r| r.at_ms)
+            .collect();
+        if refused.len() >= 4 {
+            Ok(refused)
         } else {
-            Err(format!("{refused} refused requests"))
+            Err(format!("{refused:?} (ms)"))
         }
     })
     .await;
     daemon.stop().await;
-    assert!(env.lines().is_empty());
+    // The auth backoff starts at 100 ms (poll_interval is 50 ms) and doubles:
+    // no gap may be shorter than that, however the jitter falls.
+    let gaps: Vec<u64> = refused.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, gap) in gaps.iter().take(3).enumerate() {
+        let least = 100 << i;
+        assert!(
+            *gap >= least,
+            "retry {} after a 401 came {gap} ms after the one before, under {least} ms: {gaps:?}",
+            i + 1
+        );
+    }
+    let written = std::fs::read_to_string(env.events_path()).unwrap_or_default();
+    assert!(written.is_empty(), "nothing written: {written}");
 }
 
 #[tokio::test]
