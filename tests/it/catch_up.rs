@@ -95,9 +95,10 @@ async fn an_undecodable_event_on_a_page_stalls_the_run_after_the_good_ones() {
     );
     // Upstream heals: the run resumes from the cursor by itself.
     sim.clear_faults();
-    let lines = env.wait_finished(&["run-bad"]).await;
+    env.wait_finished(&["run-bad"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-bad", &raw);
     assert_eq!(env.run_row("run-bad").await.unwrap().state, "finished");
 }
@@ -121,9 +122,10 @@ async fn a_final_poll_status_short_of_last_event_sequence_does_not_finish() {
         "no run_finished short of lastEventSequence"
     );
     sim.clear_faults();
-    let lines = env.wait_finished(&["run-short"]).await;
+    env.wait_finished(&["run-short"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-short", &raw);
     let finished = lines.iter().find(|l| l["type"] == "run_finished").unwrap();
     assert_eq!(finished["id"], "run-short:finished:6");
@@ -139,9 +141,10 @@ async fn an_undecodable_stream_frame_is_caught_up_by_polling() {
     .await;
     let env = sse_env_with_token(&sim, &["run-frame"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-frame"]).await;
+    env.wait_finished(&["run-frame"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-frame", &raw);
     assert!(
         sim.requests()
@@ -161,9 +164,10 @@ async fn a_stream_finish_past_the_cursor_is_caught_up_by_polling() {
     .await;
     let env = sse_env_with_token(&sim, &["run-early"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-early"]).await;
+    env.wait_finished(&["run-early"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-early", &raw);
     let finished = lines.iter().find(|l| l["type"] == "run_finished").unwrap();
     assert_eq!(finished["id"], "run-early:finished:8");
@@ -183,10 +187,12 @@ async fn a_stream_finish_past_the_cursor_without_a_token_reconnects_until_served
     let mut env = sse_env_with_token(&sim, &["run-cookie"]);
     env.token = String::new();
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-cookie"]).await;
+    env.wait_finished(&["run-cookie"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-cookie", &raw);
+    assert_eq!(sim.faults_left(), 0, "three streams withheld the end");
     let streams = sim
         .requests()
         .iter()

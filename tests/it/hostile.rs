@@ -134,6 +134,7 @@ async fn upstream_retry_after_zero_does_not_spin() {
     let daemon = env.start();
     env.wait_finished(&["run-poll", "run-sse"]).await;
     daemon.stop().await;
+    assert_eq!(sim.faults_left(), 0, "every 503 was served");
     for (endpoint, run) in [("events", "run-poll"), ("stream", "run-sse")] {
         let gaps = gaps(&sim, endpoint, run, 503);
         assert_eq!(gaps.len(), 2, "{run}: three 503 answers");
@@ -248,9 +249,10 @@ async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
     let sim = sim_with(vec![scripted("run-huge", events)]).await;
     let env = cookie_env(&sim, &["run-huge"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-huge"]).await;
+    env.wait_finished(&["run-huge"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-huge", &raw);
     assert_eq!(
         sinces(&sim, "events").first(),
@@ -296,7 +298,8 @@ async fn bytes_that_are_not_utf8_drop_the_stream_at_once() {
     .await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
-    assert_run_exactly_once(&sim, &env.lines(), "run-bad", &raw);
+    assert_run_exactly_once(&sim, &env.final_lines(), "run-bad", &raw);
+    assert_eq!(sim.faults_left(), 0, "the bad bytes were served");
     assert_eq!(
         sinces(&sim, "events").first(),
         Some(&2),

@@ -29,9 +29,10 @@ async fn every_event_lands_once_in_order_with_payload_bytes_intact() {
     let sim = start_sim(scenario).await;
     let env = Env::new(&sim, &["run-a", "run-b"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-a", "run-b"]).await;
+    env.wait_finished(&["run-a", "run-b"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-a", &raw);
     assert_run_exactly_once(&sim, &lines, "run-b", &raw);
     let first = &lines.iter().find(|l| l["runId"] == "run-a").unwrap();
@@ -58,11 +59,11 @@ async fn gap_unknown_type_and_missing_created_at_pass_through() {
     let sim = start_sim(Scenario::demo()).await;
     let env = Env::new(&sim, &["demo-lima-0004", "demo-oslo-0002"]);
     let daemon = env.start();
-    let lines = env
-        .wait_finished(&["demo-lima-0004", "demo-oslo-0002"])
+    env.wait_finished(&["demo-lima-0004", "demo-oslo-0002"])
         .await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "demo-lima-0004", &raw);
     let lima: Vec<_> = lines
         .iter()
@@ -122,9 +123,10 @@ async fn a_crash_mid_run_loses_and_doubles_nothing() {
         daemon.crash().await;
     }
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-long"]).await;
+    env.wait_finished(&["run-long"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-long", &raw);
 }
 
@@ -215,10 +217,12 @@ async fn a_server_that_resends_or_ignores_since_doubles_nothing() {
     let sim = start_sim(scenario).await;
     let env = Env::new(&sim, &["run-echo"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-echo"]).await;
+    env.wait_finished(&["run-echo"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-echo", &raw);
+    assert_eq!(sim.faults_left(), 0, "four polls ignored `since`");
 }
 
 #[tokio::test]
@@ -333,10 +337,12 @@ async fn server_errors_and_429_back_off_then_everything_arrives() {
     let sim = start_sim(scenario).await;
     let env = Env::new(&sim, &["run-flaky"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-flaky"]).await;
+    env.wait_finished(&["run-flaky"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-flaky", &raw);
+    assert_eq!(sim.faults_left(), 0, "every injected error was served");
     let log: Vec<_> = sim
         .requests()
         .into_iter()

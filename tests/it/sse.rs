@@ -31,12 +31,14 @@ fn stream_fault(kind: FaultKind, count: Option<u32>) -> Fault {
 
 async fn run_to_completion(sim: &Simulator, env: &Env, runs: &[&str]) {
     let daemon = env.start();
-    let lines = env.wait_finished(runs).await;
+    env.wait_finished(runs).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     for run in runs {
         assert_run_exactly_once(sim, &lines, run, &raw);
     }
+    assert_eq!(sim.faults_left(), 0, "every counted fault was served");
 }
 
 fn stream_sinces(sim: &Simulator) -> Vec<i64> {

@@ -266,10 +266,13 @@ pub fn assert_run_exactly_once(sim: &Simulator, lines: &[Value], run: &str, raw:
     let run_lines: Vec<&str> = raw.lines().filter(|l| l.contains(&run_marker)).collect();
     for (sequence, _, payload, _) in &script {
         let needle = format!("\"id\":\"{run}:{sequence}\"");
-        let line = run_lines
-            .iter()
-            .find(|l| l.contains(&needle))
-            .unwrap_or_else(|| panic!("{needle} in file"));
+        let found: Vec<&&str> = run_lines.iter().filter(|l| l.contains(&needle)).collect();
+        let [line] = found[..] else {
+            panic!(
+                "{needle} once in the file, found {}: {found:?}",
+                found.len()
+            )
+        };
         assert!(
             line.contains(&format!("\"payload\":{payload},")),
             "payload bytes of {run}:{sequence} intact: {line}"
