@@ -158,7 +158,7 @@ async fn an_invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() 
     .await;
     std::fs::write(&config, "[api]\ntoken = \"t\"\nbogus = 1\n").unwrap();
     signal(&child, "HUP");
-    let lines = env.wait_finished(&["run-h"]).await;
+    env.wait_finished(&["run-h"]).await;
     signal(&child, "TERM");
     let status = child.wait().unwrap();
     let mut stderr = String::new();
@@ -178,7 +178,7 @@ async fn an_invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running() 
         "the error names the place: {stderr}"
     );
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
-    assert_run_exactly_once(&sim, &lines, "run-h", &raw);
+    assert_run_exactly_once(&sim, &env.final_lines(), "run-h", &raw);
 }
 
 /// Waits for the process to exit off the runtime, so that a receiver on the
