@@ -109,8 +109,9 @@ async fn a_crash_mid_run_loses_and_doubles_nothing() {
     })
     .await;
     let env = Env::new(&sim, &["run-long"]);
+    // The built binary, killed with SIGKILL: nothing of it runs on.
     for threshold in [40, 150, 300] {
-        let daemon = env.start();
+        let daemon = env.start_process();
         wait_for("progress before the crash", || async {
             let n = env.lines().len();
             if n >= threshold {
@@ -122,7 +123,7 @@ async fn a_crash_mid_run_loses_and_doubles_nothing() {
         .await;
         daemon.crash().await;
     }
-    let daemon = env.start();
+    let daemon = env.start_process();
     env.wait_finished(&["run-long"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();

@@ -232,11 +232,64 @@ impl Daemon {
             .expect("daemon task")
             .expect("daemon stops cleanly");
     }
+}
 
-    /// Drops the daemon mid-flight, as a crash would (nothing drains).
-    pub async fn crash(self) {
-        self.task.abort();
-        let _ = self.task.await;
+/// The built binary (`runhook run`) on this env's config: what a crash test
+/// kills. The process is killed if still running when dropped.
+pub struct Process {
+    child: Option<std::process::Child>,
+}
+
+impl Env {
+    /// Writes the config and starts the built binary on it.
+    pub fn start_process(&self) -> Process {
+        let config = self.write_config();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("RUNHOOK_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("runhook starts");
+        Process { child: Some(child) }
+    }
+}
+
+impl Process {
+    /// SIGKILL: the process ends wherever it is (a write half done, a
+    /// transaction open, a request in flight). Reaped off the runtime.
+    pub async fn crash(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        reap(child).await;
+    }
+
+    /// SIGTERM, then the process must drain and exit 0. Waited for off the
+    /// runtime, so that fixtures on it keep answering the drain.
+    pub async fn stop(mut self) {
+        let child = self.child.take().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        let status = reap(child).await;
+        assert!(status.success(), "runhook exits 0 on SIGTERM: {status}");
+    }
+}
+
+async fn reap(mut child: std::process::Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.wait().expect("wait for runhook"))
+        .await
+        .expect("waiting task")
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

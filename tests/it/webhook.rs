@@ -356,7 +356,7 @@ async fn retry_state_survives_a_restart() {
     let receiver = Receiver::start().await;
     receiver.script([Answer::ErrorRetryAfter(3)]);
     let env = webhook_env(&sim, &["run-rs"], &receiver, "");
-    let daemon = env.start();
+    let daemon = env.start_process();
     let reader = wait_for("the state database", || async {
         runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())
     })
@@ -370,7 +370,7 @@ async fn retry_state_survives_a_restart() {
     })
     .await;
     daemon.crash().await;
-    let daemon = env.start();
+    let daemon = env.start_process();
     wait_accepted(&receiver, 2).await;
     daemon.stop().await;
     let requests = receiver.requests();
