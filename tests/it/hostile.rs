@@ -246,8 +246,13 @@ async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
         &format!(r#"{{"blob":"{blob}"}}"#),
     ));
     events.extend(numbered(2));
-    let sim = sim_with(vec![scripted("run-huge", events)]).await;
-    let env = cookie_env(&sim, &["run-huge"]);
+    let mut run = scripted("run-huge", events);
+    // Still running after the catch-up, so that the stream opens again.
+    run.interval = Duration::from_millis(500);
+    let sim = sim_with(vec![run]).await;
+    let mut env = cookie_env(&sim, &["run-huge"]);
+    // Catch-up polls with the token (without one, runhook reconnects).
+    env.token = sim.token().to_owned();
     let daemon = env.start();
     env.wait_finished(&["run-huge"]).await;
     daemon.stop().await;
@@ -259,10 +264,10 @@ async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
         Some(&3),
         "the oversize event (4) is fetched by polling from the cursor"
     );
-    assert_eq!(
-        sinces(&sim, "stream"),
-        [0, 6],
-        "then the stream resumes after it"
+    let streams = sinces(&sim, "stream");
+    assert!(
+        streams.len() == 2 && streams[0] == 0 && streams[1] >= 4,
+        "then the stream resumes after it: {streams:?}"
     );
 }
 
@@ -280,6 +285,8 @@ async fn bytes_that_are_not_utf8_drop_the_stream_at_once() {
     })
     .await;
     let mut env = cookie_env(&sim, &["run-bad"]);
+    // Catch-up polls with the token (without one, runhook reconnects).
+    env.token = sim.token().to_owned();
     // Far longer than the test waits: only the decoding error can end the
     // poisoned connection in time.
     env.api = env.api.replace(
