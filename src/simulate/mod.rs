@@ -362,6 +362,26 @@ impl Sim {
         Some(fault.kind.clone())
     }
 
+    fn faults_left(&self) -> u32 {
+        let faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.iter().filter_map(|f| f.count).sum()
+    }
+
+    /// Gives back one use of a counted fault taken for a stream connection
+    /// that ended before the fault fired.
+    fn give_back(&self, endpoint: &str, run_id: &str, kind: &FaultKind) {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let counted = faults.iter_mut().find(|f| {
+            f.run.as_deref().is_none_or(|r| r == run_id)
+                && f.endpoint.as_deref().is_none_or(|e| e == endpoint)
+                && f.count.is_some()
+                && f.kind == *kind
+        });
+        if let Some(fault) = counted {
+            fault.count = fault.count.map(|c| c + 1);
+        }
+    }
+
     /// The user a request authenticates as; `cookie_only` for the stream.
     fn user(&self, headers: &HeaderMap, cookie_only: bool) -> Option<&'static str> {
         let cookie = headers
@@ -457,7 +477,7 @@ impl Simulator {
             .route("/v1/agent-runs/{id}/events", get(events))
             .route("/v1/agent-runs/{id}/stream", get(stream))
             .route("/_sim/requests", get(requests))
-            .route("/_sim/faults", post(add_fault))
+            .route("/_sim/faults", post(add_fault).get(list_faults))
             .with_state(sim.clone());
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -507,6 +527,12 @@ impl Simulator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(fault);
+    }
+
+    /// How many uses of counted faults (those with a `count`) are still
+    /// waiting to fire; faults without a count are not included.
+    pub fn faults_left(&self) -> u32 {
+        self.sim.faults_left()
     }
 
     pub fn clear_faults(&self) {
@@ -906,6 +932,7 @@ async fn serve_stream(
         return;
     }
     // One way of ending per connection: the first such fault that matches.
+    // Taken now, given back if the connection ends before it fires.
     let ending = sim.take_fault("stream", &id, |k| {
         matches!(
             k,
@@ -936,6 +963,11 @@ async fn serve_stream(
             }
         }
     }
+    let mut unfired = Unfired {
+        sim: &sim,
+        run_id: &id,
+        kind: ending.clone(),
+    };
     let damage = Damage::take(&sim, "stream", &id);
     let mut cursor = since;
     let mut sent = 0usize;
@@ -965,6 +997,9 @@ async fn serve_stream(
             (frames, finished, run.next_emit(now))
         };
         for (sequence, frame) in frames {
+            if ending.as_ref().is_some_and(|k| fires_after(k) <= sent) {
+                unfired.kind = None;
+            }
             match ending {
                 Some(FaultKind::DropStream { after }) if sent >= after => {
                     let bytes = sse_frame(&frame);
@@ -1043,4 +1078,40 @@ async fn add_fault(State(sim): Shared, axum::Json(fault): axum::Json<Fault>) -> 
         .unwrap_or_else(|p| p.into_inner())
         .push(fault);
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `GET /_sim/faults`: the injected faults as they stand, and how many uses
+/// of counted faults are left (`left`; 0 once every counted fault fired).
+async fn list_faults(State(sim): Shared) -> Response {
+    let faults = sim.faults.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let left = sim.faults_left();
+    axum::Json(serde_json::json!({ "left": left, "faults": faults })).into_response()
+}
+
+/// A stream-ending fault taken for a connection and not fired yet: given
+/// back when the connection ends first, so `faults_left` counts only faults
+/// that fired.
+struct Unfired<'a> {
+    sim: &'a Sim,
+    run_id: &'a str,
+    kind: Option<FaultKind>,
+}
+
+impl Drop for Unfired<'_> {
+    fn drop(&mut self) {
+        if let Some(kind) = &self.kind {
+            self.sim.give_back("stream", self.run_id, kind);
+        }
+    }
+}
+
+/// After how many events a stream-ending fault fires.
+fn fires_after(kind: &FaultKind) -> usize {
+    match kind {
+        FaultKind::DropStream { after }
+        | FaultKind::ErrorFrame { after }
+        | FaultKind::Stall { after }
+        | FaultKind::InvalidUtf8 { after } => *after,
+        _ => usize::MAX,
+    }
 }

@@ -31,9 +31,10 @@ async fn every_event_lands_once_in_order_with_payload_bytes_intact() {
     let sim = start_sim(scenario).await;
     let env = Env::new(&sim, &["run-a", "run-b"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-a", "run-b"]).await;
+    env.wait_finished(&["run-a", "run-b"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-a", &raw);
     assert_run_exactly_once(&sim, &lines, "run-b", &raw);
     let first = &lines.iter().find(|l| l["runId"] == "run-a").unwrap();
@@ -60,11 +61,11 @@ async fn gap_unknown_type_and_missing_created_at_pass_through() {
     let sim = start_sim(Scenario::demo()).await;
     let env = Env::new(&sim, &["demo-lima-0004", "demo-oslo-0002"]);
     let daemon = env.start();
-    let lines = env
-        .wait_finished(&["demo-lima-0004", "demo-oslo-0002"])
+    env.wait_finished(&["demo-lima-0004", "demo-oslo-0002"])
         .await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "demo-lima-0004", &raw);
     let lima: Vec<_> = lines
         .iter()
@@ -110,8 +111,9 @@ async fn a_crash_mid_run_loses_and_doubles_nothing() {
     })
     .await;
     let env = Env::new(&sim, &["run-long"]);
+    // The built binary, killed with SIGKILL: nothing of it runs on.
     for threshold in [40, 150, 300] {
-        let daemon = env.start();
+        let daemon = env.start_process();
         wait_for("progress before the crash", || async {
             let n = env.lines().len();
             if n >= threshold {
@@ -123,10 +125,11 @@ async fn a_crash_mid_run_loses_and_doubles_nothing() {
         .await;
         daemon.crash().await;
     }
-    let daemon = env.start();
-    let lines = env.wait_finished(&["run-long"]).await;
+    let daemon = env.start_process();
+    env.wait_finished(&["run-long"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-long", &raw);
 }
 
@@ -217,10 +220,12 @@ async fn a_server_that_resends_or_ignores_since_doubles_nothing() {
     let sim = start_sim(scenario).await;
     let env = Env::new(&sim, &["run-echo"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-echo"]).await;
+    env.wait_finished(&["run-echo"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-echo", &raw);
+    assert_eq!(sim.faults_left(), 0, "four polls ignored `since`");
 }
 
 #[tokio::test]
@@ -241,17 +246,34 @@ async fn a_rejected_token_keeps_retrying_slowly_and_shows_auth_failed() {
             .unwrap_or_default()
             .contains("Authentication required")
     );
-    wait_for("a second attempt after the 401", || async {
-        let refused = sim.requests().iter().filter(|r| r.status == 401).count();
-        if refused >= 2 {
-            Ok(())
+    let refused = wait_for("four polls refused with 401", || async {
+        let refused: Vec<u64> = sim
+            .requests()
+            .iter()
+            .filter(|r| r.status == 401)
+            .map(|r| r.at_ms)
+            .collect();
+        if refused.len() >= 4 {
+            Ok(refused)
         } else {
-            Err(format!("{refused} refused requests"))
+            Err(format!("{refused:?} (ms)"))
         }
     })
     .await;
     daemon.stop().await;
-    assert!(env.lines().is_empty());
+    // The auth backoff starts at 100 ms (poll_interval is 50 ms) and doubles:
+    // no gap may be shorter than that, however the jitter falls.
+    let gaps: Vec<u64> = refused.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, gap) in gaps.iter().take(3).enumerate() {
+        let least = 100 << i;
+        assert!(
+            *gap >= least,
+            "retry {} after a 401 came {gap} ms after the one before, under {least} ms: {gaps:?}",
+            i + 1
+        );
+    }
+    let written = std::fs::read_to_string(env.events_path()).unwrap_or_default();
+    assert!(written.is_empty(), "nothing written: {written}");
 }
 
 #[tokio::test]
@@ -318,10 +340,12 @@ async fn server_errors_and_429_back_off_then_everything_arrives() {
     let sim = start_sim(scenario).await;
     let env = Env::new(&sim, &["run-flaky"]);
     let daemon = env.start();
-    let lines = env.wait_finished(&["run-flaky"]).await;
+    env.wait_finished(&["run-flaky"]).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines, "run-flaky", &raw);
+    assert_eq!(sim.faults_left(), 0, "every injected error was served");
     let log: Vec<_> = sim
         .requests()
         .into_iter()

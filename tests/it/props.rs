@@ -99,28 +99,30 @@ proptest! {
     }
 
     #[test]
-    fn routing_sends_each_sink_once_and_only_named_sinks(
+    fn routing_sends_exactly_the_sinks_of_every_matching_route_once(
         routes in prop::collection::vec(route(), 0..6),
-        event_type in "(PHASE_STARTED|ARTIFACT_CREATED|run_finished|X)",
+        event_type in "(PHASE_STARTED|ARTIFACT_CREATED|run_finished|X|XY)",
+        run_id in "(r1|r2|r3)",
         status in prop::option::of("(running|failed|completed)"),
+        phase in prop::option::of("(plan|act)"),
         team in prop::option::of("(rome|oslo)"),
     ) {
         let labels: BTreeMap<String, String> = team.into_iter().map(|t| ("team".to_owned(), t)).collect();
-        let facts = EventFacts { event_type: &event_type, run_id: "r1", labels: &labels, status: status.as_deref(), phase: None };
-        let router = Router::new(routes.clone());
-        let sinks = router.sinks_for(&facts);
-        let mut sorted = sinks.clone();
-        sorted.sort();
-        sorted.dedup();
-        prop_assert_eq!(&sorted, &sinks, "sorted and unique");
-        for sink in &sinks {
-            prop_assert!(routes.iter().any(|r| r.matches(&facts) && r.sinks.contains(sink)));
-        }
-        for route in routes.iter().filter(|r| r.matches(&facts)) {
-            for sink in &route.sinks {
-                prop_assert!(sinks.contains(sink));
-            }
-        }
+        let facts = EventFacts { event_type: &event_type, run_id: &run_id, labels: &labels, status: status.as_deref(), phase: phase.as_deref() };
+        let sinks: Vec<String> = Router::new(routes.clone())
+            .sinks_for(&facts)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let event = Event { event_type: &event_type, run_id: &run_id, team: labels.get("team").map(String::as_str), status: status.as_deref(), phase: phase.as_deref() };
+        let mut expected: Vec<String> = routes
+            .iter()
+            .filter(|r| route_matches(r, &event))
+            .flat_map(|r| r.sinks.iter().map(|s| s.to_string()))
+            .collect();
+        expected.sort();
+        expected.dedup();
+        prop_assert_eq!(sinks, expected, "{:?} for {:?}", routes, event);
     }
 
     #[test]
@@ -146,19 +148,69 @@ proptest! {
 
 fn route() -> impl Strategy<Value = Route> {
     (
-        prop::collection::vec("(PHASE_\\*|ARTIFACT_\\*|run_finished|\\*|X)", 0..3),
+        prop::collection::vec(
+            "(PHASE_\\*|ARTIFACT_\\*|\\*_CREATED|\\*_\\*|run_finished|\\*|X|X\\*)",
+            0..3,
+        ),
+        prop::collection::vec("(r1|r2|r3)", 0..3),
         prop::collection::vec("(running|failed|completed)", 0..2),
-        prop::option::of("(rome|oslo)"),
+        prop::collection::vec("(plan|act)", 0..2),
+        prop::option::of(("(team|env)", "(rome|oslo)")),
         prop::collection::vec("(a|b|c|d)", 1..3),
     )
-        .prop_map(|(event_types, statuses, team, sinks)| Route {
-            event_types,
-            runs: Vec::new(),
-            labels: team.into_iter().map(|t| ("team".to_owned(), t)).collect(),
-            statuses,
-            phases: Vec::new(),
-            sinks: sinks.into_iter().map(|s| Arc::from(s.as_str())).collect(),
-        })
+        .prop_map(
+            |(event_types, runs, statuses, phases, label, sinks)| Route {
+                event_types,
+                runs,
+                labels: label.into_iter().collect(),
+                statuses,
+                phases,
+                sinks: sinks.into_iter().map(|s| Arc::from(s.as_str())).collect(),
+            },
+        )
+}
+
+/// What the routing test knows of an event (it labels only `team`).
+#[derive(Debug)]
+struct Event<'a> {
+    event_type: &'a str,
+    run_id: &'a str,
+    team: Option<&'a str>,
+    status: Option<&'a str>,
+    phase: Option<&'a str>,
+}
+
+/// The route filters as the README states them, written independently of
+/// `Route::matches`: every filter given must hold; a list matches when it
+/// is empty or holds the value; labels must all be present and equal;
+/// event types are globs where `*` is any text.
+fn route_matches(route: &Route, event: &Event<'_>) -> bool {
+    fn listed(values: &[String], value: Option<&str>) -> bool {
+        values.is_empty() || values.iter().any(|v| Some(v.as_str()) == value)
+    }
+    let type_ok = route.event_types.is_empty()
+        || route
+            .event_types
+            .iter()
+            .any(|g| glob(g.as_bytes(), event.event_type.as_bytes()));
+    let labels_ok = route.labels.iter().all(|(key, value)| match key.as_str() {
+        "team" => event.team == Some(value.as_str()),
+        _ => false,
+    });
+    type_ok
+        && listed(&route.runs, Some(event.run_id))
+        && listed(&route.statuses, event.status)
+        && listed(&route.phases, event.phase)
+        && labels_ok
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|skip| glob(rest, &text[skip..])),
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
 }
 
 const VALID: &str = r#"[api]

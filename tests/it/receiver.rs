@@ -1,6 +1,8 @@
-//! A real webhook receiver on 127.0.0.1: records every request, verifies
-//! signatures with the reference `standardwebhooks` crate, and answers as
-//! the test scripts it.
+//! A real webhook receiver on 127.0.0.1: records every request (any
+//! method), verifies signatures with the reference `standardwebhooks`
+//! crate and, as a real receiver does, answers 401 to a request that
+//! verifies with neither known secret; otherwise it answers as the test
+//! scripts it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -12,13 +14,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::any;
 
 pub const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 pub const OLD_SECRET: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub method: String,
     pub path: String,
     pub id: String,
     pub timestamp: String,
@@ -30,7 +33,11 @@ pub struct Received {
     /// Which of the known secrets verified the request.
     pub verified_new: bool,
     pub verified_old: bool,
+    /// When the request arrived, and when it was answered (after any delay).
+    pub arrived: Instant,
     pub at: Instant,
+    /// The status answered; 0 while unanswered, or when the sender hung up
+    /// before the answer.
     pub answered: u16,
 }
 
@@ -52,6 +59,9 @@ pub enum Answer {
     Redirect,
     /// This status with a body that never ends (1 KiB every 10 ms).
     Endless(u16),
+    /// 401: the request failed Standard Webhooks verification (never
+    /// scripted; the receiver answers it by itself).
+    Unverified,
 }
 
 #[derive(Default)]
@@ -83,7 +93,7 @@ impl Receiver {
     pub async fn start() -> Self {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
-            .fallback(post(receive))
+            .fallback(any(receive))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -153,6 +163,7 @@ fn header(headers: &HeaderMap, name: &str) -> String {
 
 async fn receive(
     State(inner): State<Arc<Mutex<Inner>>>,
+    method: axum::http::Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -169,7 +180,10 @@ async fn receive(
         .next()
         .unwrap_or_default()
         .to_owned();
-    let delay = {
+    let arrived = Instant::now();
+    // Recorded on arrival: a request whose sender hangs up before the
+    // answer stays in the list, `answered` 0.
+    let (index, delay) = {
         let mut inner = inner.lock().unwrap();
         inner.in_flight += 1;
         inner.peak = inner.peak.max(inner.in_flight);
@@ -180,7 +194,26 @@ async fn receive(
             .or_insert(1);
         let peak = inner.peak_per_run.entry(run.clone()).or_default();
         *peak = (*peak).max(now);
-        inner.delay
+        inner.requests.push(Received {
+            method: method.to_string(),
+            path: uri.path().to_owned(),
+            id: header(&headers, "webhook-id"),
+            timestamp: header(&headers, "webhook-timestamp"),
+            signature: header(&headers, "webhook-signature"),
+            user_agent: header(&headers, "user-agent"),
+            content_type: header(&headers, "content-type"),
+            extra_header: headers
+                .get("x-team")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body,
+            verified_new,
+            verified_old,
+            arrived,
+            at: arrived,
+            answered: 0,
+        });
+        (inner.requests.len() - 1, inner.delay)
     };
     tokio::time::sleep(delay).await;
     let mut inner = inner.lock().unwrap();
@@ -190,13 +223,22 @@ async fn receive(
     }
     inner.counter += 1;
     let flaky = (inner.counter * 37) % 100 < inner.fail_percent;
-    let answer = inner
-        .script
-        .pop_front()
-        .or_else(|| inner.default.clone())
-        .or_else(|| flaky.then_some(Answer::Status(500)));
+    let answer = if verified_new || verified_old {
+        inner
+            .script
+            .pop_front()
+            .or_else(|| inner.default.clone())
+            .or_else(|| flaky.then_some(Answer::Status(500)))
+    } else {
+        Some(Answer::Unverified)
+    };
     let response = match &answer {
         None => StatusCode::NO_CONTENT.into_response(),
+        Some(Answer::Unverified) => (
+            StatusCode::UNAUTHORIZED,
+            "signature does not verify (Standard Webhooks)",
+        )
+            .into_response(),
         Some(Answer::Status(code)) => (
             StatusCode::from_u16(*code).unwrap(),
             format!("receiver says {code}"),
@@ -232,22 +274,8 @@ async fn receive(
                 .into_response()
         }
     };
-    inner.requests.push(Received {
-        path: uri.path().to_owned(),
-        id: header(&headers, "webhook-id"),
-        timestamp: header(&headers, "webhook-timestamp"),
-        signature: header(&headers, "webhook-signature"),
-        user_agent: header(&headers, "user-agent"),
-        content_type: header(&headers, "content-type"),
-        extra_header: headers
-            .get("x-team")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        body,
-        verified_new,
-        verified_old,
-        at: Instant::now(),
-        answered: response.status().as_u16(),
-    });
+    let request = &mut inner.requests[index];
+    request.at = Instant::now();
+    request.answered = response.status().as_u16();
     response
 }

@@ -323,14 +323,14 @@ async fn thread_mode_keeps_one_thread_per_run_across_a_restart() {
         slack.addr
     );
     let env = slack_env(&sim, &["run-t"], &keys);
-    let daemon = env.start();
+    let daemon = env.start_process();
     wait_for("the root and a first reply", || async {
         let n = slack.calls("chat.postMessage").len();
         if n >= 2 { Ok(()) } else { Err(format!("{n}")) }
     })
     .await;
     daemon.crash().await;
-    let daemon = env.start();
+    let daemon = env.start_process();
     wait_for("the run_finished reply, then the root updated", || async {
         let posts = slack.calls("chat.postMessage");
         let finished = posts.iter().position(|p| {
@@ -619,11 +619,11 @@ async fn thread_mode_finds_its_root_after_a_crash_before_saving_it() {
     let env = thread_env(&sim, "run-c", &slack);
     let db = state_db(&env);
     fail_root_saves(&db);
-    let daemon = env.start();
+    let daemon = env.start_process();
     wait_attempts(&env, "run-c", 2).await;
     daemon.crash().await;
     allow_root_saves(&db);
-    let daemon = env.start();
+    let daemon = env.start_process();
     let (roots, replies) = finished_thread(&slack, "run-c").await;
     daemon.stop().await;
     assert_eq!(roots.len(), 1, "one root, also after the crash: {roots:?}");

@@ -31,12 +31,14 @@ fn stream_fault(kind: FaultKind, count: Option<u32>) -> Fault {
 
 async fn run_to_completion(sim: &Simulator, env: &Env, runs: &[&str]) {
     let daemon = env.start();
-    let lines = env.wait_finished(runs).await;
+    env.wait_finished(runs).await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
+    let lines = env.final_lines();
     for run in runs {
         assert_run_exactly_once(sim, &lines, run, &raw);
     }
+    assert_eq!(sim.faults_left(), 0, "every counted fault was served");
 }
 
 fn stream_sinces(sim: &Simulator) -> Vec<i64> {
@@ -209,17 +211,18 @@ async fn a_failed_run_retried_upstream_gets_its_new_events_and_a_second_run_fini
         .await
         .unwrap();
     assert!(control.status().is_success());
-    let lines = wait_for("a second run_finished", || async {
+    wait_for("a second run_finished", || async {
         let lines = env.lines();
         let finished = lines.iter().filter(|l| l["type"] == "run_finished").count();
         if finished == 2 {
-            Ok(lines)
+            Ok(())
         } else {
             Err(format!("{finished} run_finished"))
         }
     })
     .await;
     daemon.stop().await;
+    let lines = env.final_lines();
     let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
     assert_eq!(
         ids,
@@ -255,8 +258,9 @@ async fn a_thousand_runs_over_sse_at_once_each_event_once() {
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let env = sse_env(&sim, &refs);
     let daemon = env.start();
-    let lines = env.wait_finished(&refs).await;
+    env.wait_finished(&refs).await;
     daemon.stop().await;
+    let lines = env.final_lines();
     assert_eq!(
         lines.len(),
         1000 * 6,

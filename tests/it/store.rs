@@ -90,7 +90,7 @@ async fn a_file_sink_that_cannot_write_retries_then_dead_letters() {
         "{dead:?}"
     );
     // The other sink was not held up by the broken one.
-    assert_eq!(env.lines().len(), 3);
+    assert_eq!(env.final_lines().len(), 3);
 }
 
 /// DESIGN.md guarantee 7: one daemon per state database. A second `runhook

@@ -222,7 +222,7 @@ async fn a_write_lock_held_25_s_during_delivery_then_everything_drains_once() {
     expected.push("run-l:finished:120".into());
     assert_eq!(ids, expected, "each event once, in order");
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
-    assert_run_exactly_once(&sim, &env.lines(), "run-l", &raw);
+    assert_run_exactly_once(&sim, &env.final_lines(), "run-l", &raw);
 }
 
 #[tokio::test]
@@ -282,7 +282,7 @@ async fn a_file_sink_that_cannot_be_reopened_on_reload_fails_alone_and_recovers(
     .await;
     // The operator fixes the path: the sink reopens by itself and drains.
     std::fs::remove_dir(env.events_path()).unwrap();
-    let fresh = env.wait_finished(&["run-r"]).await;
+    env.wait_finished(&["run-r"]).await;
     wait_for("archive up again", || async {
         let sinks = reader.sinks().await.map_err(|e| e.to_string())?;
         match sinks.iter().find(|s| s.sink == "archive") {
@@ -293,13 +293,13 @@ async fn a_file_sink_that_cannot_be_reopened_on_reload_fails_alone_and_recovers(
     .await;
     shutdown.cancel();
     daemon.await.unwrap().unwrap();
-    let mut all = read_lines(&rotated);
-    all.extend(fresh);
+    let mut all = final_lines(&rotated);
+    all.extend(env.final_lines());
     let mut raw = std::fs::read_to_string(&rotated).unwrap();
     raw.push_str(&std::fs::read_to_string(env.events_path()).unwrap());
     assert_run_exactly_once(&sim, &all, "run-r", &raw);
     let raw_other = std::fs::read_to_string(&other).unwrap();
-    assert_run_exactly_once(&sim, &read_lines(&other), "run-r", &raw_other);
+    assert_run_exactly_once(&sim, &final_lines(&other), "run-r", &raw_other);
 }
 
 /// The file size limit (RLIMIT_FSIZE) the partial-write test runs the daemon
@@ -364,6 +364,6 @@ async fn a_partial_file_write_is_cut_back_and_written_once_later() {
         .strip_prefix(filler_line.as_str())
         .expect("the old content is intact");
     assert!(after.ends_with('\n'), "no torn line: {log}");
-    let lines = read_lines(env.events_path().as_path());
+    let lines = env.final_lines();
     assert_run_exactly_once(&sim, &lines[1..], "run-p", after);
 }

@@ -150,9 +150,15 @@ impl Env {
         Daemon { shutdown, task }
     }
 
-    /// The file sink's lines, parsed.
+    /// The file sink's lines, parsed (a last line still being written is
+    /// left out: for use while the daemon runs).
     pub fn lines(&self) -> Vec<Value> {
         read_lines(&self.events_path())
+    }
+
+    /// The file sink's lines once the daemon stopped: see [`final_lines`].
+    pub fn final_lines(&self) -> Vec<Value> {
+        final_lines(&self.events_path())
     }
 
     pub async fn runs(&self) -> Vec<RunRow> {
@@ -196,6 +202,21 @@ pub fn read_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Every line of a JSON Lines file whose writer has stopped: the file must
+/// end with a newline (no torn last line) and every line must parse.
+pub fn final_lines(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "{}: a torn last line after the writer stopped: {:?}",
+        path.display(),
+        text.rsplit('\n').next()
+    );
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
 /// A daemon running in this process.
 pub struct Daemon {
     pub shutdown: CancellationToken,
@@ -211,11 +232,64 @@ impl Daemon {
             .expect("daemon task")
             .expect("daemon stops cleanly");
     }
+}
 
-    /// Drops the daemon mid-flight, as a crash would (nothing drains).
-    pub async fn crash(self) {
-        self.task.abort();
-        let _ = self.task.await;
+/// The built binary (`runhook run`) on this env's config: what a crash test
+/// kills. The process is killed if still running when dropped.
+pub struct Process {
+    child: Option<std::process::Child>,
+}
+
+impl Env {
+    /// Writes the config and starts the built binary on it.
+    pub fn start_process(&self) -> Process {
+        let config = self.write_config();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("RUNHOOK_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("runhook starts");
+        Process { child: Some(child) }
+    }
+}
+
+impl Process {
+    /// SIGKILL: the process ends wherever it is (a write half done, a
+    /// transaction open, a request in flight). Reaped off the runtime.
+    pub async fn crash(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        reap(child).await;
+    }
+
+    /// SIGTERM, then the process must drain and exit 0. Waited for off the
+    /// runtime, so that fixtures on it keep answering the drain.
+    pub async fn stop(mut self) {
+        let child = self.child.take().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        let status = reap(child).await;
+        assert!(status.success(), "runhook exits 0 on SIGTERM: {status}");
+    }
+}
+
+async fn reap(mut child: std::process::Child) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || child.wait().expect("wait for runhook"))
+        .await
+        .expect("waiting task")
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -245,10 +319,13 @@ pub fn assert_run_exactly_once(sim: &Simulator, lines: &[Value], run: &str, raw:
     let run_lines: Vec<&str> = raw.lines().filter(|l| l.contains(&run_marker)).collect();
     for (sequence, _, payload, _) in &script {
         let needle = format!("\"id\":\"{run}:{sequence}\"");
-        let line = run_lines
-            .iter()
-            .find(|l| l.contains(&needle))
-            .unwrap_or_else(|| panic!("{needle} in file"));
+        let found: Vec<&&str> = run_lines.iter().filter(|l| l.contains(&needle)).collect();
+        let [line] = found[..] else {
+            panic!(
+                "{needle} once in the file, found {}: {found:?}",
+                found.len()
+            )
+        };
         assert!(
             line.contains(&format!("\"payload\":{payload},")),
             "payload bytes of {run}:{sequence} intact: {line}"

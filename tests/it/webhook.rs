@@ -125,8 +125,27 @@ async fn deliveries_verify_with_the_reference_library_during_rotation() {
     assert_eq!(finished["data"]["payload"]["lastSequence"], 3);
 }
 
+/// The most requests the receiver was answering at once, among these (each
+/// spans its arrival to its answer).
+fn peak_concurrency(requests: &[&crate::receiver::Received]) -> usize {
+    requests
+        .iter()
+        .map(|r| {
+            requests
+                .iter()
+                .filter(|o| o.arrived <= r.arrived && r.arrived < o.at)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn an_outage_is_probed_not_hammered_and_then_drains_in_order() {
+    const DOWN_FOR: Duration = Duration::from_secs(4);
+    // Requests the chains started before the sink was marked down may
+    // still arrive for a moment; the window opens after that.
+    const SETTLE: Duration = Duration::from_secs(1);
     let runs: Vec<String> = (0..8).map(|i| format!("run-o{i}")).collect();
     let refs: Vec<&str> = runs.iter().map(String::as_str).collect();
     let scenario = Scenario {
@@ -136,6 +155,8 @@ async fn an_outage_is_probed_not_hammered_and_then_drains_in_order() {
     let sim = start_sim(scenario).await;
     let receiver = Receiver::start().await;
     receiver.set_default(Some(Answer::Status(503)));
+    // Slow answers, so that requests sent at once overlap at the receiver.
+    receiver.set_delay(Duration::from_millis(100));
     let env = webhook_env(&sim, &refs, &receiver, "");
     let daemon = env.start();
     let reader = wait_for("the state database", || async {
@@ -150,35 +171,45 @@ async fn an_outage_is_probed_not_hammered_and_then_drains_in_order() {
         }
     })
     .await;
-    let at_down = receiver.requests().len();
-    wait_for("two probes while down", || async {
-        let n = receiver.requests().len();
-        if n >= at_down + 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} requests"))
-        }
-    })
-    .await;
-    let while_down = receiver.requests().len();
+    // The receiver stays down for a fixed time (observed, not waited on).
+    let marked_down = std::time::Instant::now();
+    tokio::time::sleep(DOWN_FOR).await;
     receiver.set_default(None);
+    let recovered = std::time::Instant::now();
     let accepted = wait_accepted(&receiver, 8 * 6).await;
+    let drained_in = recovered.elapsed();
     daemon.stop().await;
+    let requests = receiver.requests();
+    let window = (marked_down + SETTLE)..recovered;
+    let while_down: Vec<&crate::receiver::Received> = requests
+        .iter()
+        .filter(|r| window.contains(&r.arrived))
+        .collect();
+    // Probes go out one at a time, at least 100 ms apart (the answer's
+    // delay) plus a jittered backoff that soon reaches up to 1 s: some 7
+    // in 3 s. Sixteen is far above that and far below 8 runs retrying on
+    // their own (dozens).
     assert!(
-        while_down <= 8 + 5 + 4,
-        "{while_down} requests before recovery: the dead receiver was hammered"
+        !while_down.is_empty() && while_down.len() <= 16,
+        "{} requests in the {:?} the sink was down: not probed, or hammered",
+        while_down.len(),
+        DOWN_FOR - SETTLE
+    );
+    assert_eq!(
+        peak_concurrency(&while_down),
+        1,
+        "one probe at a time while the sink is down"
+    );
+    assert!(
+        drained_in < Duration::from_secs(20),
+        "the backlog drains soon after the sink answers: {drained_in:?}"
     );
     assert_per_run_order(&accepted, &refs, 5);
     // Every failed attempt carried the id of an event later delivered.
     let delivered: std::collections::HashSet<String> =
         accepted.iter().map(|r| r.id.clone()).collect();
-    assert!(
-        receiver
-            .requests()
-            .iter()
-            .all(|r| delivered.contains(&r.id))
-    );
-    assert_eq!(accepted.len(), 8 * 6, "nothing delivered twice");
+    assert!(requests.iter().all(|r| delivered.contains(&r.id)));
+    assert_eq!(receiver.accepted().len(), 8 * 6, "nothing delivered twice");
     let sinks = reader.sinks().await.unwrap();
     let ops = sinks.iter().find(|s| s.sink == "ops").unwrap();
     assert!(!ops.down && ops.pending == 0 && ops.done == 48);
@@ -219,24 +250,56 @@ async fn retry_after_on_429_is_honoured_and_the_id_stays_the_same() {
 async fn redirects_are_not_followed() {
     let sim = sim_with(vec![scripted("run-302", numbered(1))]).await;
     let receiver = Receiver::start().await;
-    receiver.script([Answer::Redirect, Answer::Redirect]);
-    let env = webhook_env(&sim, &["run-302"], &receiver, "");
+    // The receiver answers every method: a followed redirect would show up
+    // as a request to /elsewhere (and be accepted).
+    receiver.set_default(Some(Answer::Redirect));
+    let env = webhook_env(&sim, &["run-302"], &receiver, "max_attempts = 2");
+    let config = env.write_config();
     let daemon = env.start();
-    wait_accepted(&receiver, 2).await;
+    let dead = wait_for("both deliveries dead after two redirects each", || async {
+        let out = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("--config")
+            .arg(&config)
+            .args(["dead", "--json"])
+            .output()
+            .unwrap();
+        let letters: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if letters.as_array().is_some_and(|a| a.len() == 2) {
+            Ok(letters)
+        } else {
+            Err(letters.to_string())
+        }
+    })
+    .await;
     daemon.stop().await;
-    let requests = receiver.requests();
-    assert!(
-        requests.iter().all(|r| r.path == "/hooks"),
-        "no request followed the redirect"
-    );
+    let seen: Vec<(String, String, u16, String)> = receiver
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone(), r.answered, r.id.clone()))
+        .collect();
+    let attempt = |id: &str| ("POST".to_owned(), "/hooks".to_owned(), 302, id.to_owned());
     assert_eq!(
-        requests.iter().map(|r| r.answered).collect::<Vec<_>>()[..2],
-        [302, 302]
+        seen,
+        [
+            attempt("run-302:1"),
+            attempt("run-302:1"),
+            attempt("run-302:finished:1"),
+            attempt("run-302:finished:1"),
+        ],
+        "exactly the POSTs, none following the redirect"
     );
-    assert_eq!(
-        requests[2].id, "run-302:1",
-        "the redirected event is retried, then accepted"
-    );
+    for letter in dead.as_array().unwrap() {
+        assert_eq!(letter["attempts"], 2, "{letter}");
+        assert_eq!(letter["last_status"], 302, "the 302 is kept: {letter}");
+        assert!(
+            letter["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("redirects are not followed"),
+            "{letter}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -293,7 +356,7 @@ async fn retry_state_survives_a_restart() {
     let receiver = Receiver::start().await;
     receiver.script([Answer::ErrorRetryAfter(3)]);
     let env = webhook_env(&sim, &["run-rs"], &receiver, "");
-    let daemon = env.start();
+    let daemon = env.start_process();
     let reader = wait_for("the state database", || async {
         runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())
     })
@@ -307,7 +370,7 @@ async fn retry_state_survives_a_restart() {
     })
     .await;
     daemon.crash().await;
-    let daemon = env.start();
+    let daemon = env.start_process();
     wait_accepted(&receiver, 2).await;
     daemon.stop().await;
     let requests = receiver.requests();
