@@ -165,6 +165,7 @@ async fn write_file_batch(
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match written {
         Ok(offset) => {
+            crate::crashpoint::hit("file.before_mark");
             let (first, last) = (batch[0].event, batch[batch.len() - 1].event);
             store
                 .mark_delivered_range(name.clone(), first, last, offset)

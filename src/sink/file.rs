@@ -96,6 +96,12 @@ impl FileSink {
         let mut file = self.lock();
         let before = file.metadata()?;
         let known_good = before.len();
+        if crate::crashpoint::armed("file.mid_append") {
+            // A torn line on disk, as a crash in the middle of write(2) leaves.
+            let _ = file.write_all(&lines[..lines.len() / 2]);
+            let _ = file.sync_data();
+            crate::crashpoint::die();
+        }
         let written = file
             .write_all(lines)
             .and_then(|()| file.sync_data())
