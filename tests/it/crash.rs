@@ -97,7 +97,7 @@ impl World {
 
     /// Starts the built daemon, its jitter seeded from the test's seed;
     /// `crash_at` arms a crash point.
-    fn spawn(&mut self, crash_at: Option<&str>) -> Child {
+    fn spawn(&mut self, crash_at: Option<&str>) -> Spawned {
         let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
         command
             .args(["--config", &self.config.display().to_string(), "run"])
@@ -109,7 +109,7 @@ impl World {
         if let Some(point) = crash_at {
             command.env("RUNHOOK_CRASH_AT", point);
         }
-        command.spawn().expect("runhook starts")
+        Spawned(command.spawn().expect("runhook starts"))
     }
 
     /// Whether some run is still emitting events upstream.
@@ -145,10 +145,10 @@ impl World {
         .await;
         println!("webhooks complete after {:?}", started.elapsed());
         Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &child.0.id().to_string()])
             .status()
             .unwrap();
-        assert!(child.wait().unwrap().success(), "the last daemon drains");
+        assert!(child.0.wait().unwrap().success(), "the last daemon drains");
         let seed = self.seed;
 
         let raw = std::fs::read_to_string(self.env.events_path()).unwrap();
@@ -202,6 +202,18 @@ impl World {
     }
 }
 
+/// A spawned daemon, killed if the test ends (or fails) while it runs.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The daemon died of SIGKILL, not of anything else.
 fn assert_killed(status: ExitStatus, what: &str) {
     assert_eq!(
@@ -237,8 +249,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
         let after = world.rng.random_range(30..400);
         tokio::time::sleep(Duration::from_millis(after)).await;
         live_kills += usize::from(world.live());
-        child.kill().expect("SIGKILL");
-        assert_killed(child.wait().expect("reaped"), &format!("kill {kill}"));
+        child.0.kill().expect("SIGKILL");
+        assert_killed(child.0.wait().expect("reaped"), &format!("kill {kill}"));
     }
     println!("{live_kills} of {kills} kills while runs were live upstream");
     assert!(
@@ -276,7 +288,7 @@ async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
                 Duration::from_secs(90),
                 &format!("the daemon to die at {armed}"),
                 || {
-                    let exited = child.try_wait().expect("try_wait");
+                    let exited = child.0.try_wait().expect("try_wait");
                     async move { exited.ok_or_else(|| "still running".to_owned()) }
                 },
             )
