@@ -63,8 +63,14 @@ mod tests {
 
     #[test]
     fn a_point_is_named_with_an_optional_count() {
-        assert_eq!(parse("file.mid_append"), Some(("file.mid_append".into(), 1)));
-        assert_eq!(parse("store.before_commit:7"), Some(("store.before_commit".into(), 7)));
+        assert_eq!(
+            parse("file.mid_append"),
+            Some(("file.mid_append".into(), 1))
+        );
+        assert_eq!(
+            parse("store.before_commit:7"),
+            Some(("store.before_commit".into(), 7))
+        );
         assert_eq!(parse("x:seven"), None);
         assert_eq!(parse(""), None);
     }

@@ -29,7 +29,9 @@ fn seeded() -> Option<&'static std::sync::Mutex<rand::rngs::StdRng>> {
     SEEDED
         .get_or_init(|| {
             let seed: u64 = std::env::var("RUNHOOK_SEED").ok()?.parse().ok()?;
-            Some(std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)))
+            Some(std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(
+                seed,
+            )))
         })
         .as_ref()
 }
