@@ -13,7 +13,7 @@
 //! `RUNHOOK_CRASH_SEED` replays a run (the daemons' jitter too, through
 //! `RUNHOOK_SEED`); `RUNHOOK_SOAK=1` makes the random one longer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -223,6 +223,18 @@ fn assert_killed(status: ExitStatus, what: &str) {
     );
 }
 
+/// Each run's first delivery to the webhook still pending, as the last
+/// daemon left the database.
+async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
+    let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
+    let mut heads = Vec::new();
+    for run in reader.runs_with_pending("ops").await.expect("runs with pending") {
+        let pending = reader.pending_for_run("ops", &run, 1).await.expect("pending");
+        heads.extend(pending);
+    }
+    heads
+}
+
 /// SQLite finds nothing wrong with the state database.
 fn assert_integrity(env: &Env) {
     let conn = rusqlite::Connection::open(env.state_path()).expect("open the state database");
@@ -276,6 +288,7 @@ async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
     let mut kills = 0;
     let mut after_2xx = 0;
     let mut live_kills = 0;
+    let mut retrying = 0;
     for round in 0..3 {
         if round > 0 && !world.live() {
             break;
@@ -296,8 +309,16 @@ async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
             assert_killed(status, &armed);
             kills += 1;
             live_kills += usize::from(world.live());
+            let heads = pending_heads(&world.env).await;
+            retrying += heads.iter().filter(|p| p.attempts > 0).count();
             if point == "http.before_mark" {
                 after_2xx += 1;
+                let accepted: HashSet<String> =
+                    world.receiver.accepted().into_iter().map(|r| r.id).collect();
+                assert!(
+                    heads.iter().any(|p| accepted.contains(&p.id)),
+                    "{armed}: the kill left a delivery the receiver accepted still pending"
+                );
             }
             if point == "file.mid_append" {
                 let bytes = std::fs::read(world.env.events_path()).unwrap_or_default();
@@ -318,5 +339,11 @@ async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
         "only {live_kills} of {kills} kills landed while runs were live (seed {})",
         world.seed
     );
+    assert!(
+        retrying > 0,
+        "no kill left a failed delivery waiting for its retry (seed {})",
+        world.seed
+    );
+    println!("{retrying} failed deliveries were waiting for a retry at the kills");
     world.finish_and_check(kills, after_2xx).await;
 }
