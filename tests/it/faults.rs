@@ -29,13 +29,13 @@ fn with_gaps(n: i64) -> Vec<ScriptedEvent> {
         .collect()
 }
 
-/// Events are emitted this far apart: a run lasts `EVENTS * INTERVAL` (6 s),
+/// Events are emitted this far apart: a run lasts `EVENTS * INTERVAL` (9 s),
 /// past the first successful request (a poll meets four error answers, one
 /// a 429 with `Retry-After: 1`, and backs off: 2 to 5 s).
-const INTERVAL: Duration = Duration::from_millis(100);
+const INTERVAL: Duration = Duration::from_millis(150);
 const EVENTS: i64 = 60;
 /// Smaller than a run, and than the backlog the first good poll finds.
-const PAGE_SIZE: usize = 10;
+const PAGE_SIZE: usize = 8;
 
 fn fault(run: &str, endpoint: &str, count: Option<u32>, kind: FaultKind) -> Fault {
     Fault {
