@@ -228,8 +228,15 @@ fn assert_killed(status: ExitStatus, what: &str) {
 async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
     let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
     let mut heads = Vec::new();
-    for run in reader.runs_with_pending("ops").await.expect("runs with pending") {
-        let pending = reader.pending_for_run("ops", &run, 1).await.expect("pending");
+    for run in reader
+        .runs_with_pending("ops")
+        .await
+        .expect("runs with pending")
+    {
+        let pending = reader
+            .pending_for_run("ops", &run, 1)
+            .await
+            .expect("pending");
         heads.extend(pending);
     }
     heads
@@ -313,8 +320,12 @@ async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
             retrying += heads.iter().filter(|p| p.attempts > 0).count();
             if point == "http.before_mark" {
                 after_2xx += 1;
-                let accepted: HashSet<String> =
-                    world.receiver.accepted().into_iter().map(|r| r.id).collect();
+                let accepted: HashSet<String> = world
+                    .receiver
+                    .accepted()
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect();
                 assert!(
                     heads.iter().any(|p| accepted.contains(&p.id)),
                     "{armed}: the kill left a delivery the receiver accepted still pending"
