@@ -7,11 +7,13 @@
 //! `route` decides the sinks at ingest; `simulate` is the fake upstream.
 
 pub mod config;
+pub mod crashpoint;
 pub mod daemon;
 pub mod deliver;
 pub mod demo;
 pub mod http;
 pub mod ingest;
+pub mod jitter;
 pub mod metrics;
 pub mod route;
 pub mod server;

@@ -192,11 +192,10 @@ impl Followers {
 
 /// 1 s, 2 s, 4 s ... 60 s, jittered to between half and all of it.
 fn restart_backoff(failures: u32) -> Duration {
-    use rand::RngExt;
     let ceiling = RESTART_MIN
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
         .min(RESTART_MAX);
-    rand::rng().random_range(ceiling / 2..=ceiling)
+    crate::jitter::random_range(ceiling / 2..=ceiling)
 }
 
 /// Keeps one follower per watched run, following `watch`/`unwatch`
@@ -260,7 +259,7 @@ async fn look(
     // seconds rather than in one stampede.
     let spread = (STARTUP_SPREAD_PER_RUN * starting.len() as u32).min(STARTUP_SPREAD_MAX);
     for run in starting {
-        let delay = spread.mul_f64(rand::random::<f64>());
+        let delay = spread.mul_f64(crate::jitter::random_range(0.0..1.0));
         followers.start(follow, run, shutdown.child_token(), delay);
     }
     Ok(())

@@ -180,11 +180,10 @@ async fn mark_down(store: &Store, sink: &Arc<str>, down: bool) -> bool {
 
 /// 1 s, 2 s, 4 s ... 60 s, jittered to between half and all of it.
 fn restart_backoff(failures: u32) -> Duration {
-    use rand::RngExt;
     let ceiling = RESTART_MIN
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
         .min(RESTART_MAX);
-    rand::rng().random_range(ceiling / 2..=ceiling)
+    crate::jitter::random_range(ceiling / 2..=ceiling)
 }
 
 pub(super) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

@@ -165,6 +165,7 @@ async fn write_file_batch(
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match written {
         Ok(offset) => {
+            crate::crashpoint::hit("file.before_mark");
             // Exactly the rows written: a range would also take a delivery
             // that `runhook replay` made pending meanwhile, without its line.
             store

@@ -28,11 +28,10 @@ fn count_delivered(sink: &str, delivered: &[crate::store::Pending]) {
 /// database): 100 ms doubling to 5 s, full jitter so the sinks do not all
 /// knock again at once.
 pub(crate) fn store_backoff(attempt: u32) -> std::time::Duration {
-    use rand::RngExt;
     let ceiling = STORE_BACKOFF_MIN
         .saturating_mul(1 << attempt.saturating_sub(1).min(16))
         .min(STORE_BACKOFF_MAX);
-    rand::rng().random_range(ceiling / 2..=ceiling)
+    crate::jitter::random_range(ceiling / 2..=ceiling)
 }
 
 const STORE_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use rand::RngExt;
 
 use crate::config::DeliveryPolicy;
 
@@ -32,7 +31,7 @@ pub fn retry_delay(
     let jittered = if ceiling.is_zero() {
         ceiling
     } else {
-        rand::rng().random_range(Duration::ZERO..=ceiling)
+        crate::jitter::random_range(Duration::ZERO..=ceiling)
     };
     let asked = retry_after
         .unwrap_or(Duration::ZERO)

@@ -412,6 +412,7 @@ async fn record(
 ) -> Result<Recorded, StoreError> {
     let (status, error, after, permanent) = match outcome {
         Outcome::Delivered => {
+            crate::crashpoint::hit("http.before_mark");
             super::retry_store(&sink.name, &sink.shutdown, || {
                 sink.store
                     .mark_delivered(sink.name.clone(), vec![pending.event], None)

@@ -431,8 +431,7 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 
 /// Between 50% and 100% of `base`, so that runs started together spread out.
 fn jitter(base: Duration) -> Duration {
-    use rand::RngExt;
-    base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    base.mul_f64(crate::jitter::random_range(0.5..=1.0))
 }
 
 /// Sleeps; true when cancelled first.

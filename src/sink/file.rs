@@ -104,6 +104,17 @@ impl FileSink {
         let mut file = self.lock();
         let before = file.metadata()?;
         let known_good = before.len();
+        if crate::crashpoint::armed("file.mid_append") {
+            // A torn line on disk, as a crash in the middle of write(2)
+            // leaves: half the bytes, and never a whole number of lines.
+            let mut half = lines.len() / 2;
+            if half > 0 && lines[half - 1] == b'\n' {
+                half += 1;
+            }
+            let _ = file.write_all(&lines[..half.min(lines.len())]);
+            let _ = file.sync_data();
+            crate::crashpoint::die();
+        }
         let written = file
             .write_all(lines)
             .and_then(|()| file.sync_data())

@@ -232,6 +232,7 @@ fn run_group(conn: &Connection, jobs: Vec<Job>) -> Vec<(Completion, Result<(), S
             .collect();
     }
     let completions: Vec<Completion> = jobs.into_iter().map(|job| job(conn)).collect();
+    crate::crashpoint::hit("store.before_commit");
     let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
     if commit.is_err() {
         let _ = conn.execute_batch("ROLLBACK");

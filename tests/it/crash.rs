@@ -1,13 +1,25 @@
-//! The built binary, killed with SIGKILL at random moments and restarted on
-//! the same state: every event reaches every sink; webhook repeats only with
-//! the same id and no more than the kills; the file exactly once, in order.
+//! The built binary, killed with SIGKILL and restarted on the same state,
+//! while runs are still live upstream (half over SSE, half polled) and the
+//! receiver fails some requests (retry state lives across the kills): every
+//! event reaches every sink; webhook repeats only with the same id and no
+//! more than one per kill and run in flight; the file exactly once, in
+//! order; the database intact.
 //!
-//! `RUNHOOK_CRASH_SEED` replays a run; `RUNHOOK_SOAK=1` makes it longer.
+//! One test kills at random moments; the other at the risky windows named by
+//! the daemon's crash points (`RUNHOOK_CRASH_AT`, debug builds): mid-append,
+//! after a file append before the done-mark, after a 2xx before the mark,
+//! before COMMIT.
+//!
+//! `RUNHOOK_CRASH_SEED` replays a run (the daemons' jitter too, through
+//! `RUNHOOK_SEED`); `RUNHOOK_SOAK=1` makes the random one longer.
 
-use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use runhook::simulate::Scenario;
 use runhook::simulate::scenario::Bulk;
@@ -15,120 +27,334 @@ use runhook::simulate::scenario::Bulk;
 use crate::receiver::{Receiver, SECRET};
 use crate::support::*;
 
-fn spawn_daemon(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_runhook"))
-        .args(["--config", &config.display().to_string(), "run"])
-        .env("RUNHOOK_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("runhook starts")
+/// The webhook sink's `concurrency` (the default): a kill catches at most
+/// this many deliveries accepted but not yet marked.
+const CONCURRENCY: usize = 16;
+
+/// A simulator with live runs, a failing receiver, and a config on a temp
+/// dir; daemons are spawned on it one after another.
+struct World {
+    sim: runhook::simulate::Simulator,
+    receiver: Receiver,
+    env: Env,
+    config: PathBuf,
+    ids: Vec<String>,
+    events: usize,
+    seed: u64,
+    rng: StdRng,
+}
+
+impl World {
+    async fn start(prefix: &str, runs: usize, events: usize, interval: Duration) -> Self {
+        let seed: u64 = std::env::var("RUNHOOK_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("crash test seed: {seed} (RUNHOOK_CRASH_SEED={seed} replays it)");
+        let sim = start_sim(Scenario {
+            page_size: 50,
+            heartbeat: Duration::from_millis(500),
+            bulk: Some(Bulk {
+                runs,
+                events,
+                interval,
+                prefix: prefix.into(),
+            }),
+            ..Scenario::default()
+        })
+        .await;
+        let ids = sim.run_ids();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let receiver = Receiver::start().await;
+        // Failed attempts leave retry state (attempts, next attempt) in the
+        // database for the next daemon to honour.
+        receiver.set_fail_percent(20);
+        let mut env = Env::new(&sim, &refs);
+        // Half the runs stream (SSE), half poll.
+        env.poll_runs = ids.iter().step_by(2).cloned().collect();
+        env.api = format!(
+            "session_cookie = \"{}\"\npoll_interval = \"50ms\"\nstream_idle_timeout = \"5s\"\n",
+            sim.session()
+        );
+        env.extra = format!(
+            "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\
+             initial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\nmax_attempts = 100000\n\n\
+             [[routes]]\nsinks = [\"ops\"]\n",
+            receiver.url()
+        );
+        let config = env.write_config();
+        Self {
+            sim,
+            receiver,
+            env,
+            config,
+            ids,
+            events,
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Starts the built daemon, its jitter seeded from the test's seed;
+    /// `crash_at` arms a crash point.
+    fn spawn(&mut self, crash_at: Option<&str>) -> Spawned {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
+        command
+            .args(["--config", &self.config.display().to_string(), "run"])
+            .env("RUNHOOK_LOG", "error")
+            .env("RUNHOOK_SEED", self.rng.random::<u64>().to_string())
+            .env_remove("RUNHOOK_CRASH_AT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(point) = crash_at {
+            command.env("RUNHOOK_CRASH_AT", point);
+        }
+        Spawned(command.spawn().expect("runhook starts"))
+    }
+
+    /// Whether some run is still emitting events upstream.
+    fn live(&self) -> bool {
+        self.ids
+            .iter()
+            .any(|id| self.sim.status(id).as_deref() == Some("running"))
+    }
+
+    /// A last daemon runs to the end; then everything is checked. `kills`
+    /// daemons were killed before it, `at_least_repeated` of them right
+    /// after a receiver accepted a delivery.
+    async fn finish_and_check(mut self, kills: usize, at_least_repeated: usize) {
+        let mut child = self.spawn(None);
+        let refs: Vec<&str> = self.ids.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let expected = self.ids.len() * (self.events + 1);
+        let lines = self.env.wait_finished(&refs).await;
+        println!("file complete after {:?}", started.elapsed());
+        wait_for_within(
+            Duration::from_secs(600),
+            "every webhook delivery",
+            || async {
+                let distinct: std::collections::HashSet<String> =
+                    self.receiver.accepted().into_iter().map(|r| r.id).collect();
+                if distinct.len() == expected {
+                    Ok(())
+                } else {
+                    Err(format!("{} of {expected}", distinct.len()))
+                }
+            },
+        )
+        .await;
+        println!("webhooks complete after {:?}", started.elapsed());
+        Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(child.0.wait().unwrap().success(), "the last daemon drains");
+        let seed = self.seed;
+
+        let raw = std::fs::read_to_string(self.env.events_path()).unwrap();
+        for run in &refs {
+            assert_run_exactly_once(&self.sim, &lines, run, &raw);
+        }
+        assert_eq!(lines.len(), expected, "the file holds each event once");
+        assert_integrity(&self.env);
+
+        // A kill can catch deliveries in flight: accepted by the receiver,
+        // not yet recorded; at most one per run in flight (`CONCURRENCY`),
+        // and a repeat is the same id, right after itself.
+        let accepted = self.receiver.accepted();
+        let repeats = accepted.len() - expected;
+        println!("{repeats} repeated deliveries over {kills} kills");
+        assert!(
+            repeats <= kills * CONCURRENCY,
+            "{repeats} repeats for {kills} kills of {CONCURRENCY} runs in flight (seed {seed})"
+        );
+        assert!(
+            repeats >= at_least_repeated,
+            "{repeats} repeats, yet {at_least_repeated} kills came after a 2xx before its mark (seed {seed})"
+        );
+        let mut per_run: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for request in &accepted {
+            let run = request.id.split(':').next().unwrap().to_owned();
+            per_run.entry(run).or_default().push(request.id.clone());
+        }
+        for (run, mut delivered) in per_run {
+            let sent = delivered.len();
+            delivered.dedup();
+            assert!(
+                sent - delivered.len() <= kills,
+                "run {run}: {} repeats for {kills} kills (seed {seed})",
+                sent - delivered.len()
+            );
+            let mut want: Vec<String> = (1..=self.events).map(|s| format!("{run}:{s}")).collect();
+            want.push(format!("{run}:finished:{}", self.events));
+            assert_eq!(delivered, want, "run {run}: per-run order (seed {seed})");
+        }
+        for request in &accepted {
+            assert!(request.verified_new, "every delivery is signed");
+        }
+        let failed = self
+            .receiver
+            .requests()
+            .iter()
+            .filter(|r| r.answered >= 500)
+            .count();
+        assert!(failed > 0, "the receiver failed some requests: retries ran");
+    }
+}
+
+/// A spawned daemon, killed if the test ends (or fails) while it runs.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The daemon died of SIGKILL, not of anything else.
+fn assert_killed(status: ExitStatus, what: &str) {
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{what}: the daemon was killed by SIGKILL, not ended otherwise ({status})"
+    );
+}
+
+/// Each run's first delivery to the webhook still pending, as the last
+/// daemon left the database.
+async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
+    let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
+    let mut heads = Vec::new();
+    for run in reader
+        .runs_with_pending("ops")
+        .await
+        .expect("runs with pending")
+    {
+        let pending = reader
+            .pending_for_run("ops", &run, 1)
+            .await
+            .expect("pending");
+        heads.extend(pending);
+    }
+    heads
+}
+
+/// SQLite finds nothing wrong with the state database.
+fn assert_integrity(env: &Env) {
+    let conn = rusqlite::Connection::open(env.state_path()).expect("open the state database");
+    let verdict: String = conn
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .expect("integrity_check runs");
+    assert_eq!(verdict, "ok", "PRAGMA integrity_check");
 }
 
 #[tokio::test]
 async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
     let soak = std::env::var_os("RUNHOOK_SOAK").is_some();
-    let (runs, events, kills) = if soak {
-        (200, 1000, 100)
+    // Runs emit for several seconds (events x interval), longer than the
+    // first kills take: those land during live ingest.
+    let (runs, events, interval, kills) = if soak {
+        (200, 1000, Duration::from_millis(10), 100)
     } else {
-        (50, 200, 20)
+        (20, 150, Duration::from_millis(25), 20)
     };
-    let seed: u64 = std::env::var("RUNHOOK_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("crash test seed: {seed} (RUNHOOK_CRASH_SEED={seed} replays it)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-
-    let bulk = Bulk {
-        runs,
-        events,
-        interval: Duration::from_millis(1),
-        prefix: "kill".into(),
-    };
-    let sim = start_sim(Scenario {
-        page_size: 50,
-        bulk: Some(bulk),
-        ..Scenario::default()
-    })
-    .await;
-    let ids = sim.run_ids();
-    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let receiver = Receiver::start().await;
-    let mut env = Env::new(&sim, &refs);
-    env.extra = format!(
-        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ninitial_backoff = \"50ms\"\nconcurrency = 1\n\n[[routes]]\nsinks = [\"ops\"]\n",
-        receiver.url()
-    );
-    let config = env.write_config();
-    for _ in 0..kills {
-        let mut child = spawn_daemon(&config);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(30..400))).await;
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaped");
+    let mut world = World::start("kill", runs, events, interval).await;
+    let mut live_kills = 0;
+    for kill in 0..kills {
+        let mut child = world.spawn(None);
+        let after = world.rng.random_range(30..400);
+        tokio::time::sleep(Duration::from_millis(after)).await;
+        live_kills += usize::from(world.live());
+        child.0.kill().expect("SIGKILL");
+        assert_killed(child.0.wait().expect("reaped"), &format!("kill {kill}"));
     }
-    let mut child = spawn_daemon(&config);
-    let started = std::time::Instant::now();
-    let expected = runs * (events + 1);
-    let lines = env.wait_finished(&refs).await;
-    println!("file complete after {:?}", started.elapsed());
-    // One delivery at a time in a debug build: give it room on a busy machine.
-    wait_for_within(
-        Duration::from_secs(600),
-        "every webhook delivery",
-        || async {
-            let distinct: std::collections::HashSet<String> =
-                receiver.accepted().into_iter().map(|r| r.id).collect();
-            if distinct.len() == expected {
-                Ok(())
-            } else {
-                Err(format!("{} of {expected}", distinct.len()))
-            }
-        },
-    )
-    .await;
-    println!("webhooks complete after {:?}", started.elapsed());
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-
-    let raw = std::fs::read_to_string(env.events_path()).unwrap();
-    for run in &refs {
-        assert_run_exactly_once(&sim, &lines, run, &raw);
-    }
-    assert_eq!(lines.len(), expected, "the file holds each event once");
-
-    // A kill can catch a delivery in flight: accepted by the receiver, not
-    // yet recorded. With `concurrency = 1` one is in flight at a time, so
-    // there are at most as many repeats as kills (with more concurrency,
-    // one per run in flight), and a repeat is the same id, right after itself.
-    let accepted = receiver.accepted();
-    let repeats = accepted.len() - expected;
-    println!("{repeats} repeated deliveries over {kills} kills");
-    let mut per_run: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for request in &accepted {
-        let run = request.id.split(':').next().unwrap().to_owned();
-        per_run.entry(run).or_default().push(request.id.clone());
-    }
+    println!("{live_kills} of {kills} kills while runs were live upstream");
     assert!(
-        repeats <= kills,
-        "{repeats} repeats for {kills} kills (seed {seed})"
+        live_kills >= kills / 4,
+        "only {live_kills} of {kills} kills landed while runs were live (seed {})",
+        world.seed
     );
-    for (run, mut delivered) in per_run {
-        let sent = delivered.len();
-        delivered.dedup();
-        assert!(
-            sent - delivered.len() <= kills,
-            "run {run}: {} repeats for {kills} kills (seed {seed})",
-            sent - delivered.len()
-        );
-        let mut want: Vec<String> = (1..=events).map(|s| format!("{run}:{s}")).collect();
-        want.push(format!("{run}:finished:{events}"));
-        assert_eq!(delivered, want, "run {run}: per-run order (seed {seed})");
+    world.finish_and_check(kills, 0).await;
+}
+
+/// The crash points and how many hits in each may come before the kill: the
+/// file appends a batch at a time, so fewer.
+const CRASH_POINTS: [(&str, u32); 4] = [
+    ("file.mid_append", 3),
+    ("file.before_mark", 3),
+    ("http.before_mark", 16),
+    ("store.before_commit", 24),
+];
+
+#[tokio::test]
+async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
+    let mut world = World::start("point", 12, 120, Duration::from_millis(60)).await;
+    let mut kills = 0;
+    let mut after_2xx = 0;
+    let mut live_kills = 0;
+    let mut retrying = 0;
+    for round in 0..3 {
+        if round > 0 && !world.live() {
+            break;
+        }
+        for (point, most) in CRASH_POINTS {
+            let nth = world.rng.random_range(1..=most);
+            let armed = format!("{point}:{nth}");
+            let mut child = world.spawn(Some(&armed));
+            let status = wait_for_within(
+                Duration::from_secs(90),
+                &format!("the daemon to die at {armed}"),
+                || {
+                    let exited = child.0.try_wait().expect("try_wait");
+                    async move { exited.ok_or_else(|| "still running".to_owned()) }
+                },
+            )
+            .await;
+            assert_killed(status, &armed);
+            kills += 1;
+            live_kills += usize::from(world.live());
+            let heads = pending_heads(&world.env).await;
+            retrying += heads.iter().filter(|p| p.attempts > 0).count();
+            if point == "http.before_mark" {
+                after_2xx += 1;
+                let accepted: HashSet<String> = world
+                    .receiver
+                    .accepted()
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect();
+                assert!(
+                    heads.iter().any(|p| accepted.contains(&p.id)),
+                    "{armed}: the kill left a delivery the receiver accepted still pending"
+                );
+            }
+            if point == "file.mid_append" {
+                let bytes = std::fs::read(world.env.events_path()).unwrap_or_default();
+                assert_ne!(
+                    bytes.last(),
+                    Some(&b'\n'),
+                    "{armed}: the kill left a torn last line ({} bytes)",
+                    bytes.len()
+                );
+            }
+            assert_integrity(&world.env);
+        }
+        println!("round {round} of crash points done");
     }
-    for request in &accepted {
-        assert!(request.verified_new, "every delivery is signed");
-    }
+    println!("{live_kills} of {kills} kills while runs were live upstream");
+    assert!(
+        live_kills >= CRASH_POINTS.len(),
+        "only {live_kills} of {kills} kills landed while runs were live (seed {})",
+        world.seed
+    );
+    assert!(
+        retrying > 0,
+        "no kill left a failed delivery waiting for its retry (seed {})",
+        world.seed
+    );
+    println!("{retrying} failed deliveries were waiting for a retry at the kills");
+    world.finish_and_check(kills, after_2xx).await;
 }

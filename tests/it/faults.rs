@@ -1,7 +1,8 @@
-//! Everything going wrong at once: the upstream drops streams, sends error
-//! frames, 500/503, 429 with Retry-After, answers slowly, replays stale
-//! events, has gaps; the receiver fails 30% of requests and goes away for a
-//! while. Nothing is lost and nothing is ingested twice.
+//! Everything going wrong at once, while the runs are live: the upstream
+//! drops streams, sends error frames, 500/503, 429 with Retry-After, answers
+//! slowly, replays stale events, has gaps, pages a backlog bigger than a
+//! page; the receiver fails 30% of requests and goes away for a while during
+//! ingest. Nothing is lost and nothing is ingested twice.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -28,6 +29,14 @@ fn with_gaps(n: i64) -> Vec<ScriptedEvent> {
         .collect()
 }
 
+/// Events are emitted this far apart: a run lasts `EVENTS * INTERVAL` (9 s),
+/// past the first successful request (a poll meets four error answers, one
+/// a 429 with `Retry-After: 1`, and backs off: 2 to 5 s).
+const INTERVAL: Duration = Duration::from_millis(150);
+const EVENTS: i64 = 60;
+/// Smaller than a run, and than the backlog the first good poll finds.
+const PAGE_SIZE: usize = 8;
+
 fn fault(run: &str, endpoint: &str, count: Option<u32>, kind: FaultKind) -> Fault {
     Fault {
         run: Some(run.into()),
@@ -41,11 +50,18 @@ fn fault(run: &str, endpoint: &str, count: Option<u32>, kind: FaultKind) -> Faul
 async fn the_fault_matrix_loses_nothing_and_ingests_nothing_twice() {
     let sse_runs = ["fm-s1", "fm-s2", "fm-s3"];
     let poll_runs = ["fm-p1", "fm-p2", "fm-p3"];
+    let finished_early = ["fm-s3", "fm-p3"];
     let mut runs = Vec::new();
     let mut faults = Vec::new();
     for id in sse_runs.iter().chain(&poll_runs) {
-        let mut run = scripted(id, with_gaps(60));
-        run.interval = Duration::from_millis(4);
+        let mut run = scripted(id, with_gaps(EVENTS));
+        // The third of each kind has finished when the faults are over: its
+        // backlog is paged (and streamed) from a completed run.
+        run.interval = if finished_early.contains(id) {
+            Duration::from_millis(4)
+        } else {
+            INTERVAL
+        };
         runs.push(run);
     }
     for id in sse_runs {
@@ -109,7 +125,7 @@ async fn the_fault_matrix_loses_nothing_and_ingests_nothing_twice() {
         ]);
     }
     let sim = start_sim(Scenario {
-        page_size: 100,
+        page_size: PAGE_SIZE,
         heartbeat: Duration::from_millis(300),
         runs,
         faults,
@@ -130,27 +146,37 @@ async fn the_fault_matrix_loses_nothing_and_ingests_nothing_twice() {
         receiver.url()
     );
     let daemon = env.start();
-    // The receiver goes away for a while mid-run.
+    // The receiver goes away for a while mid-run, while ingest goes on.
     wait_for("some deliveries", || async {
         let n = receiver.accepted().len();
-        if n >= 60 { Ok(()) } else { Err(format!("{n}")) }
+        if n >= 20 { Ok(()) } else { Err(format!("{n}")) }
     })
     .await;
     receiver.set_default(Some(Answer::Status(503)));
     let gone_at = receiver.requests().len();
-    wait_for("the outage noticed", || async {
+    let ingested_at_outage = env.lines().len();
+    wait_for("the outage noticed while ingest goes on", || async {
         let n = receiver.requests().len();
-        if n >= gone_at + 10 {
+        let ingested = env.lines().len();
+        if n >= gone_at + 10 && ingested >= ingested_at_outage + 20 {
             Ok(())
         } else {
-            Err(format!("{n}"))
+            Err(format!(
+                "{} requests, {} events ingested during the outage",
+                n - gone_at,
+                ingested - ingested_at_outage
+            ))
         }
     })
     .await;
+    let live_after_outage = all
+        .iter()
+        .filter(|run| sim.status(run).as_deref() == Some("running"))
+        .count();
     receiver.set_default(None);
 
     let lines = env.wait_finished(&all).await;
-    let expected = all.len() * 61;
+    let expected = all.len() * (EVENTS as usize + 1);
     wait_for("every webhook delivery", || async {
         let distinct: HashSet<String> = receiver.accepted().into_iter().map(|r| r.id).collect();
         if distinct.len() == expected {
@@ -186,7 +212,40 @@ async fn the_fault_matrix_loses_nothing_and_ingests_nothing_twice() {
         ));
         assert_eq!(delivered, want, "run {run}: in order, once");
     }
+    assert!(
+        live_after_outage > 0,
+        "the receiver outage ended while runs were still live upstream"
+    );
     let log = sim.requests();
+    for run in &all {
+        let first_ok = log
+            .iter()
+            .find(|r| {
+                r.run_id.as_deref() == Some(*run)
+                    && r.status == 200
+                    && (r.endpoint == "stream" || r.endpoint == "events")
+            })
+            .unwrap_or_else(|| panic!("{run}: a successful request"));
+        let emitted = if finished_early.contains(run) {
+            EVENTS as u64
+        } else {
+            first_ok.at_ms / INTERVAL.as_millis() as u64
+        };
+        assert!(
+            finished_early.contains(run) || emitted < EVENTS as u64,
+            "{run}: the first successful request ({} ms) finds the run still live \
+             ({emitted} of {EVENTS} events emitted)",
+            first_ok.at_ms
+        );
+        if poll_runs.contains(run) {
+            assert!(
+                emitted > PAGE_SIZE as u64,
+                "{run}: the first successful poll ({} ms) finds a backlog of more than a page \
+                 ({emitted} events emitted, pages of {PAGE_SIZE})",
+                first_ok.at_ms
+            );
+        }
+    }
     for status in [500, 502, 503, 429] {
         assert!(
             log.iter().any(|r| r.status == status),
