@@ -187,6 +187,7 @@ async fn the_fault_matrix_loses_nothing_and_ingests_nothing_twice() {
     })
     .await;
     daemon.stop().await;
+    assert_eq!(sim.faults_left(), 0, "every counted fault was served");
 
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
     for run in &all {
