@@ -122,27 +122,13 @@ impl Ingest {
             match leg {
                 Leg::StreamRefused(why) => {
                     tracing::warn!(run_id = %following.run.run_id, %why, "the stream refused the session cookie; falling back to polling with the token");
-                    self.store
-                        .set_run_state(
-                            following.run.run_id.clone(),
-                            "following",
-                            Some(format!("stream refused ({why}); polling instead")),
-                            Some("poll"),
-                        )
-                        .await?;
-                    transport = Transport::Poll;
+                    let note = format!("stream refused ({why}); polling instead");
+                    transport = self.poll_instead(&following, note).await?;
                 }
                 Leg::StreamUnavailable(why) => {
                     tracing::warn!(run_id = %following.run.run_id, %why, "the run exists but its stream does not answer; falling back to polling");
-                    self.store
-                        .set_run_state(
-                            following.run.run_id.clone(),
-                            "following",
-                            Some(format!("no stream ({why}); polling instead")),
-                            Some("poll"),
-                        )
-                        .await?;
-                    transport = Transport::Poll;
+                    let note = format!("no stream ({why}); polling instead");
+                    transport = self.poll_instead(&following, note).await?;
                 }
                 Leg::Finished(status) if status == "failed" => {
                     if !self.linger(&mut following, &cancel).await? {
@@ -154,6 +140,23 @@ impl Ingest {
                 Leg::Refused => return Ok(RunEnd::Refused),
             }
         }
+    }
+
+    /// The stream cannot serve this run: say why in `status`, and poll.
+    async fn poll_instead(
+        &self,
+        following: &Following,
+        note: String,
+    ) -> Result<Transport, StoreError> {
+        self.store
+            .set_run_state(
+                following.run.run_id.clone(),
+                "following",
+                Some(note),
+                Some("poll"),
+            )
+            .await?;
+        Ok(Transport::Poll)
     }
 
     /// `auto`: the stream when a session cookie is configured.
