@@ -21,21 +21,26 @@
 //! process or receiver fault); a property of the scripts or the stream
 //! style is read with `switches.on(name)` where runs are drawn.
 //!
-//! TODO (lead, once the parallel branches are merged):
-//! - `bad_frame`: undecodable frames/events and a short `run_finished`
-//!   (engineer A's simulator fault kinds): add them to `UPSTREAM_FAULTS`
-//!   and `SWITCHES`.
-//! - B's multi-line `data:` framing faults: the same.
-//! - `pretty_payload` (payloads spanning lines, LF and CR/LF) is off by
-//!   default: today the file sink writes the payload's line breaks into the
-//!   file, so a line is cut and is not JSON (guarantee 6 says they are
-//!   dropped). Turn it on once the file sink keeps one envelope per line.
-//! - `lock_long` (the write lock held past the daemon's 10 s busy timeout)
-//!   is off by default: today the daemon exits 1 with "ingest stopped on a
-//!   state database error ... database is locked". Turn it on once the
-//!   daemon waits the lock out.
+//! Upstream faults that garble or withhold (`bad_event`, `withhold`,
+//! `invalid_utf8`) are drawn with the same `count` (1 to 3) as the others,
+//! and the simulator uses a fault up on every matching request (a poll
+//! answer or a stream connection) whether or not it bit: after at most three
+//! requests the run is served whole. That makes them transient, as they must
+//! be: a permanently undecodable event legitimately stalls its run forever
+//! (guarantee 8 forbids skipping it), which no end state could check.
+//! `bad_event` and `withhold` pick one of the run's own sequences.
+//!
+//! Not drawn, and why:
+//! - `BigAnswer` (a poll answer past the 64 MiB cap): the client treats it
+//!   as `TooLarge` and waits 5 minutes before asking again, by design (so
+//!   as not to download 64 MiB in a loop); even one such answer would make
+//!   a seed last minutes, and each costs 64 MiB of transfer on the CI
+//!   machine. `tests/it/hostile.rs` covers it.
 //! - Receiver 429 without `Retry-After` waits 60 s at a sink by design, too
-//!   long for CI: not drawn; upstream 429 without it is.
+//!   long for CI; upstream 429 without it is drawn.
+//! - A transient upstream 404 (confirmed over `api.not_found_confirm`
+//!   before a run stops): not drawn yet; `tests/it/polling.rs` and
+//!   `tests/it/sse.rs` cover the confirmation.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -64,7 +69,8 @@ const SWITCHES: &[(&str, bool)] = &[
     // Scripts and stream style.
     ("gaps", true),
     ("odd_payloads", true),
-    ("pretty_payload", false),
+    ("pretty_payload", true),
+    ("pretty_wire", true),
     ("retried_runs", true),
     ("multiline_frames", true),
     ("flat_frames", true),
@@ -81,12 +87,15 @@ const SWITCHES: &[(&str, bool)] = &[
     ("error_frame", true),
     ("stall", true),
     ("lookup_5xx", true),
+    ("bad_event", true),
+    ("withhold", true),
+    ("invalid_utf8", true),
     // Schedule (the names in SCHEDULE).
     ("kill", true),
     ("hup", true),
     ("hup_change", true),
     ("lock_short", true),
-    ("lock_long", false),
+    ("lock_long", true),
     ("webhook_5xx", true),
     ("webhook_429", true),
     ("webhook_timeout", true),
@@ -142,25 +151,35 @@ enum Transport {
     Poll,
 }
 
-/// Draws one simulator fault for a run on `transport`: the endpoint (`None`:
+/// Draws one simulator fault for a run on `transport` whose first events
+/// (before any upstream retry) have these sequences: the endpoint (`None`:
 /// the run's data endpoint, `events` or `stream`) and the fault, or `None`
 /// when the kind does not apply to that transport.
-type DrawFault = fn(&mut StdRng, Transport) -> Option<(Option<&'static str>, FaultKind)>;
+type DrawFault =
+    fn(&mut StdRng, Transport, &[i64]) -> Option<(Option<&'static str>, FaultKind)>;
 
 /// Upstream faults: name (a switch) and how to draw one, one line each.
 #[rustfmt::skip]
 const UPSTREAM_FAULTS: &[(&str, DrawFault)] = &[
-    ("upstream_5xx", |rng, _| Some((None, status([500, 502, 503, 504][rng.random_range(0..4)], None)))),
-    ("upstream_429_retry_after", |rng, _| Some((None, status(429, Some(rng.random_range(1..=2)))))),
-    ("upstream_429_bare", |_, _| Some((None, status(429, None)))),
-    ("upstream_slow", |rng, _| Some((None, FaultKind::Slow { delay_ms: rng.random_range(100..1500) }))),
-    ("replay", |_, _| Some((None, FaultKind::Resend))),
-    ("ignore_since", |_, t| (t == Transport::Poll).then_some((None, FaultKind::IgnoreSince))),
-    ("drop_stream", |rng, t| sse_only(t, FaultKind::DropStream { after: rng.random_range(0..6) })),
-    ("error_frame", |rng, t| sse_only(t, FaultKind::ErrorFrame { after: rng.random_range(0..6) })),
-    ("stall", |rng, t| sse_only(t, FaultKind::Stall { after: rng.random_range(0..6) })),
-    ("lookup_5xx", |_, _| Some((Some("run"), status(503, None)))),
+    ("upstream_5xx", |rng, _, _| Some((None, status([500, 502, 503, 504][rng.random_range(0..4)], None)))),
+    ("upstream_429_retry_after", |rng, _, _| Some((None, status(429, Some(rng.random_range(1..=2)))))),
+    ("upstream_429_bare", |_, _, _| Some((None, status(429, None)))),
+    ("upstream_slow", |rng, _, _| Some((None, FaultKind::Slow { delay_ms: rng.random_range(100..1500) }))),
+    ("replay", |_, _, _| Some((None, FaultKind::Resend))),
+    ("ignore_since", |_, t, _| (t == Transport::Poll).then_some((None, FaultKind::IgnoreSince))),
+    ("drop_stream", |rng, t, _| sse_only(t, FaultKind::DropStream { after: rng.random_range(0..6) })),
+    ("error_frame", |rng, t, _| sse_only(t, FaultKind::ErrorFrame { after: rng.random_range(0..6) })),
+    ("stall", |rng, t, _| sse_only(t, FaultKind::Stall { after: rng.random_range(0..6) })),
+    ("lookup_5xx", |_, _, _| Some((Some("run"), status(503, None)))),
+    ("bad_event", |rng, _, seqs| Some((None, FaultKind::BadEvent { sequence: pick(rng, seqs) }))),
+    ("withhold", |rng, _, seqs| Some((None, FaultKind::Withhold { from: pick(rng, seqs) }))),
+    ("invalid_utf8", |rng, t, _| sse_only(t, FaultKind::InvalidUtf8 { after: rng.random_range(0..6) })),
 ];
+
+/// One of the run's sequences (every drawn run has at least one event).
+fn pick(rng: &mut StdRng, sequences: &[i64]) -> i64 {
+    sequences[rng.random_range(0..sequences.len())]
+}
 
 fn status(status: u16, retry_after: Option<u64>) -> FaultKind {
     FaultKind::Status {
@@ -414,6 +433,7 @@ fn draw_run(rng: &mut StdRng, switches: &Switches, index: usize) -> (Plan, Vec<F
     let mut last = 0;
     let count = rng.random_range(1..30);
     let events = draw_events(rng, switches, &mut last, count);
+    let sequences: Vec<i64> = events.iter().filter_map(|e| e.sequence).collect();
     let mut run = scripted(&id, events);
     run.interval = Duration::from_millis(rng.random_range(30..600));
     let mut retried_after = None;
@@ -449,7 +469,7 @@ fn draw_run(rng: &mut StdRng, switches: &Switches, index: usize) -> (Plan, Vec<F
         let (name, draw) = UPSTREAM_FAULTS[rng.random_range(0..UPSTREAM_FAULTS.len())];
         // Drawn whether switched on or not, so switching one kind off
         // leaves the rest of the seed's schedule as it was.
-        let drawn = draw(rng, transport);
+        let drawn = draw(rng, transport, &sequences);
         let count = rng.random_range(1..4);
         if let Some((endpoint, kind)) = drawn.filter(|_| switches.on(name)) {
             let endpoint = endpoint.unwrap_or(data_endpoint);
@@ -960,16 +980,29 @@ async fn run_seed(seed: u64, switches: &Switches) {
     let style = draw_style(&mut rng, switches);
     let page_size = rng.random_range(2..40);
     let schedule = draw_schedule(&mut rng, switches);
+    // Every payload served over CRLF-broken lines (each its own `data:`
+    // line in a stream), on top of the pretty shapes `draw_payload` draws.
+    let pretty_wire = rng.random_bool(0.3) && switches.on("pretty_wire");
     println!(
-        "chaos seed {seed}: {runs} runs ({} retried), {} upstream faults, page size {page_size}, stream {style:?}, schedule {schedule:?}",
+        "chaos seed {seed}: {runs} runs ({} retried), {} upstream faults, page size {page_size}, stream {style:?}, pretty wire {pretty_wire}, schedule {schedule:?}",
         plans.iter().filter(|p| p.retried_after.is_some()).count(),
         faults.len()
     );
 
+    for fault in &faults {
+        println!(
+            "chaos seed {seed}: fault {} {} x{}: {:?}",
+            fault.run.as_deref().unwrap_or("*"),
+            fault.endpoint.as_deref().unwrap_or("*"),
+            fault.count.unwrap_or(0),
+            fault.kind
+        );
+    }
     let sim = start_sim(Scenario {
         page_size,
         heartbeat: Duration::from_millis(500),
         stream: style,
+        pretty_payloads: pretty_wire,
         runs: plans.iter().map(|p| p.run.clone()).collect(),
         faults,
         ..Scenario::default()
