@@ -29,6 +29,9 @@
 //! be: a permanently undecodable event legitimately stalls its run forever
 //! (guarantee 8 forbids skipping it), which no end state could check.
 //! `bad_event` and `withhold` pick one of the run's own sequences.
+//! `upstream_404` is drawn at most once per run, so at most 3 answers in a
+//! row are 404: fewer than the 5 tries over `api.not_found_confirm` that
+//! rightly stop a run.
 //!
 //! Not drawn, and why:
 //! - `BigAnswer` (a poll answer past the 64 MiB cap): the client treats it
@@ -38,9 +41,6 @@
 //!   machine. `tests/it/hostile.rs` covers it.
 //! - Receiver 429 without `Retry-After` waits 60 s at a sink by design, too
 //!   long for CI; upstream 429 without it is drawn.
-//! - A transient upstream 404 (confirmed over `api.not_found_confirm`
-//!   before a run stops): not drawn yet; `tests/it/polling.rs` and
-//!   `tests/it/sse.rs` cover the confirmation.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -87,6 +87,7 @@ const SWITCHES: &[(&str, bool)] = &[
     ("error_frame", true),
     ("stall", true),
     ("lookup_5xx", true),
+    ("upstream_404", true),
     ("bad_event", true),
     ("withhold", true),
     ("invalid_utf8", true),
@@ -155,8 +156,7 @@ enum Transport {
 /// (before any upstream retry) have these sequences: the endpoint (`None`:
 /// the run's data endpoint, `events` or `stream`) and the fault, or `None`
 /// when the kind does not apply to that transport.
-type DrawFault =
-    fn(&mut StdRng, Transport, &[i64]) -> Option<(Option<&'static str>, FaultKind)>;
+type DrawFault = fn(&mut StdRng, Transport, &[i64]) -> Option<(Option<&'static str>, FaultKind)>;
 
 /// Upstream faults: name (a switch) and how to draw one, one line each.
 #[rustfmt::skip]
@@ -171,6 +171,9 @@ const UPSTREAM_FAULTS: &[(&str, DrawFault)] = &[
     ("error_frame", |rng, t, _| sse_only(t, FaultKind::ErrorFrame { after: rng.random_range(0..6) })),
     ("stall", |rng, t, _| sse_only(t, FaultKind::Stall { after: rng.random_range(0..6) })),
     ("lookup_5xx", |_, _, _| Some((Some("run"), status(503, None)))),
+    // At most 3 in a row (one per run, see `draw_run`): fewer than the 5
+    // tries over `not_found_confirm` that stop a run.
+    ("upstream_404", |_, _, _| Some((None, status(404, None)))),
     ("bad_event", |rng, _, seqs| Some((None, FaultKind::BadEvent { sequence: pick(rng, seqs) }))),
     ("withhold", |rng, _, seqs| Some((None, FaultKind::Withhold { from: pick(rng, seqs) }))),
     ("invalid_utf8", |rng, t, _| sse_only(t, FaultKind::InvalidUtf8 { after: rng.random_range(0..6) })),
@@ -471,7 +474,14 @@ fn draw_run(rng: &mut StdRng, switches: &Switches, index: usize) -> (Plan, Vec<F
         // leaves the rest of the seed's schedule as it was.
         let drawn = draw(rng, transport, &sequences);
         let count = rng.random_range(1..4);
-        if let Some((endpoint, kind)) = drawn.filter(|_| switches.on(name)) {
+        // One 404 fault per run: two could add up to a confirmed 404,
+        // which stops the run for good, as it should.
+        let is_404 = |k: &FaultKind| matches!(k, FaultKind::Status { status: 404, .. });
+        let second_404 =
+            |k: &FaultKind| is_404(k) && faults.iter().any(|f: &Fault| is_404(&f.kind));
+        if let Some((endpoint, kind)) =
+            drawn.filter(|(_, kind)| switches.on(name) && !second_404(kind))
+        {
             let endpoint = endpoint.unwrap_or(data_endpoint);
             faults.push(Fault {
                 run: Some(id.clone()),
@@ -715,7 +725,8 @@ fn replace_config(path: &Path, text: &str) {
 async fn hold_write_lock(state: PathBuf, hold: Duration) {
     tokio::task::spawn_blocking(move || {
         let conn = rusqlite::Connection::open(&state).expect("open the state db");
-        conn.busy_timeout(Duration::from_secs(30))
+        // Other holders may be queued before this one.
+        conn.busy_timeout(Duration::from_secs(120))
             .expect("busy timeout");
         conn.execute_batch("BEGIN IMMEDIATE")
             .expect("take the write lock");
@@ -1018,7 +1029,7 @@ async fn run_seed(seed: u64, switches: &Switches) {
         .map(|p| p.run.id.clone())
         .collect();
     env.api = format!(
-        "session_cookie = \"{}\"\npoll_interval = \"50ms\"\nstream_idle_timeout = \"2s\"\nfinished_recheck = \"300ms\"\nfinished_linger = \"1h\"\n",
+        "session_cookie = \"{}\"\npoll_interval = \"50ms\"\nstream_idle_timeout = \"2s\"\nfinished_recheck = \"300ms\"\nfinished_linger = \"1h\"\nnot_found_confirm = \"3s\"\n",
         sim.session()
     );
     let port = free_port();
@@ -1048,6 +1059,7 @@ async fn run_seed(seed: u64, switches: &Switches) {
         .collect();
 
     let mut generation = 0;
+    let mut locks = Vec::new();
     for (pause, action) in &schedule {
         tokio::time::sleep(*pause).await;
         daemon.assert_alive();
@@ -1063,9 +1075,11 @@ async fn run_seed(seed: u64, switches: &Switches) {
                 daemon.signal("HUP");
             }
             Action::HoldLock(hold) => {
-                // The db exists once the daemon is ready.
+                // The db exists once the daemon is ready. Held while the
+                // schedule goes on: kills, reloads and receiver faults
+                // meet a locked database too.
                 daemon.wait_ready().await;
-                hold_write_lock(env.state_path(), *hold).await;
+                locks.push(tokio::spawn(hold_write_lock(env.state_path(), *hold)));
             }
             Action::Webhook(mode, how_long) | Action::Slack(mode, how_long) => {
                 let fake = if matches!(action, Action::Webhook(..)) {
@@ -1084,6 +1098,9 @@ async fn run_seed(seed: u64, switches: &Switches) {
         started.elapsed()
     );
 
+    for lock in locks {
+        lock.await.expect("lock holder");
+    }
     for retry in retries {
         retry.await.expect("retry task");
     }
@@ -1158,8 +1175,20 @@ async fn run_seed(seed: u64, switches: &Switches) {
     assert_eq!(integrity_check(&env.state_path()), "ok", "seed {seed}");
     let served = sim.requests();
     let refused = served.iter().filter(|r| r.status >= 400).count();
+    // Polls of streamed runs: catch-ups after a bad frame, a short finish
+    // or bytes that are not UTF-8 (or a stream answering 404).
+    let streamed: HashSet<&str> = plans
+        .iter()
+        .filter(|p| p.transport == Transport::Sse)
+        .map(|p| p.run.id.as_str())
+        .collect();
+    let catch_ups = served
+        .iter()
+        .filter(|r| r.endpoint == "events")
+        .filter(|r| r.run_id.as_deref().is_some_and(|id| streamed.contains(id)))
+        .count();
     println!(
-        "chaos seed {seed}: ok in {:?}: {} events, {} kills, {late} late webhook answers, {webhook_repeats} webhook and {slack_repeats} slack repeats, {} upstream requests ({refused} refused), {} webhook and {} slack requests",
+        "chaos seed {seed}: ok in {:?}: {} events, {} kills, {late} late webhook answers, {webhook_repeats} webhook and {slack_repeats} slack repeats, {} upstream requests ({refused} refused, {catch_ups} polls of streamed runs), {} webhook and {} slack requests",
         started.elapsed(),
         want_all.len(),
         daemon.kills,
