@@ -63,8 +63,9 @@ use crate::receiver::SECRET;
 use crate::support::*;
 
 /// Fault kinds and script properties that can be switched, and whether
-/// they are on by default. Off by default: known to fail on today's code
-/// (see the module TODO), to be turned on once fixed.
+/// they are on by default (all are today). A kind known to fail on the
+/// current code goes in off by default, with a note in the module doc,
+/// and is turned on once fixed.
 const SWITCHES: &[(&str, bool)] = &[
     // Scripts and stream style.
     ("gaps", true),
