@@ -103,10 +103,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(path: &std::path::Path, config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed here, before anything starts, not in the tasks: a signal
+    // that came before a task first ran would take its default action
+    // (SIGTERM and SIGHUP both end the process).
+    let terms = signal(SignalKind::terminate())?;
+    let interrupts = signal(SignalKind::interrupt())?;
+    let hangups = signal(SignalKind::hangup())?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signals(shutdown.clone()));
+    tokio::spawn(stop_on_signals(terms, interrupts, shutdown.clone()));
     let (reloads, reloaded) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(reload_on_sighup(path.to_owned(), reloads));
+    tokio::spawn(reload_on_sighup(path.to_owned(), hangups, reloads));
     runhook::daemon::run_reloadable(Arc::new(config), shutdown, reloaded).await?;
     tracing::info!("stopped");
     Ok(())
@@ -114,12 +121,11 @@ async fn run(path: &std::path::Path, config: Config) -> anyhow::Result<()> {
 
 /// SIGHUP: read the config again; a valid one is applied, an invalid one
 /// is refused with its error and the running config stays.
-async fn reload_on_sighup(path: std::path::PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler");
-        return;
-    };
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    mut hangups: tokio::signal::unix::Signal,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+) {
     while hangups.recv().await.is_some() {
         match Config::load(&path) {
             Ok(config) => {
@@ -180,15 +186,11 @@ async fn tail(
 }
 
 /// First SIGTERM/SIGINT: drain and stop. Second: exit at once.
-async fn stop_on_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn stop_on_signals(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("signal received: draining (a second signal exits at once)");
     shutdown.cancel();

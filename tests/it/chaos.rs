@@ -1172,6 +1172,9 @@ async fn run_seed(seed: u64, switches: &Switches) {
         )
     })
     .await;
+    // As systemd would: a stop request goes to a daemon that is up (a
+    // restart just before may have found every event already delivered).
+    daemon.wait_ready().await;
     let status = daemon.stop().await;
     assert!(
         status.success(),
