@@ -3,7 +3,6 @@
 //! daemon down, a failed file write leaves no bytes behind, and
 //! `unwatch`/`watch` in quick succession leaves exactly one follower.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -44,16 +43,7 @@ impl LoggedDaemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("runhook starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        let log = capture_stderr(&mut child);
         Self { child, log }
     }
 

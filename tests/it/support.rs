@@ -356,3 +356,20 @@ pub fn numbered(n: usize) -> Vec<ScriptedEvent> {
         .map(|i| event("PHASE_STARTED", &format!(r#"{{"i":{i},"x":1.10}}"#)))
         .collect()
 }
+
+/// Collects a child's piped stderr, line by line, into a shared string: the
+/// daemon's log, for assertions and failure messages.
+pub fn capture_stderr(child: &mut std::process::Child) -> Arc<std::sync::Mutex<String>> {
+    use std::io::{BufRead, BufReader};
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    log
+}
