@@ -45,20 +45,7 @@ async fn a_404_for_a_moment_does_not_lose_the_run() {
     sim.inject(status_fault("run-deploy", Some("events"), 404, Some(2)));
     let env = env_confirming(&sim, &["run-deploy"], "3s");
     let daemon = env.start();
-    let lines = wait_for_within(
-        Duration::from_secs(20),
-        "the run finished despite two 404s",
-        || async {
-            let lines = env.lines();
-            let row = env.run_row("run-deploy").await;
-            if lines.iter().any(|l| l["type"] == "run_finished") {
-                Ok(lines)
-            } else {
-                Err(format!("{row:?}"))
-            }
-        },
-    )
-    .await;
+    let lines = finished_within_20s(&env, "run-deploy", "the run finished despite two 404s").await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
     assert_run_exactly_once(&sim, &lines, "run-deploy", &raw);
@@ -78,20 +65,7 @@ async fn watch_again_restarts_a_stopped_run() {
         .subscribe("run-back".into(), Default::default(), "watch", None)
         .await
         .expect("watch");
-    let lines = wait_for_within(
-        Duration::from_secs(20),
-        "the watched-again run finished",
-        || async {
-            let lines = env.lines();
-            let row = env.run_row("run-back").await;
-            if lines.iter().any(|l| l["type"] == "run_finished") {
-                Ok(lines)
-            } else {
-                Err(format!("{row:?}"))
-            }
-        },
-    )
-    .await;
+    let lines = finished_within_20s(&env, "run-back", "the watched-again run finished").await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
     assert_run_exactly_once(&sim, &lines, "run-back", &raw);
@@ -154,21 +128,28 @@ async fn a_restart_retries_a_stopped_run() {
     daemon.stop().await;
     sim.clear_faults();
     let daemon = env.start();
-    let lines = wait_for_within(
-        Duration::from_secs(20),
+    let lines = finished_within_20s(
+        &env,
+        "run-restart",
         "the stopped run finished after a restart",
-        || async {
-            let lines = env.lines();
-            let row = env.run_row("run-restart").await;
-            if lines.iter().any(|l| l["type"] == "run_finished") {
-                Ok(lines)
-            } else {
-                Err(format!("{row:?}"))
-            }
-        },
     )
     .await;
     daemon.stop().await;
     let raw = std::fs::read_to_string(env.events_path()).unwrap();
     assert_run_exactly_once(&sim, &lines, "run-restart", &raw);
+}
+
+/// Waits (20 s at most) for the run's `run_finished` in the file; shows the
+/// run's row while it is not there.
+async fn finished_within_20s(env: &Env, run: &str, what: &str) -> Vec<serde_json::Value> {
+    wait_for_within(Duration::from_secs(20), what, || async {
+        let lines = env.lines();
+        let row = env.run_row(run).await;
+        if lines.iter().any(|l| l["type"] == "run_finished") {
+            Ok(lines)
+        } else {
+            Err(format!("{row:?}"))
+        }
+    })
+    .await
 }
