@@ -256,22 +256,7 @@ async fn redirects_are_not_followed() {
     let env = webhook_env(&sim, &["run-302"], &receiver, "max_attempts = 2");
     let config = env.write_config();
     let daemon = env.start();
-    let dead = wait_for("both deliveries dead after two redirects each", || async {
-        let out = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .arg("--config")
-            .arg(&config)
-            .args(["dead", "--json"])
-            .output()
-            .unwrap();
-        let letters: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        if letters.as_array().is_some_and(|a| a.len() == 2) {
-            Ok(letters)
-        } else {
-            Err(letters.to_string())
-        }
-    })
-    .await;
+    let dead = wait_dead_letters(&config, 2, "both deliveries dead after two redirects each").await;
     daemon.stop().await;
     let seen: Vec<(String, String, u16, String)> = receiver
         .requests()
@@ -310,22 +295,7 @@ async fn permanent_failures_dead_letter_and_replay_delivers_the_same_ids() {
     let env = webhook_env(&sim, &["run-dead"], &receiver, "max_attempts = 2");
     let config = env.write_config();
     let daemon = env.start();
-    let dead = wait_for("three dead letters", || async {
-        let out = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .arg("--config")
-            .arg(&config)
-            .args(["dead", "--json"])
-            .output()
-            .unwrap();
-        let letters: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        if letters.as_array().is_some_and(|a| a.len() == 3) {
-            Ok(letters)
-        } else {
-            Err(letters.to_string())
-        }
-    })
-    .await;
+    let dead = wait_dead_letters(&config, 3, "three dead letters").await;
     assert_eq!(dead[0]["id"], "run-dead:1");
     assert_eq!(dead[0]["attempts"], 2);
     assert_eq!(dead[0]["last_status"], 500);
@@ -384,4 +354,28 @@ async fn retry_state_survives_a_restart() {
         waited >= Duration::from_secs(3),
         "no immediate retry after restart: {waited:?}"
     );
+}
+
+/// `runhook dead --json`, asked until it lists exactly `count` letters.
+async fn wait_dead_letters(
+    config: &std::path::Path,
+    count: usize,
+    what: &str,
+) -> serde_json::Value {
+    wait_for(what, || async {
+        let out = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("--config")
+            .arg(config)
+            .args(["dead", "--json"])
+            .output()
+            .unwrap();
+        let letters: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        if letters.as_array().is_some_and(|a| a.len() == count) {
+            Ok(letters)
+        } else {
+            Err(letters.to_string())
+        }
+    })
+    .await
 }
