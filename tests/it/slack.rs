@@ -66,6 +66,19 @@ impl FakeSlack {
         self.state.lock().unwrap().unconfirmed_roots = n;
     }
 
+    /// The calls to `path`, once there are at least `n`.
+    async fn wait_calls(&self, path: &str, n: usize, what: &str) -> Vec<Call> {
+        wait_for(what, || async {
+            let calls = self.calls(path);
+            if calls.len() >= n {
+                Ok(calls)
+            } else {
+                Err(format!("{} calls", calls.len()))
+            }
+        })
+        .await
+    }
+
     fn calls(&self, path: &str) -> Vec<Call> {
         self.state
             .lock()
@@ -220,15 +233,9 @@ async fn incoming_webhook_messages_are_readable_limited_and_rate_limited() {
         ),
     );
     let daemon = env.start();
-    let calls = wait_for("four messages accepted", || async {
-        let calls = slack.calls("/webhook");
-        if calls.len() >= 4 {
-            Ok(calls)
-        } else {
-            Err(format!("{} calls", calls.len()))
-        }
-    })
-    .await;
+    let calls = slack
+        .wait_calls("/webhook", 4, "four messages accepted")
+        .await;
     daemon.stop().await;
     for call in &calls {
         assert_within_limits(&call.body);
@@ -439,15 +446,7 @@ async fn upstream_text_cannot_ping_the_channel_or_hide_a_link() {
         ),
     );
     let daemon = env.start();
-    let calls = wait_for("four messages", || async {
-        let calls = slack.calls("/webhook");
-        if calls.len() >= 4 {
-            Ok(calls)
-        } else {
-            Err(format!("{} calls", calls.len()))
-        }
-    })
-    .await;
+    let calls = slack.wait_calls("/webhook", 4, "four messages").await;
     daemon.stop().await;
     let finished = calls[3].body["text"].as_str().unwrap();
     assert!(
