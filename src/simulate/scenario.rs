@@ -276,7 +276,7 @@ fn run(id: &str, interval: Duration, events: Vec<ScriptedEvent>) -> ScriptedRun 
 }
 
 /// The runs of a bulk workload.
-pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
+pub(super) fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
     const TYPES: [&str; 3] = ["PHASE_STARTED", "ARTIFACT_CREATED", "TOOL_CALLED"];
     (0..bulk.runs)
         .map(|r| {
@@ -296,7 +296,7 @@ pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
 /// `raw` JSON text with a CRLF and two spaces of indent after every `{`,
 /// `[` and `,` outside strings: the same JSON value over several lines,
 /// every other byte untouched.
-pub fn pretty(raw: &str) -> String {
+fn pretty(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len() * 2);
     let (mut in_string, mut escaped, mut depth) = (false, false, 0usize);
     for c in raw.chars() {
@@ -325,7 +325,7 @@ pub fn pretty(raw: &str) -> String {
 }
 
 /// `script` with its payloads (retries' too) [`pretty`]-printed.
-pub fn prettified(script: &ScriptedRun) -> ScriptedRun {
+pub(super) fn prettified(script: &ScriptedRun) -> ScriptedRun {
     let mut script = script.clone();
     for event in script.events.iter_mut().chain(&mut script.retry_events) {
         event.payload = pretty(&event.payload);

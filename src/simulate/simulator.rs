@@ -51,10 +51,6 @@ impl Simulator {
         Ok(Self { addr, sim, server })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
