@@ -61,7 +61,8 @@ pub enum FaultKind {
     /// chunks without a `Content-Length`: an answer too large to buffer.
     BigAnswer { bytes: u64 },
     /// Streams end with a bare `{"type":"run_finished"}`: no status, no
-    /// `lastSequence`, no error message (the guides do not name its fields).
+    /// `lastSequence`, no error message: the upstream does not promise
+    /// any of them, so a client must cope without.
     BareFinish,
 }
 

@@ -1,6 +1,7 @@
-//! A local fake of the Agent Runs API (upstream-api.md) with scripted runs
-//! and fault injection: the other side of the wire, for trying runhook,
-//! tests and benchmarks. Shares only the wire types with the client.
+//! A local fake of the Agent Runs API with scripted runs and fault
+//! injection: the other side of the wire, for trying runhook, tests and
+//! benchmarks. Shares only the wire types (`src/upstream/types.rs`) with
+//! the client.
 //!
 //! `scenario.rs` says what is served, `run.rs` models a run on a clock,
 //! `faults.rs` injects faults, `requests.rs` logs what was asked,
