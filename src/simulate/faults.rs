@@ -241,3 +241,52 @@ impl Damage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(run: &str, endpoint: &str, count: u32) -> Fault {
+        Fault {
+            run: Some(run.into()),
+            endpoint: Some(endpoint.into()),
+            count: Some(count),
+            kind: FaultKind::Stall { after: 1 },
+        }
+    }
+
+    #[test]
+    fn a_counted_fault_matches_its_run_and_endpoint_until_used_up() {
+        let faults = Faults::new(vec![counted("run-a", "stream", 2)]);
+        assert_eq!(faults.take("stream", "run-b", |_| true), None, "other run");
+        assert_eq!(
+            faults.take("events", "run-a", |_| true),
+            None,
+            "other endpoint"
+        );
+        assert_eq!(faults.left(), 2);
+        for _ in 0..2 {
+            let taken = faults.take("stream", "run-a", FaultKind::ends_stream);
+            assert_eq!(taken, Some(FaultKind::Stall { after: 1 }));
+        }
+        assert_eq!(faults.left(), 0);
+        assert_eq!(faults.take("stream", "run-a", |_| true), None, "used up");
+    }
+
+    #[test]
+    fn an_unfired_stream_fault_is_given_back_and_a_fired_one_is_not() {
+        let faults = Faults::new(vec![counted("run-a", "stream", 2)]);
+        for fired in [false, true] {
+            let kind = faults.take("stream", "run-a", |_| true);
+            let mut unfired = Unfired {
+                faults: &faults,
+                run_id: "run-a",
+                kind,
+            };
+            if fired {
+                unfired.kind = None;
+            }
+        }
+        assert_eq!(faults.left(), 1, "only the fired use is gone");
+    }
+}

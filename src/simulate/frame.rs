@@ -78,3 +78,45 @@ pub(super) fn run_finished(
 pub(super) fn status(run: &SimRun, now: Instant) -> String {
     json!({"type": "status", "status": run.status(now), "phase": run.phase(now)}).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::Scenario;
+
+    fn event(payload: &str) -> SimEvent {
+        let toml = format!(
+            "[[runs]]\nid = 'r'\nevents = [{{ type = 'T', payload = '{payload}', created_at = false }}]"
+        );
+        let script = Scenario::from_toml(&toml).unwrap().runs.remove(0);
+        let mut run = SimRun::new(&script, Instant::now());
+        run.events.remove(0)
+    }
+
+    #[test]
+    fn run_event_frames_nest_or_flatten_and_keep_payload_bytes() {
+        let event = event(r#"{"z":1.10,"a":"café"}"#);
+        let nested = run_event_frame(&event, &StreamStyle::default());
+        assert_eq!(
+            nested,
+            r#"{"type":"run_event","event":{"sequence":1,"eventType":"T","payload":{"z":1.10,"a":"café"}}}"#
+        );
+        let flat = StreamStyle {
+            flat: true,
+            multiline: true,
+            ..StreamStyle::default()
+        };
+        assert_eq!(
+            run_event_frame(&event, &flat),
+            "{\"type\":\"run_event\",\n\"sequence\":1,\"eventType\":\"T\",\"payload\":{\"z\":1.10,\"a\":\"café\"}}"
+        );
+    }
+
+    #[test]
+    fn sse_frames_put_each_line_on_its_own_data_line() {
+        assert_eq!(
+            &sse_frame("{\"a\":1,\n\"b\":2}")[..],
+            b"data: {\"a\":1,\ndata: \"b\":2}\n\n"
+        );
+    }
+}

@@ -224,3 +224,58 @@ impl SimRun {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulate::Scenario;
+
+    fn script(toml: &str) -> ScriptedRun {
+        let mut scenario = Scenario::from_toml(toml).unwrap();
+        scenario.runs.remove(0)
+    }
+
+    #[test]
+    fn control_starts_cancels_and_retries_only_from_the_right_status() {
+        let now = Instant::now();
+        let mut pending = SimRun::new(
+            &script(
+                "[[runs]]\nid = 'p'\nstarted = false\ninterval = '1h'\nevents = [{ type = 'T' }]",
+            ),
+            now,
+        );
+        assert_eq!(pending.status(now), "pending");
+        assert_eq!(
+            pending.control("retry", None, now),
+            Err("Action not valid for the run's status")
+        );
+        assert_eq!(pending.control("start", None, now), Ok(()));
+        assert_eq!(pending.status(now), "running");
+        assert_eq!(
+            pending.control("start", None, now),
+            Err("Cannot start a run that is already running")
+        );
+        assert_eq!(
+            pending.control("cancel", Some("enough".into()), now),
+            Ok(())
+        );
+        assert_eq!(pending.info("p", now)["cancelReason"], "enough");
+        assert_eq!(pending.control("pause", None, now), Err("Unknown action"));
+    }
+
+    #[test]
+    fn a_retried_failed_run_emits_a_done_phase_after_its_events_and_completes() {
+        let now = Instant::now();
+        let toml = "[[runs]]\nid = 'f'\nfinal_status = 'failed'\nerror_message = 'boom'\n\
+                    events = [{ type = 'PHASE_STARTED', payload = '{\"phase\":\"plan\"}', sequence = 4 }]";
+        let mut run = SimRun::new(&script(toml), now);
+        assert_eq!(run.status(now), "failed");
+        assert_eq!(run.info("f", now)["errorMessage"], "boom");
+        assert_eq!(run.control("retry", None, now), Ok(()));
+        let sequences: Vec<i64> = run.visible_events(now).iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, [4, 5]);
+        assert_eq!(run.status(now), "completed");
+        assert_eq!(run.phase(now), Some("done"));
+        assert_eq!(run.info("f", now).get("errorMessage"), None);
+    }
+}
