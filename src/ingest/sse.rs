@@ -6,6 +6,7 @@
 //! from the cursor (by polling when a token is configured) and records
 //! `run_finished` only once the cursor reached the run's last sequence.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -56,6 +57,8 @@ enum CaughtUp {
 }
 
 impl Ingest {
+    /// Follows the run by stream, reconnecting from the cursor, until it
+    /// finishes, is stopped, or the stream cannot serve it (`Leg`).
     pub(super) async fn follow_sse(
         &self,
         following: &mut Following,
@@ -69,7 +72,7 @@ impl Ingest {
         let mut trouble = Trouble::default();
         let mut not_found = NotFoundConfirm::new(self.not_found_confirm);
         loop {
-            match self.connection(following, cancel, &mut not_found).await? {
+            let wait = match self.connection(following, cancel, &mut not_found).await? {
                 Connection::Finished(status) => return Ok(Leg::Finished(status)),
                 Connection::Stopped => return Ok(Leg::Stopped),
                 Connection::Refused(why) if self.client.has_token() => {
@@ -85,36 +88,15 @@ impl Ingest {
                             None,
                         )
                         .await?;
-                    let wait = auth_backoff.next().unwrap_or(Duration::from_secs(300));
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
-                    }
+                    auth_backoff.next().unwrap_or(Duration::from_secs(300))
                 }
                 Connection::NotFound(why) => {
-                    let wait = match self.client.run(&run_id).await {
-                        // The run is there; its stream is not.
-                        Ok(_) => return Ok(Leg::StreamUnavailable(why)),
-                        Err(error) if error.class() == ErrorClass::Forbidden => {
-                            return self.refused(&run_id, "forbidden", error).await;
-                        }
-                        Err(error) if error.class() == ErrorClass::NotFound => {
-                            let Some(wait) = not_found.next() else {
-                                return self.refused(&run_id, "not_found", error).await;
-                            };
-                            let why = format!("{error} ({}); confirming", not_found.progress());
-                            trouble.enter(&self.store, &run_id, "retrying", why).await?;
-                            wait
-                        }
-                        Err(error) => {
-                            let why = format!("stream {why}; run lookup: {error}");
-                            trouble
-                                .enter(&self.store, &run_id, "reconnecting", why)
-                                .await?;
-                            backoff.next().unwrap_or(Duration::from_secs(60))
-                        }
-                    };
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
+                    let next = self
+                        .stream_not_found(&run_id, why, &mut not_found, &mut trouble, &mut backoff)
+                        .await?;
+                    match next {
+                        ControlFlow::Break(leg) => return Ok(leg),
+                        ControlFlow::Continue(wait) => wait,
                     }
                 }
                 Connection::Behind {
@@ -147,10 +129,7 @@ impl Ingest {
                         }
                     };
                     trouble.enter(&self.store, &run_id, state, why).await?;
-                    let wait = wait.unwrap_or(Duration::from_secs(60));
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
-                    }
+                    wait.unwrap_or(Duration::from_secs(60))
                 }
                 Connection::Dropped {
                     reason,
@@ -166,12 +145,51 @@ impl Ingest {
                     self.store
                         .set_run_state(run_id.clone(), "reconnecting", Some(reason), Some("sse"))
                         .await?;
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
-                    }
+                    wait
                 }
+            };
+            if sleep_or_cancel(wait, cancel).await {
+                return Ok(Leg::Stopped);
             }
         }
+    }
+
+    /// The stream answered 404 or 405: a run lookup tells whether the run
+    /// is gone (confirmed over `not_found_confirm`, as when polling), is
+    /// refused, or is there without a stream. `Continue` is the wait before
+    /// the next connection.
+    async fn stream_not_found(
+        &self,
+        run_id: &str,
+        why: String,
+        not_found: &mut NotFoundConfirm,
+        trouble: &mut Trouble,
+        backoff: &mut impl Iterator<Item = Duration>,
+    ) -> Result<ControlFlow<Leg, Duration>, StoreError> {
+        Ok(ControlFlow::Continue(match self.client.run(run_id).await {
+            // The run is there; its stream is not.
+            Ok(_) => return Ok(ControlFlow::Break(Leg::StreamUnavailable(why))),
+            Err(error) if error.class() == ErrorClass::Forbidden => {
+                let leg = self.refused(run_id, "forbidden", error).await?;
+                return Ok(ControlFlow::Break(leg));
+            }
+            Err(error) if error.class() == ErrorClass::NotFound => {
+                let Some(wait) = not_found.next() else {
+                    let leg = self.refused(run_id, "not_found", error).await?;
+                    return Ok(ControlFlow::Break(leg));
+                };
+                let why = format!("{error} ({}); confirming", not_found.progress());
+                trouble.enter(&self.store, run_id, "retrying", why).await?;
+                wait
+            }
+            Err(error) => {
+                let why = format!("stream {why}; run lookup: {error}");
+                trouble
+                    .enter(&self.store, run_id, "reconnecting", why)
+                    .await?;
+                backoff.next().unwrap_or(Duration::from_secs(60))
+            }
+        }))
     }
 
     /// Polls from the cursor until a page brings nothing new (or the run
