@@ -225,6 +225,9 @@ async fn simulate(
 }
 
 fn check(config: &Config) {
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
     println!("{}: ok", config.source.display());
     println!(
         "api: {} (transport {}, credentials: {})",
