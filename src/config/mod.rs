@@ -161,4 +161,6 @@ impl Cx<'_> {
 }
 
 #[cfg(test)]
+mod reference_tests;
+#[cfg(test)]
 mod tests;
