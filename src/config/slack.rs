@@ -114,7 +114,10 @@ impl Cx<'_> {
                     &format!("{key}.channel"),
                     "`channel` goes with `bot_token`; an incoming webhook has its own channel",
                 )),
-                None => Ok(SlackMode::IncomingWebhook { url }),
+                None => {
+                    self.check_webhook_url(raw, &url, key)?;
+                    Ok(SlackMode::IncomingWebhook { url })
+                }
             },
             (None, Some(token)) => {
                 let channel = match &raw.channel {
@@ -132,6 +135,16 @@ impl Cx<'_> {
                 "a slack sink needs `webhook_url` or `bot_token` + `channel`",
             )),
         }
+    }
+
+    /// The incoming webhook must be an http(s) URL; it stays a [`Secret`]
+    /// as its path is the credential.
+    fn check_webhook_url(&self, raw: &RawSink, url: &Secret, key: &str) -> Result<()> {
+        let Some(spot) = raw.webhook_url.as_ref().or(raw.webhook_url_file.as_ref()) else {
+            return Ok(());
+        };
+        let shown = Spanned::new(spot.span(), url.expose().to_owned());
+        self.url(&shown, &format!("{key}.webhook_url")).map(drop)
     }
 
     fn templates(&self, raw: Option<&BTreeMap<String, Str>>, key: &str) -> Result<Templates> {

@@ -292,6 +292,12 @@ fn slack_needs_one_mode() {
             .contains("channel")
     );
     assert!(error_of(&slack("")).message.contains("needs"));
+    let error = error_of(&slack("webhook_url = \"hooks.slack.com/x\""));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (5, "sinks.chat.webhook_url"),
+        "{error}"
+    );
     let bad_template = slack(
         "webhook_url = \"https://hooks.slack.com/x\"\ntemplates = { run_finished = \"{{ run_id \" }",
     );
