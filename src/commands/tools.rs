@@ -7,6 +7,9 @@ use crate::cli::Cli;
 use runhook::config::Config;
 
 pub(super) fn check(config: &Config) {
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
     println!("{}: ok", config.source.display());
     println!(
         "api: {} (transport {}, credentials: {})",
