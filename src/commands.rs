@@ -55,6 +55,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "runhook", &mut std::io::stdout());
         }
+        Command::GenerateMan { dir } => crate::cli::generate_man(&dir)
+            .with_context(|| format!("writing man pages into {}", dir.display()))?,
         Command::Watch { run_id, labels } => {
             let labels = runhook::ingest::parse_labels(&labels).map_err(anyhow::Error::msg)?;
             let store = Store::open(&state()?)?;
