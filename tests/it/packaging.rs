@@ -45,10 +45,11 @@ fn service_values(key: &str) -> Vec<String> {
     for line in UNIT.lines().map(str::trim) {
         if line.starts_with('[') {
             in_service = line == "[Service]";
-        } else if in_service && !line.starts_with('#') {
-            if let Some(value) = line.strip_prefix(key).and_then(|v| v.strip_prefix('=')) {
-                values.push(value.to_owned());
-            }
+        } else if in_service
+            && !line.starts_with('#')
+            && let Some(value) = line.strip_prefix(key).and_then(|v| v.strip_prefix('='))
+        {
+            values.push(value.to_owned());
         }
     }
     values
