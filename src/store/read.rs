@@ -281,6 +281,21 @@ impl Reader {
         self.read(sink_rows).await
     }
 
+    /// When the oldest pending delivery of each sink was queued (or
+    /// replayed), unix ms: what `runhook_oldest_pending_delivery_age_seconds`
+    /// shows. Walks the pending index only.
+    pub async fn oldest_pending(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT sink, MIN(queued_at) FROM deliveries INDEXED BY deliveries_pending
+                 WHERE state = 0 GROUP BY sink",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+        .await
+    }
+
     pub async fn dead_letters(
         &self,
         sink: Option<String>,
