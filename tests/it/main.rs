@@ -4,6 +4,7 @@
 mod catch_up;
 mod chaos;
 mod cli;
+mod contrib;
 mod crash;
 mod faults;
 mod hostile;
