@@ -36,7 +36,8 @@ pub struct Metrics {
     pub stream_reconnects: IntCounter,
     pub pending: IntGaugeVec,
     pub dead: IntGaugeVec,
-    /// `sink`: age of the oldest pending delivery (since queued or replayed).
+    /// `sink`: age of the first pending delivery in ingest order (since
+    /// queued or replayed): an index seek, where the exact oldest is a scan.
     pub oldest_pending_age: GaugeVec,
     pub sink_up: IntGaugeVec,
     /// `sink`: delivery loops restarted after they could not start, ended or panicked.
@@ -107,7 +108,7 @@ impl Metrics {
             oldest_pending_age: GaugeVec::new(
                 Opts::new(
                     "runhook_oldest_pending_delivery_age_seconds",
-                    "Seconds since the oldest pending delivery of each sink was queued (or replayed); 0 when none waits.",
+                    "Seconds since the first pending delivery (in ingest order) of each sink was queued or replayed; 0 when none waits.",
                 ),
                 &["sink"],
             )

@@ -125,7 +125,8 @@ async fn refresh_gauges(reader: &Reader) -> Result<(), crate::store::StoreError>
 async fn refresh_sinks(reader: &Reader, now: i64) -> Result<(), crate::store::StoreError> {
     let m = metrics();
     let sinks = reader.sinks().await?;
-    let oldest = reader.oldest_pending().await?;
+    let names = sinks.iter().map(|sink| sink.sink.clone()).collect();
+    let oldest = reader.oldest_pending(names).await?;
     m.pending.reset();
     m.dead.reset();
     m.sink_up.reset();
