@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::callsite::Identifier;
@@ -57,7 +57,7 @@ pub fn init(json: bool, default_level: &str) -> Result<(), LogError> {
     let installed = if json {
         builder
             .fmt_fields(JsonFields::new())
-            .event_format(Lines::new(
+            .event_format(Lines::installed(
                 tracing_subscriber::fmt::format().json(),
                 journald,
                 json,
@@ -65,7 +65,7 @@ pub fn init(json: bool, default_level: &str) -> Result<(), LogError> {
             .try_init()
     } else if journald {
         builder
-            .event_format(Lines::new(
+            .event_format(Lines::installed(
                 tracing_subscriber::fmt::format().without_time(),
                 journald,
                 json,
@@ -73,7 +73,7 @@ pub fn init(json: bool, default_level: &str) -> Result<(), LogError> {
             .try_init()
     } else {
         builder
-            .event_format(Lines::new(
+            .event_format(Lines::installed(
                 tracing_subscriber::fmt::format(),
                 journald,
                 json,
@@ -133,9 +133,35 @@ fn priority(level: &Level) -> u8 {
 /// writes their summaries.
 struct Lines<F> {
     inner: F,
+    style: Style,
+    repeats: Arc<Mutex<Repeats>>,
+}
+
+/// How lines are written: what a summary must match.
+#[derive(Clone, Copy)]
+struct Style {
     journald: bool,
     json: bool,
-    repeats: Mutex<Repeats>,
+}
+
+/// The installed logger's repeats, for [`flush`] at exit.
+static INSTALLED: OnceLock<(Style, Arc<Mutex<Repeats>>)> = OnceLock::new();
+
+/// Writes the summaries of repeats still being counted: called at exit, so
+/// that a count is not lost when nothing is logged after its window.
+pub fn flush() {
+    let Some((style, repeats)) = INSTALLED.get() else {
+        return;
+    };
+    let summaries = match repeats.lock() {
+        Ok(mut repeats) => repeats.drain(),
+        Err(_) => return,
+    };
+    let mut text = String::new();
+    for summary in &summaries {
+        let _ = write_summary(&mut Writer::new(&mut text), summary, *style);
+    }
+    eprint!("{text}");
 }
 
 impl<S, N, F> FormatEvent<S, N> for Lines<F>
@@ -164,12 +190,12 @@ where
             Err(_) => (Vec::new(), true),
         };
         for summary in &summaries {
-            self.write_summary(&mut writer, summary)?;
+            write_summary(&mut writer, summary, self.style)?;
         }
         if !show {
             return Ok(());
         }
-        if self.journald {
+        if self.style.journald {
             write!(writer, "<{}>", priority(event.metadata().level()))?;
         }
         self.inner.format_event(ctx, writer, event)
@@ -177,44 +203,47 @@ where
 }
 
 impl<F> Lines<F> {
-    fn new(inner: F, journald: bool, json: bool) -> Self {
+    /// The process's formatter: its repeats are the ones [`flush`] writes.
+    fn installed(inner: F, journald: bool, json: bool) -> Self {
+        let style = Style { journald, json };
+        let repeats = Arc::new(Mutex::new(Repeats::new(REPEAT_WINDOW)));
+        let _ = INSTALLED.set((style, repeats.clone()));
         Self {
             inner,
-            journald,
-            json,
-            repeats: Mutex::new(Repeats::new(REPEAT_WINDOW)),
+            style,
+            repeats,
         }
     }
+}
 
-    fn write_summary(&self, writer: &mut Writer<'_>, summary: &Summary) -> std::fmt::Result {
-        if self.journald {
-            write!(writer, "<{}>", priority(&summary.level))?;
-        }
-        let message = summary.message();
-        if self.json {
-            let line = serde_json::json!({
-                "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-                "level": summary.level.as_str(),
-                "fields": {
-                    "message": message,
-                    "repeated": summary.repeats,
-                    "runs": summary.runs,
-                    "run_ids": summary.named_runs,
-                },
-                "target": "runhook::logging",
-            });
-            return writeln!(writer, "{line}");
-        }
-        if !self.journald {
-            tracing_subscriber::fmt::time::SystemTime.format_time(writer)?;
-            writer.write_char(' ')?;
-        }
-        writeln!(
-            writer,
-            "{:>5} runhook::logging: {message}",
-            summary.level.as_str()
-        )
+fn write_summary(writer: &mut Writer<'_>, summary: &Summary, style: Style) -> std::fmt::Result {
+    if style.journald {
+        write!(writer, "<{}>", priority(&summary.level))?;
     }
+    let message = summary.message();
+    if style.json {
+        let line = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            "level": summary.level.as_str(),
+            "fields": {
+                "message": message,
+                "repeated": summary.repeats,
+                "runs": summary.runs,
+                "run_ids": summary.named_runs,
+            },
+            "target": "runhook::logging",
+        });
+        return writeln!(writer, "{line}");
+    }
+    if !style.journald {
+        tracing_subscriber::fmt::time::SystemTime.format_time(writer)?;
+        writer.write_char(' ')?;
+    }
+    writeln!(
+        writer,
+        "{:>5} runhook::logging: {message}",
+        summary.level.as_str()
+    )
 }
 
 /// A warning or error about one run, as far as repeats are concerned.
@@ -346,9 +375,19 @@ impl Repeats {
     /// Ends the windows that are over: a summary for each that saw repeats.
     fn due(&mut self, now: Instant) -> Vec<Summary> {
         let window = self.window;
+        self.end(|tracked| now.duration_since(tracked.since) >= window)
+    }
+
+    /// Ends every window, over or not (at exit).
+    fn drain(&mut self) -> Vec<Summary> {
+        self.end(|_| true)
+    }
+
+    fn end(&mut self, over: impl Fn(&Tracked) -> bool) -> Vec<Summary> {
+        let window = self.window;
         let mut summaries = Vec::new();
         self.tracked.retain(|(_, what), tracked| {
-            if now.duration_since(tracked.since) < window {
+            if !over(tracked) {
                 return true;
             }
             if tracked.repeats > 0 {
@@ -411,9 +450,11 @@ mod tests {
             .with_ansi(false)
             .event_format(Lines {
                 inner: tracing_subscriber::fmt::format().without_time(),
-                journald,
-                json: false,
-                repeats: Mutex::new(Repeats::new(window)),
+                style: Style {
+                    journald,
+                    json: false,
+                },
+                repeats: Arc::new(Mutex::new(Repeats::new(window))),
             })
             .finish();
         tracing::subscriber::with_default(subscriber, body);
@@ -464,13 +505,11 @@ mod tests {
         };
         let lines = |json, journald| {
             let mut out = String::new();
-            Lines {
-                inner: (),
-                journald,
-                json,
-                repeats: Mutex::new(Repeats::new(REPEAT_WINDOW)),
-            }
-            .write_summary(&mut Writer::new(&mut out), &summary)
+            write_summary(
+                &mut Writer::new(&mut out),
+                &summary,
+                Style { journald, json },
+            )
             .unwrap();
             out
         };
@@ -514,6 +553,13 @@ mod tests {
         );
         // The window is over: the next one is shown again.
         assert!(repeats.see(key(1), start + Duration::from_secs(61)));
+        // At exit, a window still open is summarised too.
+        assert!(!repeats.see(key(2), start + Duration::from_secs(62)));
+        let at_exit = repeats.drain();
+        assert_eq!(
+            (at_exit.len(), at_exit[0].repeats, at_exit[0].runs),
+            (1, 1, 2)
+        );
     }
 
     #[test]

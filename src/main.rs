@@ -37,7 +37,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::dispatch(cli)) {
+    let outcome = runtime.block_on(commands::dispatch(cli));
+    runhook::logging::flush();
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             if error
