@@ -175,7 +175,7 @@ async fn under_journald_lines_carry_priorities_and_a_bad_token_warns_once_for_al
     let stream = journal_stream_of(&log);
     let mut child = Command::new(env!("CARGO_BIN_EXE_runhook"))
         .args(["--config", &config.display().to_string(), "run"])
-        .env("RUNHOOK_LOG", "warn")
+        .env("RUNHOOK_LOG", "info")
         .env("JOURNAL_STREAM", stream)
         .stdout(Stdio::null())
         .stderr(log)
@@ -191,16 +191,33 @@ async fn under_journald_lines_carry_priorities_and_a_bad_token_warns_once_for_al
         }
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(stopped.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("waiting task");
+    assert!(exit.success(), "{exit}");
     let text = std::fs::read_to_string(&log_path).expect("log");
-    let auth = text.lines().filter(|l| l.contains("auth_failed")).count();
-    assert_eq!(auth, 1, "one warning for the five runs:\n{text}");
+    let warned: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("auth_failed") && l.contains("run_id="))
+        .collect();
+    assert_eq!(warned.len(), 1, "one warning for the five runs:\n{text}");
+    // The four others are counted, and the count written at exit.
+    assert!(
+        text.lines().any(|l| l.starts_with("<4>")
+            && l.contains("repeated 4 more times for 5 runs")
+            && l.contains("auth_failed")),
+        "a summary of the repeats:\n{text}"
+    );
     for line in text.lines() {
         let priority = line.get(..3).unwrap_or_default();
         assert!(
-            matches!(priority, "<3>" | "<4>"),
-            "a warn-level log line without its journald priority: {line:?}\n{text}"
+            matches!(priority, "<3>" | "<4>" | "<6>"),
+            "a log line without its journald priority: {line:?}\n{text}"
         );
     }
 }
