@@ -1,32 +1,16 @@
 //! Command glue: each CLI command as a function. `anyhow` lives here and in
 //! `main.rs` only.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use tracing_subscriber::EnvFilter;
-
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command};
 use runhook::config::Config;
 
 mod change;
 mod inspect;
 mod run;
 mod tools;
-
-pub fn init_logging(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_env("RUNHOOK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 /// The state database of a command that needs nothing else: `--state`, or
 /// the config's `[state] path`.

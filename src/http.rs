@@ -66,6 +66,42 @@ pub fn snippet(body: &[u8], max: usize) -> String {
     }
 }
 
+/// What went wrong with a request that got no answer, its causes included:
+/// reqwest's own message is only "error sending request", while the cause
+/// chain says what an operator can act on ("Connection refused", "invalid
+/// peer certificate: UnknownIssuer"). The URL is left out: it may carry a
+/// token, or be the secret itself (a Slack webhook). A timeout names the
+/// limit that ran out.
+pub fn request_error(
+    error: reqwest::Error,
+    timeout: Duration,
+    connect_timeout: Duration,
+) -> String {
+    if error.is_timeout() {
+        return if error.is_connect() {
+            format!(
+                "connect timed out after {}",
+                humantime::format_duration(connect_timeout)
+            )
+        } else {
+            format!("timed out after {}", humantime::format_duration(timeout))
+        };
+    }
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(&error);
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        // Some layers repeat their source's text in their own.
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +160,45 @@ mod tests {
     fn snippet_cuts_on_a_char_boundary() {
         assert_eq!(snippet("ééé".as_bytes(), 2), "éé…");
         assert_eq!(snippet(b" ok ", 10), "ok");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_says_so() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let error = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/hook?token=secret"))
+            .send()
+            .await
+            .unwrap_err();
+        let text = request_error(error, Duration::from_secs(10), Duration::from_secs(10));
+        assert!(text.to_lowercase().contains("connection refused"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_names_the_limit() {
+        // Accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let limit = Duration::from_millis(300);
+        let error = reqwest::Client::builder()
+            .timeout(limit)
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/"))
+            .send()
+            .await
+            .unwrap_err();
+        let text = request_error(error, limit, limit);
+        assert_eq!(text, "timed out after 300ms");
     }
 }

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod http;
 pub mod ingest;
 pub mod jitter;
+pub mod logging;
 pub mod metrics;
 pub mod route;
 pub mod server;

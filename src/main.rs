@@ -9,7 +9,8 @@ use clap::Parser;
 
 use cli::{Cli, Command};
 
-/// sysexits.h EX_CONFIG: what `check` (and every command) exits with on a bad config.
+/// sysexits.h EX_CONFIG: what `check` (and every command) exits with on a bad
+/// config, or a bad `RUNHOOK_LOG`.
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
@@ -18,7 +19,11 @@ fn main() -> ExitCode {
         Command::Demo => "warn",
         _ => "info",
     };
-    commands::init_logging(cli.log_format, default_level);
+    let json = matches!(cli.log_format, cli::LogFormat::Json);
+    if let Err(error) = runhook::logging::init(json, default_level) {
+        eprintln!("runhook: {error}");
+        return ExitCode::from(EX_CONFIG);
+    }
     // Store reads run on the blocking pool; a small pool keeps threads (and
     // their malloc arenas) few, which keeps memory bounded.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -32,7 +37,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::dispatch(cli)) {
+    let outcome = runtime.block_on(commands::dispatch(cli));
+    runhook::logging::flush();
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             if error

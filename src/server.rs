@@ -16,8 +16,23 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::metrics;
 use crate::store::{Reader, Store, now_ms};
 
-/// Run states in which a run is being followed (its last event age counts).
+/// Run states in which a run is being followed (its silence counts).
 const FOLLOWING: [&str; 3] = ["following", "reconnecting", "retrying"];
+
+/// States exported at 0 when no run is in them, so that alerts and
+/// dashboards see a 0, not a missing series.
+const KNOWN_STATES: [&str; 10] = [
+    "starting",
+    "following",
+    "reconnecting",
+    "catching_up",
+    "stalled",
+    "retrying",
+    "finished",
+    "auth_failed",
+    "not_found",
+    "forbidden",
+];
 
 struct Shared {
     store: Store,
@@ -90,36 +105,56 @@ async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
 
 /// Gauges come from the store, so they are right after a restart too.
 async fn refresh_gauges(reader: &Reader) -> Result<(), crate::store::StoreError> {
+    let now = now_ms();
+    refresh_sinks(reader, now).await?;
+    let runs = reader.runs().await?;
+    let m = metrics();
+    m.runs.reset();
+    for state in KNOWN_STATES {
+        m.runs.with_label_values(&[state]).set(0);
+    }
+    let watched: Vec<_> = runs.iter().filter(|r| r.watched).collect();
+    for run in &watched {
+        m.runs.with_label_values(&[run.state.as_str()]).inc();
+    }
+    m.longest_run_silence
+        .set(longest_silence_ms(&watched, now) as f64 / 1000.0);
+    Ok(())
+}
+
+async fn refresh_sinks(reader: &Reader, now: i64) -> Result<(), crate::store::StoreError> {
     let m = metrics();
     let sinks = reader.sinks().await?;
+    let names = sinks.iter().map(|sink| sink.sink.clone()).collect();
+    let oldest = reader.oldest_pending(names).await?;
     m.pending.reset();
     m.dead.reset();
     m.sink_up.reset();
+    m.oldest_pending_age.reset();
     for sink in &sinks {
-        m.pending
-            .with_label_values(&[sink.sink.as_str()])
-            .set(sink.pending);
-        m.dead
-            .with_label_values(&[sink.sink.as_str()])
-            .set(sink.dead);
+        let name = sink.sink.as_str();
+        m.pending.with_label_values(&[name]).set(sink.pending);
+        m.dead.with_label_values(&[name]).set(sink.dead);
         m.sink_up
-            .with_label_values(&[sink.sink.as_str()])
+            .with_label_values(&[name])
             .set(i64::from(!sink.down));
+        m.oldest_pending_age.with_label_values(&[name]).set(0.0);
     }
-    let runs = reader.runs().await?;
-    m.runs.reset();
-    m.last_event_age.reset();
-    let now = now_ms();
-    for run in runs.iter().filter(|r| r.watched) {
-        m.runs.with_label_values(&[run.state.as_str()]).inc();
-        if let Some(at) = run
-            .last_event_at
-            .filter(|_| FOLLOWING.contains(&run.state.as_str()))
-        {
-            m.last_event_age
-                .with_label_values(&[run.run_id.as_str()])
-                .set((now - at).max(0) as f64 / 1000.0);
-        }
+    for (name, queued_at) in &oldest {
+        m.oldest_pending_age
+            .with_label_values(&[name.as_str()])
+            .set((now - queued_at).max(0) as f64 / 1000.0);
     }
     Ok(())
+}
+
+/// The longest time any followed run has gone without an event, in ms (0
+/// when none is followed): one number instead of a series per run.
+fn longest_silence_ms(runs: &[&crate::store::RunRow], now: i64) -> i64 {
+    runs.iter()
+        .filter(|run| FOLLOWING.contains(&run.state.as_str()))
+        .filter_map(|run| run.last_event_at)
+        .map(|at| (now - at).max(0))
+        .max()
+        .unwrap_or(0)
 }

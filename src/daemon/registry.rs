@@ -59,6 +59,7 @@ impl Sinks {
             }
         }
         for (name, sink) in &config.sinks {
+            crate::metrics::metrics().sink_configured(name);
             if !self.running.contains_key(name) {
                 let stop = CancellationToken::new();
                 let start = {

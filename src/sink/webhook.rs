@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{EventFields, Outcome, sign};
 use crate::config::{SigningKey, WebhookConfig};
-use crate::http::{read_capped, retry_after, snippet};
+use crate::http::{read_capped, request_error, retry_after, snippet};
 use crate::store::Pending;
 use crate::upstream::client::USER_AGENT;
 
@@ -24,6 +24,13 @@ pub struct WebhookSink {
     url: reqwest::Url,
     keys: Vec<SigningKey>,
     headers: HeaderMap,
+    /// For error messages: which limit ran out.
+    timeout: Duration,
+}
+
+/// Connecting may take the whole timeout, but never more than 10 s.
+fn connect_timeout(timeout: Duration) -> Duration {
+    timeout.min(Duration::from_secs(10))
 }
 
 /// The Standard Webhooks body.
@@ -41,13 +48,14 @@ impl WebhookSink {
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(connect_timeout(config.timeout))
             .build()?;
         Ok(Self {
             client,
             url: config.url.clone(),
             keys: config.secrets.clone(),
             headers: config.headers.clone(),
+            timeout: config.timeout,
         })
     }
 
@@ -91,8 +99,7 @@ impl WebhookSink {
         match request.send().await {
             Err(error) => Outcome::Retry {
                 status: None,
-                // Without the URL: it may carry a token in its query.
-                error: error.without_url().to_string(),
+                error: request_error(error, self.timeout, connect_timeout(self.timeout)),
                 after: None,
             },
             Ok(response) => {

@@ -159,7 +159,10 @@ impl Client {
         } else if let Some(cookie) = &self.cookie {
             request = request.header(COOKIE, self.cookie_header(cookie));
         }
-        let response = request.send().await.map_err(|error| {
+        let started = std::time::Instant::now();
+        let response = request.send().await;
+        crate::metrics::metrics().upstream_took(started.elapsed());
+        let response = response.map_err(|error| {
             crate::metrics::metrics().upstream_answer(None);
             UpstreamError::Network(error)
         })?;

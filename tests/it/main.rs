@@ -4,9 +4,11 @@
 mod catch_up;
 mod chaos;
 mod cli;
+mod contrib;
 mod crash;
 mod faults;
 mod hostile;
+mod observability;
 mod packaging;
 mod polling;
 mod promises;

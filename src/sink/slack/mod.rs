@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use super::Outcome;
 use crate::config::{Secret, SlackConfig, SlackMode, Templates};
-use crate::http::{read_capped, retry_after, snippet};
+use crate::http::{read_capped, request_error, retry_after, snippet};
 use crate::store::{Pending, Reader, Store};
 use crate::upstream::client::USER_AGENT;
 use message::Message;
@@ -54,6 +54,8 @@ const ROOT_METADATA: &str = "runhook_thread_root";
 /// How far `conversations.history` is searched for a root: pages of 200.
 const HISTORY_PAGES: usize = 10;
 const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
+/// Every Slack call, connecting included.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct SlackSink {
     name: Arc<str>,
@@ -87,7 +89,7 @@ impl SlackSink {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(10))
+            .timeout(TIMEOUT)
             .build()?;
         Ok(Self {
             name,
@@ -117,7 +119,10 @@ impl SlackSink {
         let request = self.client.post(url.expose()).json(message);
         match request.send().await {
             // Without the URL: it is the secret.
-            Err(error) => retry(None, format!("slack: {}", error.without_url())),
+            Err(error) => retry(
+                None,
+                format!("slack: {}", request_error(error, TIMEOUT, TIMEOUT)),
+            ),
             Ok(response) => {
                 let status = response.status();
                 let wait = retry_after(response.headers());
@@ -365,10 +370,12 @@ impl SlackSink {
             error: format!("slack: bad api_base: {e}"),
         })?;
         let request = self.client.post(url).bearer_auth(token.expose());
-        let response = body(request)
-            .send()
-            .await
-            .map_err(|error| retry(None, format!("slack {method}: {}", error.without_url())))?;
+        let response = body(request).send().await.map_err(|error| {
+            retry(
+                None,
+                format!("slack {method}: {}", request_error(error, TIMEOUT, TIMEOUT)),
+            )
+        })?;
         let status = response.status();
         let wait = retry_after(response.headers());
         let bytes = read_capped(response, BODY_CAP)
