@@ -1,0 +1,148 @@
+//! Sink state: whether a sink is down, its last success, a file sink's
+//! offset and a Slack sink's thread roots.
+
+use std::sync::Arc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Reader, Store, StoreError, now_ms};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkRow {
+    pub sink: String,
+    pub pending: i64,
+    /// Pending deliveries that failed at least once.
+    pub retrying: i64,
+    pub done: i64,
+    pub dead: i64,
+    pub down: bool,
+    pub last_success_at: Option<i64>,
+}
+
+impl Store {
+    /// A sink marked down (or up again), for `status`.
+    pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO sinks (name, down) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET down = excluded.down",
+                params![&*sink, down],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Remembers a Slack thread root so later events (and restarts) reply
+    /// in the same thread.
+    pub async fn save_slack_thread(
+        &self,
+        sink: Arc<str>,
+        run_id: String,
+        channel: String,
+        ts: String,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO slack_threads (sink, run_id, channel, ts) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (sink, run_id) DO UPDATE SET channel = excluded.channel, ts = excluded.ts",
+                params![&*sink, run_id, channel, ts],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// File sink start-up: lines found in the file past the recorded offset
+    /// are deliveries that were written but not yet marked done. A dead
+    /// letter among them (its batch failed after writing it, and the failed
+    /// write could not be cut back) is done too: its line is there.
+    pub async fn reconcile_file(
+        &self,
+        sink: Arc<str>,
+        ids_in_file: Vec<String>,
+        file_offset: u64,
+    ) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut marked = 0;
+            let mut update = conn.prepare_cached(
+                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3,
+                    last_status = NULL, last_error = NULL
+                 WHERE sink = ?1 AND state IN (0, 2)
+                   AND event = (SELECT rowid FROM events WHERE id = ?2)",
+            )?;
+            for id in &ids_in_file {
+                marked += update.execute(params![&*sink, id, now])?;
+            }
+            conn.prepare_cached(
+                "INSERT INTO sinks (name, file_offset) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET file_offset = excluded.file_offset",
+            )?
+            .execute(params![&*sink, file_offset as i64])?;
+            Ok(marked)
+        })
+        .await
+    }
+}
+
+impl Reader {
+    pub async fn sinks(&self) -> Result<Vec<SinkRow>, StoreError> {
+        self.read(sink_rows).await
+    }
+
+    /// The stored file offset of a file sink.
+    pub async fn file_offset(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT file_offset FROM sinks WHERE name = ?1",
+                [sink],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()
+            .map(|o| o.flatten().map(|v| v as u64))
+        })
+        .await
+    }
+
+    /// The thread root a Slack sink keeps for a run: (channel, ts).
+    pub async fn slack_thread(
+        &self,
+        sink: &str,
+        run_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let (sink, run_id) = (sink.to_owned(), run_id.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT channel, ts FROM slack_threads WHERE sink = ?1 AND run_id = ?2",
+            )?
+            .query_row(params![sink, run_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })
+        .await
+    }
+}
+
+fn sink_rows(conn: &Connection) -> Result<Vec<SinkRow>, rusqlite::Error> {
+    let mut stmt = conn.prepare(
+        "SELECT d.sink,
+                SUM(d.state = 0), SUM(d.state = 0 AND d.attempts > 0), SUM(d.state = 1), SUM(d.state = 2),
+                COALESCE(s.down, 0), s.last_success_at
+         FROM deliveries d LEFT JOIN sinks s ON s.name = d.sink
+         GROUP BY d.sink ORDER BY d.sink",
+    )?;
+    let rows = stmt.query_map([], |row| {
+        Ok(SinkRow {
+            sink: row.get(0)?,
+            pending: row.get(1)?,
+            retrying: row.get(2)?,
+            done: row.get(3)?,
+            dead: row.get(4)?,
+            down: row.get(5)?,
+            last_success_at: row.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
