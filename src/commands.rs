@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, Command, LogFormat};
-use runhook::config::Config;
+use runhook::config::{Config, Transport};
 use runhook::store::{DeadFilter, Reader, Store};
 
 pub fn init_logging(format: LogFormat, default_level: &str) {
@@ -285,7 +285,7 @@ async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
             } else {
                 "unwatched"
             },
-            run.transport.as_deref().unwrap_or("-"),
+            run.transport.map_or("-", Transport::name),
             run.cursor,
             run.status.as_deref().unwrap_or("-"),
             run.phase.as_deref().unwrap_or("-"),

@@ -10,9 +10,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Transport};
+use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Reader, Store, StoreError, now_ms};
+use crate::store::{Reader, RunState, Store, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
 
 mod runs;
@@ -33,11 +33,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// How often systemd's STATUS= line is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
-
-/// Run states in which ingest does not start the run again by itself
-/// (`watch` it again to retry: `Store::subscribe` resets them). A finished run's task decides itself whether
-/// it still lingers (a failed run may be retried upstream).
-const ENDED_STATES: [&str; 2] = ["forbidden", "not_found"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -207,12 +202,7 @@ async fn reload(
 async fn subscribe_config_runs(store: &Store, config: &Config) -> Result<(), StoreError> {
     for run in &config.runs {
         store
-            .subscribe(
-                run.id.clone(),
-                run.labels.clone(),
-                "config",
-                run.transport.map(Transport::name),
-            )
+            .subscribe(run.id.clone(), run.labels.clone(), "config", run.transport)
             .await?;
     }
     store
@@ -318,7 +308,7 @@ async fn systemd_status(reader: Reader, stop: CancellationToken) {
         if let (Ok(runs), Ok(sinks)) = (reader.runs().await, reader.sinks().await) {
             let following = runs
                 .iter()
-                .filter(|r| r.watched && r.state == "following")
+                .filter(|r| r.watched && r.state == RunState::Following)
                 .count();
             let pending: i64 = sinks.iter().map(|s| s.pending).sum();
             let dead: i64 = sinks.iter().map(|s| s.dead).sum();

@@ -16,9 +16,6 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::metrics;
 use crate::store::{Reader, Store, now_ms};
 
-/// Run states in which a run is being followed (its last event age counts).
-const FOLLOWING: [&str; 3] = ["following", "reconnecting", "retrying"];
-
 struct Shared {
     store: Store,
     reader: Reader,
@@ -112,10 +109,7 @@ async fn refresh_gauges(reader: &Reader) -> Result<(), crate::store::StoreError>
     let now = now_ms();
     for run in runs.iter().filter(|r| r.watched) {
         m.runs.with_label_values(&[run.state.as_str()]).inc();
-        if let Some(at) = run
-            .last_event_at
-            .filter(|_| FOLLOWING.contains(&run.state.as_str()))
-        {
+        if let Some(at) = run.last_event_at.filter(|_| run.state.is_following()) {
             m.last_event_age
                 .with_label_values(&[run.run_id.as_str()])
                 .set((now - at).max(0) as f64 / 1000.0);

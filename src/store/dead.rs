@@ -87,12 +87,14 @@ impl Reader {
         run: Option<String>,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare(
+            let mut stmt = conn.prepare(concat!(
                 "SELECT e.id, d.sink, d.run_id, d.attempts, d.last_status, d.last_error, d.done_at
                  FROM deliveries d JOIN events e ON e.rowid = d.event
-                 WHERE d.state = 2 AND (?1 IS NULL OR d.sink = ?1) AND (?2 IS NULL OR d.run_id = ?2)
-                 ORDER BY d.sink, d.event",
-            )?;
+                 WHERE d.state = ",
+                delivery_state!(dead),
+                " AND (?1 IS NULL OR d.sink = ?1) AND (?2 IS NULL OR d.run_id = ?2)
+                 ORDER BY d.sink, d.event"
+            ))?;
             let rows = stmt.query_map(params![sink, run], |row| {
                 Ok(DeadLetter {
                     id: row.get(0)?,
@@ -112,18 +114,27 @@ impl Reader {
 
 /// Maintenance statements, named so that a test can check their query
 /// plans: each reaches its rows through an index, a chunk at a time.
-pub(super) const REPLAY_DEAD: &str =
-    "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_at = ?4, queued_at = ?4,
+pub(super) const REPLAY_DEAD: &str = concat!(
+    "UPDATE deliveries SET state = ",
+    delivery_state!(pending),
+    ", attempts = 0, next_attempt_at = ?4, queued_at = ?4,
         done_at = NULL
      WHERE (sink, event) IN (
         SELECT sink, event FROM deliveries INDEXED BY deliveries_dead
-        WHERE state = 2 AND (?1 IS NULL OR sink = ?1) AND (?2 IS NULL OR run_id = ?2)
+        WHERE state = ",
+    delivery_state!(dead),
+    " AND (?1 IS NULL OR sink = ?1) AND (?2 IS NULL OR run_id = ?2)
           AND (?3 IS NULL OR event = (SELECT rowid FROM events WHERE id = ?3))
-        ORDER BY sink, run_id, event LIMIT ?5)";
+        ORDER BY sink, run_id, event LIMIT ?5)"
+);
 
-pub(super) const PURGE_DEAD: &str = "DELETE FROM deliveries
+pub(super) const PURGE_DEAD: &str = concat!(
+    "DELETE FROM deliveries
      WHERE (sink, event) IN (
         SELECT sink, event FROM deliveries INDEXED BY deliveries_dead
-        WHERE state = 2 AND (?1 IS NULL OR sink = ?1) AND (?2 IS NULL OR run_id = ?2)
+        WHERE state = ",
+    delivery_state!(dead),
+    " AND (?1 IS NULL OR sink = ?1) AND (?2 IS NULL OR run_id = ?2)
           AND (?3 IS NULL OR event = (SELECT rowid FROM events WHERE id = ?3))
-        LIMIT ?4)";
+        LIMIT ?4)"
+);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rusqlite::{Row, params};
 
-use super::{Reader, Store, StoreError, now_ms};
+use super::{DeliveryState, Reader, Store, StoreError, now_ms};
 
 /// A delivery waiting for its sink, with the event it carries.
 #[derive(Debug, Clone)]
@@ -43,8 +43,34 @@ pub struct Failure {
     pub dead: bool,
 }
 
-const PENDING_COLUMNS: &str = "d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
-    e.created_at, e.run_status, e.phase, r.labels, d.attempts, d.next_attempt_at, e.seen_at, d.queued_at";
+/// The columns [`pending_row`] reads, as a literal for `concat!`.
+macro_rules! pending_columns {
+    () => {
+        "d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
+    e.created_at, e.run_status, e.phase, r.labels, d.attempts, d.next_attempt_at, e.seen_at, d.queued_at"
+    };
+}
+
+const PENDING_IN_ORDER: &str = concat!(
+    "SELECT ",
+    pending_columns!(),
+    " FROM deliveries d INDEXED BY deliveries_pending
+     JOIN events e ON e.rowid = d.event
+     LEFT JOIN runs r ON r.run_id = d.run_id
+     WHERE d.sink = ?1 AND d.state = ",
+    delivery_state!(pending),
+    " ORDER BY d.event LIMIT ?2"
+);
+const PENDING_FOR_RUN: &str = concat!(
+    "SELECT ",
+    pending_columns!(),
+    " FROM deliveries d INDEXED BY deliveries_pending_by_run
+     JOIN events e ON e.rowid = d.event
+     LEFT JOIN runs r ON r.run_id = d.run_id
+     WHERE d.sink = ?1 AND d.run_id = ?2 AND d.state = ",
+    delivery_state!(pending),
+    " ORDER BY d.event LIMIT ?3"
+);
 
 pub(super) fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
     Ok(Pending {
@@ -78,11 +104,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let now = now_ms();
-            let mut update = conn.prepare_cached(
-                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3,
+            let mut update = conn.prepare_cached(concat!(
+                "UPDATE deliveries SET state = ",
+                delivery_state!(done),
+                ", attempts = attempts + 1, done_at = ?3,
                     last_status = NULL, last_error = NULL
-                 WHERE sink = ?1 AND event = ?2 AND state = 0",
-            )?;
+                 WHERE sink = ?1 AND event = ?2 AND state = ",
+                delivery_state!(pending)
+            ))?;
             for event in &events {
                 update.execute(params![&*sink, event, now])?;
             }
@@ -101,15 +130,16 @@ impl Store {
     /// A failed attempt: count it and schedule the next, or dead-letter.
     pub async fn record_failure(&self, sink: Arc<str>, failure: Failure) -> Result<(), StoreError> {
         self.write(move |conn| {
-            let mut update = conn.prepare_cached(
+            let mut update = conn.prepare_cached(concat!(
                 "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?3,
                     last_status = ?4, last_error = ?5, state = ?6, done_at = ?7
-                 WHERE sink = ?1 AND event = ?2 AND state = 0",
-            )?;
+                 WHERE sink = ?1 AND event = ?2 AND state = ",
+                delivery_state!(pending)
+            ))?;
             let (state, done_at) = if failure.dead {
-                (2, Some(now_ms()))
+                (DeliveryState::Dead, Some(now_ms()))
             } else {
-                (0, None)
+                (DeliveryState::Pending, None)
             };
             for event in &failure.events {
                 update.execute(params![
@@ -132,8 +162,12 @@ impl Store {
     pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, StoreError> {
         self.write(move |conn| {
             conn.execute(
-                "UPDATE deliveries INDEXED BY deliveries_pending SET next_attempt_at = ?2
-                 WHERE sink = ?1 AND state = 0 AND next_attempt_at > ?2",
+                concat!(
+                    "UPDATE deliveries INDEXED BY deliveries_pending SET next_attempt_at = ?2
+                 WHERE sink = ?1 AND state = ",
+                    delivery_state!(pending),
+                    " AND next_attempt_at > ?2"
+                ),
                 params![&*sink, now_ms()],
             )
         })
@@ -151,13 +185,7 @@ impl Reader {
     ) -> Result<Vec<Pending>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {PENDING_COLUMNS} FROM deliveries d INDEXED BY deliveries_pending
-                 JOIN events e ON e.rowid = d.event
-                 LEFT JOIN runs r ON r.run_id = d.run_id
-                 WHERE d.sink = ?1 AND d.state = 0 ORDER BY d.event LIMIT ?2"
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut stmt = conn.prepare_cached(PENDING_IN_ORDER)?;
             let rows = stmt.query_map(params![sink, limit as i64], pending_row)?;
             rows.collect()
         })
@@ -169,10 +197,11 @@ impl Reader {
     pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
+            let mut stmt = conn.prepare_cached(concat!(
                 "SELECT DISTINCT run_id FROM deliveries INDEXED BY deliveries_pending_by_run
-                 WHERE sink = ?1 AND state = 0",
-            )?;
+                 WHERE sink = ?1 AND state = ",
+                delivery_state!(pending)
+            ))?;
             let rows = stmt.query_map([sink], |r| r.get(0))?;
             rows.collect()
         })
@@ -188,13 +217,7 @@ impl Reader {
     ) -> Result<Vec<Pending>, StoreError> {
         let (sink, run_id) = (sink.to_owned(), run_id.to_owned());
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {PENDING_COLUMNS} FROM deliveries d INDEXED BY deliveries_pending_by_run
-                 JOIN events e ON e.rowid = d.event
-                 LEFT JOIN runs r ON r.run_id = d.run_id
-                 WHERE d.sink = ?1 AND d.run_id = ?2 AND d.state = 0 ORDER BY d.event LIMIT ?3"
-            );
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut stmt = conn.prepare_cached(PENDING_FOR_RUN)?;
             let rows = stmt.query_map(params![sink, run_id, limit as i64], pending_row)?;
             rows.collect()
         })
@@ -206,8 +229,11 @@ impl Reader {
         let sink = sink.to_owned();
         self.read(move |conn| {
             conn.query_row(
-                "SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_pending
-                 WHERE sink = ?1 AND state = 0",
+                concat!(
+                    "SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_pending
+                 WHERE sink = ?1 AND state = ",
+                    delivery_state!(pending)
+                ),
                 [sink],
                 |r| r.get(0),
             )
@@ -218,9 +244,14 @@ impl Reader {
     /// Deliveries not yet done or dead, over all sinks.
     pub async fn pending_total(&self) -> Result<i64, StoreError> {
         self.read(|conn| {
-            conn.query_row("SELECT COUNT(*) FROM deliveries WHERE state = 0", [], |r| {
-                r.get(0)
-            })
+            conn.query_row(
+                concat!(
+                    "SELECT COUNT(*) FROM deliveries WHERE state = ",
+                    delivery_state!(pending)
+                ),
+                [],
+                |r| r.get(0),
+            )
         })
         .await
     }

@@ -7,6 +7,8 @@
 //! caller never acts on a write that could still be lost (`synchronous=FULL`:
 //! not even to a power loss). Readers open their own connections (WAL).
 
+#[macro_use]
+mod states;
 mod dead;
 mod deliveries;
 mod lock;
@@ -31,6 +33,7 @@ pub use lock::DaemonLock;
 pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
 pub use runs::{RunRow, WatchedRun};
 pub use sinks::SinkRow;
+pub use states::{DeliveryState, RunState};
 
 use writer::{Job, in_savepoint, open_connection, writer_loop};
 

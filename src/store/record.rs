@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::value::RawValue;
 
 use super::deliveries::{Pending, pending_row};
-use super::{Reader, Store, StoreError, now_ms};
+use super::{Reader, RunState, Store, StoreError, now_ms};
 
 /// An upstream event ready to record, with the sinks routing chose.
 #[derive(Debug)]
@@ -199,7 +199,7 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
             finished_seq = COALESCE(?7, finished_seq),
             finished_at = CASE WHEN ?7 IS NOT NULL THEN ?6 ELSE finished_at END,
             upstream_seq = CASE WHEN ?7 IS NOT NULL THEN ?2 ELSE upstream_seq END,
-            state = CASE WHEN ?7 IS NOT NULL THEN 'finished' ELSE 'following' END,
+            state = ?8,
             last_error = NULL, updated_at = ?6
          WHERE run_id = ?1",
     )?
@@ -210,7 +210,12 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
         batch.phase,
         recorded as i64,
         now,
-        finished_seq
+        finished_seq,
+        if finished_seq.is_some() {
+            RunState::Finished
+        } else {
+            RunState::Following
+        }
     ])?;
     Ok(Recorded {
         cursor,

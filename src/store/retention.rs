@@ -45,10 +45,14 @@ impl Store {
     }
 }
 
-const PRUNE_DELIVERIES: &str = "DELETE FROM deliveries
+const PRUNE_DELIVERIES: &str = concat!(
+    "DELETE FROM deliveries
      WHERE (sink, event) IN (
         SELECT sink, event FROM deliveries INDEXED BY deliveries_done
-        WHERE state = 1 AND done_at < ?1 LIMIT ?2)";
+        WHERE state = ",
+    delivery_state!(done),
+    " AND done_at < ?1 LIMIT ?2)"
+);
 
 /// The next events in ingest order, each with whether a delivery still
 /// refers to it.

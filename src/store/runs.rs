@@ -7,15 +7,17 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, params};
 use serde::Serialize;
 
-use super::{Reader, Store, StoreError, now_ms};
+use super::states::{StoredTransport, serialize_transport};
+use super::{Reader, RunState, Store, StoreError, now_ms};
+use crate::config::Transport;
 
 /// A run ingest should follow.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WatchedRun {
     pub run_id: String,
     pub labels: BTreeMap<String, String>,
-    pub transport: Option<String>,
-    pub state: String,
+    pub transport: Option<Transport>,
+    pub state: RunState,
     pub cursor: i64,
     pub run_status: Option<String>,
     /// When the last `run_finished` was recorded (unix ms).
@@ -30,8 +32,10 @@ pub struct RunRow {
     pub cursor: i64,
     pub status: Option<String>,
     pub phase: Option<String>,
-    pub transport: Option<String>,
-    pub state: String,
+    /// The transport in use (never `auto`).
+    #[serde(serialize_with = "serialize_transport")]
+    pub transport: Option<Transport>,
+    pub state: RunState,
     pub last_error: Option<String>,
     /// `lastEventSequence - cursor` from the last run lookup.
     pub lag: Option<i64>,
@@ -40,14 +44,14 @@ pub struct RunRow {
 
 impl Store {
     /// Subscribes to a run (or refreshes its labels), keeping its cursor. A
-    /// run stopped by a 403 or a confirmed 404 (`daemon::ENDED_STATES`) is
+    /// run stopped by a 403 or a confirmed 404 ([`RunState::is_ended`]) is
     /// given another chance: `watch` again is how a user retries it.
     pub async fn subscribe(
         &self,
         run_id: String,
         labels: BTreeMap<String, String>,
         origin: &'static str,
-        transport: Option<&'static str>,
+        transport: Option<Transport>,
     ) -> Result<(), StoreError> {
         let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
         self.write(move |conn| {
@@ -56,12 +60,19 @@ impl Store {
                  VALUES (?1, ?2, ?3, 1, ?4, ?5)
                  ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels,
                     origin = excluded.origin, watched = 1, transport = excluded.transport,
-                    state = CASE WHEN state IN ('not_found', 'forbidden')
-                        THEN 'starting' ELSE state END,
-                    last_error = CASE WHEN state IN ('not_found', 'forbidden')
-                        THEN NULL ELSE last_error END",
+                    state = CASE WHEN state IN (?6, ?7) THEN ?8 ELSE state END,
+                    last_error = CASE WHEN state IN (?6, ?7) THEN NULL ELSE last_error END",
             )?
-            .execute(params![run_id, labels, origin, transport, now_ms()])?;
+            .execute(params![
+                run_id,
+                labels,
+                origin,
+                transport.map(StoredTransport),
+                now_ms(),
+                RunState::ENDED[0],
+                RunState::ENDED[1],
+                RunState::Starting
+            ])?;
             bump_control(conn)
         })
         .await
@@ -73,9 +84,14 @@ impl Store {
     pub async fn retry_stopped_runs(&self) -> Result<usize, StoreError> {
         self.write(move |conn| {
             conn.execute(
-                "UPDATE runs SET state = 'starting', last_error = NULL, updated_at = ?1
-                 WHERE watched = 1 AND state IN ('not_found', 'forbidden')",
-                [now_ms()],
+                "UPDATE runs SET state = ?2, last_error = NULL, updated_at = ?1
+                 WHERE watched = 1 AND state IN (?3, ?4)",
+                params![
+                    now_ms(),
+                    RunState::Starting,
+                    RunState::ENDED[0],
+                    RunState::ENDED[1]
+                ],
             )
         })
         .await
@@ -134,9 +150,9 @@ impl Store {
     pub async fn set_run_state(
         &self,
         run_id: String,
-        state: &'static str,
+        state: RunState,
         last_error: Option<String>,
-        active_transport: Option<&'static str>,
+        active_transport: Option<Transport>,
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
@@ -148,7 +164,7 @@ impl Store {
                 run_id,
                 state,
                 last_error,
-                active_transport,
+                active_transport.map(StoredTransport),
                 now_ms()
             ])?;
             Ok(())
@@ -194,7 +210,7 @@ impl Reader {
                 Ok(WatchedRun {
                     run_id: row.get(0)?,
                     labels: serde_json::from_str(&labels).unwrap_or_default(),
-                    transport: row.get(2)?,
+                    transport: row.get::<_, Option<StoredTransport>>(2)?.map(|t| t.0),
                     state: row.get(3)?,
                     cursor: row.get(4)?,
                     run_status: row.get(5)?,
@@ -220,7 +236,7 @@ impl Reader {
                     cursor: row.get(2)?,
                     status: row.get(3)?,
                     phase: row.get(4)?,
-                    transport: row.get(5)?,
+                    transport: row.get::<_, Option<StoredTransport>>(5)?.map(|t| t.0),
                     state: row.get(6)?,
                     last_error: row.get(7)?,
                     lag: row.get(8)?,

@@ -67,12 +67,18 @@ impl Store {
         self.write(move |conn| {
             let now = now_ms();
             let mut marked = 0;
-            let mut update = conn.prepare_cached(
-                "UPDATE deliveries SET state = 1, attempts = attempts + 1, done_at = ?3,
+            let mut update = conn.prepare_cached(concat!(
+                "UPDATE deliveries SET state = ",
+                delivery_state!(done),
+                ", attempts = attempts + 1, done_at = ?3,
                     last_status = NULL, last_error = NULL
-                 WHERE sink = ?1 AND state IN (0, 2)
-                   AND event = (SELECT rowid FROM events WHERE id = ?2)",
-            )?;
+                 WHERE sink = ?1 AND state IN (",
+                delivery_state!(pending),
+                ", ",
+                delivery_state!(dead),
+                ")
+                   AND event = (SELECT rowid FROM events WHERE id = ?2)"
+            ))?;
             for id in &ids_in_file {
                 marked += update.execute(params![&*sink, id, now])?;
             }
@@ -126,13 +132,21 @@ impl Reader {
 }
 
 fn sink_rows(conn: &Connection) -> Result<Vec<SinkRow>, rusqlite::Error> {
-    let mut stmt = conn.prepare(
+    let mut stmt = conn.prepare(concat!(
         "SELECT d.sink,
-                SUM(d.state = 0), SUM(d.state = 0 AND d.attempts > 0), SUM(d.state = 1), SUM(d.state = 2),
+                SUM(d.state = ",
+        delivery_state!(pending),
+        "), SUM(d.state = ",
+        delivery_state!(pending),
+        " AND d.attempts > 0), SUM(d.state = ",
+        delivery_state!(done),
+        "), SUM(d.state = ",
+        delivery_state!(dead),
+        "),
                 COALESCE(s.down, 0), s.last_success_at
          FROM deliveries d LEFT JOIN sinks s ON s.name = d.sink
-         GROUP BY d.sink ORDER BY d.sink",
-    )?;
+         GROUP BY d.sink ORDER BY d.sink"
+    ))?;
     let rows = stmt.query_map([], |row| {
         Ok(SinkRow {
             sink: row.get(0)?,
