@@ -113,85 +113,152 @@ impl Reader {
 
 fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::Error> {
     let now = now_ms();
-    let mut cursor: i64 = conn
-        .prepare_cached("SELECT cursor FROM runs WHERE run_id = ?1")?
-        .query_row([&batch.run_id], |r| r.get(0))
-        .optional()?
-        .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-    let mut recorded = 0;
+    let mut cursor = stored_cursor(conn, &batch.run_id)?;
+    let mut rows = EventRows::prepare(conn, batch, now)?;
     let mut dropped = 0;
-    let mut routed: Vec<Arc<str>> = Vec::new();
-    let mut insert_event = conn.prepare_cached(
-        "INSERT INTO events (id, run_id, sequence, event_type, payload, created_at,
-                             run_status, phase, seen_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (id) DO NOTHING",
-    )?;
-    let mut insert_delivery = conn.prepare_cached(
-        "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
-         VALUES (?1, ?2, ?3, ?4, ?4)
-         ON CONFLICT DO NOTHING",
-    )?;
-    let mut record = |id: &str,
-                      sequence: Option<i64>,
-                      event_type: &str,
-                      payload: &str,
-                      created_at: Option<&str>,
-                      sinks: &[Arc<str>]|
-     -> Result<bool, rusqlite::Error> {
-        let inserted = insert_event.execute(params![
-            id,
-            batch.run_id,
-            sequence,
-            event_type,
-            payload,
-            created_at,
-            batch.run_status,
-            batch.phase,
-            now
-        ])?;
-        if inserted == 0 {
-            return Ok(false);
-        }
-        let event = conn.last_insert_rowid();
-        for sink in sinks {
-            insert_delivery.execute(params![&**sink, event, batch.run_id, now])?;
-            if !routed.contains(sink) {
-                routed.push(sink.clone());
-            }
-        }
-        Ok(true)
-    };
-
     for event in &batch.events {
         if event.sequence <= cursor {
             dropped += 1;
             continue;
         }
-        let id = format!("{}:{}", batch.run_id, event.sequence);
-        if record(
-            &id,
-            Some(event.sequence),
-            &event.event_type,
-            event.payload.get(),
-            event.created_at.as_deref(),
-            &event.sinks,
-        )? {
-            recorded += 1;
-        }
+        rows.insert(&EventRow {
+            id: &format!("{}:{}", batch.run_id, event.sequence),
+            sequence: Some(event.sequence),
+            event_type: &event.event_type,
+            payload: event.payload.get(),
+            created_at: event.created_at.as_deref(),
+            sinks: &event.sinks,
+        })?;
         cursor = event.sequence;
     }
-
-    let mut finished_seq = None;
-    if let Some(finish) = &batch.finish {
-        let id = format!("{}:finished:{cursor}", batch.run_id);
-        let payload = finished_payload(finish, cursor);
-        if record(&id, None, "run_finished", &payload, None, &finish.sinks)? {
-            recorded += 1;
+    // Ends at the cursor the events above reached: ingest records a finish
+    // only once the cursor is at the run's last sequence.
+    let finished_seq = match &batch.finish {
+        Some(finish) => {
+            rows.insert(&EventRow {
+                id: &format!("{}:finished:{cursor}", batch.run_id),
+                sequence: None,
+                event_type: "run_finished",
+                payload: &finished_payload(finish, cursor),
+                created_at: None,
+                sinks: &finish.sinks,
+            })?;
+            Some(cursor)
         }
-        finished_seq = Some(cursor);
+        None => None,
+    };
+    let EventRows {
+        recorded, routed, ..
+    } = rows;
+    advance_run(conn, batch, cursor, recorded, finished_seq, now)?;
+    Ok(Recorded {
+        cursor,
+        recorded,
+        dropped,
+        routed,
+    })
+}
+
+/// The run's cursor as committed. A batch for a run nobody subscribed to is
+/// refused: there is no cursor to advance.
+fn stored_cursor(conn: &Connection, run_id: &str) -> Result<i64, rusqlite::Error> {
+    conn.prepare_cached("SELECT cursor FROM runs WHERE run_id = ?1")?
+        .query_row([run_id], |r| r.get(0))
+        .optional()?
+        .ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+/// One event to record, upstream or the synthetic `run_finished`.
+struct EventRow<'a> {
+    id: &'a str,
+    sequence: Option<i64>,
+    event_type: &'a str,
+    payload: &'a str,
+    created_at: Option<&'a str>,
+    sinks: &'a [Arc<str>],
+}
+
+/// Inserts a batch's events and their deliveries, counting what was new.
+struct EventRows<'c, 'b> {
+    conn: &'c Connection,
+    batch: &'b Batch,
+    now: i64,
+    insert_event: rusqlite::CachedStatement<'c>,
+    insert_delivery: rusqlite::CachedStatement<'c>,
+    /// Events newly inserted.
+    recorded: usize,
+    /// The sinks that got deliveries, each once, in first-routed order.
+    routed: Vec<Arc<str>>,
+}
+
+impl<'c, 'b> EventRows<'c, 'b> {
+    fn prepare(conn: &'c Connection, batch: &'b Batch, now: i64) -> Result<Self, rusqlite::Error> {
+        Ok(Self {
+            conn,
+            batch,
+            now,
+            insert_event: conn.prepare_cached(
+                "INSERT INTO events (id, run_id, sequence, event_type, payload, created_at,
+                                     run_status, phase, seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (id) DO NOTHING",
+            )?,
+            insert_delivery: conn.prepare_cached(
+                "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT DO NOTHING",
+            )?,
+            recorded: 0,
+            routed: Vec::new(),
+        })
     }
 
+    /// The event and one delivery per sink. An id already recorded (a
+    /// `run_finished` seen again) gets no second set of deliveries.
+    fn insert(&mut self, event: &EventRow<'_>) -> Result<(), rusqlite::Error> {
+        let batch = self.batch;
+        let inserted = self.insert_event.execute(params![
+            event.id,
+            batch.run_id,
+            event.sequence,
+            event.event_type,
+            event.payload,
+            event.created_at,
+            batch.run_status,
+            batch.phase,
+            self.now
+        ])?;
+        if inserted == 0 {
+            return Ok(());
+        }
+        self.recorded += 1;
+        let rowid = self.conn.last_insert_rowid();
+        for sink in event.sinks {
+            self.insert_delivery
+                .execute(params![&**sink, rowid, batch.run_id, self.now])?;
+            if !self.routed.contains(sink) {
+                self.routed.push(sink.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The run's row after a batch: the new cursor and what was seen, and
+/// `finished` (with `finished_seq`) when the batch ended the run.
+fn advance_run(
+    conn: &Connection,
+    batch: &Batch,
+    cursor: i64,
+    recorded: usize,
+    finished_seq: Option<i64>,
+    now: i64,
+) -> Result<(), rusqlite::Error> {
+    let state = if finished_seq.is_some() {
+        RunState::Finished
+    } else {
+        RunState::Following
+    };
     conn.prepare_cached(
         "UPDATE runs SET cursor = ?2,
             run_status = COALESCE(?3, run_status), phase = COALESCE(?4, phase),
@@ -211,18 +278,9 @@ fn record_batch(conn: &Connection, batch: &Batch) -> Result<Recorded, rusqlite::
         recorded as i64,
         now,
         finished_seq,
-        if finished_seq.is_some() {
-            RunState::Finished
-        } else {
-            RunState::Following
-        }
+        state
     ])?;
-    Ok(Recorded {
-        cursor,
-        recorded,
-        dropped,
-        routed,
-    })
+    Ok(())
 }
 
 /// `{"status", "errorMessage"?, "cancelReason"?, "lastSequence"}` in that order.
