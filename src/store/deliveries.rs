@@ -94,13 +94,14 @@ pub(super) fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
 }
 
 impl Store {
-    /// Deliveries that reached their sink. For a file sink, `file_offset` is
-    /// the file length after the write, kept for the restart reconciliation.
+    /// Deliveries that reached their sink. `offset` is how far the sink's
+    /// output now stands (a file sink's length after the write), committed
+    /// with the deliveries it covers so a restart can tell what lies past it.
     pub async fn mark_delivered(
         &self,
         sink: Arc<str>,
         events: Vec<i64>,
-        file_offset: Option<u64>,
+        offset: Option<u64>,
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let now = now_ms();
@@ -121,7 +122,7 @@ impl Store {
                     file_offset = COALESCE(excluded.file_offset, file_offset),
                     last_success_at = excluded.last_success_at, down = 0",
             )?
-            .execute(params![&*sink, file_offset.map(|o| o as i64), now])?;
+            .execute(params![&*sink, offset.map(|o| o as i64), now])?;
             Ok(())
         })
         .await

@@ -6,6 +6,29 @@
 //! job does not undo its neighbours; replies go out only after COMMIT, so a
 //! caller never acts on a write that could still be lost (`synchronous=FULL`:
 //! not even to a power loss). Readers open their own connections (WAL).
+//!
+//! # Operations
+//!
+//! What the rest of runhook asks of its state, and so what a second backend
+//! (PostgreSQL, DESIGN.md) has to provide with the same guarantees. Writes
+//! are [`Store`] methods, each one transaction (or, for maintenance, one per
+//! chunk); reads are [`Reader`] methods and see only committed rows.
+//!
+//! | concern | writes | reads |
+//! |---|---|---|
+//! | recording (`record.rs`) | `record_batch`: events above the cursor, their deliveries and the new cursor, atomically | `last_event_row`, `events_after` (`tail`) |
+//! | runs (`runs.rs`) | `subscribe`, `unsubscribe`, `unsubscribe_config_runs_except`, `retry_stopped_runs`, `set_run_state`, `set_upstream_seq` | `watched_runs`, `runs` (`status`), `control_generation` (bumped by `subscribe`, `unsubscribe`, `replay`) |
+//! | deliveries (`deliveries.rs`) | `mark_delivered` (with the sink's offset), `record_failure` (retry or dead), `release_backoff` | `pending_in_order`, `pending_for_run`, `runs_with_pending`, `pending_count`, `pending_total` |
+//! | dead letters (`dead.rs`) | `replay` (same ids), `purge_dead` | `dead_letters` |
+//! | retention (`retention.rs`) | `prune` | |
+//! | sink state (`sinks.rs`) | `set_sink_down`, `save_thread_root`, `mark_found_delivered` | `sinks` (`status`), `sink_offset`, `thread_root` |
+//! | liveness | `ping` (the writer commits) | |
+//!
+//! Notifications rather than data: [`Store::commits`] changes after every
+//! commit and [`Store::new_work`] names the runs that got deliveries, so
+//! delivery loops wake without polling (LISTEN/NOTIFY in PostgreSQL).
+//! States cross this boundary as [`RunState`] and [`DeliveryState`]; their
+//! one SQL mapping is `states.rs`.
 
 #[macro_use]
 mod states;

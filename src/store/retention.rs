@@ -8,7 +8,7 @@ use super::{Store, StoreError};
 /// Rows one maintenance job (prune, replay, purge) touches at most: small
 /// enough that the writer is back for ingest and delivery within a few
 /// milliseconds, large enough that a big prune takes few transactions.
-pub(super) const MAINTENANCE_CHUNK: usize = 5_000;
+pub const MAINTENANCE_CHUNK: usize = 5_000;
 
 impl Store {
     /// Drops deliveries done before `cutoff` (unix ms), then events seen

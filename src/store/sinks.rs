@@ -34,9 +34,9 @@ impl Store {
         .await
     }
 
-    /// Remembers a Slack thread root so later events (and restarts) reply
-    /// in the same thread.
-    pub async fn save_slack_thread(
+    /// Remembers the message a sink threads a run's events under (a Slack
+    /// root message), so later events and restarts reply in the same thread.
+    pub async fn save_thread_root(
         &self,
         sink: Arc<str>,
         run_id: String,
@@ -54,15 +54,17 @@ impl Store {
         .await
     }
 
-    /// File sink start-up: lines found in the file past the recorded offset
-    /// are deliveries that were written but not yet marked done. A dead
-    /// letter among them (its batch failed after writing it, and the failed
-    /// write could not be cut back) is done too: its line is there.
-    pub async fn reconcile_file(
+    /// A sink found these events already written past its recorded offset
+    /// (a file sink at start-up: written, then a crash before they were
+    /// marked done): they are delivered, and `offset` is where the sink now
+    /// stands. A dead letter among them (its batch failed after writing it,
+    /// and the failed write could not be cut back) is delivered too: the
+    /// sink has it.
+    pub async fn mark_found_delivered(
         &self,
         sink: Arc<str>,
-        ids_in_file: Vec<String>,
-        file_offset: u64,
+        found: Vec<String>,
+        offset: u64,
     ) -> Result<usize, StoreError> {
         self.write(move |conn| {
             let now = now_ms();
@@ -79,14 +81,14 @@ impl Store {
                 ")
                    AND event = (SELECT rowid FROM events WHERE id = ?2)"
             ))?;
-            for id in &ids_in_file {
+            for id in &found {
                 marked += update.execute(params![&*sink, id, now])?;
             }
             conn.prepare_cached(
                 "INSERT INTO sinks (name, file_offset) VALUES (?1, ?2)
                  ON CONFLICT (name) DO UPDATE SET file_offset = excluded.file_offset",
             )?
-            .execute(params![&*sink, file_offset as i64])?;
+            .execute(params![&*sink, offset as i64])?;
             Ok(marked)
         })
         .await
@@ -98,8 +100,9 @@ impl Reader {
         self.read(sink_rows).await
     }
 
-    /// The stored file offset of a file sink.
-    pub async fn file_offset(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+    /// How far a sink's output is known delivered (a file sink's length in
+    /// bytes), as recorded with the deliveries it covers.
+    pub async fn sink_offset(&self, sink: &str) -> Result<Option<u64>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
             conn.query_row(
@@ -113,8 +116,8 @@ impl Reader {
         .await
     }
 
-    /// The thread root a Slack sink keeps for a run: (channel, ts).
-    pub async fn slack_thread(
+    /// The thread root a sink keeps for a run: (channel, ts).
+    pub async fn thread_root(
         &self,
         sink: &str,
         run_id: &str,
