@@ -228,6 +228,33 @@ mod tests {
         assert!(unknown.is_err(), "3 is no delivery state");
     }
 
+    /// The schema's partial indexes (frozen in their migration) spell the
+    /// states as numbers; a query reaches them only when it states the same
+    /// number, so the enum and the indexes must agree.
+    #[test]
+    fn the_partial_indexes_name_the_delivery_states() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        for (index, state) in [
+            ("deliveries_pending", DeliveryState::Pending),
+            ("deliveries_pending_by_run", DeliveryState::Pending),
+            ("deliveries_done", DeliveryState::Done),
+            ("deliveries_dead", DeliveryState::Dead),
+        ] {
+            let sql: String = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = ?1",
+                    [index],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert!(
+                sql.ends_with(&format!("WHERE state = {}", state as i64)),
+                "{index}: {sql}"
+            );
+        }
+    }
+
     /// Each run state reads back as itself, and each has its own text.
     #[test]
     fn run_states_round_trip_through_sql() {
