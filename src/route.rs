@@ -5,12 +5,71 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+/// A glob in `event_types` that does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("`{pattern}` is not a valid glob: {source}")]
+pub struct GlobError {
+    /// Its place in the list, so that config errors can point at it.
+    pub index: usize,
+    pub pattern: String,
+    #[source]
+    pub source: globset::Error,
+}
+
+/// A route's `event_types`, compiled once when the config is validated:
+/// routing runs per event, so it must not parse globs.
+#[derive(Debug, Clone)]
+pub struct EventTypes {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl EventTypes {
+    /// `*` is any text, `?` one character, `[A-Z]` a class, `{A,B}` either.
+    pub fn new(patterns: Vec<String>) -> Result<Self, GlobError> {
+        let mut builder = GlobSetBuilder::new();
+        for (index, pattern) in patterns.iter().enumerate() {
+            let glob = Glob::new(pattern).map_err(|source| GlobError {
+                index,
+                pattern: pattern.clone(),
+                source,
+            })?;
+            builder.add(glob);
+        }
+        let set = builder.build().map_err(|source| GlobError {
+            index: 0,
+            pattern: patterns.join(", "),
+            source,
+        })?;
+        Ok(Self { patterns, set })
+    }
+
+    /// The globs as written.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// No glob matches every type.
+    pub fn matches(&self, event_type: &str) -> bool {
+        self.patterns.is_empty() || self.set.is_match(event_type)
+    }
+}
+
+/// The compiled set follows from the patterns.
+impl PartialEq for EventTypes {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
 /// One `[[routes]]` entry, validated. An empty filter matches everything;
 /// filters AND together, the values of one filter OR.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// Globs over the event type (`ARTIFACT_*`).
-    pub event_types: Vec<String>,
+    pub event_types: EventTypes,
     pub runs: Vec<String>,
     pub labels: BTreeMap<String, String>,
     /// Run status when the event was seen.
@@ -35,11 +94,7 @@ impl Route {
         let any_of = |values: &[String], value: Option<&str>| {
             values.is_empty() || value.is_some_and(|v| values.iter().any(|x| x == v))
         };
-        (self.event_types.is_empty()
-            || self
-                .event_types
-                .iter()
-                .any(|glob| glob_match::glob_match(glob, event.event_type)))
+        self.event_types.matches(event.event_type)
             && any_of(&self.runs, Some(event.run_id))
             && self
                 .labels
@@ -57,7 +112,7 @@ impl Route {
                 parts.push(format!("{name}={}", values.join(",")));
             }
         };
-        list("event_types", &self.event_types);
+        list("event_types", self.event_types.patterns());
         list("runs", &self.runs);
         list("statuses", &self.statuses);
         list("phases", &self.phases);
@@ -108,7 +163,7 @@ mod tests {
 
     fn route(sinks: &[&str]) -> Route {
         Route {
-            event_types: vec![],
+            event_types: EventTypes::new(vec![]).unwrap(),
             runs: vec![],
             labels: BTreeMap::new(),
             statuses: vec![],
@@ -136,7 +191,7 @@ mod tests {
     #[test]
     fn filters_and_together_values_or() {
         let mut r = route(&["a"]);
-        r.event_types = vec!["ARTIFACT_*".into(), "run_finished".into()];
+        r.event_types = EventTypes::new(vec!["ARTIFACT_*".into(), "run_finished".into()]).unwrap();
         r.labels = BTreeMap::from([("team".into(), "rome".into())]);
         let rome = BTreeMap::from([("team".to_owned(), "rome".to_owned())]);
         let oslo = BTreeMap::from([("team".to_owned(), "oslo".to_owned())]);

@@ -75,7 +75,7 @@ impl fmt::Debug for ApiConfig {
 impl fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Header names are fine to show; their values are often API keys.
-        let headers: Vec<&str> = self.headers.keys().map(String::as_str).collect();
+        let headers: Vec<&str> = self.headers.keys().map(|name| name.as_str()).collect();
         f.debug_struct("WebhookConfig")
             .field("url", &RedactedUrl(&self.url))
             .field("secrets", &self.secrets)

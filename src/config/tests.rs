@@ -292,6 +292,12 @@ fn slack_needs_one_mode() {
             .contains("channel")
     );
     assert!(error_of(&slack("")).message.contains("needs"));
+    let error = error_of(&slack("webhook_url = \"hooks.slack.com/x\""));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (5, "sinks.chat.webhook_url"),
+        "{error}"
+    );
     let bad_template = slack(
         "webhook_url = \"https://hooks.slack.com/x\"\ntemplates = { run_finished = \"{{ run_id \" }",
     );
@@ -316,4 +322,116 @@ fn debug_output_holds_no_secret() {
     let debug = format!("{config:?}");
     assert!(!debug.contains("tok-very-secret"), "{debug}");
     assert!(!debug.contains("C2FVsBQIhrscChlQIMV"), "{debug}");
+}
+
+fn slack_with_templates(templates: &str, routed_types: &str) -> String {
+    format!(
+        "[api]\ntoken = \"t\"\n[sinks.chat]\ntype = \"slack\"\nwebhook_url = \"https://hooks.slack.com/x\"\n\
+         templates = {{ {templates} }}\n[[routes]]\nevent_types = [{routed_types}]\nsinks = [\"chat\"]\n"
+    )
+}
+
+#[test]
+fn undefined_template_variables_are_errors() {
+    let error = error_of(&slack_with_templates(
+        "run_finished = \"Run {{ run_id }} {{ stauts }}\"",
+        "\"run_finished\"",
+    ));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (6, "sinks.chat.templates.run_finished"),
+        "{error}"
+    );
+    assert!(
+        error.message.contains("undefined variable `stauts`"),
+        "{error}"
+    );
+    // Event fields, payload and label paths, loop variables and the
+    // environment's functions are all defined.
+    let fine = slack_with_templates(
+        "run_finished = \"{{ status }} {{ payload.anything.deep }} {{ labels.team }} \
+         {% for x in range(2) %}{{ loop.index }}{{ x }}{% endfor %}{% set y = 1 %}{{ y }}\"",
+        "\"run_finished\"",
+    );
+    parse(&fine).unwrap();
+}
+
+#[test]
+fn templates_no_route_can_send_are_warnings() {
+    let text = slack_with_templates(
+        "run_finished = \"done\", ARTIFACT_CREATED = \"new\", PHASE_STARTED = \"go\"",
+        "\"run_finished\", \"PHASE_*\"",
+    );
+    let config = parse(&text).unwrap();
+    let warnings: Vec<(usize, &str)> = config
+        .warnings
+        .iter()
+        .map(|w| (w.0.line, w.0.key.as_str()))
+        .collect();
+    assert_eq!(
+        warnings,
+        [(6, "sinks.chat.templates.ARTIFACT_CREATED")],
+        "{:?}",
+        config.warnings
+    );
+    assert!(config.warnings[0].0.message.contains("never used"));
+    // A route to another sink does not count; a route without a type
+    // filter sends every type.
+    let everything =
+        slack_with_templates("ARTIFACT_CREATED = \"new\"", "").replace("event_types = []\n", "");
+    assert!(parse(&everything).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn bad_globs_are_errors_where_written() {
+    let error = error_of(&MINIMAL.replace(
+        "[[routes]]",
+        "[[routes]]\nevent_types = [\"PHASE_*\", \"ARTIFACT_[\"]",
+    ));
+    assert_eq!(
+        (error.line, error.column, error.key.as_str()),
+        (8, 27, "routes[0].event_types"),
+        "{error}"
+    );
+    assert!(error.message.contains("ARTIFACT_["), "{error}");
+}
+
+#[test]
+fn env_defaults_and_literal_dollars() {
+    let env = |name: &str| match name {
+        "SET" => Some("from-env".to_owned()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
+    let token = |value: &str| {
+        let text = MINIMAL.replace("token = \"t\"", &format!("token = \"{value}\""));
+        Config::parse(&text, Path::new("test.toml"), &env)
+            .map(|c| c.api.token.unwrap().expose().to_owned())
+    };
+    assert_eq!(token("${UNSET:-fallback}").unwrap(), "fallback");
+    assert_eq!(token("${SET:-fallback}").unwrap(), "from-env");
+    assert_eq!(token("${EMPTY:-fallback}").unwrap(), "fallback");
+    assert_eq!(token("a${UNSET:-}b").unwrap(), "ab");
+    assert_eq!(token("pa$$word").unwrap(), "pa$word");
+    assert_eq!(token("$${SET}").unwrap(), "${SET}");
+    assert_eq!(token("$$$${SET}").unwrap(), "$${SET}");
+    assert_eq!(token("cost $5").unwrap(), "cost $5");
+    let error = token("${UNSET}").unwrap_err();
+    assert!(error.message.contains("`UNSET` is not set"), "{error}");
+}
+
+#[test]
+fn unknown_tables_and_broken_headers_name_themselves() {
+    let base = "[api]\ntoken = \"t\"\n[state]\npath = \"/x\"\n";
+    let error = error_of(&format!("{base}[stat]\npath = \"y\"\n"));
+    assert_eq!((error.line, error.key.as_str()), (5, "stat"), "{error}");
+    let error = error_of(&format!("{base}[sinks.ops # no closing bracket\n"));
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (5, "sinks.ops"),
+        "{error}"
+    );
+    // A key on a line still names its table.
+    let error = error_of(&format!("{base}retain = \"1d\n"));
+    assert_eq!(error.key, "state.retain", "{error}");
 }

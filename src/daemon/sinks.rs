@@ -1,23 +1,16 @@
-//! The delivery loops, one per sink, each under a supervisor: a loop that
-//! cannot start (a file that cannot be opened after logrotate), ends or
-//! panics is logged, shown (the sink is marked down: `runhook status`,
-//! `runhook_sink_up` 0, `runhook_sink_restarts_total`) and restarted with
-//! backoff, while every other sink and every run carries on.
+//! The supervisor of one sink's delivery loop: a loop that cannot start (a
+//! file that cannot be opened after logrotate), ends or panics is logged,
+//! shown (the sink is marked down: `runhook status`, `runhook_sink_up` 0,
+//! `runhook_sink_restarts_total`) and restarted with backoff, while every
+//! other sink and every run carries on.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{DaemonError, Owned};
-use crate::config::{Config, SinkConfig, SinkKind};
-use crate::deliver;
-use crate::deliver::runs::SinkRuntime;
-use crate::sink::Sender;
-use crate::sink::file::FileSink;
-use crate::sink::slack::SlackSink;
-use crate::sink::webhook::WebhookSink;
+use super::DaemonError;
+use super::owned::Owned;
 use crate::store::{Store, StoreError};
 
 /// Restart backoff of a failed delivery loop: from `RESTART_MIN`, doubling,
@@ -26,81 +19,6 @@ const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 /// A loop that ran this long before it failed starts the backoff afresh.
 const RESTARTS_FORGOTTEN: Duration = Duration::from_secs(300);
-
-/// The delivery loops, one per sink, each with its own stop switch so a
-/// reload can start, stop or restart one without touching the others.
-#[derive(Default)]
-pub(super) struct Sinks {
-    running: HashMap<String, RunningSink>,
-}
-
-struct RunningSink {
-    config: SinkConfig,
-    stop: CancellationToken,
-    /// The sink's supervisor; it owns the delivery loop.
-    supervisor: Owned<()>,
-}
-
-impl Sinks {
-    /// Brings the running loops in line with `config`. On reload, file
-    /// sinks restart too, which reopens their files (logrotate). A sink that
-    /// cannot start does not fail this: its supervisor retries.
-    pub(super) async fn apply(
-        &mut self,
-        config: &Config,
-        store: &Store,
-        reopen_files: bool,
-    ) -> Result<(), DaemonError> {
-        let stale: Vec<String> = self
-            .running
-            .iter()
-            .filter(|(name, running)| {
-                let reopen = reopen_files && matches!(running.config.kind, SinkKind::File(_));
-                config.sinks.get(*name) != Some(&running.config) || reopen
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            if let Some(running) = self.running.remove(&name) {
-                running.stop.cancel();
-                running.supervisor.join().await;
-            }
-        }
-        for (name, sink) in &config.sinks {
-            if !self.running.contains_key(name) {
-                let stop = CancellationToken::new();
-                let start = {
-                    let (sink, store) = (sink.clone(), store.clone());
-                    move |stop| start_sink(&sink, &store, stop)
-                };
-                let supervisor = Owned::new(tokio::spawn(supervise_sink(
-                    sink.name.clone(),
-                    start,
-                    store.clone(),
-                    stop.clone(),
-                )));
-                self.running.insert(
-                    name.clone(),
-                    RunningSink {
-                        config: sink.clone(),
-                        stop,
-                        supervisor,
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    pub(super) async fn stop_all(&mut self) {
-        for running in self.running.values() {
-            running.stop.cancel();
-        }
-        for (_, running) in self.running.drain() {
-            running.supervisor.join().await;
-        }
-    }
-}
 
 /// Why a delivery loop is not running.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +37,12 @@ enum LoopFailure {
 /// when it cannot start, ends or panics, logs it, marks the sink down and
 /// starts it again after a backoff. Marks the sink up again once a loop it
 /// had to restart is running.
-async fn supervise_sink<S>(name: Arc<str>, start: S, store: Store, stop: CancellationToken)
-where
+pub(super) async fn supervise_sink<S>(
+    name: Arc<str>,
+    start: S,
+    store: Store,
+    stop: CancellationToken,
+) where
     S: Fn(CancellationToken) -> Result<Owned<Result<(), StoreError>>, DaemonError>,
 {
     let mut failures = 0u32;
@@ -192,53 +114,6 @@ pub(super) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
-}
-
-fn start_sink(
-    sink: &SinkConfig,
-    store: &Store,
-    stop: CancellationToken,
-) -> Result<Owned<Result<(), StoreError>>, DaemonError> {
-    let client_error = |error| DaemonError::SinkClient {
-        sink: sink.name.to_string(),
-        error,
-    };
-    let sender = match &sink.kind {
-        SinkKind::File(file) => {
-            let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
-                sink: sink.name.to_string(),
-                path: file.path.display().to_string(),
-                error,
-            })?;
-            return Ok(Owned::new(tokio::spawn(deliver::file::run_file_sink(
-                sink.name.clone(),
-                Arc::new(opened),
-                sink.delivery.clone(),
-                store.clone(),
-                store.reader()?,
-                stop,
-            ))));
-        }
-        SinkKind::Webhook(webhook) => {
-            Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
-        }
-        SinkKind::Slack(slack) => Sender::Slack(
-            SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
-                .map_err(client_error)?,
-        ),
-    };
-    Ok(Owned::new(tokio::spawn(deliver::runs::run_http_sink(
-        Arc::new(SinkRuntime {
-            name: sink.name.clone(),
-            sender,
-            policy: sink.delivery.clone(),
-            ordered: sink.ordered,
-            concurrency: sink.concurrency,
-            store: store.clone(),
-            reader: store.reader()?,
-            shutdown: stop,
-        }),
-    ))))
 }
 
 #[cfg(test)]

@@ -130,6 +130,7 @@ async fn recover_file(
     Ok(())
 }
 
+/// Writes one batch with one fsync and records the outcome.
 async fn write_file_batch(
     name: &Arc<str>,
     file: &Arc<FileSink>,
@@ -139,9 +140,27 @@ async fn write_file_batch(
 ) -> Result<(), StoreError> {
     // The rest stays pending, first in the next batch.
     batch.truncate(within_bytes(&batch, FILE_BATCH_BYTES));
+    let (lines, events) = encode_batch(name, store, &batch).await?;
+    let sink = file.clone();
+    let written = tokio::task::spawn_blocking(move || sink.append(&lines))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match written {
+        Ok(offset) => record_written(name, store, batch, events, offset).await,
+        Err(error) => record_write_failure(name, policy, store, &batch, &events, error).await,
+    }
+}
+
+/// The batch's lines, and the events they carry (ascending). An event that
+/// cannot be encoded is dead-lettered here, so the rest still goes out.
+async fn encode_batch(
+    name: &Arc<str>,
+    store: &Store,
+    batch: &[Pending],
+) -> Result<(Vec<u8>, Vec<i64>), StoreError> {
     let mut lines = Vec::with_capacity(batch.len() * 256);
     let mut events = Vec::with_capacity(batch.len());
-    for pending in &batch {
+    for pending in batch {
         let start = lines.len();
         if let Err(error) = write_envelope_line(pending, &mut lines) {
             // Stored payloads were JSON when recorded; this is corruption.
@@ -159,62 +178,73 @@ async fn write_file_batch(
         }
         events.push(pending.event);
     }
-    let sink = file.clone();
-    let written = tokio::task::spawn_blocking(move || sink.append(&lines))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-    match written {
-        Ok(offset) => {
-            crate::crashpoint::hit("file.before_mark");
-            // Exactly the rows written: a range would also take a delivery
-            // that `runhook replay` made pending meanwhile, without its line.
-            store
-                .mark_delivered(name.clone(), events.clone(), Some(offset))
-                .await?;
-            // Lines that could not be encoded were dead-lettered above.
-            let delivered: Vec<Pending> = batch
-                .into_iter()
-                .filter(|p| events.binary_search(&p.event).is_ok())
-                .collect();
-            super::count_delivered(name, &delivered);
-            Ok(())
+    Ok((lines, events))
+}
+
+/// The lines are in the file up to `offset`: marks their deliveries done.
+async fn record_written(
+    name: &Arc<str>,
+    store: &Store,
+    batch: Vec<Pending>,
+    events: Vec<i64>,
+    offset: u64,
+) -> Result<(), StoreError> {
+    crate::crashpoint::hit("file.before_mark");
+    // Exactly the rows written: a range would also take a delivery
+    // that `runhook replay` made pending meanwhile, without its line.
+    store
+        .mark_delivered(name.clone(), events.clone(), Some(offset))
+        .await?;
+    // Lines that could not be encoded were dead-lettered above.
+    let delivered: Vec<Pending> = batch
+        .into_iter()
+        .filter(|p| events.binary_search(&p.event).is_ok())
+        .collect();
+    super::count_delivered(name, &delivered);
+    Ok(())
+}
+
+/// The batch failed as a whole, but each delivery counts its own attempts
+/// and age: only those that have run out are dead-lettered.
+async fn record_write_failure(
+    name: &Arc<str>,
+    policy: &DeliveryPolicy,
+    store: &Store,
+    batch: &[Pending],
+    events: &[i64],
+    error: std::io::Error,
+) -> Result<(), StoreError> {
+    let now = now_ms();
+    let attempts = batch[0].attempts + 1;
+    let delay = retry_delay(policy, attempts, None);
+    let (dead, retry): (Vec<&Pending>, Vec<&Pending>) = batch
+        .iter()
+        .filter(|p| events.binary_search(&p.event).is_ok())
+        .partition(|p| exhausted(policy, p.attempts + 1, p.queued_at, now));
+    tracing::warn!(sink = %name, %error, attempts, dead = dead.len(), "file sink: write failed");
+    for (group, is_dead) in [(dead, true), (retry, false)] {
+        if group.is_empty() {
+            continue;
         }
-        Err(error) => {
-            // The batch failed as a whole, but each delivery counts its own
-            // attempts and age: only those that have run out are dead-lettered.
-            let now = now_ms();
-            let attempts = batch[0].attempts + 1;
-            let delay = retry_delay(policy, attempts, None);
-            let (dead, retry): (Vec<&Pending>, Vec<&Pending>) = batch
+        let metrics = crate::metrics::metrics();
+        metrics
+            .deliveries
+            .with_label_values(&[&**name, if is_dead { "dead" } else { "retry" }])
+            .inc_by(group.len() as u64);
+        let failure = Failure {
+            events: group.iter().map(|p| p.event).collect(),
+            status: None,
+            error: error.to_string(),
+            next_attempt_at: group
                 .iter()
-                .filter(|p| events.binary_search(&p.event).is_ok())
-                .partition(|p| exhausted(policy, p.attempts + 1, p.queued_at, now));
-            tracing::warn!(sink = %name, %error, attempts, dead = dead.len(), "file sink: write failed");
-            for (group, is_dead) in [(dead, true), (retry, false)] {
-                if group.is_empty() {
-                    continue;
-                }
-                let metrics = crate::metrics::metrics();
-                metrics
-                    .deliveries
-                    .with_label_values(&[&**name, if is_dead { "dead" } else { "retry" }])
-                    .inc_by(group.len() as u64);
-                let failure = Failure {
-                    events: group.iter().map(|p| p.event).collect(),
-                    status: None,
-                    error: error.to_string(),
-                    next_attempt_at: group
-                        .iter()
-                        .map(|p| next_attempt_at(policy, delay, p.queued_at, now))
-                        .min()
-                        .unwrap_or(now),
-                    dead: is_dead,
-                };
-                store.record_failure(name.clone(), failure).await?;
-            }
-            Ok(())
-        }
+                .map(|p| next_attempt_at(policy, delay, p.queued_at, now))
+                .min()
+                .unwrap_or(now),
+            dead: is_dead,
+        };
+        store.record_failure(name.clone(), failure).await?;
     }
+    Ok(())
 }
 
 /// How many deliveries from the head of `batch` fit in `cap` payload bytes;

@@ -7,8 +7,6 @@ pub mod file;
 mod retry;
 pub mod runs;
 
-pub use retry::{exhausted, retry_delay};
-
 /// Counts deliveries done and observes their latency (recorded -> delivered).
 fn count_delivered(sink: &str, delivered: &[crate::store::Pending]) {
     let metrics = crate::metrics::metrics();

@@ -6,6 +6,7 @@
 //! from the cursor (by polling when a token is configured) and records
 //! `run_finished` only once the cursor reached the run's last sequence.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,8 +18,8 @@ use crate::config::Transport;
 use crate::http::{read_capped, retry_after, snippet};
 use crate::store::{RunState, StoreError};
 use crate::upstream::ErrorClass;
-use crate::upstream::frame::{self, Frame};
-use crate::upstream::stream::{StreamError as SseError, StreamEvent as SseEvent};
+use crate::upstream::frame::{self, Finished, Frame};
+use crate::upstream::stream::{EventSource, StreamError as SseError, StreamEvent as SseEvent};
 use crate::upstream::types::{error_message, is_final};
 
 /// How one connection ended.
@@ -57,6 +58,8 @@ enum CaughtUp {
 }
 
 impl Ingest {
+    /// Follows the run by stream, reconnecting from the cursor, until it
+    /// finishes, is stopped, or the stream cannot serve it (`Leg`).
     pub(super) async fn follow_sse(
         &self,
         following: &mut Following,
@@ -70,7 +73,7 @@ impl Ingest {
         let mut trouble = Trouble::default();
         let mut not_found = NotFoundConfirm::new(self.not_found_confirm);
         loop {
-            match self.connection(following, cancel, &mut not_found).await? {
+            let wait = match self.connection(following, cancel, &mut not_found).await? {
                 Connection::Finished(status) => return Ok(Leg::Finished(status)),
                 Connection::Stopped => return Ok(Leg::Stopped),
                 Connection::Refused(why) if self.client.has_token() => {
@@ -86,38 +89,15 @@ impl Ingest {
                             None,
                         )
                         .await?;
-                    let wait = auth_backoff.next().unwrap_or(Duration::from_secs(300));
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
-                    }
+                    auth_backoff.next().unwrap_or(Duration::from_secs(300))
                 }
                 Connection::NotFound(why) => {
-                    let wait = match self.client.run(&run_id).await {
-                        // The run is there; its stream is not.
-                        Ok(_) => return Ok(Leg::StreamUnavailable(why)),
-                        Err(error) if error.class() == ErrorClass::Forbidden => {
-                            return self.refused(&run_id, RunState::Forbidden, error).await;
-                        }
-                        Err(error) if error.class() == ErrorClass::NotFound => {
-                            let Some(wait) = not_found.next() else {
-                                return self.refused(&run_id, RunState::NotFound, error).await;
-                            };
-                            let why = format!("{error} ({}); confirming", not_found.progress());
-                            trouble
-                                .enter(&self.store, &run_id, RunState::Retrying, why)
-                                .await?;
-                            wait
-                        }
-                        Err(error) => {
-                            let why = format!("stream {why}; run lookup: {error}");
-                            trouble
-                                .enter(&self.store, &run_id, RunState::Reconnecting, why)
-                                .await?;
-                            backoff.next().unwrap_or(Duration::from_secs(60))
-                        }
-                    };
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
+                    let next = self
+                        .stream_not_found(&run_id, why, &mut not_found, &mut trouble, &mut backoff)
+                        .await?;
+                    match next {
+                        ControlFlow::Break(leg) => return Ok(leg),
+                        ControlFlow::Continue(wait) => wait,
                     }
                 }
                 Connection::Behind {
@@ -150,10 +130,7 @@ impl Ingest {
                         }
                     };
                     trouble.enter(&self.store, &run_id, state, why).await?;
-                    let wait = wait.unwrap_or(Duration::from_secs(60));
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
-                    }
+                    wait.unwrap_or(Duration::from_secs(60))
                 }
                 Connection::Dropped {
                     reason,
@@ -174,12 +151,53 @@ impl Ingest {
                             Some(Transport::Sse),
                         )
                         .await?;
-                    if sleep_or_cancel(wait, cancel).await {
-                        return Ok(Leg::Stopped);
-                    }
+                    wait
                 }
+            };
+            if sleep_or_cancel(wait, cancel).await {
+                return Ok(Leg::Stopped);
             }
         }
+    }
+
+    /// The stream answered 404 or 405: a run lookup tells whether the run
+    /// is gone (confirmed over `not_found_confirm`, as when polling), is
+    /// refused, or is there without a stream. `Continue` is the wait before
+    /// the next connection.
+    async fn stream_not_found(
+        &self,
+        run_id: &str,
+        why: String,
+        not_found: &mut NotFoundConfirm,
+        trouble: &mut Trouble,
+        backoff: &mut impl Iterator<Item = Duration>,
+    ) -> Result<ControlFlow<Leg, Duration>, StoreError> {
+        Ok(ControlFlow::Continue(match self.client.run(run_id).await {
+            // The run is there; its stream is not.
+            Ok(_) => return Ok(ControlFlow::Break(Leg::StreamUnavailable(why))),
+            Err(error) if error.class() == ErrorClass::Forbidden => {
+                let leg = self.refused(run_id, RunState::Forbidden, error).await?;
+                return Ok(ControlFlow::Break(leg));
+            }
+            Err(error) if error.class() == ErrorClass::NotFound => {
+                let Some(wait) = not_found.next() else {
+                    let leg = self.refused(run_id, RunState::NotFound, error).await?;
+                    return Ok(ControlFlow::Break(leg));
+                };
+                let why = format!("{error} ({}); confirming", not_found.progress());
+                trouble
+                    .enter(&self.store, run_id, RunState::Retrying, why)
+                    .await?;
+                wait
+            }
+            Err(error) => {
+                let why = format!("stream {why}; run lookup: {error}");
+                trouble
+                    .enter(&self.store, run_id, RunState::Reconnecting, why)
+                    .await?;
+                backoff.next().unwrap_or(Duration::from_secs(60))
+            }
+        }))
     }
 
     /// Polls from the cursor until a page brings nothing new (or the run
@@ -205,6 +223,7 @@ impl Ingest {
         }
     }
 
+    /// One connection from the cursor, until it ends or `cancel`.
     async fn connection(
         &self,
         following: &mut Following,
@@ -218,11 +237,6 @@ impl Ingest {
         // `max_concurrency` bounds connects, not open streams.
         let mut permit = self.client.permit().await;
         let mut progressed = false;
-        let dropped = |reason: String, progressed: bool| Connection::Dropped {
-            reason,
-            retry_after: None,
-            progressed,
-        };
         loop {
             let next = tokio::select! {
                 next = tokio::time::timeout(self.stream_idle_timeout, source.next()) => next,
@@ -276,91 +290,132 @@ impl Ingest {
                     });
                 }
             };
-            match frame {
-                Frame::RunEvent(event) if event.sequence <= following.cursor => {
-                    tracing::debug!(run_id = %run_id, sequence = event.sequence, "dropped an event at or below the cursor");
-                }
-                Frame::RunEvent(event) => {
-                    self.record(following, vec![event], None).await?;
-                    progressed = true;
-                }
-                Frame::Status { status, phase } => {
-                    let status = status.or(following.status.clone());
-                    let phase = phase.or(following.phase.clone());
-                    if status != following.status || phase != following.phase {
-                        (following.status, following.phase) = (status, phase);
-                        self.record(following, Vec::new(), None).await?;
-                    }
-                }
-                Frame::Finished(finished) => {
-                    // The guides do not name the frame's fields: what it
-                    // leaves out (or a status that is not final), the run
-                    // lookup tells.
-                    let status = finished.status.filter(|s| is_final(s));
-                    let looked_up = match (&status, finished.last_sequence) {
-                        (Some(_), Some(_)) => None,
-                        _ => match self.client.run(&run_id).await {
-                            Ok(info) => Some(info),
-                            Err(error) => {
-                                source.close();
-                                let reason = format!(
-                                    "run_finished without status or lastSequence, and the run lookup failed: {error}"
-                                );
-                                return Ok(dropped(reason, progressed));
-                            }
-                        },
-                    };
-                    let last = finished
-                        .last_sequence
-                        .or(looked_up.as_ref().map(|info| info.last_event_sequence))
-                        .unwrap_or_default();
-                    if last > following.cursor {
-                        source.close();
-                        return Ok(Connection::Behind {
-                            reason: format!(
-                                "run_finished says lastSequence {last} but the cursor is {}",
-                                following.cursor
-                            ),
-                            progressed,
-                        });
-                    }
-                    let (mut error_message, mut cancel_reason) =
-                        (finished.error_message, finished.cancel_reason);
-                    let status = match (status, looked_up) {
-                        (Some(status), _) => status,
-                        (None, Some(info)) if is_final(&info.status) => {
-                            error_message = error_message.or(info.error_message);
-                            cancel_reason = cancel_reason.or(info.cancel_reason);
-                            info.status
-                        }
-                        (None, info) => {
-                            source.close();
-                            let status = info.map_or_else(String::new, |info| info.status);
-                            let reason = format!(
-                                "run_finished, but the run's status is {status:?}: reconnecting"
-                            );
-                            return Ok(dropped(reason, progressed));
-                        }
-                    };
-                    following.status = Some(status.clone());
-                    let finish = self
-                        .finish(following, &status, error_message, cancel_reason)
-                        .await;
-                    self.record(following, Vec::new(), Some(finish)).await?;
-                    source.close();
-                    tracing::info!(run_id = %run_id, cursor = following.cursor, %status, "run finished");
-                    return Ok(Connection::Finished(status));
-                }
-                Frame::Error(error) => {
-                    source.close();
-                    return Ok(dropped(format!("error frame: {error}"), progressed));
-                }
-                Frame::Connected => {}
-                Frame::Unknown(kind) => {
-                    tracing::debug!(run_id = %run_id, %kind, "ignoring an unknown stream frame type");
-                }
+            if let Some(end) = self
+                .on_frame(following, &mut source, frame, &mut progressed)
+                .await?
+            {
+                return Ok(end);
             }
         }
+    }
+
+    /// Records what a frame brings; `Some` when it ends the connection.
+    async fn on_frame(
+        &self,
+        following: &mut Following,
+        source: &mut EventSource,
+        frame: Frame,
+        progressed: &mut bool,
+    ) -> Result<Option<Connection>, StoreError> {
+        let run_id = &following.run.run_id;
+        match frame {
+            Frame::RunEvent(event) if event.sequence <= following.cursor => {
+                tracing::debug!(run_id = %run_id, sequence = event.sequence, "dropped an event at or below the cursor");
+            }
+            Frame::RunEvent(event) => {
+                self.record(following, vec![event], None).await?;
+                *progressed = true;
+            }
+            Frame::Status { status, phase } => {
+                let status = status.or(following.status.clone());
+                let phase = phase.or(following.phase.clone());
+                if status != following.status || phase != following.phase {
+                    (following.status, following.phase) = (status, phase);
+                    self.record(following, Vec::new(), None).await?;
+                }
+            }
+            Frame::Finished(finished) => {
+                let end = self
+                    .on_finished(following, source, finished, *progressed)
+                    .await?;
+                return Ok(Some(end));
+            }
+            Frame::Error(error) => {
+                source.close();
+                return Ok(Some(dropped(format!("error frame: {error}"), *progressed)));
+            }
+            Frame::Connected => {}
+            Frame::Unknown(kind) => {
+                tracing::debug!(run_id = %run_id, %kind, "ignoring an unknown stream frame type");
+            }
+        }
+        Ok(None)
+    }
+
+    /// A `run_finished` frame: recorded only once the cursor reached the
+    /// run's last sequence; otherwise the connection ends `Behind`.
+    async fn on_finished(
+        &self,
+        following: &mut Following,
+        source: &mut EventSource,
+        finished: Finished,
+        progressed: bool,
+    ) -> Result<Connection, StoreError> {
+        let run_id = following.run.run_id.clone();
+        // The guides do not name the frame's fields: what it leaves out (or a
+        // status that is not final), the run lookup tells.
+        let status = finished.status.filter(|s| is_final(s));
+        let looked_up = match (&status, finished.last_sequence) {
+            (Some(_), Some(_)) => None,
+            _ => match self.client.run(&run_id).await {
+                Ok(info) => Some(info),
+                Err(error) => {
+                    source.close();
+                    let reason = format!(
+                        "run_finished without status or lastSequence, and the run lookup failed: {error}"
+                    );
+                    return Ok(dropped(reason, progressed));
+                }
+            },
+        };
+        let last = finished
+            .last_sequence
+            .or(looked_up.as_ref().map(|info| info.last_event_sequence))
+            .unwrap_or_default();
+        if last > following.cursor {
+            source.close();
+            return Ok(Connection::Behind {
+                reason: format!(
+                    "run_finished says lastSequence {last} but the cursor is {}",
+                    following.cursor
+                ),
+                progressed,
+            });
+        }
+        let (mut error_message, mut cancel_reason) =
+            (finished.error_message, finished.cancel_reason);
+        let status = match (status, looked_up) {
+            (Some(status), _) => status,
+            (None, Some(info)) if is_final(&info.status) => {
+                error_message = error_message.or(info.error_message);
+                cancel_reason = cancel_reason.or(info.cancel_reason);
+                info.status
+            }
+            (None, info) => {
+                source.close();
+                let status = info.map_or_else(String::new, |info| info.status);
+                let reason =
+                    format!("run_finished, but the run's status is {status:?}: reconnecting");
+                return Ok(dropped(reason, progressed));
+            }
+        };
+        following.status = Some(status.clone());
+        let finish = self
+            .finish(following, &status, error_message, cancel_reason)
+            .await;
+        self.record(following, Vec::new(), Some(finish)).await?;
+        source.close();
+        tracing::info!(run_id = %run_id, cursor = following.cursor, %status, "run finished");
+        Ok(Connection::Finished(status))
+    }
+}
+
+/// Reconnect from the cursor.
+fn dropped(reason: String, progressed: bool) -> Connection {
+    Connection::Dropped {
+        reason,
+        retry_after: None,
+        progressed,
     }
 }
 

@@ -179,76 +179,86 @@ impl Scenario {
     /// `createdAt`.
     pub fn demo() -> Self {
         let step = Duration::from_millis(120);
-        let phases = |run: &str| -> Vec<ScriptedEvent> {
-            let mut events = Vec::new();
-            for (i, phase) in [
-                "understand",
-                "plan",
-                "retrieve",
-                "reason",
-                "act",
-                "compose",
-                "deliver",
-                "done",
-            ]
-            .iter()
-            .enumerate()
-            {
-                events.push(event("PHASE_STARTED", &format!(r#"{{"phase":"{phase}"}}"#)));
-                if i == 3 {
-                    events.push(event(
-                        "ARTIFACT_CREATED",
-                        &format!(
-                            r#"{{"artifactType":"candidates","trip":"{run}","score":1.10,"note":"café ☕","z":1,"a":2}}"#
-                        ),
-                    ));
-                }
-                if i == 5 {
-                    events.push(event(
-                        "ARTIFACT_CREATED",
-                        r#"{"artifactType":"proposals","count":3}"#,
-                    ));
-                }
-            }
-            events
-        };
-        let mut rome = run("demo-rome-0001", step, phases("rome"));
+        let mut rome = run("demo-rome-0001", step, demo_phases("rome"));
         rome.final_status = "completed".into();
         let mut oslo = run(
             "demo-oslo-0002",
             step,
-            phases("oslo").into_iter().take(5).collect(),
+            demo_phases("oslo").into_iter().take(5).collect(),
         );
         oslo.final_status = "failed".into();
         oslo.error_message = Some("Flight search timed out".into());
         let mut kyoto = run(
             "demo-kyoto-0003",
             step,
-            phases("kyoto").into_iter().take(3).collect(),
+            demo_phases("kyoto").into_iter().take(3).collect(),
         );
         kyoto.final_status = "cancelled".into();
         kyoto.cancel_reason = Some("User cancelled the plan".into());
-        let mut lima_events = vec![
-            event("PHASE_STARTED", r#"{"phase":"understand"}"#),
-            event("PHASE_STARTED", r#"{"phase":"plan"}"#),
-        ];
-        let mut gap = event("PHASE_STARTED", r#"{"phase":"retrieve"}"#);
-        gap.sequence = Some(5);
-        lima_events.push(gap);
-        lima_events.push(event(
-            "TOOL_CALLED",
-            r#"{"tool":"hotel_search","args":{"city":"Lima","nights":3}}"#,
-        ));
-        let mut undated = event("ARTIFACT_CREATED", r#"{"artifactType":"entities"}"#);
-        undated.created_at = false;
-        lima_events.push(undated);
-        lima_events.push(event("PHASE_STARTED", r#"{"phase":"done"}"#));
-        let lima = run("demo-lima-0004", step, lima_events);
+        let lima = run("demo-lima-0004", step, lima_events());
         Self {
             runs: vec![rome, oslo, kyoto, lima],
             ..Self::default()
         }
     }
+}
+
+/// A demo run's events: the eight phases, with two artifacts on the way
+/// (one with a non-ASCII payload and keys out of order, to show payload
+/// bytes pass through untouched).
+fn demo_phases(run: &str) -> Vec<ScriptedEvent> {
+    let mut events = Vec::new();
+    for (i, phase) in [
+        "understand",
+        "plan",
+        "retrieve",
+        "reason",
+        "act",
+        "compose",
+        "deliver",
+        "done",
+    ]
+    .iter()
+    .enumerate()
+    {
+        events.push(event("PHASE_STARTED", &format!(r#"{{"phase":"{phase}"}}"#)));
+        if i == 3 {
+            events.push(event(
+                "ARTIFACT_CREATED",
+                &format!(
+                    r#"{{"artifactType":"candidates","trip":"{run}","score":1.10,"note":"café ☕","z":1,"a":2}}"#
+                ),
+            ));
+        }
+        if i == 5 {
+            events.push(event(
+                "ARTIFACT_CREATED",
+                r#"{"artifactType":"proposals","count":3}"#,
+            ));
+        }
+    }
+    events
+}
+
+/// The demo run that shows the odd cases: a sequence gap, an unknown event
+/// type (`TOOL_CALLED`) and an event without `createdAt`.
+fn lima_events() -> Vec<ScriptedEvent> {
+    let mut events = vec![
+        event("PHASE_STARTED", r#"{"phase":"understand"}"#),
+        event("PHASE_STARTED", r#"{"phase":"plan"}"#),
+    ];
+    let mut gap = event("PHASE_STARTED", r#"{"phase":"retrieve"}"#);
+    gap.sequence = Some(5);
+    events.push(gap);
+    events.push(event(
+        "TOOL_CALLED",
+        r#"{"tool":"hotel_search","args":{"city":"Lima","nights":3}}"#,
+    ));
+    let mut undated = event("ARTIFACT_CREATED", r#"{"artifactType":"entities"}"#);
+    undated.created_at = false;
+    events.push(undated);
+    events.push(event("PHASE_STARTED", r#"{"phase":"done"}"#));
+    events
 }
 
 fn event(event_type: &str, payload: &str) -> ScriptedEvent {
@@ -276,7 +286,7 @@ fn run(id: &str, interval: Duration, events: Vec<ScriptedEvent>) -> ScriptedRun 
 }
 
 /// The runs of a bulk workload.
-pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
+pub(super) fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
     const TYPES: [&str; 3] = ["PHASE_STARTED", "ARTIFACT_CREATED", "TOOL_CALLED"];
     (0..bulk.runs)
         .map(|r| {
@@ -296,7 +306,7 @@ pub fn bulk_runs(bulk: &Bulk) -> Vec<ScriptedRun> {
 /// `raw` JSON text with a CRLF and two spaces of indent after every `{`,
 /// `[` and `,` outside strings: the same JSON value over several lines,
 /// every other byte untouched.
-pub fn pretty(raw: &str) -> String {
+fn pretty(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len() * 2);
     let (mut in_string, mut escaped, mut depth) = (false, false, 0usize);
     for c in raw.chars() {
@@ -325,7 +335,7 @@ pub fn pretty(raw: &str) -> String {
 }
 
 /// `script` with its payloads (retries' too) [`pretty`]-printed.
-pub fn prettified(script: &ScriptedRun) -> ScriptedRun {
+pub(super) fn prettified(script: &ScriptedRun) -> ScriptedRun {
     let mut script = script.clone();
     for event in script.events.iter_mut().chain(&mut script.retry_events) {
         event.payload = pretty(&event.payload);

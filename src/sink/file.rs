@@ -39,17 +39,6 @@ impl FileSink {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Reopens the path, for logrotate (SIGHUP).
-    pub fn reopen(&self) -> io::Result<()> {
-        let fresh = open_append(&self.path)?;
-        *self.lock() = fresh;
-        Ok(())
-    }
-
     /// Reads what lies past `offset` (all of the file if it is shorter, as
     /// after rotation), cuts a torn last line, and returns the ids found.
     /// The tail is read in `RECOVER_CHUNK`s, keeping at most `LINE_PREFIX`

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::StatusCode;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 
 use super::{EventFields, Outcome, sign};
@@ -43,21 +43,11 @@ impl WebhookSink {
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .build()?;
-        let mut headers = HeaderMap::new();
-        for (name, value) in &config.headers {
-            // Validated at config load.
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                headers.insert(name, value);
-            }
-        }
         Ok(Self {
             client,
             url: config.url.clone(),
             keys: config.secrets.clone(),
-            headers,
+            headers: config.headers.clone(),
         })
     }
 

@@ -7,4 +7,4 @@ pub mod stream;
 pub mod types;
 
 pub use client::{Client, ErrorClass, UpstreamError};
-pub use types::{Event, EventsPage, RunInfo};
+pub use types::{Event, EventsPage};

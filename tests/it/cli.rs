@@ -33,6 +33,30 @@ fn check_exits_78_and_names_file_line_column_and_key() {
 }
 
 #[test]
+fn check_warns_about_a_template_no_route_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runhook.toml");
+    std::fs::write(
+        &path,
+        "[api]\ntoken = \"t\"\n[sinks.chat]\ntype = \"slack\"\n\
+         webhook_url = \"https://hooks.slack.com/x\"\n\
+         templates = { ARTIFACT_CREATED = \"new\" }\n\
+         [[routes]]\nevent_types = [\"run_finished\"]\nsinks = [\"chat\"]\n",
+    )
+    .unwrap();
+    let output = runhook(&path, &["check"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "warning: {}:6:34: sinks.chat.templates.ARTIFACT_CREATED",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn check_prints_the_routing_table_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

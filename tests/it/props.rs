@@ -10,7 +10,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use proptest::prelude::*;
 use runhook::config::{Config, SigningKey};
-use runhook::route::{EventFacts, Route, Router};
+use runhook::route::{EventFacts, EventTypes, Route, Router};
 use runhook::upstream::frame::{Frame, parse};
 
 /// JSON text with the quirks a re-serialiser would lose: trailing zeros,
@@ -160,7 +160,7 @@ fn route() -> impl Strategy<Value = Route> {
     )
         .prop_map(
             |(event_types, runs, statuses, phases, label, sinks)| Route {
-                event_types,
+                event_types: EventTypes::new(event_types).expect("the generated globs compile"),
                 runs,
                 labels: label.into_iter().collect(),
                 statuses,
@@ -188,9 +188,10 @@ fn route_matches(route: &Route, event: &Event<'_>) -> bool {
     fn listed(values: &[String], value: Option<&str>) -> bool {
         values.is_empty() || values.iter().any(|v| Some(v.as_str()) == value)
     }
-    let type_ok = route.event_types.is_empty()
+    let type_ok = route.event_types.patterns().is_empty()
         || route
             .event_types
+            .patterns()
             .iter()
             .any(|g| glob(g.as_bytes(), event.event_type.as_bytes()));
     let labels_ok = route.labels.iter().all(|(key, value)| match key.as_str() {

@@ -81,6 +81,22 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The variables a template may use: [`Context`]'s fields (a test keeps the
+/// two the same). `check` refuses a template that reads any other.
+pub const TEMPLATE_VARIABLES: &[&str] = &[
+    "id",
+    "run_id",
+    "event_type",
+    "sequence",
+    "status",
+    "phase",
+    "created_at",
+    "payload",
+    "labels",
+    "error_message",
+    "artifact_type",
+];
+
 /// What templates and default messages may use. Built raw from the event;
 /// [`Context::escaped`] is what the default wording prints.
 #[derive(Debug, Serialize)]
@@ -313,6 +329,23 @@ mod tests {
             seen_at: 0,
             queued_at: 0,
         }
+    }
+
+    /// `check` refuses template variables outside this list, so a field
+    /// added to the context without it would be refused wrongly.
+    #[test]
+    fn template_variables_are_the_context_fields() {
+        let context = serde_json::to_value(Context::of(&pending("X", "{}"))).unwrap();
+        let mut fields: Vec<&str> = context
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut listed = TEMPLATE_VARIABLES.to_vec();
+        fields.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(fields, listed);
     }
 
     #[test]

@@ -22,12 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use minijinja::Environment;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use super::Outcome;
-use crate::config::{Secret, SlackConfig, SlackMode};
+use crate::config::{Secret, SlackConfig, SlackMode, Templates};
 use crate::http::{read_capped, retry_after, snippet};
 use crate::store::{Pending, Reader, Store};
 use crate::upstream::client::USER_AGENT;
@@ -61,7 +60,7 @@ pub struct SlackSink {
     client: reqwest::Client,
     mode: SlackMode,
     api_base: reqwest::Url,
-    templates: Environment<'static>,
+    templates: Templates,
     bucket: DefaultDirectRateLimiter,
     store: Store,
     reader: Reader,
@@ -90,19 +89,12 @@ impl SlackSink {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(10))
             .build()?;
-        let mut templates = message::template_environment();
-        for (event_type, source) in &config.templates {
-            // Checked at config load; a failure here keeps the default.
-            if let Err(error) = templates.add_template_owned(event_type.clone(), source.clone()) {
-                tracing::warn!(sink = %name, %event_type, %error, "slack template ignored");
-            }
-        }
         Ok(Self {
             name,
             client,
             mode: config.mode.clone(),
             api_base: config.api_base.clone(),
-            templates,
+            templates: config.templates.clone(),
             bucket: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
             store,
             reader,
@@ -111,7 +103,7 @@ impl SlackSink {
     }
 
     pub async fn send(&self, event: &Pending) -> Outcome {
-        let message = message::render(event, &self.templates);
+        let message = message::render(event, self.templates.environment());
         match &self.mode {
             SlackMode::IncomingWebhook { url } => self.post_webhook(url, &message).await,
             SlackMode::Bot { token, channel } => {

@@ -1,0 +1,61 @@
+//! The commands that change the state database, while the daemon runs or
+//! not: `watch`, `unwatch`, `dead --purge`, `replay`. The daemon sees their
+//! changes through the database.
+
+use std::path::{Path, PathBuf};
+
+use runhook::store::{DeadFilter, Store};
+
+/// Labels are checked before `state` is looked up (which may read the
+/// config), so that a bad label is the error reported.
+pub(super) async fn watch(
+    state: impl FnOnce() -> anyhow::Result<PathBuf>,
+    run_id: String,
+    labels: &[String],
+) -> anyhow::Result<()> {
+    let labels = runhook::ingest::parse_labels(labels).map_err(anyhow::Error::msg)?;
+    let store = Store::open(&state()?)?;
+    store
+        .subscribe(run_id.clone(), labels, "watch", None)
+        .await?;
+    println!("watching {run_id}");
+    Ok(())
+}
+
+pub(super) async fn unwatch(state: &Path, run_id: String) -> anyhow::Result<()> {
+    let store = Store::open(state)?;
+    if !store.unsubscribe(run_id.clone()).await? {
+        anyhow::bail!("run {run_id} is not known to this state database");
+    }
+    println!("no longer watching {run_id}");
+    Ok(())
+}
+
+pub(super) async fn purge_dead(
+    state: &Path,
+    sink: Option<String>,
+    run: Option<String>,
+) -> anyhow::Result<()> {
+    let store = Store::open(state)?;
+    let purged = store
+        .purge_dead(DeadFilter {
+            sink,
+            run,
+            id: None,
+        })
+        .await?;
+    println!("purged {purged} dead letters");
+    Ok(())
+}
+
+pub(super) async fn replay(
+    state: &Path,
+    sink: Option<String>,
+    run: Option<String>,
+    id: Option<String>,
+) -> anyhow::Result<()> {
+    let store = Store::open(state)?;
+    let replayed = store.replay(DeadFilter { sink, run, id }).await?;
+    println!("queued {replayed} dead letters again (same ids)");
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The commands that need no state database: `check`, `completions`,
+//! `simulate`, `demo`.
+
+use anyhow::Context;
+
+use crate::cli::Cli;
+use runhook::config::Config;
+
+pub(super) fn check(config: &Config) {
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!("{}: ok", config.source.display());
+    println!(
+        "api: {} (transport {}, credentials: {})",
+        runhook::config::url_origin(&config.api.base_url),
+        config.api.transport.name(),
+        match (&config.api.token, &config.api.session_cookie) {
+            (Some(_), Some(_)) => "token + session cookie",
+            (Some(_), None) => "token",
+            _ => "session cookie",
+        }
+    );
+    println!("state: {}", config.state.path.display());
+    println!("runs: {} static", config.runs.len());
+    println!("\nsinks:");
+    for sink in config.sinks.values() {
+        println!(
+            "  {:<12} {:<8} {}{}",
+            sink.name,
+            sink.kind.type_name(),
+            sink.kind.describe_target(),
+            if sink.ordered { "" } else { " (unordered)" }
+        );
+    }
+    println!("\nroutes:");
+    for (i, route) in config.router.routes().iter().enumerate() {
+        let sinks: Vec<&str> = route.sinks.iter().map(|s| &**s).collect();
+        println!(
+            "  #{:<3} {:<50} -> {}",
+            i + 1,
+            route.describe_filters(),
+            sinks.join(", ")
+        );
+    }
+}
+
+/// Prints a completion script for `shell` on stdout.
+pub(super) fn completions(shell: clap_complete::Shell) {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "runhook", &mut std::io::stdout());
+}
+
+pub(super) async fn simulate(
+    listen: std::net::SocketAddr,
+    scenario: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let scenario = match scenario {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            runhook::simulate::Scenario::from_toml(&text)
+                .with_context(|| format!("scenario {}", path.display()))?
+        }
+        None => runhook::simulate::Scenario::demo(),
+    };
+    let sim = runhook::simulate::Simulator::start(listen, scenario).await?;
+    println!(
+        "simulator on {} (bearer token {:?}, session cookie {:?}); {} runs. Ctrl-C to stop.",
+        sim.url(),
+        sim.token(),
+        sim.session(),
+        sim.run_ids().len()
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// Simulator, daemon and file sink in one process, printing on stdout.
+pub(super) async fn demo() -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout();
+    runhook::demo::run(&mut stdout).await?;
+    Ok(())
+}

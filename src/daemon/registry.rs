@@ -1,0 +1,144 @@
+//! The sink registry: which delivery loop runs for which configured sink,
+//! and the factory that builds a sink's sender and starts its loop. Each
+//! loop runs under its supervisor (`sinks.rs`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::DaemonError;
+use super::owned::Owned;
+use super::sinks::supervise_sink;
+use crate::config::{Config, SinkConfig, SinkKind};
+use crate::deliver;
+use crate::deliver::runs::SinkRuntime;
+use crate::sink::Sender;
+use crate::sink::file::FileSink;
+use crate::sink::slack::SlackSink;
+use crate::sink::webhook::WebhookSink;
+use crate::store::{Store, StoreError};
+
+/// The delivery loops, one per sink, each with its own stop switch so a
+/// reload can start, stop or restart one without touching the others.
+#[derive(Default)]
+pub(super) struct Sinks {
+    running: HashMap<String, RunningSink>,
+}
+
+struct RunningSink {
+    config: SinkConfig,
+    stop: CancellationToken,
+    /// The sink's supervisor; it owns the delivery loop.
+    supervisor: Owned<()>,
+}
+
+impl Sinks {
+    /// Brings the running loops in line with `config`. On reload, file
+    /// sinks restart too, which reopens their files (logrotate). A sink that
+    /// cannot start does not fail this: its supervisor retries.
+    pub(super) async fn apply(
+        &mut self,
+        config: &Config,
+        store: &Store,
+        reopen_files: bool,
+    ) -> Result<(), DaemonError> {
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, running)| {
+                let reopen = reopen_files && matches!(running.config.kind, SinkKind::File(_));
+                config.sinks.get(*name) != Some(&running.config) || reopen
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(running) = self.running.remove(&name) {
+                running.stop.cancel();
+                running.supervisor.join().await;
+            }
+        }
+        for (name, sink) in &config.sinks {
+            if !self.running.contains_key(name) {
+                let stop = CancellationToken::new();
+                let start = {
+                    let (sink, store) = (sink.clone(), store.clone());
+                    move |stop| start_sink(&sink, &store, stop)
+                };
+                let supervisor = Owned::new(tokio::spawn(supervise_sink(
+                    sink.name.clone(),
+                    start,
+                    store.clone(),
+                    stop.clone(),
+                )));
+                self.running.insert(
+                    name.clone(),
+                    RunningSink {
+                        config: sink.clone(),
+                        stop,
+                        supervisor,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn stop_all(&mut self) {
+        for running in self.running.values() {
+            running.stop.cancel();
+        }
+        for (_, running) in self.running.drain() {
+            running.supervisor.join().await;
+        }
+    }
+}
+
+/// Builds the sink afresh at each start, so that a restart or a reload
+/// reopens a file sink's file (logrotate).
+fn start_sink(
+    sink: &SinkConfig,
+    store: &Store,
+    stop: CancellationToken,
+) -> Result<Owned<Result<(), StoreError>>, DaemonError> {
+    let client_error = |error| DaemonError::SinkClient {
+        sink: sink.name.to_string(),
+        error,
+    };
+    let sender = match &sink.kind {
+        SinkKind::File(file) => {
+            let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
+                sink: sink.name.to_string(),
+                path: file.path.display().to_string(),
+                error,
+            })?;
+            return Ok(Owned::new(tokio::spawn(deliver::file::run_file_sink(
+                sink.name.clone(),
+                Arc::new(opened),
+                sink.delivery.clone(),
+                store.clone(),
+                store.reader()?,
+                stop,
+            ))));
+        }
+        SinkKind::Webhook(webhook) => {
+            Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
+        }
+        SinkKind::Slack(slack) => Sender::Slack(
+            SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
+                .map_err(client_error)?,
+        ),
+    };
+    Ok(Owned::new(tokio::spawn(deliver::runs::run_http_sink(
+        Arc::new(SinkRuntime {
+            name: sink.name.clone(),
+            sender,
+            policy: sink.delivery.clone(),
+            ordered: sink.ordered,
+            concurrency: sink.concurrency,
+            store: store.clone(),
+            reader: store.reader()?,
+            shutdown: stop,
+        }),
+    ))))
+}

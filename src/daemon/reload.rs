@@ -1,0 +1,106 @@
+//! Reloads (SIGHUP): while the run supervisor follows the watched runs,
+//! each new config (already validated) is applied as it comes: routes for
+//! new events, runs, sinks. What cannot change without a restart is said so.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::registry::Sinks;
+use super::systemd::notify;
+use super::{DaemonError, runs};
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::store::{Store, StoreError};
+
+/// How the run supervisor ended, with the config in force then (its
+/// `shutdown_grace` bounds the drain).
+pub(super) struct Supervised {
+    pub(super) result: Result<(), DaemonError>,
+    pub(super) config: Arc<Config>,
+}
+
+/// Runs the run supervisor until shutdown, applying each config from
+/// `reloads` meanwhile. A reload that fails is returned as the error at
+/// once: the daemon ends without a drain.
+pub(super) async fn follow_runs(
+    config: Arc<Config>,
+    ingest: &Arc<Ingest>,
+    store: &Store,
+    sinks: &mut Sinks,
+    mut reloads: mpsc::Receiver<Config>,
+    shutdown: CancellationToken,
+    heartbeat: Arc<AtomicI64>,
+) -> Result<Supervised, DaemonError> {
+    let mut config = config;
+    let follower = ingest.clone();
+    let follow: runs::Follow = Box::new(move |run, cancel| {
+        let ingest = follower.clone();
+        Box::pin(async move { ingest.follow(run, cancel).await })
+    });
+    let supervisor = runs::supervise_runs(follow, store.reader()?, shutdown.clone(), heartbeat);
+    tokio::pin!(supervisor);
+    let result = loop {
+        tokio::select! {
+            result = &mut supervisor => break result,
+            Some(next) = reloads.recv() => {
+                config = reload(&config, next, store, ingest, sinks).await?;
+            }
+        }
+    };
+    Ok(Supervised { result, config })
+}
+
+/// Applies a new, valid config: routes for new events, runs, sinks. What
+/// cannot change without a restart is said so.
+async fn reload(
+    old: &Arc<Config>,
+    new: Config,
+    store: &Store,
+    ingest: &Ingest,
+    sinks: &mut Sinks,
+) -> Result<Arc<Config>, DaemonError> {
+    notify(&[
+        sd_notify::NotifyState::Reloading,
+        sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::Reloading),
+    ]);
+    if new.state.path != old.state.path
+        || new.api != old.api
+        || new.server.as_ref().map(|s| s.listen) != old.server.as_ref().map(|s| s.listen)
+    {
+        tracing::warn!(
+            "[api], [state] and [server] changes take effect on restart; the rest is applied now"
+        );
+    }
+    let mut new = new;
+    new.state.path = old.state.path.clone();
+    ingest.set_router(new.router.clone());
+    subscribe_config_runs(store, &new).await?;
+    sinks.apply(&new, store, true).await?;
+    tracing::info!(
+        runs = new.runs.len(),
+        sinks = new.sinks.len(),
+        routes = new.router.routes().len(),
+        "config reloaded"
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+    Ok(Arc::new(new))
+}
+
+/// The config's runs are watched; runs an earlier config watched and this
+/// one drops are unwatched, but not those watched from the command line.
+pub(super) async fn subscribe_config_runs(
+    store: &Store,
+    config: &Config,
+) -> Result<(), StoreError> {
+    for run in &config.runs {
+        store
+            .subscribe(run.id.clone(), run.labels.clone(), "config", run.transport)
+            .await?;
+    }
+    store
+        .unsubscribe_config_runs_except(config.runs.iter().map(|r| r.id.clone()).collect())
+        .await
+}
