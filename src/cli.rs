@@ -105,6 +105,11 @@ pub enum Command {
     ///
     /// Example: runhook completions bash > /etc/bash_completion.d/runhook
     Completions { shell: clap_complete::Shell },
+    /// Write the man pages (runhook.1 and one runhook-COMMAND.1 per command)
+    /// into DIR. Hidden: packaging runs it (the .deb ships the pages), so
+    /// the pages always describe the binary they ship with.
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
     /// Serve a local fake of the Agent Runs API with scripted runs and faults.
     ///
     /// Example: runhook simulate --listen 127.0.0.1:8787 --scenario scenario.toml
@@ -119,4 +124,11 @@ pub enum Command {
     ///
     /// Example: cargo run --release -- demo
     Demo,
+}
+
+/// Writes one page per visible command, from the same clap definitions the
+/// binary parses with, so the pages cannot drift from the flags.
+pub fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
 }

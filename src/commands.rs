@@ -50,6 +50,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => inspect::tail(&state()?, run, event_type, json).await?,
         Command::Completions { shell } => tools::completions(shell),
+        Command::GenerateMan { dir } => tools::generate_man(&dir)?,
         Command::Watch { run_id, labels } => change::watch(state, run_id, &labels).await?,
         Command::Unwatch { run_id } => change::unwatch(&state()?, run_id).await?,
         Command::Status { json } => inspect::status(&state()?, json).await?,

@@ -82,3 +82,10 @@ pub(super) async fn demo() -> anyhow::Result<()> {
     runhook::demo::run(&mut stdout).await?;
     Ok(())
 }
+
+/// Writes the man pages (`runhook.1` and one per command) into `dir`.
+pub(super) fn generate_man(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    crate::cli::generate_man(dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))
+}

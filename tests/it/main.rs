@@ -7,6 +7,7 @@ mod cli;
 mod crash;
 mod faults;
 mod hostile;
+mod packaging;
 mod polling;
 mod promises;
 mod props;
