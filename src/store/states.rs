@@ -181,9 +181,7 @@ impl ToSql for StoredTransport {
 impl FromSql for StoredTransport {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
         let text = value.as_str()?;
-        [Transport::Auto, Transport::Sse, Transport::Poll]
-            .into_iter()
-            .find(|t| t.name() == text)
+        Transport::parse(text)
             .map(Self)
             .ok_or_else(|| FromSqlError::Other(format!("unknown transport {text:?}").into()))
     }
