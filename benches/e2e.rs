@@ -30,10 +30,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use runhook::config::Config;
+use runhook::config::{Config, Transport};
 use runhook::simulate::scenario::Bulk;
 use runhook::simulate::{Scenario, Simulator};
-use runhook::store::Reader;
+use runhook::store::{Reader, RunState};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -440,7 +440,10 @@ async fn reader(dir: &Path) -> Reader {
 /// that watching does not slow what is watched.
 async fn drained(reader: &Reader) -> Result<(), String> {
     let runs = reader.runs().await.unwrap_or_default();
-    let finished = runs.iter().filter(|r| r.state == "finished").count();
+    let finished = runs
+        .iter()
+        .filter(|r| r.state == RunState::Finished)
+        .count();
     let pending = reader.pending_count("out").await;
     if !runs.is_empty() && finished == runs.len() && pending.as_ref().is_ok_and(|n| *n == 0) {
         Ok(())
@@ -731,7 +734,7 @@ async fn idle_streams(settings: &Settings) -> (f64, f64) {
         let runs_now = reader.runs().await.unwrap_or_default();
         let following = runs_now
             .iter()
-            .filter(|r| r.transport.as_deref() == Some("sse") && r.state == "following")
+            .filter(|r| r.transport == Some(Transport::Sse) && r.state == RunState::Following)
             .count();
         (following == runs)
             .then_some(())

@@ -35,11 +35,6 @@ const CONTROL_POLL: Duration = Duration::from_millis(500);
 const STARTUP_SPREAD_PER_RUN: Duration = Duration::from_millis(2);
 const STARTUP_SPREAD_MAX: Duration = Duration::from_secs(10);
 
-/// Run states in which ingest does not start the run again by itself
-/// (`watch` it again to retry: `Store::subscribe` resets them). A finished run's task decides itself whether
-/// it still lingers (a failed run may be retried upstream).
-const ENDED_STATES: [&str; 2] = ["forbidden", "not_found"];
-
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]

@@ -14,25 +14,7 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::metrics;
-use crate::store::{Reader, Store, now_ms};
-
-/// Run states in which a run is being followed (its silence counts).
-const FOLLOWING: [&str; 3] = ["following", "reconnecting", "retrying"];
-
-/// States exported at 0 when no run is in them, so that alerts and
-/// dashboards see a 0, not a missing series.
-const KNOWN_STATES: [&str; 10] = [
-    "starting",
-    "following",
-    "reconnecting",
-    "catching_up",
-    "stalled",
-    "retrying",
-    "finished",
-    "auth_failed",
-    "not_found",
-    "forbidden",
-];
+use crate::store::{Reader, RunState, Store, now_ms};
 
 struct Shared {
     store: Store,
@@ -110,8 +92,8 @@ async fn refresh_gauges(reader: &Reader) -> Result<(), crate::store::StoreError>
     let runs = reader.runs().await?;
     let m = metrics();
     m.runs.reset();
-    for state in KNOWN_STATES {
-        m.runs.with_label_values(&[state]).set(0);
+    for state in RunState::ALL {
+        m.runs.with_label_values(&[state.as_str()]).set(0);
     }
     let watched: Vec<_> = runs.iter().filter(|r| r.watched).collect();
     for run in &watched {
@@ -152,7 +134,7 @@ async fn refresh_sinks(reader: &Reader, now: i64) -> Result<(), crate::store::St
 /// when none is followed): one number instead of a series per run.
 fn longest_silence_ms(runs: &[&crate::store::RunRow], now: i64) -> i64 {
     runs.iter()
-        .filter(|run| FOLLOWING.contains(&run.state.as_str()))
+        .filter(|run| run.state.is_following())
         .filter_map(|run| run.last_event_at)
         .map(|at| (now - at).max(0))
         .max()

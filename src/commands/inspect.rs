@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use runhook::config::Transport;
 use runhook::store::Reader;
 
 pub(super) async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
@@ -30,7 +31,7 @@ pub(super) async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
             } else {
                 "unwatched"
             },
-            run.transport.as_deref().unwrap_or("-"),
+            run.transport.map_or("-", Transport::name),
             run.cursor,
             run.status.as_deref().unwrap_or("-"),
             run.phase.as_deref().unwrap_or("-"),

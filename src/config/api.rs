@@ -44,7 +44,7 @@ impl Transport {
         }
     }
 
-    fn parse(value: &str) -> Option<Self> {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
         match value {
             "auto" => Some(Self::Auto),
             "sse" => Some(Self::Sse),

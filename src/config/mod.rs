@@ -54,9 +54,6 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// one machine needs, far below where a semaphore panics.
 pub const MAX_CONCURRENCY: usize = 10_000;
 
-/// Statuses the upstream documents; `statuses` route filters must use them.
-pub const RUN_STATUSES: [&str; 5] = ["pending", "running", "completed", "failed", "cancelled"];
-
 /// A configuration error, always pointing at the place in the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}:{line}:{column}: {key}: {message}")]

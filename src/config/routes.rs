@@ -8,8 +8,9 @@ use toml::Spanned;
 
 use super::check::{Cx, Result};
 use super::raw::{RawRoute, RawSink};
-use super::{RUN_STATUSES, SinkConfig, SinkKind};
+use super::{SinkConfig, SinkKind};
 use crate::route::{EventTypes, Route};
+use crate::upstream::types::RunStatus;
 
 impl Cx<'_> {
     /// One route. `event_types` are globs, compiled here once for all the
@@ -68,13 +69,15 @@ impl Cx<'_> {
         let key = format!("{key}.statuses");
         let statuses = self.strings(raw.statuses.as_ref(), &key)?;
         for (status, at) in statuses.iter().zip(raw.statuses.iter().flatten()) {
-            if !RUN_STATUSES.contains(&status.as_str()) {
+            // Only statuses the upstream documents: a typo would make a
+            // route that never matches.
+            if RunStatus::parse(status).is_none() {
                 return Err(self.error(
                     at,
                     &key,
                     format!(
                         "unknown status `{status}`: expected one of {}",
-                        RUN_STATUSES.join(", ")
+                        RunStatus::ALL.map(RunStatus::as_str).join(", ")
                     ),
                 ));
             }

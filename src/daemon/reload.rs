@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::registry::Sinks;
 use super::systemd::notify;
 use super::{DaemonError, runs};
-use crate::config::{Config, Transport};
+use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::store::{Store, StoreError};
 
@@ -97,12 +97,7 @@ pub(super) async fn subscribe_config_runs(
 ) -> Result<(), StoreError> {
     for run in &config.runs {
         store
-            .subscribe(
-                run.id.clone(),
-                run.labels.clone(),
-                "config",
-                run.transport.map(Transport::name),
-            )
+            .subscribe(run.id.clone(), run.labels.clone(), "config", run.transport)
             .await?;
     }
     store

@@ -17,7 +17,7 @@ use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{CONTROL_POLL, DaemonError, ENDED_STATES, STARTUP_SPREAD_MAX, STARTUP_SPREAD_PER_RUN};
+use super::{CONTROL_POLL, DaemonError, STARTUP_SPREAD_MAX, STARTUP_SPREAD_PER_RUN};
 use crate::ingest::RunEnd;
 use crate::store::{Reader, StoreError, WatchedRun, now_ms};
 
@@ -92,7 +92,7 @@ impl Followers {
     fn may_start(&self, run: &WatchedRun, now: Instant) -> bool {
         !self.running.contains_key(&run.run_id)
             && !self.stopping.contains_key(&run.run_id)
-            && !ENDED_STATES.contains(&run.state.as_str())
+            && !run.state.is_ended()
             && self
                 .failed
                 .get(&run.run_id)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Reader, Store, now_ms};
+use crate::store::{Reader, RunState, Store, now_ms};
 
 /// How often systemd's STATUS= line is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -50,7 +50,7 @@ pub(super) async fn status(reader: Reader, stop: CancellationToken) {
         if let (Ok(runs), Ok(sinks)) = (reader.runs().await, reader.sinks().await) {
             let following = runs
                 .iter()
-                .filter(|r| r.watched && r.state == "following")
+                .filter(|r| r.watched && r.state == RunState::Following)
                 .count();
             let pending: i64 = sinks.iter().map(|s| s.pending).sum();
             let dead: i64 = sinks.iter().map(|s| s.dead).sum();

@@ -108,7 +108,7 @@ async fn recover_file(
     store: &Store,
     reader: &Reader,
 ) -> Result<(), StoreError> {
-    let offset = reader.file_offset(name).await?;
+    let offset = reader.sink_offset(name).await?;
     let sink = file.clone();
     let recovery = match tokio::task::spawn_blocking(move || sink.recover(offset)).await {
         Ok(Ok(recovery)) => recovery,
@@ -122,7 +122,7 @@ async fn recover_file(
         tracing::warn!(sink = %name, bytes = recovery.torn_bytes, "file sink: cut a torn last line");
     }
     let marked = store
-        .reconcile_file(name.clone(), recovery.ids, recovery.offset)
+        .mark_found_delivered(name.clone(), recovery.ids, recovery.offset)
         .await?;
     if marked > 0 {
         tracing::info!(sink = %name, marked, "file sink: lines written before a crash marked done");

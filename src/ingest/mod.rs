@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Transport;
 use crate::route::{EventFacts, Router};
-use crate::store::{Batch, Finish, NewEvent, Recorded, Store, StoreError, WatchedRun, now_ms};
-use crate::upstream::types::is_final;
+use crate::store::{
+    Batch, Finish, NewEvent, Recorded, RunState, Store, StoreError, WatchedRun, now_ms,
+};
+use crate::upstream::types::{RunStatus, is_final};
 use crate::upstream::{Client, Event};
 
 /// Pages (fetched, not yet recorded) held at once over all polling runs:
@@ -67,8 +69,8 @@ enum Leg {
 /// A run being followed: its row and what ingest last recorded.
 struct Following {
     run: WatchedRun,
-    /// "poll" or "sse": the transport in use, for metrics.
-    transport: &'static str,
+    /// Poll or SSE: the transport in use, for metrics.
+    transport: Transport,
     cursor: i64,
     status: Option<String>,
     phase: Option<String>,
@@ -97,7 +99,7 @@ impl Ingest {
         cancel: CancellationToken,
     ) -> Result<RunEnd, StoreError> {
         let mut following = Following {
-            transport: "poll",
+            transport: Transport::Poll,
             cursor: run.cursor,
             status: run.run_status.clone(),
             phase: None,
@@ -106,7 +108,7 @@ impl Ingest {
             run,
         };
         let mut transport = self.transport_for(&following.run);
-        if following.run.state == "finished" {
+        if following.run.state == RunState::Finished {
             if !self.lingering(&following) {
                 return Ok(RunEnd::Finished);
             }
@@ -130,7 +132,7 @@ impl Ingest {
                     let note = format!("no stream ({why}); polling instead");
                     transport = self.poll_instead(&following, note).await?;
                 }
-                Leg::Finished(status) if status == "failed" => {
+                Leg::Finished(status) if RunStatus::Failed.is(&status) => {
                     if !self.linger(&mut following, &cancel).await? {
                         return Ok(RunEnd::Finished);
                     }
@@ -151,9 +153,9 @@ impl Ingest {
         self.store
             .set_run_state(
                 following.run.run_id.clone(),
-                "following",
+                RunState::Following,
                 Some(note),
-                Some("poll"),
+                Some(Transport::Poll),
             )
             .await?;
         Ok(Transport::Poll)
@@ -161,10 +163,9 @@ impl Ingest {
 
     /// `auto`: the stream when a session cookie is configured.
     fn transport_for(&self, run: &WatchedRun) -> Transport {
-        let asked = match run.transport.as_deref() {
-            Some("sse") => Transport::Sse,
-            Some("poll") => Transport::Poll,
-            _ => self.transport,
+        let asked = match run.transport {
+            Some(Transport::Auto) | None => self.transport,
+            Some(asked) => asked,
         };
         match asked {
             Transport::Auto if self.client.has_cookie() => Transport::Sse,
@@ -177,7 +178,11 @@ impl Ingest {
     /// A failed run is watched for `finished_linger` after it finished: it
     /// may be retried upstream.
     fn lingering(&self, following: &Following) -> bool {
-        following.run.run_status.as_deref() == Some("failed")
+        following
+            .run
+            .run_status
+            .as_deref()
+            .is_some_and(|s| RunStatus::Failed.is(s))
             && following
                 .run
                 .finished_at
@@ -195,7 +200,7 @@ impl Ingest {
         let finished_at = following.run.finished_at.unwrap_or_else(now_ms);
         let until = finished_at + self.finished_linger.as_millis() as i64;
         self.store
-            .set_run_state(run_id.clone(), "finished", None, None)
+            .set_run_state(run_id.clone(), RunState::Finished, None, None)
             .await?;
         while now_ms() < until {
             let wait = self
@@ -273,7 +278,7 @@ impl Ingest {
         following.cursor = recorded.cursor;
         crate::metrics::metrics()
             .events_ingested
-            .with_label_values(&[following.transport])
+            .with_label_values(&[following.transport.name()])
             .inc_by(recorded.recorded as u64);
         Ok(recorded)
     }
@@ -289,7 +294,7 @@ impl Ingest {
     ) -> Finish {
         let run = &following.run;
         let (mut error_message, mut cancel_reason) = (error_message, cancel_reason);
-        if status != "completed" && error_message.is_none() && cancel_reason.is_none() {
+        if !RunStatus::Completed.is(status) && error_message.is_none() && cancel_reason.is_none() {
             match self.client.run(&run.run_id).await {
                 Ok(info) => {
                     (error_message, cancel_reason) = (info.error_message, info.cancel_reason)
@@ -346,7 +351,7 @@ impl Ingest {
 /// logged once when it starts, not on every retry.
 #[derive(Default)]
 struct Trouble {
-    state: Option<&'static str>,
+    state: Option<RunState>,
 }
 
 impl Trouble {
@@ -355,7 +360,7 @@ impl Trouble {
         &mut self,
         store: &Store,
         run_id: &str,
-        state: &'static str,
+        state: RunState,
         why: String,
     ) -> Result<(), StoreError> {
         if self.state != Some(state) {

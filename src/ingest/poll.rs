@@ -12,7 +12,8 @@ use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::{Following, Ingest, Leg, NotFoundConfirm, Trouble, new_events, sleep_or_cancel};
-use crate::store::{Finish, StoreError};
+use crate::config::Transport;
+use crate::store::{Finish, RunState, StoreError};
 use crate::upstream::types::is_final;
 use crate::upstream::{ErrorClass, EventsPage, UpstreamError};
 
@@ -41,9 +42,14 @@ impl Ingest {
         cancel: &CancellationToken,
     ) -> Result<Leg, StoreError> {
         let run_id = following.run.run_id.clone();
-        following.transport = "poll";
+        following.transport = Transport::Poll;
         self.store
-            .set_run_state(run_id.clone(), "following", None, Some("poll"))
+            .set_run_state(
+                run_id.clone(),
+                RunState::Following,
+                None,
+                Some(Transport::Poll),
+            )
             .await?;
         let mut slow = self.auth_backoff();
         let mut trouble = Trouble::default();
@@ -64,21 +70,23 @@ impl Ingest {
                     }
                     continue;
                 }
-                Polled::Short(why) => ("catching_up", why, slow.next()),
-                Polled::Stalled(why) => ("stalled", why, slow.next()),
+                Polled::Short(why) => (RunState::CatchingUp, why, slow.next()),
+                Polled::Stalled(why) => (RunState::Stalled, why, slow.next()),
                 Polled::Refused(error) => match error.class() {
-                    ErrorClass::AuthFailed => ("auth_failed", error.to_string(), slow.next()),
+                    ErrorClass::AuthFailed => {
+                        (RunState::AuthFailed, error.to_string(), slow.next())
+                    }
                     ErrorClass::NotFound => match not_found.next() {
                         Some(wait) => {
                             let why = format!("{error} ({}); confirming", not_found.progress());
-                            ("retrying", why, Some(wait))
+                            (RunState::Retrying, why, Some(wait))
                         }
-                        None => return self.refused(&run_id, "not_found", error).await,
+                        None => return self.refused(&run_id, RunState::NotFound, error).await,
                     },
-                    _ => return self.refused(&run_id, "forbidden", error).await,
+                    _ => return self.refused(&run_id, RunState::Forbidden, error).await,
                 },
             };
-            if !matches!(state, "retrying") {
+            if state != RunState::Retrying {
                 not_found.reset();
             }
             trouble.enter(&self.store, &run_id, state, why).await?;
@@ -93,7 +101,7 @@ impl Ingest {
     pub(super) async fn refused(
         &self,
         run_id: &str,
-        state: &'static str,
+        state: RunState,
         error: UpstreamError,
     ) -> Result<Leg, StoreError> {
         tracing::error!(run_id = %run_id, %error, %state, "run cannot be followed; stopped");
@@ -202,7 +210,12 @@ impl Ingest {
             let wait = crate::http::upstream_wait(error.retry_after(), backoff.next());
             tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
             self.store
-                .set_run_state(run_id.to_owned(), "retrying", Some(error.to_string()), None)
+                .set_run_state(
+                    run_id.to_owned(),
+                    RunState::Retrying,
+                    Some(error.to_string()),
+                    None,
+                )
                 .await
                 .ok();
             tokio::time::sleep(wait).await;

@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::poll::Polled;
 use super::{Following, Ingest, Leg, NotFoundConfirm, Trouble, reconnect_backoff, sleep_or_cancel};
+use crate::config::Transport;
 use crate::http::{read_capped, retry_after, snippet};
-use crate::store::StoreError;
+use crate::store::{RunState, StoreError};
 use crate::upstream::ErrorClass;
 use crate::upstream::frame::{self, Finished, Frame};
 use crate::upstream::stream::{EventSource, StreamError as SseError, StreamEvent as SseEvent};
@@ -53,7 +54,7 @@ enum CaughtUp {
     Finished(String),
     Stopped,
     /// Polling cannot get past the cursor either: this state, this reason.
-    Stuck(&'static str, String),
+    Stuck(RunState, String),
 }
 
 impl Ingest {
@@ -65,7 +66,7 @@ impl Ingest {
         cancel: &CancellationToken,
     ) -> Result<Leg, StoreError> {
         let run_id = following.run.run_id.clone();
-        following.transport = "sse";
+        following.transport = Transport::Sse;
         let mut backoff = reconnect_backoff();
         let mut auth_backoff = self.auth_backoff();
         let mut slow = self.auth_backoff();
@@ -83,7 +84,7 @@ impl Ingest {
                     self.store
                         .set_run_state(
                             run_id.clone(),
-                            "auth_failed",
+                            RunState::AuthFailed,
                             Some(format!("stream refused: {why}")),
                             None,
                         )
@@ -110,9 +111,9 @@ impl Ingest {
                     // catch-up brings.
                     crate::metrics::metrics().stream_reconnects.inc();
                     // Polling takes the session cookie as well as the token.
-                    following.transport = "poll";
+                    following.transport = Transport::Poll;
                     let caught_up = self.catch_up(following, cancel).await?;
-                    following.transport = "sse";
+                    following.transport = Transport::Sse;
                     let (state, why, wait) = match caught_up {
                         CaughtUp::Finished(status) => return Ok(Leg::Finished(status)),
                         CaughtUp::Stopped => return Ok(Leg::Stopped),
@@ -122,7 +123,7 @@ impl Ingest {
                             continue;
                         }
                         CaughtUp::Done { progressed: false } => {
-                            ("catching_up", why, backoff.next())
+                            (RunState::CatchingUp, why, backoff.next())
                         }
                         CaughtUp::Stuck(state, stuck) => {
                             (state, format!("{why}; polling: {stuck}"), slow.next())
@@ -143,7 +144,12 @@ impl Ingest {
                     let wait = crate::http::upstream_wait(retry_after, backoff.next());
                     tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, ?wait, "stream dropped; reconnecting from the cursor");
                     self.store
-                        .set_run_state(run_id.clone(), "reconnecting", Some(reason), Some("sse"))
+                        .set_run_state(
+                            run_id.clone(),
+                            RunState::Reconnecting,
+                            Some(reason),
+                            Some(Transport::Sse),
+                        )
                         .await?;
                     wait
                 }
@@ -170,22 +176,24 @@ impl Ingest {
             // The run is there; its stream is not.
             Ok(_) => return Ok(ControlFlow::Break(Leg::StreamUnavailable(why))),
             Err(error) if error.class() == ErrorClass::Forbidden => {
-                let leg = self.refused(run_id, "forbidden", error).await?;
+                let leg = self.refused(run_id, RunState::Forbidden, error).await?;
                 return Ok(ControlFlow::Break(leg));
             }
             Err(error) if error.class() == ErrorClass::NotFound => {
                 let Some(wait) = not_found.next() else {
-                    let leg = self.refused(run_id, "not_found", error).await?;
+                    let leg = self.refused(run_id, RunState::NotFound, error).await?;
                     return Ok(ControlFlow::Break(leg));
                 };
                 let why = format!("{error} ({}); confirming", not_found.progress());
-                trouble.enter(&self.store, run_id, "retrying", why).await?;
+                trouble
+                    .enter(&self.store, run_id, RunState::Retrying, why)
+                    .await?;
                 wait
             }
             Err(error) => {
                 let why = format!("stream {why}; run lookup: {error}");
                 trouble
-                    .enter(&self.store, run_id, "reconnecting", why)
+                    .enter(&self.store, run_id, RunState::Reconnecting, why)
                     .await?;
                 backoff.next().unwrap_or(Duration::from_secs(60))
             }
@@ -208,9 +216,9 @@ impl Ingest {
                 },
                 Polled::Finished(status) => CaughtUp::Finished(status),
                 Polled::Stopped => CaughtUp::Stopped,
-                Polled::Short(why) => CaughtUp::Stuck("catching_up", why),
-                Polled::Stalled(why) => CaughtUp::Stuck("stalled", why),
-                Polled::Refused(error) => CaughtUp::Stuck("catching_up", error.to_string()),
+                Polled::Short(why) => CaughtUp::Stuck(RunState::CatchingUp, why),
+                Polled::Stalled(why) => CaughtUp::Stuck(RunState::Stalled, why),
+                Polled::Refused(error) => CaughtUp::Stuck(RunState::CatchingUp, error.to_string()),
             });
         }
     }
@@ -255,7 +263,12 @@ impl Ingest {
                     not_found.reset();
                     crate::metrics::metrics().upstream_answer(Some(200));
                     self.store
-                        .set_run_state(run_id.clone(), "following", None, Some("sse"))
+                        .set_run_state(
+                            run_id.clone(),
+                            RunState::Following,
+                            None,
+                            Some(Transport::Sse),
+                        )
                         .await?;
                     continue;
                 }

@@ -5,11 +5,57 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-/// Final statuses: a run in one of them emits no more events (unless retried).
-pub const FINAL_STATUSES: [&str; 3] = ["completed", "failed", "cancelled"];
+/// A run's status as upstream-api.md documents it. The wire keeps it as
+/// text (and so do stored rows and route facts): a status this runhook does
+/// not know yet is passed on unchanged, never rejected; this type is for the
+/// decisions runhook makes on the known ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
 
+impl RunStatus {
+    pub const ALL: [Self; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// As the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+
+    /// Whether `text` is this status.
+    pub fn is(self, text: &str) -> bool {
+        self.as_str() == text
+    }
+
+    /// A run in a final status emits no more events (unless retried).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Whether `status` is a final one; an unknown status is not.
 pub fn is_final(status: &str) -> bool {
-    FINAL_STATUSES.contains(&status)
+    RunStatus::parse(status).is_some_and(RunStatus::is_final)
 }
 
 /// One run event as the API sends it.
@@ -180,6 +226,23 @@ pub fn error_message(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only completed, failed and cancelled end a run; a status upstream
+    /// adds later is not taken for an end (the run would stop being
+    /// followed while it still emits events).
+    #[test]
+    fn only_the_documented_final_statuses_are_final() {
+        let finals: Vec<&str> = RunStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(RunStatus::as_str)
+            .collect();
+        assert_eq!(finals, ["completed", "failed", "cancelled"]);
+        assert!(is_final("failed"));
+        assert!(!is_final("running"));
+        assert!(!is_final("archived"), "an unknown status is not final");
+        assert_eq!(RunStatus::parse("Failed"), None);
+    }
 
     #[test]
     fn payload_bytes_are_kept_exactly() {

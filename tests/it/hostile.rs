@@ -93,7 +93,10 @@ async fn multi_line_payloads_make_one_file_line_per_event() {
         }
     }
     let row = env.run_row("run-sse").await.unwrap();
-    assert_eq!(row.transport.as_deref(), Some("sse"));
+    assert_eq!(
+        row.transport.map(runhook::config::Transport::name),
+        Some("sse")
+    );
 }
 
 /// Gaps between the answers with `status` to `endpoint` requests of `run`.

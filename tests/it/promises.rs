@@ -651,7 +651,11 @@ async fn a_cancelled_run_finishes_with_its_cancel_reason_by_stream_and_by_poll()
     daemon.stop().await;
     for (run, transport) in [("run-cs", "sse"), ("run-cp", "poll")] {
         let row = env.run_row(run).await.unwrap();
-        assert_eq!(row.transport.as_deref(), Some(transport), "{run}");
+        assert_eq!(
+            row.transport.map(runhook::config::Transport::name),
+            Some(transport),
+            "{run}"
+        );
         let finished = lines
             .iter()
             .find(|l| l["runId"] == run && l["type"] == "run_finished")

@@ -62,7 +62,11 @@ async fn the_stream_delivers_every_event_once_and_one_run_finished() {
     );
     assert_eq!(stream_sinces(&sim), [0]);
     assert_eq!(
-        env.run_row("run-live").await.unwrap().transport.as_deref(),
+        env.run_row("run-live")
+            .await
+            .unwrap()
+            .transport
+            .map(runhook::config::Transport::name),
         Some("sse")
     );
 }
@@ -163,7 +167,11 @@ async fn bearer_only_polls_and_never_opens_the_stream() {
     run_to_completion(&sim, &env, &["run-b"]).await;
     assert!(sim.requests().iter().all(|r| r.endpoint != "stream"));
     assert_eq!(
-        env.run_row("run-b").await.unwrap().transport.as_deref(),
+        env.run_row("run-b")
+            .await
+            .unwrap()
+            .transport
+            .map(runhook::config::Transport::name),
         Some("poll")
     );
 }
@@ -186,7 +194,11 @@ async fn a_rejected_cookie_falls_back_to_polling_with_the_token() {
             .any(|r| r.endpoint == "events" && r.status == 200)
     );
     assert_eq!(
-        env.run_row("run-fb").await.unwrap().transport.as_deref(),
+        env.run_row("run-fb")
+            .await
+            .unwrap()
+            .transport
+            .map(runhook::config::Transport::name),
         Some("poll")
     );
 }

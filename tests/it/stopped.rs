@@ -107,7 +107,11 @@ async fn a_stream_answering_404_or_405_for_a_run_that_exists_is_polled() {
     for run in ["run-s404", "run-s405"] {
         assert_run_exactly_once(&sim, &lines, run, &raw);
         let row = env.run_row(run).await.unwrap();
-        assert_eq!(row.transport.as_deref(), Some("poll"), "{run}");
+        assert_eq!(
+            row.transport.map(runhook::config::Transport::name),
+            Some("poll"),
+            "{run}"
+        );
     }
 }
 

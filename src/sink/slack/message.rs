@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::store::Pending;
+use crate::upstream::types::RunStatus;
 
 /// Slack's limit on a section's text.
 pub const SECTION_LIMIT: usize = 3000;
@@ -281,10 +282,10 @@ fn labels_line(c: &Context) -> Option<String> {
 }
 
 fn status_icon(status: &str) -> &'static str {
-    match status {
-        "completed" => ":white_check_mark:",
-        "failed" => ":x:",
-        "cancelled" => ":no_entry_sign:",
+    match RunStatus::parse(status) {
+        Some(RunStatus::Completed) => ":white_check_mark:",
+        Some(RunStatus::Failed) => ":x:",
+        Some(RunStatus::Cancelled) => ":no_entry_sign:",
         _ => ":hourglass_flowing_sand:",
     }
 }

@@ -184,7 +184,7 @@ impl SlackSink {
         }
         let saved = self
             .reader
-            .slack_thread(&self.name, &event.run_id)
+            .thread_root(&self.name, &event.run_id)
             .await
             .map_err(|error| {
                 tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot read the run's thread; retrying");
@@ -327,7 +327,7 @@ impl SlackSink {
     /// the root in memory meanwhile).
     async fn save_root(&self, event: &Pending, root: &ThreadRoot) -> Result<(), Outcome> {
         self.store
-            .save_slack_thread(
+            .save_thread_root(
                 self.name.clone(),
                 event.run_id.clone(),
                 root.channel.clone(),
