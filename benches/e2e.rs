@@ -8,16 +8,18 @@
 //! (c) SSE event emitted -> webhook received, at 200 events/s: p50, p99
 //! (d) 10,000 SSE runs subscribed and idle: peak RSS and CPU of the daemon
 //! (e) a 1,000,000-event backlog with the sink down: peak RSS; drain rate
+//! (f) 1 run x 100,000 events -> webhook, one ordered chain: deliveries/s
 //!
 //! Every row prints the settings it ran with. A scenario also checks what
 //! it measured: the file holds every event once (a), the receiver saw every
-//! `webhook-id` (b, c, e) and a sample of signatures verifies; a failed
+//! `webhook-id` (b, c, e, f), each run's events first arrived in sequence
+//! order, and a sample of signatures verifies; a failed
 //! check, or a scenario stuck past its deadline, panics: the bench exits
 //! non-zero.
 //!
 //! `RUNHOOK_BENCH=a,c` runs some; `RUNHOOK_BENCH_SCALE=0.1` shrinks them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -152,6 +154,14 @@ fn settings_e() -> Settings {
     }
 }
 
+fn settings_f() -> Settings {
+    Settings {
+        page_size: 5000,
+        sink_concurrency: Some(64),
+        ..settings_a()
+    }
+}
+
 /// Polls `check` until it says done; a scenario stuck past `limit` panics
 /// with what it waited for and the last state `check` reported.
 async fn wait_until(
@@ -216,6 +226,13 @@ struct Sink {
     /// Distinct `webhook-id`s answered 2xx.
     distinct: AtomicU64,
     ids: Mutex<HashSet<String>>,
+    /// Per run, the sequence of the latest first arrival (`run_finished`
+    /// counts as after every event).
+    last_seq: Mutex<HashMap<String, u64>>,
+    /// First arrivals that came before an earlier event of their run, and
+    /// the first such id.
+    out_of_order: AtomicU64,
+    first_out_of_order: Mutex<Option<String>>,
     down: AtomicBool,
     /// Keep the first arrival of each event (scenario c only).
     timed: AtomicBool,
@@ -234,6 +251,33 @@ impl Sink {
 
     fn distinct(&self) -> u64 {
         self.distinct.load(Ordering::Relaxed)
+    }
+
+    /// Panics unless every run's events first arrived in sequence order.
+    fn check_order(&self, scenario: &str) {
+        let late = self.out_of_order.load(Ordering::Relaxed);
+        assert!(
+            late == 0,
+            "{scenario}: {late} events first arrived after a later event of their run, e.g. {:?}",
+            self.first_out_of_order.lock().unwrap()
+        );
+    }
+
+    /// Books the first arrival of `id` against its run's order.
+    fn book_order(&self, id: &str) {
+        let Some((run, seq)) = run_and_sequence(id) else {
+            return;
+        };
+        let mut last = self.last_seq.lock().unwrap();
+        let previous = last.entry(run.to_owned()).or_insert(0);
+        if seq < *previous {
+            self.out_of_order.fetch_add(1, Ordering::Relaxed);
+            self.first_out_of_order
+                .lock()
+                .unwrap()
+                .get_or_insert_with(|| id.to_owned());
+        }
+        *previous = (*previous).max(seq);
     }
 
     /// Waits for every sampled request to be checked; panics on a bad one.
@@ -265,6 +309,17 @@ impl Sink {
     }
 }
 
+/// `{run}:{sequence}` -> (run, sequence); `{run}:finished:{last}` ->
+/// (run, after every sequence).
+fn run_and_sequence(id: &str) -> Option<(&str, u64)> {
+    let (head, last) = id.rsplit_once(':')?;
+    let last: u64 = last.parse().ok()?;
+    Some(match head.strip_suffix(":finished") {
+        Some(run) => (run, u64::MAX),
+        None => (head, last),
+    })
+}
+
 async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     if sink.down.load(Ordering::Relaxed) {
         return StatusCode::SERVICE_UNAVAILABLE;
@@ -281,6 +336,7 @@ async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes)
     }
     let first = sink.ids.lock().unwrap().insert(id.clone());
     if first {
+        sink.book_order(&id);
         sink.distinct.fetch_add(1, Ordering::Relaxed);
         if sink.timed.load(Ordering::Relaxed) {
             sink.arrivals.lock().unwrap().push((id, arrived));
@@ -332,6 +388,9 @@ async fn start_receiver() -> (SocketAddr, Arc<Sink>) {
         received: AtomicU64::new(0),
         distinct: AtomicU64::new(0),
         ids: Mutex::default(),
+        last_seq: Mutex::default(),
+        out_of_order: AtomicU64::new(0),
+        first_out_of_order: Mutex::default(),
         down: AtomicBool::new(false),
         timed: AtomicBool::new(false),
         arrivals: Mutex::default(),
@@ -504,9 +563,10 @@ struct Deliveries {
     repeats: u64,
 }
 
-/// (b) deliveries/s (distinct `webhook-id`s), 200 runs -> webhook.
-async fn webhooks(settings: &Settings) -> Deliveries {
-    let (runs, events) = (scaled(200), 1000);
+/// (b) and (f): deliveries/s (distinct `webhook-id`s), `runs` x `events`
+/// -> webhook. (b) spreads them over many runs; (f) is one ordered chain,
+/// so its rate is bound by one round trip per event.
+async fn webhooks(scenario: &str, runs: usize, events: usize, settings: &Settings) -> Deliveries {
     let sim = bulk_sim(runs, events, settings, "hook", Duration::from_secs(5)).await;
     let (addr, sink) = start_receiver().await;
     let dir = tempfile::tempdir().unwrap();
@@ -523,7 +583,7 @@ async fn webhooks(settings: &Settings) -> Deliveries {
     let daemon = tokio::spawn(runhook::daemon::run(config, shutdown.clone()));
     let total = (runs * (events + 1)) as u64;
     wait_until(
-        "(b): every event delivered",
+        &format!("{scenario}: every event delivered"),
         limit(runs * events),
         async || {
             let distinct = sink.distinct();
@@ -537,11 +597,12 @@ async fn webhooks(settings: &Settings) -> Deliveries {
     shutdown.cancel();
     let _ = daemon.await;
     check_ids(
-        "(b)",
+        scenario,
         &sink.ids.lock().unwrap(),
         &expected_ids(&sim, events),
     );
-    sink.check_signatures("(b)").await;
+    sink.check_signatures(scenario).await;
+    sink.check_order(scenario);
     Deliveries {
         rate,
         repeats: sink.received() - sink.distinct(),
@@ -599,6 +660,7 @@ async fn sse_latency(settings: &Settings) -> Latency {
         &expected_ids(&sim, events),
     );
     sink.check_signatures("(c)").await;
+    sink.check_order("(c)");
     // The stream's first connection, in ms since the simulator started
     // (rounded down: an event emitted in that millisecond is left out too).
     let connected = sim
@@ -807,6 +869,7 @@ async fn backlog(settings: &Settings) -> Backlog {
         &expected_ids(&sim, events),
     );
     sink.check_signatures("(e)").await;
+    sink.check_order("(e)");
     Backlog {
         peak_mb,
         rate,
@@ -821,7 +884,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let wanted = std::env::var("RUNHOOK_BENCH").unwrap_or_else(|_| "a,b,c,d,e".into());
+    let wanted = std::env::var("RUNHOOK_BENCH").unwrap_or_else(|_| "a,b,c,d,e,f".into());
     let want = |s: &str| wanted.split(',').any(|w| w.trim() == s);
     println!("| scenario | result (median of the reps) | settings | target |\n|---|---|---|---|");
     if want("a") {
@@ -830,7 +893,7 @@ fn main() {
             .map(|_| runtime.block_on(polling_to_file(&settings)))
             .collect();
         println!(
-            "| (a) 1 run x {} events, polling -> file; every line checked | {:.0} events/s ({all:.0?}) | {settings} | >= 100,000 |",
+            "| (a) 1 run x {} events, polling -> file; every line checked | {:.0} events/s ({all:.0?}) | {settings} | >= 120,000 |",
             scaled(200_000),
             median(all.clone())
         );
@@ -838,7 +901,7 @@ fn main() {
     if want("b") {
         let settings = settings_b();
         let all: Vec<Deliveries> = (0..settings.reps)
-            .map(|_| runtime.block_on(webhooks(&settings)))
+            .map(|_| runtime.block_on(webhooks("(b)", scaled(200), 1000, &settings)))
             .collect();
         let rates: Vec<f64> = all.iter().map(|d| d.rate).collect();
         let repeats: Vec<u64> = all.iter().map(|d| d.repeats).collect();
@@ -865,7 +928,7 @@ fn main() {
         let settings = settings_d();
         let (peak, cpu) = runtime.block_on(idle_streams(&settings));
         println!(
-            "| (d) {} SSE runs subscribed, idle | {peak:.0} MB peak RSS, {cpu:.1}% of a core | {settings} | <= 256 MB, < 5% |",
+            "| (d) {} SSE runs subscribed, idle | {peak:.0} MB peak RSS, {cpu:.1}% of a core | {settings} | <= 200 MB, < 5% |",
             scaled(10_000)
         );
     }
@@ -873,8 +936,21 @@ fn main() {
         let settings = settings_e();
         let b = runtime.block_on(backlog(&settings));
         println!(
-            "| (e) {} events backlog, sink down, then drained | {:.0} MB peak RSS (whole scenario); drains at {:.0} deliveries/s | {settings} | <= 100 MB |",
+            "| (e) {} events backlog, sink down, then drained | {:.0} MB peak RSS (whole scenario); drains at {:.0} deliveries/s | {settings} | <= 100 MB; drain >= 30,000/s |",
             b.events, b.peak_mb, b.rate
+        );
+    }
+    if want("f") {
+        let settings = settings_f();
+        let events = scaled(100_000);
+        let all: Vec<Deliveries> = (0..settings.reps)
+            .map(|_| runtime.block_on(webhooks("(f)", 1, events, &settings)))
+            .collect();
+        let rates: Vec<f64> = all.iter().map(|d| d.rate).collect();
+        let repeats: Vec<u64> = all.iter().map(|d| d.repeats).collect();
+        println!(
+            "| (f) 1 run x {events} events -> webhook, one ordered chain; checks as (b) | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings} | >= 10,000 |",
+            median(rates.clone())
         );
     }
 }
