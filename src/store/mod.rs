@@ -9,6 +9,8 @@
 
 mod lock;
 mod read;
+#[cfg(test)]
+mod record_tests;
 mod schema;
 mod write;
 
