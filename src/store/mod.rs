@@ -36,11 +36,12 @@ mod dead;
 mod deliveries;
 mod lock;
 mod record;
+#[cfg(test)]
+mod record_tests;
 mod retention;
 mod runs;
 mod schema;
 mod sinks;
-
 mod writer;
 
 use std::path::{Path, PathBuf};
