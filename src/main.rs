@@ -15,10 +15,14 @@ const EX_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo => "warn",
+        Command::Demo | Command::SendTest { .. } => "warn",
         _ => "info",
     };
-    commands::init_logging(cli.log_format, default_level);
+    match cli.command {
+        // Its delivery lines come from log events: its own subscriber.
+        Command::Forward { .. } => commands::forward::init_logging(cli.log_format),
+        _ => commands::init_logging(cli.log_format, default_level),
+    }
     // Store reads run on the blocking pool; a small pool keeps threads (and
     // their malloc arenas) few, which keeps memory bounded.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

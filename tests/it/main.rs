@@ -5,6 +5,7 @@ mod catch_up;
 mod chaos;
 mod cli;
 mod crash;
+mod dev_loop;
 mod faults;
 mod hostile;
 mod polling;
