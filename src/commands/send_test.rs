@@ -146,10 +146,13 @@ async fn to_slack(
     event: &Pending,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
-    // Thread mode keeps the test's thread here, never in the real database.
+    // Thread mode keeps the test's thread here, never in the real database;
+    // and the root's metadata names a sink the daemon does not have, so the
+    // daemon's look-up for a root it may have posted never adopts a test's.
     let scratch = tempfile::tempdir()?;
     let store = Store::open(&scratch.path().join("send-test.db"))?;
-    let slack = SlackSink::new(sink.name.clone(), config, store.clone(), store.reader()?)
+    let name: std::sync::Arc<str> = format!("{} (send-test)", sink.name).into();
+    let slack = SlackSink::new(name, config, store.clone(), store.reader()?)
         .context("building the Slack HTTP client")?;
     let message = mark_as_test(slack.render(event));
     writeln!(out, "--> {}", serde_json::to_string_pretty(&message)?)?;

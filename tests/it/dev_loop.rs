@@ -355,6 +355,10 @@ async fn send_test_posts_a_marked_slack_message_by_webhook_and_in_a_thread_of_it
         panic!("a root and a reply: {posts:?}")
     };
     assert!(root.body.get("thread_ts").is_none());
+    assert_eq!(
+        root.body["metadata"]["event_payload"]["sink"], "threads (send-test)",
+        "a root the daemon's look-up for its own roots never adopts"
+    );
     assert!(
         reply.body["thread_ts"].is_string(),
         "the reply is in the thread"
