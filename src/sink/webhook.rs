@@ -137,15 +137,15 @@ impl WebhookSink {
         match request.send().await {
             Err(error) => {
                 // Without the URL: it may carry a token in its query.
-                let error = error.without_url().to_string();
+                let error = error.without_url();
                 Answer {
                     outcome: Outcome::Retry {
                         status: None,
-                        error: error.clone(),
+                        error: error.to_string(),
                         after: None,
                     },
                     status: None,
-                    excerpt: error,
+                    excerpt: with_causes(&error),
                 }
             }
             Ok(response) => {
@@ -163,6 +163,19 @@ impl WebhookSink {
             }
         }
     }
+}
+
+/// An error and its causes ("error sending request: ... Connection
+/// refused"): what a person at a terminal needs to see.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// A receiver's answer as an outcome: any 2xx is delivered; a 3xx is a
