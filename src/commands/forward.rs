@@ -19,7 +19,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::cli::LogFormat;
-use runhook::config::Config;
+use runhook::config::{Config, ConfigError};
 use runhook::sink::webhook::ATTEMPT_TARGET;
 
 /// The sink's name in the built config (and in logs).
@@ -161,7 +161,29 @@ fn build_config(options: &Options, secret: &str, dir: &Path) -> anyhow::Result<C
     );
     root.insert("routes".into(), Value::Array(vec![Value::Table(route)]));
     let source = dir.join("forward.toml");
-    Ok(Config::parse(&toml::to_string(&root)?, &source, &|_| None)?)
+    Config::parse(&toml::to_string(&root)?, &source, &|_| None).map_err(option_error)
+}
+
+/// A config error in the config built from the options, told as the option
+/// the user typed: the file it names exists only in memory.
+fn option_error(error: ConfigError) -> anyhow::Error {
+    let option = match error.key.as_str() {
+        "api" => {
+            return anyhow::anyhow!(
+                "no credential: give --token (or TRAVELMODE_TOKEN) to poll, and/or --cookie \
+                 (or TRAVELMODE_COOKIE) for the live stream"
+            );
+        }
+        "sinks.forward.url" => "--to",
+        "sinks.forward.secret" => "--secret",
+        "api.base_url" => "--api",
+        "api.poll_interval" => "--poll-interval",
+        "api.token" => "--token",
+        "api.session_cookie" => "--cookie",
+        key if key.starts_with("runs") => "RUN_ID",
+        key => key,
+    };
+    anyhow::anyhow!("{option}: {}", error.message)
 }
 
 fn print_banner(

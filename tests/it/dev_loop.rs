@@ -245,6 +245,36 @@ async fn forward_with_state_resumes_after_a_restart_without_repeats() {
     assert!(first_out.contains(&format!("state: {}", state.display())));
 }
 
+#[test]
+fn forward_names_the_option_that_is_wrong() {
+    let forward = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("forward")
+            .args(args)
+            .env_remove("TRAVELMODE_TOKEN")
+            .env_remove("TRAVELMODE_COOKIE")
+            .env_remove("RUNHOOK_FORWARD_SECRET")
+            .output()
+            .expect("runhook runs");
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = forward(&["r1", "--to", "not a url", "--token", "t"]);
+    assert!(stderr.contains("--to: not a URL"), "{stderr}");
+    let stderr = forward(&[
+        "r1",
+        "--to",
+        "http://127.0.0.1:1/",
+        "--token",
+        "t",
+        "--secret",
+        "whsec_abc",
+    ]);
+    assert!(stderr.contains("--secret: "), "{stderr}");
+    let stderr = forward(&["r1", "--to", "http://127.0.0.1:1/"]);
+    assert!(stderr.contains("give --token"), "{stderr}");
+}
+
 /// `runhook --config CONFIG send-test ARGS...`, off the runtime so that the
 /// fixtures on it can answer.
 async fn send_test(config: &Path, args: &[&str]) -> Output {
