@@ -16,6 +16,7 @@ pub struct Cli {
     pub config: PathBuf,
     /// The state database, for the commands that only read or change state
     /// (watch, unwatch, status, dead, replay, tail): no config file needed.
+    /// For `forward`, a directory that keeps its cursor across restarts.
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
     /// Log format: human on a terminal, json for machines.
@@ -119,6 +120,53 @@ pub enum Command {
         /// A scenario file (TOML); the built-in demo runs when absent.
         #[arg(long)]
         scenario: Option<PathBuf>,
+    },
+    /// Send one sample event, marked `"test": true`, through a configured sink, exactly as the
+    /// daemon would (signature, Block Kit, file line), and print what was sent and what the sink
+    /// answered. Records nothing in the state database.
+    ///
+    /// Example: runhook --config ./runhook.toml send-test chat --type PHASE_STARTED
+    SendTest {
+        /// The sink's name, as in `[sinks.NAME]`.
+        sink: String,
+        /// The sample's event type: run_finished, PHASE_STARTED, ARTIFACT_CREATED or any other.
+        #[arg(long = "type", default_value = "run_finished")]
+        event_type: String,
+        /// The run id the sample carries (with that run's labels if the config lists it).
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// No config: follow runs and POST each event, signed, to URL, printing one line per
+    /// delivery; Ctrl-C stops. `--state DIR` keeps the cursor (and a generated secret) so a
+    /// restart resumes; otherwise the state lives in a temp dir.
+    ///
+    /// Example: TRAVELMODE_TOKEN=... runhook forward 9f2a1c7e-0000-4000-8000-000000000001 --to http://localhost:3000/hooks
+    Forward {
+        /// The runs to follow.
+        #[arg(required = true)]
+        run_ids: Vec<String>,
+        /// Where each event is POSTed (Standard Webhooks).
+        #[arg(long)]
+        to: String,
+        /// The signing secret (`whsec_...`); a new one is generated and printed when absent.
+        #[arg(long, env = "RUNHOOK_FORWARD_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// The bearer token (polling).
+        #[arg(long, env = "TRAVELMODE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The session cookie (the live SSE stream).
+        #[arg(long, env = "TRAVELMODE_COOKIE", hide_env_values = true)]
+        cookie: Option<String>,
+        /// The Agent Runs API.
+        #[arg(
+            long,
+            env = "TRAVELMODE_API",
+            default_value = "https://api.travelmode.ai"
+        )]
+        api: String,
+        /// How often an idle run is polled.
+        #[arg(long, default_value = "2s")]
+        poll_interval: String,
     },
     /// Simulator + daemon + a file sink in one process, on a temp dir: try runhook in one command.
     ///

@@ -8,8 +8,10 @@ use crate::cli::{Cli, Command};
 use runhook::config::Config;
 
 mod change;
+pub(crate) mod forward;
 mod inspect;
 mod run;
+mod send_test;
 mod tools;
 
 /// The state database of a command that needs nothing else: `--state`, or
@@ -51,6 +53,37 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => change::purge_dead(&state()?, sink, run).await?,
         Command::Replay { sink, run, id } => change::replay(&state()?, sink, run, id).await?,
+        Command::SendTest {
+            sink,
+            event_type,
+            run,
+        } => {
+            let config = Config::load(&cli.config)?;
+            if !send_test::send_test(&config, &sink, &event_type, run.as_deref()).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Forward {
+            run_ids,
+            to,
+            secret,
+            token,
+            cookie,
+            api,
+            poll_interval,
+        } => {
+            let options = forward::Options {
+                run_ids,
+                to,
+                secret,
+                token,
+                cookie,
+                api,
+                poll_interval,
+                state: cli.state,
+            };
+            forward::forward(options).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

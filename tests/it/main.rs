@@ -6,6 +6,7 @@ mod chaos;
 mod cli;
 mod contrib;
 mod crash;
+mod dev_loop;
 mod faults;
 mod hostile;
 mod observability;
