@@ -15,7 +15,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]
     pub config: PathBuf,
     /// The state database, for the commands that only read or change state
-    /// (watch, unwatch, status, dead, replay, tail): no config file needed.
+    /// (watch, unwatch, status, dead, replay, tail): no config file
+    /// needed. Without it they read only `[state]` of the config, never its
+    /// secrets or variables.
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
     /// Log format: human on a terminal, json for machines.

@@ -97,13 +97,7 @@ impl Config {
     /// Reads and validates a config file, expanding `${VAR}` from the process
     /// environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
-            file: path.display().to_string(),
-            line: 0,
-            column: 0,
-            key: "(file)".into(),
-            message: format!("cannot read the config file: {error}"),
-        })?;
+        let text = read_config_file(path)?;
         Self::parse(&text, path, &|name| std::env::var(name).ok())
     }
 
@@ -122,6 +116,16 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
         cx.validate(raw)
     }
+}
+
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        key: "(file)".into(),
+        message: format!("cannot read the config file: {error}"),
+    })
 }
 
 impl Cx<'_> {

@@ -9,6 +9,7 @@ mod crash;
 mod faults;
 mod hostile;
 mod observability;
+mod ops_cli;
 mod packaging;
 mod polling;
 mod promises;

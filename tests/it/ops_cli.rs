@@ -1,0 +1,233 @@
+//! The operator's commands outside the service unit (issue 13): the
+//! state-only commands read `[state]` and nothing else, `check` names the
+//! secret file it could not read, output into a closed pipe ends quietly,
+//! `route` answers which sinks an event would reach, and replay/backfill by
+//! time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Environment variables the configs below name; removed from every child,
+/// as they would be missing outside the unit.
+const UNIT_ONLY_VARS: [&str; 3] = ["TRAVELMODE_TOKEN", "RUNHOOK_WEBHOOK_SECRET", "OPS_IT_TOKEN"];
+
+fn runhook(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
+    command.args(args).env_remove("RUNHOOK_CONFIG");
+    for var in UNIT_ONLY_VARS {
+        command.env_remove(var);
+    }
+    command
+}
+
+fn run(mut command: impl std::borrow::BorrowMut<Command>) -> Output {
+    command.borrow_mut().output().expect("runhook runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A config as the README recommends for a service, here outside it: the
+/// token from the unit's environment, secrets from systemd credentials that
+/// this machine does not have.
+fn service_config(dir: &Path) -> (PathBuf, PathBuf) {
+    let state = dir.join("state").join("runhook.db");
+    let path = dir.join("runhook.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[api]
+token = "${{OPS_IT_TOKEN}}"
+session_cookie_file = "{dir}/credentials/session"
+
+[state]
+path = "{state}"
+
+[sinks.ops]
+type = "webhook"
+url = "https://hooks.example.com/x"
+secret_file = "{dir}/credentials/webhook-secret"
+
+[[routes]]
+sinks = ["ops"]
+"#,
+            dir = dir.display(),
+            state = state.display()
+        ),
+    )
+    .unwrap();
+    (path, state)
+}
+
+#[test]
+fn state_commands_run_without_the_units_secrets_or_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, state) = service_config(dir.path());
+    let config = config.to_str().unwrap();
+    let run_id = "9f2a1c7e-0000-4000-8000-000000000001";
+    for args in [
+        vec!["watch", run_id, "--label", "team=rome"],
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["dead"],
+        vec!["dead", "--json"],
+        vec!["replay"],
+        vec!["dead", "--purge"],
+        vec!["unwatch", run_id],
+    ] {
+        let output = run(runhook(&["--config", config]).args(&args));
+        assert!(
+            output.status.success(),
+            "runhook {args:?}: {:?}\n{}",
+            output.status,
+            text(&output.stderr)
+        );
+    }
+    assert!(state.exists(), "watch created the state database");
+    let status = run(runhook(&["--config", config, "status"]));
+    assert!(text(&status.stdout).contains(run_id));
+}
+
+#[test]
+fn state_flag_needs_no_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("runhook.db");
+    let missing = dir.path().join("no-such-config.toml");
+    for args in [
+        vec!["watch", "run-1"],
+        vec!["status"],
+        vec!["dead"],
+        vec!["replay"],
+    ] {
+        let output = run(runhook(&[
+            "--config",
+            missing.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ])
+        .args(&args));
+        assert!(
+            output.status.success(),
+            "runhook {args:?}: {}",
+            text(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_bad_state_table_is_a_config_error_at_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runhook.toml");
+    std::fs::write(
+        &path,
+        "[api]\ntoken = \"${OPS_IT_TOKEN}\"\n[state]\nretain = \"soon\"\n",
+    )
+    .unwrap();
+    let output = run(runhook(&["--config", path.to_str().unwrap(), "status"]));
+    assert_eq!(output.status.code(), Some(78), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:4:10: state.retain", path.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_names_the_secret_file_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = service_config(dir.path());
+    let output =
+        run(runhook(&["--config", config.to_str().unwrap(), "check"]).env("OPS_IT_TOKEN", "t"));
+    assert_eq!(output.status.code(), Some(78), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    let session = dir.path().join("credentials").join("session");
+    assert!(
+        stderr.contains("api.session_cookie_file")
+            && stderr.contains(&format!("cannot read secret file {}", session.display())),
+        "{stderr}"
+    );
+}
+
+/// The issue's own case: the shipped example, outside a unit. `status`
+/// gets as far as the state database (absent here); `check` still checks
+/// the secrets and names the credential file it could not read.
+#[test]
+fn the_shipped_example_config_outside_the_unit() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let session = "/run/credentials/runhook.service/session";
+    if Path::new(session).exists() {
+        return; // a machine running the unit: nothing to show here
+    }
+    let status = run(runhook(&["--config", example, "status"]));
+    let stderr = text(&status.stderr);
+    assert_ne!(status.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("/var/lib/runhook/runhook.db"), "{stderr}");
+
+    let check = run(runhook(&["--config", example, "check"])
+        .env("TRAVELMODE_TOKEN", "t")
+        .env(
+            "RUNHOOK_WEBHOOK_SECRET",
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+        ));
+    let stderr = text(&check.stderr);
+    assert_eq!(check.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot read secret file {session}")),
+        "{stderr}"
+    );
+}
+
+/// Runs `runhook args` with its standard output a pipe whose reader is
+/// already gone, and returns its exit status and standard error.
+fn into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = runhook(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runhook starts");
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("runhook ends");
+    (output.status, text(&output.stderr))
+}
+
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("runhook.db");
+    // More output than a pipe buffers (64 KiB), so that a write fails even
+    // if the reader closed only after the first lines.
+    let store = runhook::store::Store::open(&state).unwrap();
+    let mut watches = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let store = store.clone();
+        watches.spawn(async move {
+            store
+                .subscribe(
+                    format!("9f2a1c7e-0000-4000-8000-{i:012}"),
+                    Default::default(),
+                    "watch",
+                    None,
+                )
+                .await
+        });
+    }
+    while let Some(done) = watches.join_next().await {
+        done.unwrap().unwrap();
+    }
+    drop(store);
+    let state = state.to_str().unwrap();
+    for args in [
+        vec!["--state", state, "status"],
+        vec!["--state", state, "status", "--json"],
+        vec!["--state", state, "dead", "--json"],
+        vec!["completions", "bash"],
+    ] {
+        let (status, stderr) = into_closed_pipe(&args);
+        assert!(
+            !stderr.contains("panicked") && stderr.is_empty(),
+            "runhook {args:?} said: {stderr}"
+        );
+        assert!(status.success(), "runhook {args:?}: {status:?}");
+    }
+}
