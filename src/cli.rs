@@ -90,6 +90,27 @@ pub enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Which sinks (and routes) an event with these facts would go to; exits 0
+    /// even when none would. Reads only the config's routes, no secret.
+    ///
+    /// Example: runhook route --type run_finished --status failed --label team=rome
+    Route {
+        /// The event type, e.g. run_finished or ARTIFACT_CREATED.
+        #[arg(long = "type")]
+        event_type: String,
+        /// The run's status when the event is seen.
+        #[arg(long)]
+        status: Option<String>,
+        /// The run's phase when the event is seen.
+        #[arg(long)]
+        phase: Option<String>,
+        /// A run label, key=value; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The run id; without it, routes with a `runs` filter do not match.
+        #[arg(long)]
+        run: Option<String>,
+    },
     /// Print events as they are recorded (beside a running daemon); Ctrl-C stops.
     ///
     /// Example: runhook tail --run 9f2a1c7e-0000-4000-8000-000000000001 --type 'run_finished'

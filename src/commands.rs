@@ -19,6 +19,7 @@ macro_rules! out {
 
 mod change;
 mod inspect;
+mod route;
 mod run;
 mod tools;
 
@@ -110,6 +111,22 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             purge: true,
             ..
         } => change::purge_dead(&state()?, sink, run).await?,
+        Command::Route {
+            event_type,
+            status,
+            phase,
+            labels,
+            run,
+        } => route::route(
+            &cli.config,
+            route::Question {
+                event_type,
+                status,
+                phase,
+                labels,
+                run,
+            },
+        )?,
         Command::Replay { sink, run, id } => change::replay(&state()?, sink, run, id).await?,
     }
     Ok(ExitCode::SUCCESS)

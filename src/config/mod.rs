@@ -31,6 +31,7 @@ use check::{Cx, Result};
 use raw::RawConfig;
 
 pub use api::*;
+pub use routes::{load_router, parse_router};
 pub use secret::{Secret, url_origin};
 pub use sinks::*;
 pub use slack::*;
@@ -140,12 +141,11 @@ impl Cx<'_> {
         for (name, sink) in &raw.sinks {
             sinks.insert(name.clone(), self.sink(name, sink, &defaults)?);
         }
-        let routes = raw
-            .routes
+        let names = sinks
             .iter()
-            .enumerate()
-            .map(|(i, r)| self.route(i, r, &sinks))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|(name, sink)| (name.clone(), sink.name.clone()))
+            .collect();
+        let routes = self.routes(&raw, &names)?;
         self.check_every_sink_routed(&raw.sinks, &routes)?;
         self.warn_unreachable_templates(&raw.sinks, &sinks, &routes);
         Ok(Config {

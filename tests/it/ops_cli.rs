@@ -231,3 +231,119 @@ async fn output_into_a_closed_pipe_ends_quietly() {
         assert!(status.success(), "runhook {args:?}: {status:?}");
     }
 }
+
+/// DESIGN.md's routing example, with the service's secrets absent.
+fn routing_config(dir: &Path) -> PathBuf {
+    let path = dir.join("runhook.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[api]
+token = "${{OPS_IT_TOKEN}}"
+[state]
+path = "{dir}/runhook.db"
+[sinks.ops]
+type = "webhook"
+url = "https://hooks.example.com/x"
+secret_file = "{dir}/credentials/webhook-secret"
+[sinks.chat]
+type = "slack"
+webhook_url_file = "{dir}/credentials/slack"
+[sinks.archive]
+type = "file"
+path = "{dir}/events.jsonl"
+[[routes]]
+event_types = ["PHASE_*", "ARTIFACT_*"]
+sinks = ["archive"]
+[[routes]]
+event_types = ["run_finished"]
+statuses = ["failed", "cancelled"]
+sinks = ["chat", "ops"]
+[[routes]]
+event_types = ["ARTIFACT_*"]
+labels = {{ team = "rome" }}
+sinks = ["ops"]
+[[routes]]
+runs = ["run-7"]
+phases = ["compose"]
+sinks = ["archive"]
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn route(config: &Path, args: &[&str]) -> (Output, String) {
+    let output = run(runhook(&["--config", config.to_str().unwrap(), "route"]).args(args));
+    let stdout = text(&output.stdout);
+    (output, stdout)
+}
+
+#[test]
+fn route_prints_the_matching_routes_and_their_sinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = routing_config(dir.path());
+    let (output, stdout) = route(
+        &config,
+        &[
+            "--type",
+            "run_finished",
+            "--status",
+            "failed",
+            "--label",
+            "team=rome",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(stdout.contains("#2 "), "{stdout}");
+    assert!(
+        !stdout.contains("#1 ") && !stdout.contains("#3 "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\nsinks: chat, ops\n"), "{stdout}");
+
+    let (_, stdout) = route(
+        &config,
+        &["--type", "ARTIFACT_CREATED", "--label", "team=rome"],
+    );
+    assert!(stdout.contains("#1 ") && stdout.contains("#3 "), "{stdout}");
+    assert!(stdout.contains("labels.team=rome"), "{stdout}");
+    assert!(stdout.contains("\nsinks: archive, ops\n"), "{stdout}");
+
+    let (_, stdout) = route(
+        &config,
+        &["--type", "X", "--run", "run-7", "--phase", "compose"],
+    );
+    assert!(
+        stdout.contains("#4 ") && stdout.contains("\nsinks: archive\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn route_says_so_when_no_sink_would_get_the_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = routing_config(dir.path());
+    for args in [
+        vec!["--type", "run_finished", "--status", "completed"],
+        // A `runs` filter needs --run to match.
+        vec!["--type", "X", "--phase", "compose"],
+    ] {
+        let (output, stdout) = route(&config, &args);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        assert!(stdout.contains("no route matches"), "{args:?}: {stdout}");
+        assert!(!stdout.contains("sinks:"), "{stdout}");
+    }
+}
+
+#[test]
+fn route_refuses_a_status_the_upstream_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = routing_config(dir.path());
+    let (output, _) = route(&config, &["--type", "run_finished", "--status", "faild"]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("unknown status `faild`"), "{stderr}");
+}
