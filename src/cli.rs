@@ -79,16 +79,47 @@ pub enum Command {
         purge: bool,
     },
     /// Queue dead letters again, with the same ids; works while the daemon runs.
+    /// With --since, those of events recorded in a time range, and with
+    /// --delivered the delivered ones too. Retention bounds what is left.
     ///
     /// Example: runhook replay --sink ops --run 9f2a1c7e-0000-4000-8000-000000000001
+    ///
+    /// Example: runhook replay --sink ops --since 2h --until 1h --delivered
     Replay {
         #[arg(long)]
         sink: Option<String>,
         #[arg(long)]
         run: Option<String>,
         /// One event id, e.g. 9f2a...:15
-        #[arg(long)]
+        #[arg(long, conflicts_with = "since")]
         id: Option<String>,
+        /// Only events recorded since: a duration ago (2h) or a time (2026-11-30T08:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events recorded before: a duration ago or a time; default now.
+        #[arg(long, requires = "since")]
+        until: Option<String>,
+        /// Delivered events too, not only dead letters (a receiver lost its database).
+        #[arg(long, requires = "since")]
+        delivered: bool,
+    },
+    /// Give a sink added later the stored events its routes would have sent
+    /// it (its current routes, the run's current labels); events it already
+    /// has are left alone. Retention bounds what is left.
+    ///
+    /// Example: runhook backfill archive --since 24h
+    Backfill {
+        /// A sink of the config, named by a route.
+        sink: String,
+        /// Events recorded since: a duration ago (24h) or a time (2026-11-30T08:00:00Z).
+        #[arg(long)]
+        since: String,
+        /// Events recorded before: a duration ago or a time; default now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this run's events.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// Which sinks (and routes) an event with these facts would go to; exits 0
     /// even when none would. Reads only the config's routes, no secret.

@@ -19,6 +19,7 @@ macro_rules! out {
 
 mod change;
 mod inspect;
+mod replay;
 mod route;
 mod run;
 mod tools;
@@ -82,6 +83,21 @@ fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// [`state_path`] and, when the config was read, `state.retain`: what a
+/// replay by time can still reach.
+fn state_and_retain(
+    state: Option<&Path>,
+    config: &Path,
+) -> anyhow::Result<(PathBuf, Option<std::time::Duration>)> {
+    match state {
+        Some(path) => Ok((path.to_owned(), None)),
+        None => {
+            let state = StateConfig::load(config)?;
+            Ok((state.path, Some(state.retain)))
+        }
+    }
+}
+
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let state = || state_path(cli.state.as_deref(), &cli.config);
     match cli.command {
@@ -127,7 +143,35 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 run,
             },
         )?,
-        Command::Replay { sink, run, id } => change::replay(&state()?, sink, run, id).await?,
+        Command::Replay {
+            sink,
+            run,
+            id,
+            since: None,
+            ..
+        } => change::replay(&state()?, sink, run, id).await?,
+        Command::Replay {
+            sink,
+            run,
+            since: Some(since),
+            until,
+            delivered,
+            ..
+        } => {
+            let (path, retain) = state_and_retain(cli.state.as_deref(), &cli.config)?;
+            let window = replay::Window { since, until };
+            replay::replay_range(&path, retain, window, sink, run, delivered).await?
+        }
+        Command::Backfill {
+            sink,
+            since,
+            until,
+            run,
+        } => {
+            let (path, retain) = state_and_retain(cli.state.as_deref(), &cli.config)?;
+            let window = replay::Window { since, until };
+            replay::backfill(&path, &cli.config, retain, sink, window, run).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -73,6 +73,8 @@ fn state_commands_run_without_the_units_secrets_or_environment() {
         vec!["dead"],
         vec!["dead", "--json"],
         vec!["replay"],
+        vec!["replay", "--since", "1h", "--delivered"],
+        vec!["backfill", "ops", "--since", "1h"],
         vec!["dead", "--purge"],
         vec!["unwatch", run_id],
     ] {
@@ -85,6 +87,19 @@ fn state_commands_run_without_the_units_secrets_or_environment() {
         );
     }
     assert!(state.exists(), "watch created the state database");
+    let before_retention = run(runhook(&[
+        "--config",
+        config,
+        "replay",
+        "--since",
+        "30d",
+        "--delivered",
+    ]));
+    let stderr = text(&before_retention.stderr);
+    assert!(
+        stderr.contains("before the retention horizon (state.retain = 7days)"),
+        "replay says what retention took: {stderr}"
+    );
     let status = run(runhook(&["--config", config, "status"]));
     assert!(text(&status.stdout).contains(run_id));
 }
@@ -346,4 +361,115 @@ fn route_refuses_a_status_the_upstream_does_not_have() {
     let stderr = text(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("unknown status `faild`"), "{stderr}");
+}
+
+mod by_time {
+    //! `replay --since` and `backfill` with a real daemon, simulator and
+    //! webhook receiver.
+
+    use super::*;
+    use crate::receiver::{Receiver, SECRET};
+    use crate::support::*;
+
+    const RUN: &str = "9f2a1c7e-0000-4000-8000-00000000b001";
+
+    fn hook(receiver: &Receiver, route: &str) -> String {
+        format!(
+            "\n[sinks.hook]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\
+             initial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\n[[routes]]\n{route}sinks = [\"hook\"]\n",
+            receiver.url()
+        )
+    }
+
+    async fn accepted_ids(receiver: &Receiver, count: usize) -> Vec<String> {
+        wait_for(&format!("{count} deliveries accepted"), || async {
+            let ids: Vec<String> = receiver.accepted().iter().map(|r| r.id.clone()).collect();
+            if ids.len() >= count {
+                Ok(ids)
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        })
+        .await
+    }
+
+    fn cli(config: &Path, args: &[&str]) -> String {
+        let output = run(runhook(&["--config", config.to_str().unwrap()]).args(args));
+        assert!(
+            output.status.success(),
+            "runhook {args:?}: {}",
+            text(&output.stderr)
+        );
+        text(&output.stdout)
+    }
+
+    /// A receiver that lost its database gets the range again, beside the
+    /// running daemon, under the same ids and in the same order.
+    #[tokio::test]
+    async fn replay_since_delivered_sends_the_range_again_under_the_same_ids() {
+        let sim = sim_with(vec![scripted(RUN, numbered(4))]).await;
+        let receiver = Receiver::start().await;
+        let mut env = Env::new(&sim, &[RUN]);
+        env.extra = hook(&receiver, "");
+        let config = env.write_config();
+        let daemon = env.start();
+        let first = accepted_ids(&receiver, 5).await;
+        assert_eq!(first.last().unwrap(), &format!("{RUN}:finished:4"));
+
+        let out = cli(&config, &["replay", "--sink", "hook", "--since", "1h"]);
+        assert!(out.contains("queued 0 dead deliveries"), "{out}");
+        let out = cli(
+            &config,
+            &["replay", "--sink", "hook", "--since", "1h", "--delivered"],
+        );
+        assert!(
+            out.contains("queued 5 dead or delivered deliveries"),
+            "{out}"
+        );
+        let all = accepted_ids(&receiver, 10).await;
+        assert_eq!(all[5..], first[..], "the same ids, in the same order");
+        let out = cli(
+            &config,
+            &["replay", "--since", "2h", "--until", "1h", "--delivered"],
+        );
+        assert!(out.contains("queued 0 "), "nothing recorded then: {out}");
+        daemon.stop().await;
+        assert_eq!(env.final_lines().len(), 5, "the archive was not asked");
+    }
+
+    /// A sink added after the events were recorded gets what its route
+    /// matches, once, however often backfill runs.
+    #[tokio::test]
+    async fn backfill_gives_a_sink_added_later_what_its_routes_match() {
+        let sim = sim_with(vec![scripted(RUN, numbered(4))]).await;
+        let receiver = Receiver::start().await;
+        let mut env = Env::new(&sim, &[RUN]);
+        let daemon = env.start();
+        env.wait_finished(&[RUN]).await;
+        daemon.stop().await;
+
+        env.extra = hook(&receiver, "event_types = [\"run_finished\"]\n");
+        let config = env.write_config();
+        let out = cli(&config, &["backfill", "hook", "--since", "1h"]);
+        assert!(out.contains("queued 1 events for hook"), "{out}");
+        let out = cli(&config, &["backfill", "hook", "--since", "1h"]);
+        assert!(out.contains("queued 0 events"), "not twice: {out}");
+        let output = run(runhook(&[
+            "--config",
+            config.to_str().unwrap(),
+            "backfill",
+            "nosuch",
+            "--since",
+            "1h",
+        ]));
+        assert!(!output.status.success());
+        assert!(text(&output.stderr).contains("`nosuch`"));
+
+        let daemon = env.start();
+        let ids = accepted_ids(&receiver, 1).await;
+        assert_eq!(ids, [format!("{RUN}:finished:4")]);
+        daemon.stop().await;
+        assert_eq!(receiver.accepted().len(), 1);
+        assert_eq!(env.final_lines().len(), 5, "the archive kept its lines");
+    }
 }
