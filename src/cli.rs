@@ -14,10 +14,11 @@ pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]
     pub config: PathBuf,
-    /// The state database, for the commands that only read or change state
-    /// (watch, unwatch, status, dead, replay, tail): no config file
-    /// needed. Without it they read only `[state]` of the config, never its
-    /// secrets or variables.
+    /// The state database, for the commands that only read or change state.
+    ///
+    /// watch, unwatch, status, dead, replay, tail: with --state no config
+    /// file is needed; without it they read only the config's `[state]`,
+    /// never its secrets or variables (backfill reads its routes too).
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
     /// Log format: human on a terminal, json for machines.
@@ -78,9 +79,12 @@ pub enum Command {
         #[arg(long)]
         purge: bool,
     },
-    /// Queue dead letters again, with the same ids; works while the daemon runs.
-    /// With --since, those of events recorded in a time range, and with
-    /// --delivered the delivered ones too. Retention bounds what is left.
+    /// Queue dead letters again, with the same ids; --since: by time recorded.
+    ///
+    /// Works while the daemon runs. With --since, the dead letters of events
+    /// recorded in a time range, and with --delivered the delivered
+    /// deliveries too (a receiver lost its database). Delivered events are
+    /// pruned after state.retain: that bounds what a range can reach.
     ///
     /// Example: runhook replay --sink ops --run 9f2a1c7e-0000-4000-8000-000000000001
     ///
@@ -103,9 +107,12 @@ pub enum Command {
         #[arg(long, requires = "since")]
         delivered: bool,
     },
-    /// Give a sink added later the stored events its routes would have sent
-    /// it (its current routes, the run's current labels); events it already
-    /// has are left alone. Retention bounds what is left.
+    /// Give a sink added later the stored events its routes match.
+    ///
+    /// Routes each event recorded in the range with the config's current
+    /// routes (and the run's current labels); an event the sink already has
+    /// is left alone, so running it twice queues nothing more. Delivered
+    /// events are pruned after state.retain: that bounds what is left.
     ///
     /// Example: runhook backfill archive --since 24h
     Backfill {
@@ -121,8 +128,10 @@ pub enum Command {
         #[arg(long)]
         run: Option<String>,
     },
-    /// Which sinks (and routes) an event with these facts would go to; exits 0
-    /// even when none would. Reads only the config's routes, no secret.
+    /// Which sinks (and routes) an event with these facts would go to.
+    ///
+    /// Exits 0 even when none would, and says so. Reads only the config's
+    /// routes: no secret file, no state.
     ///
     /// Example: runhook route --type run_finished --status failed --label team=rome
     Route {
