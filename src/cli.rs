@@ -14,8 +14,11 @@ pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]
     pub config: PathBuf,
-    /// The state database, for the commands that only read or change state
-    /// (watch, unwatch, status, dead, replay, tail): no config file needed.
+    /// The state database, for the commands that only read or change state.
+    ///
+    /// watch, unwatch, status, dead, replay, tail: with --state no config
+    /// file is needed; without it they read only the config's `[state]`,
+    /// never its secrets or variables (backfill reads its routes too).
     /// For `forward`, a directory that keeps its cursor across restarts.
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
@@ -77,17 +80,77 @@ pub enum Command {
         #[arg(long)]
         purge: bool,
     },
-    /// Queue dead letters again, with the same ids; works while the daemon runs.
+    /// Queue dead letters again, with the same ids; --since: by time recorded.
+    ///
+    /// Works while the daemon runs. With --since, the dead letters of events
+    /// recorded in a time range, and with --delivered the delivered
+    /// deliveries too (a receiver lost its database). Delivered events are
+    /// pruned after state.retain: that bounds what a range can reach.
     ///
     /// Example: runhook replay --sink ops --run 9f2a1c7e-0000-4000-8000-000000000001
+    ///
+    /// Example: runhook replay --sink ops --since 2h --until 1h --delivered
     Replay {
         #[arg(long)]
         sink: Option<String>,
         #[arg(long)]
         run: Option<String>,
         /// One event id, e.g. 9f2a...:15
-        #[arg(long)]
+        #[arg(long, conflicts_with = "since")]
         id: Option<String>,
+        /// Only events recorded since: a duration ago (2h) or a time (2026-11-30T08:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events recorded before: a duration ago or a time; default now.
+        #[arg(long, requires = "since")]
+        until: Option<String>,
+        /// Delivered events too, not only dead letters (a receiver lost its database).
+        #[arg(long, requires = "since")]
+        delivered: bool,
+    },
+    /// Give a sink added later the stored events its routes match.
+    ///
+    /// Routes each event recorded in the range with the config's current
+    /// routes (and the run's current labels); an event the sink already has
+    /// is left alone, so running it twice queues nothing more. Delivered
+    /// events are pruned after state.retain: that bounds what is left.
+    ///
+    /// Example: runhook backfill archive --since 24h
+    Backfill {
+        /// A sink of the config, named by a route.
+        sink: String,
+        /// Events recorded since: a duration ago (24h) or a time (2026-11-30T08:00:00Z).
+        #[arg(long)]
+        since: String,
+        /// Events recorded before: a duration ago or a time; default now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this run's events.
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Which sinks (and routes) an event with these facts would go to.
+    ///
+    /// Exits 0 even when none would, and says so. Reads only the config's
+    /// routes: no secret file, no state.
+    ///
+    /// Example: runhook route --type run_finished --status failed --label team=rome
+    Route {
+        /// The event type, e.g. run_finished or ARTIFACT_CREATED.
+        #[arg(long = "type")]
+        event_type: String,
+        /// The run's status when the event is seen.
+        #[arg(long)]
+        status: Option<String>,
+        /// The run's phase when the event is seen.
+        #[arg(long)]
+        phase: Option<String>,
+        /// A run label, key=value; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The run id; without it, routes with a `runs` filter do not match.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// Print events as they are recorded (beside a running daemon); Ctrl-C stops.
     ///

@@ -57,6 +57,9 @@ fn main() -> ExitCode {
                 eprintln!("runhook: config error: {error}");
                 return ExitCode::from(EX_CONFIG);
             }
+            if commands::stdout_closed(&error) {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("runhook: {error:#}");
             ExitCode::FAILURE
         }

@@ -68,7 +68,7 @@ pub(crate) async fn forward(options: Options) -> anyhow::Result<()> {
     let stop = shutdown.clone();
     tokio::spawn(async move {
         tokio::select! { _ = interrupts.recv() => {}, _ = terms.recv() => {} }
-        println!("stopping: finishing in-flight deliveries (again to exit at once)");
+        let _ = out!("stopping: finishing in-flight deliveries (again to exit at once)");
         stop.cancel();
         tokio::select! { _ = interrupts.recv() => {}, _ = terms.recv() => {} }
         std::process::exit(1);
@@ -192,7 +192,7 @@ fn print_banner(
     secret: &str,
     generated: bool,
 ) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::commands::Stdout;
     writeln!(out, "signing secret: {secret}")?;
     if generated {
         writeln!(

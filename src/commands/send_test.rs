@@ -45,7 +45,7 @@ pub(super) async fn send_test(
         );
     };
     let event = sample(config, event_type, run)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::commands::Stdout;
     writeln!(
         out,
         "sink {} ({}): {}",

@@ -10,6 +10,7 @@ mod dev_loop;
 mod faults;
 mod hostile;
 mod observability;
+mod ops_cli;
 mod packaging;
 mod polling;
 mod promises;
