@@ -74,14 +74,7 @@ fn print_answer(
     }
     out!("\nroutes matched:")?;
     for (i, route) in &matched {
-        let sinks: Vec<&str> = route.sinks.iter().map(|s| &**s).collect();
-        // Numbered as `runhook check` prints the routing table.
-        out!(
-            "  #{:<3} {:<50} -> {}",
-            i + 1,
-            route.describe_filters(),
-            sinks.join(", ")
-        )?;
+        super::tools::route_line(*i, route)?;
     }
     let sinks: Vec<String> = router
         .sinks_for(facts)

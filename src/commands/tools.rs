@@ -35,15 +35,21 @@ pub(super) fn check(config: &Config) -> std::io::Result<()> {
     }
     out!("\nroutes:")?;
     for (i, route) in config.router.routes().iter().enumerate() {
-        let sinks: Vec<&str> = route.sinks.iter().map(|s| &**s).collect();
-        out!(
-            "  #{:<3} {:<50} -> {}",
-            i + 1,
-            route.describe_filters(),
-            sinks.join(", ")
-        )?;
+        route_line(i, route)?;
     }
     Ok(())
+}
+
+/// One line of the routing table: `#N filters -> sinks`, numbered from 1
+/// (`check` and `route` print the same numbers).
+pub(super) fn route_line(i: usize, route: &runhook::route::Route) -> std::io::Result<()> {
+    let sinks: Vec<&str> = route.sinks.iter().map(|s| &**s).collect();
+    out!(
+        "  #{:<3} {:<50} -> {}",
+        i + 1,
+        route.describe_filters(),
+        sinks.join(", ")
+    )
 }
 
 /// Prints a completion script for `shell` on stdout. Generated into memory

@@ -23,6 +23,28 @@ pub(super) struct Cx<'a> {
     pub warnings: std::cell::RefCell<Vec<ConfigWarning>>,
 }
 
+/// Parses config `text` as `R` (TOML errors located like every other) and
+/// hands it to `validate` with a checking context: one way in for the full
+/// load and for the narrow ones (`[state]` only, the routes only).
+pub(super) fn parse_with<R, T>(
+    text: &str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    validate: impl FnOnce(&Cx<'_>, R) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError>
+where
+    R: serde::de::DeserializeOwned,
+{
+    let cx = Cx {
+        file,
+        text,
+        env,
+        warnings: Default::default(),
+    };
+    let raw: R = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
+    validate(&cx, raw)
+}
+
 impl Cx<'_> {
     pub fn error_at(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
         let (line, column) = line_column(self.text, offset);

@@ -108,14 +108,7 @@ impl Config {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let cx = Cx {
-            file: path,
-            text,
-            env,
-            warnings: Default::default(),
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
-        cx.validate(raw)
+        check::parse_with(text, path, env, |cx, raw: RawConfig| cx.validate(raw))
     }
 }
 

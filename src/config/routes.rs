@@ -31,21 +31,16 @@ pub fn parse_router(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Router, ConfigError> {
-    let cx = Cx {
-        file: path,
-        text,
-        env,
-        warnings: Default::default(),
-    };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
-    let names: BTreeMap<String, Arc<str>> = raw
-        .sinks
-        .keys()
-        .map(|name| (name.clone(), Arc::from(name.as_str())))
-        .collect();
-    let routes = cx.routes(&raw, &names)?;
-    cx.check_every_sink_routed(&raw.sinks, &routes)?;
-    Ok(Router::new(routes))
+    super::check::parse_with(text, path, env, |cx, raw: RawConfig| {
+        let names: BTreeMap<String, Arc<str>> = raw
+            .sinks
+            .keys()
+            .map(|name| (name.clone(), Arc::from(name.as_str())))
+            .collect();
+        let routes = cx.routes(&raw, &names)?;
+        cx.check_every_sink_routed(&raw.sinks, &routes)?;
+        Ok(Router::new(routes))
+    })
 }
 
 impl Cx<'_> {

@@ -64,14 +64,9 @@ impl StateConfig {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let cx = Cx {
-            file: path,
-            text,
-            env,
-            warnings: Default::default(),
-        };
-        let raw: RawStateOnly = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
-        cx.state(&raw.state)
+        super::check::parse_with(text, path, env, |cx, raw: RawStateOnly| {
+            cx.state(&raw.state)
+        })
     }
 }
 

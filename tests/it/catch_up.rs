@@ -37,6 +37,17 @@ async fn wait_state(env: &Env, run: &str, state: &str) -> RunRow {
     .await
 }
 
+/// Six events of `run-bad`, the 4th served undecodable until the faults
+/// are cleared.
+async fn sim_bad_at_4() -> Simulator {
+    start_sim(Scenario {
+        runs: vec![scripted("run-bad", numbered(6))],
+        faults: vec![fault("events", FaultKind::BadEvent { sequence: 4 })],
+        ..Scenario::default()
+    })
+    .await
+}
+
 fn sequences_of(env: &Env, run: &str) -> Vec<i64> {
     env.lines()
         .iter()
@@ -47,12 +58,7 @@ fn sequences_of(env: &Env, run: &str) -> Vec<i64> {
 
 #[tokio::test]
 async fn an_undecodable_event_on_a_page_stalls_the_run_after_the_good_ones() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-bad", numbered(6))],
-        faults: vec![fault("events", FaultKind::BadEvent { sequence: 4 })],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_bad_at_4().await;
     let env = Env::new(&sim, &["run-bad"]);
     let daemon = env.start();
     let row = wait_state(&env, "run-bad", "stalled").await;
@@ -110,12 +116,7 @@ async fn an_undecodable_event_on_a_page_stalls_the_run_after_the_good_ones() {
 /// one write, so `status` and `runhook_runs` never flicker.
 #[tokio::test]
 async fn a_stalled_run_reads_stalled_between_and_during_its_slow_polls() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-bad", numbered(6))],
-        faults: vec![fault("events", FaultKind::BadEvent { sequence: 4 })],
-        ..Scenario::default()
-    })
-    .await;
+    let sim = sim_bad_at_4().await;
     let env = Env::new(&sim, &["run-bad"]);
     let daemon = env.start();
     wait_state(&env, "run-bad", "stalled").await;
