@@ -25,4 +25,5 @@ mod stopped;
 mod store;
 mod supervision;
 mod support;
+mod watch_http;
 mod webhook;
