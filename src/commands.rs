@@ -116,7 +116,19 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GenerateMan { dir } => tools::generate_man(&dir)?,
         Command::Watch { run_id, labels } => change::watch(state, run_id, &labels).await?,
         Command::Unwatch { run_id } => change::unwatch(&state()?, run_id).await?,
-        Command::Status { json } => inspect::status(&state()?, json).await?,
+        Command::Status {
+            json,
+            run_states,
+            run,
+            active,
+        } => {
+            let filter = inspect::RunFilter {
+                states: run_states,
+                run,
+                active,
+            };
+            inspect::status(&state()?, &cli.config, filter, json).await?
+        }
         Command::Dead {
             sink,
             run,

@@ -21,6 +21,7 @@ mod service;
 mod service_promises;
 mod slack;
 mod sse;
+mod status_top;
 mod stopped;
 mod store;
 mod supervision;
