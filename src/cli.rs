@@ -16,7 +16,7 @@ pub struct Cli {
     pub config: PathBuf,
     /// The state database, for the commands that only read or change state.
     ///
-    /// watch, unwatch, status, dead, replay, tail: with --state no config
+    /// watch, unwatch, status, top, dead, replay, tail: with --state no config
     /// file is needed; without it they read only the config's `[state]`,
     /// never its secrets or variables (backfill reads its routes too).
     /// For `forward`, a directory that keeps its cursor across restarts.
@@ -77,6 +77,14 @@ pub enum Command {
         /// Only runs being followed: watched, not finished, not stopped by a 403 or 404.
         #[arg(long)]
         active: bool,
+    },
+    /// A live view of runs and sinks: events/s in, deliveries/s out, pending, dead, sinks down; q quits.
+    ///
+    /// Example: runhook --state /var/lib/runhook/runhook.db top
+    Top {
+        /// How often to read the state database again.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
     },
     /// List dead letters (id, sink, attempts, last status and error, age), or purge them.
     ///

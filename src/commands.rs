@@ -25,6 +25,7 @@ mod route;
 mod run;
 mod send_test;
 mod tools;
+mod top;
 
 /// Standard output for what commands print. A reader that goes away
 /// (`runhook dead --json | head -3`) makes the next write fail with
@@ -129,6 +130,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             inspect::status(&state()?, &cli.config, filter, json).await?
         }
+        Command::Top { interval } => top::top(&state()?, &cli.config, interval).await?,
         Command::Dead {
             sink,
             run,
