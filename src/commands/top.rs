@@ -375,6 +375,46 @@ mod tests {
         assert!(ops.contains(" 9 ") && ops.contains("down"), "{ops}");
     }
 
+    /// The read side on a real state database: watched runs by state,
+    /// configured sinks listed before they have deliveries.
+    #[tokio::test]
+    async fn samples_a_state_database() {
+        use runhook::store::{RunState, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        for (run, state) in [
+            ("a", RunState::Following),
+            ("b", RunState::Following),
+            ("c", RunState::Stalled),
+            ("d", RunState::Following),
+        ] {
+            store
+                .subscribe(run.into(), BTreeMap::new(), "watch", None)
+                .await
+                .unwrap();
+            store
+                .set_run_state(run.into(), state, None, None)
+                .await
+                .unwrap();
+        }
+        assert!(store.unsubscribe("d".into()).await.unwrap());
+        let config = dir.path().join("runhook.toml");
+        std::fs::write(&config, "[sinks.archive]\ntype = \"file\"\n").unwrap();
+        let reader = store.reader().unwrap();
+        let sampled = super::sample(&reader, &config).await.unwrap();
+        assert_eq!(
+            sampled.runs,
+            BTreeMap::from([("following".to_owned(), 2), ("stalled".to_owned(), 1)]),
+            "watched runs only"
+        );
+        assert_eq!(sampled.last_event_row, 0);
+        assert_eq!(sampled.sinks.len(), 1);
+        assert_eq!(
+            (sampled.sinks[0].sink.as_str(), sampled.sinks[0].pending),
+            ("archive", 0)
+        );
+    }
+
     #[test]
     fn q_esc_and_ctrl_c_quit() {
         assert!(is_quit(KeyCode::Char('q'), KeyModifiers::NONE));
