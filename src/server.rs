@@ -47,12 +47,13 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared);
+    let watch = watch_routes.is_some();
     let app = match watch_routes {
         Some(routes) => app.merge(routes),
         None => app,
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %listener.local_addr()?, watch, "serving /metrics, /healthz, /readyz");
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
