@@ -1,7 +1,7 @@
 //! The optional HTTP endpoint (`[server]`): `/metrics` (Prometheus text
 //! format), `/healthz` (the process answers), `/readyz` (the store commits
 //! and the daemon is not shutting down); with `[server] token`, the watch
-//! endpoints of [`watch`].
+//! endpoints of `server/watch.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
