@@ -16,7 +16,7 @@ pub struct Cli {
     pub config: PathBuf,
     /// The state database, for the commands that only read or change state.
     ///
-    /// watch, unwatch, status, dead, replay, tail: with --state no config
+    /// watch, unwatch, status, top, dead, replay, tail: with --state no config
     /// file is needed; without it they read only the config's `[state]`,
     /// never its secrets or variables (backfill reads its routes too).
     /// For `forward`, a directory that keeps its cursor across restarts.
@@ -58,13 +58,33 @@ pub enum Command {
     ///
     /// Example: runhook unwatch 9f2a1c7e-0000-4000-8000-000000000001
     Unwatch { run_id: String },
-    /// Show runs (cursor, status, phase, transport, state) and sinks (pending, done, dead).
+    /// Show a summary line, runs (cursor, status, phase, transport, state) and every sink (pending, oldest pending, done, dead).
     ///
-    /// Example: runhook status --json
+    /// Example: runhook status --run-state stalled --run-state reconnecting
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Only runs in this state (repeatable): starting, following,
+        /// reconnecting, retrying, catching_up, stalled, auth_failed,
+        /// finished, not_found, forbidden, unwatched. Not `--state`: that
+        /// global flag names the state database.
+        #[arg(long = "run-state", value_name = "STATE", value_parser = run_state)]
+        run_states: Vec<String>,
+        /// Only this run.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only runs being followed: watched, not finished, not stopped by a 403 or 404.
+        #[arg(long)]
+        active: bool,
+    },
+    /// A live view of runs and sinks: events/s in, deliveries/s out, pending, dead, sinks down; q quits.
+    ///
+    /// Example: runhook --state /var/lib/runhook/runhook.db top
+    Top {
+        /// How often to read the state database again.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
     },
     /// List dead letters (id, sink, attempts, last status and error, age), or purge them.
     ///
@@ -242,4 +262,18 @@ pub enum Command {
 pub fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+}
+
+/// A state `status --run-state` can filter on: a stored run state, or
+/// `unwatched`.
+fn run_state(text: &str) -> Result<String, String> {
+    if text == "unwatched" || runhook::store::RunState::parse(text).is_some() {
+        return Ok(text.to_owned());
+    }
+    let known: Vec<&str> = runhook::store::RunState::ALL
+        .iter()
+        .map(|state| state.as_str())
+        .chain(["unwatched"])
+        .collect();
+    Err(format!("not a run state; one of {}", known.join(", ")))
 }

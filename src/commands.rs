@@ -25,6 +25,7 @@ mod route;
 mod run;
 mod send_test;
 mod tools;
+mod top;
 
 /// Standard output for what commands print. A reader that goes away
 /// (`runhook dead --json | head -3`) makes the next write fail with
@@ -116,7 +117,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GenerateMan { dir } => tools::generate_man(&dir)?,
         Command::Watch { run_id, labels } => change::watch(state, run_id, &labels).await?,
         Command::Unwatch { run_id } => change::unwatch(&state()?, run_id).await?,
-        Command::Status { json } => inspect::status(&state()?, json).await?,
+        Command::Status {
+            json,
+            run_states,
+            run,
+            active,
+        } => {
+            let filter = inspect::RunFilter {
+                states: run_states,
+                run,
+                active,
+            };
+            inspect::status(&state()?, &cli.config, filter, json).await?
+        }
+        Command::Top { interval } => top::top(&state()?, &cli.config, interval).await?,
         Command::Dead {
             sink,
             run,

@@ -144,6 +144,7 @@ async fn start_server(
     let task = crate::server::serve(
         server.listen,
         store.clone(),
+        server.watch_token.clone(),
         shutdown.clone(),
         background_stop.clone(),
     )

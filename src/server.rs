@@ -1,6 +1,7 @@
 //! The optional HTTP endpoint (`[server]`): `/metrics` (Prometheus text
 //! format), `/healthz` (the process answers), `/readyz` (the store commits
-//! and the daemon is not shutting down).
+//! and the daemon is not shutting down); with `[server] token`, the watch
+//! endpoints of `server/watch.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Secret;
 use crate::metrics::metrics;
 use crate::store::{Reader, RunState, Store, now_ms};
+
+mod watch;
 
 struct Shared {
     store: Store,
@@ -23,13 +27,16 @@ struct Shared {
     shutting_down: CancellationToken,
 }
 
-/// Binds `listen` and serves until `stop`.
+/// Binds `listen` and serves until `stop`. The watch endpoints exist only
+/// with a `watch_token`.
 pub async fn serve(
     listen: SocketAddr,
     store: Store,
+    watch_token: Option<Secret>,
     shutting_down: CancellationToken,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
+    let watch_routes = watch_token.map(|token| watch::routes(store.clone(), token));
     let shared = Arc::new(Shared {
         reader: store.reader().map_err(std::io::Error::other)?,
         store,
@@ -40,8 +47,13 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(shared);
+    let watch = watch_routes.is_some();
+    let app = match watch_routes {
+        Some(routes) => app.merge(routes),
+        None => app,
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %listener.local_addr()?, watch, "serving /metrics, /healthz, /readyz");
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())

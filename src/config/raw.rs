@@ -66,6 +66,8 @@ pub struct RawState {
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<Str>,
+    pub token: Option<Str>,
+    pub token_file: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

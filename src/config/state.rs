@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::check::{Cx, Result};
 use super::raw::{RawConfig, RawServer, RawState, RawStateOnly};
-use super::{ApiConfig, ConfigError};
+use super::{ApiConfig, ConfigError, Secret};
 
 /// `state.path`.
 pub const DEFAULT_STATE_PATH: &str = "/var/lib/runhook/runhook.db";
@@ -21,6 +21,10 @@ pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::ne
     std::net::Ipv4Addr::LOCALHOST,
     9464,
 ));
+
+/// The shortest `server.token` taken: the watch endpoints may face a
+/// network, and a short token is guessed.
+pub const MIN_WATCH_TOKEN_LEN: usize = 16;
 
 /// `[state]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +46,11 @@ pub struct StateConfig {
 pub struct ServerConfig {
     /// `listen`: address:port. Default [`DEFAULT_LISTEN`].
     pub listen: SocketAddr,
+    /// `token` or `token_file`: the bearer token of `PUT` and `DELETE
+    /// /v1/watch/{runId}`, which let the machine that starts runs have
+    /// runhook follow them. No token, no such endpoints: the server then
+    /// changes nothing. No default.
+    pub watch_token: Option<Secret>,
 }
 
 impl StateConfig {
@@ -99,7 +108,30 @@ impl Cx<'_> {
             }
             None => DEFAULT_LISTEN,
         };
-        Ok(Some(ServerConfig { listen }))
+        let watch_token = self.secret(
+            server.token.as_ref(),
+            server.token_file.as_ref(),
+            "server.token",
+        )?;
+        let given_at = (server.token.as_ref().map(|at| (at, "server.token"))).or_else(|| {
+            server
+                .token_file
+                .as_ref()
+                .map(|at| (at, "server.token_file"))
+        });
+        if let (Some(token), Some((at, key))) = (&watch_token, given_at)
+            && token.expose().len() < MIN_WATCH_TOKEN_LEN
+        {
+            return Err(self.error(
+                at,
+                key,
+                format!("the token must be at least {MIN_WATCH_TOKEN_LEN} characters"),
+            ));
+        }
+        Ok(Some(ServerConfig {
+            listen,
+            watch_token,
+        }))
     }
 
     /// A failed run is looked at again for `finished_linger` (it may be

@@ -435,3 +435,27 @@ fn unknown_tables_and_broken_headers_name_themselves() {
     let error = error_of(&format!("{base}retain = \"1d\n"));
     assert_eq!(error.key, "state.retain", "{error}");
 }
+
+#[test]
+fn server_watch_token_from_a_file_redacted_and_not_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("watch-token");
+    std::fs::write(&file, "0123456789abcdef-secret\n").unwrap();
+    let with = |line: &str| format!("{MINIMAL}\n[server]\nlisten = \"127.0.0.1:0\"\n{line}\n");
+    let config = parse(&with(&format!("token_file = \"{}\"", file.display()))).unwrap();
+    let server = config.server.as_ref().unwrap();
+    let token = server.watch_token.as_ref().unwrap();
+    assert_eq!(token.expose(), "0123456789abcdef-secret");
+    assert!(!format!("{config:?}").contains("0123456789abcdef"));
+    assert!(
+        parse(&with(""))
+            .unwrap()
+            .server
+            .unwrap()
+            .watch_token
+            .is_none()
+    );
+    let error = error_of(&with("token = \"short\""));
+    assert_eq!(error.key, "server.token", "{error}");
+    assert!(error.message.contains("at least 16"), "{error}");
+}

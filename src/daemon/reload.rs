@@ -66,10 +66,7 @@ async fn reload(
         sd_notify::NotifyState::Reloading,
         sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::Reloading),
     ]);
-    if new.state.path != old.state.path
-        || new.api != old.api
-        || new.server.as_ref().map(|s| s.listen) != old.server.as_ref().map(|s| s.listen)
-    {
+    if new.state.path != old.state.path || new.api != old.api || new.server != old.server {
         tracing::warn!(
             "[api], [state] and [server] changes take effect on restart; the rest is applied now"
         );

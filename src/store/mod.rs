@@ -22,7 +22,7 @@
 //! | dead letters (`dead.rs`) | `replay` (same ids), `purge_dead` | `dead_letters` |
 //! | by time (`requeue.rs`) | `requeue_range` (dead, or also delivered, deliveries of events recorded in a range: same ids), `backfill` (a sink's missing deliveries where a given routing says so) | |
 //! | retention (`retention.rs`) | `prune` | |
-//! | sink state (`sinks.rs`) | `set_sink_down`, `save_thread_root`, `mark_found_delivered` | `sinks` (`status`), `oldest_pending` (metrics), `sink_offset`, `thread_root` |
+//! | sink state (`sinks.rs`) | `set_sink_down`, `save_thread_root`, `mark_found_delivered` | `sinks` (`status`), `oldest_pending` (metrics, `status`, `top`), `sink_offset`, `thread_root` |
 //! | liveness | `ping` (the writer commits) | |
 //!
 //! Notifications rather than data: [`Store::commits`] changes after every

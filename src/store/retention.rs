@@ -1,5 +1,11 @@
 //! Retention: delivered deliveries and the events nothing refers to any
 //! more are pruned after `[state] retain`, a chunk at a time.
+//!
+//! Run rows are never pruned, finished or not: a row holds the run's
+//! cursor, and the cursor is what makes watching a run again (`watch`,
+//! `PUT /v1/watch/{runId}`, a `[[runs]]` entry after a restart) resume
+//! rather than start over at sequence 0 and deliver every event a second
+//! time, once the events that would have caught the duplicates are pruned.
 
 use rusqlite::{Connection, params};
 
