@@ -298,9 +298,10 @@ fn the_man_pages_cover_every_command() {
     assert!(commands.len() >= 10, "{commands:?}");
     let main_page = std::fs::read_to_string(dir.path().join("runhook.1")).unwrap();
     for command in &commands {
-        // roff escapes the hyphen: runhook\-check(1)
+        // roff escapes every hyphen: runhook\-send\-test(1)
+        let roff = command.replace('-', "\\-");
         assert!(
-            main_page.contains(&format!("runhook\\-{command}(1)")),
+            main_page.contains(&format!("runhook\\-{roff}(1)")),
             "runhook.1 does not mention {command}"
         );
         let page = dir.path().join(format!("runhook-{command}.1"));
