@@ -108,7 +108,7 @@ pub(super) async fn tail(
             after = after.max(event.event);
             if json {
                 let mut line = Vec::new();
-                runhook::sink::write_envelope_line(event, &mut line)?;
+                runhook::sink::write_envelope_line(&event.into(), &mut line)?;
                 print!("{}", String::from_utf8_lossy(&line));
             } else {
                 println!(

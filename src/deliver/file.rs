@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::retry::{exhausted, next_attempt_at, retry_delay};
 use crate::config::DeliveryPolicy;
 use crate::sink::file::FileSink;
-use crate::sink::write_envelope_line;
+use crate::sink::{Event, write_envelope_line};
 use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
 
 /// Deliveries fetched and written per file write.
@@ -162,7 +162,7 @@ async fn encode_batch(
     let mut events = Vec::with_capacity(batch.len());
     for pending in batch {
         let start = lines.len();
-        if let Err(error) = write_envelope_line(pending, &mut lines) {
+        if let Err(error) = write_envelope_line(&Event::from(pending), &mut lines) {
             // Stored payloads were JSON when recorded; this is corruption.
             lines.truncate(start);
             tracing::error!(sink = %name, id = %pending.id, %error, "cannot encode event; dead-lettering it");

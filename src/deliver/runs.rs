@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::retry::{exhausted, next_attempt_at, retry_delay};
 use crate::config::DeliveryPolicy;
-use crate::sink::{Outcome, Sender};
+use crate::sink::{Event, Outcome, Sender};
 use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
 
 /// Consecutive failed attempts that mark a sink down.
@@ -347,7 +347,7 @@ async fn deliver_in_order(
         if !probe && pending.next_attempt_at > now_ms() {
             return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
         }
-        let outcome = sink.sender.send(&pending).await;
+        let outcome = sink.sender.send(&Event::from(&pending)).await;
         match record(sink, &pending, outcome).await? {
             Recorded::Done => report.delivered += 1,
             Recorded::Dead => report.failed += 1,
@@ -385,7 +385,7 @@ async fn deliver_unordered(
     let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
     let results: Vec<Result<Recorded, StoreError>> = futures::stream::iter(due)
         .map(|pending| async move {
-            let outcome = sink.sender.send(&pending).await;
+            let outcome = sink.sender.send(&Event::from(&pending)).await;
             record(sink, &pending, outcome).await
         })
         .buffer_unordered(sink.concurrency)

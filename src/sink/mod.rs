@@ -1,6 +1,12 @@
 //! Sinks send and report an [`Outcome`]; the delivery engine records it.
 //! Whether an answer is worth retrying is decided here, per sink, in one
 //! pure function each (`webhook::classify`).
+//!
+//! A sink sees an [`Event`], what happened, and never the delivery row
+//! behind it (attempts, due times): retry state is the engine's. Nothing
+//! here reads or writes the state database; what a sink must remember
+//! (a Slack thread per run) it asks of the engine through a trait
+//! ([`slack::ThreadBook`]).
 
 pub mod file;
 pub mod sign;
@@ -12,7 +18,52 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::store::Pending;
+use crate::http::USER_AGENT;
+
+/// After a 429 without `Retry-After`: DESIGN.md asks for at least 60 s.
+pub const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
+/// How much of a receiver's answer is read, and kept (cut) with the attempt
+/// for `runhook dead`: enough for an error message, bounded whatever the
+/// receiver sends.
+pub const ANSWER_CAP: usize = 4096;
+
+/// Connecting may take the whole timeout, but never more than 10 s.
+pub fn connect_timeout(timeout: Duration) -> Duration {
+    timeout.min(Duration::from_secs(10))
+}
+
+/// The HTTP client of a sink. Redirects are never followed: a 3xx is a
+/// failure the operator must see (DESIGN.md), and following one would send
+/// a signed body somewhere the config does not name.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(connect_timeout(timeout))
+        .build()
+}
+
+/// One event as a sink sees it. Payload and labels are the JSON text as
+/// recorded, so that every sink passes on the bytes received.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    pub id: &'a str,
+    pub run_id: &'a str,
+    /// `None` for the synthetic `run_finished`.
+    pub sequence: Option<i64>,
+    pub event_type: &'a str,
+    pub payload: &'a str,
+    /// The run's labels, a JSON object.
+    pub labels: &'a str,
+    pub created_at: Option<&'a str>,
+    /// When runhook recorded the event (unix ms): the time a webhook shows
+    /// when upstream gave none.
+    pub seen_at: i64,
+    /// The run's status and phase when the event was seen.
+    pub run_status: Option<&'a str>,
+    pub phase: Option<&'a str>,
+}
 
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +91,7 @@ pub enum Sender {
 }
 
 impl Sender {
-    pub async fn send(&self, event: &Pending) -> Outcome {
+    pub async fn send(&self, event: &Event<'_>) -> Outcome {
         match self {
             Self::Webhook(sink) => sink.send(event).await,
             Self::Slack(sink) => sink.send(event).await,
@@ -64,17 +115,17 @@ pub struct EventFields<'a> {
 }
 
 impl<'a> EventFields<'a> {
-    pub fn of(event: &'a Pending) -> Result<Self, serde_json::Error> {
+    pub fn of(event: &Event<'a>) -> Result<Self, serde_json::Error> {
         Ok(Self {
-            id: &event.id,
-            run_id: &event.run_id,
+            id: event.id,
+            run_id: event.run_id,
             sequence: event.sequence,
-            event_type: &event.event_type,
-            payload: serde_json::from_str(&event.payload)?,
-            created_at: event.created_at.as_deref(),
-            run_status: event.run_status.as_deref(),
-            current_phase: event.phase.as_deref(),
-            labels: serde_json::from_str(&event.labels)?,
+            event_type: event.event_type,
+            payload: serde_json::from_str(event.payload)?,
+            created_at: event.created_at,
+            run_status: event.run_status,
+            current_phase: event.phase,
+            labels: serde_json::from_str(event.labels)?,
         })
     }
 }
@@ -99,7 +150,7 @@ struct FileLine<'a> {
 /// received pretty-printed carries raw CR/LF, which in JSON text can only be
 /// insignificant whitespace (strings escape them): they are dropped here, so
 /// that the line stays one line; every other byte is written as received.
-pub fn write_envelope_line(event: &Pending, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+pub fn write_envelope_line(event: &Event<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
     let f = EventFields::of(event)?;
     let one_line = single_line(f.payload)?;
     let line = FileLine {

@@ -7,17 +7,13 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 
-use super::{EventFields, Outcome, sign};
+use super::{
+    ANSWER_CAP, DEFAULT_429_WAIT, Event, EventFields, Outcome, connect_timeout, http_client, sign,
+};
 use crate::config::{SigningKey, WebhookConfig};
 use crate::http::{read_capped, request_error, retry_after, snippet};
-use crate::store::Pending;
-use crate::upstream::client::USER_AGENT;
 
-/// How much of a receiver's answer is read, and kept with the attempt.
-const BODY_CAP: usize = 4096;
 const ERROR_BODY_CHARS: usize = 500;
-/// After a 429 without `Retry-After`.
-const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
 
 pub struct WebhookSink {
     client: reqwest::Client,
@@ -26,11 +22,6 @@ pub struct WebhookSink {
     headers: HeaderMap,
     /// For error messages: which limit ran out.
     timeout: Duration,
-}
-
-/// Connecting may take the whole timeout, but never more than 10 s.
-fn connect_timeout(timeout: Duration) -> Duration {
-    timeout.min(Duration::from_secs(10))
 }
 
 /// The Standard Webhooks body.
@@ -44,14 +35,8 @@ struct Body<'a> {
 
 impl WebhookSink {
     pub fn new(config: &WebhookConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(config.timeout)
-            .connect_timeout(connect_timeout(config.timeout))
-            .build()?;
         Ok(Self {
-            client,
+            client: http_client(config.timeout)?,
             url: config.url.clone(),
             keys: config.secrets.clone(),
             headers: config.headers.clone(),
@@ -60,20 +45,23 @@ impl WebhookSink {
     }
 
     /// The request body: the same bytes on every attempt.
-    pub fn body(event: &Pending) -> Result<Vec<u8>, serde_json::Error> {
-        let timestamp = event.created_at.clone().unwrap_or_else(|| {
-            let seen = UNIX_EPOCH + Duration::from_millis(event.seen_at.max(0) as u64);
-            humantime::format_rfc3339_millis(seen).to_string()
-        });
+    pub fn body(event: &Event<'_>) -> Result<Vec<u8>, serde_json::Error> {
+        let timestamp = event.created_at.map_or_else(
+            || {
+                let seen = UNIX_EPOCH + Duration::from_millis(event.seen_at.max(0) as u64);
+                humantime::format_rfc3339_millis(seen).to_string()
+            },
+            str::to_owned,
+        );
         serde_json::to_vec(&Body {
-            event_type: &event.event_type,
+            event_type: event.event_type,
             timestamp,
             data: EventFields::of(event)?,
         })
     }
 
     /// One attempt: fresh timestamp and signature, same id and body.
-    pub async fn send(&self, event: &Pending) -> Outcome {
+    pub async fn send(&self, event: &Event<'_>) -> Outcome {
         let body = match Self::body(event) {
             Ok(body) => body,
             Err(error) => {
@@ -86,12 +74,12 @@ impl WebhookSink {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let signature = sign::signature_header(&self.keys, &event.id, timestamp, &body);
+        let signature = sign::signature_header(&self.keys, event.id, timestamp, &body);
         let request = self
             .client
             .post(self.url.clone())
             .headers(self.headers.clone())
-            .header("webhook-id", &event.id)
+            .header("webhook-id", event.id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .header(CONTENT_TYPE, "application/json")
@@ -105,7 +93,7 @@ impl WebhookSink {
             Ok(response) => {
                 let status = response.status();
                 let wait = retry_after(response.headers());
-                let answer = match read_capped(response, BODY_CAP).await {
+                let answer = match read_capped(response, ANSWER_CAP).await {
                     Ok((bytes, _)) => snippet(&bytes, ERROR_BODY_CHARS),
                     Err(error) => format!("(answer unreadable: {})", error.without_url()),
                 };

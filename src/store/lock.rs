@@ -29,16 +29,11 @@ impl DaemonLock {
             path: path.clone(),
             error: Arc::new(error),
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         let mut options = std::fs::OpenOptions::new();
         // Not truncated on open: until we hold the lock, the pid in it is
         // the holder's.
         options.read(true).write(true).create(true).truncate(false);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&path).map_err(io)?;
+        let mut file = crate::files::open_private(&path, &mut options).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
