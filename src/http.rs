@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 /// Every request runhook makes, upstream or to a sink, says who sent it
-/// (DESIGN.md: `user-agent: runhook/<version>`).
+/// (`user-agent: runhook/<version>`, README.md, Webhook).
 pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
 
 /// Reads at most `cap` bytes of a response body; the rest is discarded. The

@@ -1,4 +1,4 @@
-//! One daemon per state database (DESIGN.md guarantee 7). Two daemons on one
+//! One daemon per state database (README.md, guarantee 7). Two daemons on one
 //! state would deliver the same rows in interleaved order, so `runhook run`
 //! holds an exclusive advisory lock on `<state>.lock` for its lifetime. The
 //! commands that only read or change state (`status`, `watch`, `replay`...)

@@ -19,9 +19,9 @@ use crate::sink::Event;
 use crate::text::ellipsize_before;
 
 /// Slack's limit on a section's text.
-pub const SECTION_LIMIT: usize = 3000;
+const SECTION_LIMIT: usize = 3000;
 /// Slack's limit on blocks per message.
-pub const BLOCK_LIMIT: usize = 50;
+const BLOCK_LIMIT: usize = 50;
 
 /// A message body for `chat.postMessage`, `chat.update` or an incoming
 /// webhook.
@@ -65,7 +65,7 @@ fn format_for_slack(
 
 /// `&`, `<` and `>` as Slack's formatting rules want them escaped; nothing
 /// else needs it.
-pub fn escape(text: &str) -> Cow<'_, str> {
+fn escape(text: &str) -> Cow<'_, str> {
     if !text.contains(['&', '<', '>']) {
         return Cow::Borrowed(text);
     }
@@ -281,7 +281,7 @@ fn labels_line(c: &Context) -> Option<String> {
     (!line.is_empty()).then(|| line.join(" "))
 }
 
-/// Statuses as upstream-api.md spells them: the final ones get their own
+/// Statuses as the Agent Runs API spells them: the final ones get their own
 /// icon, any other (one this runhook does not know included) is under way.
 fn status_icon(status: &str) -> &'static str {
     match status {
@@ -294,7 +294,7 @@ fn status_icon(status: &str) -> &'static str {
 
 /// At most `limit` characters, with an ellipsis when cut. A cut never
 /// splits an escape such as `&amp;`: a half entity would show as litter.
-pub fn truncate(text: &str, limit: usize) -> String {
+fn truncate(text: &str, limit: usize) -> String {
     if text.chars().nth(limit).is_none() {
         return text.to_owned();
     }

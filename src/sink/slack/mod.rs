@@ -419,7 +419,7 @@ fn retry(status: Option<u16>, error: String) -> Outcome {
 }
 
 /// An incoming webhook's answer (plain text, e.g. `invalid_payload`).
-pub fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) -> Outcome {
+fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) -> Outcome {
     let code = Some(status.as_u16());
     if status.is_success() {
         return Outcome::Delivered;
@@ -447,7 +447,7 @@ pub fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) 
 }
 
 /// A Web API answer: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
-pub fn classify_api(
+fn classify_api(
     method: &str,
     status: StatusCode,
     wait: Option<Duration>,
