@@ -14,8 +14,12 @@ pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "RUNHOOK_CONFIG", default_value = runhook::config::DEFAULT_PATH)]
     pub config: PathBuf,
-    /// The state database, for the commands that only read or change state
-    /// (watch, unwatch, status, dead, replay, tail): no config file needed.
+    /// The state database, for the commands that only read or change state.
+    ///
+    /// watch, unwatch, status, dead, replay, tail: with --state no config
+    /// file is needed; without it they read only the config's `[state]`,
+    /// never its secrets or variables (backfill reads its routes too).
+    /// For `forward`, a directory that keeps its cursor across restarts.
     #[arg(long, global = true)]
     pub state: Option<PathBuf>,
     /// Log format: human on a terminal, json for machines.
@@ -76,17 +80,77 @@ pub enum Command {
         #[arg(long)]
         purge: bool,
     },
-    /// Queue dead letters again, with the same ids; works while the daemon runs.
+    /// Queue dead letters again, with the same ids; --since: by time recorded.
+    ///
+    /// Works while the daemon runs. With --since, the dead letters of events
+    /// recorded in a time range, and with --delivered the delivered
+    /// deliveries too (a receiver lost its database). Delivered events are
+    /// pruned after state.retain: that bounds what a range can reach.
     ///
     /// Example: runhook replay --sink ops --run 9f2a1c7e-0000-4000-8000-000000000001
+    ///
+    /// Example: runhook replay --sink ops --since 2h --until 1h --delivered
     Replay {
         #[arg(long)]
         sink: Option<String>,
         #[arg(long)]
         run: Option<String>,
         /// One event id, e.g. 9f2a...:15
-        #[arg(long)]
+        #[arg(long, conflicts_with = "since")]
         id: Option<String>,
+        /// Only events recorded since: a duration ago (2h) or a time (2026-11-30T08:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events recorded before: a duration ago or a time; default now.
+        #[arg(long, requires = "since")]
+        until: Option<String>,
+        /// Delivered events too, not only dead letters (a receiver lost its database).
+        #[arg(long, requires = "since")]
+        delivered: bool,
+    },
+    /// Give a sink added later the stored events its routes match.
+    ///
+    /// Routes each event recorded in the range with the config's current
+    /// routes (and the run's current labels); an event the sink already has
+    /// is left alone, so running it twice queues nothing more. Delivered
+    /// events are pruned after state.retain: that bounds what is left.
+    ///
+    /// Example: runhook backfill archive --since 24h
+    Backfill {
+        /// A sink of the config, named by a route.
+        sink: String,
+        /// Events recorded since: a duration ago (24h) or a time (2026-11-30T08:00:00Z).
+        #[arg(long)]
+        since: String,
+        /// Events recorded before: a duration ago or a time; default now.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this run's events.
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Which sinks (and routes) an event with these facts would go to.
+    ///
+    /// Exits 0 even when none would, and says so. Reads only the config's
+    /// routes: no secret file, no state.
+    ///
+    /// Example: runhook route --type run_finished --status failed --label team=rome
+    Route {
+        /// The event type, e.g. run_finished or ARTIFACT_CREATED.
+        #[arg(long = "type")]
+        event_type: String,
+        /// The run's status when the event is seen.
+        #[arg(long)]
+        status: Option<String>,
+        /// The run's phase when the event is seen.
+        #[arg(long)]
+        phase: Option<String>,
+        /// A run label, key=value; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The run id; without it, routes with a `runs` filter do not match.
+        #[arg(long)]
+        run: Option<String>,
     },
     /// Print events as they are recorded (beside a running daemon); Ctrl-C stops.
     ///
@@ -119,6 +183,53 @@ pub enum Command {
         /// A scenario file (TOML); the built-in demo runs when absent.
         #[arg(long)]
         scenario: Option<PathBuf>,
+    },
+    /// Send one sample event, marked `"test": true`, through a configured sink, exactly as the
+    /// daemon would (signature, Block Kit, file line), and print what was sent and what the sink
+    /// answered. Records nothing in the state database.
+    ///
+    /// Example: runhook --config ./runhook.toml send-test chat --type PHASE_STARTED
+    SendTest {
+        /// The sink's name, as in `[sinks.NAME]`.
+        sink: String,
+        /// The sample's event type: run_finished, PHASE_STARTED, ARTIFACT_CREATED or any other.
+        #[arg(long = "type", default_value = "run_finished")]
+        event_type: String,
+        /// The run id the sample carries (with that run's labels if the config lists it).
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// No config: follow runs and POST each event, signed, to URL, printing one line per
+    /// delivery; Ctrl-C stops. `--state DIR` keeps the cursor (and a generated secret) so a
+    /// restart resumes; otherwise the state lives in a temp dir.
+    ///
+    /// Example: TRAVELMODE_TOKEN=... runhook forward 9f2a1c7e-0000-4000-8000-000000000001 --to http://localhost:3000/hooks
+    Forward {
+        /// The runs to follow.
+        #[arg(required = true)]
+        run_ids: Vec<String>,
+        /// Where each event is POSTed (Standard Webhooks).
+        #[arg(long)]
+        to: String,
+        /// The signing secret (`whsec_...`); a new one is generated and printed when absent.
+        #[arg(long, env = "RUNHOOK_FORWARD_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// The bearer token (polling).
+        #[arg(long, env = "TRAVELMODE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The session cookie (the live SSE stream).
+        #[arg(long, env = "TRAVELMODE_COOKIE", hide_env_values = true)]
+        cookie: Option<String>,
+        /// The Agent Runs API.
+        #[arg(
+            long,
+            env = "TRAVELMODE_API",
+            default_value = "https://api.travelmode.ai"
+        )]
+        api: String,
+        /// How often an idle run is polled.
+        #[arg(long, default_value = "2s")]
+        poll_interval: String,
     },
     /// Simulator + daemon + a file sink in one process, on a temp dir: try runhook in one command.
     ///

@@ -1,23 +1,102 @@
 //! Command glue: each CLI command as a function. `anyhow` lives here and in
 //! `main.rs` only.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use runhook::config::Config;
+use runhook::config::{Config, StateConfig};
+
+/// `println!` for command output, returning the write's error instead of
+/// panicking; see [`Stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(crate::commands::Stdout, $($arg)*)
+    }};
+}
 
 mod change;
+pub(crate) mod forward;
 mod inspect;
+mod replay;
+mod route;
 mod run;
+mod send_test;
 mod tools;
 
+/// Standard output for what commands print. A reader that goes away
+/// (`runhook dead --json | head -3`) makes the next write fail with
+/// `BrokenPipe`; that error is marked [`StdoutClosed`] here and `main` turns
+/// it into a quiet exit 0, as `head` asked for no more. Chosen over
+/// resetting SIGPIPE to its default: that would need `unsafe`, kill a
+/// command in the middle of a state change it is reporting, and exit by
+/// signal (141), not 0; and the daemon keeps ignoring SIGPIPE (Rust's
+/// default), so a closed socket stays an error it handles, never its death.
+/// Only this writer's errors are marked: a broken pipe anywhere else (a
+/// sink's socket) is still a failure.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().lock().write(buf).map_err(mark_closed)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        std::io::stdout().lock().write_all(buf).map_err(mark_closed)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush().map_err(mark_closed)
+    }
+}
+
+/// The reader of runhook's standard output went away.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct StdoutClosed;
+
+fn mark_closed(error: std::io::Error) -> std::io::Error {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+    } else {
+        error
+    }
+}
+
+/// Whether `error` is (caused by) [`StdoutClosed`]: nothing to report.
+pub fn stdout_closed(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .is_some_and(|inner| inner.is::<StdoutClosed>())
+    })
+}
+
 /// The state database of a command that needs nothing else: `--state`, or
-/// the config's `[state] path`.
+/// the config's `[state] path`. Only `[state]` is read: these commands run
+/// outside the service unit, where its secret files and environment are not.
 fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<PathBuf> {
     match state {
         Some(path) => Ok(path.to_owned()),
-        None => Ok(Config::load(config)?.state.path),
+        None => Ok(StateConfig::load(config)?.path),
+    }
+}
+
+/// [`state_path`] and, when the config was read, `state.retain`: what a
+/// replay by time can still reach.
+fn state_and_retain(
+    state: Option<&Path>,
+    config: &Path,
+) -> anyhow::Result<(PathBuf, Option<std::time::Duration>)> {
+    match state {
+        Some(path) => Ok((path.to_owned(), None)),
+        None => {
+            let state = StateConfig::load(config)?;
+            Ok((state.path, Some(state.retain)))
+        }
     }
 }
 
@@ -26,14 +105,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo => tools::demo().await?,
         Command::Simulate { listen, scenario } => tools::simulate(listen, scenario).await?,
-        Command::Check => tools::check(&Config::load(&cli.config)?),
+        Command::Check => tools::check(&Config::load(&cli.config)?)?,
         Command::Run => run::run(&cli.config, Config::load(&cli.config)?).await?,
         Command::Tail {
             run,
             event_type,
             json,
         } => inspect::tail(&state()?, run, event_type, json).await?,
-        Command::Completions { shell } => tools::completions(shell),
+        Command::Completions { shell } => tools::completions(shell)?,
         Command::GenerateMan { dir } => tools::generate_man(&dir)?,
         Command::Watch { run_id, labels } => change::watch(state, run_id, &labels).await?,
         Command::Unwatch { run_id } => change::unwatch(&state()?, run_id).await?,
@@ -50,7 +129,82 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             purge: true,
             ..
         } => change::purge_dead(&state()?, sink, run).await?,
-        Command::Replay { sink, run, id } => change::replay(&state()?, sink, run, id).await?,
+        Command::Route {
+            event_type,
+            status,
+            phase,
+            labels,
+            run,
+        } => route::route(
+            &cli.config,
+            route::Question {
+                event_type,
+                status,
+                phase,
+                labels,
+                run,
+            },
+        )?,
+        Command::Replay {
+            sink,
+            run,
+            id,
+            since: None,
+            ..
+        } => change::replay(&state()?, sink, run, id).await?,
+        Command::Replay {
+            sink,
+            run,
+            since: Some(since),
+            until,
+            delivered,
+            ..
+        } => {
+            let (path, retain) = state_and_retain(cli.state.as_deref(), &cli.config)?;
+            let window = replay::Window { since, until };
+            replay::replay_range(&path, retain, window, sink, run, delivered).await?
+        }
+        Command::Backfill {
+            sink,
+            since,
+            until,
+            run,
+        } => {
+            let (path, retain) = state_and_retain(cli.state.as_deref(), &cli.config)?;
+            let window = replay::Window { since, until };
+            replay::backfill(&path, &cli.config, retain, sink, window, run).await?
+        }
+        Command::SendTest {
+            sink,
+            event_type,
+            run,
+        } => {
+            let config = Config::load(&cli.config)?;
+            if !send_test::send_test(&config, &sink, &event_type, run.as_deref()).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Forward {
+            run_ids,
+            to,
+            secret,
+            token,
+            cookie,
+            api,
+            poll_interval,
+        } => {
+            let options = forward::Options {
+                run_ids,
+                to,
+                secret,
+                token,
+                cookie,
+                api,
+                poll_interval,
+                state: cli.state,
+            };
+            forward::forward(options).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

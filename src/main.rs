@@ -16,11 +16,19 @@ const EX_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo => "warn",
+        Command::Demo | Command::SendTest { .. } => "warn",
         _ => "info",
     };
     let json = matches!(cli.log_format, cli::LogFormat::Json);
-    if let Err(error) = runhook::logging::init(json, default_level) {
+    let logging = match cli.command {
+        // Its delivery lines come from log events: its own subscriber.
+        Command::Forward { .. } => {
+            commands::forward::init_logging(cli.log_format);
+            Ok(())
+        }
+        _ => runhook::logging::init(json, default_level),
+    };
+    if let Err(error) = logging {
         eprintln!("runhook: {error}");
         return ExitCode::from(EX_CONFIG);
     }
@@ -48,6 +56,9 @@ fn main() -> ExitCode {
             {
                 eprintln!("runhook: config error: {error}");
                 return ExitCode::from(EX_CONFIG);
+            }
+            if commands::stdout_closed(&error) {
+                return ExitCode::SUCCESS;
             }
             eprintln!("runhook: {error:#}");
             ExitCode::FAILURE

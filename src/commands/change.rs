@@ -18,7 +18,7 @@ pub(super) async fn watch(
     store
         .subscribe(run_id.clone(), labels, "watch", None)
         .await?;
-    println!("watching {run_id}");
+    out!("watching {run_id}")?;
     Ok(())
 }
 
@@ -27,7 +27,7 @@ pub(super) async fn unwatch(state: &Path, run_id: String) -> anyhow::Result<()> 
     if !store.unsubscribe(run_id.clone()).await? {
         anyhow::bail!("run {run_id} is not known to this state database");
     }
-    println!("no longer watching {run_id}");
+    out!("no longer watching {run_id}")?;
     Ok(())
 }
 
@@ -44,7 +44,7 @@ pub(super) async fn purge_dead(
             id: None,
         })
         .await?;
-    println!("purged {purged} dead letters");
+    out!("purged {purged} dead letters")?;
     Ok(())
 }
 
@@ -56,6 +56,6 @@ pub(super) async fn replay(
 ) -> anyhow::Result<()> {
     let store = Store::open(state)?;
     let replayed = store.replay(DeadFilter { sink, run, id }).await?;
-    println!("queued {replayed} dead letters again (same ids)");
+    out!("queued {replayed} dead letters again (same ids)")?;
     Ok(())
 }

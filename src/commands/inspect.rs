@@ -11,19 +11,26 @@ pub(super) async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
     let runs = reader.runs().await?;
     let sinks = reader.sinks().await?;
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "sinks": sinks }))?
-        );
+        )?;
         return Ok(());
     }
     let now = runhook::store::now_ms();
-    println!(
+    out!(
         "{:<38} {:<12} {:<9} {:>7} {:<10} {:<10} {:>5} {:>9}  LAST ERROR",
-        "RUN", "STATE", "TRANSPORT", "CURSOR", "STATUS", "PHASE", "LAG", "LAST EVT"
-    );
+        "RUN",
+        "STATE",
+        "TRANSPORT",
+        "CURSOR",
+        "STATUS",
+        "PHASE",
+        "LAG",
+        "LAST EVT"
+    )?;
     for run in &runs {
-        println!(
+        out!(
             "{:<38} {:<12} {:<9} {:>7} {:<10} {:<10} {:>5} {:>9}  {}",
             run.run_id,
             if run.watched {
@@ -38,14 +45,19 @@ pub(super) async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
             run.lag.map_or("-".into(), |l| l.to_string()),
             run.last_event_at.map_or("-".into(), |t| age(now - t)),
             run.last_error.as_deref().unwrap_or(""),
-        );
+        )?;
     }
-    println!(
+    out!(
         "\n{:<16} {:>8} {:>9} {:>9} {:>6} {:<5} LAST SUCCESS",
-        "SINK", "PENDING", "RETRYING", "DONE", "DEAD", "UP"
-    );
+        "SINK",
+        "PENDING",
+        "RETRYING",
+        "DONE",
+        "DEAD",
+        "UP"
+    )?;
     for sink in &sinks {
-        println!(
+        out!(
             "{:<16} {:>8} {:>9} {:>9} {:>6} {:<5} {}",
             sink.sink,
             sink.pending,
@@ -55,7 +67,7 @@ pub(super) async fn status(state: &Path, json: bool) -> anyhow::Result<()> {
             if sink.down { "down" } else { "up" },
             sink.last_success_at
                 .map_or("-".into(), |t| format!("{} ago", age(now - t))),
-        );
+        )?;
     }
     Ok(())
 }
@@ -69,16 +81,20 @@ pub(super) async fn dead(
     let reader = Reader::open(state)?;
     let letters = reader.dead_letters(sink, run).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&letters)?);
+        out!("{}", serde_json::to_string_pretty(&letters)?)?;
         return Ok(());
     }
     let now = runhook::store::now_ms();
-    println!(
+    out!(
         "{:<48} {:<12} {:>8} {:>6} {:>8}  LAST ERROR",
-        "ID", "SINK", "ATTEMPTS", "STATUS", "AGE"
-    );
+        "ID",
+        "SINK",
+        "ATTEMPTS",
+        "STATUS",
+        "AGE"
+    )?;
     for letter in &letters {
-        println!(
+        out!(
             "{:<48} {:<12} {:>8} {:>6} {:>8}  {}",
             letter.id,
             letter.sink,
@@ -86,7 +102,7 @@ pub(super) async fn dead(
             letter.last_status.map_or("-".into(), |s| s.to_string()),
             letter.dead_at.map_or("-".into(), |t| age(now - t)),
             letter.last_error.as_deref().unwrap_or(""),
-        );
+        )?;
     }
     Ok(())
 }
@@ -109,9 +125,9 @@ pub(super) async fn tail(
             if json {
                 let mut line = Vec::new();
                 runhook::sink::write_envelope_line(&event.into(), &mut line)?;
-                print!("{}", String::from_utf8_lossy(&line));
+                std::io::Write::write_all(&mut super::Stdout, &line)?;
             } else {
-                println!(
+                out!(
                     "{} {:<38} {:>6} {:<20} {}/{} {}",
                     humantime::format_rfc3339_seconds(
                         std::time::UNIX_EPOCH
@@ -123,7 +139,7 @@ pub(super) async fn tail(
                     event.run_status.as_deref().unwrap_or("-"),
                     event.phase.as_deref().unwrap_or("-"),
                     event.payload,
-                );
+                )?;
             }
         }
         if events.is_empty() {

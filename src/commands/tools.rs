@@ -6,12 +6,12 @@ use anyhow::Context;
 use crate::cli::Cli;
 use runhook::config::Config;
 
-pub(super) fn check(config: &Config) {
+pub(super) fn check(config: &Config) -> std::io::Result<()> {
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
-    println!("{}: ok", config.source.display());
-    println!(
+    out!("{}: ok", config.source.display())?;
+    out!(
         "api: {} (transport {}, credentials: {})",
         runhook::config::url_origin(&config.api.base_url),
         config.api.transport.name(),
@@ -20,35 +20,41 @@ pub(super) fn check(config: &Config) {
             (Some(_), None) => "token",
             _ => "session cookie",
         }
-    );
-    println!("state: {}", config.state.path.display());
-    println!("runs: {} static", config.runs.len());
-    println!("\nsinks:");
+    )?;
+    out!("state: {}", config.state.path.display())?;
+    out!("runs: {} static", config.runs.len())?;
+    out!("\nsinks:")?;
     for sink in config.sinks.values() {
-        println!(
+        out!(
             "  {:<12} {:<8} {}{}",
             sink.name,
             sink.kind.type_name(),
             sink.kind.describe_target(),
             if sink.ordered { "" } else { " (unordered)" }
-        );
+        )?;
     }
-    println!("\nroutes:");
+    out!("\nroutes:")?;
     for (i, route) in config.router.routes().iter().enumerate() {
         let sinks: Vec<&str> = route.sinks.iter().map(|s| &**s).collect();
-        println!(
+        out!(
             "  #{:<3} {:<50} -> {}",
             i + 1,
             route.describe_filters(),
             sinks.join(", ")
-        );
+        )?;
     }
+    Ok(())
 }
 
-/// Prints a completion script for `shell` on stdout.
-pub(super) fn completions(shell: clap_complete::Shell) {
+/// Prints a completion script for `shell` on stdout. Generated into memory
+/// first: `clap_complete` panics on a write error, and this way a closed
+/// pipe is an error like any other command's.
+pub(super) fn completions(shell: clap_complete::Shell) -> std::io::Result<()> {
+    use std::io::Write as _;
     let mut command = <Cli as clap::CommandFactory>::command();
-    clap_complete::generate(shell, &mut command, "runhook", &mut std::io::stdout());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "runhook", &mut script);
+    super::Stdout.write_all(&script)
 }
 
 pub(super) async fn simulate(
@@ -65,21 +71,20 @@ pub(super) async fn simulate(
         None => runhook::simulate::Scenario::demo(),
     };
     let sim = runhook::simulate::Simulator::start(listen, scenario).await?;
-    println!(
+    out!(
         "simulator on {} (bearer token {:?}, session cookie {:?}); {} runs. Ctrl-C to stop.",
         sim.url(),
         sim.token(),
         sim.session(),
         sim.run_ids().len()
-    );
+    )?;
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
 
 /// Simulator, daemon and file sink in one process, printing on stdout.
 pub(super) async fn demo() -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout();
-    runhook::demo::run(&mut stdout).await?;
+    runhook::demo::run(&mut super::Stdout).await?;
     Ok(())
 }
 

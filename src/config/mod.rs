@@ -31,6 +31,7 @@ use check::{Cx, Result};
 use raw::RawConfig;
 
 pub use api::*;
+pub use routes::{load_router, parse_router};
 pub use secret::{Secret, url_origin};
 pub use sinks::*;
 pub use slack::*;
@@ -97,13 +98,7 @@ impl Config {
     /// Reads and validates a config file, expanding `${VAR}` from the process
     /// environment.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
-            file: path.display().to_string(),
-            line: 0,
-            column: 0,
-            key: "(file)".into(),
-            message: format!("cannot read the config file: {error}"),
-        })?;
+        let text = read_config_file(path)?;
         Self::parse(&text, path, &|name| std::env::var(name).ok())
     }
 
@@ -124,6 +119,16 @@ impl Config {
     }
 }
 
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError {
+        file: path.display().to_string(),
+        line: 0,
+        column: 0,
+        key: "(file)".into(),
+        message: format!("cannot read the config file: {error}"),
+    })
+}
+
 impl Cx<'_> {
     fn validate(&self, raw: RawConfig) -> Result<Config> {
         let api = self.api(&raw.api)?;
@@ -136,12 +141,11 @@ impl Cx<'_> {
         for (name, sink) in &raw.sinks {
             sinks.insert(name.clone(), self.sink(name, sink, &defaults)?);
         }
-        let routes = raw
-            .routes
+        let names = sinks
             .iter()
-            .enumerate()
-            .map(|(i, r)| self.route(i, r, &sinks))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|(name, sink)| (name.clone(), sink.name.clone()))
+            .collect();
+        let routes = self.routes(&raw, &names)?;
         self.check_every_sink_routed(&raw.sinks, &routes)?;
         self.warn_unreachable_templates(&raw.sinks, &sinks, &routes);
         Ok(Config {

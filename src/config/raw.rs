@@ -28,6 +28,15 @@ pub struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
 }
 
+/// Only `[state]`, for the commands that need nothing else: the other tables
+/// are skipped unread (not `deny_unknown_fields`), so their secrets and
+/// `${VAR}`s are never touched; `[state]` keeps its own strictness.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawStateOnly {
+    #[serde(default)]
+    pub state: RawState,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawApi {

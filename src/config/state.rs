@@ -3,12 +3,12 @@
 //! their keys; `config.example.toml` says the same.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::ApiConfig;
 use super::check::{Cx, Result};
-use super::raw::{RawConfig, RawServer, RawState};
+use super::raw::{RawConfig, RawServer, RawState, RawStateOnly};
+use super::{ApiConfig, ConfigError};
 
 /// `state.path`.
 pub const DEFAULT_STATE_PATH: &str = "/var/lib/runhook/runhook.db";
@@ -42,6 +42,37 @@ pub struct StateConfig {
 pub struct ServerConfig {
     /// `listen`: address:port. Default [`DEFAULT_LISTEN`].
     pub listen: SocketAddr,
+}
+
+impl StateConfig {
+    /// Reads only `[state]` of a config file, for the commands that need
+    /// nothing but the state database (`status`, `dead`, `replay`, `tail`,
+    /// `watch`, ...). Outside the service unit the `*_file` secrets under
+    /// `/run/credentials/` and the unit's environment are not there, and
+    /// these commands must work anyway: so the rest of the file is only
+    /// parsed as TOML, never resolved. `[state]` itself is validated as
+    /// [`super::Config::load`] does, with the same errors and locations.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = super::read_config_file(path)?;
+        Self::parse(&text, path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`StateConfig::load`] on config text; `env` resolves `${VAR}` in
+    /// `[state]` only.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let cx = Cx {
+            file: path,
+            text,
+            env,
+            warnings: Default::default(),
+        };
+        let raw: RawStateOnly = toml::from_str(text).map_err(|e| cx.toml_error(&e))?;
+        cx.state(&raw.state)
+    }
 }
 
 impl Cx<'_> {
@@ -109,5 +140,80 @@ impl Cx<'_> {
             (None, None) => return Ok(()),
         };
         Err(self.error(at, key, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// What the README recommends for a service: secrets in systemd
+    /// credentials and the environment, neither there outside the unit.
+    const SERVICE_CONFIG: &str = r#"
+[api]
+token = "${TRAVELMODE_TOKEN}"
+session_cookie_file = "/run/credentials/runhook.service/absent-session"
+
+[state]
+path = "${STATE_DIR:-/var/lib/runhook}/runhook.db"
+retain = "3d"
+
+[sinks.chat]
+type = "slack"
+webhook_url_file = "/run/credentials/runhook.service/absent-slack"
+
+[[routes]]
+sinks = ["chat"]
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn state_only_loading_resolves_no_secret_and_no_variable_outside_state() {
+        let path = Path::new("runhook.toml");
+        assert!(
+            crate::config::Config::parse(SERVICE_CONFIG, path, &no_env).is_err(),
+            "the full config needs the secrets and the token"
+        );
+        let state = StateConfig::parse(SERVICE_CONFIG, path, &no_env).expect("[state] alone");
+        assert_eq!(state.path, PathBuf::from("/var/lib/runhook/runhook.db"));
+        assert_eq!(state.retain, Duration::from_secs(3 * 86400));
+    }
+
+    #[test]
+    fn state_only_loading_expands_variables_in_state() {
+        let env = |name: &str| (name == "STATE_DIR").then(|| "/srv/rh".to_owned());
+        let state = StateConfig::parse(SERVICE_CONFIG, Path::new("c.toml"), &env).unwrap();
+        assert_eq!(state.path, PathBuf::from("/srv/rh/runhook.db"));
+    }
+
+    #[test]
+    fn state_only_loading_reports_state_errors_where_the_full_load_does() {
+        let text = "[api]\ntoken = \"t\"\n[state]\nretain = \"soon\"\n";
+        let path = Path::new("c.toml");
+        let full = crate::config::Config::parse(text, path, &no_env).unwrap_err();
+        let alone = StateConfig::parse(text, path, &no_env).unwrap_err();
+        assert_eq!(alone, full);
+        assert_eq!((alone.line, alone.column), (4, 10), "{alone}");
+        assert_eq!(alone.key, "state.retain");
+    }
+
+    #[test]
+    fn state_only_loading_refuses_unknown_state_keys_and_bad_toml() {
+        let path = Path::new("c.toml");
+        let unknown = StateConfig::parse("[state]\npaht = \"/x\"\n", path, &no_env).unwrap_err();
+        assert_eq!((unknown.line, unknown.key.as_str()), (2, "state.paht"));
+        let broken = StateConfig::parse("[api\n[state]\n", path, &no_env).unwrap_err();
+        assert_eq!(broken.line, 1, "{broken}");
+    }
+
+    #[test]
+    fn state_only_loading_defaults_without_a_state_table() {
+        let state = StateConfig::parse("[api]\ntoken = \"t\"\n", Path::new("c"), &no_env).unwrap();
+        assert_eq!(state.path, PathBuf::from(DEFAULT_STATE_PATH));
     }
 }

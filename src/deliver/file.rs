@@ -321,6 +321,7 @@ mod tests {
                 run_status: None,
                 phase: None,
                 finish: None,
+                stalled: None,
             };
             store.record_batch(batch).await.unwrap();
         }

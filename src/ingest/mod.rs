@@ -235,6 +235,17 @@ impl Ingest {
         events: Vec<Event>,
         finish: Option<Finish>,
     ) -> Result<Recorded, StoreError> {
+        self.record_then(following, events, finish, None).await
+    }
+
+    /// [`Self::record`], leaving the run `stalled` for `why` when given.
+    async fn record_then(
+        &self,
+        following: &mut Following,
+        events: Vec<Event>,
+        finish: Option<Finish>,
+        stalled: Option<String>,
+    ) -> Result<Recorded, StoreError> {
         let run = &following.run;
         let router = self.router();
         let events = events
@@ -265,6 +276,7 @@ impl Ingest {
                 run_status: following.status.clone(),
                 phase: following.phase.clone(),
                 finish,
+                stalled,
             })
             .await?;
         if recorded.dropped > 0 {

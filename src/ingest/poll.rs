@@ -131,7 +131,8 @@ impl Ingest {
         let events = new_events(page.events, following.cursor);
         let progressed = !events.is_empty();
         if let Some(why) = page.undecodable {
-            self.record(following, events, None).await?;
+            self.record_then(following, events, None, Some(why.clone()))
+                .await?;
             return Ok(Polled::Stalled(why));
         }
         let finish = match page.run_status.as_deref() {

@@ -144,6 +144,9 @@ struct FileLine<'a> {
     run_status: Option<&'a str>,
     current_phase: Option<&'a str>,
     labels: &'a RawValue,
+    /// Only `runhook send-test` sets it; absent from every real line.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    test: bool,
 }
 
 /// Appends the envelope of `event` to `out` as one JSON line. A payload
@@ -151,6 +154,16 @@ struct FileLine<'a> {
 /// insignificant whitespace (strings escape them): they are dropped here, so
 /// that the line stays one line; every other byte is written as received.
 pub fn write_envelope_line(event: &Event<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    write_line(event, false, out)
+}
+
+/// The line of a test event (`runhook send-test`): a real line plus
+/// `"test": true`.
+pub fn write_test_line(event: &Event<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    write_line(event, true, out)
+}
+
+fn write_line(event: &Event<'_>, test: bool, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
     let f = EventFields::of(event)?;
     let one_line = single_line(f.payload)?;
     let line = FileLine {
@@ -163,6 +176,7 @@ pub fn write_envelope_line(event: &Event<'_>, out: &mut Vec<u8>) -> Result<(), s
         run_status: f.run_status,
         current_phase: f.current_phase,
         labels: f.labels,
+        test,
     };
     serde_json::to_writer(&mut *out, &line)?;
     out.push(b'\n');

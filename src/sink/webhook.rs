@@ -14,6 +14,10 @@ use crate::config::{SigningKey, WebhookConfig};
 use crate::http::{read_capped, request_error, retry_after, snippet};
 
 const ERROR_BODY_CHARS: usize = 500;
+/// The tracing target of the two debug events every attempt emits (sending,
+/// answered): `runhook forward` prints its delivery lines from them, and
+/// `RUNHOOK_LOG=runhook::attempt=debug` shows them in any daemon's log.
+pub const ATTEMPT_TARGET: &str = "runhook::attempt";
 
 pub struct WebhookSink {
     client: reqwest::Client,
@@ -31,6 +35,20 @@ struct Body<'a> {
     event_type: &'a str,
     timestamp: String,
     data: EventFields<'a>,
+    /// Only `runhook send-test` sets it: receivers can tell a test from a
+    /// real event. Absent from every real event's body.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    test: bool,
+}
+
+/// What a receiver answered to one attempt, for `runhook send-test` to show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub outcome: Outcome,
+    /// `None` when no answer came (refused, timed out).
+    pub status: Option<u16>,
+    /// The start of the answer's body (or why none could be read).
+    pub excerpt: String,
 }
 
 impl WebhookSink {
@@ -46,6 +64,15 @@ impl WebhookSink {
 
     /// The request body: the same bytes on every attempt.
     pub fn body(event: &Event<'_>) -> Result<Vec<u8>, serde_json::Error> {
+        Self::encode(event, false)
+    }
+
+    /// The body of a test event: a real body plus `"test": true`.
+    pub fn test_body(event: &Event<'_>) -> Result<Vec<u8>, serde_json::Error> {
+        Self::encode(event, true)
+    }
+
+    fn encode(event: &Event<'_>, test: bool) -> Result<Vec<u8>, serde_json::Error> {
         let timestamp = event.created_at.map_or_else(
             || {
                 let seen = UNIX_EPOCH + Duration::from_millis(event.seen_at.max(0) as u64);
@@ -57,47 +84,77 @@ impl WebhookSink {
             event_type: event.event_type,
             timestamp,
             data: EventFields::of(event)?,
+            test,
         })
     }
 
     /// One attempt: fresh timestamp and signature, same id and body.
     pub async fn send(&self, event: &Event<'_>) -> Outcome {
-        let body = match Self::body(event) {
-            Ok(body) => body,
-            Err(error) => {
-                return Outcome::Permanent {
-                    status: None,
-                    error: format!("cannot encode event: {error}"),
-                };
-            }
-        };
+        match Self::body(event) {
+            Ok(body) => self.post(event.id, event.event_type, body).await.outcome,
+            Err(error) => Outcome::Permanent {
+                status: None,
+                error: format!("cannot encode event: {error}"),
+            },
+        }
+    }
+
+    /// POSTs `body` as event `id`, signed with a fresh timestamp.
+    pub async fn post(&self, id: &str, event_type: &str, body: Vec<u8>) -> Answer {
+        tracing::debug!(target: ATTEMPT_TARGET, id, event_type, "webhook: sending");
+        let started = std::time::Instant::now();
+        let answer = self.post_signed(id, body).await;
+        tracing::debug!(
+            target: ATTEMPT_TARGET,
+            id,
+            status = answer.status.unwrap_or(0),
+            latency_ms = started.elapsed().as_millis() as u64,
+            delivered = answer.outcome == Outcome::Delivered,
+            excerpt = %answer.excerpt,
+            "webhook: answered"
+        );
+        answer
+    }
+
+    async fn post_signed(&self, id: &str, body: Vec<u8>) -> Answer {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let signature = sign::signature_header(&self.keys, event.id, timestamp, &body);
+        let signature = sign::signature_header(&self.keys, id, timestamp, &body);
         let request = self
             .client
             .post(self.url.clone())
             .headers(self.headers.clone())
-            .header("webhook-id", event.id)
+            .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         match request.send().await {
-            Err(error) => Outcome::Retry {
-                status: None,
-                error: request_error(error, self.timeout, connect_timeout(self.timeout)),
-                after: None,
-            },
+            Err(error) => {
+                let error = request_error(error, self.timeout, connect_timeout(self.timeout));
+                Answer {
+                    outcome: Outcome::Retry {
+                        status: None,
+                        error: error.clone(),
+                        after: None,
+                    },
+                    status: None,
+                    excerpt: error,
+                }
+            }
             Ok(response) => {
                 let status = response.status();
                 let wait = retry_after(response.headers());
-                let answer = match read_capped(response, ANSWER_CAP).await {
+                let excerpt = match read_capped(response, ANSWER_CAP).await {
                     Ok((bytes, _)) => snippet(&bytes, ERROR_BODY_CHARS),
                     Err(error) => format!("(answer unreadable: {})", error.without_url()),
                 };
-                classify(status, wait, &answer)
+                Answer {
+                    outcome: classify(status, wait, &excerpt),
+                    status: Some(status.as_u16()),
+                    excerpt,
+                }
             }
         }
     }

@@ -17,9 +17,10 @@
 //! | concern | writes | reads |
 //! |---|---|---|
 //! | recording (`record.rs`) | `record_batch`: events above the cursor, their deliveries and the new cursor, atomically | `last_event_row`, `events_after` (`tail`) |
-//! | runs (`runs.rs`) | `subscribe`, `unsubscribe`, `unsubscribe_config_runs_except`, `retry_stopped_runs`, `set_run_state`, `set_upstream_seq` | `watched_runs`, `runs` (`status`), `control_generation` (bumped by `subscribe`, `unsubscribe`, `replay`) |
+//! | runs (`runs.rs`) | `subscribe`, `unsubscribe`, `unsubscribe_config_runs_except`, `retry_stopped_runs`, `set_run_state`, `set_upstream_seq` | `watched_runs`, `runs` (`status`), `control_generation` (bumped by `subscribe`, `unsubscribe`, `replay`, `requeue_range`, `backfill`) |
 //! | deliveries (`deliveries.rs`) | `mark_delivered` (with the sink's offset), `record_failure` (retry or dead), `release_backoff` | `pending_in_order`, `pending_for_run`, `runs_with_pending`, `pending_count`, `pending_total` |
 //! | dead letters (`dead.rs`) | `replay` (same ids), `purge_dead` | `dead_letters` |
+//! | by time (`requeue.rs`) | `requeue_range` (dead, or also delivered, deliveries of events recorded in a range: same ids), `backfill` (a sink's missing deliveries where a given routing says so) | |
 //! | retention (`retention.rs`) | `prune` | |
 //! | sink state (`sinks.rs`) | `set_sink_down`, `save_thread_root`, `mark_found_delivered` | `sinks` (`status`), `oldest_pending` (metrics), `sink_offset`, `thread_root` |
 //! | liveness | `ping` (the writer commits) | |
@@ -36,11 +37,13 @@ mod dead;
 mod deliveries;
 mod lock;
 mod record;
+#[cfg(test)]
+mod record_tests;
+mod requeue;
 mod retention;
 mod runs;
 mod schema;
 mod sinks;
-
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +57,7 @@ pub use dead::{DeadFilter, DeadLetter};
 pub use deliveries::{Failure, Pending};
 pub use lock::DaemonLock;
 pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
+pub use requeue::{RequeueFilter, StoredEvent, TimeRange};
 pub use runs::{RunRow, WatchedRun};
 pub use sinks::SinkRow;
 pub use states::{DeliveryState, RunState};

@@ -37,6 +37,10 @@ pub struct Batch {
     pub run_status: Option<String>,
     pub phase: Option<String>,
     pub finish: Option<Finish>,
+    /// Why the run cannot go on past these events (upstream serves one it
+    /// cannot decode): the run is left `stalled` with this reason in the
+    /// same transaction, so it never reads `following` in between.
+    pub stalled: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,10 +258,10 @@ fn advance_run(
     finished_seq: Option<i64>,
     now: i64,
 ) -> Result<(), rusqlite::Error> {
-    let state = if finished_seq.is_some() {
-        RunState::Finished
-    } else {
-        RunState::Following
+    let state = match (finished_seq, &batch.stalled) {
+        (Some(_), _) => RunState::Finished,
+        (None, Some(_)) => RunState::Stalled,
+        (None, None) => RunState::Following,
     };
     conn.prepare_cached(
         "UPDATE runs SET cursor = ?2,
@@ -267,7 +271,7 @@ fn advance_run(
             finished_at = CASE WHEN ?7 IS NOT NULL THEN ?6 ELSE finished_at END,
             upstream_seq = CASE WHEN ?7 IS NOT NULL THEN ?2 ELSE upstream_seq END,
             state = ?8,
-            last_error = NULL, updated_at = ?6
+            last_error = ?9, updated_at = ?6
          WHERE run_id = ?1",
     )?
     .execute(params![
@@ -278,7 +282,8 @@ fn advance_run(
         recorded as i64,
         now,
         finished_seq,
-        state
+        state,
+        batch.stalled.as_deref().filter(|_| finished_seq.is_none())
     ])?;
     Ok(())
 }

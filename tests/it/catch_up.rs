@@ -105,6 +105,49 @@ async fn an_undecodable_event_on_a_page_stalls_the_run_after_the_good_ones() {
     assert_eq!(env.run_row("run-bad").await.unwrap().state, "finished");
 }
 
+/// A stalled run reads `stalled` the whole time, not `following` for a
+/// moment after each slow poll: the poll's (empty) batch and the state are
+/// one write, so `status` and `runhook_runs` never flicker.
+#[tokio::test]
+async fn a_stalled_run_reads_stalled_between_and_during_its_slow_polls() {
+    let sim = start_sim(Scenario {
+        runs: vec![scripted("run-bad", numbered(6))],
+        faults: vec![fault("events", FaultKind::BadEvent { sequence: 4 })],
+        ..Scenario::default()
+    })
+    .await;
+    let env = Env::new(&sim, &["run-bad"]);
+    let daemon = env.start();
+    wait_state(&env, "run-bad", "stalled").await;
+    let stalled_at = sim.requests().len();
+    // Read the state as often as the store answers (no pause: the window
+    // to catch is one writer job) until six more polls went out.
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let polls = sim.requests()[stalled_at..]
+            .iter()
+            .filter(|r| r.endpoint == "events")
+            .count();
+        if polls >= 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for six polls while stalled ({polls} seen)"
+        );
+        if let Some(row) = env.run_row("run-bad").await {
+            *seen.entry(row.state.to_string()).or_default() += 1;
+        }
+    }
+    daemon.stop().await;
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["stalled"],
+        "states read while stalled: {seen:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_final_poll_status_short_of_last_event_sequence_does_not_finish() {
     let sim = start_sim(Scenario {

@@ -248,9 +248,10 @@ async fn a_stream_event_over_the_cap_is_caught_up_by_polling() {
         "ARTIFACT_CREATED",
         &format!(r#"{{"blob":"{blob}"}}"#),
     ));
-    events.extend(numbered(2));
-    // Still live after the oversize event, so the stream has a reason to
-    // come back once polling got past it.
+    events.extend(numbered(10));
+    // Still live for 3 s after the oversize event, so the stream has a
+    // reason to come back once polling got past it, even on a loaded machine
+    // (with 0.6 s left the run could end before the catch-up did).
     let mut run = scripted("run-huge", events);
     run.interval = Duration::from_millis(300);
     let sim = sim_with(vec![run]).await;

@@ -161,6 +161,7 @@ async fn lines_written_before_a_crash_but_not_marked_are_not_written_again() {
             run_status: Some("running".into()),
             phase: None,
             finish: None,
+            stalled: None,
         })
         .await
         .unwrap();

@@ -19,6 +19,7 @@ fn events(run: &str, range: std::ops::RangeInclusive<i64>) -> Batch {
         run_status: Some("running".into()),
         phase: None,
         finish: None,
+        stalled: None,
     }
 }
 

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use crate::support::*;
 
 #[derive(Debug, Clone)]
-struct Call {
+pub(crate) struct Call {
     path: String,
-    body: Value,
+    pub(crate) body: Value,
     auth: Option<String>,
     at: Instant,
 }
@@ -36,13 +36,13 @@ struct FakeState {
 }
 
 #[derive(Clone)]
-struct FakeSlack {
-    addr: std::net::SocketAddr,
+pub(crate) struct FakeSlack {
+    pub(crate) addr: std::net::SocketAddr,
     state: Arc<Mutex<FakeState>>,
 }
 
 impl FakeSlack {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let state = Arc::new(Mutex::new(FakeState::default()));
         let app = Router::new()
             .route("/webhook", post(webhook))
@@ -79,7 +79,7 @@ impl FakeSlack {
         .await
     }
 
-    fn calls(&self, path: &str) -> Vec<Call> {
+    pub(crate) fn calls(&self, path: &str) -> Vec<Call> {
         self.state
             .lock()
             .unwrap()
@@ -188,7 +188,7 @@ fn slack_env(sim: &runhook::simulate::Simulator, runs: &[&str], keys: &str) -> E
     env
 }
 
-fn assert_within_limits(message: &Value) {
+pub(crate) fn assert_within_limits(message: &Value) {
     let blocks = message["blocks"].as_array().expect("blocks");
     assert!(!blocks.is_empty() && blocks.len() <= 50);
     assert!(

@@ -131,11 +131,23 @@ impl SlackSink {
     }
 
     pub async fn send(&self, event: &Event<'_>) -> Outcome {
-        let message = message::render(event, self.templates.environment());
+        let message = self.render(event);
+        self.send_message(event, &message).await
+    }
+
+    /// The message this sink sends for `event` (the template for its type,
+    /// or the default wording).
+    pub fn render(&self, event: &Event<'_>) -> Message {
+        message::render(event, self.templates.environment())
+    }
+
+    /// Sends `message` for `event` as [`Self::send`] would: `runhook
+    /// send-test` sends a rendered message it marked as a test this way.
+    pub async fn send_message(&self, event: &Event<'_>, message: &Message) -> Outcome {
         match &self.mode {
-            SlackMode::IncomingWebhook { url } => self.post_webhook(url, &message).await,
+            SlackMode::IncomingWebhook { url } => self.post_webhook(url, message).await,
             SlackMode::Bot { token, channel } => {
-                self.post_in_thread(token, channel, event, &message).await
+                self.post_in_thread(token, channel, event, message).await
             }
         }
     }

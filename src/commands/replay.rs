@@ -1,0 +1,158 @@
+//! `replay --since` and `backfill`: queue stored events again by the time
+//! they were recorded. Both reach only what retention kept, and say so.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use runhook::route::EventFacts;
+use runhook::store::{RequeueFilter, Store, StoredEvent, TimeRange};
+
+/// `--since` / `--until` as typed.
+pub(super) struct Window {
+    pub since: String,
+    pub until: Option<String>,
+}
+
+/// `replay --since`: the deliveries of events recorded in the window that
+/// are dead (and delivered, with `delivered`), queued again with their ids.
+pub(super) async fn replay_range(
+    state: &Path,
+    retain: Option<Duration>,
+    window: Window,
+    sink: Option<String>,
+    run: Option<String>,
+    delivered: bool,
+) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    let filter = RequeueFilter {
+        range: window.resolve(now)?,
+        sink,
+        run,
+        delivered,
+    };
+    let store = Store::open(state)?;
+    let queued = store.requeue_range(filter.clone()).await?;
+    let what = if filter.delivered {
+        "dead or delivered"
+    } else {
+        "dead"
+    };
+    out!(
+        "queued {queued} {what} deliveries again (same ids) of events recorded {}",
+        describe(filter.range)
+    )?;
+    if filter.delivered {
+        retention_note(filter.range, retain, now)?;
+    }
+    Ok(())
+}
+
+/// `backfill SINK`: give a sink the stored events its routes would have
+/// sent it, had it been configured when they were recorded.
+pub(super) async fn backfill(
+    state: &Path,
+    config: &Path,
+    retain: Option<Duration>,
+    sink: String,
+    window: Window,
+    run: Option<String>,
+) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    let range = window.resolve(now)?;
+    let router = runhook::config::load_router(config)?;
+    let sink: Arc<str> = Arc::from(sink);
+    if !router.routes().iter().any(|r| r.sinks.contains(&sink)) {
+        anyhow::bail!(
+            "no route in {} sends anything to a sink named `{sink}`",
+            config.display()
+        );
+    }
+    let store = Store::open(state)?;
+    let wanted = sink.clone();
+    let routed = move |event: &StoredEvent| {
+        let facts = EventFacts {
+            event_type: &event.event_type,
+            run_id: &event.run_id,
+            labels: &event.labels,
+            status: event.run_status.as_deref(),
+            phase: event.phase.as_deref(),
+        };
+        router.sinks_for(&facts).contains(&wanted)
+    };
+    let queued = store.backfill(sink.clone(), range, run, routed).await?;
+    out!(
+        "queued {queued} events for {sink} (recorded {}; events it already had left alone)",
+        describe(range)
+    )?;
+    retention_note(range, retain, now)
+}
+
+impl Window {
+    fn resolve(&self, now: SystemTime) -> anyhow::Result<TimeRange> {
+        let since = when(&self.since, now, "--since")?;
+        let until = match &self.until {
+            Some(until) => when(until, now, "--until")?,
+            None => unix_ms(now),
+        };
+        if since >= until {
+            anyhow::bail!("--since must be before --until");
+        }
+        Ok(TimeRange { since, until })
+    }
+}
+
+/// A time as typed: a duration ago (`2h`, `30m`) or an RFC 3339 timestamp
+/// (`2026-11-30T08:00:00Z`).
+fn when(text: &str, now: SystemTime, flag: &str) -> anyhow::Result<i64> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        let at = now.checked_sub(ago).unwrap_or(UNIX_EPOCH);
+        return Ok(unix_ms(at));
+    }
+    match humantime::parse_rfc3339_weak(text) {
+        Ok(at) => Ok(unix_ms(at)),
+        Err(_) => anyhow::bail!(
+            "{flag} {text:?}: write a duration ago (\"2h\", \"30m\") or a time (\"2026-11-30T08:00:00Z\")"
+        ),
+    }
+}
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn describe(range: TimeRange) -> String {
+    let at = |ms: i64| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+    };
+    format!("from {} to {}", at(range.since), at(range.until))
+}
+
+/// Delivered events are pruned after `state.retain`: a range that reaches
+/// further back finds only what is left (dead letters are kept).
+/// On stderr: a note, not the answer a script reads.
+fn retention_note(
+    range: TimeRange,
+    retain: Option<Duration>,
+    now: SystemTime,
+) -> anyhow::Result<()> {
+    match retain {
+        Some(retain) => {
+            let horizon = unix_ms(now.checked_sub(retain).unwrap_or(UNIX_EPOCH));
+            if range.since < horizon {
+                eprintln!(
+                    "note: the range starts before the retention horizon (state.retain = {}): delivered events recorded before {} are pruned and could not be queued",
+                    humantime::format_duration(retain),
+                    humantime::format_rfc3339_seconds(
+                        UNIX_EPOCH + Duration::from_millis(horizon.max(0) as u64)
+                    )
+                );
+            }
+        }
+        None => eprintln!(
+            "note: delivered events are pruned after state.retain; older ones could not be queued"
+        ),
+    }
+    Ok(())
+}
