@@ -2,6 +2,10 @@
 
 use std::time::{Duration, SystemTime};
 
+/// Every request runhook makes, upstream or to a sink, says who sent it
+/// (`user-agent: runhook/<version>`, README.md, Webhook).
+pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
+
 /// Reads at most `cap` bytes of a response body; the rest is discarded. The
 /// flag says whether the body was cut.
 pub async fn read_capped(
@@ -59,11 +63,7 @@ pub fn upstream_wait(retry_after: Option<Duration>, backoff: Option<Duration>) -
 /// Text of a body for an error message: lossy UTF-8, cut to `max` chars.
 pub fn snippet(body: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    match text.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &text[..i]),
-        None => text.to_owned(),
-    }
+    crate::text::ellipsize(text.trim(), max).into_owned()
 }
 
 /// What went wrong with a request that got no answer, its causes included:

@@ -296,7 +296,7 @@ pub(super) async fn tail(
             after = after.max(event.event);
             if json {
                 let mut line = Vec::new();
-                runhook::sink::write_envelope_line(event, &mut line)?;
+                runhook::sink::write_envelope_line(&event.into(), &mut line)?;
                 std::io::Write::write_all(&mut super::Stdout, &line)?;
             } else {
                 out!(

@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use runhook::config::{Config, SinkConfig, SinkKind, SlackConfig};
+use runhook::deliver::threads::StoredThreads;
 use runhook::sink::Outcome;
 use runhook::sink::file::FileSink;
 use runhook::sink::slack::SlackSink;
@@ -116,7 +117,7 @@ async fn to_webhook(
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
     let sink = WebhookSink::new(config).context("building the webhook's HTTP client")?;
-    let body = WebhookSink::test_body(event)?;
+    let body = WebhookSink::test_body(&event.into())?;
     writeln!(
         out,
         "--> POST webhook-id: {} ({} signature{})",
@@ -152,12 +153,13 @@ async fn to_slack(
     let scratch = tempfile::tempdir()?;
     let store = Store::open(&scratch.path().join("send-test.db"))?;
     let name: std::sync::Arc<str> = format!("{} (send-test)", sink.name).into();
-    let slack = SlackSink::new(name, config, store.clone(), store.reader()?)
+    let threads = StoredThreads::new(name.clone(), store.clone(), store.reader()?);
+    let slack = SlackSink::new(name, config, std::sync::Arc::new(threads))
         .context("building the Slack HTTP client")?;
-    let message = mark_as_test(slack.render(event));
+    let message = mark_as_test(slack.render(&event.into()));
     writeln!(out, "--> {}", serde_json::to_string_pretty(&message)?)?;
     let started = Instant::now();
-    let outcome = slack.send_message(event, &message).await;
+    let outcome = slack.send_message(&event.into(), &message).await;
     writeln!(
         out,
         "<-- {} ({} ms)",
@@ -186,7 +188,7 @@ fn to_file(
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
     let mut line = Vec::new();
-    runhook::sink::write_test_line(event, &mut line)?;
+    runhook::sink::write_test_line(&event.into(), &mut line)?;
     write!(out, "--> {}", String::from_utf8_lossy(&line))?;
     let started = Instant::now();
     let sink = FileSink::open(path).with_context(|| format!("opening {}", path.display()))?;

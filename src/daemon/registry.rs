@@ -13,6 +13,7 @@ use super::sinks::supervise_sink;
 use crate::config::{Config, SinkConfig, SinkKind};
 use crate::deliver;
 use crate::deliver::runs::SinkRuntime;
+use crate::deliver::threads::StoredThreads;
 use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
@@ -125,10 +126,13 @@ fn start_sink(
         SinkKind::Webhook(webhook) => {
             Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
         }
-        SinkKind::Slack(slack) => Sender::Slack(
-            SlackSink::new(sink.name.clone(), slack, store.clone(), store.reader()?)
-                .map_err(client_error)?,
-        ),
+        SinkKind::Slack(slack) => {
+            let threads = StoredThreads::new(sink.name.clone(), store.clone(), store.reader()?);
+            Sender::Slack(
+                SlackSink::new(sink.name.clone(), slack, Arc::new(threads))
+                    .map_err(client_error)?,
+            )
+        }
     };
     Ok(Owned::new(tokio::spawn(deliver::runs::run_http_sink(
         Arc::new(SinkRuntime {

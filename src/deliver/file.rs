@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{exhausted, next_attempt_at, retry_delay};
+use super::retry::failure_rows;
 use crate::config::DeliveryPolicy;
 use crate::sink::file::FileSink;
-use crate::sink::write_envelope_line;
-use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
+use crate::sink::{Event, Outcome, write_envelope_line};
+use crate::store::{Pending, Reader, Store, StoreError, now_ms};
 
 /// Deliveries fetched and written per file write.
 const FILE_BATCH: usize = 2048;
@@ -140,7 +140,7 @@ async fn write_file_batch(
 ) -> Result<(), StoreError> {
     // The rest stays pending, first in the next batch.
     batch.truncate(within_bytes(&batch, FILE_BATCH_BYTES));
-    let (lines, events) = encode_batch(name, store, &batch).await?;
+    let (lines, events) = encode_batch(name, policy, store, &batch).await?;
     let sink = file.clone();
     let written = tokio::task::spawn_blocking(move || sink.append(&lines))
         .await
@@ -155,6 +155,7 @@ async fn write_file_batch(
 /// cannot be encoded is dead-lettered here, so the rest still goes out.
 async fn encode_batch(
     name: &Arc<str>,
+    policy: &DeliveryPolicy,
     store: &Store,
     batch: &[Pending],
 ) -> Result<(Vec<u8>, Vec<i64>), StoreError> {
@@ -162,18 +163,18 @@ async fn encode_batch(
     let mut events = Vec::with_capacity(batch.len());
     for pending in batch {
         let start = lines.len();
-        if let Err(error) = write_envelope_line(pending, &mut lines) {
+        if let Err(error) = write_envelope_line(&Event::from(pending), &mut lines) {
             // Stored payloads were JSON when recorded; this is corruption.
             lines.truncate(start);
             tracing::error!(sink = %name, id = %pending.id, %error, "cannot encode event; dead-lettering it");
-            let failure = Failure {
-                events: vec![pending.event],
+            let outcome = Outcome::Permanent {
                 status: None,
                 error: format!("cannot encode event: {error}"),
-                next_attempt_at: now_ms(),
-                dead: true,
             };
-            store.record_failure(name.clone(), failure).await?;
+            let attempt = pending.attempts + 1;
+            for failure in failure_rows(policy, outcome, attempt, &[pending], now_ms()) {
+                store.record_failure(name.clone(), failure).await?;
+            }
             continue;
         }
         events.push(pending.event);
@@ -214,34 +215,29 @@ async fn record_write_failure(
     events: &[i64],
     error: std::io::Error,
 ) -> Result<(), StoreError> {
-    let now = now_ms();
     let attempts = batch[0].attempts + 1;
-    let delay = retry_delay(policy, attempts, None);
-    let (dead, retry): (Vec<&Pending>, Vec<&Pending>) = batch
+    let written: Vec<&Pending> = batch
         .iter()
         .filter(|p| events.binary_search(&p.event).is_ok())
-        .partition(|p| exhausted(policy, p.attempts + 1, p.queued_at, now));
-    tracing::warn!(sink = %name, %error, attempts, dead = dead.len(), "file sink: write failed");
-    for (group, is_dead) in [(dead, true), (retry, false)] {
-        if group.is_empty() {
-            continue;
-        }
+        .collect();
+    let outcome = Outcome::Retry {
+        status: None,
+        error: error.to_string(),
+        after: None,
+    };
+    let failures = failure_rows(policy, outcome, attempts, &written, now_ms());
+    let dead: usize = failures
+        .iter()
+        .filter(|f| f.dead)
+        .map(|f| f.events.len())
+        .sum();
+    tracing::warn!(sink = %name, %error, attempts, dead, "file sink: write failed");
+    for failure in failures {
         let metrics = crate::metrics::metrics();
         metrics
             .deliveries
-            .with_label_values(&[&**name, if is_dead { "dead" } else { "retry" }])
-            .inc_by(group.len() as u64);
-        let failure = Failure {
-            events: group.iter().map(|p| p.event).collect(),
-            status: None,
-            error: error.to_string(),
-            next_attempt_at: group
-                .iter()
-                .map(|p| next_attempt_at(policy, delay, p.queued_at, now))
-                .min()
-                .unwrap_or(now),
-            dead: is_dead,
-        };
+            .with_label_values(&[&**name, if failure.dead { "dead" } else { "retry" }])
+            .inc_by(failure.events.len() as u64);
         store.record_failure(name.clone(), failure).await?;
     }
     Ok(())
@@ -264,6 +260,7 @@ fn within_bytes(batch: &[Pending], cap: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Failure;
 
     fn pending(payload_bytes: usize) -> Pending {
         Pending {

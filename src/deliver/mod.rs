@@ -6,9 +6,31 @@
 pub mod file;
 mod retry;
 pub mod runs;
+pub mod threads;
+
+use crate::sink::Event;
+use crate::store::Pending;
+
+/// What a sink sees of a delivery: the event, not its retry state.
+impl<'a> From<&'a Pending> for Event<'a> {
+    fn from(pending: &'a Pending) -> Self {
+        Self {
+            id: &pending.id,
+            run_id: &pending.run_id,
+            sequence: pending.sequence,
+            event_type: &pending.event_type,
+            payload: &pending.payload,
+            labels: &pending.labels,
+            created_at: pending.created_at.as_deref(),
+            seen_at: pending.seen_at,
+            run_status: pending.run_status.as_deref(),
+            phase: pending.phase.as_deref(),
+        }
+    }
+}
 
 /// Counts deliveries done and observes their latency (recorded -> delivered).
-fn count_delivered(sink: &str, delivered: &[crate::store::Pending]) {
+fn count_delivered(sink: &str, delivered: &[Pending]) {
     let metrics = crate::metrics::metrics();
     metrics
         .deliveries

@@ -6,6 +6,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::config::DeliveryPolicy;
+use crate::sink::Outcome;
+use crate::store::{Failure, Pending};
 
 /// A sink's `Retry-After` is honoured up to `max_backoff`, or up to this
 /// when `max_backoff` is shorter (a 429 without `Retry-After` waits 60 s):
@@ -58,6 +60,50 @@ fn millis(duration: Duration) -> i64 {
 /// `queued_at` (unix ms), should go to the dead-letter list now.
 pub fn exhausted(policy: &DeliveryPolicy, attempts: u32, queued_at: i64, now: i64) -> bool {
     attempts >= policy.max_attempts || now.saturating_sub(queued_at) >= millis(policy.max_age)
+}
+
+/// The rows a failed attempt writes, for HTTP and file delivery alike.
+/// `deliveries` failed together (one HTTP request, or one file write) in
+/// their `attempt`-th attempt: one backoff is drawn for them all. Each is
+/// dead-lettered when the sink's answer is permanent or the delivery has
+/// run out of attempts or age, and retried otherwise, never later than its
+/// own `max_age` allows. The dead come first; empty groups are left out, so
+/// a delivered outcome writes nothing.
+pub(super) fn failure_rows(
+    policy: &DeliveryPolicy,
+    outcome: Outcome,
+    attempt: u32,
+    deliveries: &[&Pending],
+    now: i64,
+) -> Vec<Failure> {
+    let (status, error, after, permanent) = match outcome {
+        Outcome::Delivered => return Vec::new(),
+        Outcome::Retry {
+            status,
+            error,
+            after,
+        } => (status, error, after, false),
+        Outcome::Permanent { status, error } => (status, error, None, true),
+    };
+    let delay = retry_delay(policy, attempt, after);
+    let (dead, retry): (Vec<&Pending>, Vec<&Pending>) = deliveries
+        .iter()
+        .partition(|p| permanent || exhausted(policy, p.attempts + 1, p.queued_at, now));
+    [(dead, true), (retry, false)]
+        .into_iter()
+        .filter(|(group, _)| !group.is_empty())
+        .map(|(group, dead)| Failure {
+            events: group.iter().map(|p| p.event).collect(),
+            status,
+            error: error.clone(),
+            next_attempt_at: group
+                .iter()
+                .map(|p| next_attempt_at(policy, delay, p.queued_at, now))
+                .min()
+                .unwrap_or(now),
+            dead,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -128,6 +174,58 @@ mod tests {
             "saturates"
         );
         assert!(!exhausted(&huge, 1, 0, i64::MAX - 1));
+    }
+
+    fn pending(event: i64, attempts: u32, queued_at: i64) -> Pending {
+        Pending {
+            event,
+            id: format!("r:{event}"),
+            run_id: "r".into(),
+            sequence: Some(event),
+            event_type: "T".into(),
+            payload: "{}".into(),
+            created_at: None,
+            run_status: None,
+            phase: None,
+            labels: "{}".into(),
+            attempts,
+            next_attempt_at: 0,
+            seen_at: 0,
+            queued_at,
+        }
+    }
+
+    #[test]
+    fn failure_rows_dead_letter_what_ran_out_and_retry_the_rest() {
+        let p = policy(); // 5 attempts, 60 s
+        let fresh = pending(1, 0, 0);
+        let last_try = pending(2, 4, 0);
+        let too_old = pending(3, 0, -60_000);
+        let retry = Outcome::Retry {
+            status: Some(503),
+            error: "HTTP 503".into(),
+            after: Some(Duration::from_secs(7)),
+        };
+        let rows = failure_rows(&p, retry, 1, &[&fresh, &last_try, &too_old], 1_000);
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].dead, "the dead come first");
+        assert_eq!(rows[0].events, [2, 3]);
+        assert!(!rows[1].dead);
+        assert_eq!(rows[1].events, [1]);
+        assert_eq!(
+            (rows[1].status, rows[1].error.as_str()),
+            (Some(503), "HTTP 503")
+        );
+        assert!(rows[1].next_attempt_at >= 8_000, "Retry-After is a floor");
+
+        let permanent = Outcome::Permanent {
+            status: Some(404),
+            error: "gone".into(),
+        };
+        let rows = failure_rows(&p, permanent, 1, &[&fresh], 1_000);
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].dead, "a permanent answer dead-letters at once");
+        assert!(failure_rows(&p, Outcome::Delivered, 1, &[&fresh], 1_000).is_empty());
     }
 
     #[test]

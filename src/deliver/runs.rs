@@ -23,10 +23,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::retry::{exhausted, next_attempt_at, retry_delay};
+use super::retry::{failure_rows, retry_delay};
 use crate::config::DeliveryPolicy;
-use crate::sink::{Outcome, Sender};
-use crate::store::{Failure, Pending, Reader, Store, StoreError, now_ms};
+use crate::sink::{Event, Outcome, Sender};
+use crate::store::{Pending, Reader, Store, StoreError, now_ms};
 
 /// Consecutive failed attempts that mark a sink down.
 const DOWN_AFTER: u32 = 5;
@@ -347,7 +347,7 @@ async fn deliver_in_order(
         if !probe && pending.next_attempt_at > now_ms() {
             return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
         }
-        let outcome = sink.sender.send(&pending).await;
+        let outcome = sink.sender.send(&Event::from(&pending)).await;
         match record(sink, &pending, outcome).await? {
             Recorded::Done => report.delivered += 1,
             Recorded::Dead => report.failed += 1,
@@ -385,7 +385,7 @@ async fn deliver_unordered(
     let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
     let results: Vec<Result<Recorded, StoreError>> = futures::stream::iter(due)
         .map(|pending| async move {
-            let outcome = sink.sender.send(&pending).await;
+            let outcome = sink.sender.send(&Event::from(&pending)).await;
             record(sink, &pending, outcome).await
         })
         .buffer_unordered(sink.concurrency)
@@ -410,50 +410,38 @@ async fn record(
     pending: &Pending,
     outcome: Outcome,
 ) -> Result<Recorded, StoreError> {
-    let (status, error, after, permanent) = match outcome {
-        Outcome::Delivered => {
-            crate::crashpoint::hit("http.before_mark");
-            super::retry_store(&sink.name, &sink.shutdown, || {
-                sink.store
-                    .mark_delivered(sink.name.clone(), vec![pending.event], None)
-            })
-            .await?;
-            super::count_delivered(&sink.name, std::slice::from_ref(pending));
-            return Ok(Recorded::Done);
-        }
-        Outcome::Retry {
-            status,
-            error,
-            after,
-        } => (status, error, after, false),
-        Outcome::Permanent { status, error } => (status, error, None, true),
-    };
-    let attempts = pending.attempts + 1;
-    let now = now_ms();
-    let dead = permanent || exhausted(&sink.policy, attempts, pending.queued_at, now);
-    let delay = retry_delay(&sink.policy, attempts, after);
-    let next_attempt_at = next_attempt_at(&sink.policy, delay, pending.queued_at, now);
-    if dead {
-        tracing::warn!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery dead-lettered");
-    } else {
-        tracing::debug!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery failed; will retry");
+    if outcome == Outcome::Delivered {
+        crate::crashpoint::hit("http.before_mark");
+        super::retry_store(&sink.name, &sink.shutdown, || {
+            sink.store
+                .mark_delivered(sink.name.clone(), vec![pending.event], None)
+        })
+        .await?;
+        super::count_delivered(&sink.name, std::slice::from_ref(pending));
+        return Ok(Recorded::Done);
     }
-    let failure = Failure {
-        events: vec![pending.event],
-        status,
-        error,
-        next_attempt_at,
-        dead,
-    };
-    super::retry_store(&sink.name, &sink.shutdown, || {
-        sink.store
-            .record_failure(sink.name.clone(), failure.clone())
-    })
-    .await?;
-    crate::metrics::metrics().delivery(&sink.name, if dead { "dead" } else { "retry" });
-    Ok(if dead {
-        Recorded::Dead
-    } else {
-        Recorded::RetryAt(next_attempt_at)
-    })
+    let attempts = pending.attempts + 1;
+    let mut recorded = Recorded::Done;
+    // One delivery failed: one row, dead or retried.
+    for failure in failure_rows(&sink.policy, outcome, attempts, &[pending], now_ms()) {
+        let error = &failure.error;
+        if failure.dead {
+            tracing::warn!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery dead-lettered");
+        } else {
+            tracing::debug!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery failed; will retry");
+        }
+        super::retry_store(&sink.name, &sink.shutdown, || {
+            sink.store
+                .record_failure(sink.name.clone(), failure.clone())
+        })
+        .await?;
+        let state = if failure.dead { "dead" } else { "retry" };
+        crate::metrics::metrics().delivery(&sink.name, state);
+        recorded = if failure.dead {
+            Recorded::Dead
+        } else {
+            Recorded::RetryAt(failure.next_attempt_at)
+        };
+    }
+    Ok(recorded)
 }

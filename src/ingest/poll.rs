@@ -1,7 +1,7 @@
 //! Polling (any credential): `events?since=<cursor>` again at once while
 //! answers carry new events, `poll_interval` when idle. The run ends when an
 //! answer has no new events, a final `runStatus`, and a run lookup shows the
-//! cursor at the run's `lastEventSequence` (DESIGN.md guarantee 8). A page
+//! cursor at the run's `lastEventSequence` (README.md, guarantee 8). A page
 //! with an undecodable event records the good events before it and leaves
 //! the run `stalled`, retried slowly, until upstream serves a good page.
 

@@ -133,14 +133,9 @@ impl FileSink {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
     let mut options = OpenOptions::new();
     options.create(true).append(true).read(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    crate::files::open_private(path, &mut options)
 }
 
 /// Bytes read at a time when reconciling the tail.

@@ -7,17 +7,13 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use serde::Serialize;
 
-use super::{EventFields, Outcome, sign};
+use super::{
+    ANSWER_CAP, DEFAULT_429_WAIT, Event, EventFields, Outcome, connect_timeout, http_client, sign,
+};
 use crate::config::{SigningKey, WebhookConfig};
 use crate::http::{read_capped, request_error, retry_after, snippet};
-use crate::store::Pending;
-use crate::upstream::client::USER_AGENT;
 
-/// How much of a receiver's answer is read, and kept with the attempt.
-const BODY_CAP: usize = 4096;
 const ERROR_BODY_CHARS: usize = 500;
-/// After a 429 without `Retry-After`.
-const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
 /// The tracing target of the two debug events every attempt emits (sending,
 /// answered): `runhook forward` prints its delivery lines from them, and
 /// `RUNHOOK_LOG=runhook::attempt=debug` shows them in any daemon's log.
@@ -30,11 +26,6 @@ pub struct WebhookSink {
     headers: HeaderMap,
     /// For error messages: which limit ran out.
     timeout: Duration,
-}
-
-/// Connecting may take the whole timeout, but never more than 10 s.
-fn connect_timeout(timeout: Duration) -> Duration {
-    timeout.min(Duration::from_secs(10))
 }
 
 /// The Standard Webhooks body.
@@ -62,14 +53,8 @@ pub struct Answer {
 
 impl WebhookSink {
     pub fn new(config: &WebhookConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(config.timeout)
-            .connect_timeout(connect_timeout(config.timeout))
-            .build()?;
         Ok(Self {
-            client,
+            client: http_client(config.timeout)?,
             url: config.url.clone(),
             keys: config.secrets.clone(),
             headers: config.headers.clone(),
@@ -78,22 +63,25 @@ impl WebhookSink {
     }
 
     /// The request body: the same bytes on every attempt.
-    pub fn body(event: &Pending) -> Result<Vec<u8>, serde_json::Error> {
+    pub fn body(event: &Event<'_>) -> Result<Vec<u8>, serde_json::Error> {
         Self::encode(event, false)
     }
 
     /// The body of a test event: a real body plus `"test": true`.
-    pub fn test_body(event: &Pending) -> Result<Vec<u8>, serde_json::Error> {
+    pub fn test_body(event: &Event<'_>) -> Result<Vec<u8>, serde_json::Error> {
         Self::encode(event, true)
     }
 
-    fn encode(event: &Pending, test: bool) -> Result<Vec<u8>, serde_json::Error> {
-        let timestamp = event.created_at.clone().unwrap_or_else(|| {
-            let seen = UNIX_EPOCH + Duration::from_millis(event.seen_at.max(0) as u64);
-            humantime::format_rfc3339_millis(seen).to_string()
-        });
+    fn encode(event: &Event<'_>, test: bool) -> Result<Vec<u8>, serde_json::Error> {
+        let timestamp = event.created_at.map_or_else(
+            || {
+                let seen = UNIX_EPOCH + Duration::from_millis(event.seen_at.max(0) as u64);
+                humantime::format_rfc3339_millis(seen).to_string()
+            },
+            str::to_owned,
+        );
         serde_json::to_vec(&Body {
-            event_type: &event.event_type,
+            event_type: event.event_type,
             timestamp,
             data: EventFields::of(event)?,
             test,
@@ -101,9 +89,9 @@ impl WebhookSink {
     }
 
     /// One attempt: fresh timestamp and signature, same id and body.
-    pub async fn send(&self, event: &Pending) -> Outcome {
+    pub async fn send(&self, event: &Event<'_>) -> Outcome {
         match Self::body(event) {
-            Ok(body) => self.post(&event.id, &event.event_type, body).await.outcome,
+            Ok(body) => self.post(event.id, event.event_type, body).await.outcome,
             Err(error) => Outcome::Permanent {
                 status: None,
                 error: format!("cannot encode event: {error}"),
@@ -158,7 +146,7 @@ impl WebhookSink {
             Ok(response) => {
                 let status = response.status();
                 let wait = retry_after(response.headers());
-                let excerpt = match read_capped(response, BODY_CAP).await {
+                let excerpt = match read_capped(response, ANSWER_CAP).await {
                     Ok((bytes, _)) => snippet(&bytes, ERROR_BODY_CHARS),
                     Err(error) => format!("(answer unreadable: {})", error.without_url()),
                 };

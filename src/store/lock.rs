@@ -1,4 +1,4 @@
-//! One daemon per state database (DESIGN.md guarantee 7). Two daemons on one
+//! One daemon per state database (README.md, guarantee 7). Two daemons on one
 //! state would deliver the same rows in interleaved order, so `runhook run`
 //! holds an exclusive advisory lock on `<state>.lock` for its lifetime. The
 //! commands that only read or change state (`status`, `watch`, `replay`...)
@@ -29,16 +29,11 @@ impl DaemonLock {
             path: path.clone(),
             error: Arc::new(error),
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
         let mut options = std::fs::OpenOptions::new();
         // Not truncated on open: until we hold the lock, the pid in it is
         // the holder's.
         options.read(true).write(true).create(true).truncate(false);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&path).map_err(io)?;
+        let mut file = crate::files::open_private(&path, &mut options).map_err(io)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {

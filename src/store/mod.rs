@@ -1,7 +1,7 @@
 //! SQLite: the only owner of the database.
 //!
 //! One dedicated thread holds the write connection and group-commits
-//! whatever is queued (DESIGN.md: batching is the difference between 38k and
+//! whatever is queued (batching is the difference between 38k and
 //! 330k rows/s). Each queued job runs in its own savepoint, so one failing
 //! job does not undo its neighbours; replies go out only after COMMIT, so a
 //! caller never acts on a write that could still be lost (`synchronous=FULL`:
@@ -10,7 +10,7 @@
 //! # Operations
 //!
 //! What the rest of runhook asks of its state, and so what a second backend
-//! (PostgreSQL, DESIGN.md) has to provide with the same guarantees. Writes
+//! (PostgreSQL) has to provide with the same guarantees. Writes
 //! are [`Store`] methods, each one transaction (or, for maintenance, one per
 //! chunk); reads are [`Reader`] methods and see only committed rows.
 //!
@@ -217,7 +217,7 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
-    /// DESIGN.md guarantee 7: a commit the writer replied to survives a power
+    /// README.md, guarantee 7: a commit the writer replied to survives a power
     /// loss, so the writer must fsync every commit (FULL = 2), not only at
     /// checkpoints (NORMAL = 1).
     #[tokio::test]

@@ -64,7 +64,7 @@ pub struct NewWork {
 }
 
 impl Store {
-    /// The core operation (DESIGN.md guarantee 1): the batch's new events,
+    /// The core operation (README.md, guarantee 1): the batch's new events,
     /// their deliveries and the advanced cursor, in one transaction. Events
     /// not above the stored cursor are dropped, whatever the server sent.
     pub async fn record_batch(&self, batch: Batch) -> Result<Recorded, StoreError> {

@@ -127,13 +127,8 @@ pub(super) fn create_private_file(path: &Path) -> Result<(), StoreError> {
         path: path.to_owned(),
         error: Arc::new(error),
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
     let mut options = std::fs::OpenOptions::new();
     options.create(true).append(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path).map_err(io)?;
+    crate::files::open_private(path, &mut options).map_err(io)?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use super::stream::EventSource;
 use super::types::{EventsPage, RunEnvelope, RunInfo, decode_page, error_message};
 use crate::config::{ApiConfig, Secret};
-use crate::http::{read_capped, retry_after, snippet};
+use crate::http::{USER_AGENT, read_capped, retry_after, snippet};
 
 /// A response page larger than this is refused rather than buffered.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -18,8 +18,6 @@ const MAX_BODY: usize = 64 * 1024 * 1024;
 /// How often an answer over `MAX_BODY` is asked for again: it costs a
 /// download of the cap each time, and only a change upstream can help.
 const TOO_LARGE_RETRY: Duration = Duration::from_secs(300);
-
-pub const USER_AGENT: &str = concat!("runhook/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {

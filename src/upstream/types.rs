@@ -1,11 +1,11 @@
 //! The Agent Runs API's wire types, shared by the client and the simulator.
-//! Parsing is liberal (upstream-api.md): unknown fields are ignored, and the
-//! event `payload` is kept as the exact bytes received.
+//! Parsing is liberal, as the API's documentation asks: unknown fields are
+//! ignored, and the event `payload` is kept as the exact bytes received.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-/// A run's status as upstream-api.md documents it. The wire keeps it as
+/// A run's status as the Agent Runs API documents it. The wire keeps it as
 /// text (and so do stored rows and route facts): a status this runhook does
 /// not know yet is passed on unchanged, never rejected; this type is for the
 /// decisions runhook makes on the known ones.
@@ -86,7 +86,7 @@ pub struct EventsPage {
     pub current_phase: Option<String>,
     /// Why the page's events stop short: the first event above `since`
     /// that could not be decoded. `events` holds only what came before it,
-    /// so the cursor can never pass it (DESIGN.md guarantee 8).
+    /// so the cursor can never pass it (README.md, guarantee 8).
     #[serde(skip)]
     pub undecodable: Option<String>,
 }

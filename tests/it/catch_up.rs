@@ -1,4 +1,4 @@
-//! The cursor never passes an event that was not recorded (DESIGN.md
+//! The cursor never passes an event that was not recorded (README.md,
 //! guarantee 8): an undecodable event or frame, or a finish announced past
 //! the cursor, makes runhook catch up from the cursor; a run is finished
 //! only once its cursor reached the run's `lastEventSequence`.

@@ -93,7 +93,7 @@ async fn a_file_sink_that_cannot_write_retries_then_dead_letters() {
     assert_eq!(env.final_lines().len(), 3);
 }
 
-/// DESIGN.md guarantee 7: one daemon per state database. A second `runhook
+/// README.md, guarantee 7: one daemon per state database. A second `runhook
 /// run` on the same state exits at once, naming the state and the holder;
 /// the commands that only read or change state keep working beside it.
 #[tokio::test]

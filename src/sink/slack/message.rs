@@ -15,13 +15,13 @@ use minijinja::{AutoEscape, Environment, Output, State};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::store::Pending;
-use crate::upstream::types::RunStatus;
+use crate::sink::Event;
+use crate::text::ellipsize_before;
 
 /// Slack's limit on a section's text.
-pub const SECTION_LIMIT: usize = 3000;
+const SECTION_LIMIT: usize = 3000;
 /// Slack's limit on blocks per message.
-pub const BLOCK_LIMIT: usize = 50;
+const BLOCK_LIMIT: usize = 50;
 
 /// A message body for `chat.postMessage`, `chat.update` or an incoming
 /// webhook.
@@ -65,7 +65,7 @@ fn format_for_slack(
 
 /// `&`, `<` and `>` as Slack's formatting rules want them escaped; nothing
 /// else needs it.
-pub fn escape(text: &str) -> Cow<'_, str> {
+fn escape(text: &str) -> Cow<'_, str> {
     if !text.contains(['&', '<', '>']) {
         return Cow::Borrowed(text);
     }
@@ -115,25 +115,25 @@ struct Context {
 }
 
 impl Context {
-    fn of(event: &Pending) -> Self {
-        let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+    fn of(event: &Event<'_>) -> Self {
+        let payload: Value = serde_json::from_str(event.payload).unwrap_or(Value::Null);
         let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_owned);
         let finished = event.event_type == "run_finished";
         Self {
-            id: event.id.clone(),
-            run_id: event.run_id.clone(),
-            event_type: event.event_type.clone(),
+            id: event.id.to_owned(),
+            run_id: event.run_id.to_owned(),
+            event_type: event.event_type.to_owned(),
             sequence: event.sequence,
             status: if finished {
                 text("status")
             } else {
-                event.run_status.clone()
+                event.run_status.map(str::to_owned)
             },
-            phase: event.phase.clone(),
-            created_at: event.created_at.clone(),
+            phase: event.phase.map(str::to_owned),
+            created_at: event.created_at.map(str::to_owned),
             error_message: text("errorMessage").or_else(|| text("cancelReason")),
             artifact_type: text("artifactType"),
-            labels: serde_json::from_str(&event.labels).unwrap_or(Value::Null),
+            labels: serde_json::from_str(event.labels).unwrap_or(Value::Null),
             payload,
         }
     }
@@ -174,9 +174,9 @@ fn escape_json(value: &Value) -> Value {
 
 /// The message for one event: the template for its type if there is one,
 /// else the default wording.
-pub fn render(event: &Pending, templates: &Environment<'static>) -> Message {
+pub fn render(event: &Event<'_>, templates: &Environment<'static>) -> Message {
     let raw = Context::of(event);
-    let custom = templates.get_template(&event.event_type).ok().and_then(|template| {
+    let custom = templates.get_template(event.event_type).ok().and_then(|template| {
         template
             .render(minijinja::value::Serde(&raw))
             .map_err(|error| tracing::warn!(id = %event.id, %error, "slack template failed; using the default message"))
@@ -189,7 +189,7 @@ pub fn render(event: &Pending, templates: &Environment<'static>) -> Message {
 }
 
 /// The root message of a run's thread: its live status.
-pub fn thread_root(event: &Pending) -> Message {
+pub fn thread_root(event: &Event<'_>) -> Message {
     let context = Context::of(event).escaped();
     let status = context.status.as_deref().unwrap_or("running");
     let mut text = format!(
@@ -281,53 +281,53 @@ fn labels_line(c: &Context) -> Option<String> {
     (!line.is_empty()).then(|| line.join(" "))
 }
 
+/// Statuses as the Agent Runs API spells them: the final ones get their own
+/// icon, any other (one this runhook does not know included) is under way.
 fn status_icon(status: &str) -> &'static str {
-    match RunStatus::parse(status) {
-        Some(RunStatus::Completed) => ":white_check_mark:",
-        Some(RunStatus::Failed) => ":x:",
-        Some(RunStatus::Cancelled) => ":no_entry_sign:",
+    match status {
+        "completed" => ":white_check_mark:",
+        "failed" => ":x:",
+        "cancelled" => ":no_entry_sign:",
         _ => ":hourglass_flowing_sand:",
     }
 }
 
 /// At most `limit` characters, with an ellipsis when cut. A cut never
 /// splits an escape such as `&amp;`: a half entity would show as litter.
-pub fn truncate(text: &str, limit: usize) -> String {
-    match text.char_indices().nth(limit.saturating_sub(1)) {
-        Some((i, _)) if text[i..].chars().count() > 1 => {
-            let head = &text[..i];
-            let head = match head.rfind('&') {
-                Some(amp) if head.len() - amp < "&amp;".len() && !head[amp..].contains(';') => {
-                    &head[..amp]
-                }
-                _ => head,
-            };
-            format!("{head}…")
-        }
-        _ => text.to_owned(),
+fn truncate(text: &str, limit: usize) -> String {
+    if text.chars().nth(limit).is_none() {
+        return text.to_owned();
     }
+    // The ellipsis takes the last place.
+    ellipsize_before(text, limit.saturating_sub(1), |head| {
+        match head.rfind('&') {
+            Some(amp) if head.len() - amp < "&amp;".len() && !head[amp..].contains(';') => {
+                &head[..amp]
+            }
+            _ => head,
+        }
+    })
+    .into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    pub(crate) fn pending(event_type: &str, payload: &str) -> Pending {
-        Pending {
-            event: 1,
-            id: "run-1:3".into(),
-            run_id: "run-1".into(),
+    /// Leaked so each test can build and change events freely.
+    fn pending(event_type: &str, payload: &str) -> Event<'static> {
+        let leak = |text: &str| -> &'static str { Box::leak(text.to_owned().into_boxed_str()) };
+        Event {
+            id: "run-1:3",
+            run_id: "run-1",
             sequence: Some(3),
-            event_type: event_type.into(),
-            payload: payload.into(),
+            event_type: leak(event_type),
+            payload: leak(payload),
             created_at: None,
-            run_status: Some("running".into()),
-            phase: Some("plan".into()),
-            labels: r#"{"team":"rome"}"#.into(),
-            attempts: 0,
-            next_attempt_at: 0,
             seen_at: 0,
-            queued_at: 0,
+            run_status: Some("running"),
+            phase: Some("plan"),
+            labels: r#"{"team":"rome"}"#,
         }
     }
 
@@ -432,8 +432,8 @@ mod tests {
             "run_finished",
             &format!(r#"{{"status":"failed","errorMessage":"{EVIL}","lastSequence":5}}"#),
         );
-        finished.labels = r#"{"<!here>":"<https://x.example|y>"}"#.into();
-        finished.phase = Some("<!subteam^S1>".into());
+        finished.labels = r#"{"<!here>":"<https://x.example|y>"}"#;
+        finished.phase = Some("<!subteam^S1>");
         let message = render(&finished, &env);
         assert_eq!(
             message.text,
@@ -444,7 +444,7 @@ mod tests {
             &format!(r#"{{"status":"cancelled","cancelReason":"{EVIL}"}}"#),
         );
         let mut phase = pending("PHASE_STARTED", r#"{"phase":"<!here>"}"#);
-        phase.run_status = Some("<b>".into());
+        phase.run_status = Some("<b>");
         let artifact = pending("ARTIFACT_CREATED", r#"{"artifactType":"<@U1>"}"#);
         let other = pending("<!everyone>", "{}");
         for event in [&finished, &cancelled, &phase, &artifact, &other] {
@@ -476,7 +476,7 @@ mod tests {
                 r#"{{"status":"failed","errorMessage":"{EVIL}","link":"<https://ok.example|ok>","lastSequence":4}}"#
             ),
         );
-        event.labels = r#"{"team":"a&b"}"#.into();
+        event.labels = r#"{"team":"a&b"}"#;
         let message = render(&event, &env);
         assert_eq!(
             message.text,

@@ -3,7 +3,8 @@
 //! - bot token + channel: one thread per run. The first event posts a root
 //!   message (`chat.postMessage`), every event goes into its thread, and the
 //!   root is edited (`chat.update`) to show the run's live status. The
-//!   thread's `ts` is kept in SQLite so a restart continues the same thread.
+//!   thread's `ts` is kept in a [`ThreadBook`] (the delivery engine keeps it
+//!   in the state database) so a restart continues the same thread.
 //!   At most one root per run: a thread that cannot be read is a retry (not
 //!   "no thread yet"); a root whose `ts` cannot be saved is kept in memory
 //!   and saved on the next attempt instead of being posted again; and a note
@@ -21,15 +22,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use super::Outcome;
+use super::{ANSWER_CAP, DEFAULT_429_WAIT, Event, Outcome, http_client};
 use crate::config::{Secret, SlackConfig, SlackMode, Templates};
 use crate::http::{read_capped, request_error, retry_after, snippet};
-use crate::store::{Pending, Reader, Store};
-use crate::upstream::client::USER_AGENT;
 use message::Message;
 
 /// Errors after which retrying cannot help.
@@ -45,7 +45,9 @@ const PERMANENT: [&str; 10] = [
     "token_revoked",
     "no_text",
 ];
-const BODY_CAP: usize = 16 * 1024;
+/// A Web API answer is parsed (a `conversations.history` page carries
+/// messages), so more of it is read than of an answer only kept as text.
+const API_ANSWER_CAP: usize = 16 * 1024;
 /// A saved thread whose `ts` starts with this is the note written before a
 /// root was posted (`pending:<unix seconds>`): a root may be out there.
 const ROOT_PENDING: &str = "pending:";
@@ -53,7 +55,6 @@ const ROOT_PENDING: &str = "pending:";
 const ROOT_METADATA: &str = "runhook_thread_root";
 /// How far `conversations.history` is searched for a root: pages of 200.
 const HISTORY_PAGES: usize = 10;
-const DEFAULT_429_WAIT: Duration = Duration::from_secs(60);
 /// Every Slack call, connecting included.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,60 +65,85 @@ pub struct SlackSink {
     api_base: reqwest::Url,
     templates: Templates,
     bucket: DefaultDirectRateLimiter,
-    store: Store,
-    reader: Reader,
+    threads: Arc<dyn ThreadBook>,
     /// One root per run even if two deliveries of a run race (`ordered =
     /// false`). Inside: roots posted whose `ts` could not be saved yet, by
     /// run id; only runs whose save failed, so it stays small.
     roots: tokio::sync::Mutex<HashMap<String, ThreadRoot>>,
 }
 
-/// A posted root message: where later events of the run reply.
-#[derive(Debug, Clone)]
-struct ThreadRoot {
-    channel: String,
-    ts: String,
+/// A posted root message: where later events of the run reply. Before a
+/// root is posted, a note (`ts` = `pending:<unix seconds>`) stands in for
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadRoot {
+    pub channel: String,
+    pub ts: String,
+}
+
+/// Where a Slack sink keeps each run's thread root, one per run, so later
+/// events and a restart reply in the same thread. Sinks hold no store: the
+/// delivery engine provides this (over the state database), and a failure
+/// here makes the attempt a retry.
+pub trait ThreadBook: Send + Sync {
+    /// The root (or the note) kept for the run, if any.
+    fn thread<'a>(
+        &'a self,
+        run_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<ThreadRoot>, ThreadBookError>>;
+
+    /// Keeps `root` for the run, in place of what was kept; done only once
+    /// it is durable.
+    fn keep<'a>(
+        &'a self,
+        run_id: &'a str,
+        root: ThreadRoot,
+    ) -> BoxFuture<'a, Result<(), ThreadBookError>>;
+}
+
+/// Why a [`ThreadBook`] could not answer; shown as its cause says it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ThreadBookError(Box<dyn std::error::Error + Send + Sync>);
+
+impl ThreadBookError {
+    pub fn new(cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(cause))
+    }
 }
 
 impl SlackSink {
     pub fn new(
         name: Arc<str>,
         config: &SlackConfig,
-        store: Store,
-        reader: Reader,
+        threads: Arc<dyn ThreadBook>,
     ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(TIMEOUT)
-            .build()?;
         Ok(Self {
             name,
-            client,
+            client: http_client(TIMEOUT)?,
             mode: config.mode.clone(),
             api_base: config.api_base.clone(),
             templates: config.templates.clone(),
             bucket: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
-            store,
-            reader,
+            threads,
             roots: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
-    pub async fn send(&self, event: &Pending) -> Outcome {
+    pub async fn send(&self, event: &Event<'_>) -> Outcome {
         let message = self.render(event);
         self.send_message(event, &message).await
     }
 
     /// The message this sink sends for `event` (the template for its type,
     /// or the default wording).
-    pub fn render(&self, event: &Pending) -> Message {
+    pub fn render(&self, event: &Event<'_>) -> Message {
         message::render(event, self.templates.environment())
     }
 
     /// Sends `message` for `event` as [`Self::send`] would: `runhook
     /// send-test` sends a rendered message it marked as a test this way.
-    pub async fn send_message(&self, event: &Pending, message: &Message) -> Outcome {
+    pub async fn send_message(&self, event: &Event<'_>, message: &Message) -> Outcome {
         match &self.mode {
             SlackMode::IncomingWebhook { url } => self.post_webhook(url, message).await,
             SlackMode::Bot { token, channel } => {
@@ -138,7 +164,7 @@ impl SlackSink {
             Ok(response) => {
                 let status = response.status();
                 let wait = retry_after(response.headers());
-                let body = read_capped(response, BODY_CAP)
+                let body = read_capped(response, ANSWER_CAP)
                     .await
                     .map(|(b, _)| b)
                     .unwrap_or_default();
@@ -151,7 +177,7 @@ impl SlackSink {
         &self,
         token: &Secret,
         channel: &str,
-        event: &Pending,
+        event: &Event<'_>,
         message: &Message,
     ) -> Outcome {
         let root = match self.thread_root(token, channel, event).await {
@@ -166,7 +192,7 @@ impl SlackSink {
         if let Err(outcome) = self.call(token, "chat.postMessage", &reply).await {
             return outcome;
         }
-        if matches!(event.event_type.as_str(), "PHASE_STARTED" | "run_finished") {
+        if matches!(event.event_type, "PHASE_STARTED" | "run_finished") {
             let live = message::thread_root(event);
             let update =
                 json!({"channel": channel, "ts": root, "text": live.text, "blocks": live.blocks});
@@ -186,25 +212,28 @@ impl SlackSink {
         &self,
         token: &Secret,
         channel: &str,
-        event: &Pending,
+        event: &Event<'_>,
     ) -> Result<String, Outcome> {
         let mut unsaved = self.roots.lock().await;
-        if let Some(root) = unsaved.get(&event.run_id).cloned() {
+        if let Some(root) = unsaved.get(event.run_id).cloned() {
             self.save_root(event, &root).await?;
-            unsaved.remove(&event.run_id);
+            unsaved.remove(event.run_id);
             return Ok(root.ts);
         }
         let saved = self
-            .reader
-            .thread_root(&self.name, &event.run_id)
+            .threads
+            .thread(event.run_id)
             .await
             .map_err(|error| {
                 tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot read the run's thread; retrying");
                 retry(None, format!("slack: cannot read the run's thread: {error}"))
             })?;
         let found = match saved {
-            Some((_, ts)) if !ts.starts_with(ROOT_PENDING) => return Ok(ts),
-            Some((noted_channel, note)) => {
+            Some(ThreadRoot { ts, .. }) if !ts.starts_with(ROOT_PENDING) => return Ok(ts),
+            Some(ThreadRoot {
+                channel: noted_channel,
+                ts: note,
+            }) => {
                 let since = note[ROOT_PENDING.len()..].parse().unwrap_or(0);
                 self.find_root(token, &noted_channel, event, since).await?
             }
@@ -220,9 +249,9 @@ impl SlackSink {
             }
             None => self.post_root(token, channel, event).await?,
         };
-        unsaved.insert(event.run_id.clone(), root.clone());
+        unsaved.insert(event.run_id.to_owned(), root.clone());
         self.save_root(event, &root).await?;
-        unsaved.remove(&event.run_id);
+        unsaved.remove(event.run_id);
         Ok(root.ts)
     }
 
@@ -232,7 +261,7 @@ impl SlackSink {
         &self,
         token: &Secret,
         channel: &str,
-        event: &Pending,
+        event: &Event<'_>,
     ) -> Result<ThreadRoot, Outcome> {
         let message = message::thread_root(event);
         let metadata = json!({"event_type": ROOT_METADATA,
@@ -256,7 +285,7 @@ impl SlackSink {
     /// Notes, before posting a root, that one may exist from now on, so that
     /// an attempt that never learns the root's `ts` (a timeout, a crash) is
     /// followed by a look-up rather than a second root.
-    async fn note_root_pending(&self, event: &Pending, channel: &str) -> Result<(), Outcome> {
+    async fn note_root_pending(&self, event: &Event<'_>, channel: &str) -> Result<(), Outcome> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -275,7 +304,7 @@ impl SlackSink {
         &self,
         token: &Secret,
         channel: &str,
-        event: &Pending,
+        event: &Event<'_>,
         since: i64,
     ) -> Result<Option<ThreadRoot>, Outcome> {
         let mut cursor: Option<String> = None;
@@ -301,7 +330,7 @@ impl SlackSink {
                 Err(outcome) => return Err(outcome),
             };
             // Newest first: the last match on a page is the oldest so far.
-            if let Some(ts) = self.last_root_in(&answer, &event.run_id) {
+            if let Some(ts) = self.last_root_in(&answer, event.run_id) {
                 found = Some(ts);
             }
             cursor = answer["response_metadata"]["next_cursor"]
@@ -335,16 +364,11 @@ impl SlackSink {
             .map(str::to_owned)
     }
 
-    /// Keeps a posted root in SQLite; a failure is a retry (the caller keeps
-    /// the root in memory meanwhile).
-    async fn save_root(&self, event: &Pending, root: &ThreadRoot) -> Result<(), Outcome> {
-        self.store
-            .save_thread_root(
-                self.name.clone(),
-                event.run_id.clone(),
-                root.channel.clone(),
-                root.ts.clone(),
-            )
+    /// Keeps a posted root (or the note before one); a failure is a retry
+    /// (the caller keeps the root in memory meanwhile).
+    async fn save_root(&self, event: &Event<'_>, root: &ThreadRoot) -> Result<(), Outcome> {
+        self.threads
+            .keep(event.run_id, root.clone())
             .await
             .map_err(|error| {
                 tracing::warn!(sink = %self.name, run_id = %event.run_id, %error, "slack: cannot save the run's thread; keeping it in memory and retrying");
@@ -390,7 +414,7 @@ impl SlackSink {
         })?;
         let status = response.status();
         let wait = retry_after(response.headers());
-        let bytes = read_capped(response, BODY_CAP)
+        let bytes = read_capped(response, API_ANSWER_CAP)
             .await
             .map(|(b, _)| b)
             .unwrap_or_default();
@@ -407,7 +431,7 @@ fn retry(status: Option<u16>, error: String) -> Outcome {
 }
 
 /// An incoming webhook's answer (plain text, e.g. `invalid_payload`).
-pub fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) -> Outcome {
+fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) -> Outcome {
     let code = Some(status.as_u16());
     if status.is_success() {
         return Outcome::Delivered;
@@ -435,7 +459,7 @@ pub fn classify_webhook(status: StatusCode, wait: Option<Duration>, body: &str) 
 }
 
 /// A Web API answer: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
-pub fn classify_api(
+fn classify_api(
     method: &str,
     status: StatusCode,
     wait: Option<Duration>,
