@@ -17,6 +17,7 @@ mod promises;
 mod props;
 mod receiver;
 mod retention;
+mod review_s3;
 mod service;
 mod service_promises;
 mod slack;
