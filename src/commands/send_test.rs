@@ -10,6 +10,7 @@
 //! posts its own root and one reply, and never lands in a real run's thread.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -22,7 +23,7 @@ use runhook::sink::file::FileSink;
 use runhook::sink::slack::SlackSink;
 use runhook::sink::slack::message::Message;
 use runhook::sink::webhook::WebhookSink;
-use runhook::store::{Pending, Store};
+use runhook::store::{DaemonLock, Pending, Store, StoreError};
 
 /// The run id a sample carries when `--run` is not given.
 const SAMPLE_RUN: &str = "00000000-0000-4000-8000-000000000000";
@@ -57,7 +58,7 @@ pub(super) async fn send_test(
     let outcome = match &sink.kind {
         SinkKind::Webhook(webhook) => to_webhook(webhook, &event, &mut out).await?,
         SinkKind::Slack(slack) => to_slack(sink, slack, &event, &mut out).await?,
-        SinkKind::File(file) => to_file(&file.path, &event, &mut out)?,
+        SinkKind::File(file) => to_file(&file.path, &config.state.path, &event, &mut out)?,
     };
     Ok(outcome == Outcome::Delivered)
 }
@@ -182,11 +183,36 @@ fn mark_as_test(mut message: Message) -> Message {
     message
 }
 
+/// Appends the test line, but only where the daemon's file protocol allows
+/// another writer: the daemon is the file's only writer while it runs (its
+/// cut-back after a failed write assumes so), and after a crash it mends a
+/// torn last line when it starts. A line glued onto a torn one would pass
+/// for that event's line and lose it; so the daemon must be stopped (its
+/// lock is held here while writing, so it cannot start meanwhile) and the
+/// file must end with a whole line.
 fn to_file(
-    path: &std::path::Path,
+    path: &Path,
+    state: &Path,
     event: &Pending,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
+    let _lock = match DaemonLock::acquire(state) {
+        Ok(lock) => Some(lock),
+        Err(StoreError::Locked { holder, .. }) => bail!(
+            "the daemon (pid {holder}) is running on {} and is the only writer of {} while it runs; stop it to send a test line there",
+            state.display(),
+            path.display()
+        ),
+        // No directory for the state: no daemon can be running on it.
+        Err(_) if !state.parent().is_some_and(Path::exists) => None,
+        Err(error) => return Err(error.into()),
+    };
+    if ends_torn(path)? {
+        bail!(
+            "{} ends in a torn line (a write the daemon did not finish); the daemon mends it when it starts: start it, then send the test",
+            path.display()
+        );
+    }
     let mut line = Vec::new();
     runhook::sink::write_test_line(&event.into(), &mut line)?;
     write!(out, "--> {}", String::from_utf8_lossy(&line))?;
@@ -210,6 +236,23 @@ fn to_file(
     };
     report(&outcome, out)?;
     Ok(outcome)
+}
+
+/// Whether the file exists and its last byte is not a newline.
+fn ends_torn(path: &Path) -> anyhow::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    };
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8];
+    file.seek(SeekFrom::End(-1))?;
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 fn describe(outcome: &Outcome) -> String {

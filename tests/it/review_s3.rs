@@ -45,6 +45,57 @@ fn batch(run: &str, events: Vec<NewEvent>) -> Batch {
     }
 }
 
+/// `send-test` on a file sink refused (exit 1), naming the torn line.
+fn assert_refused_torn(output: &Output) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("torn line"),
+        "send-test must refuse a torn tail: {:?} {stderr}",
+        output.status
+    );
+}
+
+/// R6. While the daemon runs it is the file's only writer: its cut-back
+/// after a failed write would take another writer's line (or, the other
+/// way round, a failed test append would cut the daemon's marked lines).
+#[tokio::test]
+async fn send_test_to_a_file_refuses_while_the_daemon_runs() {
+    let sim = sim_with(vec![]).await;
+    let env = Env::new(&sim, &[]);
+    let config = env.write_config();
+    let daemon = env.start();
+    wait_for("the daemon's lock", || async {
+        let lock = env.state_path().with_extension("db.lock");
+        match std::fs::read_to_string(&lock) {
+            Ok(pid) if !pid.trim().is_empty() => Ok(()),
+            other => Err(format!("{}: {other:?}", lock.display())),
+        }
+    })
+    .await;
+    let output = send_test(&config, &["archive"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("is running"),
+        "{:?} {stderr}",
+        output.status
+    );
+    daemon.stop().await;
+    let text = std::fs::read_to_string(env.events_path()).unwrap_or_default();
+    assert!(!text.contains("\"test\":true"), "nothing appended: {text}");
+    // Stopped: the same command appends its line.
+    let output = send_test(&config, &["archive"]).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(env.events_path()).unwrap();
+    assert!(
+        text.ends_with('\n') && text.contains("\"test\":true"),
+        "{text}"
+    );
+}
+
 /// R1. `send-test` appends to a file sink's file from another process,
 /// outside the daemon's offset protocol (which assumes the daemon is the
 /// only writer: everything past the recorded offset is its own lines, a torn
@@ -56,8 +107,7 @@ fn batch(run: &str, events: Vec<NewEvent>) -> Batch {
 /// is read from its prefix and the event is marked done: its line in the
 /// file is corrupt JSON and it is never written again. Lost.
 #[tokio::test]
-#[ignore = "reproduces defect R1: send-test beside a torn file-sink tail loses the torn event"]
-async fn send_test_after_a_torn_file_write_loses_the_torn_event() {
+async fn send_test_refuses_a_torn_file_tail_and_the_daemon_then_writes_the_event_whole() {
     let sim = sim_with(vec![]).await;
     let env = Env::new(&sim, &[]);
     let config = env.write_config();
@@ -79,18 +129,15 @@ async fn send_test_after_a_torn_file_write_loses_the_torn_event() {
             .await
             .unwrap();
         let mut line = Vec::new();
-        runhook::sink::write_envelope_line(&pending[0], &mut line).unwrap();
+        runhook::sink::write_envelope_line(&(&pending[0]).into(), &mut line).unwrap();
         // The daemon died in the middle of write(2): half the line is on
         // disk, as the `file.mid_append` crash point leaves it.
         std::fs::write(env.events_path(), &line[..line.len() / 2]).unwrap();
     }
-    // Before the daemon is started again, someone tries the sink.
+    // Before the daemon is started again, someone tries the sink: refused,
+    // the torn line is the daemon's to mend.
     let output = send_test(&config, &["archive"]).await;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_refused_torn(&output);
     // The daemon starts, reconciles with the file's tail and delivers.
     let daemon = env.start();
     let reader = wait_for("the state database", || async {
@@ -208,8 +255,7 @@ fn yesterdays_globs_still_compile_and_match() {
 /// glued to the test line are never cut: the file keeps a line that is not
 /// JSON, which every reader of the JSON Lines file trips on.
 #[tokio::test]
-#[ignore = "reproduces defect R1b: send-test beside a torn file-sink tail leaves a corrupt line"]
-async fn send_test_after_a_torn_file_write_leaves_a_corrupt_line() {
+async fn send_test_refuses_a_short_torn_tail_and_no_line_stays_corrupt() {
     let sim = sim_with(vec![]).await;
     let env = Env::new(&sim, &[]);
     let config = env.write_config();
@@ -233,11 +279,11 @@ async fn send_test_after_a_torn_file_write_leaves_a_corrupt_line() {
             .await
             .unwrap();
         let mut line = Vec::new();
-        runhook::sink::write_envelope_line(&pending[0], &mut line).unwrap();
+        runhook::sink::write_envelope_line(&(&pending[0]).into(), &mut line).unwrap();
         std::fs::write(env.events_path(), &line[..line.len() / 2]).unwrap();
     }
     let output = send_test(&config, &["archive"]).await;
-    assert!(output.status.success());
+    assert_refused_torn(&output);
     let daemon = env.start();
     let reader = wait_for("the state database", || async {
         Reader::open(&env.state_path()).map_err(|e| e.to_string())
