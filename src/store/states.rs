@@ -160,11 +160,14 @@ impl ToSql for RunState {
     }
 }
 
+/// A state this build does not know (written by a newer runhook before a
+/// downgrade: a new state bumps no schema version, or by hand) reads as
+/// `starting`, never as an error: one such row must not stop every run from
+/// being read, and so followed. Following it again from its cursor is
+/// always safe, and its next write stores a state this build knows.
 impl FromSql for RunState {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        let text = value.as_str()?;
-        Self::parse(text)
-            .ok_or_else(|| FromSqlError::Other(format!("unknown run state {text:?}").into()))
+        Ok(Self::parse(value.as_str()?).unwrap_or(Self::Starting))
     }
 }
 
@@ -178,12 +181,13 @@ impl ToSql for StoredTransport {
     }
 }
 
+/// A transport this build does not know reads as `auto` (the config's
+/// choice), for the same reason as an unknown [`RunState`].
 impl FromSql for StoredTransport {
     fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        let text = value.as_str()?;
-        Transport::parse(text)
-            .map(Self)
-            .ok_or_else(|| FromSqlError::Other(format!("unknown transport {text:?}").into()))
+        Ok(Self(
+            Transport::parse(value.as_str()?).unwrap_or(Transport::Auto),
+        ))
     }
 }
 

@@ -318,7 +318,6 @@ async fn send_test_refuses_a_short_torn_tail_and_no_line_stays_corrupt() {
 /// makes `watched_runs` fail, and the run supervisor retries that read
 /// forever: no run at all is followed. `status` fails the same way.
 #[tokio::test]
-#[ignore = "reproduces defect R4: one unknown runs.state stops ingest for every run"]
 async fn one_unknown_run_state_does_not_stop_every_run() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
@@ -331,15 +330,24 @@ async fn one_unknown_run_state_does_not_stop_every_run() {
     }
     rusqlite::Connection::open(&path)
         .unwrap()
-        .execute("UPDATE runs SET state = 'paused' WHERE run_id = 'r2'", [])
+        .execute(
+            "UPDATE runs SET state = 'paused', transport = 'quic' WHERE run_id = 'r2'",
+            [],
+        )
         .unwrap();
     let reader = store.reader().unwrap();
     let watched = reader.watched_runs().await;
     assert!(
         watched
             .as_ref()
-            .is_ok_and(|w| w.iter().any(|r| r.run_id == "r1")),
-        "r1 is still followed: {watched:?}"
+            .is_ok_and(|w| w.iter().any(|r| r.run_id == "r1")
+                && w.iter().any(|r| r.run_id == "r2")),
+        "r1 and r2 are still followed: {watched:?}"
+    );
+    let runs = reader.runs().await;
+    assert!(
+        runs.as_ref().is_ok_and(|r| r.len() == 2),
+        "status still lists both runs: {runs:?}"
     );
 }
 
