@@ -80,11 +80,18 @@ pub(super) async fn backfill(
         };
         router.sinks_for(&facts).contains(&wanted)
     };
-    let queued = store.backfill(sink.clone(), range, run, routed).await?;
+    let done = store.backfill(sink.clone(), range, run, routed).await?;
     out!(
-        "queued {queued} events for {sink} (recorded {}; events it already had left alone)",
+        "queued {} events for {sink} (recorded {}; events it already had left alone)",
+        done.queued,
         describe(range)
     )?;
+    if done.skipped > 0 {
+        out!(
+            "left out {} events older than one of their run that {sink} already has (queued, sent or dead): they would reach it out of order",
+            done.skipped
+        )?;
+    }
     retention_note(range, retain, now)
 }
 

@@ -57,7 +57,7 @@ pub use dead::{DeadFilter, DeadLetter};
 pub use deliveries::{Failure, Pending};
 pub use lock::DaemonLock;
 pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
-pub use requeue::{RequeueFilter, StoredEvent, TimeRange};
+pub use requeue::{Backfilled, RequeueFilter, StoredEvent, TimeRange};
 pub use runs::{RunRow, WatchedRun};
 pub use sinks::SinkRow;
 pub use states::{DeliveryState, RunState};

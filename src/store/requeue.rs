@@ -12,10 +12,10 @@
 //! per-run order holds for what is queued. A delivery that is pending
 //! already is never touched and never doubled: a sink has one row per event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::retention::MAINTENANCE_CHUNK;
 use super::runs::bump_control;
@@ -50,6 +50,17 @@ pub struct StoredEvent {
     pub phase: Option<String>,
 }
 
+/// What a backfill did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backfilled {
+    /// Deliveries queued for the sink.
+    pub queued: usize,
+    /// Events its routes match, left out because the sink already has a
+    /// later event of their run (queued, sent or dead): sent now, they would
+    /// break its per-run order.
+    pub skipped: usize,
+}
+
 /// How far a walk got: the last event it looked at, or the end.
 type Next = Option<i64>;
 
@@ -82,12 +93,12 @@ impl Store {
         range: TimeRange,
         run: Option<String>,
         routed: F,
-    ) -> Result<usize, StoreError>
+    ) -> Result<Backfilled, StoreError>
     where
         F: Fn(&StoredEvent) -> bool + Send + Sync + 'static,
     {
         let routed = Arc::new(routed);
-        let mut queued = 0;
+        let mut done = Backfilled::default();
         let mut after = 0;
         loop {
             let (sink, run, routed) = (sink.clone(), run.clone(), routed.clone());
@@ -96,10 +107,11 @@ impl Store {
                     backfill_chunk(conn, &sink, range, run.as_deref(), &*routed, after)
                 })
                 .await?;
-            queued += chunk;
+            done.queued += chunk.queued;
+            done.skipped += chunk.skipped;
             match next {
                 Some(last) => after = last,
-                None => return Ok(queued),
+                None => return Ok(done),
             }
         }
     }
@@ -197,7 +209,7 @@ fn backfill_chunk(
     run: Option<&str>,
     routed: &dyn Fn(&StoredEvent) -> bool,
     after: i64,
-) -> Result<(usize, Next), rusqlite::Error> {
+) -> Result<(Backfilled, Next), rusqlite::Error> {
     let (events, next) = walk(conn, range, run, after)?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
@@ -205,14 +217,52 @@ fn backfill_chunk(
          ON CONFLICT DO NOTHING",
     )?;
     let now = now_ms();
-    let mut queued = 0;
+    let mut done = Backfilled::default();
+    let mut newest: HashMap<&str, Option<i64>> = HashMap::new();
     for walked in events.iter().filter(|w| routed(&w.event)) {
-        queued += insert.execute(params![sink, walked.rowid, walked.event.run_id, now])?;
+        let run_id = walked.event.run_id.as_str();
+        let newest = match newest.get(run_id) {
+            Some(found) => *found,
+            None => {
+                let found = newest_with_a_row(conn, sink, run_id)?;
+                newest.insert(run_id, found);
+                found
+            }
+        };
+        if newest.is_some_and(|newest| walked.rowid < newest) {
+            // One the sink has already is neither queued nor left out.
+            let has: Option<i64> = conn
+                .prepare_cached("SELECT 1 FROM deliveries WHERE sink = ?1 AND event = ?2")?
+                .query_row(params![sink, walked.rowid], |row| row.get(0))
+                .optional()?;
+            done.skipped += usize::from(has.is_none());
+            continue;
+        }
+        done.queued += insert.execute(params![sink, walked.rowid, run_id, now])?;
     }
-    if queued > 0 {
+    if done.queued > 0 {
         bump_control(conn)?;
     }
-    Ok((queued, next))
+    Ok((done, next))
+}
+
+/// The newest event of `run_id` that `sink` has a delivery row for, in any
+/// state (pending, maybe in flight right now, done or dead): a backfilled
+/// event older than it would reach the sink after a later event of its run
+/// (guarantee 4), so it is skipped. Read inside the chunk's transaction, so
+/// no delivery can slip in between. Through the run's event ids (their
+/// unique index) and the deliveries' key: done rows have no index by run.
+fn newest_with_a_row(
+    conn: &Connection,
+    sink: &str,
+    run_id: &str,
+) -> Result<Option<i64>, rusqlite::Error> {
+    conn.prepare_cached(
+        "SELECT MAX(e.rowid) FROM events e
+         WHERE e.id >= ?2 || ':' AND e.id < ?2 || ';' AND e.run_id = ?2
+           AND EXISTS (SELECT 1 FROM deliveries d WHERE d.sink = ?1 AND d.event = e.rowid)",
+    )?
+    .query_row(params![sink, run_id], |row| row.get(0))
 }
 
 #[cfg(test)]
@@ -362,28 +412,34 @@ mod tests {
         let queued = store
             .backfill(Arc::from("new"), range(2, 6), None, wants_a)
             .await
-            .unwrap();
+            .unwrap()
+            .queued;
         assert_eq!(queued, 2, "events 3 and 4: A, seen in the range");
         assert_eq!(pending_ids(&reader, "new").await, ["run-1:3", "run-1:4"]);
-        // Again over a wider range: 3 and 4 are not doubled, 1 and 6 join.
+        // Again over a wider range: 3 and 4 are not doubled, 6 joins; 1 is
+        // left out, as the sink has later events of its run already (3 was
+        // sent): sent now, it would come after them.
         store
             .mark_delivered(Arc::from("new"), vec![3], None)
             .await
             .unwrap();
-        let queued = store
+        let done = store
             .backfill(Arc::from("new"), range(0, 7), None, wants_a)
             .await
             .unwrap();
-        assert_eq!(queued, 2);
         assert_eq!(
-            pending_ids(&reader, "new").await,
-            ["run-1:1", "run-1:4", "run-1:6"]
+            done,
+            Backfilled {
+                queued: 1,
+                skipped: 1
+            }
         );
+        assert_eq!(pending_ids(&reader, "new").await, ["run-1:4", "run-1:6"]);
         let none = store
             .backfill(Arc::from("new"), range(0, 7), Some("run-2".into()), wants_a)
             .await
             .unwrap();
-        assert_eq!(none, 0, "another run");
+        assert_eq!(none, Backfilled::default(), "another run");
     }
 
     #[tokio::test]
@@ -394,7 +450,8 @@ mod tests {
         let queued = store
             .backfill(Arc::from("b"), everything, None, |_| true)
             .await
-            .unwrap();
+            .unwrap()
+            .queued;
         assert_eq!(queued, n);
         let rows: Vec<i64> = (1..=n as i64).collect();
         store
