@@ -17,7 +17,7 @@ mod promises;
 mod props;
 mod receiver;
 mod retention;
-mod review_s3;
+mod operator_safety;
 mod service;
 mod service_promises;
 mod slack;
