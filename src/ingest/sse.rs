@@ -57,6 +57,16 @@ enum CaughtUp {
     Stuck(RunState, String),
 }
 
+/// What the reconnect loop does after a catch-up.
+enum AfterCatchUp {
+    /// The run finished, or following was stopped, while catching up.
+    Leg(Leg),
+    /// The cursor moved: reconnect at once, with the backoffs reset.
+    Reconnect,
+    /// The cursor did not move, or polling is stuck too: wait this long.
+    Wait(Duration),
+}
+
 impl Ingest {
     /// Follows the run by stream, reconnecting from the cursor, until it
     /// finishes, is stopped, or the stream cannot serve it (`Leg`).
@@ -80,15 +90,7 @@ impl Ingest {
                     return Ok(Leg::StreamRefused(why));
                 }
                 Connection::Refused(why) => {
-                    tracing::warn!(run_id = %run_id, %why, "the stream refused the session cookie; retrying slowly");
-                    self.store
-                        .set_run_state(
-                            run_id.clone(),
-                            RunState::AuthFailed,
-                            Some(format!("stream refused: {why}")),
-                            None,
-                        )
-                        .await?;
+                    self.note_cookie_refused(&run_id, why).await?;
                     auth_backoff.next().unwrap_or(Duration::from_secs(300))
                 }
                 Connection::NotFound(why) => {
@@ -107,30 +109,25 @@ impl Ingest {
                     if progressed {
                         backoff = reconnect_backoff();
                     }
-                    // The stream is dropped and opened again, whatever the
-                    // catch-up brings.
-                    crate::metrics::metrics().stream_reconnects.inc();
-                    // Polling takes the session cookie as well as the token.
-                    following.transport = Transport::Poll;
-                    let caught_up = self.catch_up(following, cancel).await?;
-                    following.transport = Transport::Sse;
-                    let (state, why, wait) = match caught_up {
-                        CaughtUp::Finished(status) => return Ok(Leg::Finished(status)),
-                        CaughtUp::Stopped => return Ok(Leg::Stopped),
-                        CaughtUp::Done { progressed: true } => {
+                    let next = self
+                        .stream_behind(
+                            following,
+                            cancel,
+                            why,
+                            &mut trouble,
+                            &mut backoff,
+                            &mut slow,
+                        )
+                        .await?;
+                    match next {
+                        AfterCatchUp::Leg(leg) => return Ok(leg),
+                        AfterCatchUp::Reconnect => {
                             (backoff, slow) = (reconnect_backoff(), self.auth_backoff());
                             trouble.clear(&run_id);
                             continue;
                         }
-                        CaughtUp::Done { progressed: false } => {
-                            (RunState::CatchingUp, why, backoff.next())
-                        }
-                        CaughtUp::Stuck(state, stuck) => {
-                            (state, format!("{why}; polling: {stuck}"), slow.next())
-                        }
-                    };
-                    trouble.enter(&self.store, &run_id, state, why).await?;
-                    wait.unwrap_or(Duration::from_secs(60))
+                        AfterCatchUp::Wait(wait) => wait,
+                    }
                 }
                 Connection::Dropped {
                     reason,
@@ -142,15 +139,7 @@ impl Ingest {
                         backoff = reconnect_backoff();
                     }
                     let wait = crate::http::upstream_wait(retry_after, backoff.next());
-                    tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, ?wait, "stream dropped; reconnecting from the cursor");
-                    self.store
-                        .set_run_state(
-                            run_id.clone(),
-                            RunState::Reconnecting,
-                            Some(reason),
-                            Some(Transport::Sse),
-                        )
-                        .await?;
+                    self.note_dropped(following, reason, wait).await?;
                     wait
                 }
             };
@@ -158,6 +147,70 @@ impl Ingest {
                 return Ok(Leg::Stopped);
             }
         }
+    }
+
+    /// Without a token to fall back on, a refused cookie is retried slowly;
+    /// the run shows `auth_failed` meanwhile.
+    async fn note_cookie_refused(&self, run_id: &str, why: String) -> Result<(), StoreError> {
+        tracing::warn!(run_id = %run_id, %why, "the stream refused the session cookie; retrying slowly");
+        self.store
+            .set_run_state(
+                run_id.to_owned(),
+                RunState::AuthFailed,
+                Some(format!("stream refused: {why}")),
+                None,
+            )
+            .await
+    }
+
+    /// The run shows `reconnecting` until the stream is back.
+    async fn note_dropped(
+        &self,
+        following: &Following,
+        reason: String,
+        wait: Duration,
+    ) -> Result<(), StoreError> {
+        let run_id = &following.run.run_id;
+        tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, ?wait, "stream dropped; reconnecting from the cursor");
+        self.store
+            .set_run_state(
+                run_id.clone(),
+                RunState::Reconnecting,
+                Some(reason),
+                Some(Transport::Sse),
+            )
+            .await
+    }
+
+    /// The stream fell behind the cursor (`Connection::Behind`): catch up by
+    /// polling, then tell the reconnect loop what next. The stream is dropped
+    /// and opened again, whatever the catch-up brings.
+    async fn stream_behind(
+        &self,
+        following: &mut Following,
+        cancel: &CancellationToken,
+        why: String,
+        trouble: &mut Trouble,
+        backoff: &mut impl Iterator<Item = Duration>,
+        slow: &mut impl Iterator<Item = Duration>,
+    ) -> Result<AfterCatchUp, StoreError> {
+        crate::metrics::metrics().stream_reconnects.inc();
+        // Polling takes the session cookie as well as the token.
+        following.transport = Transport::Poll;
+        let caught_up = self.catch_up(following, cancel).await?;
+        following.transport = Transport::Sse;
+        let (state, why, wait) = match caught_up {
+            CaughtUp::Finished(status) => return Ok(AfterCatchUp::Leg(Leg::Finished(status))),
+            CaughtUp::Stopped => return Ok(AfterCatchUp::Leg(Leg::Stopped)),
+            CaughtUp::Done { progressed: true } => return Ok(AfterCatchUp::Reconnect),
+            CaughtUp::Done { progressed: false } => (RunState::CatchingUp, why, backoff.next()),
+            CaughtUp::Stuck(state, stuck) => {
+                (state, format!("{why}; polling: {stuck}"), slow.next())
+            }
+        };
+        let run_id = &following.run.run_id;
+        trouble.enter(&self.store, run_id, state, why).await?;
+        Ok(AfterCatchUp::Wait(wait.unwrap_or(Duration::from_secs(60))))
     }
 
     /// The stream answered 404 or 405: a run lookup tells whether the run
