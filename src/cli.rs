@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,24 +110,7 @@ pub enum Command {
     /// Example: runhook replay --sink ops --run 9f2a1c7e-0000-4000-8000-000000000001
     ///
     /// Example: runhook replay --sink ops --since 2h --until 1h --delivered
-    Replay {
-        #[arg(long)]
-        sink: Option<String>,
-        #[arg(long)]
-        run: Option<String>,
-        /// One event id, e.g. 9f2a...:15
-        #[arg(long, conflicts_with = "since")]
-        id: Option<String>,
-        /// Only events recorded since: a duration ago (2h) or a time (2026-11-30T08:00:00Z).
-        #[arg(long)]
-        since: Option<String>,
-        /// Only events recorded before: a duration ago or a time; default now.
-        #[arg(long, requires = "since")]
-        until: Option<String>,
-        /// Delivered events too, not only dead letters (a receiver lost its database).
-        #[arg(long, requires = "since")]
-        delivered: bool,
-    },
+    Replay(ReplayArgs),
     /// Give a sink added later the stored events its routes match.
     ///
     /// Routes each event recorded in the range with the config's current
@@ -136,42 +119,14 @@ pub enum Command {
     /// events are pruned after state.retain: that bounds what is left.
     ///
     /// Example: runhook backfill archive --since 24h
-    Backfill {
-        /// A sink of the config, named by a route.
-        sink: String,
-        /// Events recorded since: a duration ago (24h) or a time (2026-11-30T08:00:00Z).
-        #[arg(long)]
-        since: String,
-        /// Events recorded before: a duration ago or a time; default now.
-        #[arg(long)]
-        until: Option<String>,
-        /// Only this run's events.
-        #[arg(long)]
-        run: Option<String>,
-    },
+    Backfill(BackfillArgs),
     /// Which sinks (and routes) an event with these facts would go to.
     ///
     /// Exits 0 even when none would, and says so. Reads only the config's
     /// routes: no secret file, no state.
     ///
     /// Example: runhook route --type run_finished --status failed --label team=rome
-    Route {
-        /// The event type, e.g. run_finished or ARTIFACT_CREATED.
-        #[arg(long = "type")]
-        event_type: String,
-        /// The run's status when the event is seen.
-        #[arg(long)]
-        status: Option<String>,
-        /// The run's phase when the event is seen.
-        #[arg(long)]
-        phase: Option<String>,
-        /// A run label, key=value; repeatable.
-        #[arg(long = "label")]
-        labels: Vec<String>,
-        /// The run id; without it, routes with a `runs` filter do not match.
-        #[arg(long)]
-        run: Option<String>,
-    },
+    Route(RouteArgs),
     /// Print events as they are recorded (beside a running daemon); Ctrl-C stops.
     ///
     /// Example: runhook tail --run 9f2a1c7e-0000-4000-8000-000000000001 --type 'run_finished'
@@ -209,52 +164,121 @@ pub enum Command {
     /// answered. Records nothing in the state database.
     ///
     /// Example: runhook --config ./runhook.toml send-test chat --type PHASE_STARTED
-    SendTest {
-        /// The sink's name, as in `[sinks.NAME]`.
-        sink: String,
-        /// The sample's event type: run_finished, PHASE_STARTED, ARTIFACT_CREATED or any other.
-        #[arg(long = "type", default_value = "run_finished")]
-        event_type: String,
-        /// The run id the sample carries (with that run's labels if the config lists it).
-        #[arg(long)]
-        run: Option<String>,
-    },
+    SendTest(SendTestArgs),
     /// No config: follow runs and POST each event, signed, to URL, printing one line per
     /// delivery; Ctrl-C stops. `--state DIR` keeps the cursor (and a generated secret) so a
     /// restart resumes; otherwise the state lives in a temp dir.
     ///
     /// Example: TRAVELMODE_TOKEN=... runhook forward 9f2a1c7e-0000-4000-8000-000000000001 --to http://localhost:3000/hooks
-    Forward {
-        /// The runs to follow.
-        #[arg(required = true)]
-        run_ids: Vec<String>,
-        /// Where each event is POSTed (Standard Webhooks).
-        #[arg(long)]
-        to: String,
-        /// The signing secret (`whsec_...`); a new one is generated and printed when absent.
-        #[arg(long, env = "RUNHOOK_FORWARD_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        /// The bearer token (polling).
-        #[arg(long, env = "TRAVELMODE_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// The session cookie (the live SSE stream).
-        #[arg(long, env = "TRAVELMODE_COOKIE", hide_env_values = true)]
-        cookie: Option<String>,
-        /// The Agent Runs API.
-        #[arg(
-            long,
-            env = "TRAVELMODE_API",
-            default_value = "https://api.travelmode.ai"
-        )]
-        api: String,
-        /// How often an idle run is polled.
-        #[arg(long, default_value = "2s")]
-        poll_interval: String,
-    },
+    Forward(ForwardArgs),
     /// Simulator + daemon + a file sink in one process, on a temp dir: try runhook in one command.
     ///
     /// Example: cargo run --release -- demo
     Demo,
+}
+
+// The options of the commands that take many, handed whole to the command's
+// module. Plain comments on these structs, not doc comments: the variant's
+// doc comment is the command's help, and clap could take the struct's.
+
+// The options of `runhook replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[arg(long)]
+    pub sink: Option<String>,
+    #[arg(long)]
+    pub run: Option<String>,
+    /// One event id, e.g. 9f2a...:15
+    #[arg(long, conflicts_with = "since")]
+    pub id: Option<String>,
+    /// Only events recorded since: a duration ago (2h) or a time (2026-11-30T08:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only events recorded before: a duration ago or a time; default now.
+    #[arg(long, requires = "since")]
+    pub until: Option<String>,
+    /// Delivered events too, not only dead letters (a receiver lost its database).
+    #[arg(long, requires = "since")]
+    pub delivered: bool,
+}
+
+// The options of `runhook backfill`.
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// A sink of the config, named by a route.
+    pub sink: String,
+    /// Events recorded since: a duration ago (24h) or a time (2026-11-30T08:00:00Z).
+    #[arg(long)]
+    pub since: String,
+    /// Events recorded before: a duration ago or a time; default now.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only this run's events.
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
+// The options of `runhook route`.
+#[derive(Debug, Args)]
+pub struct RouteArgs {
+    /// The event type, e.g. run_finished or ARTIFACT_CREATED.
+    #[arg(long = "type")]
+    pub event_type: String,
+    /// The run's status when the event is seen.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// The run's phase when the event is seen.
+    #[arg(long)]
+    pub phase: Option<String>,
+    /// A run label, key=value; repeatable.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// The run id; without it, routes with a `runs` filter do not match.
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
+// The options of `runhook send-test`.
+#[derive(Debug, Args)]
+pub struct SendTestArgs {
+    /// The sink's name, as in `[sinks.NAME]`.
+    pub sink: String,
+    /// The sample's event type: run_finished, PHASE_STARTED, ARTIFACT_CREATED or any other.
+    #[arg(long = "type", default_value = "run_finished")]
+    pub event_type: String,
+    /// The run id the sample carries (with that run's labels if the config lists it).
+    #[arg(long)]
+    pub run: Option<String>,
+}
+
+// The options of `runhook forward`.
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// The runs to follow.
+    #[arg(required = true)]
+    pub run_ids: Vec<String>,
+    /// Where each event is POSTed (Standard Webhooks).
+    #[arg(long)]
+    pub to: String,
+    /// The signing secret (`whsec_...`); a new one is generated and printed when absent.
+    #[arg(long, env = "RUNHOOK_FORWARD_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// The bearer token (polling).
+    #[arg(long, env = "TRAVELMODE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The session cookie (the live SSE stream).
+    #[arg(long, env = "TRAVELMODE_COOKIE", hide_env_values = true)]
+    pub cookie: Option<String>,
+    /// The Agent Runs API.
+    #[arg(
+        long,
+        env = "TRAVELMODE_API",
+        default_value = "https://api.travelmode.ai"
+    )]
+    pub api: String,
+    /// How often an idle run is polled.
+    #[arg(long, default_value = "2s")]
+    pub poll_interval: String,
 }
 
 /// Writes one page per visible command, from the same clap definitions the

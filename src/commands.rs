@@ -143,82 +143,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             purge: true,
             ..
         } => change::purge_dead(&state()?, sink, run).await?,
-        Command::Route {
-            event_type,
-            status,
-            phase,
-            labels,
-            run,
-        } => route::route(
-            &cli.config,
-            route::Question {
-                event_type,
-                status,
-                phase,
-                labels,
-                run,
-            },
-        )?,
-        Command::Replay {
-            sink,
-            run,
-            id,
-            since: None,
-            ..
-        } => change::replay(&state()?, sink, run, id).await?,
-        Command::Replay {
-            sink,
-            run,
-            since: Some(since),
-            until,
-            delivered,
-            ..
-        } => {
-            let (path, retain) = state_and_retain(cli.state.as_deref(), &cli.config)?;
-            let window = replay::Window { since, until };
-            replay::replay_range(&path, retain, window, sink, run, delivered).await?
+        Command::Route(question) => route::route(&cli.config, question)?,
+        Command::Replay(args) => {
+            replay::replay_command(cli.state.as_deref(), &cli.config, args).await?
         }
-        Command::Backfill {
-            sink,
-            since,
-            until,
-            run,
-        } => {
-            let (path, retain) = state_and_retain(cli.state.as_deref(), &cli.config)?;
-            let window = replay::Window { since, until };
-            replay::backfill(&path, &cli.config, retain, sink, window, run).await?
+        Command::Backfill(args) => {
+            replay::backfill_command(cli.state.as_deref(), &cli.config, args).await?
         }
-        Command::SendTest {
-            sink,
-            event_type,
-            run,
-        } => {
-            let config = Config::load(&cli.config)?;
-            if !send_test::send_test(&config, &sink, &event_type, run.as_deref()).await? {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Command::Forward {
-            run_ids,
-            to,
-            secret,
-            token,
-            cookie,
-            api,
-            poll_interval,
-        } => {
-            let options = forward::Options {
-                run_ids,
-                to,
-                secret,
-                token,
-                cookie,
-                api,
-                poll_interval,
-                state: cli.state,
-            };
-            forward::forward(options).await?
-        }
+        Command::SendTest(args) => return send_test::command(&cli.config, args).await,
+        Command::Forward(args) => forward::command(args, cli.state).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,7 @@ use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::cli::LogFormat;
+use crate::cli::{ForwardArgs, LogFormat};
 use runhook::config::{Config, ConfigError};
 use runhook::sink::webhook::ATTEMPT_TARGET;
 
@@ -40,6 +40,30 @@ pub(crate) struct Options {
     pub poll_interval: String,
     /// `--state DIR`: keeps the cursor; `None`: a temp dir.
     pub state: Option<PathBuf>,
+}
+
+/// `runhook forward`; `state` is the global `--state`.
+pub(super) async fn command(args: ForwardArgs, state: Option<PathBuf>) -> anyhow::Result<()> {
+    let ForwardArgs {
+        run_ids,
+        to,
+        secret,
+        token,
+        cookie,
+        api,
+        poll_interval,
+    } = args;
+    let options = Options {
+        run_ids,
+        to,
+        secret,
+        token,
+        cookie,
+        api,
+        poll_interval,
+        state,
+    };
+    forward(options).await
 }
 
 /// Follows the runs until SIGINT/SIGTERM, then lets in-flight deliveries

@@ -5,8 +5,53 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::cli::{BackfillArgs, ReplayArgs};
 use runhook::route::EventFacts;
 use runhook::store::{RequeueFilter, Store, StoredEvent, TimeRange};
+
+/// `runhook replay`: without `--since`, the dead letters by id, run or sink
+/// (which need only the state path); with it, by the time recorded (which
+/// reads `state.retain` too, to say what retention may have pruned).
+pub(super) async fn replay_command(
+    state: Option<&Path>,
+    config: &Path,
+    args: ReplayArgs,
+) -> anyhow::Result<()> {
+    let ReplayArgs {
+        sink,
+        run,
+        id,
+        since,
+        until,
+        delivered,
+    } = args;
+    match since {
+        None => super::change::replay(&super::state_path(state, config)?, sink, run, id).await,
+        Some(since) => {
+            let (path, retain) = super::state_and_retain(state, config)?;
+            let window = Window { since, until };
+            replay_range(&path, retain, window, sink, run, delivered).await
+        }
+    }
+}
+
+/// `runhook backfill`: reads `state.retain` too, to say what retention may
+/// have pruned.
+pub(super) async fn backfill_command(
+    state: Option<&Path>,
+    config: &Path,
+    args: BackfillArgs,
+) -> anyhow::Result<()> {
+    let BackfillArgs {
+        sink,
+        since,
+        until,
+        run,
+    } = args;
+    let (path, retain) = super::state_and_retain(state, config)?;
+    let window = Window { since, until };
+    backfill(&path, config, retain, sink, window, run).await
+}
 
 /// `--since` / `--until` as typed.
 pub(super) struct Window {

@@ -5,19 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::cli::RouteArgs;
 use runhook::route::{EventFacts, Router};
 use runhook::upstream::types::RunStatus;
 
-/// What the user said about the event.
-pub(super) struct Question {
-    pub event_type: String,
-    pub status: Option<String>,
-    pub phase: Option<String>,
-    pub labels: Vec<String>,
-    pub run: Option<String>,
-}
-
-pub(super) fn route(config: &Path, question: Question) -> anyhow::Result<()> {
+/// `question`: what the user said about the event.
+pub(super) fn route(config: &Path, question: RouteArgs) -> anyhow::Result<()> {
     let labels = runhook::ingest::parse_labels(&question.labels).map_err(anyhow::Error::msg)?;
     if let Some(status) = question.status.as_deref()
         && RunStatus::parse(status).is_none()

@@ -11,11 +11,13 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use serde_json::json;
 
+use crate::cli::SendTestArgs;
 use runhook::config::{Config, SinkConfig, SinkKind, SlackConfig};
 use runhook::deliver::threads::StoredThreads;
 use runhook::sink::Outcome;
@@ -29,6 +31,18 @@ use runhook::store::{DaemonLock, Pending, Store, StoreError};
 const SAMPLE_RUN: &str = "00000000-0000-4000-8000-000000000000";
 /// The first line of every test message in Slack.
 const SLACK_MARK: &str = ":test_tube: *Test event* sent by `runhook send-test`";
+
+/// `runhook send-test`: exit 1 when the sink did not accept the sample, so
+/// a script can tell.
+pub(super) async fn command(config: &Path, args: SendTestArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    let accepted = send_test(&config, &args.sink, &args.event_type, args.run.as_deref()).await?;
+    Ok(if accepted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
 
 /// Sends the sample through `sink_name`; `Ok(false)` when the sink did not
 /// accept it (the command then exits 1).

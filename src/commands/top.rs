@@ -15,7 +15,7 @@ use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
-use runhook::store::Reader;
+use runhook::store::{Reader, RunState};
 
 use super::inspect::{age, all_sinks};
 
@@ -70,17 +70,24 @@ pub struct SinkView {
     pub oldest_pending_ms: Option<i64>,
 }
 
+/// The run states the view counts by name; the others are listed as they come.
+const COUNTED: [RunState; 3] = [
+    RunState::Following,
+    RunState::Reconnecting,
+    RunState::Stalled,
+];
+
 /// The view of `now`, with rates over the time since `before`.
 pub fn view(before: Option<&Sample>, now: &Sample) -> View {
     let seconds = before
         .map(|b| (now.at_ms - b.at_ms) as f64 / 1000.0)
         .filter(|s| *s > 0.0);
     let rate = |then: i64, now: i64| seconds.map(|s| (now - then).max(0) as f64 / s);
-    let count = |state: &str| now.runs.get(state).copied().unwrap_or(0);
+    let count = |state: RunState| now.runs.get(state.as_str()).copied().unwrap_or(0);
     let other_runs = now
         .runs
         .iter()
-        .filter(|(state, _)| !["following", "reconnecting", "stalled"].contains(&state.as_str()))
+        .filter(|(state, _)| !COUNTED.iter().any(|c| c.as_str() == state.as_str()))
         .map(|(state, n)| (state.clone(), *n))
         .collect();
     let sinks: Vec<SinkView> = now
@@ -101,9 +108,9 @@ pub fn view(before: Option<&Sample>, now: &Sample) -> View {
         })
         .collect();
     View {
-        following: count("following"),
-        reconnecting: count("reconnecting"),
-        stalled: count("stalled"),
+        following: count(RunState::Following),
+        reconnecting: count(RunState::Reconnecting),
+        stalled: count(RunState::Stalled),
         other_runs,
         events_per_sec: before.and_then(|b| rate(b.last_event_row, now.last_event_row)),
         sinks_down: sinks.iter().filter(|s| s.down).count(),
