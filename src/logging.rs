@@ -14,11 +14,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::callsite::Identifier;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How long repeats of one warning are counted before they are summarised.
 pub const REPEAT_WINDOW: Duration = Duration::from_secs(60);
@@ -48,39 +50,54 @@ pub enum LogError {
 /// An invalid `RUNHOOK_LOG` is an error: silently falling back to the
 /// default would hide the debug output the operator asked for.
 pub fn init(json: bool, default_level: &str) -> Result<(), LogError> {
+    init_with(json, default_level, None)
+}
+
+/// [`init`] plus a layer of the caller's with its own filter (`runhook
+/// forward` prints its delivery lines from log events), so that every
+/// command logs alike: the same filter, journald priorities and summaries.
+pub fn init_with(
+    json: bool,
+    default_level: &str,
+    extra: Option<Box<dyn Layer<Registry> + Send + Sync>>,
+) -> Result<(), LogError> {
     let filter = filter(std::env::var("RUNHOOK_LOG"), default_level)?;
     let journald = stderr_is_journal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(!journald && std::io::stderr().is_terminal());
-    let installed = if json {
-        builder
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        layer
             .fmt_fields(JsonFields::new())
             .event_format(Lines::installed(
                 tracing_subscriber::fmt::format().json(),
                 journald,
                 json,
             ))
-            .try_init()
+            .boxed()
     } else if journald {
-        builder
+        layer
             .event_format(Lines::installed(
                 tracing_subscriber::fmt::format().without_time(),
                 journald,
                 json,
             ))
-            .try_init()
+            .boxed()
     } else {
-        builder
+        layer
             .event_format(Lines::installed(
                 tracing_subscriber::fmt::format(),
                 journald,
                 json,
             ))
-            .try_init()
+            .boxed()
     };
-    installed.map_err(|error| LogError::Install(error.to_string()))
+    let mut layers = vec![lines.with_filter(filter).boxed()];
+    layers.extend(extra);
+    tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .map_err(|error| LogError::Install(error.to_string()))
 }
 
 /// The filter from `RUNHOOK_LOG` (unset or empty: `default_level`).

@@ -22,10 +22,7 @@ fn main() -> ExitCode {
     let json = matches!(cli.log_format, cli::LogFormat::Json);
     let logging = match cli.command {
         // Its delivery lines come from log events: its own subscriber.
-        Command::Forward { .. } => {
-            commands::forward::init_logging(cli.log_format);
-            Ok(())
-        }
+        Command::Forward { .. } => commands::forward::init_logging(cli.log_format),
         _ => runhook::logging::init(json, default_level),
     };
     if let Err(error) = logging {

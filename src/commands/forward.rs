@@ -13,10 +13,9 @@ use anyhow::Context;
 use base64::Engine as _;
 use tokio_util::sync::CancellationToken;
 use tracing::field::{Field, Visit};
-use tracing_subscriber::filter::{EnvFilter, Targets};
-use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{Layer, Registry};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::Context as LayerContext;
 
 use crate::cli::{ForwardArgs, LogFormat};
 use runhook::config::{Config, ConfigError};
@@ -244,20 +243,13 @@ fn print_banner(
 
 /// Logs as every command does (stderr, `RUNHOOK_LOG`, default `warn`), plus
 /// the delivery lines on stdout.
-pub(crate) fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("RUNHOOK_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let log = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let log: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Human => log.with_filter(filter).boxed(),
-        LogFormat::Json => log.json().with_filter(filter).boxed(),
-    };
+pub(crate) fn init_logging(format: LogFormat) -> Result<(), runhook::logging::LogError> {
     let lines = DeliveryLines {
         colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
     }
-    .with_filter(Targets::new().with_target(ATTEMPT_TARGET, tracing::Level::DEBUG));
-    tracing_subscriber::registry().with(log).with(lines).init();
+    .with_filter(Targets::new().with_target(ATTEMPT_TARGET, tracing::Level::DEBUG))
+    .boxed();
+    runhook::logging::init_with(matches!(format, LogFormat::Json), "warn", Some(lines))
 }
 
 /// Prints `--> id type` when an attempt starts and `<-- 200 (3 ms)` when it

@@ -225,16 +225,37 @@ async fn under_journald_lines_carry_priorities_and_a_bad_token_warns_once_for_al
 #[test]
 fn an_invalid_runhook_log_is_an_error_not_ignored() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
-        .args([
-            "--state",
-            &dir.path().join("s.db").display().to_string(),
-            "status",
-        ])
-        .env("RUNHOOK_LOG", "runhook=loud")
-        .output()
-        .expect("runhook runs");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(78), "{stderr}");
-    assert!(stderr.contains("RUNHOOK_LOG=\"runhook=loud\""), "{stderr}");
+    let state = dir.path().join("s.db").display().to_string();
+    // `forward` installs its own delivery lines beside the same logger.
+    let forward = [
+        "forward",
+        "run-1",
+        "--to",
+        "http://127.0.0.1:9/hooks",
+        "--token",
+        "t",
+    ];
+    for args in [&["--state", &state, "status"][..], &forward[..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .args(args)
+            .env("RUNHOOK_LOG", "runhook=loud")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("runhook runs");
+        // A command that ignored the filter would run on (forward does):
+        // killed at the deadline, it fails below rather than hanging here.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("runhook output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("RUNHOOK_LOG=\"runhook=loud\""),
+            "{args:?}: {stderr}"
+        );
+    }
 }
