@@ -18,6 +18,7 @@ mod promises;
 mod props;
 mod receiver;
 mod retention;
+mod review2;
 mod service;
 mod service_promises;
 mod slack;
