@@ -131,6 +131,12 @@ pub(super) async fn backfill(
         done.queued,
         describe(range)
     )?;
+    if done.before_prune > 0 {
+        out!(
+            "left out {} events recorded before retention last pruned: their delivered rows may be gone, so whether {sink} received them cannot be told",
+            done.before_prune
+        )?;
+    }
     if done.skipped > 0 {
         out!(
             "left out {} events older than one of their run that {sink} already has (queued, sent or dead): they would reach it out of order",

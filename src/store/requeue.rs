@@ -59,6 +59,10 @@ pub struct Backfilled {
     /// later event of their run (queued, sent or dead): sent now, they would
     /// break its per-run order.
     pub skipped: usize,
+    /// Events its routes match, left out because they were recorded before
+    /// the last prune's cutoff: their delivered rows may be gone, so whether
+    /// the sink received them cannot be told.
+    pub before_prune: usize,
 }
 
 /// How far a walk got: the last event it looked at, or the end.
@@ -109,6 +113,7 @@ impl Store {
                 .await?;
             done.queued += chunk.queued;
             done.skipped += chunk.skipped;
+            done.before_prune += chunk.before_prune;
             match next {
                 Some(last) => after = last,
                 None => return Ok(done),
@@ -141,6 +146,7 @@ const WALK_EVENTS: &str = "SELECT e.rowid, e.seen_at, e.run_id, e.event_type, e.
 /// One event of a walk.
 struct Walked {
     rowid: i64,
+    seen_at: i64,
     event: StoredEvent,
 }
 
@@ -170,6 +176,7 @@ fn walk(
         let labels: Option<String> = row.get(6)?;
         found.push(Walked {
             rowid,
+            seen_at,
             event: StoredEvent {
                 run_id,
                 event_type: row.get(3)?,
@@ -210,6 +217,9 @@ fn backfill_chunk(
     routed: &dyn Fn(&StoredEvent) -> bool,
     after: i64,
 ) -> Result<(Backfilled, Next), rusqlite::Error> {
+    // Recorded before the last prune's cutoff: its delivered rows may be
+    // gone, so "the sink has none" would be a guess (it may have received it).
+    let pruned_before = super::retention::pruned_before(conn)?;
     let (events, next) = walk(conn, range, run, after)?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
@@ -220,6 +230,10 @@ fn backfill_chunk(
     let mut done = Backfilled::default();
     let mut newest: HashMap<&str, Option<i64>> = HashMap::new();
     for walked in events.iter().filter(|w| routed(&w.event)) {
+        if walked.seen_at < pruned_before {
+            done.before_prune += 1;
+            continue;
+        }
         let run_id = walked.event.run_id.as_str();
         let newest = match newest.get(run_id) {
             Some(found) => *found,
@@ -431,7 +445,8 @@ mod tests {
             done,
             Backfilled {
                 queued: 1,
-                skipped: 1
+                skipped: 1,
+                before_prune: 0
             }
         );
         assert_eq!(pending_ids(&reader, "new").await, ["run-1:4", "run-1:6"]);

@@ -23,6 +23,8 @@ impl Store {
     /// in chunks of [`MAINTENANCE_CHUNK`] rows, each its own writer job, so
     /// ingest and delivery get the writer in between.
     pub async fn prune(&self, cutoff: i64) -> Result<(usize, usize), StoreError> {
+        self.write(move |conn| note_pruned_before(conn, cutoff))
+            .await?;
         let mut deliveries = 0;
         loop {
             let chunk = self
@@ -49,6 +51,31 @@ impl Store {
             }
         }
     }
+}
+
+/// Remembers the newest cutoff a prune used (before deleting anything):
+/// an event recorded before it may have lost its delivered rows, so
+/// `backfill` can no longer tell which sinks received it.
+fn note_pruned_before(conn: &Connection, cutoff: i64) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('pruned_before', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+        [cutoff],
+    )?;
+    Ok(())
+}
+
+/// The newest cutoff a prune used (unix ms), or 0 if none ran.
+pub(super) fn pruned_before(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    use rusqlite::OptionalExtension;
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'pruned_before'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
 }
 
 const PRUNE_DELIVERIES: &str = concat!(

@@ -18,7 +18,6 @@ mod promises;
 mod props;
 mod receiver;
 mod retention;
-mod review2;
 mod service;
 mod service_promises;
 mod slack;
