@@ -3,7 +3,6 @@
 //! with the printed secret; `--state` resumes), and `runhook send-test`
 //! through a webhook, Slack (the fake of `slack.rs`) and a file.
 
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -273,20 +272,6 @@ fn forward_names_the_option_that_is_wrong() {
     assert!(stderr.contains("--secret: "), "{stderr}");
     let stderr = forward(&["r1", "--to", "http://127.0.0.1:1/"]);
     assert!(stderr.contains("give --token"), "{stderr}");
-}
-
-/// `runhook --config CONFIG send-test ARGS...`, off the runtime so that the
-/// fixtures on it can answer.
-async fn send_test(config: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
-    command
-        .arg("--config")
-        .arg(config)
-        .arg("send-test")
-        .args(args);
-    tokio::task::spawn_blocking(move || command.output().expect("runhook runs"))
-        .await
-        .unwrap()
 }
 
 fn text(output: &Output) -> String {

@@ -4,7 +4,7 @@
 //! `backfill` and per-run order. One known limit stays `#[ignore]`d: it
 //! reproduces what the README says of the oldest-pending metric.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,19 +13,6 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::support::*;
-
-/// `runhook --config CONFIG send-test ARGS...`, off the runtime.
-async fn send_test(config: &std::path::Path, args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
-    command
-        .arg("--config")
-        .arg(config)
-        .arg("send-test")
-        .args(args);
-    tokio::task::spawn_blocking(move || command.output().expect("runhook runs"))
-        .await
-        .unwrap()
-}
 
 fn event(sequence: i64, payload: String, sinks: &[&str]) -> NewEvent {
     NewEvent {
@@ -99,18 +86,11 @@ async fn send_test_to_a_file_refuses_while_the_daemon_runs() {
     );
 }
 
-/// R1. `send-test` appends to a file sink's file from another process,
-/// outside the daemon's offset protocol (which assumes the daemon is the
-/// only writer: everything past the recorded offset is its own lines, a torn
-/// last line its own half-written batch). After a crash in the middle of a
-/// write (the `file.mid_append` crash point leaves exactly this), a
-/// `send-test` glues its line onto the torn one; the restarted daemon then
-/// finds one "complete" line past the offset that starts with the torn
-/// event's id. The line is longer than the 64 KiB recovery keeps, so its id
-/// is read from its prefix and the event is marked done: its line in the
-/// file is corrupt JSON and it is never written again. Lost.
-#[tokio::test]
-async fn send_test_refuses_a_torn_file_tail_and_the_daemon_then_writes_the_event_whole() {
+/// A daemon died in the middle of writing `r1:1` (with `payload`) to the
+/// file sink: half its line is on disk, as the `file.mid_append` crash point
+/// leaves it. `send-test` to that sink is refused; the daemon then starts,
+/// mends the tail and delivers. Returns the file's text once it stopped.
+async fn torn_tail_then_send_test_then_restart(payload: String) -> String {
     let sim = sim_with(vec![]).await;
     let env = Env::new(&sim, &[]);
     let config = env.write_config();
@@ -120,9 +100,8 @@ async fn send_test_refuses_a_torn_file_tail_and_the_daemon_then_writes_the_event
             .subscribe("r1".into(), Default::default(), "watch", None)
             .await
             .unwrap();
-        let big = format!("{{\"blob\":\"{}\"}}", "x".repeat(300_000));
         store
-            .record_batch(batch("r1", vec![event(1, big, &["archive"])]))
+            .record_batch(batch("r1", vec![event(1, payload, &["archive"])]))
             .await
             .unwrap();
         let pending = store
@@ -162,7 +141,24 @@ async fn send_test_refuses_a_torn_file_tail_and_the_daemon_then_writes_the_event
     )
     .await;
     daemon.stop().await;
-    let text = std::fs::read_to_string(env.events_path()).unwrap();
+    std::fs::read_to_string(env.events_path()).unwrap()
+}
+
+/// R1. `send-test` appends to a file sink's file from another process,
+/// outside the daemon's offset protocol (which assumes the daemon is the
+/// only writer: everything past the recorded offset is its own lines, a torn
+/// last line its own half-written batch). After a crash in the middle of a
+/// write (the `file.mid_append` crash point leaves exactly this), a
+/// `send-test` glues its line onto the torn one; the restarted daemon then
+/// finds one "complete" line past the offset that starts with the torn
+/// event's id. The line is longer than the 64 KiB recovery keeps, so its id
+/// is read from its prefix and the event is marked done: its line in the
+/// file is corrupt JSON and it is never written again. Lost.
+#[tokio::test]
+async fn send_test_refuses_a_torn_file_tail_and_the_daemon_then_writes_the_event_whole() {
+    let text =
+        torn_tail_then_send_test_then_restart(format!("{{\"blob\":\"{}\"}}", "x".repeat(300_000)))
+            .await;
     let mut whole = false;
     let mut corrupt = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -260,55 +256,7 @@ fn yesterdays_globs_still_compile_and_match() {
 /// JSON, which every reader of the JSON Lines file trips on.
 #[tokio::test]
 async fn send_test_refuses_a_short_torn_tail_and_no_line_stays_corrupt() {
-    let sim = sim_with(vec![]).await;
-    let env = Env::new(&sim, &[]);
-    let config = env.write_config();
-    {
-        let store = Store::open(&env.state_path()).unwrap();
-        store
-            .subscribe("r1".into(), Default::default(), "watch", None)
-            .await
-            .unwrap();
-        store
-            .record_batch(batch(
-                "r1",
-                vec![event(1, "{\"n\":1}".into(), &["archive"])],
-            ))
-            .await
-            .unwrap();
-        let pending = store
-            .reader()
-            .unwrap()
-            .pending_in_order("archive", 10)
-            .await
-            .unwrap();
-        let mut line = Vec::new();
-        runhook::sink::write_envelope_line(&(&pending[0]).into(), &mut line).unwrap();
-        std::fs::write(env.events_path(), &line[..line.len() / 2]).unwrap();
-    }
-    let output = send_test(&config, &["archive"]).await;
-    assert_refused_torn(&output);
-    let daemon = env.start();
-    let reader = wait_for("the state database", || async {
-        Reader::open(&env.state_path()).map_err(|e| e.to_string())
-    })
-    .await;
-    wait_for_within(
-        Duration::from_secs(30),
-        "nothing pending for archive",
-        || {
-            let reader = reader.clone();
-            async move {
-                match reader.pending_count("archive").await {
-                    Ok(0) => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        },
-    )
-    .await;
-    daemon.stop().await;
-    let text = std::fs::read_to_string(env.events_path()).unwrap();
+    let text = torn_tail_then_send_test_then_restart("{\"n\":1}".into()).await;
     let corrupt: Vec<&str> = text
         .lines()
         .filter(|line| serde_json::from_str::<Value>(line).is_err())

@@ -373,3 +373,17 @@ pub fn capture_stderr(child: &mut std::process::Child) -> Arc<std::sync::Mutex<S
     });
     log
 }
+
+/// `runhook --config CONFIG send-test ARGS...`, off the runtime so that the
+/// fixtures on it (a receiver, a fake Slack) can answer.
+pub async fn send_test(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("send-test")
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("runhook runs"))
+        .await
+        .expect("send-test finished")
+}
