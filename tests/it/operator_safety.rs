@@ -353,22 +353,8 @@ async fn backfill_keeps_per_run_order_for_a_sink_that_went_live_first() {
 
 /// Events of `run` with these sequences, each routed to `sinks`.
 fn batch_of(run: &str, sequences: std::ops::RangeInclusive<i64>, sinks: &[&str]) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events: sequences
-            .map(|sequence| NewEvent {
-                sequence,
-                event_type: "LOG".into(),
-                payload: RawValue::from_string("{}".into()).unwrap(),
-                created_at: None,
-                sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-            })
-            .collect(),
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
+    let events = sequences.map(|s| event(s, "{}".into(), sinks)).collect();
+    batch(run, events)
 }
 
 /// D1 (second review). `backfill` decides "the sink already has it" (and, since the fix in
