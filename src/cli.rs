@@ -279,6 +279,10 @@ pub struct ForwardArgs {
     /// How often an idle run is polled.
     #[arg(long, default_value = "2s")]
     pub poll_interval: String,
+    /// The global `--state` (a directory for `forward`: it keeps the cursor;
+    /// `None`: a temp dir), set after parsing.
+    #[arg(skip)]
+    pub state: Option<std::path::PathBuf>,
 }
 
 /// Writes one page per visible command, from the same clap definitions the

@@ -29,45 +29,15 @@ const SECRET_FILE: &str = "secret";
 /// A receiver under development fails often; a fix should be picked up soon.
 const MAX_BACKOFF: &str = "10s";
 
-pub(crate) struct Options {
-    pub run_ids: Vec<String>,
-    pub to: String,
-    pub secret: Option<String>,
-    pub token: Option<String>,
-    pub cookie: Option<String>,
-    pub api: String,
-    pub poll_interval: String,
-    /// `--state DIR`: keeps the cursor; `None`: a temp dir.
-    pub state: Option<PathBuf>,
-}
-
 /// `runhook forward`; `state` is the global `--state`.
-pub(super) async fn command(args: ForwardArgs, state: Option<PathBuf>) -> anyhow::Result<()> {
-    let ForwardArgs {
-        run_ids,
-        to,
-        secret,
-        token,
-        cookie,
-        api,
-        poll_interval,
-    } = args;
-    let options = Options {
-        run_ids,
-        to,
-        secret,
-        token,
-        cookie,
-        api,
-        poll_interval,
-        state,
-    };
-    forward(options).await
+pub(super) async fn command(mut args: ForwardArgs, state: Option<PathBuf>) -> anyhow::Result<()> {
+    args.state = state;
+    forward(args).await
 }
 
 /// Follows the runs until SIGINT/SIGTERM, then lets in-flight deliveries
 /// finish and returns.
-pub(crate) async fn forward(options: Options) -> anyhow::Result<()> {
+pub(crate) async fn forward(options: ForwardArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     // Before anything starts: a signal arriving earlier would kill the process.
     let mut interrupts = signal(SignalKind::interrupt())?;
@@ -122,12 +92,9 @@ fn signing_secret(given: Option<&str>, state: Option<&Path>) -> anyhow::Result<(
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    let mut file = runhook::files::open_private(path, &mut options)?;
     writeln!(file, "{text}")?;
     file.sync_all()
 }
@@ -144,7 +111,7 @@ fn generate_secret() -> String {
 
 /// The config `runhook run` would need for this, validated by the same
 /// code as a config file (so a bad URL or secret fails the same way).
-fn build_config(options: &Options, secret: &str, dir: &Path) -> anyhow::Result<Config> {
+fn build_config(options: &ForwardArgs, secret: &str, dir: &Path) -> anyhow::Result<Config> {
     use toml::{Table, Value};
     // Values are taken literally: `$` would start a `${VAR}` expansion.
     let text = |s: &str| Value::String(s.replace('$', "$$"));
@@ -210,7 +177,7 @@ fn option_error(error: ConfigError) -> anyhow::Error {
 }
 
 fn print_banner(
-    options: &Options,
+    options: &ForwardArgs,
     config: &Config,
     secret: &str,
     generated: bool,
