@@ -60,12 +60,7 @@ pub(super) async fn status(
     let reader = Reader::open(state)?;
     let runs = reader.runs().await?;
     let now = runhook::store::now_ms();
-    let sinks = all_sinks(reader.sinks().await?, config);
-    let oldest: BTreeMap<String, i64> = reader
-        .oldest_pending(sinks.iter().map(|s| s.sink.clone()).collect())
-        .await?
-        .into_iter()
-        .collect();
+    let (sinks, oldest) = sinks_and_oldest(&reader, config).await?;
     let sinks: Vec<SinkStatus> = sinks
         .into_iter()
         .map(|row| SinkStatus {
@@ -201,6 +196,21 @@ fn sinks_table(sinks: &[SinkStatus], now: i64) -> Table {
         ]);
     }
     table
+}
+
+/// [`all_sinks`], and when each one's oldest pending delivery was queued
+/// (unix ms; absent when none waits).
+pub(super) async fn sinks_and_oldest(
+    reader: &Reader,
+    config: &Path,
+) -> Result<(Vec<SinkRow>, BTreeMap<String, i64>), runhook::store::StoreError> {
+    let sinks = all_sinks(reader.sinks().await?, config);
+    let oldest = reader
+        .oldest_pending(sinks.iter().map(|s| s.sink.clone()).collect())
+        .await?
+        .into_iter()
+        .collect();
+    Ok((sinks, oldest))
 }
 
 /// The sinks the database knows, and the configured ones it does not yet

@@ -17,7 +17,7 @@ use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
 use runhook::store::{Reader, RunState};
 
-use super::inspect::{age, all_sinks};
+use super::inspect::{age, sinks_and_oldest};
 
 /// One look at the state database.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -205,12 +205,7 @@ pub async fn sample(reader: &Reader, config: &Path) -> anyhow::Result<Sample> {
         *runs.entry(run.state.as_str().to_owned()).or_insert(0) += 1;
     }
     let last_event_row = reader.last_event_row().await?;
-    let sinks = all_sinks(reader.sinks().await?, config);
-    let oldest: BTreeMap<String, i64> = reader
-        .oldest_pending(sinks.iter().map(|s| s.sink.clone()).collect())
-        .await?
-        .into_iter()
-        .collect();
+    let (sinks, oldest) = sinks_and_oldest(reader, config).await?;
     let sinks = sinks
         .into_iter()
         .map(|row| SinkSample {
