@@ -33,50 +33,32 @@ impl Store {
     /// own writer job, so a large dead-letter list does not hold the writer;
     /// a run's dead letters are queued in event order.
     pub async fn replay(&self, filter: DeadFilter) -> Result<usize, StoreError> {
-        let mut replayed = 0;
-        loop {
-            let filter = filter.clone();
-            let chunk = self
-                .write(move |conn| {
-                    let replayed = conn.prepare_cached(REPLAY_DEAD)?.execute(params![
-                        filter.sink,
-                        filter.run,
-                        filter.id,
-                        now_ms(),
-                        MAINTENANCE_CHUNK as i64
-                    ])?;
-                    bump_control(conn)?;
-                    Ok(replayed)
-                })
-                .await?;
-            replayed += chunk;
-            if chunk < MAINTENANCE_CHUNK {
-                return Ok(replayed);
-            }
-        }
+        self.in_chunks(move |conn| {
+            let replayed = conn.prepare_cached(REPLAY_DEAD)?.execute(params![
+                filter.sink,
+                filter.run,
+                filter.id,
+                now_ms(),
+                MAINTENANCE_CHUNK as i64
+            ])?;
+            bump_control(conn)?;
+            Ok(replayed)
+        })
+        .await
     }
 
     /// Deletes dead letters for good. Returns how many. In chunks, as
     /// [`Store::replay`].
     pub async fn purge_dead(&self, filter: DeadFilter) -> Result<usize, StoreError> {
-        let mut purged = 0;
-        loop {
-            let filter = filter.clone();
-            let chunk = self
-                .write(move |conn| {
-                    conn.prepare_cached(PURGE_DEAD)?.execute(params![
-                        filter.sink,
-                        filter.run,
-                        filter.id,
-                        MAINTENANCE_CHUNK as i64
-                    ])
-                })
-                .await?;
-            purged += chunk;
-            if chunk < MAINTENANCE_CHUNK {
-                return Ok(purged);
-            }
-        }
+        self.in_chunks(move |conn| {
+            conn.prepare_cached(PURGE_DEAD)?.execute(params![
+                filter.sink,
+                filter.run,
+                filter.id,
+                MAINTENANCE_CHUNK as i64
+            ])
+        })
+        .await
     }
 }
 

@@ -17,6 +17,24 @@ use super::{Store, StoreError};
 pub const MAINTENANCE_CHUNK: usize = 5_000;
 
 impl Store {
+    /// Runs `chunk` as one writer job after another until one touches
+    /// fewer than [`MAINTENANCE_CHUNK`] rows (each statement is bounded by
+    /// it); returns the rows touched in all. Ingest and delivery get the
+    /// writer between chunks.
+    pub(super) async fn in_chunks<F>(&self, chunk: F) -> Result<usize, StoreError>
+    where
+        F: Fn(&Connection) -> Result<usize, rusqlite::Error> + Clone + Send + 'static,
+    {
+        let mut total = 0;
+        loop {
+            let done = self.write(chunk.clone()).await?;
+            total += done;
+            if done < MAINTENANCE_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Drops deliveries done before `cutoff` (unix ms), then events seen
     /// before it that no delivery refers to any more (dead letters and
     /// pending deliveries keep theirs). Returns (deliveries, events). Works
@@ -25,19 +43,12 @@ impl Store {
     pub async fn prune(&self, cutoff: i64) -> Result<(usize, usize), StoreError> {
         self.write(move |conn| note_pruned_before(conn, cutoff))
             .await?;
-        let mut deliveries = 0;
-        loop {
-            let chunk = self
-                .write(move |conn| {
-                    conn.prepare_cached(PRUNE_DELIVERIES)?
-                        .execute(params![cutoff, MAINTENANCE_CHUNK as i64])
-                })
-                .await?;
-            deliveries += chunk;
-            if chunk < MAINTENANCE_CHUNK {
-                break;
-            }
-        }
+        let deliveries = self
+            .in_chunks(move |conn| {
+                conn.prepare_cached(PRUNE_DELIVERIES)?
+                    .execute(params![cutoff, MAINTENANCE_CHUNK as i64])
+            })
+            .await?;
         let mut events = 0;
         let mut after = 0;
         loop {
