@@ -31,7 +31,7 @@ pub(super) async fn prune_periodically(store: Store, retain: Duration, stop: Can
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "pruning failed; trying again later"),
         }
-        // After the events: a run whose deliveries were just pruned goes in
+        // After the events: a run whose last events were just pruned goes in
         // the same pass. `retain` covers `finished_linger` (the config
         // checks it), so no run still lingering goes.
         let runs = tokio::select! {

@@ -21,7 +21,7 @@
 //! | deliveries (`deliveries.rs`) | `mark_delivered` (with the sink's offset), `record_failure` (retry or dead), `release_backoff` | `pending_in_order`, `pending_for_run`, `runs_with_pending`, `pending_count`, `pending_total` |
 //! | dead letters (`dead.rs`) | `replay` (same ids), `purge_dead` | `dead_letters` |
 //! | by time (`requeue.rs`) | `requeue_range` (dead, or also delivered, deliveries of events recorded in a range: same ids), `backfill` (a sink's missing deliveries where a given routing says so) | |
-//! | retention (`retention.rs`) | `prune` (delivered deliveries, then unreferenced events), `prune_finished_runs` (finished runs with no pending delivery or dead letter: row to tombstone, atomically) | |
+//! | retention (`retention.rs`) | `prune` (delivered deliveries, then unreferenced events), `prune_finished_runs` (finished runs none of whose events is left, so no pending delivery or dead letter: row to tombstone, atomically) | |
 //! | sink state (`sinks.rs`) | `set_sink_down`, `save_thread_root`, `mark_found_delivered` | `sinks` (`status`), `oldest_pending` (metrics, `status`, `top`), `sink_offset`, `thread_root` |
 //! | liveness | `ping` (the writer commits) | |
 //!

@@ -9,8 +9,9 @@
 //! duplicates are pruned. So a pruned run leaves a tombstone (`pruned_runs`:
 //! its cursor, final status and when it finished), which
 //! [`Store::subscribe`] consults before it creates a row. Only finished runs
-//! go, and only without pending deliveries or dead letters: those still
-//! need the run (its labels, and `replay` of a dead letter).
+//! go, and only once none of their events is left: no pending delivery and
+//! no dead letter (those need the run: its labels, `replay`), and no event
+//! delivered within `retain` (replay by time and `backfill` can reach it).
 
 use rusqlite::{Connection, params};
 
@@ -72,8 +73,9 @@ impl Store {
 
 impl Store {
     /// Moves runs that finished before `cutoff` (unix ms) and have no
-    /// pending delivery and no dead letter from the runs table to their
-    /// tombstones. Returns how many. `cutoff` must lie before the
+    /// event left (run it after [`Store::prune`]: no pending delivery, no
+    /// dead letter, nothing delivered since `cutoff`) from the runs table
+    /// to their tombstones. Returns how many. `cutoff` must lie before the
     /// `finished_linger` of every run (the config holds `retain` to at
     /// least the linger), so no run is pruned while a failed one may still
     /// be retried upstream. Walks the runs in chunks of
@@ -98,28 +100,18 @@ impl Store {
 const WALK_RUNS: &str = "SELECT run_id, state, finished_at FROM runs
      WHERE run_id > ?1 ORDER BY run_id LIMIT ?2";
 
-/// Every sink that has deliveries, one index seek each (a skip scan over
-/// the primary key `(sink, event)`), not a walk of the deliveries.
-const SINKS_WITH_DELIVERIES: &str = "WITH RECURSIVE s(name) AS (
-        SELECT MIN(sink) FROM deliveries
-        UNION ALL
-        SELECT (SELECT MIN(sink) FROM deliveries WHERE sink > s.name) FROM s
-        WHERE s.name IS NOT NULL)
-     SELECT name FROM s WHERE name IS NOT NULL";
-
-/// Whether a sink holds a pending delivery or a dead letter of a run.
-const RUN_HAS_OPEN_DELIVERIES: &str = concat!(
-    "SELECT EXISTS (SELECT 1 FROM deliveries INDEXED BY deliveries_pending_by_run
-        WHERE sink = ?1 AND run_id = ?2 AND state = ",
-    delivery_state!(pending),
-    ") OR EXISTS (SELECT 1 FROM deliveries INDEXED BY deliveries_dead
-        WHERE sink = ?1 AND run_id = ?2 AND state = ",
-    delivery_state!(dead),
-    ")"
-);
+/// Whether any event of a run is still stored. Event ids are derived,
+/// `{runId}:{sequence}` and `{runId}:finished:{n}`, so a run's events are
+/// one range of the unique index on `id`: a seek, not a walk.
+const RUN_HAS_EVENTS: &str = "SELECT EXISTS (SELECT 1 FROM events
+        WHERE id >= ?1 || ':' AND id < ?1 || ';')";
 
 /// One chunk of the runs prune: walks up to [`MAINTENANCE_CHUNK`] runs
-/// after `after` by id and moves those that may go to `pruned_runs`.
+/// after `after` by id and moves those that may go to `pruned_runs`: a
+/// finished run goes once none of its events is left. A pending delivery
+/// or a dead letter keeps its event, so it keeps its run; so does an event
+/// delivered less than `retain` ago, which `replay --since --delivered` and
+/// `backfill` can still queue and which then needs the run's labels.
 /// Returns how many it moved and, unless the walk is over, where the next
 /// chunk starts.
 fn prune_runs_after(
@@ -143,22 +135,11 @@ fn prune_runs_after(
             last = Some(run_id);
         }
     }
-    let sinks: Vec<String> = conn
-        .prepare_cached(SINKS_WITH_DELIVERIES)?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let mut open = conn.prepare_cached(RUN_HAS_OPEN_DELIVERIES)?;
+    let mut has_events = conn.prepare_cached(RUN_HAS_EVENTS)?;
     let mut moved = 0;
     let now = now_ms();
     for run_id in &finished {
-        let mut has_open = false;
-        for sink in &sinks {
-            if open.query_row(params![sink, run_id], |r| r.get::<_, bool>(0))? {
-                has_open = true;
-                break;
-            }
-        }
-        if !has_open {
+        if !has_events.query_row([run_id], |r| r.get::<_, bool>(0))? {
             move_to_tombstone(conn, run_id, now)?;
             moved += 1;
         }
@@ -327,37 +308,24 @@ mod tests {
         }
     }
 
-    /// The runs prune asks, per finished run, whether any sink still holds
-    /// a pending delivery or a dead letter of it: each question must be a
-    /// few index seeks, never a walk of the deliveries.
+    /// The runs prune asks, per finished run, whether any of its events is
+    /// left: a seek into the unique index on the event id, never a walk of
+    /// the events.
     #[test]
-    fn the_runs_prune_looks_deliveries_up_through_indexes() {
+    fn the_runs_prune_finds_a_runs_events_through_the_id_index() {
         let mut conn = Connection::open_in_memory().unwrap();
         super::super::schema::migrate(&mut conn).unwrap();
-        for (name, sql, indexes) in [
-            (
-                "sinks with deliveries",
-                SINKS_WITH_DELIVERIES,
-                &["USING PRIMARY KEY (sink>?)"][..],
-            ),
-            (
-                "open deliveries of a run",
-                RUN_HAS_OPEN_DELIVERIES,
-                &["deliveries_pending_by_run", "deliveries_dead"][..],
-            ),
-        ] {
-            let steps = plan(&conn, sql);
-            for index in indexes {
-                assert!(
-                    steps.iter().any(|s| s.contains(index)),
-                    "{name} uses {index}: {steps:#?}"
-                );
-            }
-            assert!(
-                !steps.iter().any(|s| s.starts_with("SCAN deliveries")),
-                "{name} scans the deliveries: {steps:#?}"
-            );
-        }
+        let steps = plan(&conn, RUN_HAS_EVENTS);
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.contains("sqlite_autoindex_events_1 (id>? AND id<?)")),
+            "a range of the id index: {steps:#?}"
+        );
+        assert!(
+            !steps.iter().any(|s| s.starts_with("SCAN events")),
+            "{steps:#?}"
+        );
     }
 
     /// Waits until the millisecond clock has passed `t`.
@@ -445,10 +413,12 @@ mod tests {
     }
 
     /// A finished run past the cutoff with nothing left to deliver leaves
-    /// the runs table for a tombstone; a dead letter (replay needs the
-    /// run), a pending delivery, a finish after the cutoff or a run not
-    /// finished keep the row. Watching a pruned run again leaves it pruned:
-    /// no row at cursor 0 from which everything would be ingested again.
+    /// the runs table for a tombstone once its events are pruned; a dead
+    /// letter (replay needs the run), a pending delivery, a delivery done
+    /// after the cutoff (replay by time can still reach it), a finish after
+    /// the cutoff or a run not finished keep the row. Watching a pruned run
+    /// again leaves it pruned: no row at cursor 0 from which everything
+    /// would be ingested again.
     #[tokio::test]
     async fn prune_moves_only_old_finished_runs_with_nothing_left_to_deliver() {
         use crate::store::Subscribed;
@@ -456,14 +426,27 @@ mod tests {
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         let reader = store.reader().unwrap();
         recorded(&store, "done", Some("completed"), "delivered").await;
+        recorded(&store, "done2", Some("completed"), "pending").await;
         recorded(&store, "dead", Some("failed"), "dead").await;
         recorded(&store, "pending", Some("completed"), "pending").await;
+        recorded(&store, "late", Some("completed"), "pending").await;
         recorded(&store, "running", None, "delivered").await;
         clock_past(now_ms()).await;
         let cutoff = now_ms();
         clock_past(cutoff).await;
         recorded(&store, "young", Some("completed"), "delivered").await;
+        for run in ["late", "done2"] {
+            let open = reader.pending_for_run("ops", run, 10).await.unwrap();
+            let open = open.iter().map(|p| p.event).collect();
+            store
+                .mark_delivered("ops".into(), open, None)
+                .await
+                .unwrap();
+        }
 
+        // Its events still stored (not pruned yet): "done" stays too.
+        assert_eq!(store.prune_finished_runs(cutoff).await.unwrap(), 0);
+        store.prune(cutoff).await.unwrap();
         assert_eq!(store.prune_finished_runs(cutoff).await.unwrap(), 1);
         let left: Vec<String> = reader
             .runs()
@@ -472,7 +455,11 @@ mod tests {
             .into_iter()
             .map(|r| r.run_id)
             .collect();
-        assert_eq!(left, ["dead", "pending", "running", "young"]);
+        assert_eq!(
+            left,
+            ["dead", "done2", "late", "pending", "running", "young"],
+            "done2 shares a prefix with done, and was delivered after the cutoff"
+        );
         let tombstone = reader
             .pruned_run("done".into())
             .await
