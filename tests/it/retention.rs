@@ -356,16 +356,40 @@ async fn a_pruned_finished_run_in_the_config_is_not_ingested_again_after_a_resta
     );
 }
 
-/// `runhook watch` of a pruned run says so and changes nothing: no
-/// follower, no fetch from sequence 0, no delivery again.
+/// `runhook watch` and `PUT /v1/watch` of a pruned run say so and change
+/// nothing: no follower, no fetch from sequence 0, no delivery again.
 #[tokio::test]
 async fn watching_a_pruned_run_again_does_not_deliver_it_again() {
+    const TOKEN: &str = "retain-token-0123456789";
     let (sim, mut env) = with_r1_pruned().await;
     let asked = requests_for(&sim, "r1");
     env.runs = Vec::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    env.extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n");
     let daemon = start_short_retain(&env);
     let answer = cli(&env, &["watch", "r1"]);
     assert!(answer.contains("pruned"), "{answer}");
+    let client = reqwest::Client::new();
+    let put = crate::support::wait_for("PUT /v1/watch/r1 answered", || async {
+        let sent = client
+            .put(format!("http://127.0.0.1:{port}/v1/watch/r1"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await;
+        match sent {
+            Ok(answer) if answer.status().is_success() => answer
+                .json::<serde_json::Value>()
+                .await
+                .map_err(|e| e.to_string()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(put["watching"], false, "{put}");
+    assert_eq!(put["state"], "finished (pruned)", "{put}");
     // Watched after r1: once r2 is delivered, the daemon has looked at the
     // watched runs since r1's `watch`.
     assert!(cli(&env, &["watch", "r2"]).contains("watching r2"));
