@@ -26,6 +26,13 @@ impl RunFilter {
             && self.run.as_ref().is_none_or(|id| *id == run.run_id)
             && (!self.active || is_active(run))
     }
+
+    /// Whether a finished run passes the state filters: a pruned one is
+    /// shown only then.
+    fn keeps_finished(&self) -> bool {
+        let finished = RunState::Finished.as_str();
+        (self.states.is_empty() || self.states.iter().any(|s| s == finished)) && !self.active
+    }
 }
 
 /// A run's state as `status` shows it: an unwatched run is `unwatched`
@@ -73,7 +80,9 @@ pub(super) async fn status(
     // Pruned runs are counted, not listed (there may be many); one named
     // with `--run` is shown.
     let pruned = match &filter.run {
-        Some(id) if runs.is_empty() => reader.pruned_run(id.clone()).await?,
+        Some(id) if runs.is_empty() && filter.keeps_finished() => {
+            reader.pruned_run(id.clone()).await?
+        }
         _ => None,
     };
     let mut out = String::new();
@@ -451,6 +460,22 @@ mod tests {
             ..RunFilter::default()
         };
         assert_eq!(kept(active), ["a", "b", "f"]);
+    }
+
+    #[test]
+    fn a_pruned_run_passes_only_filters_that_keep_finished_runs() {
+        let filter = |states: &[&str], active| RunFilter {
+            states: states.iter().map(|s| s.to_string()).collect(),
+            run: Some("gone".into()),
+            active,
+        };
+        assert!(filter(&[], false).keeps_finished());
+        assert!(filter(&["stalled", "finished"], false).keeps_finished());
+        assert!(!filter(&["following"], false).keeps_finished());
+        assert!(
+            !filter(&[], true).keeps_finished(),
+            "a pruned run is not active"
+        );
     }
 
     #[test]
