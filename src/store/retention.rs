@@ -496,4 +496,34 @@ mod tests {
         assert_eq!(store.prune_finished_runs(cutoff).await.unwrap(), 0);
         assert_eq!(reader.pruned_count().await.unwrap(), 1);
     }
+
+    /// More finished runs than one chunk walks: every one is reached, each
+    /// chunk its own writer transaction, so the writer is never held long.
+    #[tokio::test]
+    async fn the_runs_prune_walks_every_run_in_chunks() {
+        const RUNS: usize = 3 * MAINTENANCE_CHUNK + 10;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        store
+            .write(|conn| {
+                let mut insert = conn.prepare(
+                    "INSERT INTO runs (run_id, origin, cursor, state, finished_at, updated_at)
+                     VALUES (?1, 'watch', 3, ?2, 1, 1)",
+                )?;
+                for n in 0..RUNS {
+                    insert.execute(params![format!("run-{n:05}"), RunState::Finished])?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let before = *store.commits().borrow();
+        assert_eq!(store.prune_finished_runs(2).await.unwrap(), RUNS);
+        let transactions = *store.commits().borrow() - before;
+        // Four chunks; the last commit may not have been counted yet.
+        assert!(transactions >= 3, "{transactions} writer transactions");
+        let reader = store.reader().unwrap();
+        assert!(reader.runs().await.unwrap().is_empty());
+        assert_eq!(reader.pruned_count().await.unwrap(), RUNS as i64);
+    }
 }
