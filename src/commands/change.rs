@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use runhook::store::{DeadFilter, Store};
+use runhook::store::{DeadFilter, Store, Subscribed};
 
 /// Labels are checked before `state` is looked up (which may read the
 /// config), so that a bad label is the error reported.
@@ -15,10 +15,17 @@ pub(super) async fn watch(
 ) -> anyhow::Result<()> {
     let labels = runhook::ingest::parse_labels(labels).map_err(anyhow::Error::msg)?;
     let store = Store::open(&state()?)?;
-    store
+    match store
         .subscribe(run_id.clone(), labels, "watch", None)
-        .await?;
-    out!("watching {run_id}")?;
+        .await?
+    {
+        Subscribed::Watching => out!("watching {run_id}")?,
+        Subscribed::Pruned(pruned) => out!(
+            "{run_id} finished ({}) and was pruned after state.retain; its events were delivered, so it is not followed again (cursor {})",
+            pruned.status.as_deref().unwrap_or("unknown status"),
+            pruned.cursor
+        )?,
+    }
     Ok(())
 }
 

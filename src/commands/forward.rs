@@ -29,6 +29,14 @@ const SECRET_FILE: &str = "secret";
 /// A receiver under development fails often; a fix should be picked up soon.
 const MAX_BACKOFF: &str = "10s";
 
+/// Cancelled when a delivery line finds stdout closed (`runhook forward
+/// ... | head -2`): the lines are what forward is for, so it stops as on
+/// Ctrl-C (in-flight deliveries finish) and exits 0, as `head` asked for
+/// no more. A static because the lines are printed by the tracing layer,
+/// set up in `main` before the command runs.
+static STDOUT_CLOSED: std::sync::LazyLock<CancellationToken> =
+    std::sync::LazyLock::new(CancellationToken::new);
+
 /// `runhook forward`; `state` is the global `--state`.
 pub(super) async fn command(mut args: ForwardArgs, state: Option<PathBuf>) -> anyhow::Result<()> {
     args.state = state;
@@ -60,7 +68,15 @@ pub(crate) async fn forward(options: ForwardArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        tokio::select! { _ = interrupts.recv() => {}, _ = terms.recv() => {} }
+        tokio::select! {
+            _ = interrupts.recv() => {}
+            _ = terms.recv() => {}
+            // Nobody reads the lines any more: nothing to say, just stop.
+            _ = STDOUT_CLOSED.cancelled() => {
+                stop.cancel();
+                return;
+            }
+        }
         let _ = out!("stopping: finishing in-flight deliveries (again to exit at once)");
         stop.cancel();
         tokio::select! { _ = interrupts.recv() => {}, _ = terms.recv() => {} }
@@ -277,8 +293,13 @@ impl<S: tracing::Subscriber> Layer<S> for DeliveryLines {
             None => format!("--> {} {}", attempt.id, attempt.event_type),
             Some(status) => self.answer_line(&attempt, status),
         };
-        // A closed stdout must not stop the deliveries.
-        let _ = writeln!(std::io::stdout().lock(), "{line}");
+        if let Err(error) = writeln!(std::io::stdout().lock(), "{line}") {
+            // Its reader went away; any other error (a full disk behind a
+            // redirect) leaves the deliveries going.
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                STDOUT_CLOSED.cancel();
+            }
+        }
     }
 }
 

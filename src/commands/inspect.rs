@@ -6,7 +6,7 @@ use std::path::Path;
 
 use comfy_table::{Cell, CellAlignment, Table};
 use runhook::config::Transport;
-use runhook::store::{Reader, RunRow, RunState, SinkRow};
+use runhook::store::{PrunedRun, Reader, RunRow, RunState, SinkRow};
 use serde::Serialize;
 
 /// Which runs `status` lists. The summary line always counts them all.
@@ -25,6 +25,13 @@ impl RunFilter {
         (self.states.is_empty() || self.states.iter().any(|s| s == shown_state(run)))
             && self.run.as_ref().is_none_or(|id| *id == run.run_id)
             && (!self.active || is_active(run))
+    }
+
+    /// Whether a finished run passes the state filters: a pruned one is
+    /// shown only then.
+    fn keeps_finished(&self) -> bool {
+        let finished = RunState::Finished.as_str();
+        (self.states.is_empty() || self.states.iter().any(|s| s == finished)) && !self.active
     }
 }
 
@@ -68,15 +75,29 @@ pub(super) async fn status(
             row,
         })
         .collect();
-    let summary = summary(&runs, &sinks);
+    let summary = summary(&runs, reader.pruned_count().await?, &sinks);
     let runs: Vec<RunRow> = runs.into_iter().filter(|r| filter.keeps(r)).collect();
+    // Pruned runs are counted, not listed (there may be many); one named
+    // with `--run` is shown.
+    let pruned = match &filter.run {
+        Some(id) if runs.is_empty() && filter.keeps_finished() => {
+            reader.pruned_run(id.clone()).await?
+        }
+        _ => None,
+    };
     let mut out = String::new();
     if json {
-        let status = serde_json::json!({ "summary": summary, "runs": runs, "sinks": sinks });
+        let status = serde_json::json!({
+            "summary": summary, "runs": runs, "pruned": pruned.as_slice(), "sinks": sinks
+        });
         out = serde_json::to_string_pretty(&status)? + "\n";
     } else {
         out.push_str(&format!("{summary}\n\n"));
-        push_table(&mut out, &runs_table(&runs, now));
+        let mut runs = runs_table(&runs, now);
+        if let Some(pruned) = &pruned {
+            add_pruned_row(&mut runs, pruned, now);
+        }
+        push_table(&mut out, &runs);
         out.push('\n');
         push_table(&mut out, &sinks_table(&sinks, now));
     }
@@ -85,8 +106,8 @@ pub(super) async fn status(
 }
 
 /// The first line of `status`: every run and sink counted, whatever the
-/// filter lists.
-fn summary(runs: &[RunRow], sinks: &[SinkStatus]) -> String {
+/// filter lists, and the finished runs pruned from the runs table.
+fn summary(runs: &[RunRow], pruned: i64, sinks: &[SinkStatus]) -> String {
     let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
     for run in runs {
         *by_state.entry(shown_state(run)).or_default() += 1;
@@ -98,8 +119,12 @@ fn summary(runs: &[RunRow], sinks: &[SinkStatus]) -> String {
     let pending: i64 = sinks.iter().map(|s| s.row.pending).sum();
     let dead: i64 = sinks.iter().map(|s| s.row.dead).sum();
     let down = sinks.iter().filter(|s| s.row.down).count();
+    let pruned = match pruned {
+        0 => String::new(),
+        n => format!("; {n} finished runs pruned"),
+    };
     format!(
-        "{} runs ({}); {} sinks ({} down); {pending} pending, {dead} dead",
+        "{} runs ({}){pruned}; {} sinks ({} down); {pending} pending, {dead} dead",
         runs.len(),
         if states.is_empty() {
             "none".to_owned()
@@ -109,6 +134,25 @@ fn summary(runs: &[RunRow], sinks: &[SinkStatus]) -> String {
         sinks.len(),
         down,
     )
+}
+
+/// A pruned run's line in the runs table: what its tombstone keeps.
+fn add_pruned_row(table: &mut Table, pruned: &PrunedRun, now: i64) {
+    table.add_row([
+        pruned.run_id.clone(),
+        "finished (pruned)".to_owned(),
+        "-".to_owned(),
+        pruned.cursor.to_string(),
+        pruned.status.clone().unwrap_or_else(|| "-".into()),
+        "-".to_owned(),
+        "-".to_owned(),
+        "-".to_owned(),
+        format!(
+            "finished {} ago, pruned {} ago (state.retain): not ingested again",
+            age(now - pruned.finished_at),
+            age(now - pruned.pruned_at)
+        ),
+    ]);
 }
 
 /// Columns two spaces apart, no borders: easy to read and to `grep`/`awk`.
@@ -419,16 +463,42 @@ mod tests {
     }
 
     #[test]
+    fn a_pruned_run_passes_only_filters_that_keep_finished_runs() {
+        let filter = |states: &[&str], active| RunFilter {
+            states: states.iter().map(|s| s.to_string()).collect(),
+            run: Some("gone".into()),
+            active,
+        };
+        assert!(filter(&[], false).keeps_finished());
+        assert!(filter(&["stalled", "finished"], false).keeps_finished());
+        assert!(!filter(&["following"], false).keeps_finished());
+        assert!(
+            !filter(&[], true).keeps_finished(),
+            "a pruned run is not active"
+        );
+    }
+
+    #[test]
     fn summary_counts_every_run_and_sink() {
         let sinks = [sink("archive", 0, 0, false), sink("ops", 12, 3, true)];
         assert_eq!(
-            summary(&runs(), &sinks),
+            summary(&runs(), 0, &sinks),
             "6 runs (1 finished, 2 following, 1 forbidden, 1 stalled, 1 unwatched); \
              2 sinks (1 down); 12 pending, 3 dead"
         );
         assert_eq!(
-            summary(&[], &[]),
+            summary(&[], 0, &[]),
             "0 runs (none); 0 sinks (0 down); 0 pending, 0 dead"
+        );
+    }
+
+    /// Finished runs pruned from the runs table are no longer among the
+    /// runs, but the summary still counts them.
+    #[test]
+    fn summary_counts_pruned_finished_runs() {
+        assert_eq!(
+            summary(&runs()[..1], 40, &[sink("archive", 0, 0, false)]),
+            "1 runs (1 following); 40 finished runs pruned; 1 sinks (0 down); 0 pending, 0 dead"
         );
     }
 

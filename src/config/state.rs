@@ -33,7 +33,9 @@ pub struct StateConfig {
     /// created 0600. Default [`DEFAULT_STATE_PATH`].
     pub path: PathBuf,
     /// `retain`: delivered events are pruned after this; dead letters are
-    /// kept. At least `api.finished_linger`. Default [`DEFAULT_RETAIN`].
+    /// kept. A finished run with no event left then leaves the runs table
+    /// for a tombstone (`store::retention`). At least
+    /// `api.finished_linger`. Default [`DEFAULT_RETAIN`].
     pub retain: Duration,
     /// `shutdown_grace`: on SIGTERM, the time in-flight deliveries get to
     /// finish. Default [`DEFAULT_SHUTDOWN_GRACE`].

@@ -1,4 +1,6 @@
-//! Retention: delivered events past `state.retain` are dropped, hourly.
+//! Retention: delivered events past `state.retain` are dropped, hourly,
+//! and finished runs with nothing left to deliver leave the runs table for
+//! a tombstone.
 
 use std::time::Duration;
 
@@ -28,6 +30,18 @@ pub(super) async fn prune_periodically(store: Store, retain: Duration, stop: Can
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "pruning failed; trying again later"),
+        }
+        // After the events: a run whose last events were just pruned goes in
+        // the same pass. `retain` covers `finished_linger` (the config
+        // checks it), so no run still lingering goes.
+        let runs = tokio::select! {
+            runs = store.prune_finished_runs(cutoff) => runs,
+            _ = stop.cancelled() => return,
+        };
+        match runs {
+            Ok(0) => {}
+            Ok(runs) => tracing::info!(runs, "pruned finished runs past state.retain"),
+            Err(error) => tracing::warn!(%error, "pruning runs failed; trying again later"),
         }
         tokio::select! {
             _ = tokio::time::sleep(PRUNE_EVERY) => {}

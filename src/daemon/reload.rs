@@ -13,7 +13,7 @@ use super::systemd::notify;
 use super::{DaemonError, runs};
 use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Subscribed};
 
 /// How the run supervisor ended, with the config in force then (its
 /// `shutdown_grace` bounds the drain).
@@ -92,10 +92,21 @@ pub(super) async fn subscribe_config_runs(
     store: &Store,
     config: &Config,
 ) -> Result<(), StoreError> {
+    let mut pruned = 0;
     for run in &config.runs {
-        store
+        let subscribed = store
             .subscribe(run.id.clone(), run.labels.clone(), "config", run.transport)
             .await?;
+        if matches!(subscribed, Subscribed::Pruned(_)) {
+            pruned += 1;
+        }
+    }
+    if pruned > 0 {
+        // One line, not one per run: a config may list thousands.
+        tracing::info!(
+            runs = pruned,
+            "config runs finished and were pruned after state.retain; not followed again"
+        );
     }
     store
         .unsubscribe_config_runs_except(config.runs.iter().map(|r| r.id.clone()).collect())

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
-use crate::store::Store;
+use crate::store::{Store, Subscribed};
 
 /// A watch request is a few labels; nothing bigger is read.
 const MAX_BODY: usize = 64 * 1024;
@@ -94,10 +94,16 @@ async fn follow(
         .subscribe(run_id.clone(), labels.clone(), "watch", None)
         .await;
     match subscribed {
-        Ok(()) => {
+        Ok(Subscribed::Watching) => {
             tracing::info!(run_id = %run_id, "watching (over HTTP)");
             axum::Json(json!({"runId": run_id, "watching": true, "labels": labels})).into_response()
         }
+        // Done and delivered: following it again would deliver it twice.
+        Ok(Subscribed::Pruned(pruned)) => axum::Json(json!({
+            "runId": run_id, "watching": false, "state": "finished (pruned)",
+            "status": pruned.status, "cursor": pruned.cursor,
+        }))
+        .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

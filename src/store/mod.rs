@@ -17,11 +17,11 @@
 //! | concern | writes | reads |
 //! |---|---|---|
 //! | recording (`record.rs`) | `record_batch`: events above the cursor, their deliveries and the new cursor, atomically | `last_event_row`, `events_after` (`tail`) |
-//! | runs (`runs.rs`) | `subscribe`, `unsubscribe`, `unsubscribe_config_runs_except`, `retry_stopped_runs`, `set_run_state`, `set_upstream_seq` | `watched_runs`, `runs` (`status`), `control_generation` (bumped by `subscribe`, `unsubscribe`, `replay`, `requeue_range`, `backfill`) |
+//! | runs (`runs.rs`) | `subscribe` (a pruned run's tombstone wins: it stays pruned), `unsubscribe`, `unsubscribe_config_runs_except`, `retry_stopped_runs`, `set_run_state`, `set_upstream_seq` | `watched_runs`, `runs` (`status`), `pruned_run`, `pruned_count` (`status`), `control_generation` (bumped by `subscribe`, `unsubscribe`, `replay`, `requeue_range`, `backfill`, `prune_finished_runs`) |
 //! | deliveries (`deliveries.rs`) | `mark_delivered` (with the sink's offset), `record_failure` (retry or dead), `release_backoff` | `pending_in_order`, `pending_for_run`, `runs_with_pending`, `pending_count`, `pending_total` |
 //! | dead letters (`dead.rs`) | `replay` (same ids), `purge_dead` | `dead_letters` |
 //! | by time (`requeue.rs`) | `requeue_range` (dead, or also delivered, deliveries of events recorded in a range: same ids), `backfill` (a sink's missing deliveries where a given routing says so) | |
-//! | retention (`retention.rs`) | `prune` | |
+//! | retention (`retention.rs`) | `prune` (delivered deliveries, then unreferenced events), `prune_finished_runs` (finished runs none of whose events is left, so no pending delivery or dead letter: row to tombstone, atomically) | |
 //! | sink state (`sinks.rs`) | `set_sink_down`, `save_thread_root`, `mark_found_delivered` | `sinks` (`status`), `oldest_pending` (metrics, `status`, `top`), `sink_offset`, `thread_root` |
 //! | liveness | `ping` (the writer commits) | |
 //!
@@ -58,7 +58,7 @@ pub use deliveries::{Failure, Pending};
 pub use lock::DaemonLock;
 pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
 pub use requeue::{Backfilled, RequeueFilter, StoredEvent, TimeRange};
-pub use runs::{RunRow, WatchedRun};
+pub use runs::{PrunedRun, RunRow, Subscribed, WatchedRun};
 pub use sinks::SinkRow;
 pub use states::{DeliveryState, RunState};
 

@@ -1,10 +1,15 @@
 //! Runs: subscriptions (`watch`, `unwatch`, the config's runs), what ingest
 //! reports about each run, and the control generation that tells the daemon
 //! a subscription changed.
+//!
+//! A finished run pruned after `state.retain` (`retention.rs`) leaves the
+//! runs table and a tombstone in `pruned_runs`. Subscribing consults the
+//! tombstone first: the runs row is the cursor, and a run subscribed
+//! without it would start over at sequence 0 and deliver everything again.
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::states::{StoredTransport, serialize_transport};
@@ -42,19 +47,53 @@ pub struct RunRow {
     pub last_event_at: Option<i64>,
 }
 
+/// A finished run pruned from the runs table after `state.retain`: what
+/// its tombstone keeps, for `status` and for whoever watches it again.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrunedRun {
+    pub run_id: String,
+    /// The cursor when it was pruned.
+    pub cursor: i64,
+    /// The run's final status (`completed`, `failed`, `cancelled`).
+    pub status: Option<String>,
+    /// When its last `run_finished` was recorded (unix ms).
+    pub finished_at: i64,
+    /// When it left the runs table (unix ms).
+    pub pruned_at: i64,
+}
+
+/// What [`Store::subscribe`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Subscribed {
+    /// The run is (still) watched: a follower ingests it from its cursor.
+    Watching,
+    /// The run finished and was pruned: it is not followed again. Its events
+    /// were delivered; following it would start over at sequence 0 and
+    /// deliver them all a second time, and a finished run past
+    /// `finished_linger` gets no new ones (a follower would end at once,
+    /// as it does for a finished run still in the table).
+    Pruned(PrunedRun),
+}
+
 impl Store {
     /// Subscribes to a run (or refreshes its labels), keeping its cursor. A
     /// run stopped by a 403 or a confirmed 404 ([`RunState::is_ended`]) is
-    /// given another chance: `watch` again is how a user retries it.
+    /// given another chance: `watch` again is how a user retries it. A
+    /// pruned run is left as it is: see [`Subscribed::Pruned`].
     pub async fn subscribe(
         &self,
         run_id: String,
         labels: BTreeMap<String, String>,
         origin: &'static str,
         transport: Option<Transport>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Subscribed, StoreError> {
         let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
         self.write(move |conn| {
+            // In the same transaction as the insert, and prune runs on the
+            // same writer: a run cannot be pruned between the two.
+            if let Some(pruned) = pruned_run(conn, &run_id)? {
+                return Ok(Subscribed::Pruned(pruned));
+            }
             conn.prepare_cached(
                 "INSERT INTO runs (run_id, labels, origin, watched, transport, updated_at)
                  VALUES (?1, ?2, ?3, 1, ?4, ?5)
@@ -73,7 +112,8 @@ impl Store {
                 RunState::ENDED[1],
                 RunState::Starting
             ])?;
-            bump_control(conn)
+            bump_control(conn)?;
+            Ok(Subscribed::Watching)
         })
         .await
     }
@@ -98,7 +138,8 @@ impl Store {
     }
 
     /// Stops following a run; its recorded events still get delivered.
-    /// Returns whether the run was known.
+    /// Returns whether the run was known (a pruned run is: it is followed
+    /// by nothing already, and its tombstone stays).
     pub async fn unsubscribe(&self, run_id: String) -> Result<bool, StoreError> {
         self.write(move |conn| {
             let changed = conn.execute(
@@ -106,7 +147,7 @@ impl Store {
                 params![run_id, now_ms()],
             )?;
             bump_control(conn)?;
-            Ok(changed > 0)
+            Ok(changed > 0 || pruned_run(conn, &run_id)?.is_some())
         })
         .await
     }
@@ -222,6 +263,18 @@ impl Reader {
         .await
     }
 
+    /// The tombstone of a run pruned from the runs table, if it was.
+    pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StoreError> {
+        self.read(move |conn| pruned_run(conn, &run_id)).await
+    }
+
+    /// How many finished runs were pruned from the runs table: `status`
+    /// counts them rather than listing them.
+    pub async fn pruned_count(&self) -> Result<i64, StoreError> {
+        self.read(|conn| conn.query_row("SELECT count(*) FROM pruned_runs", [], |r| r.get(0)))
+            .await
+    }
+
     pub async fn runs(&self) -> Result<Vec<RunRow>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
@@ -247,6 +300,26 @@ impl Reader {
         })
         .await
     }
+}
+
+pub(super) fn pruned_run(
+    conn: &Connection,
+    run_id: &str,
+) -> Result<Option<PrunedRun>, rusqlite::Error> {
+    conn.prepare_cached(
+        "SELECT run_id, cursor, run_status, finished_at, pruned_at
+         FROM pruned_runs WHERE run_id = ?1",
+    )?
+    .query_row([run_id], |row| {
+        Ok(PrunedRun {
+            run_id: row.get(0)?,
+            cursor: row.get(1)?,
+            status: row.get(2)?,
+            finished_at: row.get(3)?,
+            pruned_at: row.get(4)?,
+        })
+    })
+    .optional()
 }
 
 pub(super) fn bump_control(conn: &Connection) -> Result<(), rusqlite::Error> {

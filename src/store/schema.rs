@@ -85,6 +85,20 @@ const MIGRATIONS: &[&str] = &[
     -- Whether an event still has deliveries: prune keeps those events.
     CREATE INDEX deliveries_by_event ON deliveries(event);
     "#,
+    // 2 -> 3: tombstones of finished runs pruned from `runs` after
+    // `state.retain`. The runs row is the cursor; once it is gone, the
+    // tombstone is what keeps a run watched again (the config after a
+    // restart, `watch`, `PUT /v1/watch`) from starting over at sequence 0.
+    r#"
+    CREATE TABLE pruned_runs (
+        run_id       TEXT PRIMARY KEY,
+        cursor       INTEGER NOT NULL,              -- highest sequence recorded
+        finished_seq INTEGER,                       -- lastSequence of the last run_finished
+        run_status   TEXT,                          -- completed | failed | cancelled
+        finished_at  INTEGER NOT NULL,              -- unix ms, last run_finished recorded
+        pruned_at    INTEGER NOT NULL               -- unix ms
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;

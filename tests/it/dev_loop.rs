@@ -421,3 +421,61 @@ async fn send_test_appends_one_marked_line_that_the_daemon_then_leaves_alone() {
     assert_eq!(lines[0]["test"], true, "the test line stays first");
     assert_run_exactly_once(&sim, &lines[1..], run, &raw);
 }
+
+/// `runhook forward RUN --to URL | head -2`: once the reader of its lines
+/// is gone, forward stops as on Ctrl-C and exits 0, rather than forwarding
+/// on (and never exiting) with nobody reading.
+#[tokio::test]
+async fn forward_stops_and_exits_0_when_its_stdout_is_closed() {
+    let run = "fwd-head";
+    // Events for ~10 s: lines are still coming when the reader goes away.
+    let mut paced = scripted(run, numbered(100));
+    paced.interval = Duration::from_millis(100);
+    let sim = sim_with(vec![paced]).await;
+    let receiver = Receiver::start().await;
+    receiver.trust(SECRET);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .args(["forward", run, "--to", &receiver.url(), "--api", &sim.url()])
+        .args(["--poll-interval", "50ms", "--secret", SECRET])
+        .env("TRAVELMODE_TOKEN", sim.token())
+        .env_remove("TRAVELMODE_COOKIE")
+        .env("RUNHOOK_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runhook forward starts");
+    let stderr = capture_stderr(&mut child);
+    let pipe = child.stdout.take().expect("piped stdout");
+    // Read up to the first delivery line, then close the pipe as `head` does.
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(pipe).lines();
+        lines.find(|l| l.as_ref().map_or(true, |l| l.starts_with("--> ")))
+    })
+    .await
+    .expect("reader");
+    assert!(matches!(read, Some(Ok(_))), "a delivery line: {read:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for forward") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("forward still runs 60 s after its stdout closed");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stderr = stderr.lock().unwrap().clone();
+    assert!(
+        status.success(),
+        "exit 0 after its stdout closed: {status}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        accepted_ids(&receiver, run).len() < 101,
+        "stopped before the run's end"
+    );
+}

@@ -1,5 +1,7 @@
 //! Retention: delivered events are pruned after `state.retain`; dead
-//! letters stay until replayed or purged.
+//! letters stay until replayed or purged; finished runs with nothing left
+//! to deliver leave the runs table for a tombstone that keeps them from
+//! being ingested again (after a restart, or watched again).
 
 use runhook::store::{Batch, DeadFilter, Failure, NewEvent, Reader, Store, now_ms};
 use serde_json::value::RawValue;
@@ -219,4 +221,190 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
         "purge ran as {transactions} writer transactions"
     );
     assert_eq!(count(&path, "deliveries"), 20_000);
+}
+
+/// `retain` this short (and `finished_linger` within it, as the config
+/// requires) so a test can let a finished run age past it.
+const SHORT_RETAIN: &str = "1s";
+
+/// Starts the daemon on `env` with [`SHORT_RETAIN`]; its prune pass runs
+/// at start.
+fn start_short_retain(env: &crate::support::Env) -> crate::support::Daemon {
+    let text = env.config_text().replace(
+        "shutdown_grace = \"5s\"",
+        &format!("shutdown_grace = \"5s\"\nretain = \"{SHORT_RETAIN}\""),
+    );
+    let config =
+        runhook::config::Config::parse(&text, &env.dir.path().join("runhook.toml"), &|_| None)
+            .expect("valid config");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(runhook::daemon::run(
+        std::sync::Arc::new(config),
+        shutdown.clone(),
+    ));
+    crate::support::Daemon { shutdown, task }
+}
+
+/// The simulator's requests about `run`.
+fn requests_for(sim: &runhook::simulate::Simulator, run: &str) -> usize {
+    sim.requests()
+        .iter()
+        .filter(|r| r.run_id.as_deref() == Some(run))
+        .count()
+}
+
+/// The file's lines of `run`, asserting each event id appears once.
+fn lines_of(env: &crate::support::Env, run: &str) -> usize {
+    let ids: Vec<String> = env
+        .final_lines()
+        .iter()
+        .filter(|l| l["runId"] == run)
+        .map(|l| l["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "{run} delivered once each: {ids:?}"
+    );
+    ids.len()
+}
+
+/// `runhook --state STATE ARGS...`, its stdout.
+fn cli(env: &crate::support::Env, args: &[&str]) -> String {
+    let state = env.state_path().display().to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .args(["--state", state.as_str()])
+        .args(args)
+        .env("RUNHOOK_LOG", "error")
+        .output()
+        .expect("runhook runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "runhook {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// A simulator with runs `r1` (5 events) and `r2` (3 events), both
+/// completing at once; a daemon has followed `r1` to its end and delivered
+/// it, and a second daemon start, past [`SHORT_RETAIN`], pruned it.
+async fn with_r1_pruned() -> (runhook::simulate::Simulator, crate::support::Env) {
+    use crate::support::{numbered, scripted, sim_with, wait_for};
+    let sim = sim_with(vec![
+        scripted("r1", numbered(5)),
+        scripted("r2", numbered(3)),
+    ])
+    .await;
+    let mut env = crate::support::Env::new(&sim, &["r1"]);
+    env.api
+        .push_str(&format!("finished_linger = \"{SHORT_RETAIN}\"\n"));
+    let daemon = start_short_retain(&env);
+    env.wait_finished(&["r1"]).await;
+    daemon.stop().await;
+    assert_eq!(lines_of(&env, "r1"), 6, "5 events and run_finished");
+    clock_past(now_ms() + 1_000).await;
+
+    let daemon = start_short_retain(&env);
+    let reader = Reader::open(&env.state_path()).unwrap();
+    wait_for("the prune at start to move r1 to its tombstone", || async {
+        match reader.pruned_run("r1".into()).await {
+            Ok(Some(pruned)) => Ok(pruned),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    daemon.stop().await;
+    assert!(env.run_row("r1").await.is_none(), "r1 left the runs table");
+    (sim, env)
+}
+
+/// The runs row is the cursor: were a pruned run in the config subscribed
+/// again without its tombstone, the restart would fetch it from sequence 0
+/// and deliver every event a second time.
+#[tokio::test]
+async fn a_pruned_finished_run_in_the_config_is_not_ingested_again_after_a_restart() {
+    let (sim, mut env) = with_r1_pruned().await;
+    let asked = requests_for(&sim, "r1");
+    env.runs = vec!["r1".into(), "r2".into()];
+    let daemon = start_short_retain(&env);
+    // r2 followed to its end: the daemon has subscribed its config runs
+    // and started what it follows.
+    env.wait_finished(&["r2"]).await;
+    daemon.stop().await;
+
+    assert_eq!(
+        requests_for(&sim, "r1"),
+        asked,
+        "no request for the pruned run: {:?}",
+        sim.requests()
+    );
+    assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
+    assert_eq!(lines_of(&env, "r2"), 4);
+    let one = cli(&env, &["status", "--run", "r1"]);
+    assert!(one.contains("finished (pruned)"), "{one}");
+    assert!(one.contains("completed"), "{one}");
+    let all = cli(&env, &["status"]);
+    assert!(
+        all.lines()
+            .next()
+            .unwrap_or_default()
+            .contains("1 finished runs pruned"),
+        "{all}"
+    );
+}
+
+/// `runhook watch` and `PUT /v1/watch` of a pruned run say so and change
+/// nothing: no follower, no fetch from sequence 0, no delivery again.
+#[tokio::test]
+async fn watching_a_pruned_run_again_does_not_deliver_it_again() {
+    const TOKEN: &str = "retain-token-0123456789";
+    let (sim, mut env) = with_r1_pruned().await;
+    let asked = requests_for(&sim, "r1");
+    env.runs = Vec::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    env.extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n");
+    let daemon = start_short_retain(&env);
+    let answer = cli(&env, &["watch", "r1"]);
+    assert!(answer.contains("pruned"), "{answer}");
+    let client = reqwest::Client::new();
+    let put = crate::support::wait_for("PUT /v1/watch/r1 answered", || async {
+        let sent = client
+            .put(format!("http://127.0.0.1:{port}/v1/watch/r1"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await;
+        match sent {
+            Ok(answer) if answer.status().is_success() => answer
+                .json::<serde_json::Value>()
+                .await
+                .map_err(|e| e.to_string()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(put["watching"], false, "{put}");
+    assert_eq!(put["state"], "finished (pruned)", "{put}");
+    // Watched after r1: once r2 is delivered, the daemon has looked at the
+    // watched runs since r1's `watch`.
+    assert!(cli(&env, &["watch", "r2"]).contains("watching r2"));
+    env.wait_finished(&["r2"]).await;
+    daemon.stop().await;
+
+    assert_eq!(
+        requests_for(&sim, "r1"),
+        asked,
+        "no request for the pruned run: {:?}",
+        sim.requests()
+    );
+    assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
+    assert!(
+        env.run_row("r1").await.is_none(),
+        "r1 stays out of the runs table"
+    );
 }
