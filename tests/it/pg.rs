@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runhook::store::pg::{Lease, LeaseKeeper, PgStore, PgStoreError, Replica, SCHEMA_VERSION};
-use runhook::store::{Batch, Failure, NewEvent, Recorded, now_ms};
+use runhook::store::{Batch, Failure, Finish, NewEvent, Recorded, now_ms};
 use serde_json::value::RawValue;
 
 use crate::pg_support::PgServer;
@@ -475,4 +475,85 @@ async fn a_replica_cut_off_from_the_database_stops_its_runs_before_the_lease_exp
     );
     assert_eq!(overdue.len(), 1);
     assert_eq!(keeper.held(), vec![]);
+}
+
+/// Replicas claiming at the same moment each get different runs: the claim
+/// locks the rows it picks, and the others skip them rather than take them
+/// a second time.
+#[tokio::test]
+async fn replicas_claiming_at_once_never_get_the_same_run() {
+    let Some(pg) = PgServer::start() else { return };
+    let ttl = Duration::from_secs(60);
+    let mut stores = Vec::new();
+    for n in 0..4 {
+        stores.push(open(&pg, &format!("r{n}"), ttl).await);
+    }
+    for n in 0..40 {
+        subscribe(&stores[0], &format!("run-{n:02}")).await;
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(stores.len()));
+    let claiming: Vec<_> = stores
+        .into_iter()
+        .map(|store| {
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                store.claim(40).await
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for task in claiming {
+        claimed.extend(task.await.expect("task").expect("claim"));
+    }
+    claimed.sort();
+    let runs: Vec<&str> = claimed.iter().map(|l| &*l.run_id).collect();
+    let expected: Vec<String> = (0..40).map(|n| format!("run-{n:02}")).collect();
+    assert_eq!(runs, expected, "each run claimed once");
+    assert!(claimed.iter().all(|l| l.epoch == 1), "{claimed:?}");
+}
+
+/// The run's end is recorded once, at the cursor, and the run is finished;
+/// the same end seen again (a re-poll) records nothing more.
+#[tokio::test]
+async fn a_finish_records_one_run_finished_at_the_cursor() {
+    let Some(pg) = PgServer::start() else { return };
+    let store = open(&pg, "a", Duration::from_secs(15)).await;
+    subscribe(&store, RUN).await;
+    let lease = claim_one(&store).await;
+    let finishing = |sequences: std::ops::RangeInclusive<i64>| Batch {
+        finish: Some(Finish {
+            status: "failed".into(),
+            error_message: Some("boom".into()),
+            cancel_reason: None,
+            sinks: vec![Arc::from(SINK)],
+        }),
+        ..batch(RUN, sequences)
+    };
+    let first = store
+        .record_batch(&lease, finishing(1..=2))
+        .await
+        .expect("record");
+    assert_eq!((first.cursor, first.recorded), (2, 3));
+    let again = store
+        .record_batch(&lease, finishing(1..=2))
+        .await
+        .expect("again");
+    assert_eq!((again.recorded, again.dropped), (0, 2));
+    let pending = store.pending_for_run(SINK, RUN, 10).await.expect("pending");
+    let last = pending.last().expect("deliveries");
+    assert_eq!(pending.len(), 3, "{pending:?}");
+    assert_eq!(last.id, format!("{RUN}:finished:2"));
+    assert_eq!(last.sequence, None);
+    assert_eq!(
+        last.payload,
+        r#"{"status":"failed","errorMessage":"boom","lastSequence":2}"#
+    );
+    let client = pg.client().await;
+    let state: String = client
+        .query_one("SELECT state FROM runs WHERE run_id = $1", &[&RUN])
+        .await
+        .expect("run")
+        .get(0);
+    assert_eq!(state, "finished");
 }
