@@ -52,6 +52,10 @@ pub enum PgStoreError {
     /// working the run; nothing of this write was committed.
     #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
     LeaseLost { run_id: Arc<str>, epoch: i64 },
+    /// The database numbered a batch's events out of their order, which
+    /// would deliver them out of order: the batch was not recorded.
+    #[error("run {0}: events were numbered out of batch order; the batch was not recorded")]
+    OutOfOrder(String),
     /// A batch for a run nobody subscribed to: there is no cursor to advance.
     #[error("run {0} is not subscribed")]
     UnknownRun(String),

@@ -15,7 +15,7 @@ struct EventRow<'a> {
     id: String,
     sequence: Option<i64>,
     event_type: &'a str,
-    payload: &'a str,
+    payload: std::borrow::Cow<'a, str>,
     created_at: Option<&'a str>,
     sinks: &'a [Arc<str>],
 }
@@ -50,47 +50,43 @@ impl PgStore {
 async fn record(tx: &Transaction<'_>, batch: &Batch) -> Result<Recorded, PgStoreError> {
     let now = now_ms();
     let mut cursor = locked_cursor(tx, &batch.run_id).await?;
-    let mut inserted = Inserted::default();
+    let mut rows = Vec::with_capacity(batch.events.len() + 1);
     let mut dropped = 0;
     for event in &batch.events {
         if event.sequence <= cursor {
             dropped += 1;
             continue;
         }
-        let row = EventRow {
+        rows.push(EventRow {
             id: format!("{}:{}", batch.run_id, event.sequence),
             sequence: Some(event.sequence),
             event_type: &event.event_type,
-            payload: event.payload.get(),
+            payload: event.payload.get().into(),
             created_at: event.created_at.as_deref(),
             sinks: &event.sinks,
-        };
-        inserted.insert(tx, batch, &row, now).await?;
+        });
         cursor = event.sequence;
     }
     // As on SQLite: the finish ends at the cursor the events reached.
-    let finished_seq = match &batch.finish {
-        Some(finish) => {
-            let payload = finished_payload(finish, cursor);
-            let row = EventRow {
-                id: format!("{}:finished:{cursor}", batch.run_id),
-                sequence: None,
-                event_type: "run_finished",
-                payload: &payload,
-                created_at: None,
-                sinks: &finish.sinks,
-            };
-            inserted.insert(tx, batch, &row, now).await?;
-            Some(cursor)
-        }
-        None => None,
-    };
-    advance_run(tx, batch, cursor, inserted.recorded, finished_seq, now).await?;
+    let finished_seq = batch.finish.as_ref().map(|finish| {
+        rows.push(EventRow {
+            id: format!("{}:finished:{cursor}", batch.run_id),
+            sequence: None,
+            event_type: "run_finished",
+            payload: finished_payload(finish, cursor).into(),
+            created_at: None,
+            sinks: &finish.sinks,
+        });
+        cursor
+    });
+    let inserted = insert_events(tx, batch, &rows, now).await?;
+    let routed = insert_deliveries(tx, &batch.run_id, &inserted, now).await?;
+    advance_run(tx, batch, cursor, inserted.len(), finished_seq, now).await?;
     Ok(Recorded {
         cursor,
-        recorded: inserted.recorded,
+        recorded: inserted.len(),
         dropped,
-        routed: inserted.routed,
+        routed,
     })
 }
 
@@ -108,71 +104,101 @@ async fn locked_cursor(tx: &Transaction<'_>, run_id: &str) -> Result<i64, PgStor
         .ok_or_else(|| PgStoreError::UnknownRun(run_id.to_owned()))
 }
 
-/// What a batch inserted so far.
-#[derive(Default)]
-struct Inserted {
-    recorded: usize,
-    /// The sinks that got deliveries, each once, in first-routed order.
-    routed: Vec<Arc<str>>,
+/// Inserts the events in one statement, in batch order; an id already
+/// recorded (a `run_finished` seen again) is skipped. Returns each inserted
+/// row's `rowid` with its event, in batch order.
+///
+/// `rowid` is the delivery order within a run, so it must follow the batch
+/// order: the identity is drawn row by row as the ordered `SELECT` yields
+/// them, and should that ever not hold, the batch is refused rather than
+/// delivered out of order.
+async fn insert_events<'r, 'a>(
+    tx: &Transaction<'_>,
+    batch: &Batch,
+    rows: &'r [EventRow<'a>],
+    now: i64,
+) -> Result<Vec<(i64, &'r EventRow<'a>)>, PgStoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO events (id, run_id, sequence, event_type, payload, created_at,
+                                 run_status, phase, seen_at)
+             SELECT e.id, $6, e.sequence, e.event_type, e.payload, e.created_at, $7, $8, $9
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+                  WITH ORDINALITY AS e(id, sequence, event_type, payload, created_at, n)
+             ORDER BY e.n
+             ON CONFLICT (id) DO NOTHING
+             RETURNING rowid, id",
+        )
+        .await?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let sequences: Vec<Option<i64>> = rows.iter().map(|r| r.sequence).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.event_type).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| &*r.payload).collect();
+    let created: Vec<Option<&str>> = rows.iter().map(|r| r.created_at).collect();
+    let returned = tx
+        .query(
+            &insert,
+            &[
+                &ids,
+                &sequences,
+                &types,
+                &payloads,
+                &created,
+                &batch.run_id,
+                &batch.run_status,
+                &batch.phase,
+                &now,
+            ],
+        )
+        .await?;
+    let rowids: std::collections::HashMap<&str, i64> =
+        returned.iter().map(|r| (r.get(1), r.get(0))).collect();
+    let inserted: Vec<(i64, &EventRow<'_>)> = rows
+        .iter()
+        .filter_map(|row| rowids.get(row.id.as_str()).map(|rowid| (*rowid, row)))
+        .collect();
+    if !inserted.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+        return Err(PgStoreError::OutOfOrder(batch.run_id.clone()));
+    }
+    Ok(inserted)
 }
 
-impl Inserted {
-    /// The event and one delivery per sink. An id already recorded (a
-    /// `run_finished` seen again) gets no second set of deliveries.
-    async fn insert(
-        &mut self,
-        tx: &Transaction<'_>,
-        batch: &Batch,
-        event: &EventRow<'_>,
-        now: i64,
-    ) -> Result<(), PgStoreError> {
-        let insert_event = tx
-            .prepare_cached(
-                "INSERT INTO events (id, run_id, sequence, event_type, payload, created_at,
-                                     run_status, phase, seen_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING rowid",
-            )
-            .await?;
-        let row = tx
-            .query_opt(
-                &insert_event,
-                &[
-                    &event.id,
-                    &batch.run_id,
-                    &event.sequence,
-                    &event.event_type,
-                    &event.payload,
-                    &event.created_at,
-                    &batch.run_status,
-                    &batch.phase,
-                    &now,
-                ],
-            )
-            .await?;
-        let Some(row) = row else {
-            return Ok(());
-        };
-        self.recorded += 1;
-        let rowid: i64 = row.get(0);
-        let sinks: Vec<&str> = event.sinks.iter().map(|s| &**s).collect();
-        let insert_deliveries = tx
-            .prepare_cached(
-                "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
-                 SELECT sink, $2, $3, $4, $4 FROM unnest($1::text[]) AS sink
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?;
-        tx.execute(&insert_deliveries, &[&sinks, &rowid, &batch.run_id, &now])
-            .await?;
-        for sink in event.sinks {
-            if !self.routed.contains(sink) {
-                self.routed.push(sink.clone());
+/// One delivery per inserted event and sink, in one statement. Returns the
+/// sinks that got deliveries, each once, in first-routed order.
+async fn insert_deliveries(
+    tx: &Transaction<'_>,
+    run_id: &str,
+    inserted: &[(i64, &EventRow<'_>)],
+    now: i64,
+) -> Result<Vec<Arc<str>>, PgStoreError> {
+    let mut routed: Vec<Arc<str>> = Vec::new();
+    let (mut sinks, mut events) = (Vec::new(), Vec::new());
+    for (rowid, row) in inserted {
+        for sink in row.sinks {
+            sinks.push(&**sink);
+            events.push(*rowid);
+            if !routed.contains(sink) {
+                routed.push(sink.clone());
             }
         }
-        Ok(())
     }
+    if sinks.is_empty() {
+        return Ok(routed);
+    }
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (sink, event, run_id, next_attempt_at, queued_at)
+             SELECT d.sink, d.event, $3, $4, $4
+             FROM unnest($1::text[], $2::bigint[]) AS d(sink, event)
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&insert, &[&sinks, &events, &run_id, &now])
+        .await?;
+    Ok(routed)
 }
 
 /// The run's row after a batch, as on SQLite: the new cursor and what was
