@@ -193,25 +193,36 @@ async fn a_batch_straddling_the_cursor_records_only_the_new_part() {
     );
 }
 
+/// Outcomes are fenced per run, so they may touch only that run's rows:
+/// event rows of another run named under this lease stay as they were.
 #[tokio::test]
 async fn delivery_outcomes_move_only_the_leased_runs_rows() {
     let Some(pg) = PgServer::start() else { return };
     let store = open(&pg, "a", Duration::from_secs(15)).await;
+    const OTHER: &str = "9f2a1c7e-0000-4000-8000-000000000002";
     subscribe(&store, RUN).await;
-    let lease = claim_one(&store).await;
+    subscribe(&store, OTHER).await;
+    let leases = store.claim(2).await.expect("claim");
+    let lease_of = |run: &str| leases.iter().find(|l| &*l.run_id == run).expect("lease");
+    let (lease, other_lease) = (lease_of(RUN), lease_of(OTHER));
     store
-        .record_batch(&lease, batch(RUN, 1..=3))
+        .record_batch(lease, batch(RUN, 1..=3))
         .await
         .expect("record");
-    let events: Vec<i64> = store
-        .pending_for_run(SINK, RUN, 10)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
     store
-        .mark_delivered(&lease, SINK.into(), vec![events[0]], None)
+        .record_batch(other_lease, batch(OTHER, 1..=3))
+        .await
+        .expect("record the other");
+    let pending_events = |run: &'static str| {
+        let store = store.clone();
+        async move {
+            let pending = store.pending_for_run(SINK, run, 10).await.expect("pending");
+            pending.iter().map(|p| p.event).collect::<Vec<i64>>()
+        }
+    };
+    let (events, others) = (pending_events(RUN).await, pending_events(OTHER).await);
+    store
+        .mark_delivered(lease, SINK.into(), vec![events[0], others[0]], None)
         .await
         .expect("delivered");
     let failure = |events: Vec<i64>, dead: bool| Failure {
@@ -222,25 +233,46 @@ async fn delivery_outcomes_move_only_the_leased_runs_rows() {
         dead,
     };
     store
-        .record_failure(&lease, SINK.into(), failure(vec![events[1]], true))
+        .record_failure(
+            lease,
+            SINK.into(),
+            failure(vec![events[1], others[1]], true),
+        )
         .await
         .expect("dead");
     store
-        .record_failure(&lease, SINK.into(), failure(vec![events[2]], false))
+        .record_failure(
+            lease,
+            SINK.into(),
+            failure(vec![events[2], others[2]], false),
+        )
         .await
         .expect("retry");
     let pending = store.pending_for_run(SINK, RUN, 10).await.expect("pending");
     assert_eq!(pending.len(), 1, "{pending:?}");
     assert_eq!((pending[0].event, pending[0].attempts), (events[2], 1));
     let client = pg.client().await;
-    let states: Vec<(i16, i32)> = client
-        .query("SELECT state, attempts FROM deliveries ORDER BY event", &[])
-        .await
-        .expect("deliveries")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(states, vec![(1, 1), (2, 1), (0, 1)]);
+    let states = |run: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT state, attempts FROM deliveries WHERE run_id = $1 ORDER BY event",
+                    &[&run],
+                )
+                .await
+                .expect("deliveries")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect::<Vec<(i16, i32)>>()
+        }
+    };
+    assert_eq!(states(RUN).await, vec![(1, 1), (2, 1), (0, 1)]);
+    assert_eq!(
+        states(OTHER).await,
+        vec![(0, 0), (0, 0), (0, 0)],
+        "the other run's deliveries are untouched"
+    );
 }
 
 #[tokio::test]
@@ -383,6 +415,36 @@ async fn a_released_lease_is_taken_over_at_once() {
     ));
 }
 
+/// Ticks each keeper in turn every `period`, at most `ticks` times, until
+/// they hold `want` runs each; checks at every tick that no run is held by
+/// two. Returns how many each held, tick by tick.
+async fn tick_until(
+    keepers: &mut [&mut LeaseKeeper],
+    want: &[usize],
+    ticks: usize,
+    period: Duration,
+) -> Vec<Vec<usize>> {
+    let mut interval = tokio::time::interval(period);
+    let mut seen = Vec::new();
+    for _ in 0..ticks {
+        interval.tick().await;
+        for keeper in keepers.iter_mut() {
+            keeper.tick().await.expect("tick");
+        }
+        let held: Vec<Vec<Lease>> = keepers.iter().map(|k| k.held()).collect();
+        let mut runs: Vec<&str> = held.iter().flatten().map(|l| &*l.run_id).collect();
+        let count = runs.len();
+        runs.sort();
+        runs.dedup();
+        assert_eq!(runs.len(), count, "a run held by two: {held:?}");
+        seen.push(held.iter().map(Vec::len).collect());
+        if seen.last().map(Vec::as_slice) == Some(want) {
+            break;
+        }
+    }
+    seen
+}
+
 /// Fair share: a replica alone takes every run; when a second one starts,
 /// the first sheds down to its share and the second claims it, within a few
 /// lease periods, never with a run held by both.
@@ -399,29 +461,12 @@ async fn two_replicas_share_ten_runs_five_and_five() {
     keeper_a.tick().await.expect("a alone");
     assert_eq!(keeper_a.held().len(), 10, "alone, a takes every run");
     let mut keeper_b = LeaseKeeper::new(b);
-    let mut ticks = tokio::time::interval(ttl / 3);
-    let mut seen = Vec::new();
-    // Four lease periods.
-    for _ in 0..12 {
-        ticks.tick().await;
-        keeper_b.tick().await.expect("tick b");
-        keeper_a.tick().await.expect("tick a");
-        let (held_a, held_b) = (keeper_a.held(), keeper_b.held());
-        assert!(
-            held_a
-                .iter()
-                .all(|l| !held_b.iter().any(|m| m.run_id == l.run_id)),
-            "a run held by both: {held_a:?} {held_b:?}"
-        );
-        seen.push((held_a.len(), held_b.len()));
-        if seen.last() == Some(&(5, 5)) {
-            break;
-        }
-    }
+    let mut keepers = [&mut keeper_b, &mut keeper_a];
+    let seen = tick_until(&mut keepers, &[5, 5], 12, ttl / 3).await;
     assert_eq!(
-        seen.last(),
-        Some(&(5, 5)),
-        "held by a and b, tick by tick: {seen:?}"
+        seen.last().map(Vec::as_slice),
+        Some(&[5, 5][..]),
+        "held by b and a, tick by tick (four lease periods): {seen:?}"
     );
     let client = pg.client().await;
     let owners: Vec<(String, i64)> = client
@@ -556,4 +601,46 @@ async fn a_finish_records_one_run_finished_at_the_cursor() {
         .expect("run")
         .get(0);
     assert_eq!(state, "finished");
+}
+
+/// A replica that dies (no shutdown, no more renewals) stops counting after
+/// a ttl, and its runs move to the survivor, each under the next epoch.
+#[tokio::test]
+async fn a_dead_replicas_runs_move_to_the_survivor_after_the_ttl() {
+    let Some(pg) = PgServer::start() else { return };
+    let ttl = Duration::from_millis(900);
+    let a = open(&pg, "a", ttl).await;
+    let b = open(&pg, "b", ttl).await;
+    for n in 0..10 {
+        subscribe(&a, &format!("run-{n}")).await;
+    }
+    let (mut keeper_a, mut keeper_b) = (LeaseKeeper::new(a), LeaseKeeper::new(b));
+    let seen = tick_until(&mut [&mut keeper_a, &mut keeper_b], &[5, 5], 12, ttl / 3).await;
+    assert_eq!(
+        seen.last().map(Vec::as_slice),
+        Some(&[5, 5][..]),
+        "{seen:?}"
+    );
+    let died_at = Instant::now();
+    let orphaned = keeper_a.held();
+    drop(keeper_a);
+    let seen = tick_until(&mut [&mut keeper_b], &[10], 12, ttl / 3).await;
+    assert_eq!(
+        seen.last().map(Vec::as_slice),
+        Some(&[10][..]),
+        "b alone, tick by tick (four lease periods): {seen:?}"
+    );
+    assert!(
+        died_at.elapsed() >= ttl * 2 / 3,
+        "taken over after {:?}: before a's leases could expire",
+        died_at.elapsed()
+    );
+    let held = keeper_b.held();
+    for lease in orphaned {
+        let now = held
+            .iter()
+            .find(|l| l.run_id == lease.run_id)
+            .expect("moved");
+        assert_eq!(now.epoch, lease.epoch + 1, "{}", lease.run_id);
+    }
 }
