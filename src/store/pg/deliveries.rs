@@ -13,25 +13,25 @@ const PENDING: i16 = DeliveryState::Pending as i16;
 const DONE: i16 = DeliveryState::Done as i16;
 const DEAD: i16 = DeliveryState::Dead as i16;
 
-fn pending_row(row: &Row) -> Pending {
-    Pending {
-        event: row.get(0),
-        id: row.get(1),
-        run_id: row.get(2),
-        sequence: row.get(3),
-        event_type: row.get(4),
-        payload: row.get(5),
-        created_at: row.get(6),
-        run_status: row.get(7),
-        phase: row.get(8),
+fn pending_row(row: &Row) -> Result<Pending, tokio_postgres::Error> {
+    Ok(Pending {
+        event: row.try_get(0)?,
+        id: row.try_get(1)?,
+        run_id: row.try_get(2)?,
+        sequence: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        payload: row.try_get(5)?,
+        created_at: row.try_get(6)?,
+        run_status: row.try_get(7)?,
+        phase: row.try_get(8)?,
         labels: row
-            .get::<_, Option<String>>(9)
+            .try_get::<_, Option<String>>(9)?
             .unwrap_or_else(|| "{}".into()),
-        attempts: u32::try_from(row.get::<_, i32>(10)).unwrap_or(0),
-        next_attempt_at: row.get(11),
-        seen_at: row.get(12),
-        queued_at: row.get(13),
-    }
+        attempts: u32::try_from(row.try_get::<_, i32>(10)?).unwrap_or(0),
+        next_attempt_at: row.try_get(11)?,
+        seen_at: row.try_get(12)?,
+        queued_at: row.try_get(13)?,
+    })
 }
 
 impl PgStore {
@@ -58,7 +58,7 @@ impl PgStore {
             .await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client.query(&query, &[&sink, &run_id, &limit]).await?;
-        Ok(rows.iter().map(pending_row).collect())
+        Ok(rows.iter().map(pending_row).collect::<Result<_, _>>()?)
     }
 
     /// Deliveries of the lease's run that reached their sink, with the sink's

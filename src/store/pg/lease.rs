@@ -73,8 +73,10 @@ impl PgStore {
                 &[&self.ttl_ms()],
             )
             .await?;
-        let runs = usize::try_from(row.get::<_, i64>(0)).unwrap_or(0);
-        let replicas = usize::try_from(row.get::<_, i64>(1)).unwrap_or(0).max(1);
+        let runs = usize::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0);
+        let replicas = usize::try_from(row.try_get::<_, i64>(1)?)
+            .unwrap_or(0)
+            .max(1);
         Ok(Share {
             runs,
             replicas,
@@ -103,7 +105,7 @@ impl PgStore {
                 &[&self.node(), &self.ttl_ms(), &limit],
             )
             .await?;
-        Ok(rows.iter().map(lease_row).collect())
+        lease_rows(&rows)
     }
 
     /// Renews `held` for another ttl where owner and epoch still match.
@@ -121,7 +123,7 @@ impl PgStore {
                 &[&self.node(), &runs, &epochs, &self.ttl_ms()],
             )
             .await?;
-        Ok(rows.iter().map(lease_row).collect())
+        lease_rows(&rows)
     }
 
     /// Gives leases up: unowned and expired now, so another replica claims
@@ -159,11 +161,14 @@ impl PgStore {
     }
 }
 
-fn lease_row(row: &tokio_postgres::Row) -> Lease {
-    Lease {
-        run_id: Arc::from(row.get::<_, &str>(0)),
-        epoch: row.get(1),
-    }
+fn lease_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<Lease>, PgStoreError> {
+    let lease = |row: &tokio_postgres::Row| {
+        Ok(Lease {
+            run_id: Arc::from(row.try_get::<_, &str>(0)?),
+            epoch: row.try_get(1)?,
+        })
+    };
+    rows.iter().map(lease).collect()
 }
 
 fn columns(leases: &[Lease]) -> (Vec<&str>, Vec<i64>) {

@@ -100,8 +100,10 @@ async fn locked_cursor(tx: &Transaction<'_>, run_id: &str) -> Result<i64, PgStor
             &[&run_id],
         )
         .await?;
-    row.map(|r| r.get(0))
-        .ok_or_else(|| PgStoreError::UnknownRun(run_id.to_owned()))
+    match row {
+        Some(row) => Ok(row.try_get(0)?),
+        None => Err(PgStoreError::UnknownRun(run_id.to_owned())),
+    }
 }
 
 /// Inserts the events in one statement, in batch order; an id already
@@ -154,8 +156,10 @@ async fn insert_events<'r, 'a>(
             ],
         )
         .await?;
-    let rowids: std::collections::HashMap<&str, i64> =
-        returned.iter().map(|r| (r.get(1), r.get(0))).collect();
+    let rowids = returned
+        .iter()
+        .map(|r| Ok((r.try_get(1)?, r.try_get(0)?)))
+        .collect::<Result<std::collections::HashMap<&str, i64>, tokio_postgres::Error>>()?;
     let inserted: Vec<(i64, &EventRow<'_>)> = rows
         .iter()
         .filter_map(|row| rowids.get(row.id.as_str()).map(|rowid| (*rowid, row)))

@@ -126,7 +126,7 @@ pub async fn migrate(pool: &Pool) -> Result<(), PgStoreError> {
             &[],
         )
         .await?
-        .get(0);
+        .try_get(0)?;
     if current > VERSION {
         return Err(PgStoreError::TooNew {
             found: current,
