@@ -644,3 +644,29 @@ async fn a_dead_replicas_runs_move_to_the_survivor_after_the_ttl() {
         assert_eq!(now.epoch, lease.epoch + 1, "{}", lease.run_id);
     }
 }
+
+/// A replica that cannot reach its database says why at start, and never
+/// repeats the URL, which may hold a password. Needs no server.
+#[tokio::test]
+async fn an_unreachable_or_malformed_url_is_refused_with_the_reason() {
+    let nowhere = tempfile::tempdir().expect("temp dir");
+    let url = format!(
+        "host={} user=runhook dbname=runhook",
+        nowhere.path().display()
+    );
+    let refused = PgStore::open(&url, replica("a", Duration::from_secs(15)))
+        .await
+        .expect_err("no server there");
+    let text = refused.to_string();
+    assert!(
+        text.contains("error connecting to server") && text.contains("No such file"),
+        "{text}"
+    );
+    let malformed = "postgres://runhook:s3cret@db:notaport/runhook";
+    let refused = PgStore::open(malformed, replica("a", Duration::from_secs(15)))
+        .await
+        .expect_err("not a port");
+    let text = refused.to_string();
+    assert!(matches!(refused, PgStoreError::Url(_)), "{refused:?}");
+    assert!(text.contains("port") && !text.contains("s3cret"), "{text}");
+}

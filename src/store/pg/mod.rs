@@ -40,7 +40,7 @@ pub enum PgStoreError {
     /// repeated: it may hold a password.
     #[error("state url: {0}")]
     Url(String),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Postgres(Arc<tokio_postgres::Error>),
     #[error("PostgreSQL connection pool: {0}")]
     Pool(String),
@@ -73,6 +73,24 @@ impl From<deadpool_postgres::PoolError> for PgStoreError {
             deadpool_postgres::PoolError::Backend(error) => error.into(),
             other => Self::Pool(other.to_string()),
         }
+    }
+}
+
+/// The error with what caused it: tokio-postgres's own text stops at "db
+/// error" or "error connecting to server", which tells a user nothing to act
+/// on; the server's message and SQLSTATE, or the I/O error, do.
+fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            text.push_str(": ");
+            text.push_str(detail);
+        }
+        return text;
+    }
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
     }
 }
 
@@ -111,7 +129,7 @@ impl PgStore {
     /// misconfigured replica says so at start.
     pub async fn open(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
         let config =
-            tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(e.to_string()))?;
+            tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
         let manager = Manager::from_config(
             config,
             NoTls,
