@@ -402,7 +402,7 @@ async fn a_released_lease_is_taken_over_at_once() {
     let b = open(&pg, "b", ttl).await;
     subscribe(&a, RUN).await;
     let mut keeper = LeaseKeeper::new(a.clone());
-    let gained = keeper.tick().await.expect("tick").gained;
+    let gained = ticked(&mut keeper).await.gained;
     assert_eq!(gained.len(), 1);
     assert_eq!(b.claim(1).await.expect("claim"), vec![], "a holds it");
     keeper.shutdown().await.expect("shutdown");
@@ -413,6 +413,15 @@ async fn a_released_lease_is_taken_over_at_once() {
         a.record_batch(&gained[0], batch(RUN, 1..=1)).await,
         Err(PgStoreError::LeaseLost { .. })
     ));
+}
+
+/// A tick that must go through.
+async fn ticked(keeper: &mut LeaseKeeper) -> runhook::store::pg::LeaseChanges {
+    let changes = keeper.tick().await;
+    if let Some(error) = &changes.error {
+        panic!("tick: {error}");
+    }
+    changes
 }
 
 /// Ticks each keeper in turn every `period`, at most `ticks` times, until
@@ -429,7 +438,7 @@ async fn tick_until(
     for _ in 0..ticks {
         interval.tick().await;
         for keeper in keepers.iter_mut() {
-            keeper.tick().await.expect("tick");
+            ticked(keeper).await;
         }
         let held: Vec<Vec<Lease>> = keepers.iter().map(|k| k.held()).collect();
         let mut runs: Vec<&str> = held.iter().flatten().map(|l| &*l.run_id).collect();
@@ -458,7 +467,7 @@ async fn two_replicas_share_ten_runs_five_and_five() {
         subscribe(&a, &format!("run-{n}")).await;
     }
     let mut keeper_a = LeaseKeeper::new(a);
-    keeper_a.tick().await.expect("a alone");
+    ticked(&mut keeper_a).await;
     assert_eq!(keeper_a.held().len(), 10, "alone, a takes every run");
     let mut keeper_b = LeaseKeeper::new(b);
     let mut keepers = [&mut keeper_b, &mut keeper_a];
@@ -494,10 +503,10 @@ async fn a_replica_cut_off_from_the_database_stops_its_runs_before_the_lease_exp
     subscribe(&a, RUN).await;
     let mut keeper = LeaseKeeper::new(a);
     let renewing = Instant::now();
-    keeper.tick().await.expect("tick");
+    ticked(&mut keeper).await;
     assert_eq!(keeper.held().len(), 1);
     drop(pg);
-    assert!(keeper.tick().await.is_err(), "the server is gone");
+    assert!(keeper.tick().await.error.is_some(), "the server is gone");
     assert_eq!(
         keeper.overdue(),
         vec![],
@@ -669,4 +678,27 @@ async fn an_unreachable_or_malformed_url_is_refused_with_the_reason() {
     let text = refused.to_string();
     assert!(matches!(refused, PgStoreError::Url(_)), "{refused:?}");
     assert!(text.contains("port") && !text.contains("s3cret"), "{text}");
+}
+
+/// A keeper that ticks late finds its run taken over: reported lost, so the
+/// caller stops it, and not renewed or held any more.
+#[tokio::test]
+async fn a_keeper_reports_a_run_taken_over_as_lost() {
+    let Some(pg) = PgServer::start() else { return };
+    let ttl = Duration::from_millis(500);
+    let a = open(&pg, "a", ttl).await;
+    let b = open(&pg, "b", ttl).await;
+    subscribe(&a, RUN).await;
+    let mut keeper = LeaseKeeper::new(a);
+    let gained = ticked(&mut keeper).await.gained;
+    assert_eq!(gained.len(), 1);
+    wait_for("b to take the run over", || async {
+        let claimed = b.claim(1).await.map_err(|e| e.to_string())?;
+        claimed.into_iter().next().ok_or("not yet".to_string())
+    })
+    .await;
+    let changes = ticked(&mut keeper).await;
+    assert_eq!(changes.lost, gained, "{changes:?}");
+    assert_eq!(changes.gained, vec![], "b holds it now");
+    assert_eq!(keeper.held(), vec![]);
 }

@@ -19,7 +19,7 @@
 //!
 //! [`LeaseKeeper`] runs these steps for one replica, a tick at a time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -176,12 +176,15 @@ fn columns(leases: &[Lease]) -> (Vec<&str>, Vec<i64>) {
 }
 
 /// What a tick changed: runs to start working, runs to stop working.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct LeaseChanges {
     pub gained: Vec<Lease>,
     /// Taken over by another replica, or shed to one: stop the run's work
     /// (its writes would be refused anyway).
     pub lost: Vec<Lease>,
+    /// Why the tick stopped short (the database is unreachable): what it
+    /// changed before is still reported above.
+    pub error: Option<PgStoreError>,
 }
 
 /// One replica's leases, kept by calling [`LeaseKeeper::tick`] every
@@ -213,34 +216,25 @@ impl LeaseKeeper {
     }
 
     /// Heartbeat, renew, shed what is above the fair share, claim up to it.
-    /// On an error the keeper holds what it held; call
+    /// What changed is reported even when a step fails; call
     /// [`LeaseKeeper::overdue`] every tick regardless, to stop runs whose
     /// leases could not be renewed in time.
-    pub async fn tick(&mut self) -> Result<LeaseChanges, PgStoreError> {
+    pub async fn tick(&mut self) -> LeaseChanges {
         let mut changes = LeaseChanges::default();
+        if let Err(error) = self.steps(&mut changes).await {
+            changes.error = Some(error);
+        }
+        changes
+    }
+
+    async fn steps(&mut self, changes: &mut LeaseChanges) -> Result<(), PgStoreError> {
         let sent = Instant::now();
         self.store.heartbeat().await?;
-        let held = self.held();
-        let renewed = self.store.renew(&held).await?;
         let trusted_until = sent + self.trust();
-        for lease in held {
-            if renewed.contains(&lease) {
-                self.held.insert(lease.run_id, (lease.epoch, trusted_until));
-            } else {
-                self.held.remove(&lease.run_id);
-                changes.lost.push(lease);
-            }
-        }
+        self.renew(trusted_until, changes).await?;
         let share = self.store.fair_share().await?;
         let allowed = share.target + self.store.replica.share_slack;
-        let excess: Vec<Lease> = self.held().into_iter().skip(allowed).collect();
-        if !excess.is_empty() {
-            self.store.release(&excess).await?;
-            for lease in excess {
-                self.held.remove(&lease.run_id);
-                changes.lost.push(lease);
-            }
-        }
+        self.shed_above(allowed, changes).await?;
         let claimed = self
             .store
             .claim(allowed.saturating_sub(self.held.len()))
@@ -250,7 +244,48 @@ impl LeaseKeeper {
                 .insert(lease.run_id.clone(), (lease.epoch, trusted_until));
             changes.gained.push(lease);
         }
-        Ok(changes)
+        Ok(())
+    }
+
+    /// Renews every held lease; those the database did not renew are lost.
+    async fn renew(
+        &mut self,
+        trusted_until: Instant,
+        changes: &mut LeaseChanges,
+    ) -> Result<(), PgStoreError> {
+        let held = self.held();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let renewed: HashSet<Lease> = self.store.renew(&held).await?.into_iter().collect();
+        for lease in held {
+            if renewed.contains(&lease) {
+                self.held.insert(lease.run_id, (lease.epoch, trusted_until));
+            } else {
+                self.held.remove(&lease.run_id);
+                changes.lost.push(lease);
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the leases above `allowed` (the highest run ids), so the
+    /// replicas below their share claim them.
+    async fn shed_above(
+        &mut self,
+        allowed: usize,
+        changes: &mut LeaseChanges,
+    ) -> Result<(), PgStoreError> {
+        let excess: Vec<Lease> = self.held().into_iter().skip(allowed).collect();
+        if excess.is_empty() {
+            return Ok(());
+        }
+        self.store.release(&excess).await?;
+        for lease in excess {
+            self.held.remove(&lease.run_id);
+            changes.lost.push(lease);
+        }
+        Ok(())
     }
 
     /// Leases not renewed within two thirds of a ttl (the database was
