@@ -36,6 +36,7 @@ mod states;
 mod dead;
 mod deliveries;
 mod lock;
+pub mod pg;
 mod record;
 #[cfg(test)]
 mod record_tests;

@@ -289,7 +289,7 @@ fn advance_run(
 }
 
 /// `{"status", "errorMessage"?, "cancelReason"?, "lastSequence"}` in that order.
-fn finished_payload(finish: &Finish, last_sequence: i64) -> String {
+pub(super) fn finished_payload(finish: &Finish, last_sequence: i64) -> String {
     #[derive(serde::Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Payload<'a> {

@@ -13,6 +13,8 @@ mod observability;
 mod operator_safety;
 mod ops_cli;
 mod packaging;
+mod pg;
+mod pg_support;
 mod polling;
 mod promises;
 mod props;

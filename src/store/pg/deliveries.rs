@@ -1,0 +1,136 @@
+//! Deliveries on PostgreSQL: what a sink sends next for a run, and the
+//! outcome of each attempt, fenced by the run's lease as `store/deliveries.rs`
+//! records them on SQLite.
+
+use std::sync::Arc;
+
+use tokio_postgres::Row;
+
+use super::super::{DeliveryState, Failure, Pending, now_ms};
+use super::{Lease, PgStore, PgStoreError, fence};
+
+const PENDING: i16 = DeliveryState::Pending as i16;
+const DONE: i16 = DeliveryState::Done as i16;
+const DEAD: i16 = DeliveryState::Dead as i16;
+
+fn pending_row(row: &Row) -> Result<Pending, tokio_postgres::Error> {
+    Ok(Pending {
+        event: row.try_get(0)?,
+        id: row.try_get(1)?,
+        run_id: row.try_get(2)?,
+        sequence: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        payload: row.try_get(5)?,
+        created_at: row.try_get(6)?,
+        run_status: row.try_get(7)?,
+        phase: row.try_get(8)?,
+        labels: row
+            .try_get::<_, Option<String>>(9)?
+            .unwrap_or_else(|| "{}".into()),
+        attempts: u32::try_from(row.try_get::<_, i32>(10)?).unwrap_or(0),
+        next_attempt_at: row.try_get(11)?,
+        seen_at: row.try_get(12)?,
+        queued_at: row.try_get(13)?,
+    })
+}
+
+impl PgStore {
+    /// The first `limit` pending deliveries of one run for one sink, in
+    /// order. A read: any replica may look; only the owner acts on them.
+    pub async fn pending_for_run(
+        &self,
+        sink: &str,
+        run_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, PgStoreError> {
+        let client = self.pool.get().await?;
+        let query = client
+            .prepare_cached(
+                "SELECT d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
+                        e.created_at, e.run_status, e.phase, r.labels, d.attempts,
+                        d.next_attempt_at, e.seen_at, d.queued_at
+                 FROM deliveries d
+                 JOIN events e ON e.rowid = d.event
+                 LEFT JOIN runs r ON r.run_id = d.run_id
+                 WHERE d.sink = $1 AND d.run_id = $2 AND d.state = 0
+                 ORDER BY d.event LIMIT $3",
+            )
+            .await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client.query(&query, &[&sink, &run_id, &limit]).await?;
+        Ok(rows.iter().map(pending_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Deliveries of the lease's run that reached their sink, with the sink's
+    /// output `offset` (a file sink's length) in the same transaction.
+    /// Refused, nothing written, when the lease was lost: the new owner sends
+    /// them again under the same ids (at-least-once holds).
+    pub async fn mark_delivered(
+        &self,
+        lease: &Lease,
+        sink: Arc<str>,
+        events: Vec<i64>,
+        offset: Option<u64>,
+    ) -> Result<(), PgStoreError> {
+        let now = now_ms();
+        let offset = offset.map(|o| i64::try_from(o).unwrap_or(i64::MAX));
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        fence(&tx, self.node(), lease).await?;
+        tx.execute(
+            "UPDATE deliveries SET state = $4, attempts = attempts + 1, done_at = $5,
+                last_status = NULL, last_error = NULL
+             WHERE sink = $1 AND run_id = $2 AND event = ANY($3) AND state = $6",
+            &[&&*sink, &&*lease.run_id, &events, &DONE, &now, &PENDING],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO sinks (name, file_offset, last_success_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET
+                file_offset = COALESCE(excluded.file_offset, sinks.file_offset),
+                last_success_at = excluded.last_success_at, down = false",
+            &[&&*sink, &offset, &now],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A failed attempt of deliveries of the lease's run: counted and
+    /// scheduled, or dead-lettered. Refused when the lease was lost.
+    pub async fn record_failure(
+        &self,
+        lease: &Lease,
+        sink: Arc<str>,
+        failure: Failure,
+    ) -> Result<(), PgStoreError> {
+        let (state, done_at) = if failure.dead {
+            (DEAD, Some(now_ms()))
+        } else {
+            (PENDING, None)
+        };
+        let status = failure.status.map(i32::from);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        fence(&tx, self.node(), lease).await?;
+        tx.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $4,
+                last_status = $5, last_error = $6, state = $7, done_at = $8
+             WHERE sink = $1 AND run_id = $2 AND event = ANY($3) AND state = $9",
+            &[
+                &&*sink,
+                &&*lease.run_id,
+                &failure.events,
+                &failure.next_attempt_at,
+                &status,
+                &failure.error,
+                &state,
+                &done_at,
+                &PENDING,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! PostgreSQL as the shared state of several replicas (issue 14): the
+//! foundation, not yet wired into the daemon.
+//!
+//! The same data-path operations as the SQLite store, with the same
+//! guarantees (one transaction for events + deliveries + cursor; an event at
+//! or below the cursor dropped), plus leases: a run is worked by the one
+//! replica holding its lease, and every write for a run carries that
+//! lease's epoch (the fencing token), checked inside the write's own
+//! transaction, so a replica that lost its lease commits nothing for the
+//! run ([`PgStoreError::LeaseLost`]). Operations take the same arguments and
+//! return the same types as [`super::Store`] and [`super::Reader`] where
+//! they can, plus the [`Lease`] for fenced writes, so one interface can later
+//! sit over both backends.
+
+mod deliveries;
+mod lease;
+mod record;
+mod schema;
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use tokio_postgres::NoTls;
+
+pub use lease::{Lease, LeaseChanges, LeaseKeeper, Share};
+pub use schema::VERSION as SCHEMA_VERSION;
+
+use super::{RunState, now_ms};
+use crate::config::Transport;
+
+/// Connections per store: ingest, delivery and the lease keeper at once.
+const POOL_SIZE: usize = 8;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PgStoreError {
+    /// The URL is not one PostgreSQL understands. The URL itself is not
+    /// repeated: it may hold a password.
+    #[error("state url: {0}")]
+    Url(String),
+    #[error("PostgreSQL: {}", describe(.0))]
+    Postgres(Arc<tokio_postgres::Error>),
+    #[error("PostgreSQL connection pool: {0}")]
+    Pool(String),
+    #[error(
+        "PostgreSQL schema version {found} is newer than this runhook knows ({known}); upgrade runhook"
+    )]
+    TooNew { found: i64, known: i64 },
+    /// Another replica took the run over (or this one released it): stop
+    /// working the run; nothing of this write was committed.
+    #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
+    LeaseLost { run_id: Arc<str>, epoch: i64 },
+    /// The database numbered a batch's events out of their order, which
+    /// would deliver them out of order: the batch was not recorded.
+    #[error("run {0}: events were numbered out of batch order; the batch was not recorded")]
+    OutOfOrder(String),
+    /// A batch for a run nobody subscribed to: there is no cursor to advance.
+    #[error("run {0} is not subscribed")]
+    UnknownRun(String),
+}
+
+impl From<tokio_postgres::Error> for PgStoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Self::Postgres(Arc::new(error))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgStoreError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        match error {
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            other => Self::Pool(other.to_string()),
+        }
+    }
+}
+
+/// The error with what caused it: tokio-postgres's own text stops at "db
+/// error" or "error connecting to server", which tells a user nothing to act
+/// on; the server's message and SQLSTATE, or the I/O error, do.
+fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            text.push_str(": ");
+            text.push_str(detail);
+        }
+        return text;
+    }
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+/// This replica's place in the cluster.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Unique among the replicas sharing the database (the host name).
+    pub node: String,
+    /// How long a lease lasts unrenewed: a dead replica's runs move after it.
+    pub lease_ttl: Duration,
+    /// How many runs above its fair share a replica may hold: more is less
+    /// churn when replicas come and go, 0 the most even spread.
+    pub share_slack: usize,
+}
+
+/// The state in PostgreSQL, as one replica sees it. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    replica: Arc<Replica>,
+}
+
+impl std::fmt::Debug for PgStore {
+    /// Names the node only: the pool's config would show the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("node", &self.replica.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects (a URL, `postgres://user@host/db`, or key=value pairs,
+    /// `host=/run/postgresql dbname=runhook`) and brings the schema to this
+    /// build's version. Fails when the server cannot be reached, so a
+    /// misconfigured replica says so at start.
+    pub async fn open(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
+        let config =
+            tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|e| PgStoreError::Pool(e.to_string()))?;
+        schema::migrate(&pool).await?;
+        Ok(Self {
+            pool,
+            replica: Arc::new(replica),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.replica.node
+    }
+
+    /// Subscribes to a run (or refreshes its labels), keeping its cursor, and
+    /// gives it a lease row, unowned until a replica claims it. As SQLite's
+    /// `subscribe`, a run stopped by a 403 or 404 gets another chance.
+    pub async fn subscribe(
+        &self,
+        run_id: String,
+        labels: BTreeMap<String, String>,
+        origin: &'static str,
+        transport: Option<Transport>,
+    ) -> Result<(), PgStoreError> {
+        let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
+        let ended = [RunState::ENDED[0].as_str(), RunState::ENDED[1].as_str()];
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO runs (run_id, labels, origin, watched, transport, updated_at)
+             VALUES ($1, $2, $3, true, $4, $5)
+             ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels,
+                origin = excluded.origin, watched = true, transport = excluded.transport,
+                state = CASE WHEN runs.state IN ($6, $7) THEN $8 ELSE runs.state END,
+                last_error = CASE WHEN runs.state IN ($6, $7) THEN NULL ELSE runs.last_error END",
+            &[
+                &run_id,
+                &labels,
+                &origin,
+                &transport.map(Transport::name),
+                &now_ms(),
+                &ended[0],
+                &ended[1],
+                &RunState::Starting.as_str(),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO leases (run_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&run_id],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'control'",
+            &[],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The fencing check, inside the caller's transaction: the lease row must
+/// still name this replica and this epoch. `FOR SHARE` holds it until the
+/// transaction ends, so a takeover (an `UPDATE` of the row) waits for this
+/// write to commit or roll back and cannot slip in between check and commit.
+async fn fence(tx: &Transaction<'_>, node: &str, lease: &Lease) -> Result<(), PgStoreError> {
+    let held = tx
+        .query_opt(
+            "SELECT 1 FROM leases WHERE run_id = $1 AND epoch = $2 AND owner = $3 FOR SHARE",
+            &[&&*lease.run_id, &lease.epoch, &node],
+        )
+        .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(PgStoreError::LeaseLost {
+            run_id: lease.run_id.clone(),
+            epoch: lease.epoch,
+        }),
+    }
+}
