@@ -13,6 +13,7 @@ mod observability;
 mod operator_safety;
 mod ops_cli;
 mod packaging;
+mod pipeline;
 mod polling;
 mod promises;
 mod props;
