@@ -140,6 +140,61 @@ async fn pipelined_delivers_every_event_once_in_order_across_sigterms() {
     );
 }
 
+/// The drain ends after `shutdown_grace` (5 s in these configs) even when a
+/// receiver hangs; what the chains had answered before must be recorded
+/// by then, not left in memory behind the hung request.
+#[tokio::test]
+async fn pipelined_sigterm_with_a_hung_receiver_still_marks_every_answer() {
+    let mut world = pipelined_world("pipehang", 16, 200, Duration::from_millis(2)).await;
+    world.receiver.set_delay(Duration::from_millis(1));
+    let total = world.ids.len() * (world.events + 1);
+    let mut child = world.spawn(None);
+    wait_for("some deliveries", || async {
+        let distinct = distinct_accepted(&world);
+        if distinct >= total / 3 {
+            Ok(())
+        } else {
+            Err(format!("{distinct} of {}", total / 3))
+        }
+    })
+    .await;
+    // Every chain's next request hangs past the grace.
+    world.receiver.set_delay(Duration::from_secs(30));
+    let hung = world.receiver.requests().len() + world.ids.len();
+    wait_for("a request of every run hanging", || async {
+        let seen = world.receiver.requests().len();
+        if seen >= hung {
+            Ok(())
+        } else {
+            Err(format!("{seen} of {hung} requests"))
+        }
+    })
+    .await;
+    terminate(&mut child).await;
+    world.receiver.set_delay(Duration::ZERO);
+    let mut child = world.spawn(None);
+    wait_all_accepted(&world).await;
+    terminate(&mut child).await;
+
+    let accepted = world.receiver.accepted();
+    let mut seen = HashSet::new();
+    for request in &accepted {
+        assert!(
+            seen.insert(&request.id),
+            "{} accepted before the SIGTERM and sent again after it (seed {})",
+            request.id,
+            world.seed
+        );
+    }
+    for (run, ids) in per_run(&accepted) {
+        assert_eq!(
+            ids,
+            wanted(&world, &run),
+            "run {run}: every event once, in order"
+        );
+    }
+}
+
 #[tokio::test]
 async fn pipelined_sigkill_after_a_2xx_repeats_at_most_a_window_of_accepted_ids() {
     // Two runs with long backlogs: each chain answers well over a window's
