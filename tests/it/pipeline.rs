@@ -356,3 +356,90 @@ async fn pipelined_failure_stops_the_chain_until_retried_and_answered() {
     want.push(format!("{run}:finished:30"));
     assert_eq!(ids, want, "every event once, in order");
 }
+
+/// Killed right after the first 2xx that follows a dead-lettered delivery:
+/// the dead letter must be on disk already, since event N+1 may be sent
+/// only once N's failure is recorded (else a restart would send N after
+/// N+1).
+#[tokio::test]
+async fn pipelined_dead_letter_is_recorded_before_the_next_send() {
+    let run = "b7c1d2e3-0000-4000-8000-00000000000d";
+    let sim = sim_with(vec![scripted(run, numbered(20))]).await;
+    let receiver = crate::receiver::Receiver::start().await;
+    // Event 10 fails once, and one attempt is all it gets.
+    receiver.script(std::iter::repeat_n(Answer::Status(204), 9).chain([Answer::Status(500)]));
+    let mut env = Env::new(&sim, &[run]);
+    env.extra = format!(
+        "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\
+         pipeline = true\nmax_attempts = 1\n\n[[routes]]\nsinks = [\"ops\"]\n",
+        receiver.url()
+    );
+    let config = env.write_config();
+    // The 10th 2xx is event 11's.
+    let mut child = spawn_daemon(&config, Some("http.before_mark:10"));
+    let status = wait_for("the daemon to die after event 11's 2xx", || {
+        let exited = child.0.try_wait().expect("try_wait");
+        async move { exited.ok_or_else(|| "still running".to_owned()) }
+    })
+    .await;
+    assert_killed(status, "http.before_mark:10");
+    let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
+    let dead: Vec<String> = reader
+        .dead_letters(Some("ops".into()), None)
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(
+        dead,
+        [format!("{run}:10")],
+        "event 10's dead letter was committed before event 11 went out"
+    );
+
+    let mut child = spawn_daemon(&config, None);
+    wait_for("every other event at the receiver", || async {
+        let accepted: HashSet<String> = receiver.accepted().into_iter().map(|r| r.id).collect();
+        if accepted.len() == 20 {
+            Ok(())
+        } else {
+            Err(format!("{} of 20", accepted.len()))
+        }
+    })
+    .await;
+    terminate(&mut child).await;
+    let ids: Vec<String> = receiver.accepted().into_iter().map(|r| r.id).collect();
+    let want: Vec<String> = (1..=20)
+        .filter(|s| *s != 10)
+        .map(|s| format!("{run}:{s}"))
+        .chain([format!("{run}:finished:20")])
+        .collect();
+    assert_eq!(
+        first_arrivals(&ids),
+        want,
+        "first arrivals in order, 10 dead"
+    );
+    let tens = receiver
+        .requests()
+        .iter()
+        .filter(|r| r.id == format!("{run}:10"))
+        .count();
+    assert_eq!(tens, 1, "a dead letter is not sent again");
+}
+
+/// The built daemon on `config`, with `crash_at` armed if given.
+fn spawn_daemon(config: &std::path::Path, crash_at: Option<&str>) -> Spawned {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("RUNHOOK_LOG", "error")
+        .env_remove("RUNHOOK_CRASH_AT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    if let Some(point) = crash_at {
+        command.env("RUNHOOK_CRASH_AT", point);
+    }
+    Spawned(command.spawn().expect("runhook starts"))
+}
