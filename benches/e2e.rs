@@ -9,6 +9,7 @@
 //! (d) 10,000 SSE runs subscribed and idle: peak RSS and CPU of the daemon
 //! (e) a 1,000,000-event backlog with the sink down: peak RSS; drain rate
 //! (f) 1 run x 100,000 events -> webhook, one ordered chain: deliveries/s
+//! (b2), (f2) as (b) and (f), the webhook sink with `pipeline = true`
 //!
 //! Every row prints the settings it ran with. A scenario also checks what
 //! it measured: the file holds every event once (a), the receiver saw every
@@ -17,7 +18,8 @@
 //! check, or a scenario stuck past its deadline, panics: the bench exits
 //! non-zero.
 //!
-//! `RUNHOOK_BENCH=a,c` runs some; `RUNHOOK_BENCH_SCALE=0.1` shrinks them.
+//! `RUNHOOK_BENCH=a,c` runs some (the default is all six; `b2,f2` are
+//! asked for by name); `RUNHOOK_BENCH_SCALE=0.1` shrinks them.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -75,6 +77,8 @@ struct Settings {
     spacing: Duration,
     /// Times the scenario runs (the figure is the median).
     reps: usize,
+    /// `[sinks.out] pipeline = true` (webhook sinks only).
+    pipeline: bool,
 }
 
 impl fmt::Display for Settings {
@@ -97,6 +101,9 @@ impl fmt::Display for Settings {
         if let Some(c) = self.sink_concurrency {
             write!(f, ", webhook concurrency {c}")?;
         }
+        if self.pipeline {
+            write!(f, ", pipeline = true")?;
+        }
         write!(
             f,
             ", events {} apart, reps {}",
@@ -116,6 +123,7 @@ fn settings_a() -> Settings {
         sink_concurrency: None,
         spacing: Duration::ZERO,
         reps: reps(),
+        pipeline: false,
     }
 }
 
@@ -462,10 +470,12 @@ fn config_text(
 fn webhook_sink(receiver: SocketAddr, settings: &Settings) -> String {
     format!(
         "[sinks.out]\ntype = \"webhook\"\nurl = \"http://{receiver}/hook\"\nsecret = \"{SECRET}\"\n\
-         concurrency = {}\ninitial_backoff = \"200ms\"\nmax_backoff = \"2s\"\nmax_attempts = 1000000\nmax_age = \"7d\"\n",
+         concurrency = {}\ninitial_backoff = \"200ms\"\nmax_backoff = \"2s\"\nmax_attempts = 1000000\nmax_age = \"7d\"\n\
+         pipeline = {}\n",
         settings
             .sink_concurrency
-            .expect("a webhook scenario sets its concurrency")
+            .expect("a webhook scenario sets its concurrency"),
+        settings.pipeline
     )
 }
 
@@ -898,15 +908,22 @@ fn main() {
             median(all.clone())
         );
     }
-    if want("b") {
-        let settings = settings_b();
+    for (name, pipeline) in [("b", false), ("b2", true)] {
+        if !want(name) {
+            continue;
+        }
+        let settings = Settings {
+            pipeline,
+            ..settings_b()
+        };
+        let label = format!("({name})");
         let all: Vec<Deliveries> = (0..settings.reps)
-            .map(|_| runtime.block_on(webhooks("(b)", scaled(200), 1000, &settings)))
+            .map(|_| runtime.block_on(webhooks(&label, scaled(200), 1000, &settings)))
             .collect();
         let rates: Vec<f64> = all.iter().map(|d| d.rate).collect();
         let repeats: Vec<u64> = all.iter().map(|d| d.repeats).collect();
         println!(
-            "| (b) {} runs x 1,000 events -> webhook; distinct webhook-ids; 1 request in {SIGNATURE_SAMPLE} verified and parsed | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings} | >= 30,000 |",
+            "| {label} {} runs x 1,000 events -> webhook; distinct webhook-ids; 1 request in {SIGNATURE_SAMPLE} verified and parsed | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings} | >= 30,000 |",
             scaled(200),
             median(rates.clone())
         );
@@ -940,16 +957,23 @@ fn main() {
             b.events, b.peak_mb, b.rate
         );
     }
-    if want("f") {
-        let settings = settings_f();
+    for (name, pipeline) in [("f", false), ("f2", true)] {
+        if !want(name) {
+            continue;
+        }
+        let settings = Settings {
+            pipeline,
+            ..settings_f()
+        };
+        let label = format!("({name})");
         let events = scaled(100_000);
         let all: Vec<Deliveries> = (0..settings.reps)
-            .map(|_| runtime.block_on(webhooks("(f)", 1, events, &settings)))
+            .map(|_| runtime.block_on(webhooks(&label, 1, events, &settings)))
             .collect();
         let rates: Vec<f64> = all.iter().map(|d| d.rate).collect();
         let repeats: Vec<u64> = all.iter().map(|d| d.repeats).collect();
         println!(
-            "| (f) 1 run x {events} events -> webhook, one ordered chain; checks as (b) | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings} | >= 10,000 |",
+            "| {label} 1 run x {events} events -> webhook, one ordered chain; checks as (b) | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings} | >= 10,000 |",
             median(rates.clone())
         );
     }

@@ -4,7 +4,7 @@
 use anyhow::Context;
 
 use crate::cli::Cli;
-use runhook::config::Config;
+use runhook::config::{Config, SinkKind};
 
 pub(super) fn check(config: &Config) -> std::io::Result<()> {
     for warning in &config.warnings {
@@ -30,7 +30,11 @@ pub(super) fn check(config: &Config) -> std::io::Result<()> {
             sink.name,
             sink.kind.type_name(),
             sink.kind.describe_target(),
-            if sink.ordered { "" } else { " (unordered)" }
+            match (&sink.kind, sink.ordered) {
+                (_, false) => " (unordered)",
+                (SinkKind::Webhook(w), true) if w.pipeline => " (pipelined)",
+                _ => "",
+            }
         )?;
     }
     out!("\nroutes:")?;

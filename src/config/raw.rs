@@ -95,6 +95,7 @@ pub struct RawSink {
     pub secrets: Option<Vec<Str>>,
     pub headers: Option<BTreeMap<String, Str>>,
     pub timeout: Option<Str>,
+    pub pipeline: Option<Spanned<bool>>,
     // slack
     pub webhook_url: Option<Str>,
     pub webhook_url_file: Option<Str>,

@@ -30,6 +30,7 @@ const DEFAULTED: &[(&str, &str)] = &[
     ("sinks.ops", "timeout"),
     ("sinks.ops", "concurrency"),
     ("sinks.ops", "ordered"),
+    ("sinks.ops", "pipeline"),
     ("sinks.chat", "api_base"),
 ];
 

@@ -81,6 +81,7 @@ impl fmt::Debug for WebhookConfig {
             .field("secrets", &self.secrets)
             .field("headers", &headers)
             .field("timeout", &self.timeout)
+            .field("pipeline", &self.pipeline)
             .finish()
     }
 }

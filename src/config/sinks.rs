@@ -20,6 +20,9 @@ use super::{MIN_INITIAL_BACKOFF, MIN_SINK_TIMEOUT, Secret, SlackMode, url_origin
 pub const DEFAULT_SINK_CONCURRENCY: usize = 16;
 /// A sink's `ordered`.
 pub const DEFAULT_ORDERED: bool = true;
+/// A webhook sink's `pipeline`: strict by default, because pipelining lets
+/// a crash repeat more than the one delivery in flight (see the field).
+pub const DEFAULT_PIPELINE: bool = false;
 /// A webhook sink's `timeout`.
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// `delivery.max_attempts`.
@@ -127,6 +130,14 @@ pub struct WebhookConfig {
     /// `timeout`: per request. At least [`MIN_SINK_TIMEOUT`]. Default
     /// [`DEFAULT_WEBHOOK_TIMEOUT`].
     pub timeout: Duration,
+    /// `pipeline`: send a run's event N+1 as soon as N is answered and
+    /// record the outcomes in batches behind the chain, instead of waiting
+    /// for N's done-mark to commit. Per-run order of first arrivals holds;
+    /// the cost is that after a crash the receiver may see again, same ids,
+    /// up to `deliver::runs::PIPELINE_WINDOW` already-accepted events of a
+    /// run before it goes on. Only with `ordered = true` (unordered sinks
+    /// do not chain). Default [`DEFAULT_PIPELINE`].
+    pub pipeline: bool,
 }
 
 /// The decoded key of a `whsec_...` secret.
@@ -157,6 +168,7 @@ fn type_keys(kind: &str) -> Option<&'static [&'static str]> {
             "secrets",
             "headers",
             "timeout",
+            "pipeline",
         ],
         "slack" => &[
             "webhook_url",
@@ -196,7 +208,10 @@ impl Cx<'_> {
                 return Err(self.error_at(
                     offset,
                     &format!("{key}.{field}"),
-                    format!("`{field}` does not apply to a {kind_name} sink"),
+                    format!(
+                        "`{field}` does not apply to a {kind_name} sink{}",
+                        why_not(field, &kind_name)
+                    ),
                 ));
             }
         }
@@ -303,7 +318,28 @@ impl Cx<'_> {
                 DEFAULT_WEBHOOK_TIMEOUT,
                 MIN_SINK_TIMEOUT,
             )?,
+            pipeline: self.pipeline(raw, key)?,
         })
+    }
+
+    /// `pipeline`, which only an ordered chain can use: an unordered sink
+    /// already sends without waiting, so the key would promise nothing.
+    fn pipeline(&self, raw: &RawSink, key: &str) -> Result<bool> {
+        let Some(pipeline) = &raw.pipeline else {
+            return Ok(DEFAULT_PIPELINE);
+        };
+        let ordered = raw
+            .ordered
+            .as_ref()
+            .map_or(DEFAULT_ORDERED, |o| *o.get_ref());
+        if *pipeline.get_ref() && !ordered {
+            return Err(self.error(
+                pipeline,
+                &format!("{key}.pipeline"),
+                "`pipeline = true` needs `ordered = true`: an unordered sink sends a run's events without waiting already",
+            ));
+        }
+        Ok(*pipeline.get_ref())
     }
 
     /// `secret` (or `secret_file`) or `secrets`, decoded, newest first.
@@ -388,6 +424,20 @@ impl Cx<'_> {
     }
 }
 
+/// Why a key another type takes is refused here, where the reason is not
+/// plain from the key's name.
+fn why_not(field: &str, kind: &str) -> &'static str {
+    match (field, kind) {
+        ("pipeline", "file") => {
+            ": a file sink is exactly-once through its offset, recorded with each written batch"
+        }
+        ("pipeline", "slack") => {
+            ": a Slack thread needs its root message recorded before the replies are sent"
+        }
+        _ => "",
+    }
+}
+
 /// The type-specific keys a sink table sets, with where they are.
 fn present_type_fields(raw: &RawSink) -> Vec<(&'static str, usize)> {
     fn first<V>(map: Option<&std::collections::BTreeMap<String, Spanned<V>>>) -> Option<usize> {
@@ -402,6 +452,7 @@ fn present_type_fields(raw: &RawSink) -> Vec<(&'static str, usize)> {
         ("secrets", at(raw.secrets.as_ref().and_then(|s| s.first()))),
         ("headers", first(raw.headers.as_ref())),
         ("timeout", at(raw.timeout.as_ref())),
+        ("pipeline", raw.pipeline.as_ref().map(|p| p.span().start)),
         ("webhook_url", at(raw.webhook_url.as_ref())),
         ("webhook_url_file", at(raw.webhook_url_file.as_ref())),
         ("bot_token", at(raw.bot_token.as_ref())),

@@ -278,6 +278,57 @@ fn keys_of_another_sink_type_are_rejected() {
 }
 
 #[test]
+fn pipeline_is_a_key_of_ordered_webhook_sinks_only() {
+    let secret = format!("secret = \"{SECRET}\"");
+    let pipelined = |line: &str| parse(&webhook(&format!("{secret}\n{line}")));
+    let is_pipelined = |config: Config| match &config.sinks["ops"].kind {
+        SinkKind::Webhook(w) => w.pipeline,
+        _ => panic!("ops is a webhook"),
+    };
+    assert!(!is_pipelined(pipelined("").unwrap()), "off by default");
+    assert!(is_pipelined(pipelined("pipeline = true").unwrap()));
+    assert!(!is_pipelined(
+        pipelined("pipeline = false\nordered = false").unwrap()
+    ));
+
+    let error = pipelined("ordered = false\npipeline = true").expect_err("unordered");
+    assert_eq!(
+        (error.line, error.column, error.key.as_str()),
+        (8, 12, "sinks.ops.pipeline"),
+        "{error}"
+    );
+    assert!(error.message.contains("ordered = true"), "{error}");
+
+    let on_file = MINIMAL.replace(
+        "path = \"/tmp/x.jsonl\"",
+        "path = \"/tmp/x.jsonl\"\npipeline = true",
+    );
+    let error = error_of(&on_file);
+    assert_eq!(
+        (error.line, error.column, error.key.as_str()),
+        (7, 12, "sinks.archive.pipeline"),
+        "{error}"
+    );
+    assert!(
+        error
+            .message
+            .contains("file sink: a file sink is exactly-once"),
+        "{error}"
+    );
+
+    let on_slack = "[api]\ntoken = \"t\"\n[sinks.chat]\ntype = \"slack\"\n\
+                    webhook_url = \"https://hooks.slack.com/x\"\npipeline = false\n\
+                    [[routes]]\nsinks = [\"chat\"]\n";
+    let error = error_of(on_slack);
+    assert_eq!(
+        (error.line, error.key.as_str()),
+        (6, "sinks.chat.pipeline"),
+        "{error}"
+    );
+    assert!(error.message.contains("Slack thread"), "{error}");
+}
+
+#[test]
 fn slack_needs_one_mode() {
     let slack = |keys: &str| {
         format!(

@@ -140,6 +140,7 @@ fn start_sink(
             sender,
             policy: sink.delivery.clone(),
             ordered: sink.ordered,
+            pipeline: matches!(&sink.kind, SinkKind::Webhook(w) if w.pipeline),
             concurrency: sink.concurrency,
             store: store.clone(),
             reader: store.reader()?,

@@ -8,6 +8,19 @@
 //! stops at the first failure (event N+1 waits for N), recording the retry
 //! time in the store.
 //!
+//! By default a chain is strict: event N+1 is sent only once N's outcome is
+//! committed, so a crash repeats at most the one delivery in flight, right
+//! after itself. A webhook sink with `pipeline = true` keeps per-run order
+//! as "N+1 is not *sent* before N was *answered*" (2xx, or recorded as
+//! dead) and takes the commit off the chain's critical path: answered
+//! deliveries are handed to the writer in batches behind the chain
+//! ([`Marks`]), folded into its group commits with every other chain's. A
+//! crash between an answer and its commit sends the answered-but-unmarked
+//! deliveries again, same ids, at most [`PIPELINE_WINDOW`] per run. A failure
+//! is recorded before anything after it is sent, and a chain waits for its
+//! marks before it reads the store again and before it ends (shutdown
+//! included), so within one daemon's life nothing answered is sent twice.
+//!
 //! A sink that fails `DOWN_AFTER` times in a row is marked down: no chains
 //! start, and one probe delivery goes out at the backoff pace until the sink
 //! answers; then every waiting delivery is due at once and the backlog
@@ -19,7 +32,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +45,12 @@ use crate::store::{Pending, Reader, Store, StoreError, now_ms};
 const DOWN_AFTER: u32 = 5;
 /// Deliveries a chain reads at a time.
 const CHAIN_BATCH: usize = 64;
+/// Pipelined chains: the most deliveries a chain holds answered but not yet
+/// committed done (the batch being committed plus those gathered since). It
+/// bounds what a crash makes a receiver see again per run, and what a slow
+/// disk makes a chain hold in memory; 64 round trips on loopback take about
+/// as long as one `synchronous=FULL` commit, so a chain rarely waits for one.
+pub const PIPELINE_WINDOW: usize = 64;
 /// How often the dispatcher looks for replays from the command line.
 const CONTROL_POLL: Duration = Duration::from_secs(1);
 /// At least this long before a run whose chain met a store error is tried again.
@@ -43,6 +62,9 @@ pub struct SinkRuntime {
     pub sender: Sender,
     pub policy: DeliveryPolicy,
     pub ordered: bool,
+    /// Webhook `pipeline = true`: see the module doc. Only ordered chains
+    /// use it; unordered ones never wait for a mark.
+    pub pipeline: bool,
     pub concurrency: usize,
     pub store: Store,
     pub reader: Reader,
@@ -308,17 +330,35 @@ async fn deliver_run(
     probe: bool,
     report: &mut ChainReport,
 ) -> Result<(), StoreError> {
+    let mut marks = Marks::default();
+    let delivered = deliver_batches(sink, run_id, probe, report, &mut marks).await;
+    // Before the chain reports, shutdown included: what it leaves unmarked
+    // the next chain (or the next daemon) would send again.
+    let marked = marks.flush(sink).await;
+    delivered.and(marked)
+}
+
+async fn deliver_batches(
+    sink: &Arc<SinkRuntime>,
+    run_id: &Arc<str>,
+    probe: bool,
+    report: &mut ChainReport,
+    marks: &mut Marks,
+) -> Result<(), StoreError> {
     loop {
-        let batch = sink
+        // Read past what is answered but maybe not committed yet, and leave
+        // it out: the chain goes on without waiting for its marks.
+        let mut batch = sink
             .reader
-            .pending_for_run(&sink.name, run_id, CHAIN_BATCH)
+            .pending_for_run(&sink.name, run_id, CHAIN_BATCH + marks.unrecorded())
             .await?;
+        batch.retain(|pending| !marks.holds(pending.event));
         if batch.is_empty() {
             report.end = ChainEnd::Drained;
             return Ok(());
         }
         let end = if sink.ordered {
-            deliver_in_order(sink, batch, probe, report).await?
+            deliver_in_order(sink, batch, probe, report, marks).await?
         } else {
             deliver_unordered(sink, batch, probe, report).await?
         };
@@ -333,12 +373,16 @@ async fn deliver_run(
     }
 }
 
-/// Returns `Some(end)` when the chain must stop.
+/// Returns `Some(end)` when the chain must stop. Strict, every outcome is
+/// committed before the next send; pipelined, a 2xx goes to `marks` and the
+/// next delivery goes out at once, while a failure is still recorded first
+/// (dead: the chain goes on; retry: it stops).
 async fn deliver_in_order(
-    sink: &SinkRuntime,
+    sink: &Arc<SinkRuntime>,
     batch: Vec<Pending>,
     probe: bool,
     report: &mut ChainReport,
+    marks: &mut Marks,
 ) -> Result<Option<ChainEnd>, StoreError> {
     for pending in batch {
         if sink.shutdown.is_cancelled() {
@@ -347,8 +391,15 @@ async fn deliver_in_order(
         if !probe && pending.next_attempt_at > now_ms() {
             return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
         }
-        let outcome = sink.sender.send(&Event::from(&pending)).await;
-        match record(sink, &pending, outcome).await? {
+        let outcome = send(sink, &pending, marks).await?;
+        let recorded = if sink.pipeline && outcome == Outcome::Delivered {
+            crate::crashpoint::hit("http.before_mark");
+            marks.answered(sink, pending).await?;
+            Recorded::Done
+        } else {
+            record(sink, &pending, outcome).await?
+        };
+        match recorded {
             Recorded::Done => report.delivered += 1,
             Recorded::Dead => report.failed += 1,
             Recorded::RetryAt(at) => {
@@ -361,6 +412,129 @@ async fn deliver_in_order(
         }
     }
     Ok(None)
+}
+
+/// Sends one delivery. A shutdown that comes while it is in flight commits
+/// the marks gathered so far alongside it: the drain may end
+/// (`shutdown_grace`) before a slow receiver answers, and what was
+/// answered before must not be sent again after the restart.
+async fn send(
+    sink: &Arc<SinkRuntime>,
+    pending: &Pending,
+    marks: &mut Marks,
+) -> Result<Outcome, StoreError> {
+    let event = Event::from(pending);
+    let send = sink.sender.send(&event);
+    if marks.unrecorded() == 0 {
+        return Ok(send.await);
+    }
+    tokio::pin!(send);
+    tokio::select! {
+        outcome = &mut send => Ok(outcome),
+        () = sink.shutdown.cancelled() => {
+            let (marked, outcome) = tokio::join!(marks.flush(sink), send);
+            marked.map(|()| outcome)
+        }
+    }
+}
+
+type MarkJob = JoinHandle<Result<(), StoreError>>;
+
+/// A pipelined chain's done-marks on their way to the writer: at most one
+/// job in flight, the deliveries answered meanwhile gathered for the next,
+/// so a chain costs the writer one job per commit rather than one per
+/// event. The job is a task of its own: a chain dropped mid-way (the drain's
+/// grace ran out) still gets the job it handed over committed.
+#[derive(Default)]
+struct Marks {
+    /// The job committing, and the deliveries (event rows) it marks.
+    in_flight: Option<(MarkJob, Vec<i64>)>,
+    gathered: Vec<Pending>,
+}
+
+impl Marks {
+    /// Deliveries answered and not yet known to be committed done.
+    fn unrecorded(&self) -> usize {
+        self.gathered.len() + self.in_flight.as_ref().map_or(0, |(_, n)| n.len())
+    }
+
+    /// Whether the delivery of this event row is answered and unrecorded:
+    /// a read of the store may still see it pending.
+    fn holds(&self, event: i64) -> bool {
+        self.gathered.iter().any(|p| p.event == event)
+            || self
+                .in_flight
+                .as_ref()
+                .is_some_and(|(_, events)| events.contains(&event))
+    }
+
+    /// Books a delivery answered 2xx. Hands what is gathered to the writer
+    /// when no job is committing; waits for everything to be committed once
+    /// [`PIPELINE_WINDOW`] deliveries are unrecorded, so that the next send
+    /// never starts with a full window.
+    async fn answered(
+        &mut self,
+        sink: &Arc<SinkRuntime>,
+        pending: Pending,
+    ) -> Result<(), StoreError> {
+        self.gathered.push(pending);
+        if self.unrecorded() >= PIPELINE_WINDOW {
+            return self.flush(sink).await;
+        }
+        let idle = self
+            .in_flight
+            .as_ref()
+            .is_none_or(|(job, _)| job.is_finished());
+        if idle {
+            self.wait().await?;
+            self.submit(sink);
+        }
+        Ok(())
+    }
+
+    /// Returns once every answered delivery is committed done.
+    async fn flush(&mut self, sink: &Arc<SinkRuntime>) -> Result<(), StoreError> {
+        self.wait().await?;
+        self.submit(sink);
+        self.wait().await
+    }
+
+    fn submit(&mut self, sink: &Arc<SinkRuntime>) {
+        if self.gathered.is_empty() {
+            return;
+        }
+        let delivered = std::mem::take(&mut self.gathered);
+        let events = delivered.iter().map(|p| p.event).collect();
+        let job = tokio::spawn(mark_delivered(sink.clone(), delivered));
+        self.in_flight = Some((job, events));
+    }
+
+    /// The job in flight, if any, to its end.
+    async fn wait(&mut self) -> Result<(), StoreError> {
+        let Some((job, _)) = self.in_flight.take() else {
+            return Ok(());
+        };
+        match job.await {
+            Ok(marked) => marked,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Cancelled: the runtime is going away.
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
+/// Marks answered deliveries done, retrying store errors until shutdown (a
+/// mark given up is a delivery sent again). The `delivered` metric counts
+/// them once committed.
+async fn mark_delivered(sink: Arc<SinkRuntime>, delivered: Vec<Pending>) -> Result<(), StoreError> {
+    let events: Vec<i64> = delivered.iter().map(|p| p.event).collect();
+    super::retry_store(&sink.name, &sink.shutdown, || {
+        sink.store
+            .mark_delivered(sink.name.clone(), events.clone(), None)
+    })
+    .await?;
+    super::count_delivered(&sink.name, &delivered);
+    Ok(())
 }
 
 /// `ordered = false`: the due deliveries of the batch go out in parallel.

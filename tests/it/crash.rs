@@ -32,20 +32,26 @@ use crate::support::*;
 const CONCURRENCY: usize = 16;
 
 /// A simulator with live runs, a failing receiver, and a config on a temp
-/// dir; daemons are spawned on it one after another.
-struct World {
-    sim: runhook::simulate::Simulator,
-    receiver: Receiver,
-    env: Env,
-    config: PathBuf,
-    ids: Vec<String>,
-    events: usize,
-    seed: u64,
-    rng: StdRng,
+/// dir; daemons are spawned on it one after another. (`pipeline.rs` uses it
+/// too, with its own checks.)
+pub(super) struct World {
+    pub(super) sim: runhook::simulate::Simulator,
+    pub(super) receiver: Receiver,
+    pub(super) env: Env,
+    pub(super) config: PathBuf,
+    pub(super) ids: Vec<String>,
+    pub(super) events: usize,
+    pub(super) seed: u64,
+    pub(super) rng: StdRng,
 }
 
 impl World {
-    async fn start(prefix: &str, runs: usize, events: usize, interval: Duration) -> Self {
+    pub(super) async fn start(
+        prefix: &str,
+        runs: usize,
+        events: usize,
+        interval: Duration,
+    ) -> Self {
         let seed: u64 = std::env::var("RUNHOOK_CRASH_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -97,7 +103,7 @@ impl World {
 
     /// Starts the built daemon, its jitter seeded from the test's seed;
     /// `crash_at` arms a crash point.
-    fn spawn(&mut self, crash_at: Option<&str>) -> Spawned {
+    pub(super) fn spawn(&mut self, crash_at: Option<&str>) -> Spawned {
         let mut command = Command::new(env!("CARGO_BIN_EXE_runhook"));
         command
             .args(["--config", &self.config.display().to_string(), "run"])
@@ -113,7 +119,7 @@ impl World {
     }
 
     /// Whether some run is still emitting events upstream.
-    fn live(&self) -> bool {
+    pub(super) fn live(&self) -> bool {
         self.ids
             .iter()
             .any(|id| self.sim.status(id).as_deref() == Some("running"))
@@ -203,7 +209,7 @@ impl World {
 }
 
 /// A spawned daemon, killed if the test ends (or fails) while it runs.
-struct Spawned(Child);
+pub(super) struct Spawned(pub(super) Child);
 
 impl Drop for Spawned {
     fn drop(&mut self) {
@@ -215,7 +221,7 @@ impl Drop for Spawned {
 }
 
 /// The daemon died of SIGKILL, not of anything else.
-fn assert_killed(status: ExitStatus, what: &str) {
+pub(super) fn assert_killed(status: ExitStatus, what: &str) {
     assert_eq!(
         status.signal(),
         Some(libc::SIGKILL),
@@ -225,7 +231,7 @@ fn assert_killed(status: ExitStatus, what: &str) {
 
 /// Each run's first delivery to the webhook still pending, as the last
 /// daemon left the database.
-async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
+pub(super) async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
     let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
     let mut heads = Vec::new();
     for run in reader
@@ -243,7 +249,7 @@ async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
 }
 
 /// SQLite finds nothing wrong with the state database.
-fn assert_integrity(env: &Env) {
+pub(super) fn assert_integrity(env: &Env) {
     let conn = rusqlite::Connection::open(env.state_path()).expect("open the state database");
     let verdict: String = conn
         .query_row("PRAGMA integrity_check", [], |row| row.get(0))

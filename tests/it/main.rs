@@ -15,6 +15,7 @@ mod ops_cli;
 mod packaging;
 mod pg;
 mod pg_support;
+mod pipeline;
 mod polling;
 mod promises;
 mod props;
