@@ -831,3 +831,29 @@ async fn a_listener_catches_up_on_what_it_missed_and_reconnects() {
     })
     .await;
 }
+
+/// A notice longer than NOTIFY carries (a run routed to very many sinks)
+/// neither fails the batch nor goes unheard: it goes out empty, and each
+/// listener looks for itself at every run with pending deliveries.
+#[tokio::test]
+async fn a_notice_too_long_for_notify_still_wakes_every_sink() {
+    let Some(pg) = PgServer::start() else { return };
+    let a = open(&pg, "a", Duration::from_secs(60)).await;
+    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let leases = owned(&a, &[RUN]).await;
+    let mut commits = b.commits();
+    let mut work = b.new_work();
+    bumped(&mut commits).await; // b listens now
+    let names: Vec<String> = (0..400)
+        .map(|n| format!("sink-with-a-long-name-{n:03}"))
+        .collect();
+    let sinks: Vec<&str> = names.iter().map(String::as_str).collect();
+    a.record_batch(&leases[RUN], batch(RUN, 1..=1, &sinks))
+        .await
+        .expect("a batch routed to 400 sinks");
+    let notice = heard(&mut work).await;
+    assert_eq!(&*notice.run_id, RUN);
+    let mut heard_sinks: Vec<&str> = notice.sinks.iter().map(|s| &**s).collect();
+    heard_sinks.sort();
+    assert_eq!(heard_sinks, sinks);
+}
