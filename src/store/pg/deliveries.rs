@@ -13,7 +13,7 @@ const PENDING: i16 = DeliveryState::Pending as i16;
 const DONE: i16 = DeliveryState::Done as i16;
 const DEAD: i16 = DeliveryState::Dead as i16;
 
-fn pending_row(row: &Row) -> Result<Pending, tokio_postgres::Error> {
+pub(super) fn pending_row(row: &Row) -> Result<Pending, tokio_postgres::Error> {
     Ok(Pending {
         event: row.try_get(0)?,
         id: row.try_get(1)?,

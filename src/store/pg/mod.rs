@@ -14,8 +14,12 @@
 
 mod deliveries;
 mod lease;
+mod notify;
+mod reads;
 mod record;
+mod retention;
 mod schema;
+mod sinks;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -59,6 +63,9 @@ pub enum PgStoreError {
     /// A batch for a run nobody subscribed to: there is no cursor to advance.
     #[error("run {0} is not subscribed")]
     UnknownRun(String),
+    /// The connection that listens for other replicas' notifications.
+    #[error("PostgreSQL notifications: {0}")]
+    Listen(String),
 }
 
 impl From<tokio_postgres::Error> for PgStoreError {
@@ -111,6 +118,8 @@ pub struct Replica {
 pub struct PgStore {
     pool: Pool,
     replica: Arc<Replica>,
+    /// `commits` and `new_work`, fed by LISTEN/NOTIFY.
+    notify: Arc<notify::Notifier>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -130,6 +139,7 @@ impl PgStore {
     pub async fn open(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
         let config =
             tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
+        let notify = Arc::new(notify::Notifier::new(config.clone()));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -145,6 +155,7 @@ impl PgStore {
         Ok(Self {
             pool,
             replica: Arc::new(replica),
+            notify,
         })
     }
 

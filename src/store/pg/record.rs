@@ -42,6 +42,7 @@ impl PgStore {
         let tx = client.transaction().await?;
         fence(&tx, self.node(), lease).await?;
         let recorded = record(&tx, &batch).await?;
+        super::notify::notify_work(&tx, &batch.run_id, &recorded.routed).await?;
         tx.commit().await?;
         Ok(recorded)
     }
