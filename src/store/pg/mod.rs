@@ -12,6 +12,7 @@
 //! they can, plus the [`Lease`] for fenced writes, so one interface can later
 //! sit over both backends.
 
+mod dead;
 mod deliveries;
 mod lease;
 mod record;
