@@ -16,6 +16,7 @@ mod dead;
 mod deliveries;
 mod lease;
 mod record;
+mod requeue;
 mod runs;
 mod schema;
 
