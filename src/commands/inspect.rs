@@ -404,6 +404,7 @@ mod tests {
             last_error: None,
             lag: None,
             last_event_at: None,
+            owner: None,
         }
     }
 

@@ -59,7 +59,7 @@ pub use deliveries::{Failure, Pending};
 pub use lock::DaemonLock;
 pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
 pub use requeue::{Backfilled, RequeueFilter, StoredEvent, TimeRange};
-pub use runs::{PrunedRun, RunRow, Subscribed, WatchedRun};
+pub use runs::{PrunedRun, RunOwner, RunRow, Subscribed, WatchedRun};
 pub use sinks::SinkRow;
 pub use states::{DeliveryState, RunState};
 

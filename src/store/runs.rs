@@ -45,6 +45,20 @@ pub struct RunRow {
     /// `lastEventSequence - cursor` from the last run lookup.
     pub lag: Option<i64>,
     pub last_event_at: Option<i64>,
+    /// PostgreSQL only (`None` on SQLite, and left out of `status --json`):
+    /// the replica holding the run's lease now, and its last heartbeat.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<RunOwner>,
+}
+
+/// Who works a run in a cluster, for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunOwner {
+    pub node: String,
+    /// The lease's fencing token.
+    pub epoch: i64,
+    /// The node's last heartbeat (unix ms); `None` when its row is gone.
+    pub heartbeat_at: Option<i64>,
 }
 
 /// A finished run pruned from the runs table after `state.retain`: what
@@ -294,6 +308,7 @@ impl Reader {
                     last_error: row.get(7)?,
                     lag: row.get(8)?,
                     last_event_at: row.get(9)?,
+                    owner: None,
                 })
             })?;
             rows.collect()

@@ -30,31 +30,9 @@ async fn open(pg: &PgServer, node: &str, lease_ttl: Duration) -> PgStore {
         lease_ttl,
         share_slack: 0,
     };
-    let store = PgStore::open(&pg.url(), replica)
+    PgStore::open(&pg.url(), replica)
         .await
-        .expect("open the PostgreSQL store");
-    with_phase_2_schema(pg).await;
-    store
-}
-
-/// The tombstones' table and the events-by-run index, as
-/// `store/pg/retention.rs` gives them for the migration that will add them
-/// (another change owns `pg/schema.rs`); a no-op once it has.
-async fn with_phase_2_schema(pg: &PgServer) {
-    pg.client()
-        .await
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS pruned_runs (
-                run_id       text PRIMARY KEY,
-                cursor       bigint NOT NULL,
-                finished_seq bigint,
-                run_status   text,
-                finished_at  bigint NOT NULL,
-                pruned_at    bigint NOT NULL);
-             CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, rowid);",
-        )
-        .await
-        .expect("phase 2 schema");
+        .expect("open the PostgreSQL store")
 }
 
 async fn subscribe(store: &PgStore, run: &str, labels: BTreeMap<String, String>) {

@@ -12,16 +12,18 @@
 //! they can, plus the [`Lease`] for fenced writes, so one interface can later
 //! sit over both backends.
 
+mod dead;
 mod deliveries;
 mod lease;
 mod notify;
 mod reads;
 mod record;
+mod requeue;
 mod retention;
+mod runs;
 mod schema;
 mod sinks;
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +33,6 @@ use tokio_postgres::NoTls;
 
 pub use lease::{Lease, LeaseChanges, LeaseKeeper, Share};
 pub use schema::VERSION as SCHEMA_VERSION;
-
-use super::{RunState, now_ms};
-use crate::config::Transport;
 
 /// Connections per store: ingest, delivery and the lease keeper at once.
 const POOL_SIZE: usize = 8;
@@ -161,53 +160,6 @@ impl PgStore {
 
     pub fn node(&self) -> &str {
         &self.replica.node
-    }
-
-    /// Subscribes to a run (or refreshes its labels), keeping its cursor, and
-    /// gives it a lease row, unowned until a replica claims it. As SQLite's
-    /// `subscribe`, a run stopped by a 403 or 404 gets another chance.
-    pub async fn subscribe(
-        &self,
-        run_id: String,
-        labels: BTreeMap<String, String>,
-        origin: &'static str,
-        transport: Option<Transport>,
-    ) -> Result<(), PgStoreError> {
-        let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
-        let ended = [RunState::ENDED[0].as_str(), RunState::ENDED[1].as_str()];
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO runs (run_id, labels, origin, watched, transport, updated_at)
-             VALUES ($1, $2, $3, true, $4, $5)
-             ON CONFLICT (run_id) DO UPDATE SET labels = excluded.labels,
-                origin = excluded.origin, watched = true, transport = excluded.transport,
-                state = CASE WHEN runs.state IN ($6, $7) THEN $8 ELSE runs.state END,
-                last_error = CASE WHEN runs.state IN ($6, $7) THEN NULL ELSE runs.last_error END",
-            &[
-                &run_id,
-                &labels,
-                &origin,
-                &transport.map(Transport::name),
-                &now_ms(),
-                &ended[0],
-                &ended[1],
-                &RunState::Starting.as_str(),
-            ],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO leases (run_id) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&run_id],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE meta SET value = value + 1 WHERE key = 'control'",
-            &[],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
     }
 }
 

@@ -24,27 +24,6 @@ use super::super::retention::MAINTENANCE_CHUNK;
 use super::super::{DeliveryState, RunState, now_ms};
 use super::{PgStore, PgStoreError};
 
-/// The tombstones' table, with the SQLite columns (`store/schema.rs`), for
-/// the migration that adds it (pg/schema.rs is another change's).
-#[allow(dead_code)]
-pub(super) const PRUNED_RUNS_DDL: &str = "
-    CREATE TABLE pruned_runs (
-        run_id       text PRIMARY KEY,
-        cursor       bigint NOT NULL,               -- highest sequence recorded
-        finished_seq bigint,                        -- lastSequence of the last run_finished
-        run_status   text,                          -- completed | failed | cancelled
-        finished_at  bigint NOT NULL,               -- unix ms, last run_finished recorded
-        pruned_at    bigint NOT NULL                -- unix ms
-    );";
-
-/// Whether a run has events left is a seek here, not a walk of the events
-/// (SQLite seeks a range of the id index; in a database whose collation is
-/// not byte order that range is not the run's), and `tail --run` walks it in
-/// ingest order. For the same migration.
-#[allow(dead_code)]
-pub(super) const EVENTS_BY_RUN_DDL: &str = "
-    CREATE INDEX events_by_run ON events (run_id, rowid);";
-
 const DONE: i16 = DeliveryState::Done as i16;
 
 fn chunk() -> i64 {

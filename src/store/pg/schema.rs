@@ -100,6 +100,23 @@ const MIGRATIONS: &[&str] = &[
         started_at   timestamptz NOT NULL DEFAULT now()
     );
     "#,
+    // 1 -> 2: tombstones of finished runs pruned from `runs` (as SQLite's
+    // 2 -> 3): once the runs row, the cursor, is gone, the tombstone keeps a
+    // run watched again from starting over at sequence 0. And a run's
+    // events by run: `backfill` looks up the newest event of a run a sink
+    // has a row for. (The id range `{run}:`..`{run};` that SQLite seeks
+    // depends on the collation here, so it is not relied on.)
+    r#"
+    CREATE TABLE pruned_runs (
+        run_id       text PRIMARY KEY,
+        cursor       bigint NOT NULL,               -- highest sequence recorded
+        finished_seq bigint,                        -- lastSequence of the last run_finished
+        run_status   text,                          -- completed | failed | cancelled
+        finished_at  bigint NOT NULL,               -- unix ms, last run_finished recorded
+        pruned_at    bigint NOT NULL                -- unix ms
+    );
+    CREATE INDEX events_by_run ON events(run_id, rowid);
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
