@@ -17,9 +17,11 @@
 //! ([`Marks`]), folded into its group commits with every other chain's. A
 //! crash between an answer and its commit sends the answered-but-unmarked
 //! deliveries again, same ids, at most [`PIPELINE_WINDOW`] per run. A failure
-//! is recorded before anything after it is sent, and a chain waits for its
-//! marks before it reads the store again and before it ends (shutdown
-//! included), so within one daemon's life nothing answered is sent twice.
+//! is recorded before anything after it is sent. A chain's reads skip what it
+//! holds answered but not yet marked, and it waits for its marks before it
+//! ends (a stop included: its mark jobs retry store errors until they
+//! commit, and only the drain's grace running out aborts them), so within
+//! one daemon's life nothing answered is sent twice.
 //!
 //! A sink that fails `DOWN_AFTER` times in a row is marked down: no chains
 //! start, and one probe delivery goes out at the backoff pace until the sink
@@ -32,9 +34,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::retry::{failure_rows, retry_delay};
 use crate::config::DeliveryPolicy;
@@ -438,13 +441,17 @@ async fn send(
     }
 }
 
-type MarkJob = JoinHandle<Result<(), StoreError>>;
+/// Aborted if dropped: a chain dropped mid-way (the drain's grace ran out,
+/// a sibling chain's panic) takes its mark job with it, so nothing a
+/// chain started runs on after it (`daemon/owned.rs`); what it held
+/// answered is sent again later, same ids.
+type MarkJob = AbortOnDropHandle<Result<(), StoreError>>;
 
 /// A pipelined chain's done-marks on their way to the writer: at most one
 /// job in flight, the deliveries answered meanwhile gathered for the next,
 /// so a chain costs the writer one job per commit rather than one per
-/// event. The job is a task of its own: a chain dropped mid-way (the drain's
-/// grace ran out) still gets the job it handed over committed.
+/// event. The job is a task of its own so that it commits while the chain
+/// goes on sending.
 #[derive(Default)]
 struct Marks {
     /// The job committing, and the deliveries (event rows) it marks.
@@ -505,7 +512,7 @@ impl Marks {
         }
         let delivered = std::mem::take(&mut self.gathered);
         let events = delivered.iter().map(|p| p.event).collect();
-        let job = tokio::spawn(mark_delivered(sink.clone(), delivered));
+        let job = AbortOnDropHandle::new(tokio::spawn(mark_delivered(sink.clone(), delivered)));
         self.in_flight = Some((job, events));
     }
 
@@ -523,12 +530,15 @@ impl Marks {
     }
 }
 
-/// Marks answered deliveries done, retrying store errors until shutdown (a
-/// mark given up is a delivery sent again). The `delivered` metric counts
-/// them once committed.
+/// Marks answered deliveries done, retrying store errors until they commit,
+/// a stop included: the receiver has these, and a mark given up would be up
+/// to a window of deliveries sent again by this same daemon once the sink
+/// restarts (a reload). Only dropping the job (the drain's grace) ends it
+/// sooner. The `delivered` metric counts them once committed.
 async fn mark_delivered(sink: Arc<SinkRuntime>, delivered: Vec<Pending>) -> Result<(), StoreError> {
     let events: Vec<i64> = delivered.iter().map(|p| p.event).collect();
-    super::retry_store(&sink.name, &sink.shutdown, || {
+    let never = CancellationToken::new();
+    super::retry_store(&sink.name, &never, || {
         sink.store
             .mark_delivered(sink.name.clone(), events.clone(), None)
     })
@@ -620,11 +630,11 @@ async fn record(
     Ok(recorded)
 }
 
-/// Review (s4-review1): what a pipelined chain does with its window of
+/// What a pipelined chain does with its window of
 /// answered-but-unmarked deliveries when its sink is stopped (a reload, or
 /// SIGTERM) while the store refuses writes for a while.
 #[cfg(test)]
-mod review_tests {
+mod stop_tests {
     use std::path::Path;
     use std::sync::Mutex;
 
@@ -687,13 +697,13 @@ mod review_tests {
     /// A sink restarted within one daemon's life (SIGHUP with a changed
     /// sink, e.g. `pipeline` flipped or a header added) while the state
     /// database refuses writes (another process holds the write lock past
-    /// busy_timeout, a full disk): the old chain's mark jobs make ONE
-    /// attempt once the stop token is cancelled (`retry_store` gives up at
-    /// shutdown), so its window of answered deliveries is left pending and
-    /// the new loop sends them all again, same daemon. The claim is
-    /// "within one daemon's life nothing answered is sent twice".
+    /// busy_timeout, a full disk): the old chain's mark jobs keep trying
+    /// after the stop, so its answered deliveries are marked before the new
+    /// loop reads the store, and the daemon sends none of them twice. (They
+    /// used to give up at the stop, and the new loop sent the whole window
+    /// again: found by review.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_sink_restarted_while_the_store_is_busy_resends_a_window_in_one_life() {
+    async fn a_sink_restarted_while_the_store_is_locked_sends_nothing_answered_twice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let store = Store::open(&path).unwrap();
@@ -731,19 +741,38 @@ mod review_tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Another process takes the write lock (a sqlite3 shell, a VACUUM;
-        // or read it as the disk filling up).
+        // or read it as the disk filling up). The chain goes on sending:
+        // what it gets answered from now on cannot be marked.
         let blocker = rusqlite::Connection::open(&path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        // The chain goes on to its window, then waits for its marks.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let answered_a = seen(&log);
-        println!("answered by the first loop: {}", answered_a.len());
+        let blocked_at = seen(&log).len();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen(&log).len() < blocked_at + 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the chain goes on while marks wait"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // A reload restarts the sink: its stop token is cancelled and the
-        // registry joins the old loop (no timeout) before it starts the new.
+        // registry joins the old loop before it starts the new one. Its
+        // mark jobs meet the lock after the stop; they must not give up.
+        // The writer reports the lock after its busy_timeout twice (the
+        // group, then the job on its own: about 20 s); a job that gives up
+        // at the stop has ended the loop by then, one that keeps trying has
+        // not. So the lock is held until the loop ends or 30 s passed.
         stop_a.cancel();
-        a.await.unwrap().ok();
+        let mut a = a;
+        let stopped = tokio::time::timeout(Duration::from_secs(30), &mut a).await;
+        println!(
+            "the first loop ended while the store was locked: {}",
+            stopped.is_ok()
+        );
         blocker.execute_batch("ROLLBACK").unwrap();
         drop(blocker);
+        if stopped.is_err() {
+            a.await.unwrap().ok();
+        }
 
         // Same daemon, the sink's new loop.
         let stop_b = CancellationToken::new();
