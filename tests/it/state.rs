@@ -794,3 +794,115 @@ async fn a_lost_lease_comes_back_as_lease_lost_and_writes_nothing() {
     assert_eq!(recorded_events(&b).await.len(), 1, "event 2 not written");
     assert_eq!(b.state.pending_count("ops").await.unwrap(), 1);
 }
+
+// ---- parity: the rest of the operations table, alike on both ----
+
+on_both! {
+    /// `watch`, `unwatch`, a config reload and a restart, as the
+    /// supervisor sees them: who is watched with which labels, a generation
+    /// that moves on every change, stopped runs given another chance.
+    async fn subscriptions_and_their_generation_behave_alike(b: &Backend) {
+        let generation = b.state.control_generation().await.unwrap();
+        let labels = BTreeMap::from([("team".to_owned(), "rome".to_owned())]);
+        let watching = b.state.subscribe("w1".into(), labels.clone(), "watch", None).await.unwrap();
+        assert_eq!(watching, Subscribed::Watching);
+        b.state.subscribe("c1".into(), BTreeMap::new(), "config", None).await.unwrap();
+        b.state.subscribe("c2".into(), BTreeMap::new(), "config", None).await.unwrap();
+        let after = b.state.control_generation().await.unwrap();
+        assert!(after > generation, "{generation} -> {after}");
+        let watched = b.state.watched_runs().await.unwrap();
+        let ids: Vec<&str> = watched.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(ids, ["c1", "c2", "w1"]);
+        assert_eq!(watched[2].labels, labels);
+        assert_eq!((watched[2].state.as_str(), watched[2].cursor), ("starting", 0));
+
+        b.state.unsubscribe_config_runs_except(vec!["c2".into()]).await.unwrap();
+        let ids: Vec<String> = b.state.watched_runs().await.unwrap().into_iter().map(|r| r.run_id).collect();
+        assert_eq!(ids, ["c2", "w1"], "c1 left the config");
+        assert!(b.state.unsubscribe("w1".into()).await.unwrap(), "known");
+        assert!(!b.state.unsubscribe("nobody".into()).await.unwrap(), "unknown");
+        let runs: Vec<(String, bool)> = b.state.runs().await.unwrap().into_iter().map(|r| (r.run_id, r.watched)).collect();
+        assert_eq!(
+            runs,
+            [("c1".into(), false), ("c2".into(), true), ("w1".into(), false)],
+            "unwatched runs keep their rows"
+        );
+
+        let fence = b.fence("c2").await;
+        let not_found = runhook::store::RunState::NotFound;
+        b.state.set_run_state(&fence, "c2".into(), not_found, Some("404".into()), None).await.unwrap();
+        b.state.set_upstream_seq(&fence, "c2".into(), 7).await.unwrap();
+        let c2 = b.state.runs().await.unwrap().into_iter().find(|r| r.run_id == "c2").unwrap();
+        assert_eq!((c2.state.as_str(), c2.last_error.as_deref(), c2.lag), ("not_found", Some("404"), Some(7)));
+        assert_eq!(b.state.retry_stopped_runs().await.unwrap(), 1);
+        let c2 = b.state.runs().await.unwrap().into_iter().find(|r| r.run_id == "c2").unwrap();
+        assert_eq!((c2.state.as_str(), c2.last_error.as_deref()), ("starting", None));
+    }
+}
+
+on_both! {
+    /// `runhook dead` and `replay` see and do the same on both.
+    async fn dead_letters_replay_and_purge_behave_alike(b: &Backend) {
+        with_events(b, &["A"; 3], &["a", "b"]).await;
+        kill(b, "a", rows(b, &[1, 2]).await).await;
+        kill(b, "b", rows(b, &[3]).await).await;
+        let dead = b.state.dead_letters(Some("a".into()), None).await.unwrap();
+        let seen: Vec<(&str, &str, i64, Option<i64>, Option<&str>)> = dead
+            .iter()
+            .map(|d| (d.id.as_str(), d.run_id.as_str(), d.attempts, d.last_status, d.last_error.as_deref()))
+            .collect();
+        assert_eq!(seen, [("run-1:1", RUN, 1, Some(500), Some("down")), ("run-1:2", RUN, 1, Some(500), Some("down"))]);
+        assert!(dead.iter().all(|d| d.dead_at.is_some()));
+        assert!(b.state.dead_letters(None, Some("run-2".into())).await.unwrap().is_empty());
+        assert_eq!(b.state.dead_letters(None, None).await.unwrap().len(), 3);
+
+        let generation = b.state.control_generation().await.unwrap();
+        let one = DeadFilter { id: Some("run-1:2".into()), ..DeadFilter::default() };
+        assert_eq!(b.state.replay(one).await.unwrap(), 1);
+        assert!(b.state.control_generation().await.unwrap() > generation, "replay wakes the supervisors");
+        assert_eq!(pending_ids(b, "a").await, ["run-1:2", "run-1:3"]);
+        let purged = b.state.purge_dead(DeadFilter { sink: Some("a".into()), ..DeadFilter::default() }).await.unwrap();
+        assert_eq!(purged, 1);
+        let left: Vec<String> = b.state.dead_letters(None, None).await.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(left, ["run-1:3"]);
+    }
+}
+
+on_both! {
+    /// What `status`, `top`, metrics and the file and Slack sinks read and
+    /// write beside the data path, alike on both.
+    async fn sink_state_and_backlog_reads_behave_alike(b: &Backend) {
+        with_events(b, &["A", "B", "A"], &["a"]).await;
+        assert_eq!(b.state.pending_total().await.unwrap(), 3);
+        assert_eq!(b.state.runs_with_pending("a").await.unwrap(), [RUN]);
+        assert!(b.state.runs_with_pending("b").await.unwrap().is_empty());
+        let oldest = b.state.oldest_pending(vec!["a".into(), "b".into()]).await.unwrap();
+        assert_eq!(oldest.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["a"], "{oldest:?}");
+        let last = b.state.last_event_row().await.unwrap();
+        assert_eq!(last, *rows(b, &[3]).await.last().unwrap());
+        let bs = b.state.events_after(0, None, Some("B".into()), 10).await.unwrap();
+        assert_eq!(bs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["run-1:2"]);
+        let after_first = b.state.events_after(rows(b, &[1]).await[0], None, None, 1).await.unwrap();
+        assert_eq!(after_first.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["run-1:2"]);
+
+        b.state.set_sink_down(Arc::from("a"), true).await.unwrap();
+        let sinks = b.state.sinks().await.unwrap();
+        let a = sinks.iter().find(|s| s.sink == "a").expect("sink a listed");
+        assert_eq!((a.pending, a.done, a.dead, a.down), (3, 0, 0, true));
+        assert_eq!(b.state.sink_offset("a").await.unwrap(), None);
+        let found = b.state.mark_found_delivered(Arc::from("a"), vec!["run-1:1".into(), "run-1:9".into()], 42).await.unwrap();
+        assert_eq!(found, 1, "only a recorded event is marked");
+        assert_eq!(b.state.sink_offset("a").await.unwrap(), Some(42));
+        delivered(b, RUN, "a", rows(b, &[2]).await).await;
+        let sinks = b.state.sinks().await.unwrap();
+        let a = sinks.iter().find(|s| s.sink == "a").unwrap();
+        assert_eq!((a.pending, a.done, a.down), (1, 2, false), "a success brings it up");
+        assert!(a.last_success_at.is_some());
+
+        let fence = b.fence(RUN).await;
+        assert_eq!(b.state.thread_root("chat", RUN).await.unwrap(), None);
+        b.state.save_thread_root(&fence, "chat".into(), RUN.into(), "C1".into(), "1.1".into()).await.unwrap();
+        b.state.save_thread_root(&fence, "chat".into(), RUN.into(), "C1".into(), "2.2".into()).await.unwrap();
+        assert_eq!(b.state.thread_root("chat", RUN).await.unwrap(), Some(("C1".into(), "2.2".into())));
+    }
+}
