@@ -573,3 +573,46 @@ impl Sqlite {
         Ok(Self { store, reader })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--state` takes either, so the scheme alone decides: a file named
+    /// like a URL's tail stays a file.
+    #[test]
+    fn a_postgres_url_names_postgres_and_anything_else_a_file() {
+        let url = "postgres://runhook:secret@db.internal:5432/runhook";
+        assert_eq!(Location::parse(url), Location::Postgres(url.into()));
+        let long = "postgresql://db/runhook";
+        assert_eq!(Location::parse(long), Location::Postgres(long.into()));
+        for path in ["/var/lib/runhook/runhook.db", "state.db", "postgres.db"] {
+            assert_eq!(Location::parse(path), Location::Sqlite(path.into()));
+        }
+    }
+
+    /// A URL may carry a password: logging a location must not leak it.
+    #[test]
+    fn a_postgres_location_never_shows_its_url_in_debug() {
+        let location = Location::parse("postgres://runhook:secret@db/runhook");
+        let shown = format!("{location:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("db"),
+            "{shown}"
+        );
+    }
+
+    /// The variant an owner matches to stop a run must not hide inside the
+    /// backend's error.
+    #[test]
+    fn lease_lost_is_lifted_out_of_the_postgres_error() {
+        let lost = PgStoreError::LeaseLost {
+            run_id: Arc::from("r"),
+            epoch: 3,
+        };
+        assert!(matches!(
+            StateError::from(lost),
+            StateError::LeaseLost { epoch: 3, .. }
+        ));
+    }
+}
