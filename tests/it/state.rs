@@ -847,7 +847,7 @@ on_both! {
         kill(b, "a", rows(b, &[1, 2]).await).await;
         kill(b, "b", rows(b, &[3]).await).await;
         let dead = b.state.dead_letters(Some("a".into()), None).await.unwrap();
-        let seen: Vec<(&str, &str, i64, Option<i64>, Option<&str>)> = dead
+        let seen: Vec<_> = dead
             .iter()
             .map(|d| (d.id.as_str(), d.run_id.as_str(), d.attempts, d.last_status, d.last_error.as_deref()))
             .collect();
