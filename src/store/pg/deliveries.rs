@@ -140,11 +140,13 @@ impl PgStore {
     /// own runs' in order.
     pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, PgStoreError> {
         let client = self.pool.get().await?;
+        // `state = 0` spelled out, as `pending_for_run` does: the partial
+        // index `deliveries_pending` then matches whatever plan is chosen.
         let released = client
             .execute(
                 "UPDATE deliveries SET next_attempt_at = $2
-                 WHERE sink = $1 AND state = $3 AND next_attempt_at > $2",
-                &[&&*sink, &now_ms(), &PENDING],
+                 WHERE sink = $1 AND state = 0 AND next_attempt_at > $2",
+                &[&&*sink, &now_ms()],
             )
             .await?;
         Ok(usize::try_from(released).unwrap_or(usize::MAX))
