@@ -27,6 +27,7 @@ mod service;
 mod service_promises;
 mod slack;
 mod sse;
+mod state;
 mod status_top;
 mod stopped;
 mod store;

@@ -133,4 +133,22 @@ impl PgStore {
         tx.commit().await?;
         Ok(())
     }
+
+    /// A sink answered again: its backlog is due now rather than at each
+    /// delivery's own backoff. Not fenced: it spans every run of the sink
+    /// and only makes deliveries due sooner; each owner still sends its
+    /// own runs' in order.
+    pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, PgStoreError> {
+        let client = self.pool.get().await?;
+        // `state = 0` spelled out, as `pending_for_run` does: the partial
+        // index `deliveries_pending` then matches whatever plan is chosen.
+        let released = client
+            .execute(
+                "UPDATE deliveries SET next_attempt_at = $2
+                 WHERE sink = $1 AND state = 0 AND next_attempt_at > $2",
+                &[&&*sink, &now_ms()],
+            )
+            .await?;
+        Ok(usize::try_from(released).unwrap_or(usize::MAX))
+    }
 }

@@ -161,6 +161,16 @@ impl PgStore {
     pub fn node(&self) -> &str {
         &self.replica.node
     }
+
+    /// Proves the database answers and can commit: a round trip through a
+    /// pooled connection, as the SQLite store's ping goes through its writer.
+    pub async fn ping(&self) -> Result<(), PgStoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.query_one("SELECT 1", &[]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }
 
 /// The fencing check, inside the caller's transaction: the lease row must

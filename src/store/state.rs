@@ -1,0 +1,618 @@
+//! One interface over both state backends: the embedded SQLite store and the
+//! shared PostgreSQL store (issue 14). Callers ask [`State`] for the
+//! operations of the table in `store/mod.rs` and never name a backend, so
+//! the daemon and the commands can run on either.
+//!
+//! The data-path writes of a run (`record_batch`, `mark_delivered`,
+//! `record_failure`, `set_run_state`, `set_upstream_seq`,
+//! `save_thread_root`) take a [`Fence`]: the proof that the caller owns the
+//! run. On SQLite the daemon's exclusive lock on the state database is that
+//! proof ([`Fence::Exclusive`]); on PostgreSQL it is the run's lease
+//! ([`Fence::Lease`]), checked inside the write's transaction. A write
+//! reaching PostgreSQL without a lease is refused ([`StateError::Unfenced`])
+//! rather than committed unfenced.
+//!
+//! Claiming, renewing and releasing leases are not here: they exist only
+//! where several replicas share the state, so they stay on
+//! [`PgStore`]/[`super::pg::LeaseKeeper`] (reach it with
+//! [`State::postgres`]). On SQLite one daemon owns every run for its whole
+//! life; a claim that always succeeded would hand out epochs that fence
+//! nothing and make a reader believe there was a cluster.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch};
+
+use super::pg::{Lease, PgStore, PgStoreError, Replica};
+use super::{
+    Backfilled, Batch, DeadFilter, DeadLetter, Failure, NewWork, Pending, PrunedRun, Reader,
+    Recorded, RequeueFilter, RunRow, RunState, SinkRow, Store, StoreError, StoredEvent, Subscribed,
+    TimeRange, WatchedRun,
+};
+use crate::config::Transport;
+
+pub use super::retention::MAINTENANCE_CHUNK;
+
+/// Where the state lives, as a user names it: a file path, or a PostgreSQL
+/// URL. `Debug` never shows the URL: it may carry a password.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    /// A `postgres://` URL or `host=... dbname=...` pairs.
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://` and `postgresql://` URLs are PostgreSQL; anything else
+    /// is a SQLite file path (a path may hold `=`, so key=value pairs are
+    /// only taken when built as [`Location::Postgres`] directly).
+    pub fn parse(text: &str) -> Self {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Self::Postgres(text.to_owned())
+        } else {
+            Self::Sqlite(PathBuf::from(text))
+        }
+    }
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Self::Postgres(_) => f.write_str("Postgres(<redacted>)"),
+        }
+    }
+}
+
+/// What a run's owner passes with each data-path write, so that only the
+/// owner's writes land.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fence {
+    /// SQLite: the daemon holds the state database's exclusive lock
+    /// ([`super::DaemonLock`]) for its lifetime, so it owns every run and no
+    /// other writer of the data path can exist.
+    Exclusive,
+    /// PostgreSQL: the run's lease, whose epoch every write checks in its
+    /// own transaction.
+    Lease(Lease),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Sqlite(StoreError),
+    #[error(transparent)]
+    Postgres(PgStoreError),
+    /// Another replica took the run over (or this one released it): stop
+    /// working the run; nothing of the write was committed. Lifted out of
+    /// [`PgStoreError`] so callers match it without naming a backend.
+    #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
+    LeaseLost { run_id: Arc<str>, epoch: i64 },
+    /// A data-path write reached the shared state without the run's lease:
+    /// a bug in the caller, refused so nothing is ever written unfenced.
+    #[error("{write} on the PostgreSQL state needs the run's lease; refused, nothing written")]
+    Unfenced { write: &'static str },
+    /// A lease handed to the SQLite state: it came from another store, so
+    /// the caller is confused about which state it works on.
+    #[error(
+        "{write} on the SQLite state is fenced by the daemon lock, not by a lease; refused, nothing written"
+    )]
+    LeaseOnSqlite { write: &'static str },
+}
+
+impl From<StoreError> for StateError {
+    fn from(error: StoreError) -> Self {
+        Self::Sqlite(error)
+    }
+}
+
+impl From<PgStoreError> for StateError {
+    fn from(error: PgStoreError) -> Self {
+        match error {
+            PgStoreError::LeaseLost { run_id, epoch } => Self::LeaseLost { run_id, epoch },
+            other => Self::Postgres(other),
+        }
+    }
+}
+
+/// The SQLite backend: the writer thread's handle and one read connection.
+#[derive(Clone)]
+pub struct Sqlite {
+    pub store: Store,
+    pub reader: Reader,
+}
+
+/// The state, on whichever backend the location named. Cheap to clone.
+///
+/// An enum rather than a trait object: the backends are two and known, so a
+/// `match` per call costs nothing (no box per returned future, no vtable),
+/// the async methods stay plain `async fn` (`backfill` keeps its generic
+/// routing closure, which a `dyn` trait could not take), and a caller that
+/// truly needs one backend (the lease keeper) gets it by name.
+#[derive(Clone)]
+pub enum State {
+    Sqlite(Sqlite),
+    Postgres(PgStore),
+}
+
+/// Delegates a method with the same arguments on both backends.
+macro_rules! both {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match $self {
+            State::Sqlite(sqlite) => Ok(sqlite.store.$method($($arg),*).await?),
+            State::Postgres(pg) => Ok(pg.$method($($arg),*).await?),
+        }
+    };
+}
+
+/// Delegates a read: the SQLite reader, or the PostgreSQL store.
+macro_rules! read {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match $self {
+            State::Sqlite(sqlite) => Ok(sqlite.reader.$method($($arg),*).await?),
+            State::Postgres(pg) => Ok(pg.$method($($arg),*).await?),
+        }
+    };
+}
+
+impl State {
+    /// Opens the state at `location`, creating and migrating it. `replica`
+    /// is this process's place in a cluster; the SQLite backend has no
+    /// cluster and ignores it. The daemon lock is not taken here: the daemon
+    /// takes it ([`super::DaemonLock`]) before it writes as the owner, and
+    /// commands open the state beside a daemon.
+    pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
+        match location {
+            Location::Sqlite(path) => Ok(Self::Sqlite(open_sqlite(path.clone()).await?)),
+            Location::Postgres(url) => Ok(Self::Postgres(PgStore::open(url, replica).await?)),
+        }
+    }
+
+    /// The PostgreSQL store, for what only a cluster has (leases, the
+    /// replicas' heartbeats).
+    pub fn postgres(&self) -> Option<&PgStore> {
+        match self {
+            Self::Postgres(pg) => Some(pg),
+            Self::Sqlite(_) => None,
+        }
+    }
+
+    /// "sqlite" or "postgres", for logs and `status`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Runs that got new deliveries, as they are committed (on PostgreSQL:
+    /// by any replica).
+    pub fn new_work(&self) -> broadcast::Receiver<NewWork> {
+        match self {
+            Self::Sqlite(sqlite) => sqlite.store.new_work(),
+            Self::Postgres(pg) => pg.new_work(),
+        }
+    }
+
+    /// Changes after commits: every one on SQLite; on PostgreSQL those that
+    /// queued deliveries, and each time the listener (re)starts.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        match self {
+            Self::Sqlite(sqlite) => sqlite.store.commits(),
+            Self::Postgres(pg) => pg.commits(),
+        }
+    }
+
+    /// Proves the state can commit (SQLite: through the writer thread).
+    pub async fn ping(&self) -> Result<(), StateError> {
+        both!(self.ping())
+    }
+}
+
+/// Migrations and the writer thread's start block: off the async threads.
+async fn open_sqlite(path: PathBuf) -> Result<Sqlite, StoreError> {
+    tokio::task::spawn_blocking(move || Sqlite::open_path(&path))
+        .await
+        .map_err(|_| StoreError::Closed)?
+}
+
+/// The data-path writes: fenced by the run's owner.
+impl State {
+    /// README.md, guarantee 1: events above the cursor, their deliveries and
+    /// the new cursor, in one transaction.
+    pub async fn record_batch(&self, fence: &Fence, batch: Batch) -> Result<Recorded, StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "record_batch")?;
+                Ok(sqlite.store.record_batch(batch).await?)
+            }
+            Self::Postgres(pg) => {
+                let lease = lease_on(fence, &batch.run_id, "record_batch")?;
+                Ok(pg.record_batch(lease, batch).await?)
+            }
+        }
+    }
+
+    /// Deliveries that reached their sink, with the sink's output offset.
+    /// On PostgreSQL only the lease's run's deliveries among `events` are
+    /// marked: a lease fences its own run.
+    pub async fn mark_delivered(
+        &self,
+        fence: &Fence,
+        sink: Arc<str>,
+        events: Vec<i64>,
+        offset: Option<u64>,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "mark_delivered")?;
+                Ok(sqlite.store.mark_delivered(sink, events, offset).await?)
+            }
+            Self::Postgres(pg) => {
+                let lease = any_lease(fence, "mark_delivered")?;
+                Ok(pg.mark_delivered(lease, sink, events, offset).await?)
+            }
+        }
+    }
+
+    /// A failed attempt: counted and scheduled, or dead-lettered. On
+    /// PostgreSQL, only the lease's run's deliveries among the events.
+    pub async fn record_failure(
+        &self,
+        fence: &Fence,
+        sink: Arc<str>,
+        failure: Failure,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "record_failure")?;
+                Ok(sqlite.store.record_failure(sink, failure).await?)
+            }
+            Self::Postgres(pg) => {
+                let lease = any_lease(fence, "record_failure")?;
+                Ok(pg.record_failure(lease, sink, failure).await?)
+            }
+        }
+    }
+
+    /// What ingest is doing with the run, for `status`.
+    pub async fn set_run_state(
+        &self,
+        fence: &Fence,
+        run_id: String,
+        state: RunState,
+        last_error: Option<String>,
+        active_transport: Option<Transport>,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "set_run_state")?;
+                Ok(sqlite
+                    .store
+                    .set_run_state(run_id, state, last_error, active_transport)
+                    .await?)
+            }
+            Self::Postgres(pg) => {
+                let lease = lease_on(fence, &run_id, "set_run_state")?;
+                Ok(pg
+                    .set_run_state(lease, state, last_error, active_transport)
+                    .await?)
+            }
+        }
+    }
+
+    /// How far upstream the run is, for the lag in `status`.
+    pub async fn set_upstream_seq(
+        &self,
+        fence: &Fence,
+        run_id: String,
+        last_event_sequence: i64,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "set_upstream_seq")?;
+                Ok(sqlite
+                    .store
+                    .set_upstream_seq(run_id, last_event_sequence)
+                    .await?)
+            }
+            Self::Postgres(pg) => {
+                let lease = lease_on(fence, &run_id, "set_upstream_seq")?;
+                Ok(pg.set_upstream_seq(lease, last_event_sequence).await?)
+            }
+        }
+    }
+
+    /// The message a sink threads the run's events under (a Slack root).
+    pub async fn save_thread_root(
+        &self,
+        fence: &Fence,
+        sink: Arc<str>,
+        run_id: String,
+        channel: String,
+        ts: String,
+    ) -> Result<(), StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "save_thread_root")?;
+                Ok(sqlite
+                    .store
+                    .save_thread_root(sink, run_id, channel, ts)
+                    .await?)
+            }
+            Self::Postgres(pg) => {
+                let lease = lease_on(fence, &run_id, "save_thread_root")?;
+                Ok(pg
+                    .save_thread_root(lease, sink, run_id, channel, ts)
+                    .await?)
+            }
+        }
+    }
+}
+
+/// The SQLite fence: the daemon lock, never a lease.
+fn exclusive(fence: &Fence, write: &'static str) -> Result<(), StateError> {
+    match fence {
+        Fence::Exclusive => Ok(()),
+        Fence::Lease(_) => Err(StateError::LeaseOnSqlite { write }),
+    }
+}
+
+/// The PostgreSQL fence: a lease, whichever run it is on (the store keeps
+/// the write to that run).
+fn any_lease<'a>(fence: &'a Fence, write: &'static str) -> Result<&'a Lease, StateError> {
+    match fence {
+        Fence::Lease(lease) => Ok(lease),
+        Fence::Exclusive => Err(StateError::Unfenced { write }),
+    }
+}
+
+/// The PostgreSQL fence for a write naming `run_id`: a lease on another run
+/// fences nothing here, as if lost.
+fn lease_on<'a>(
+    fence: &'a Fence,
+    run_id: &str,
+    write: &'static str,
+) -> Result<&'a Lease, StateError> {
+    let lease = any_lease(fence, write)?;
+    if *lease.run_id != *run_id {
+        return Err(StateError::LeaseLost {
+            run_id: Arc::from(run_id),
+            epoch: lease.epoch,
+        });
+    }
+    Ok(lease)
+}
+
+/// Subscriptions, sink state, dead letters and maintenance: not a run
+/// owner's writes, so not fenced (commands run them from any machine).
+impl State {
+    pub async fn subscribe(
+        &self,
+        run_id: String,
+        labels: BTreeMap<String, String>,
+        origin: &'static str,
+        transport: Option<Transport>,
+    ) -> Result<Subscribed, StateError> {
+        both!(self.subscribe(run_id, labels, origin, transport))
+    }
+
+    pub async fn unsubscribe(&self, run_id: String) -> Result<bool, StateError> {
+        both!(self.unsubscribe(run_id))
+    }
+
+    pub async fn unsubscribe_config_runs_except(
+        &self,
+        keep: Vec<String>,
+    ) -> Result<(), StateError> {
+        both!(self.unsubscribe_config_runs_except(keep))
+    }
+
+    pub async fn retry_stopped_runs(&self) -> Result<usize, StateError> {
+        both!(self.retry_stopped_runs())
+    }
+
+    /// A sink answered again: its backlog is due now. Sink-wide, not a run's
+    /// write: it only makes deliveries due sooner, never changes an outcome.
+    pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, StateError> {
+        both!(self.release_backoff(sink))
+    }
+
+    pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StateError> {
+        both!(self.set_sink_down(sink, down))
+    }
+
+    /// A file sink's reconciliation at start (the node that writes it).
+    pub async fn mark_found_delivered(
+        &self,
+        sink: Arc<str>,
+        found: Vec<String>,
+        offset: u64,
+    ) -> Result<usize, StateError> {
+        both!(self.mark_found_delivered(sink, found, offset))
+    }
+
+    pub async fn replay(&self, filter: DeadFilter) -> Result<usize, StateError> {
+        both!(self.replay(filter))
+    }
+
+    pub async fn purge_dead(&self, filter: DeadFilter) -> Result<usize, StateError> {
+        both!(self.purge_dead(filter))
+    }
+
+    pub async fn requeue_range(&self, filter: RequeueFilter) -> Result<usize, StateError> {
+        both!(self.requeue_range(filter))
+    }
+
+    pub async fn backfill<F>(
+        &self,
+        sink: Arc<str>,
+        range: TimeRange,
+        run: Option<String>,
+        routed: F,
+    ) -> Result<Backfilled, StateError>
+    where
+        F: Fn(&StoredEvent) -> bool + Send + Sync + 'static,
+    {
+        both!(self.backfill(sink, range, run, routed))
+    }
+
+    pub async fn prune(&self, cutoff: i64) -> Result<(usize, usize), StateError> {
+        both!(self.prune(cutoff))
+    }
+
+    pub async fn prune_finished_runs(&self, cutoff: i64) -> Result<usize, StateError> {
+        both!(self.prune_finished_runs(cutoff))
+    }
+}
+
+/// Reads: committed rows only, on either backend.
+impl State {
+    pub async fn last_event_row(&self) -> Result<i64, StateError> {
+        read!(self.last_event_row())
+    }
+
+    pub async fn events_after(
+        &self,
+        after: i64,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        read!(self.events_after(after, run, event_type, limit))
+    }
+
+    pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StateError> {
+        read!(self.watched_runs())
+    }
+
+    pub async fn runs(&self) -> Result<Vec<RunRow>, StateError> {
+        read!(self.runs())
+    }
+
+    pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StateError> {
+        read!(self.pruned_run(run_id))
+    }
+
+    pub async fn pruned_count(&self) -> Result<i64, StateError> {
+        read!(self.pruned_count())
+    }
+
+    pub async fn control_generation(&self) -> Result<i64, StateError> {
+        read!(self.control_generation())
+    }
+
+    pub async fn pending_in_order(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        read!(self.pending_in_order(sink, limit))
+    }
+
+    pub async fn pending_for_run(
+        &self,
+        sink: &str,
+        run_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        read!(self.pending_for_run(sink, run_id, limit))
+    }
+
+    pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StateError> {
+        read!(self.runs_with_pending(sink))
+    }
+
+    pub async fn pending_count(&self, sink: &str) -> Result<i64, StateError> {
+        read!(self.pending_count(sink))
+    }
+
+    pub async fn pending_total(&self) -> Result<i64, StateError> {
+        read!(self.pending_total())
+    }
+
+    pub async fn dead_letters(
+        &self,
+        sink: Option<String>,
+        run: Option<String>,
+    ) -> Result<Vec<DeadLetter>, StateError> {
+        read!(self.dead_letters(sink, run))
+    }
+
+    pub async fn sinks(&self) -> Result<Vec<SinkRow>, StateError> {
+        read!(self.sinks())
+    }
+
+    pub async fn oldest_pending(
+        &self,
+        sinks: Vec<String>,
+    ) -> Result<Vec<(String, i64)>, StateError> {
+        read!(self.oldest_pending(sinks))
+    }
+
+    pub async fn sink_offset(&self, sink: &str) -> Result<Option<u64>, StateError> {
+        read!(self.sink_offset(sink))
+    }
+
+    pub async fn thread_root(
+        &self,
+        sink: &str,
+        run_id: &str,
+    ) -> Result<Option<(String, String)>, StateError> {
+        read!(self.thread_root(sink, run_id))
+    }
+}
+
+impl Sqlite {
+    /// Opens (creating and migrating) the database file at `path`.
+    pub fn open_path(path: &Path) -> Result<Self, StoreError> {
+        let store = Store::open(path)?;
+        let reader = store.reader()?;
+        Ok(Self { store, reader })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--state` takes either, so the scheme alone decides: a file named
+    /// like a URL's tail stays a file.
+    #[test]
+    fn a_postgres_url_names_postgres_and_anything_else_a_file() {
+        let url = "postgres://runhook:secret@db.internal:5432/runhook";
+        assert_eq!(Location::parse(url), Location::Postgres(url.into()));
+        let long = "postgresql://db/runhook";
+        assert_eq!(Location::parse(long), Location::Postgres(long.into()));
+        for path in ["/var/lib/runhook/runhook.db", "state.db", "postgres.db"] {
+            assert_eq!(Location::parse(path), Location::Sqlite(path.into()));
+        }
+    }
+
+    /// A URL may carry a password: logging a location must not leak it.
+    #[test]
+    fn a_postgres_location_never_shows_its_url_in_debug() {
+        let location = Location::parse("postgres://runhook:secret@db/runhook");
+        let shown = format!("{location:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("db"),
+            "{shown}"
+        );
+    }
+
+    /// The variant an owner matches to stop a run must not hide inside the
+    /// backend's error.
+    #[test]
+    fn lease_lost_is_lifted_out_of_the_postgres_error() {
+        let lost = PgStoreError::LeaseLost {
+            run_id: Arc::from("r"),
+            epoch: 3,
+        };
+        assert!(matches!(
+            StateError::from(lost),
+            StateError::LeaseLost { epoch: 3, .. }
+        ));
+    }
+}
