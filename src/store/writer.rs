@@ -9,6 +9,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
 
 use super::StoreError;
+use super::checkpoint::{WalKeeper, checkpoint};
 
 /// Most jobs folded into one transaction.
 const GROUP_COMMIT_MAX: usize = 1024;
@@ -40,6 +41,7 @@ pub(super) fn writer_loop(
     conn: Connection,
     mut queue: mpsc::Receiver<Job>,
     bump: watch::Sender<u64>,
+    mut wal: WalKeeper,
 ) {
     while let Some(first) = queue.blocking_recv() {
         let mut jobs = vec![first];
@@ -53,10 +55,12 @@ pub(super) fn writer_loop(
             done(result);
         }
         bump.send_modify(|n| *n = n.wrapping_add(1));
+        wal.after_commit(&conn);
     }
     // Every handle is gone (shutdown): fold the WAL back into the database
     // file, so a backup or the next start sees one file.
-    if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+    wal.stop();
+    if let Err(error) = checkpoint(&conn, "TRUNCATE") {
         tracing::warn!(%error, "WAL checkpoint at shutdown failed; SQLite completes it on the next start");
     }
 }
