@@ -20,11 +20,15 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rusqlite::Connection;
 
 use super::StoreError;
-use super::writer::open_connection;
+use super::writer::{BUSY_TIMEOUT, open_connection};
+
+/// Longest the writer waits for readers in a blocking checkpoint.
+const READER_WAIT: Duration = Duration::from_secs(1);
 
 /// When the WAL is checkpointed, in pages (4 KiB by default).
 #[derive(Debug, Clone, Copy)]
@@ -55,8 +59,9 @@ pub(super) struct WalKeeper {
     pages: Arc<AtomicI32>,
     bounds: WalBounds,
     /// Pages past which the next blocking checkpoint is tried: `hard_pages`,
-    /// raised after one could not finish (a reader held the WAL past the
-    /// busy timeout) so every commit does not wait that long again.
+    /// doubled after one could not finish (a reader held the WAL past
+    /// [`READER_WAIT`]), so a reader that stays costs the writer one wait
+    /// each time the WAL doubles rather than one per commit.
     blocking_at: i32,
     wake: Option<SyncSender<()>>,
     checkpointer: Option<JoinHandle<()>>,
@@ -134,7 +139,7 @@ impl WalKeeper {
             .turn
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let outcome = checkpoint(conn, "RESTART");
+        let outcome = restart_within(conn, READER_WAIT);
         drop(turn);
         match outcome {
             Ok(true) => self.blocking_at = self.bounds.hard_pages,
@@ -143,11 +148,11 @@ impl WalKeeper {
                     wal_pages = pages,
                     "WAL checkpoint waited for readers past the busy timeout; trying again later"
                 );
-                self.blocking_at = pages.saturating_add(self.bounds.hard_pages / 2);
+                self.blocking_at = pages.saturating_mul(2);
             }
             Err(error) => {
                 tracing::warn!(%error, wal_pages = pages, "WAL checkpoint failed; trying again later");
-                self.blocking_at = pages.saturating_add(self.bounds.hard_pages / 2);
+                self.blocking_at = pages.saturating_mul(2);
             }
         }
     }
@@ -160,6 +165,16 @@ impl WalKeeper {
             let _ = thread.join();
         }
     }
+}
+
+/// A RESTART checkpoint that waits at most `wait` for readers to leave the
+/// WAL: the writer is stalled meanwhile, so a slow reader (a long `status`,
+/// a backup) costs it this much per try rather than the full busy timeout.
+fn restart_within(conn: &Connection, wait: Duration) -> Result<bool, rusqlite::Error> {
+    conn.busy_timeout(wait)?;
+    let outcome = checkpoint(conn, "RESTART");
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    outcome
 }
 
 /// Runs a checkpoint in `mode`; false when it could not finish because a
@@ -258,6 +273,64 @@ mod tests {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(check, "ok");
+    }
+
+    /// A reader that holds an old snapshot keeps the WAL from starting over:
+    /// the writer tries, waits for it a bounded time, goes on writing, and
+    /// bounds the WAL again once the reader is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_reader_stalls_the_writer_only_briefly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let bounds = WalBounds {
+            signal_pages: 16,
+            hard_pages: 64,
+        };
+        let store = Store::open_with(&path, bounds).unwrap();
+        // The longest single write, and all of them.
+        let fill = |store: Store, rows: std::ops::Range<i64>| async move {
+            let (started, mut longest) = (std::time::Instant::now(), Duration::ZERO);
+            for id in rows {
+                let write = std::time::Instant::now();
+                store
+                    .write(move |conn| {
+                        conn.execute(
+                            "INSERT INTO filler (id, body) VALUES (?1, zeroblob(3000))",
+                            [id],
+                        )
+                    })
+                    .await
+                    .unwrap();
+                longest = longest.max(write.elapsed());
+            }
+            (longest, started.elapsed())
+        };
+        store
+            .write(|conn| {
+                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
+            })
+            .await
+            .unwrap();
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        // Some 250 WAL pages: the writer tries at 64, 128 and 256 pages,
+        // waiting 1 s each time (a try per 32 pages would be 6 or more).
+        let (longest, all) = fill(store.clone(), 0..100).await;
+        assert!(
+            longest < Duration::from_secs(3),
+            "one write waited {longest:?} for a reader holding the WAL"
+        );
+        assert!(
+            all < Duration::from_millis(6500),
+            "100 writes past the bound took {all:?} with a reader holding the WAL"
+        );
+        reader.execute_batch("COMMIT").unwrap();
+        fill(store.clone(), 100..400).await;
+        let wal = wal_bytes(&path);
+        assert!(wal <= 2 * 64 * 4096, "the -wal file stayed at {wal} bytes");
     }
 
     /// The writer's connection must not checkpoint inside its commits.

@@ -11,6 +11,9 @@ use tokio::sync::{mpsc, watch};
 use super::StoreError;
 use super::checkpoint::{WalKeeper, checkpoint};
 
+/// How long a statement waits for a lock another connection holds.
+pub(super) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most jobs folded into one transaction.
 const GROUP_COMMIT_MAX: usize = 1024;
 
@@ -108,7 +111,7 @@ pub(super) fn open_connection(path: &Path, create: bool) -> Result<Connection, S
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_URI;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: every commit is fsync'd before the writer replies, so what a
     // sink has seen (a file line, a delivered mark, a Slack thread) cannot be
