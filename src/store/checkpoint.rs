@@ -17,7 +17,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -58,6 +58,9 @@ impl Default for WalBounds {
 pub(super) struct WalKeeper {
     pages: Arc<AtomicI32>,
     bounds: WalBounds,
+    /// Where the WAL stood when the checkpointer was last woken; a WAL that
+    /// started over stands lower.
+    woken_at: i32,
     /// Pages past which the next blocking checkpoint is tried: `hard_pages`,
     /// doubled after one could not finish (a reader held the WAL past
     /// [`READER_WAIT`]), so a reader that stays costs the writer one wait
@@ -96,30 +99,18 @@ impl WalKeeper {
                 error: Arc::new(error),
             })?;
         let pages = Arc::new(AtomicI32::new(0));
-        let (seen, signal) = (pages.clone(), wake.clone());
-        // Where the WAL stood at the last wake; a WAL that started over
-        // stands lower.
-        let mut woken_at = 0;
-        // Replaces SQLite's own hook (the automatic checkpoint): it runs in
-        // the COMMIT, so it only notes the size and wakes the checkpointer
-        // once per `signal_pages` written.
+        let seen = pages.clone();
+        // Replaces SQLite's own hook (the automatic checkpoint). It runs in
+        // the COMMIT, so it only notes the size; it holds no sender, so
+        // dropping the writer's ends the checkpointer.
         conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, in_wal: i32| {
             seen.store(in_wal, Ordering::Relaxed);
-            if in_wal < woken_at {
-                woken_at = 0;
-            }
-            if in_wal - woken_at >= bounds.signal_pages {
-                woken_at = in_wal;
-                match signal.try_send(()) {
-                    Ok(()) | Err(TrySendError::Full(())) => {}
-                    Err(TrySendError::Disconnected(())) => {}
-                }
-            }
             Ok(())
         }))?;
         Ok(Self {
             pages,
             bounds,
+            woken_at: 0,
             blocking_at: bounds.hard_pages,
             wake: Some(wake),
             checkpointer: Some(checkpointer),
@@ -127,9 +118,21 @@ impl WalKeeper {
         })
     }
 
-    /// After a group's replies went out: past the hard bound, checkpoint now.
+    /// After a group's replies went out: wakes the checkpointer once per
+    /// `signal_pages` written; past the hard bound, checkpoints now.
     pub(super) fn after_commit(&mut self, conn: &Connection) {
         let pages = self.pages.load(Ordering::Relaxed);
+        if pages < self.woken_at {
+            self.woken_at = 0;
+        }
+        if pages - self.woken_at >= self.bounds.signal_pages {
+            self.woken_at = pages;
+            if let Some(wake) = &self.wake {
+                // Full: a wake is already pending. Disconnected: the thread
+                // died, and the hard bound still holds.
+                let _ = wake.try_send(());
+            }
+        }
         if pages < self.blocking_at {
             return;
         }
@@ -331,6 +334,47 @@ mod tests {
         fill(store.clone(), 100..400).await;
         let wal = wal_bytes(&path);
         assert!(wal <= 2 * 64 * 4096, "the -wal file stayed at {wal} bytes");
+    }
+
+    /// At shutdown the writer stops the checkpointer and folds the WAL back
+    /// into the database file (TRUNCATE), so a backup sees one file.
+    #[tokio::test]
+    async fn shutdown_folds_the_wal_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let bounds = WalBounds {
+            signal_pages: 4,
+            hard_pages: 1024,
+        };
+        let store = Store::open_with(&path, bounds).unwrap();
+        store
+            .write(|conn| {
+                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
+            })
+            .await
+            .unwrap();
+        for id in 0..20 {
+            store
+                .write(move |conn| {
+                    conn.execute(
+                        "INSERT INTO filler (id, body) VALUES (?1, zeroblob(3000))",
+                        [id],
+                    )
+                })
+                .await
+                .unwrap();
+        }
+        assert!(wal_bytes(&path) > 0, "the writes went to the WAL");
+        drop(store);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while wal_bytes(&path) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the -wal file still holds {} bytes after shutdown",
+                wal_bytes(&path)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The writer's connection must not checkpoint inside its commits.
