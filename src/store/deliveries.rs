@@ -72,6 +72,37 @@ const PENDING_FOR_RUN: &str = concat!(
     " ORDER BY d.event LIMIT ?3"
 );
 
+const MARK_DONE: &str = concat!(
+    "UPDATE deliveries SET state = ",
+    delivery_state!(done),
+    ", attempts = attempts + 1, done_at = ?3,
+        last_status = NULL, last_error = NULL
+     WHERE sink = ?1 AND event = ?2 AND state = ",
+    delivery_state!(pending)
+);
+const MARK_FAILED: &str = concat!(
+    "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?3,
+        last_status = ?4, last_error = ?5, state = ?6, done_at = ?7
+     WHERE sink = ?1 AND event = ?2 AND state = ",
+    delivery_state!(pending)
+);
+const RELEASE_BACKOFF: &str = concat!(
+    "UPDATE deliveries INDEXED BY deliveries_pending SET next_attempt_at = ?2
+     WHERE sink = ?1 AND state = ",
+    delivery_state!(pending),
+    " AND next_attempt_at > ?2"
+);
+const RUNS_WITH_PENDING: &str = concat!(
+    "SELECT DISTINCT run_id FROM deliveries INDEXED BY deliveries_pending_by_run
+     WHERE sink = ?1 AND state = ",
+    delivery_state!(pending)
+);
+const PENDING_COUNT: &str = concat!(
+    "SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_pending
+     WHERE sink = ?1 AND state = ",
+    delivery_state!(pending)
+);
+
 pub(super) fn pending_row(row: &Row<'_>) -> Result<Pending, rusqlite::Error> {
     Ok(Pending {
         event: row.get(0)?,
@@ -105,14 +136,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
             let now = now_ms();
-            let mut update = conn.prepare_cached(concat!(
-                "UPDATE deliveries SET state = ",
-                delivery_state!(done),
-                ", attempts = attempts + 1, done_at = ?3,
-                    last_status = NULL, last_error = NULL
-                 WHERE sink = ?1 AND event = ?2 AND state = ",
-                delivery_state!(pending)
-            ))?;
+            let mut update = conn.prepare_cached(MARK_DONE)?;
             for event in &events {
                 update.execute(params![&*sink, event, now])?;
             }
@@ -131,12 +155,7 @@ impl Store {
     /// A failed attempt: count it and schedule the next, or dead-letter.
     pub async fn record_failure(&self, sink: Arc<str>, failure: Failure) -> Result<(), StoreError> {
         self.write(move |conn| {
-            let mut update = conn.prepare_cached(concat!(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?3,
-                    last_status = ?4, last_error = ?5, state = ?6, done_at = ?7
-                 WHERE sink = ?1 AND event = ?2 AND state = ",
-                delivery_state!(pending)
-            ))?;
+            let mut update = conn.prepare_cached(MARK_FAILED)?;
             let (state, done_at) = if failure.dead {
                 (DeliveryState::Dead, Some(now_ms()))
             } else {
@@ -161,18 +180,8 @@ impl Store {
     /// A sink answered again: its backlog is due now rather than at each
     /// delivery's own backoff.
     pub async fn release_backoff(&self, sink: Arc<str>) -> Result<usize, StoreError> {
-        self.write(move |conn| {
-            conn.execute(
-                concat!(
-                    "UPDATE deliveries INDEXED BY deliveries_pending SET next_attempt_at = ?2
-                 WHERE sink = ?1 AND state = ",
-                    delivery_state!(pending),
-                    " AND next_attempt_at > ?2"
-                ),
-                params![&*sink, now_ms()],
-            )
-        })
-        .await
+        self.write(move |conn| conn.execute(RELEASE_BACKOFF, params![&*sink, now_ms()]))
+            .await
     }
 }
 
@@ -198,11 +207,7 @@ impl Reader {
     pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(concat!(
-                "SELECT DISTINCT run_id FROM deliveries INDEXED BY deliveries_pending_by_run
-                 WHERE sink = ?1 AND state = ",
-                delivery_state!(pending)
-            ))?;
+            let mut stmt = conn.prepare_cached(RUNS_WITH_PENDING)?;
             let rows = stmt.query_map([sink], |r| r.get(0))?;
             rows.collect()
         })
@@ -228,18 +233,8 @@ impl Reader {
     /// Deliveries of one sink not yet done or dead (uses the pending index).
     pub async fn pending_count(&self, sink: &str) -> Result<i64, StoreError> {
         let sink = sink.to_owned();
-        self.read(move |conn| {
-            conn.query_row(
-                concat!(
-                    "SELECT COUNT(*) FROM deliveries INDEXED BY deliveries_pending
-                 WHERE sink = ?1 AND state = ",
-                    delivery_state!(pending)
-                ),
-                [sink],
-                |r| r.get(0),
-            )
-        })
-        .await
+        self.read(move |conn| conn.query_row(PENDING_COUNT, [sink], |r| r.get(0)))
+            .await
     }
 
     /// Deliveries not yet done or dead, over all sinks.
@@ -255,5 +250,86 @@ impl Reader {
             )
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use super::*;
+
+    /// The query plan of `sql`, one line per step.
+    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let unbound = vec![rusqlite::types::Null; stmt.parameter_count()];
+        stmt.query_map(rusqlite::params_from_iter(unbound), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    /// Every delivery passes through these statements, several times: each
+    /// must reach its rows through the index it was written for (the
+    /// primary key for a mark, a partial index over pending deliveries for
+    /// the rest) and never walk the deliveries done so far, nor sort. An
+    /// index dropped or reshaped to dirty fewer pages per mark has to keep
+    /// this true.
+    #[test]
+    fn delivery_statements_use_their_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        for (name, sql, index) in [
+            (
+                "pending in order",
+                PENDING_IN_ORDER,
+                "USING INDEX deliveries_pending (",
+            ),
+            (
+                "pending for run",
+                PENDING_FOR_RUN,
+                "USING INDEX deliveries_pending_by_run (",
+            ),
+            (
+                "mark done",
+                MARK_DONE,
+                "USING PRIMARY KEY (sink=? AND event=?)",
+            ),
+            (
+                "mark failed",
+                MARK_FAILED,
+                "USING PRIMARY KEY (sink=? AND event=?)",
+            ),
+            (
+                "release backoff",
+                RELEASE_BACKOFF,
+                "USING INDEX deliveries_pending (sink=?)",
+            ),
+            (
+                "runs with pending",
+                RUNS_WITH_PENDING,
+                "USING COVERING INDEX deliveries_pending_by_run (sink=?)",
+            ),
+            (
+                "pending count",
+                PENDING_COUNT,
+                "USING COVERING INDEX deliveries_pending (sink=?)",
+            ),
+        ] {
+            let steps = plan(&conn, sql);
+            assert!(
+                steps.iter().any(|s| s.contains(index)),
+                "{name} uses {index}: {steps:#?}"
+            );
+            for step in &steps {
+                let walks_deliveries = (step.starts_with("SCAN d")
+                    || step.starts_with("SCAN deliveries"))
+                    && !step.contains("INDEX deliveries_pending");
+                assert!(!walks_deliveries, "{name} walks the deliveries: {steps:#?}");
+                assert!(!step.contains("TEMP B-TREE"), "{name} sorts: {steps:#?}");
+            }
+        }
     }
 }

@@ -33,6 +33,7 @@
 
 #[macro_use]
 mod states;
+mod checkpoint;
 mod dead;
 mod deliveries;
 mod lock;
@@ -65,6 +66,7 @@ pub use sinks::SinkRow;
 pub use state::{Fence, Location, MAINTENANCE_CHUNK, Sqlite, State, StateError};
 pub use states::{DeliveryState, RunState};
 
+use checkpoint::{WalBounds, WalKeeper};
 use writer::{Job, in_savepoint, open_connection, writer_loop};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -110,13 +112,18 @@ impl Store {
     /// Opens (creating, mode 0600) and migrates the database, then starts the
     /// writer thread.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, WalBounds::default())
+    }
+
+    fn open_with(path: &Path, wal: WalBounds) -> Result<Self, StoreError> {
         let mut conn = open_connection(path, true)?;
         schema::migrate(&mut conn)?;
+        let wal = WalKeeper::attach(&mut conn, path, wal)?;
         let (jobs, queue) = mpsc::channel::<Job>(4096);
         let (bump, committed) = watch::channel(0u64);
         std::thread::Builder::new()
             .name("runhook-store".into())
-            .spawn(move || writer_loop(conn, queue, bump))
+            .spawn(move || writer_loop(conn, queue, bump, wal))
             .map_err(|error| StoreError::Open {
                 path: path.to_owned(),
                 error: Arc::new(error),

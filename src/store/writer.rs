@@ -9,6 +9,10 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
 
 use super::StoreError;
+use super::checkpoint::{WalKeeper, checkpoint};
+
+/// How long a statement waits for a lock another connection holds.
+pub(super) const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most jobs folded into one transaction.
 const GROUP_COMMIT_MAX: usize = 1024;
@@ -40,6 +44,7 @@ pub(super) fn writer_loop(
     conn: Connection,
     mut queue: mpsc::Receiver<Job>,
     bump: watch::Sender<u64>,
+    mut wal: WalKeeper,
 ) {
     while let Some(first) = queue.blocking_recv() {
         let mut jobs = vec![first];
@@ -53,10 +58,12 @@ pub(super) fn writer_loop(
             done(result);
         }
         bump.send_modify(|n| *n = n.wrapping_add(1));
+        wal.after_commit(&conn);
     }
     // Every handle is gone (shutdown): fold the WAL back into the database
     // file, so a backup or the next start sees one file.
-    if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+    wal.stop();
+    if let Err(error) = checkpoint(&conn, "TRUNCATE") {
         tracing::warn!(%error, "WAL checkpoint at shutdown failed; SQLite completes it on the next start");
     }
 }
@@ -104,7 +111,7 @@ pub(super) fn open_connection(path: &Path, create: bool) -> Result<Connection, S
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_URI;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: every commit is fsync'd before the writer replies, so what a
     // sink has seen (a file line, a delivered mark, a Slack thread) cannot be
