@@ -336,6 +336,94 @@ mod tests {
         assert!(wal <= 2 * 64 * 4096, "the -wal file stayed at {wal} bytes");
     }
 
+    /// Review (s4-review2): a reader that held the WAL once must not loosen
+    /// the bound for good. While it stayed, each failed blocking checkpoint
+    /// doubled `blocking_at`; once it has gone and the WAL has started over
+    /// on its own (the background checkpointer copied everything in a quiet
+    /// moment), sustained writes must be bounded by `hard_pages` again. But
+    /// `blocking_at` is reset only by a blocking checkpoint that succeeds,
+    /// never when the WAL starts over, so the -wal file grows to 2x the
+    /// largest size the reader ever caused before the writer checkpoints.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_gone_leaves_the_bound_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (signal, hard) = (16, 64);
+        let store = Store::open_with(
+            &path,
+            WalBounds {
+                signal_pages: signal,
+                hard_pages: hard,
+            },
+        )
+        .unwrap();
+        let insert = |store: Store, id: i64, body: i64| async move {
+            store
+                .write(move |conn| {
+                    conn.execute(
+                        "INSERT INTO filler (id, body) VALUES (?1, zeroblob(?2))",
+                        [id, body],
+                    )
+                })
+                .await
+                .unwrap();
+        };
+        store
+            .write(|conn| {
+                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
+            })
+            .await
+            .unwrap();
+        // 1. A slow reader (a long `status`, a backup) holds a snapshot while
+        //    some 300 pages are written: the writer's tries at ~64, ~128 and
+        //    ~256 pages fail, so the next try is due past ~512.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        for id in 0..120 {
+            insert(store.clone(), id, 3000).await;
+        }
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        // 2. The reader is gone. Light writes: the checkpointer, woken every
+        //    `signal` pages, copies everything and the WAL starts over by
+        //    itself (journal_size_limit trims the file back to `hard`).
+        for id in 120..200 {
+            insert(store.clone(), id, 100).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let bound = 2 * hard as u64 * 4096;
+        let after_restart = wal_bytes(&path);
+        assert!(
+            after_restart <= bound,
+            "precondition: the WAL started over and was trimmed ({after_restart} bytes)"
+        );
+        // 3. Sustained writes, no reader anywhere: the bound must be back.
+        let mut tasks = Vec::new();
+        for writer in 0..16i64 {
+            let (store, path) = (store.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut largest = 0;
+                for row in 0..100i64 {
+                    insert(store.clone(), 1000 + writer * 100 + row, 2048).await;
+                    largest = largest.max(wal_bytes(&path));
+                }
+                largest
+            }));
+        }
+        let mut largest = 0;
+        for task in tasks {
+            largest = largest.max(task.await.unwrap());
+        }
+        assert!(
+            largest <= bound,
+            "with no reader left the -wal file reached {largest} bytes (bound {bound}): \
+             blocking_at kept the doubling from a reader long gone"
+        );
+    }
+
     /// At shutdown the writer stops the checkpointer and folds the WAL back
     /// into the database file (TRUNCATE), so a backup sees one file.
     #[tokio::test]
