@@ -66,6 +66,8 @@ pub(super) struct WalKeeper {
     /// [`READER_WAIT`]), so a reader that stays costs the writer one wait
     /// each time the WAL doubles rather than one per commit.
     blocking_at: i32,
+    /// The WAL's size at the last commit: lower now means it started over.
+    last_pages: i32,
     wake: Option<SyncSender<()>>,
     checkpointer: Option<JoinHandle<()>>,
     /// Held while either side checkpoints.
@@ -112,6 +114,7 @@ impl WalKeeper {
             bounds,
             woken_at: 0,
             blocking_at: bounds.hard_pages,
+            last_pages: 0,
             wake: Some(wake),
             checkpointer: Some(checkpointer),
             turn,
@@ -122,9 +125,14 @@ impl WalKeeper {
     /// `signal_pages` written; past the hard bound, checkpoints now.
     pub(super) fn after_commit(&mut self, conn: &Connection) {
         let pages = self.pages.load(Ordering::Relaxed);
-        if pages < self.woken_at {
+        if pages < self.last_pages {
+            // The WAL started over: whatever held it earlier has let go, so
+            // the bound is the configured one again (a slow reader once
+            // must not loosen it for good).
             self.woken_at = 0;
+            self.blocking_at = self.bounds.hard_pages;
         }
+        self.last_pages = pages;
         if pages - self.woken_at >= self.bounds.signal_pages {
             self.woken_at = pages;
             if let Some(wake) = &self.wake {
@@ -145,11 +153,21 @@ impl WalKeeper {
         let outcome = restart_within(conn, READER_WAIT);
         drop(turn);
         match outcome {
-            Ok(true) => self.blocking_at = self.bounds.hard_pages,
+            Ok(true) => {
+                self.blocking_at = self.bounds.hard_pages;
+                // Every frame is copied: the WAL starts over with the next
+                // write. Until that write's hook reports, the last size is
+                // stale; without this, each group that writes nothing (a
+                // watchdog ping) would checkpoint again.
+                self.pages.store(0, Ordering::Relaxed);
+                self.woken_at = 0;
+                self.last_pages = 0;
+            }
             Ok(false) => {
                 tracing::warn!(
                     wal_pages = pages,
-                    "WAL checkpoint waited for readers past the busy timeout; trying again later"
+                    wait = ?READER_WAIT,
+                    "WAL checkpoint could not finish: a reader or another connection held the WAL; trying again once it has doubled"
                 );
                 self.blocking_at = pages.saturating_mul(2);
             }
