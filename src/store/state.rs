@@ -179,6 +179,29 @@ impl State {
         }
     }
 
+    /// The same state with a read connection of its own (SQLite), for a
+    /// task that reads often (a delivery loop, the metrics, the runs
+    /// supervisor): SQLite's reader serialises its queries on one
+    /// connection, so tasks sharing one would wait on each other. The
+    /// PostgreSQL pool already gives each query a connection.
+    pub fn with_own_reader(&self) -> Result<Self, StateError> {
+        match self {
+            Self::Sqlite(sqlite) => Ok(Self::Sqlite(Sqlite {
+                store: sqlite.store.clone(),
+                reader: sqlite.store.reader()?,
+            })),
+            Self::Postgres(pg) => Ok(Self::Postgres(pg.clone())),
+        }
+    }
+
+    /// The read side alone, sharing this state's connections.
+    pub fn reads(&self) -> Reads {
+        match self {
+            Self::Sqlite(sqlite) => Reads::Sqlite(sqlite.reader.clone()),
+            Self::Postgres(pg) => Reads::Postgres(pg.clone()),
+        }
+    }
+
     /// "sqlite" or "postgres", for logs and `status`.
     pub fn backend(&self) -> &'static str {
         match self {
@@ -562,6 +585,87 @@ impl State {
         run_id: &str,
     ) -> Result<Option<(String, String)>, StateError> {
         read!(self.thread_root(sink, run_id))
+    }
+}
+
+/// The read side alone: what `status`, `dead`, `tail`, `top` and the demo
+/// need beside a running daemon. On SQLite it opens only a read
+/// connection, as those commands always have: it creates no database (a
+/// missing one is an error that says so), migrates nothing under a running
+/// daemon and starts no writer. Cheap to clone.
+#[derive(Clone)]
+pub enum Reads {
+    Sqlite(Reader),
+    Postgres(PgStore),
+}
+
+/// Delegates a read to whichever backend.
+macro_rules! reads {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match $self {
+            Reads::Sqlite(reader) => Ok(reader.$method($($arg),*).await?),
+            Reads::Postgres(pg) => Ok(pg.$method($($arg),*).await?),
+        }
+    };
+}
+
+impl Reads {
+    /// Opens the read side of an existing state. `replica` as in
+    /// [`State::open`].
+    pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
+        match location {
+            Location::Sqlite(path) => Ok(Self::Sqlite(Reader::open(path)?)),
+            Location::Postgres(url) => Ok(Self::Postgres(PgStore::open(url, replica).await?)),
+        }
+    }
+
+    pub async fn last_event_row(&self) -> Result<i64, StateError> {
+        reads!(self.last_event_row())
+    }
+
+    pub async fn events_after(
+        &self,
+        after: i64,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        reads!(self.events_after(after, run, event_type, limit))
+    }
+
+    pub async fn runs(&self) -> Result<Vec<RunRow>, StateError> {
+        reads!(self.runs())
+    }
+
+    pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StateError> {
+        reads!(self.pruned_run(run_id))
+    }
+
+    pub async fn pruned_count(&self) -> Result<i64, StateError> {
+        reads!(self.pruned_count())
+    }
+
+    pub async fn pending_total(&self) -> Result<i64, StateError> {
+        reads!(self.pending_total())
+    }
+
+    pub async fn dead_letters(
+        &self,
+        sink: Option<String>,
+        run: Option<String>,
+    ) -> Result<Vec<DeadLetter>, StateError> {
+        reads!(self.dead_letters(sink, run))
+    }
+
+    pub async fn sinks(&self) -> Result<Vec<SinkRow>, StateError> {
+        reads!(self.sinks())
+    }
+
+    pub async fn oldest_pending(
+        &self,
+        sinks: Vec<String>,
+    ) -> Result<Vec<(String, i64)>, StateError> {
+        reads!(self.oldest_pending(sinks))
     }
 }
 

@@ -130,6 +130,25 @@ fn state_flag_needs_no_config_file() {
     }
 }
 
+/// The reading commands open the state read-only: on a mistyped path they
+/// say there is no database there, and leave none behind (a created empty
+/// one would hide the typo from the next command and from the daemon).
+#[test]
+fn reading_commands_create_no_state_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("typo.db");
+    for command in ["status", "dead", "tail"] {
+        let output = run(runhook(&["--state", state.to_str().unwrap(), command]));
+        assert!(!output.status.success(), "runhook {command} succeeded");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("no state database here yet"),
+            "runhook {command}: {stderr}"
+        );
+        assert!(!state.exists(), "runhook {command} created {state:?}");
+    }
+}
+
 #[test]
 fn a_bad_state_table_is_a_config_error_at_its_place() {
     let dir = tempfile::tempdir().unwrap();
