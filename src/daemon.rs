@@ -143,7 +143,10 @@ async fn start_server(
     };
     let task = crate::server::serve(
         server.listen,
-        store.clone(),
+        crate::store::State::Sqlite(crate::store::Sqlite {
+            store: store.clone(),
+            reader: store.reader()?,
+        }),
         server.watch_token.clone(),
         shutdown.clone(),
         background_stop.clone(),
