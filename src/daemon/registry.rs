@@ -18,7 +18,7 @@ use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
 use crate::sink::webhook::WebhookSink;
-use crate::store::{Store, StoreError};
+use crate::store::{Fence, Sqlite, State, StateError, Store};
 
 /// The delivery loops, one per sink, each with its own stop switch so a
 /// reload can start, stop or restart one without touching the others.
@@ -102,7 +102,16 @@ fn start_sink(
     sink: &SinkConfig,
     store: &Store,
     stop: CancellationToken,
-) -> Result<Owned<Result<(), StoreError>>, DaemonError> {
+) -> Result<Owned<Result<(), StateError>>, DaemonError> {
+    // Each loop reads on a connection of its own.
+    let state = || -> Result<State, DaemonError> {
+        Ok(State::Sqlite(Sqlite {
+            store: store.clone(),
+            reader: store.reader()?,
+        }))
+    };
+    // The daemon holds the state database's lock: it owns every run.
+    let fence = Fence::Exclusive;
     let client_error = |error| DaemonError::SinkClient {
         sink: sink.name.to_string(),
         error,
@@ -118,8 +127,8 @@ fn start_sink(
                 sink.name.clone(),
                 Arc::new(opened),
                 sink.delivery.clone(),
-                store.clone(),
-                store.reader()?,
+                state()?,
+                fence,
                 stop,
             ))));
         }
@@ -127,7 +136,7 @@ fn start_sink(
             Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
         }
         SinkKind::Slack(slack) => {
-            let threads = StoredThreads::new(sink.name.clone(), store.clone(), store.reader()?);
+            let threads = StoredThreads::new(sink.name.clone(), state()?, fence.clone());
             Sender::Slack(
                 SlackSink::new(sink.name.clone(), slack, Arc::new(threads))
                     .map_err(client_error)?,
@@ -142,8 +151,8 @@ fn start_sink(
             ordered: sink.ordered,
             pipeline: matches!(&sink.kind, SinkKind::Webhook(w) if w.pipeline),
             concurrency: sink.concurrency,
-            store: store.clone(),
-            reader: store.reader()?,
+            state: state()?,
+            fence,
             shutdown: stop,
         }),
     ))))

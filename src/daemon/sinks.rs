@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
 use super::owned::Owned;
-use crate::store::{Store, StoreError};
+use crate::store::{StateError, Store};
 
 /// Restart backoff of a failed delivery loop: from `RESTART_MIN`, doubling,
 /// capped at `RESTART_MAX`.
@@ -26,7 +26,7 @@ enum LoopFailure {
     #[error(transparent)]
     Start(#[from] DaemonError),
     #[error("delivery loop failed: {0}")]
-    Store(#[from] StoreError),
+    Store(#[from] StateError),
     #[error("delivery loop panicked: {0}")]
     Panicked(String),
     #[error("delivery loop ended by itself")]
@@ -43,7 +43,7 @@ pub(super) async fn supervise_sink<S>(
     store: Store,
     stop: CancellationToken,
 ) where
-    S: Fn(CancellationToken) -> Result<Owned<Result<(), StoreError>>, DaemonError>,
+    S: Fn(CancellationToken) -> Result<Owned<Result<(), StateError>>, DaemonError>,
 {
     let mut failures = 0u32;
     let mut marked_down = false;

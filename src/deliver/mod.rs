@@ -64,10 +64,10 @@ async fn retry_store<T, F, Fut>(
     sink: &str,
     shutdown: &tokio_util::sync::CancellationToken,
     mut write: F,
-) -> Result<T, crate::store::StoreError>
+) -> Result<T, crate::store::StateError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, crate::store::StateError>>,
 {
     let mut attempt = 0;
     loop {
