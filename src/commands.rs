@@ -82,24 +82,13 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
 /// (created and migrated) as the daemon opens it. Commands write no run's
 /// data path, so they never need a fence.
 async fn open_state(path: &Path) -> Result<State, StateError> {
-    State::open(&Location::Sqlite(path.to_owned()), bystander()).await
+    State::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
 }
 
 /// The state a command only reads (`status`, `dead`, `tail`, `top`): must
 /// exist already; nothing is created or migrated.
 async fn open_reads(path: &Path) -> Result<Reads, StateError> {
-    Reads::open(&Location::Sqlite(path.to_owned()), bystander()).await
-}
-
-/// Who a command is in a cluster: no replica (it claims no lease and sends
-/// no heartbeat). SQLite ignores it; PostgreSQL needs a name to open with,
-/// until `[cluster]` gives the commands one.
-fn bystander() -> Replica {
-    Replica {
-        node: "runhook-command".into(),
-        lease_ttl: std::time::Duration::from_secs(15),
-        share_slack: 0,
-    }
+    Reads::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
 }
 
 /// The state database of a command that needs nothing else: `--state`, or

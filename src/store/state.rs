@@ -645,6 +645,10 @@ impl Reads {
         reads!(self.pruned_count())
     }
 
+    pub async fn pending_count(&self, sink: &str) -> Result<i64, StateError> {
+        reads!(self.pending_count(sink))
+    }
+
     pub async fn pending_total(&self) -> Result<i64, StateError> {
         reads!(self.pending_total())
     }
@@ -666,6 +670,20 @@ impl Reads {
         sinks: Vec<String>,
     ) -> Result<Vec<(String, i64)>, StateError> {
         reads!(self.oldest_pending(sinks))
+    }
+}
+
+impl Replica {
+    /// A process that opens the state without being one of the cluster's
+    /// replicas (a command beside the daemon, the demo): it claims no lease
+    /// and sends no heartbeat. SQLite ignores the replica; PostgreSQL opens
+    /// with this name.
+    pub fn bystander() -> Self {
+        Self {
+            node: "runhook-command".into(),
+            lease_ttl: std::time::Duration::from_secs(15),
+            share_slack: 0,
+        }
     }
 }
 
