@@ -724,6 +724,35 @@ mod tests {
         );
     }
 
+    /// Users and tests read the SQLite errors' words (`status` on a missing
+    /// database, a daemon already running, a newer schema): going through
+    /// `State` must not change a word of them, nor of their causes.
+    #[test]
+    fn a_sqlite_error_reads_as_it_did_before_state() {
+        let errors = [
+            StoreError::Open {
+                path: "/var/lib/runhook/runhook.db".into(),
+                error: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no state database here yet: has `runhook run` started with this config?",
+                )),
+            },
+            StoreError::TooNew { found: 9, known: 8 },
+            StoreError::Locked {
+                path: "runhook.db".into(),
+                holder: "4242".into(),
+            },
+            StoreError::Closed,
+            StoreError::from(rusqlite::Error::InvalidQuery),
+        ];
+        for error in errors {
+            let before = anyhow::Error::new(error.clone());
+            let after = anyhow::Error::new(StateError::from(error));
+            assert_eq!(format!("{after}"), format!("{before}"));
+            assert_eq!(format!("{after:#}"), format!("{before:#}"));
+        }
+    }
+
     /// The variant an owner matches to stop a run must not hide inside the
     /// backend's error.
     #[test]
