@@ -633,8 +633,37 @@ impl Reads {
         reads!(self.events_after(after, run, event_type, limit))
     }
 
+    pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StateError> {
+        reads!(self.watched_runs())
+    }
+
     pub async fn runs(&self) -> Result<Vec<RunRow>, StateError> {
         reads!(self.runs())
+    }
+
+    pub async fn control_generation(&self) -> Result<i64, StateError> {
+        reads!(self.control_generation())
+    }
+
+    pub async fn pending_in_order(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        reads!(self.pending_in_order(sink, limit))
+    }
+
+    pub async fn pending_for_run(
+        &self,
+        sink: &str,
+        run_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        reads!(self.pending_for_run(sink, run_id, limit))
+    }
+
+    pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StateError> {
+        reads!(self.runs_with_pending(sink))
     }
 
     pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StateError> {
@@ -670,6 +699,18 @@ impl Reads {
         sinks: Vec<String>,
     ) -> Result<Vec<(String, i64)>, StateError> {
         reads!(self.oldest_pending(sinks))
+    }
+
+    pub async fn sink_offset(&self, sink: &str) -> Result<Option<u64>, StateError> {
+        reads!(self.sink_offset(sink))
+    }
+
+    pub async fn thread_root(
+        &self,
+        sink: &str,
+        run_id: &str,
+    ) -> Result<Option<(String, String)>, StateError> {
+        reads!(self.thread_root(sink, run_id))
     }
 }
 
