@@ -26,7 +26,7 @@ enum LoopFailure {
     #[error(transparent)]
     Start(#[from] DaemonError),
     #[error("delivery loop failed: {0}")]
-    Store(#[from] StateError),
+    State(#[from] StateError),
     #[error("delivery loop panicked: {0}")]
     Panicked(String),
     #[error("delivery loop ended by itself")]

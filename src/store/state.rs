@@ -102,6 +102,17 @@ pub enum StateError {
     LeaseOnSqlite { write: &'static str },
 }
 
+impl StateError {
+    /// The write was refused for its fence, not for the database: trying
+    /// it again can only be refused again.
+    pub fn fence_refused(&self) -> bool {
+        matches!(
+            self,
+            Self::LeaseLost { .. } | Self::Unfenced { .. } | Self::LeaseOnSqlite { .. }
+        )
+    }
+}
+
 impl From<StoreError> for StateError {
     fn from(error: StoreError) -> Self {
         Self::Sqlite(error)
