@@ -805,6 +805,21 @@ mod tests {
         }
     }
 
+    /// The daemon's reading tasks each had a read connection of their own;
+    /// sharing one would make a scrape wait on a delivery loop's reads.
+    #[test]
+    fn with_own_reader_opens_a_connection_a_clone_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let conn = |state: &State| match state {
+            State::Sqlite(sqlite) => sqlite.reader.conn.clone(),
+            State::Postgres(_) => unreachable!("a SQLite state"),
+        };
+        assert!(Arc::ptr_eq(&conn(&state), &conn(&state.clone())));
+        let own = state.with_own_reader().unwrap();
+        assert!(!Arc::ptr_eq(&conn(&state), &conn(&own)));
+    }
+
     /// The variant an owner matches to stop a run must not hide inside the
     /// backend's error.
     #[test]
