@@ -37,7 +37,8 @@ use axum::routing::post;
 use runhook::config::{Config, Transport};
 use runhook::simulate::scenario::Bulk;
 use runhook::simulate::{Scenario, Simulator};
-use runhook::store::{Reader, RunState};
+use runhook::store::pg::Replica;
+use runhook::store::{Location, Reads, RunState};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -490,7 +491,7 @@ fn parse(text: &str, dir: &Path) -> Arc<Config> {
     Arc::new(Config::parse(text, &dir.join("bench.toml"), &|_| None).expect("config"))
 }
 
-async fn reader(dir: &Path) -> Reader {
+async fn reader(dir: &Path) -> Reads {
     let path = dir.join("runhook.db");
     wait_until(
         "the daemon to create its database",
@@ -502,12 +503,14 @@ async fn reader(dir: &Path) -> Reader {
         },
     )
     .await;
-    Reader::open(&path).expect("reader")
+    Reads::open(&Location::Sqlite(path), Replica::bystander())
+        .await
+        .expect("reader")
 }
 
 /// Every run finished and nothing pending for the sink; cheap queries, so
 /// that watching does not slow what is watched.
-async fn drained(reader: &Reader) -> Result<(), String> {
+async fn drained(reader: &Reads) -> Result<(), String> {
     let runs = reader.runs().await.unwrap_or_default();
     let finished = runs
         .iter()

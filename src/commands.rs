@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 use runhook::config::{Config, StateConfig};
+use runhook::store::pg::Replica;
+use runhook::store::{Location, Reads, State, StateError};
 
 /// `println!` for command output, returning the write's error instead of
 /// panicking; see [`Stdout`].
@@ -74,6 +76,19 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
             .and_then(|io| io.get_ref())
             .is_some_and(|inner| inner.is::<StdoutClosed>())
     })
+}
+
+/// The state a command changes, beside a running daemon or not: opened
+/// (created and migrated) as the daemon opens it. Commands write no run's
+/// data path, so they never need a fence.
+async fn open_state(path: &Path) -> Result<State, StateError> {
+    State::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+}
+
+/// The state a command only reads (`status`, `dead`, `tail`, `top`): must
+/// exist already; nothing is created or migrated.
+async fn open_reads(path: &Path) -> Result<Reads, StateError> {
+    Reads::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
 }
 
 /// The state database of a command that needs nothing else: `--state`, or

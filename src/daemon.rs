@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Store, StoreError, now_ms};
+use crate::store::{Fence, Sqlite, State, StateError, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
 
 mod owned;
@@ -37,8 +37,11 @@ const STARTUP_SPREAD_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// Taking the state database's lock.
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("sink {sink}: cannot open {path}: {error}")]
@@ -72,25 +75,31 @@ pub async fn run_reloadable(
 ) -> Result<(), DaemonError> {
     // Held until this function returns: one daemon per state database.
     let _lock = crate::store::DaemonLock::acquire(&config.state.path)?;
-    let store = open_store(&config).await?;
+    // The lock makes this daemon the one owner of every run: the fence of
+    // every run it follows and delivers.
+    let fence = Fence::Exclusive;
+    let state = open_state(&config).await?;
     let mut sinks = Sinks::default();
-    sinks.apply(&config, &store, false).await?;
+    sinks.apply(&config, &state, &fence, false).await?;
     let background_stop = CancellationToken::new();
     let mut background = JoinSet::new();
     background.spawn(prune::prune_periodically(
-        store.clone(),
+        state.clone(),
         config.state.retain,
         background_stop.clone(),
     ));
-    let server = start_server(&config, &store, &shutdown, &background_stop).await?;
-    let ingest = Arc::new(new_ingest(&config, &store)?);
+    let server = start_server(&config, &state, &shutdown, &background_stop).await?;
+    let ingest = Arc::new(new_ingest(&config, &state)?);
     let heartbeat = Arc::new(AtomicI64::new(now_ms()));
     background.spawn(systemd::watchdog(
-        store.clone(),
+        state.clone(),
         heartbeat.clone(),
         background_stop.clone(),
     ));
-    background.spawn(systemd::status(store.reader()?, background_stop.clone()));
+    background.spawn(systemd::status(
+        state.with_own_reader()?,
+        background_stop.clone(),
+    ));
     tracing::info!(
         state = %config.state.path.display(),
         runs = config.runs.len(),
@@ -100,7 +109,7 @@ pub async fn run_reloadable(
     systemd::notify(&[sd_notify::NotifyState::Ready]);
 
     let Supervised { result, config } = reload::follow_runs(
-        config, &ingest, &store, &mut sinks, reloads, shutdown, heartbeat,
+        config, &ingest, &state, &fence, &mut sinks, reloads, shutdown, heartbeat,
     )
     .await?;
 
@@ -119,8 +128,9 @@ pub async fn run_reloadable(
 /// Opens the state database and brings its watched runs in line with the
 /// config. Runs stopped by a 403 or 404 get another try at each start: the
 /// credential or the run may have been fixed meanwhile.
-async fn open_store(config: &Config) -> Result<Store, DaemonError> {
-    let store = Store::open(&config.state.path)?;
+async fn open_state(config: &Config) -> Result<State, DaemonError> {
+    // SQLite, the one backend the config can name so far.
+    let store = State::Sqlite(Sqlite::open_path(&config.state.path)?);
     let retried = store.retry_stopped_runs().await?;
     if retried > 0 {
         tracing::info!(runs = retried, "retrying runs stopped by a 403 or 404");
@@ -134,7 +144,7 @@ async fn open_store(config: &Config) -> Result<Store, DaemonError> {
 /// is over (`background_stop`), so the drain can still be watched.
 async fn start_server(
     config: &Config,
-    store: &Store,
+    state: &State,
     shutdown: &CancellationToken,
     background_stop: &CancellationToken,
 ) -> Result<Option<Owned<()>>, DaemonError> {
@@ -143,7 +153,7 @@ async fn start_server(
     };
     let task = crate::server::serve(
         server.listen,
-        store.clone(),
+        state.clone(),
         server.watch_token.clone(),
         shutdown.clone(),
         background_stop.clone(),
@@ -156,10 +166,10 @@ async fn start_server(
     Ok(Some(Owned::new(task)))
 }
 
-fn new_ingest(config: &Config, store: &Store) -> Result<Ingest, DaemonError> {
+fn new_ingest(config: &Config, state: &State) -> Result<Ingest, DaemonError> {
     Ok(Ingest {
         client: Client::new(&config.api)?,
-        store: store.clone(),
+        store: state.clone(),
         router: std::sync::RwLock::new(Arc::new(config.router.clone())),
         transport: config.api.transport,
         poll_interval: config.api.poll_interval,

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::daemon::{self, DaemonError};
 use crate::simulate::{Scenario, Simulator};
-use crate::store::{Reader, StoreError};
+use crate::store::pg::Replica;
+use crate::store::{Location, Reads, StateError};
 
 /// The demo gives up if the runs have not all been delivered by then.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -28,7 +29,7 @@ pub enum DemoError {
     #[error("demo: {0}")]
     Daemon(#[from] DaemonError),
     #[error("demo: {0}")]
-    Store(#[from] StoreError),
+    State(#[from] StateError),
     #[error("demo: the runs were not all delivered within {0:?}")]
     Timeout(Duration),
 }
@@ -116,7 +117,8 @@ async fn follow_file(
     while !state.exists() || !path.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let store_reader = Reader::open(state)?;
+    let store_reader =
+        Reads::open(&Location::Sqlite(state.to_owned()), Replica::bystander()).await?;
     let file = std::fs::File::open(path)?;
     let mut lines = std::io::BufReader::new(file);
     let mut counts = BTreeMap::new();

@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
 use crate::metrics::metrics;
-use crate::store::{Reader, RunState, Store, now_ms};
+use crate::store::{self, RunState, StateError, now_ms};
 
 mod watch;
 
 struct Shared {
-    store: Store,
-    reader: Reader,
+    /// With its own read connection, so a scrape never waits on a
+    /// delivery loop's reads.
+    state: store::State,
     /// Cancelled when the daemon starts shutting down.
     shutting_down: CancellationToken,
 }
@@ -31,15 +32,14 @@ struct Shared {
 /// with a `watch_token`.
 pub async fn serve(
     listen: SocketAddr,
-    store: Store,
+    state: store::State,
     watch_token: Option<Secret>,
     shutting_down: CancellationToken,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
-    let watch_routes = watch_token.map(|token| watch::routes(store.clone(), token));
+    let watch_routes = watch_token.map(|token| watch::routes(state.clone(), token));
     let shared = Arc::new(Shared {
-        reader: store.reader().map_err(std::io::Error::other)?,
-        store,
+        state: state.with_own_reader().map_err(std::io::Error::other)?,
         shutting_down,
     });
     let app = Router::new()
@@ -68,7 +68,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
     if shared.shutting_down.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    match tokio::time::timeout(Duration::from_secs(2), shared.store.ping()).await {
+    match tokio::time::timeout(Duration::from_secs(2), shared.state.ping()).await {
         Ok(Ok(())) => "ready\n".into_response(),
         Ok(Err(error)) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -84,7 +84,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
-    if let Err(error) = refresh_gauges(&shared.reader).await {
+    if let Err(error) = refresh_gauges(&shared.state).await {
         tracing::warn!(%error, "metrics: cannot read the state database");
     }
     (
@@ -98,7 +98,7 @@ async fn scrape(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// Gauges come from the store, so they are right after a restart too.
-async fn refresh_gauges(reader: &Reader) -> Result<(), crate::store::StoreError> {
+async fn refresh_gauges(reader: &store::State) -> Result<(), StateError> {
     let now = now_ms();
     refresh_sinks(reader, now).await?;
     let runs = reader.runs().await?;
@@ -116,7 +116,7 @@ async fn refresh_gauges(reader: &Reader) -> Result<(), crate::store::StoreError>
     Ok(())
 }
 
-async fn refresh_sinks(reader: &Reader, now: i64) -> Result<(), crate::store::StoreError> {
+async fn refresh_sinks(reader: &store::State, now: i64) -> Result<(), StateError> {
     let m = metrics();
     let sinks = reader.sinks().await?;
     let names = sinks.iter().map(|sink| sink.sink.clone()).collect();

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use runhook::store::{DeadFilter, Store, Subscribed};
+use runhook::store::{DeadFilter, Subscribed};
+
+use super::open_state;
 
 /// Labels are checked before `state` is looked up (which may read the
 /// config), so that a bad label is the error reported.
@@ -14,7 +16,7 @@ pub(super) async fn watch(
     labels: &[String],
 ) -> anyhow::Result<()> {
     let labels = runhook::ingest::parse_labels(labels).map_err(anyhow::Error::msg)?;
-    let store = Store::open(&state()?)?;
+    let store = open_state(&state()?).await?;
     match store
         .subscribe(run_id.clone(), labels, "watch", None)
         .await?
@@ -30,7 +32,7 @@ pub(super) async fn watch(
 }
 
 pub(super) async fn unwatch(state: &Path, run_id: String) -> anyhow::Result<()> {
-    let store = Store::open(state)?;
+    let store = open_state(state).await?;
     if !store.unsubscribe(run_id.clone()).await? {
         anyhow::bail!("run {run_id} is not known to this state database");
     }
@@ -43,7 +45,7 @@ pub(super) async fn purge_dead(
     sink: Option<String>,
     run: Option<String>,
 ) -> anyhow::Result<()> {
-    let store = Store::open(state)?;
+    let store = open_state(state).await?;
     let purged = store
         .purge_dead(DeadFilter {
             sink,
@@ -61,7 +63,7 @@ pub(super) async fn replay(
     run: Option<String>,
     id: Option<String>,
 ) -> anyhow::Result<()> {
-    let store = Store::open(state)?;
+    let store = open_state(state).await?;
     let replayed = store.replay(DeadFilter { sink, run, id }).await?;
     out!("queued {replayed} dead letters again (same ids)")?;
     Ok(())

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use comfy_table::{Cell, CellAlignment, Table};
 use runhook::config::Transport;
-use runhook::store::{PrunedRun, Reader, RunRow, RunState, SinkRow};
+use runhook::store::{PrunedRun, Reads, RunRow, RunState, SinkRow, StateError};
 use serde::Serialize;
 
 /// Which runs `status` lists. The summary line always counts them all.
@@ -64,7 +64,7 @@ pub(super) async fn status(
     filter: RunFilter,
     json: bool,
 ) -> anyhow::Result<()> {
-    let reader = Reader::open(state)?;
+    let reader = super::open_reads(state).await?;
     let runs = reader.runs().await?;
     let now = runhook::store::now_ms();
     let (sinks, oldest) = sinks_and_oldest(&reader, config).await?;
@@ -245,9 +245,9 @@ fn sinks_table(sinks: &[SinkStatus], now: i64) -> Table {
 /// [`all_sinks`], and when each one's oldest pending delivery was queued
 /// (unix ms; absent when none waits).
 pub(super) async fn sinks_and_oldest(
-    reader: &Reader,
+    reader: &Reads,
     config: &Path,
-) -> Result<(Vec<SinkRow>, BTreeMap<String, i64>), runhook::store::StoreError> {
+) -> Result<(Vec<SinkRow>, BTreeMap<String, i64>), StateError> {
     let sinks = all_sinks(reader.sinks().await?, config);
     let oldest = reader
         .oldest_pending(sinks.iter().map(|s| s.sink.clone()).collect())
@@ -304,7 +304,7 @@ pub(super) async fn dead(
     run: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let reader = Reader::open(state)?;
+    let reader = super::open_reads(state).await?;
     let letters = reader.dead_letters(sink, run).await?;
     if json {
         out!("{}", serde_json::to_string_pretty(&letters)?)?;
@@ -340,7 +340,7 @@ pub(super) async fn tail(
     event_type: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let reader = Reader::open(state)?;
+    let reader = super::open_reads(state).await?;
     let mut after = reader.last_event_row().await?;
     loop {
         let events = reader

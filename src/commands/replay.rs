@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cli::{BackfillArgs, ReplayArgs};
 use runhook::route::EventFacts;
-use runhook::store::{RequeueFilter, Store, StoredEvent, TimeRange};
+use runhook::store::{RequeueFilter, StoredEvent, TimeRange};
 
 /// `runhook replay`: without `--since`, the dead letters by id, run or sink
 /// (which need only the state path); with it, by the time recorded (which
@@ -76,7 +76,7 @@ pub(super) async fn replay_range(
         run,
         delivered,
     };
-    let store = Store::open(state)?;
+    let store = super::open_state(state).await?;
     let queued = store.requeue_range(filter.clone()).await?;
     let what = if filter.delivered {
         "dead or delivered"
@@ -113,7 +113,7 @@ pub(super) async fn backfill(
             config.display()
         );
     }
-    let store = Store::open(state)?;
+    let store = super::open_state(state).await?;
     let wanted = sink.clone();
     let routed = move |event: &StoredEvent| {
         let facts = EventFacts {

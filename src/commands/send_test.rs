@@ -25,7 +25,7 @@ use runhook::sink::file::FileSink;
 use runhook::sink::slack::SlackSink;
 use runhook::sink::slack::message::Message;
 use runhook::sink::webhook::WebhookSink;
-use runhook::store::{DaemonLock, Pending, Store, StoreError};
+use runhook::store::{DaemonLock, Fence, Pending, StoreError};
 
 /// The run id a sample carries when `--run` is not given.
 const SAMPLE_RUN: &str = "00000000-0000-4000-8000-000000000000";
@@ -166,9 +166,10 @@ async fn to_slack(
     // and the root's metadata names a sink the daemon does not have, so the
     // daemon's look-up for a root it may have posted never adopts a test's.
     let scratch = tempfile::tempdir()?;
-    let store = Store::open(&scratch.path().join("send-test.db"))?;
+    let state = super::open_state(&scratch.path().join("send-test.db")).await?;
     let name: std::sync::Arc<str> = format!("{} (send-test)", sink.name).into();
-    let threads = StoredThreads::new(name.clone(), store.clone(), store.reader()?);
+    // The scratch database is this command's alone: nothing else writes it.
+    let threads = StoredThreads::new(name.clone(), state, Fence::Exclusive);
     let slack = SlackSink::new(name, config, std::sync::Arc::new(threads))
         .context("building the Slack HTTP client")?;
     let message = mark_as_test(slack.render(&event.into()));

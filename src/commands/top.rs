@@ -15,7 +15,7 @@ use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
-use runhook::store::{Reader, RunState};
+use runhook::store::{Reads, RunState};
 
 use super::inspect::{age, sinks_and_oldest};
 
@@ -198,7 +198,7 @@ fn per_sec(rate: Option<f64>) -> String {
 
 /// Reads one sample; sinks are the configured ones (when `config` names
 /// any) and those the database knows.
-pub async fn sample(reader: &Reader, config: &Path) -> anyhow::Result<Sample> {
+pub async fn sample(reader: &Reads, config: &Path) -> anyhow::Result<Sample> {
     let at_ms = runhook::store::now_ms();
     let mut runs = BTreeMap::new();
     for run in reader.runs().await?.iter().filter(|r| r.watched) {
@@ -227,7 +227,7 @@ pub async fn sample(reader: &Reader, config: &Path) -> anyhow::Result<Sample> {
 
 /// The live view until `q`, Esc or Ctrl-C.
 pub(super) async fn top(state: &Path, config: &Path, interval: Duration) -> anyhow::Result<()> {
-    let reader = Reader::open(state)?;
+    let reader = super::open_reads(state).await?;
     let mut before: Option<Sample> = None;
     let mut terminal = ratatui::try_init()?;
     let shown = loop {
@@ -381,9 +381,9 @@ mod tests {
     /// configured sinks listed before they have deliveries.
     #[tokio::test]
     async fn samples_a_state_database() {
-        use runhook::store::{RunState, Store};
+        use runhook::store::{Fence, RunState, Sqlite, State};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
         for (run, state) in [
             ("a", RunState::Following),
             ("b", RunState::Following),
@@ -395,14 +395,14 @@ mod tests {
                 .await
                 .unwrap();
             store
-                .set_run_state(run.into(), state, None, None)
+                .set_run_state(&Fence::Exclusive, run.into(), state, None, None)
                 .await
                 .unwrap();
         }
         assert!(store.unsubscribe("d".into()).await.unwrap());
         let config = dir.path().join("runhook.toml");
         std::fs::write(&config, "[sinks.archive]\ntype = \"file\"\n").unwrap();
-        let reader = store.reader().unwrap();
+        let reader = store.reads();
         let sampled = super::sample(&reader, &config).await.unwrap();
         assert_eq!(
             sampled.runs,

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, now_ms};
+use crate::store::{State, now_ms};
 
 /// How often delivered events past `state.retain` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Drops delivered events older than `state.retain`, hourly.
-pub(super) async fn prune_periodically(store: Store, retain: Duration, stop: CancellationToken) {
+pub(super) async fn prune_periodically(store: State, retain: Duration, stop: CancellationToken) {
     loop {
         let cutoff = now_ms() - retain.as_millis() as i64;
         // Prune works in chunks, each committed: stopping between them is safe.

@@ -18,7 +18,7 @@ use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
 use crate::sink::webhook::WebhookSink;
-use crate::store::{Store, StoreError};
+use crate::store::{Fence, State, StateError};
 
 /// The delivery loops, one per sink, each with its own stop switch so a
 /// reload can start, stop or restart one without touching the others.
@@ -41,7 +41,8 @@ impl Sinks {
     pub(super) async fn apply(
         &mut self,
         config: &Config,
-        store: &Store,
+        state: &State,
+        fence: &Fence,
         reopen_files: bool,
     ) -> Result<(), DaemonError> {
         let stale: Vec<String> = self
@@ -64,13 +65,13 @@ impl Sinks {
             if !self.running.contains_key(name) {
                 let stop = CancellationToken::new();
                 let start = {
-                    let (sink, store) = (sink.clone(), store.clone());
-                    move |stop| start_sink(&sink, &store, stop)
+                    let (sink, state, fence) = (sink.clone(), state.clone(), fence.clone());
+                    move |stop| start_sink(&sink, &state, &fence, stop)
                 };
                 let supervisor = Owned::new(tokio::spawn(supervise_sink(
                     sink.name.clone(),
                     start,
-                    store.clone(),
+                    state.clone(),
                     stop.clone(),
                 )));
                 self.running.insert(
@@ -100,9 +101,12 @@ impl Sinks {
 /// reopens a file sink's file (logrotate).
 fn start_sink(
     sink: &SinkConfig,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     stop: CancellationToken,
-) -> Result<Owned<Result<(), StoreError>>, DaemonError> {
+) -> Result<Owned<Result<(), StateError>>, DaemonError> {
+    // Each loop reads on a connection of its own.
+    let state = || state.with_own_reader();
     let client_error = |error| DaemonError::SinkClient {
         sink: sink.name.to_string(),
         error,
@@ -118,8 +122,8 @@ fn start_sink(
                 sink.name.clone(),
                 Arc::new(opened),
                 sink.delivery.clone(),
-                store.clone(),
-                store.reader()?,
+                state()?,
+                fence.clone(),
                 stop,
             ))));
         }
@@ -127,7 +131,7 @@ fn start_sink(
             Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
         }
         SinkKind::Slack(slack) => {
-            let threads = StoredThreads::new(sink.name.clone(), store.clone(), store.reader()?);
+            let threads = StoredThreads::new(sink.name.clone(), state()?, fence.clone());
             Sender::Slack(
                 SlackSink::new(sink.name.clone(), slack, Arc::new(threads))
                     .map_err(client_error)?,
@@ -142,8 +146,8 @@ fn start_sink(
             ordered: sink.ordered,
             pipeline: matches!(&sink.kind, SinkKind::Webhook(w) if w.pipeline),
             concurrency: sink.concurrency,
-            store: store.clone(),
-            reader: store.reader()?,
+            state: state()?,
+            fence: fence.clone(),
             shutdown: stop,
         }),
     ))))

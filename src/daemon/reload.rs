@@ -13,7 +13,7 @@ use super::systemd::notify;
 use super::{DaemonError, runs};
 use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Store, StoreError, Subscribed};
+use crate::store::{Fence, State, StateError, Subscribed};
 
 /// How the run supervisor ended, with the config in force then (its
 /// `shutdown_grace` bounds the drain).
@@ -25,10 +25,14 @@ pub(super) struct Supervised {
 /// Runs the run supervisor until shutdown, applying each config from
 /// `reloads` meanwhile. A reload that fails is returned as the error at
 /// once: the daemon ends without a drain.
+// Each is a different part of the daemon it ties together; a struct made
+// only to carry them here would hide that.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn follow_runs(
     config: Arc<Config>,
     ingest: &Arc<Ingest>,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     sinks: &mut Sinks,
     mut reloads: mpsc::Receiver<Config>,
     shutdown: CancellationToken,
@@ -36,17 +40,25 @@ pub(super) async fn follow_runs(
 ) -> Result<Supervised, DaemonError> {
     let mut config = config;
     let follower = ingest.clone();
-    let follow: runs::Follow = Box::new(move |run, cancel| {
+    let follow: runs::Follow = Box::new(move |run, fence, cancel| {
         let ingest = follower.clone();
-        Box::pin(async move { ingest.follow(run, cancel).await })
+        Box::pin(async move { ingest.follow(run, fence, cancel).await })
     });
-    let supervisor = runs::supervise_runs(follow, store.reader()?, shutdown.clone(), heartbeat);
+    // The supervisor is the one reader of `state`'s own connection; every
+    // other reading task has its own.
+    let supervisor = runs::supervise_runs(
+        follow,
+        state.clone(),
+        fence.clone(),
+        shutdown.clone(),
+        heartbeat,
+    );
     tokio::pin!(supervisor);
     let result = loop {
         tokio::select! {
             result = &mut supervisor => break result,
             Some(next) = reloads.recv() => {
-                config = reload(&config, next, store, ingest, sinks).await?;
+                config = reload(&config, next, state, fence, ingest, sinks).await?;
             }
         }
     };
@@ -58,7 +70,8 @@ pub(super) async fn follow_runs(
 async fn reload(
     old: &Arc<Config>,
     new: Config,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     ingest: &Ingest,
     sinks: &mut Sinks,
 ) -> Result<Arc<Config>, DaemonError> {
@@ -74,8 +87,8 @@ async fn reload(
     let mut new = new;
     new.state.path = old.state.path.clone();
     ingest.set_router(new.router.clone());
-    subscribe_config_runs(store, &new).await?;
-    sinks.apply(&new, store, true).await?;
+    subscribe_config_runs(state, &new).await?;
+    sinks.apply(&new, state, fence, true).await?;
     tracing::info!(
         runs = new.runs.len(),
         sinks = new.sinks.len(),
@@ -89,9 +102,9 @@ async fn reload(
 /// The config's runs are watched; runs an earlier config watched and this
 /// one drops are unwatched, but not those watched from the command line.
 pub(super) async fn subscribe_config_runs(
-    store: &Store,
+    store: &State,
     config: &Config,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     let mut pruned = 0;
     for run in &config.runs {
         let subscribed = store

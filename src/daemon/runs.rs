@@ -19,20 +19,25 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CONTROL_POLL, DaemonError, STARTUP_SPREAD_MAX, STARTUP_SPREAD_PER_RUN};
 use crate::ingest::RunEnd;
-use crate::store::{Reader, StoreError, WatchedRun, now_ms};
+use crate::store::{Fence, State, StateError, WatchedRun, now_ms};
 
 /// Restart backoff of a failed follower: from `RESTART_MIN`, doubling,
 /// capped at `RESTART_MAX`, so a run that panics at once does not spin.
 const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 
-/// What follows one run until it ends or its token is cancelled.
+/// What follows one run, writing under the fence it is given, until the
+/// run ends or its token is cancelled.
 pub(super) type Follow = Box<
-    dyn Fn(WatchedRun, CancellationToken) -> Pin<Box<dyn Future<Output = FollowResult> + Send>>
+    dyn Fn(
+            WatchedRun,
+            Fence,
+            CancellationToken,
+        ) -> Pin<Box<dyn Future<Output = FollowResult> + Send>>
         + Send
         + Sync,
 >;
-pub(super) type FollowResult = Result<RunEnd, StoreError>;
+pub(super) type FollowResult = Result<RunEnd, StateError>;
 
 /// The followers and their bookkeeping.
 #[derive(Default)]
@@ -57,11 +62,12 @@ impl Followers {
         &mut self,
         follow: &Follow,
         run: WatchedRun,
+        fence: Fence,
         cancel: CancellationToken,
         delay: Duration,
     ) {
         let run_id = run.run_id.clone();
-        let future = follow(run, cancel.clone());
+        let future = follow(run, fence, cancel.clone());
         let stop = cancel.clone();
         let task = self.tasks.spawn(async move {
             if crate::ingest::sleep_or_cancel(delay, &stop).await {
@@ -200,10 +206,12 @@ fn restart_backoff(failures: u32) -> Duration {
 
 /// Keeps one follower per watched run, following `watch`/`unwatch`
 /// through the store, until `shutdown`. A store read that fails is tried
-/// again at the next look rather than stopping the daemon.
+/// again at the next look rather than stopping the daemon. `fence` is what
+/// this daemon owns the runs by, handed to each follower it starts.
 pub(super) async fn supervise_runs(
     follow: Follow,
-    reader: Reader,
+    reader: State,
+    fence: Fence,
     shutdown: CancellationToken,
     heartbeat: Arc<AtomicI64>,
 ) -> Result<(), DaemonError> {
@@ -214,6 +222,7 @@ pub(super) async fn supervise_runs(
         if let Err(error) = look(
             &follow,
             &reader,
+            &fence,
             &shutdown,
             &mut followers,
             &mut seen_generation,
@@ -236,11 +245,12 @@ pub(super) async fn supervise_runs(
 /// run is due for a restart).
 async fn look(
     follow: &Follow,
-    reader: &Reader,
+    reader: &State,
+    fence: &Fence,
     shutdown: &CancellationToken,
     followers: &mut Followers,
     seen_generation: &mut Option<i64>,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     let generation = reader.control_generation().await?;
     let now = Instant::now();
     if *seen_generation == Some(generation) && !followers.must_rescan(now) {
@@ -260,7 +270,7 @@ async fn look(
     let spread = (STARTUP_SPREAD_PER_RUN * starting.len() as u32).min(STARTUP_SPREAD_MAX);
     for run in starting {
         let delay = spread.mul_f64(crate::jitter::random_range(0.0..1.0));
-        followers.start(follow, run, shutdown.child_token(), delay);
+        followers.start(follow, run, fence.clone(), shutdown.child_token(), delay);
     }
     Ok(())
 }
@@ -270,14 +280,14 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::store::Store;
+    use crate::store::Sqlite;
 
     /// A follower that panics is logged, retired and started again (after
     /// the first restart backoff), and only one follower runs at a time.
     #[tokio::test]
     async fn a_panicked_follower_is_restarted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
         store
             .subscribe("r1".into(), Default::default(), "watch", None)
             .await
@@ -287,7 +297,7 @@ mod tests {
         let most_active = Arc::new(AtomicUsize::new(0));
         let follow: Follow = {
             let (calls, active, most_active) = (calls.clone(), active.clone(), most_active.clone());
-            Box::new(move |_run, cancel| {
+            Box::new(move |_run, _fence, cancel| {
                 let (calls, active, most_active) =
                     (calls.clone(), active.clone(), most_active.clone());
                 Box::pin(async move {
@@ -307,7 +317,8 @@ mod tests {
         let shutdown = CancellationToken::new();
         let supervisor = tokio::spawn(supervise_runs(
             follow,
-            store.reader().unwrap(),
+            store.with_own_reader().unwrap(),
+            Fence::Exclusive,
             shutdown.clone(),
             Arc::new(AtomicI64::new(0)),
         ));
@@ -340,7 +351,7 @@ mod tests {
     #[tokio::test]
     async fn a_run_watched_again_gets_one_follower_after_the_old_one_ended() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
         let watch = || store.subscribe("r1".into(), Default::default(), "watch", None);
         watch().await.unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
@@ -354,7 +365,7 @@ mod tests {
                 active.clone(),
                 most_active.clone(),
             );
-            Box::new(move |_run, cancel| {
+            Box::new(move |_run, _fence, cancel| {
                 let (calls, told_to_stop, active, most_active) = counters.clone();
                 Box::pin(async move {
                     calls.fetch_add(1, Ordering::SeqCst);
@@ -372,7 +383,8 @@ mod tests {
         let shutdown = CancellationToken::new();
         let supervisor = tokio::spawn(supervise_runs(
             follow,
-            store.reader().unwrap(),
+            store.with_own_reader().unwrap(),
+            Fence::Exclusive,
             shutdown.clone(),
             Arc::new(AtomicI64::new(0)),
         ));

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
 use super::owned::Owned;
-use crate::store::{Store, StoreError};
+use crate::store::{State, StateError};
 
 /// Restart backoff of a failed delivery loop: from `RESTART_MIN`, doubling,
 /// capped at `RESTART_MAX`.
@@ -26,7 +26,7 @@ enum LoopFailure {
     #[error(transparent)]
     Start(#[from] DaemonError),
     #[error("delivery loop failed: {0}")]
-    Store(#[from] StoreError),
+    State(#[from] StateError),
     #[error("delivery loop panicked: {0}")]
     Panicked(String),
     #[error("delivery loop ended by itself")]
@@ -40,10 +40,10 @@ enum LoopFailure {
 pub(super) async fn supervise_sink<S>(
     name: Arc<str>,
     start: S,
-    store: Store,
+    store: State,
     stop: CancellationToken,
 ) where
-    S: Fn(CancellationToken) -> Result<Owned<Result<(), StoreError>>, DaemonError>,
+    S: Fn(CancellationToken) -> Result<Owned<Result<(), StateError>>, DaemonError>,
 {
     let mut failures = 0u32;
     let mut marked_down = false;
@@ -90,7 +90,7 @@ pub(super) async fn supervise_sink<S>(
 
 /// Marks the sink down (or up) for `status` and `/metrics`; true when the
 /// store took it. A store that is locked right now is not worth waiting for.
-async fn mark_down(store: &Store, sink: &Arc<str>, down: bool) -> bool {
+async fn mark_down(store: &State, sink: &Arc<str>, down: bool) -> bool {
     match store.set_sink_down(sink.clone(), down).await {
         Ok(()) => true,
         Err(error) => {
@@ -153,7 +153,7 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let store = Store::open(&path).unwrap();
+        let store = State::Sqlite(crate::store::Sqlite::open_path(&path).unwrap());
         let starts = Arc::new(AtomicUsize::new(0));
         let start = {
             let starts = starts.clone();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Reader, RunState, Store, now_ms};
+use crate::store::{RunState, State, now_ms};
 
 /// How often systemd's STATUS= line is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -16,7 +16,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// Tells systemd (when it asked, `WatchdogSec=`) that the daemon lives, but
 /// only while the run supervisor ticks and the store commits: a wedged
 /// daemon stops pinging and gets restarted.
-pub(super) async fn watchdog(store: Store, heartbeat: Arc<AtomicI64>, stop: CancellationToken) {
+pub(super) async fn watchdog(store: State, heartbeat: Arc<AtomicI64>, stop: CancellationToken) {
     let Some(period) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -42,7 +42,7 @@ pub(super) async fn watchdog(store: Store, heartbeat: Arc<AtomicI64>, stop: Canc
 }
 
 /// A STATUS= line for `systemctl status`.
-pub(super) async fn status(reader: Reader, stop: CancellationToken) {
+pub(super) async fn status(reader: State, stop: CancellationToken) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }

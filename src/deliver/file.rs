@@ -10,7 +10,7 @@ use super::retry::failure_rows;
 use crate::config::DeliveryPolicy;
 use crate::sink::file::FileSink;
 use crate::sink::{Event, Outcome, write_envelope_line};
-use crate::store::{Pending, Reader, Store, StoreError, now_ms};
+use crate::store::{Fence, Pending, State, StateError, now_ms};
 
 /// Deliveries fetched and written per file write.
 const FILE_BATCH: usize = 2048;
@@ -29,14 +29,14 @@ pub async fn run_file_sink(
     name: Arc<str>,
     file: Arc<FileSink>,
     policy: DeliveryPolicy,
-    store: Store,
-    reader: Reader,
+    state: State,
+    fence: Fence,
     shutdown: CancellationToken,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     let mut store_errors = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let Err(error) = deliver_file(&name, &file, &policy, &store, &reader, &shutdown).await
+        let Err(error) = deliver_file(&name, &file, &policy, &state, &fence, &shutdown).await
         else {
             return Ok(());
         };
@@ -61,17 +61,17 @@ async fn deliver_file(
     name: &Arc<str>,
     file: &Arc<FileSink>,
     policy: &DeliveryPolicy,
-    store: &Store,
-    reader: &Reader,
+    state: &State,
+    fence: &Fence,
     shutdown: &CancellationToken,
-) -> Result<(), StoreError> {
-    recover_file(name, file, store, reader).await?;
-    let mut commits = store.commits();
+) -> Result<(), StateError> {
+    recover_file(name, file, state).await?;
+    let mut commits = state.commits();
     loop {
         commits.borrow_and_update();
         if file.needs_recovery() {
             // A failed write could not be cut back: reconcile before writing.
-            recover_file(name, file, store, reader).await?;
+            recover_file(name, file, state).await?;
             if file.needs_recovery()
                 && crate::ingest::sleep_or_cancel(RECOVERY_RETRY, shutdown).await
             {
@@ -79,7 +79,7 @@ async fn deliver_file(
             }
             continue;
         }
-        let batch = reader.pending_in_order(name, FILE_BATCH).await?;
+        let batch = state.pending_in_order(name, FILE_BATCH).await?;
         let Some(head) = batch.first() else {
             tokio::select! {
                 _ = commits.changed() => continue,
@@ -95,7 +95,7 @@ async fn deliver_file(
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
-        write_file_batch(name, file, policy, store, batch).await?;
+        write_file_batch(name, file, policy, state, fence, batch).await?;
     }
 }
 
@@ -105,10 +105,9 @@ const RECOVERY_RETRY: Duration = Duration::from_secs(1);
 async fn recover_file(
     name: &Arc<str>,
     file: &Arc<FileSink>,
-    store: &Store,
-    reader: &Reader,
-) -> Result<(), StoreError> {
-    let offset = reader.sink_offset(name).await?;
+    state: &State,
+) -> Result<(), StateError> {
+    let offset = state.sink_offset(name).await?;
     let sink = file.clone();
     let recovery = match tokio::task::spawn_blocking(move || sink.recover(offset)).await {
         Ok(Ok(recovery)) => recovery,
@@ -121,7 +120,7 @@ async fn recover_file(
     if recovery.torn_bytes > 0 {
         tracing::warn!(sink = %name, bytes = recovery.torn_bytes, "file sink: cut a torn last line");
     }
-    let marked = store
+    let marked = state
         .mark_found_delivered(name.clone(), recovery.ids, recovery.offset)
         .await?;
     if marked > 0 {
@@ -135,19 +134,22 @@ async fn write_file_batch(
     name: &Arc<str>,
     file: &Arc<FileSink>,
     policy: &DeliveryPolicy,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     mut batch: Vec<Pending>,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     // The rest stays pending, first in the next batch.
     batch.truncate(within_bytes(&batch, FILE_BATCH_BYTES));
-    let (lines, events) = encode_batch(name, policy, store, &batch).await?;
+    let (lines, events) = encode_batch(name, policy, state, fence, &batch).await?;
     let sink = file.clone();
     let written = tokio::task::spawn_blocking(move || sink.append(&lines))
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     match written {
-        Ok(offset) => record_written(name, store, batch, events, offset).await,
-        Err(error) => record_write_failure(name, policy, store, &batch, &events, error).await,
+        Ok(offset) => record_written(name, state, fence, batch, events, offset).await,
+        Err(error) => {
+            record_write_failure(name, policy, state, fence, &batch, &events, error).await
+        }
     }
 }
 
@@ -156,9 +158,10 @@ async fn write_file_batch(
 async fn encode_batch(
     name: &Arc<str>,
     policy: &DeliveryPolicy,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     batch: &[Pending],
-) -> Result<(Vec<u8>, Vec<i64>), StoreError> {
+) -> Result<(Vec<u8>, Vec<i64>), StateError> {
     let mut lines = Vec::with_capacity(batch.len() * 256);
     let mut events = Vec::with_capacity(batch.len());
     for pending in batch {
@@ -173,7 +176,7 @@ async fn encode_batch(
             };
             let attempt = pending.attempts + 1;
             for failure in failure_rows(policy, outcome, attempt, &[pending], now_ms()) {
-                store.record_failure(name.clone(), failure).await?;
+                state.record_failure(fence, name.clone(), failure).await?;
             }
             continue;
         }
@@ -185,16 +188,17 @@ async fn encode_batch(
 /// The lines are in the file up to `offset`: marks their deliveries done.
 async fn record_written(
     name: &Arc<str>,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     batch: Vec<Pending>,
     events: Vec<i64>,
     offset: u64,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     crate::crashpoint::hit("file.before_mark");
     // Exactly the rows written: a range would also take a delivery
     // that `runhook replay` made pending meanwhile, without its line.
-    store
-        .mark_delivered(name.clone(), events.clone(), Some(offset))
+    state
+        .mark_delivered(fence, name.clone(), events.clone(), Some(offset))
         .await?;
     // Lines that could not be encoded were dead-lettered above.
     let delivered: Vec<Pending> = batch
@@ -210,11 +214,12 @@ async fn record_written(
 async fn record_write_failure(
     name: &Arc<str>,
     policy: &DeliveryPolicy,
-    store: &Store,
+    state: &State,
+    fence: &Fence,
     batch: &[Pending],
     events: &[i64],
     error: std::io::Error,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     let attempts = batch[0].attempts + 1;
     let written: Vec<&Pending> = batch
         .iter()
@@ -238,7 +243,7 @@ async fn record_write_failure(
             .deliveries
             .with_label_values(&[&**name, if failure.dead { "dead" } else { "retry" }])
             .inc_by(failure.events.len() as u64);
-        store.record_failure(name.clone(), failure).await?;
+        state.record_failure(fence, name.clone(), failure).await?;
     }
     Ok(())
 }
@@ -297,14 +302,13 @@ mod tests {
 
     /// A store in a temp dir with one file sink, `archive`, and these
     /// events recorded in this order, each routed to it.
-    async fn store_with(events: &[(&str, i64)]) -> (tempfile::TempDir, Store, Reader, Arc<str>) {
-        use crate::store::{Batch, NewEvent};
+    async fn store_with(events: &[(&str, i64)]) -> (tempfile::TempDir, State, Arc<str>) {
+        use crate::store::{Batch, NewEvent, Sqlite};
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
-        let reader = store.reader().unwrap();
+        let state = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
         let name: Arc<str> = Arc::from("archive");
         for (run, sequence) in events {
-            store
+            state
                 .subscribe(run.to_string(), Default::default(), "watch", None)
                 .await
                 .unwrap();
@@ -323,9 +327,9 @@ mod tests {
                 finish: None,
                 stalled: None,
             };
-            store.record_batch(batch).await.unwrap();
+            state.record_batch(&Fence::Exclusive, batch).await.unwrap();
         }
-        (dir, store, reader, name)
+        (dir, state, name)
     }
 
     fn dead(event: i64) -> Failure {
@@ -346,21 +350,20 @@ mod tests {
     async fn a_batch_marks_only_what_it_wrote() {
         use crate::store::DeadFilter;
         // Rows in ingest order: a:1, b:1, a:2.
-        let (dir, store, reader, name) =
-            store_with(&[("run-a", 1), ("run-b", 1), ("run-a", 2)]).await;
-        let b1 = reader.pending_in_order(&name, 10).await.unwrap()[1].clone();
+        let (dir, state, name) = store_with(&[("run-a", 1), ("run-b", 1), ("run-a", 2)]).await;
+        let b1 = state.pending_in_order(&name, 10).await.unwrap()[1].clone();
         assert_eq!(b1.id, "run-b:1");
-        store
-            .record_failure(name.clone(), dead(b1.event))
+        state
+            .record_failure(&Fence::Exclusive, name.clone(), dead(b1.event))
             .await
             .unwrap();
-        let batch = reader.pending_in_order(&name, 10).await.unwrap();
+        let batch = state.pending_in_order(&name, 10).await.unwrap();
         assert_eq!(batch.len(), 2, "a:1 and a:2");
         let replay = DeadFilter {
             run: Some("run-b".into()),
             ..DeadFilter::default()
         };
-        assert_eq!(store.replay(replay).await.unwrap(), 1);
+        assert_eq!(state.replay(replay).await.unwrap(), 1);
 
         let path = dir.path().join("events.jsonl");
         let file = Arc::new(FileSink::open(&path).unwrap());
@@ -370,10 +373,10 @@ mod tests {
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(100),
         };
-        write_file_batch(&name, &file, &policy, &store, batch)
+        write_file_batch(&name, &file, &policy, &state, &Fence::Exclusive, batch)
             .await
             .unwrap();
-        let still: Vec<String> = reader
+        let still: Vec<String> = state
             .pending_in_order(&name, 10)
             .await
             .unwrap()
@@ -395,17 +398,17 @@ mod tests {
     /// replay would write it a second time, after later events of its run.
     #[tokio::test]
     async fn a_dead_letter_found_in_the_file_is_done() {
-        let (dir, store, reader, name) = store_with(&[("run-a", 1)]).await;
-        let pending = reader.pending_in_order(&name, 10).await.unwrap();
-        store
-            .record_failure(name.clone(), dead(pending[0].event))
+        let (dir, state, name) = store_with(&[("run-a", 1)]).await;
+        let pending = state.pending_in_order(&name, 10).await.unwrap();
+        state
+            .record_failure(&Fence::Exclusive, name.clone(), dead(pending[0].event))
             .await
             .unwrap();
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "{\"id\":\"run-a:1\"}\n").unwrap();
         let file = Arc::new(FileSink::open(&path).unwrap());
-        recover_file(&name, &file, &store, &reader).await.unwrap();
-        let dead = reader.dead_letters(None, None).await.unwrap();
+        recover_file(&name, &file, &state).await.unwrap();
+        let dead = state.dead_letters(None, None).await.unwrap();
         assert!(dead.is_empty(), "the line is in the file: {dead:?}");
     }
 }

@@ -59,21 +59,24 @@ const STORE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5)
 
 /// Runs a store write until it succeeds, backing off between store errors,
 /// so an outcome already seen by a sink is recorded rather than lost (and
-/// sent again). Gives up only at shutdown, with the last error.
+/// sent again). Gives up at shutdown, with the last error, and at once when
+/// the fence is refused: a lease another replica took over never comes
+/// back, and that replica sends the delivery again under the same id.
 async fn retry_store<T, F, Fut>(
     sink: &str,
     shutdown: &tokio_util::sync::CancellationToken,
     mut write: F,
-) -> Result<T, crate::store::StoreError>
+) -> Result<T, crate::store::StateError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, crate::store::StateError>>,
 {
     let mut attempt = 0;
     loop {
         match write().await {
             Ok(value) => return Ok(value),
             Err(error) if shutdown.is_cancelled() => return Err(error),
+            Err(error) if error.fence_refused() => return Err(error),
             Err(error) => {
                 attempt += 1;
                 let wait = store_backoff(attempt);
@@ -89,6 +92,31 @@ where
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use crate::store::StateError;
+
+    /// A write refused for its fence fails the same way every time: retried,
+    /// a pipelined mark job (which ignores the stop) would spin for ever.
+    #[tokio::test]
+    async fn a_refused_fence_is_not_retried() {
+        let never = tokio_util::sync::CancellationToken::new();
+        let mut tries = 0;
+        let write = super::retry_store("s", &never, || {
+            tries += 1;
+            async {
+                Err::<(), _>(StateError::LeaseLost {
+                    run_id: "r".into(),
+                    epoch: 2,
+                })
+            }
+        });
+        let written = tokio::time::timeout(Duration::from_secs(5), write).await;
+        assert!(
+            matches!(written, Ok(Err(StateError::LeaseLost { epoch: 2, .. }))),
+            "{written:?}"
+        );
+        assert_eq!(tries, 1);
+    }
 
     #[test]
     fn store_backoff_grows_jittered_and_capped() {

@@ -42,7 +42,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::retry::{failure_rows, retry_delay};
 use crate::config::DeliveryPolicy;
 use crate::sink::{Event, Outcome, Sender};
-use crate::store::{Pending, Reader, Store, StoreError, now_ms};
+use crate::store::{Fence, Pending, State, StateError, now_ms};
 
 /// Consecutive failed attempts that mark a sink down.
 const DOWN_AFTER: u32 = 5;
@@ -69,9 +69,20 @@ pub struct SinkRuntime {
     /// use it; unordered ones never wait for a mark.
     pub pipeline: bool,
     pub concurrency: usize,
-    pub store: Store,
-    pub reader: Reader,
+    /// With a read connection of its own: chains read often.
+    pub state: State,
+    /// What the daemon owns its runs by; see [`SinkRuntime::fence_for`].
+    pub fence: Fence,
     pub shutdown: CancellationToken,
+}
+
+impl SinkRuntime {
+    /// The fence a run's chain writes its outcomes under, taken once when
+    /// the chain starts. On SQLite the daemon lock fences every run alike;
+    /// where runs are leased, this is where a chain gets its run's lease.
+    fn fence_for(&self, _run_id: &str) -> Fence {
+        self.fence.clone()
+    }
 }
 
 /// How a chain ended.
@@ -162,8 +173,8 @@ impl Board {
 /// the dispatcher backs off and looks again, a chain leaves its run blocked
 /// for a moment, and outcomes are written until the store takes them. A
 /// chain that panics takes the loop with it, for the daemon to restart.
-pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StoreError> {
-    let mut new_work = sink.store.new_work();
+pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StateError> {
+    let mut new_work = sink.state.new_work();
     let mut board = Board::default();
     let mut chains: JoinSet<ChainReport> = JoinSet::new();
     let mut control = None;
@@ -211,10 +222,10 @@ async fn rescan(
     sink: &SinkRuntime,
     board: &mut Board,
     control: &mut Option<i64>,
-) -> Result<(), StoreError> {
-    let generation = sink.reader.control_generation().await?;
+) -> Result<(), StateError> {
+    let generation = sink.state.control_generation().await?;
     if *control != Some(generation) {
-        for run in sink.reader.runs_with_pending(&sink.name).await? {
+        for run in sink.state.runs_with_pending(&sink.name).await? {
             board.add_work(Arc::from(run));
         }
         *control = Some(generation);
@@ -237,7 +248,8 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
                 board.blocked.remove(&run);
                 board.work.remove(&run);
                 board.in_flight.insert(run.clone());
-                chains.spawn(chain(sink.clone(), run, true));
+                let fence = sink.fence_for(&run);
+                chains.spawn(chain(sink.clone(), run, fence, true));
             }
         }
         return;
@@ -247,7 +259,8 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             break;
         };
         board.in_flight.insert(run.clone());
-        chains.spawn(chain(sink.clone(), run, false));
+        let fence = sink.fence_for(&run);
+        chains.spawn(chain(sink.clone(), run, fence, false));
     }
 }
 
@@ -274,7 +287,7 @@ async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport
             board.down = false;
             board.probe_failures = 0;
             board.next_probe = None;
-            match sink.store.release_backoff(sink.name.clone()).await {
+            match sink.state.release_backoff(sink.name.clone()).await {
                 Ok(released) => {
                     tracing::info!(sink = %sink.name, released, "sink answers again; draining its backlog")
                 }
@@ -304,7 +317,7 @@ async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport
 }
 
 async fn set_sink_down(sink: &SinkRuntime, down: bool) {
-    if let Err(error) = sink.store.set_sink_down(sink.name.clone(), down).await {
+    if let Err(error) = sink.state.set_sink_down(sink.name.clone(), down).await {
         tracing::warn!(sink = %sink.name, %error, down, "cannot record the sink's state for status");
     }
 }
@@ -312,14 +325,14 @@ async fn set_sink_down(sink: &SinkRuntime, down: bool) {
 /// Delivers one run's pending deliveries in order until the run is drained,
 /// a delivery must wait, or shutdown. A probe sends one delivery, due or not.
 /// A store error blocks the run for a moment (`STORE_RETRY`).
-async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, probe: bool) -> ChainReport {
+async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, fence: Fence, probe: bool) -> ChainReport {
     let mut report = ChainReport {
         run_id: run_id.clone(),
         end: ChainEnd::Drained,
         delivered: 0,
         failed: 0,
     };
-    if let Err(error) = deliver_run(&sink, &run_id, probe, &mut report).await {
+    if let Err(error) = deliver_run(&sink, &run_id, &fence, probe, &mut report).await {
         let wait = super::store_backoff(1).max(STORE_RETRY);
         tracing::warn!(sink = %sink.name, run_id = %run_id, %error, ?wait, "delivery: state database error; the run waits");
         report.end = ChainEnd::Blocked(now_ms() + wait.as_millis() as i64);
@@ -330,29 +343,31 @@ async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, probe: bool) -> ChainRe
 async fn deliver_run(
     sink: &Arc<SinkRuntime>,
     run_id: &Arc<str>,
+    fence: &Fence,
     probe: bool,
     report: &mut ChainReport,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     let mut marks = Marks::default();
-    let delivered = deliver_batches(sink, run_id, probe, report, &mut marks).await;
+    let delivered = deliver_batches(sink, run_id, fence, probe, report, &mut marks).await;
     // Before the chain reports, shutdown included: what it leaves unmarked
     // the next chain (or the next daemon) would send again.
-    let marked = marks.flush(sink).await;
+    let marked = marks.flush(sink, fence).await;
     delivered.and(marked)
 }
 
 async fn deliver_batches(
     sink: &Arc<SinkRuntime>,
     run_id: &Arc<str>,
+    fence: &Fence,
     probe: bool,
     report: &mut ChainReport,
     marks: &mut Marks,
-) -> Result<(), StoreError> {
+) -> Result<(), StateError> {
     loop {
         // Read past what is answered but maybe not committed yet, and leave
         // it out: the chain goes on without waiting for its marks.
         let mut batch = sink
-            .reader
+            .state
             .pending_for_run(&sink.name, run_id, CHAIN_BATCH + marks.unrecorded())
             .await?;
         batch.retain(|pending| !marks.holds(pending.event));
@@ -361,9 +376,9 @@ async fn deliver_batches(
             return Ok(());
         }
         let end = if sink.ordered {
-            deliver_in_order(sink, batch, probe, report, marks).await?
+            deliver_in_order(sink, fence, batch, probe, report, marks).await?
         } else {
-            deliver_unordered(sink, batch, probe, report).await?
+            deliver_unordered(sink, fence, batch, probe, report).await?
         };
         if let Some(end) = end {
             report.end = end;
@@ -382,11 +397,12 @@ async fn deliver_batches(
 /// (dead: the chain goes on; retry: it stops).
 async fn deliver_in_order(
     sink: &Arc<SinkRuntime>,
+    fence: &Fence,
     batch: Vec<Pending>,
     probe: bool,
     report: &mut ChainReport,
     marks: &mut Marks,
-) -> Result<Option<ChainEnd>, StoreError> {
+) -> Result<Option<ChainEnd>, StateError> {
     for pending in batch {
         if sink.shutdown.is_cancelled() {
             return Ok(Some(ChainEnd::Stopped));
@@ -394,13 +410,13 @@ async fn deliver_in_order(
         if !probe && pending.next_attempt_at > now_ms() {
             return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
         }
-        let outcome = send(sink, &pending, marks).await?;
+        let outcome = send(sink, fence, &pending, marks).await?;
         let recorded = if sink.pipeline && outcome == Outcome::Delivered {
             crate::crashpoint::hit("http.before_mark");
-            marks.answered(sink, pending).await?;
+            marks.answered(sink, fence, pending).await?;
             Recorded::Done
         } else {
-            record(sink, &pending, outcome).await?
+            record(sink, fence, &pending, outcome).await?
         };
         match recorded {
             Recorded::Done => report.delivered += 1,
@@ -423,9 +439,10 @@ async fn deliver_in_order(
 /// answered before must not be sent again after the restart.
 async fn send(
     sink: &Arc<SinkRuntime>,
+    fence: &Fence,
     pending: &Pending,
     marks: &mut Marks,
-) -> Result<Outcome, StoreError> {
+) -> Result<Outcome, StateError> {
     let event = Event::from(pending);
     let send = sink.sender.send(&event);
     if marks.unrecorded() == 0 {
@@ -435,7 +452,7 @@ async fn send(
     tokio::select! {
         outcome = &mut send => Ok(outcome),
         () = sink.shutdown.cancelled() => {
-            let (marked, outcome) = tokio::join!(marks.flush(sink), send);
+            let (marked, outcome) = tokio::join!(marks.flush(sink, fence), send);
             marked.map(|()| outcome)
         }
     }
@@ -445,7 +462,7 @@ async fn send(
 /// a sibling chain's panic) takes its mark job with it, so nothing a
 /// chain started runs on after it (`daemon/owned.rs`); what it held
 /// answered is sent again later, same ids.
-type MarkJob = AbortOnDropHandle<Result<(), StoreError>>;
+type MarkJob = AbortOnDropHandle<Result<(), StateError>>;
 
 /// A pipelined chain's done-marks on their way to the writer: at most one
 /// job in flight, the deliveries answered meanwhile gathered for the next,
@@ -482,11 +499,12 @@ impl Marks {
     async fn answered(
         &mut self,
         sink: &Arc<SinkRuntime>,
+        fence: &Fence,
         pending: Pending,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), StateError> {
         self.gathered.push(pending);
         if self.unrecorded() >= PIPELINE_WINDOW {
-            return self.flush(sink).await;
+            return self.flush(sink, fence).await;
         }
         let idle = self
             .in_flight
@@ -494,30 +512,36 @@ impl Marks {
             .is_none_or(|(job, _)| job.is_finished());
         if idle {
             self.wait().await?;
-            self.submit(sink);
+            self.submit(sink, fence);
         }
         Ok(())
     }
 
     /// Returns once every answered delivery is committed done.
-    async fn flush(&mut self, sink: &Arc<SinkRuntime>) -> Result<(), StoreError> {
+    async fn flush(&mut self, sink: &Arc<SinkRuntime>, fence: &Fence) -> Result<(), StateError> {
         self.wait().await?;
-        self.submit(sink);
+        self.submit(sink, fence);
         self.wait().await
     }
 
-    fn submit(&mut self, sink: &Arc<SinkRuntime>) {
+    /// The job is a task of its own, so it takes its own copy of the fence
+    /// (one per commit, not per delivery).
+    fn submit(&mut self, sink: &Arc<SinkRuntime>, fence: &Fence) {
         if self.gathered.is_empty() {
             return;
         }
         let delivered = std::mem::take(&mut self.gathered);
         let events = delivered.iter().map(|p| p.event).collect();
-        let job = AbortOnDropHandle::new(tokio::spawn(mark_delivered(sink.clone(), delivered)));
+        let job = AbortOnDropHandle::new(tokio::spawn(mark_delivered(
+            sink.clone(),
+            fence.clone(),
+            delivered,
+        )));
         self.in_flight = Some((job, events));
     }
 
     /// The job in flight, if any, to its end.
-    async fn wait(&mut self) -> Result<(), StoreError> {
+    async fn wait(&mut self) -> Result<(), StateError> {
         let Some((job, _)) = self.in_flight.take() else {
             return Ok(());
         };
@@ -525,7 +549,7 @@ impl Marks {
             Ok(marked) => marked,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // Cancelled: the runtime is going away.
-            Err(_) => Err(StoreError::Closed),
+            Err(_) => Err(StateError::Sqlite(crate::store::StoreError::Closed)),
         }
     }
 }
@@ -535,12 +559,16 @@ impl Marks {
 /// to a window of deliveries sent again by this same daemon once the sink
 /// restarts (a reload). Only dropping the job (the drain's grace) ends it
 /// sooner. The `delivered` metric counts them once committed.
-async fn mark_delivered(sink: Arc<SinkRuntime>, delivered: Vec<Pending>) -> Result<(), StoreError> {
+async fn mark_delivered(
+    sink: Arc<SinkRuntime>,
+    fence: Fence,
+    delivered: Vec<Pending>,
+) -> Result<(), StateError> {
     let events: Vec<i64> = delivered.iter().map(|p| p.event).collect();
     let never = CancellationToken::new();
     super::retry_store(&sink.name, &never, || {
-        sink.store
-            .mark_delivered(sink.name.clone(), events.clone(), None)
+        sink.state
+            .mark_delivered(&fence, sink.name.clone(), events.clone(), None)
     })
     .await?;
     super::count_delivered(&sink.name, &delivered);
@@ -550,10 +578,11 @@ async fn mark_delivered(sink: Arc<SinkRuntime>, delivered: Vec<Pending>) -> Resu
 /// `ordered = false`: the due deliveries of the batch go out in parallel.
 async fn deliver_unordered(
     sink: &SinkRuntime,
+    fence: &Fence,
     batch: Vec<Pending>,
     probe: bool,
     report: &mut ChainReport,
-) -> Result<Option<ChainEnd>, StoreError> {
+) -> Result<Option<ChainEnd>, StateError> {
     if sink.shutdown.is_cancelled() {
         return Ok(Some(ChainEnd::Stopped));
     }
@@ -567,10 +596,10 @@ async fn deliver_unordered(
         due
     };
     let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
-    let results: Vec<Result<Recorded, StoreError>> = futures::stream::iter(due)
+    let results: Vec<Result<Recorded, StateError>> = futures::stream::iter(due)
         .map(|pending| async move {
             let outcome = sink.sender.send(&Event::from(&pending)).await;
-            record(sink, &pending, outcome).await
+            record(sink, fence, &pending, outcome).await
         })
         .buffer_unordered(sink.concurrency)
         .collect()
@@ -591,14 +620,15 @@ async fn deliver_unordered(
 /// Writes an attempt's outcome: done, a scheduled retry, or a dead letter.
 async fn record(
     sink: &SinkRuntime,
+    fence: &Fence,
     pending: &Pending,
     outcome: Outcome,
-) -> Result<Recorded, StoreError> {
+) -> Result<Recorded, StateError> {
     if outcome == Outcome::Delivered {
         crate::crashpoint::hit("http.before_mark");
         super::retry_store(&sink.name, &sink.shutdown, || {
-            sink.store
-                .mark_delivered(sink.name.clone(), vec![pending.event], None)
+            sink.state
+                .mark_delivered(fence, sink.name.clone(), vec![pending.event], None)
         })
         .await?;
         super::count_delivered(&sink.name, std::slice::from_ref(pending));
@@ -615,8 +645,8 @@ async fn record(
             tracing::debug!(sink = %sink.name, id = %pending.id, attempts, %error, "delivery failed; will retry");
         }
         super::retry_store(&sink.name, &sink.shutdown, || {
-            sink.store
-                .record_failure(sink.name.clone(), failure.clone())
+            sink.state
+                .record_failure(fence, sink.name.clone(), failure.clone())
         })
         .await?;
         let state = if failure.dead { "dead" } else { "retry" };
@@ -641,7 +671,7 @@ mod stop_tests {
     use super::*;
     use crate::config::{Config, SinkKind};
     use crate::sink::webhook::WebhookSink;
-    use crate::store::{Batch, NewEvent};
+    use crate::store::{Batch, NewEvent, Sqlite};
 
     const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
@@ -668,7 +698,7 @@ mod stop_tests {
         (format!("http://{addr}/h"), seen)
     }
 
-    fn runtime(store: &Store, url: &str, stop: CancellationToken) -> Arc<SinkRuntime> {
+    fn runtime(store: &State, url: &str, stop: CancellationToken) -> Arc<SinkRuntime> {
         let text = format!(
             "[api]\ntoken = \"t\"\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\npipeline = true\n[[routes]]\nsinks = [\"ops\"]\n"
         );
@@ -684,8 +714,8 @@ mod stop_tests {
             ordered: true,
             pipeline: true,
             concurrency: 4,
-            store: store.clone(),
-            reader: store.reader().unwrap(),
+            state: store.with_own_reader().unwrap(),
+            fence: Fence::Exclusive,
             shutdown: stop,
         })
     }
@@ -706,7 +736,7 @@ mod stop_tests {
     async fn a_sink_restarted_while_the_store_is_locked_sends_nothing_answered_twice() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let store = Store::open(&path).unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&path).unwrap());
         let run = "r1";
         store
             .subscribe(run.into(), Default::default(), "config", None)
@@ -714,22 +744,25 @@ mod stop_tests {
             .unwrap();
         let events = 400;
         store
-            .record_batch(Batch {
-                run_id: run.into(),
-                events: (1..=events)
-                    .map(|sequence| NewEvent {
-                        sequence,
-                        event_type: "STEP".into(),
-                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-                        created_at: None,
-                        sinks: vec!["ops".into()],
-                    })
-                    .collect(),
-                run_status: Some("running".into()),
-                phase: None,
-                finish: None,
-                stalled: None,
-            })
+            .record_batch(
+                &Fence::Exclusive,
+                Batch {
+                    run_id: run.into(),
+                    events: (1..=events)
+                        .map(|sequence| NewEvent {
+                            sequence,
+                            event_type: "STEP".into(),
+                            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                            created_at: None,
+                            sinks: vec!["ops".into()],
+                        })
+                        .collect(),
+                    run_status: Some("running".into()),
+                    phase: None,
+                    finish: None,
+                    stalled: None,
+                },
+            )
             .await
             .unwrap();
         let (url, log) = receiver().await;

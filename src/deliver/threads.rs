@@ -7,22 +7,21 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use crate::sink::slack::{ThreadBook, ThreadBookError, ThreadRoot};
-use crate::store::{Reader, Store};
+use crate::store::{Fence, State};
 
 /// One sink's thread roots, by run.
 pub struct StoredThreads {
     sink: Arc<str>,
-    store: Store,
-    reader: Reader,
+    state: State,
+    /// What a root is saved under: a root is a run's data, written only by
+    /// the run's owner. The sink's `ThreadBook` calls carry no fence, so
+    /// the fence comes with the book from whoever starts the sink.
+    fence: Fence,
 }
 
 impl StoredThreads {
-    pub fn new(sink: Arc<str>, store: Store, reader: Reader) -> Self {
-        Self {
-            sink,
-            store,
-            reader,
-        }
+    pub fn new(sink: Arc<str>, state: State, fence: Fence) -> Self {
+        Self { sink, state, fence }
     }
 }
 
@@ -33,7 +32,7 @@ impl ThreadBook for StoredThreads {
     ) -> BoxFuture<'a, Result<Option<ThreadRoot>, ThreadBookError>> {
         Box::pin(async move {
             let kept = self
-                .reader
+                .state
                 .thread_root(&self.sink, run_id)
                 .await
                 .map_err(ThreadBookError::new)?;
@@ -47,8 +46,14 @@ impl ThreadBook for StoredThreads {
         root: ThreadRoot,
     ) -> BoxFuture<'a, Result<(), ThreadBookError>> {
         Box::pin(async move {
-            self.store
-                .save_thread_root(self.sink.clone(), run_id.to_owned(), root.channel, root.ts)
+            self.state
+                .save_thread_root(
+                    &self.fence,
+                    self.sink.clone(),
+                    run_id.to_owned(),
+                    root.channel,
+                    root.ts,
+                )
                 .await
                 .map_err(ThreadBookError::new)
         })

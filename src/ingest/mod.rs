@@ -1,6 +1,7 @@
 //! One task per run: pick the transport, drive it, route what arrives, hand
 //! batches to the store. The cursor only moves through
-//! `Store::record_batch`; a run task keeps a copy of what the store returned.
+//! `State::record_batch`; a run task keeps a copy of what the store returned.
+//! Every write of a run task carries the [`Fence`] it was started with.
 
 mod poll;
 mod sse;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Transport;
 use crate::route::{EventFacts, Router};
 use crate::store::{
-    Batch, Finish, NewEvent, Recorded, RunState, Store, StoreError, WatchedRun, now_ms,
+    Batch, Fence, Finish, NewEvent, Recorded, RunState, State, StateError, WatchedRun, now_ms,
 };
 use crate::upstream::types::{RunStatus, is_final};
 use crate::upstream::{Client, Event};
@@ -33,7 +34,7 @@ const LAG_REFRESH: Duration = Duration::from_secs(300);
 /// What every run task shares.
 pub struct Ingest {
     pub client: Client,
-    pub store: Store,
+    pub store: State,
     /// Swapped on reload: new routes apply to new events.
     pub router: std::sync::RwLock<Arc<Router>>,
     pub transport: Transport,
@@ -72,6 +73,8 @@ enum Leg {
 /// A run being followed: its row and what ingest last recorded.
 struct Following {
     run: WatchedRun,
+    /// Proof that this task owns the run, for each of its writes.
+    fence: Fence,
     /// Poll or SSE: the transport in use, for metrics.
     transport: Transport,
     cursor: i64,
@@ -96,12 +99,16 @@ impl Ingest {
 
     /// Follows one run until it finishes (and, for a failed run, until
     /// `finished_linger` has passed without a retry), is refused, or `cancel`.
+    /// `fence` is what the caller owns the run by, from where it started
+    /// following it.
     pub async fn follow(
         &self,
         run: WatchedRun,
+        fence: Fence,
         cancel: CancellationToken,
-    ) -> Result<RunEnd, StoreError> {
+    ) -> Result<RunEnd, StateError> {
         let mut following = Following {
+            fence,
             transport: Transport::Poll,
             cursor: run.cursor,
             status: run.run_status.clone(),
@@ -152,9 +159,10 @@ impl Ingest {
         &self,
         following: &Following,
         note: String,
-    ) -> Result<Transport, StoreError> {
+    ) -> Result<Transport, StateError> {
         self.store
             .set_run_state(
+                &following.fence,
                 following.run.run_id.clone(),
                 RunState::Following,
                 Some(note),
@@ -198,12 +206,18 @@ impl Ingest {
         &self,
         following: &mut Following,
         cancel: &CancellationToken,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, StateError> {
         let run_id = following.run.run_id.clone();
         let finished_at = following.run.finished_at.unwrap_or_else(now_ms);
         let until = finished_at + self.finished_linger.as_millis() as i64;
         self.store
-            .set_run_state(run_id.clone(), RunState::Finished, None, None)
+            .set_run_state(
+                &following.fence,
+                run_id.clone(),
+                RunState::Finished,
+                None,
+                None,
+            )
             .await?;
         while now_ms() < until {
             let wait = self
@@ -237,7 +251,7 @@ impl Ingest {
         following: &mut Following,
         events: Vec<Event>,
         finish: Option<Finish>,
-    ) -> Result<Recorded, StoreError> {
+    ) -> Result<Recorded, StateError> {
         self.record_then(following, events, finish, None).await
     }
 
@@ -248,7 +262,7 @@ impl Ingest {
         events: Vec<Event>,
         finish: Option<Finish>,
         stalled: Option<String>,
-    ) -> Result<Recorded, StoreError> {
+    ) -> Result<Recorded, StateError> {
         let run = &following.run;
         let router = self.router();
         let events = events
@@ -273,14 +287,17 @@ impl Ingest {
         let finishes = finish.is_some();
         let recorded = self
             .store
-            .record_batch(Batch {
-                run_id: run.run_id.clone(),
-                events,
-                run_status: following.status.clone(),
-                phase: following.phase.clone(),
-                finish,
-                stalled,
-            })
+            .record_batch(
+                &following.fence,
+                Batch {
+                    run_id: run.run_id.clone(),
+                    events,
+                    run_status: following.status.clone(),
+                    phase: following.phase.clone(),
+                    finish,
+                    stalled,
+                },
+            )
             .await?;
         if recorded.dropped > 0 {
             tracing::debug!(run_id = %run.run_id, dropped = recorded.dropped, "dropped events at or below the cursor");
@@ -347,14 +364,18 @@ impl Ingest {
     }
 
     /// Every `LAG_REFRESH`, one run lookup for `lastEventSequence`.
-    async fn refresh_lag(&self, following: &mut Following) -> Result<(), StoreError> {
+    async fn refresh_lag(&self, following: &mut Following) -> Result<(), StateError> {
         if tokio::time::Instant::now() < following.next_lag_at {
             return Ok(());
         }
         following.next_lag_at = tokio::time::Instant::now() + jitter(LAG_REFRESH);
         if let Ok(info) = self.client.run(&following.run.run_id).await {
             self.store
-                .set_upstream_seq(following.run.run_id.clone(), info.last_event_sequence)
+                .set_upstream_seq(
+                    &following.fence,
+                    following.run.run_id.clone(),
+                    info.last_event_sequence,
+                )
                 .await?;
         }
         Ok(())
@@ -373,11 +394,12 @@ impl Trouble {
     /// Records the state and its reason; warns when the state is new.
     async fn enter(
         &mut self,
-        store: &Store,
+        store: &State,
+        fence: &Fence,
         run_id: &str,
         state: RunState,
         why: String,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), StateError> {
         if self.state != Some(state) {
             tracing::warn!(run_id = %run_id, %state, %why, "run cannot follow normally; retrying slowly");
             self.state = Some(state);
@@ -385,7 +407,7 @@ impl Trouble {
             tracing::debug!(run_id = %run_id, %state, %why, "still not following normally");
         }
         store
-            .set_run_state(run_id.to_owned(), state, Some(why), None)
+            .set_run_state(fence, run_id.to_owned(), state, Some(why), None)
             .await
     }
 

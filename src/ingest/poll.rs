@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Following, Ingest, Leg, NotFoundConfirm, Trouble, new_events, sleep_or_cancel};
 use crate::config::Transport;
-use crate::store::{Finish, RunState, StoreError};
+use crate::store::{Fence, Finish, RunState, StateError};
 use crate::upstream::types::is_final;
 use crate::upstream::{ErrorClass, EventsPage, UpstreamError};
 
@@ -40,11 +40,12 @@ impl Ingest {
         &self,
         following: &mut Following,
         cancel: &CancellationToken,
-    ) -> Result<Leg, StoreError> {
+    ) -> Result<Leg, StateError> {
         let run_id = following.run.run_id.clone();
         following.transport = Transport::Poll;
         self.store
             .set_run_state(
+                &following.fence,
                 run_id.clone(),
                 RunState::Following,
                 None,
@@ -81,15 +82,25 @@ impl Ingest {
                             let why = format!("{error} ({}); confirming", not_found.progress());
                             (RunState::Retrying, why, Some(wait))
                         }
-                        None => return self.refused(&run_id, RunState::NotFound, error).await,
+                        None => {
+                            return self
+                                .refused(&following.fence, &run_id, RunState::NotFound, error)
+                                .await;
+                        }
                     },
-                    _ => return self.refused(&run_id, RunState::Forbidden, error).await,
+                    _ => {
+                        return self
+                            .refused(&following.fence, &run_id, RunState::Forbidden, error)
+                            .await;
+                    }
                 },
             };
             if state != RunState::Retrying {
                 not_found.reset();
             }
-            trouble.enter(&self.store, &run_id, state, why).await?;
+            trouble
+                .enter(&self.store, &following.fence, &run_id, state, why)
+                .await?;
             let wait = wait.unwrap_or(Duration::from_secs(300));
             if sleep_or_cancel(wait, cancel).await {
                 return Ok(Leg::Stopped);
@@ -100,13 +111,20 @@ impl Ingest {
     /// Stops a run the upstream will not serve (403, or a confirmed 404).
     pub(super) async fn refused(
         &self,
+        fence: &Fence,
         run_id: &str,
         state: RunState,
         error: UpstreamError,
-    ) -> Result<Leg, StoreError> {
+    ) -> Result<Leg, StateError> {
         tracing::error!(run_id = %run_id, %error, %state, "run cannot be followed; stopped");
         self.store
-            .set_run_state(run_id.to_owned(), state, Some(error.to_string()), None)
+            .set_run_state(
+                fence,
+                run_id.to_owned(),
+                state,
+                Some(error.to_string()),
+                None,
+            )
             .await?;
         Ok(Leg::Refused)
     }
@@ -116,10 +134,10 @@ impl Ingest {
         &self,
         following: &mut Following,
         cancel: &CancellationToken,
-    ) -> Result<Polled, StoreError> {
+    ) -> Result<Polled, StateError> {
         // The page permit is held until the page is recorded.
         let (page, _page_permit) = tokio::select! {
-            fetched = self.fetch(&following.run.run_id, following.cursor) => fetched,
+            fetched = self.fetch(&following.fence, &following.run.run_id, following.cursor) => fetched,
             _ = cancel.cancelled() => return Ok(Polled::Stopped),
         };
         let page = match page {
@@ -184,6 +202,7 @@ impl Ingest {
     /// Waiting out a backoff holds none.
     async fn fetch(
         &self,
+        fence: &Fence,
         run_id: &str,
         since: i64,
     ) -> (
@@ -212,6 +231,7 @@ impl Ingest {
             tracing::warn!(run_id = %run_id, %error, ?wait, "poll failed; backing off");
             self.store
                 .set_run_state(
+                    fence,
                     run_id.to_owned(),
                     RunState::Retrying,
                     Some(error.to_string()),

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::poll::Polled;
 use super::{Following, Ingest, Leg, NotFoundConfirm, Trouble, reconnect_backoff, sleep_or_cancel};
 use crate::config::Transport;
-use crate::store::{RunState, StoreError};
+use crate::store::{Fence, RunState, StateError};
 use crate::upstream::ErrorClass;
 use connection::Connection;
 
@@ -52,7 +52,7 @@ impl Ingest {
         &self,
         following: &mut Following,
         cancel: &CancellationToken,
-    ) -> Result<Leg, StoreError> {
+    ) -> Result<Leg, StateError> {
         let run_id = following.run.run_id.clone();
         following.transport = Transport::Sse;
         let mut backoff = reconnect_backoff();
@@ -68,12 +68,20 @@ impl Ingest {
                     return Ok(Leg::StreamRefused(why));
                 }
                 Connection::Refused(why) => {
-                    self.note_cookie_refused(&run_id, why).await?;
+                    self.note_cookie_refused(&following.fence, &run_id, why)
+                        .await?;
                     auth_backoff.next().unwrap_or(Duration::from_secs(300))
                 }
                 Connection::NotFound(why) => {
                     let next = self
-                        .stream_not_found(&run_id, why, &mut not_found, &mut trouble, &mut backoff)
+                        .stream_not_found(
+                            &following.fence,
+                            &run_id,
+                            why,
+                            &mut not_found,
+                            &mut trouble,
+                            &mut backoff,
+                        )
                         .await?;
                     match next {
                         ControlFlow::Break(leg) => return Ok(leg),
@@ -129,10 +137,16 @@ impl Ingest {
 
     /// Without a token to fall back on, a refused cookie is retried slowly;
     /// the run shows `auth_failed` meanwhile.
-    async fn note_cookie_refused(&self, run_id: &str, why: String) -> Result<(), StoreError> {
+    async fn note_cookie_refused(
+        &self,
+        fence: &Fence,
+        run_id: &str,
+        why: String,
+    ) -> Result<(), StateError> {
         tracing::warn!(run_id = %run_id, %why, "the stream refused the session cookie; retrying slowly");
         self.store
             .set_run_state(
+                fence,
                 run_id.to_owned(),
                 RunState::AuthFailed,
                 Some(format!("stream refused: {why}")),
@@ -147,11 +161,12 @@ impl Ingest {
         following: &Following,
         reason: String,
         wait: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), StateError> {
         let run_id = &following.run.run_id;
         tracing::warn!(run_id = %run_id, %reason, cursor = following.cursor, ?wait, "stream dropped; reconnecting from the cursor");
         self.store
             .set_run_state(
+                &following.fence,
                 run_id.clone(),
                 RunState::Reconnecting,
                 Some(reason),
@@ -171,7 +186,7 @@ impl Ingest {
         trouble: &mut Trouble,
         backoff: &mut impl Iterator<Item = Duration>,
         slow: &mut impl Iterator<Item = Duration>,
-    ) -> Result<AfterCatchUp, StoreError> {
+    ) -> Result<AfterCatchUp, StateError> {
         crate::metrics::metrics().stream_reconnects.inc();
         // Polling takes the session cookie as well as the token.
         following.transport = Transport::Poll;
@@ -187,7 +202,9 @@ impl Ingest {
             }
         };
         let run_id = &following.run.run_id;
-        trouble.enter(&self.store, run_id, state, why).await?;
+        trouble
+            .enter(&self.store, &following.fence, run_id, state, why)
+            .await?;
         Ok(AfterCatchUp::Wait(wait.unwrap_or(Duration::from_secs(60))))
     }
 
@@ -197,34 +214,39 @@ impl Ingest {
     /// the next connection.
     async fn stream_not_found(
         &self,
+        fence: &Fence,
         run_id: &str,
         why: String,
         not_found: &mut NotFoundConfirm,
         trouble: &mut Trouble,
         backoff: &mut impl Iterator<Item = Duration>,
-    ) -> Result<ControlFlow<Leg, Duration>, StoreError> {
+    ) -> Result<ControlFlow<Leg, Duration>, StateError> {
         Ok(ControlFlow::Continue(match self.client.run(run_id).await {
             // The run is there; its stream is not.
             Ok(_) => return Ok(ControlFlow::Break(Leg::StreamUnavailable(why))),
             Err(error) if error.class() == ErrorClass::Forbidden => {
-                let leg = self.refused(run_id, RunState::Forbidden, error).await?;
+                let leg = self
+                    .refused(fence, run_id, RunState::Forbidden, error)
+                    .await?;
                 return Ok(ControlFlow::Break(leg));
             }
             Err(error) if error.class() == ErrorClass::NotFound => {
                 let Some(wait) = not_found.next() else {
-                    let leg = self.refused(run_id, RunState::NotFound, error).await?;
+                    let leg = self
+                        .refused(fence, run_id, RunState::NotFound, error)
+                        .await?;
                     return Ok(ControlFlow::Break(leg));
                 };
                 let why = format!("{error} ({}); confirming", not_found.progress());
                 trouble
-                    .enter(&self.store, run_id, RunState::Retrying, why)
+                    .enter(&self.store, fence, run_id, RunState::Retrying, why)
                     .await?;
                 wait
             }
             Err(error) => {
                 let why = format!("stream {why}; run lookup: {error}");
                 trouble
-                    .enter(&self.store, run_id, RunState::Reconnecting, why)
+                    .enter(&self.store, fence, run_id, RunState::Reconnecting, why)
                     .await?;
                 backoff.next().unwrap_or(Duration::from_secs(60))
             }
@@ -237,7 +259,7 @@ impl Ingest {
         &self,
         following: &mut Following,
         cancel: &CancellationToken,
-    ) -> Result<CaughtUp, StoreError> {
+    ) -> Result<CaughtUp, StateError> {
         let from = following.cursor;
         loop {
             return Ok(match self.poll_once(following, cancel).await? {

@@ -23,13 +23,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
-use crate::store::{Store, Subscribed};
+use crate::store::{self, Subscribed};
 
 /// A watch request is a few labels; nothing bigger is read.
 const MAX_BODY: usize = 64 * 1024;
 
 struct Watch {
-    store: Store,
+    state: store::State,
     token: Secret,
 }
 
@@ -42,8 +42,8 @@ struct WatchBody {
 }
 
 /// The watch routes, behind the bearer token.
-pub(super) fn routes(store: Store, token: Secret) -> Router {
-    let watch = Arc::new(Watch { store, token });
+pub(super) fn routes(state: store::State, token: Secret) -> Router {
+    let watch = Arc::new(Watch { state, token });
     Router::new()
         .route("/v1/watch/{run_id}", put(follow).delete(stop_following))
         .route_layer(middleware::from_fn_with_state(watch.clone(), authorize))
@@ -90,7 +90,7 @@ async fn follow(
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let subscribed = watch
-        .store
+        .state
         .subscribe(run_id.clone(), labels.clone(), "watch", None)
         .await;
     match subscribed {
@@ -109,7 +109,7 @@ async fn follow(
 }
 
 async fn stop_following(State(watch): State<Arc<Watch>>, Path(run_id): Path<String>) -> Response {
-    match watch.store.unsubscribe(run_id.clone()).await {
+    match watch.state.unsubscribe(run_id.clone()).await {
         Ok(true) => {
             tracing::info!(run_id = %run_id, "no longer watching (over HTTP)");
             axum::Json(json!({"runId": run_id, "watching": false})).into_response()

@@ -102,6 +102,17 @@ pub enum StateError {
     LeaseOnSqlite { write: &'static str },
 }
 
+impl StateError {
+    /// The write was refused for its fence, not for the database: trying
+    /// it again can only be refused again.
+    pub fn fence_refused(&self) -> bool {
+        matches!(
+            self,
+            Self::LeaseLost { .. } | Self::Unfenced { .. } | Self::LeaseOnSqlite { .. }
+        )
+    }
+}
+
 impl From<StoreError> for StateError {
     fn from(error: StoreError) -> Self {
         Self::Sqlite(error)
@@ -176,6 +187,29 @@ impl State {
         match self {
             Self::Postgres(pg) => Some(pg),
             Self::Sqlite(_) => None,
+        }
+    }
+
+    /// The same state with a read connection of its own (SQLite), for a
+    /// task that reads often (a delivery loop, the metrics, the runs
+    /// supervisor): SQLite's reader serialises its queries on one
+    /// connection, so tasks sharing one would wait on each other. The
+    /// PostgreSQL pool already gives each query a connection.
+    pub fn with_own_reader(&self) -> Result<Self, StateError> {
+        match self {
+            Self::Sqlite(sqlite) => Ok(Self::Sqlite(Sqlite {
+                store: sqlite.store.clone(),
+                reader: sqlite.store.reader()?,
+            })),
+            Self::Postgres(pg) => Ok(Self::Postgres(pg.clone())),
+        }
+    }
+
+    /// The read side alone, sharing this state's connections.
+    pub fn reads(&self) -> Reads {
+        match self {
+            Self::Sqlite(sqlite) => Reads::Sqlite(sqlite.reader.clone()),
+            Self::Postgres(pg) => Reads::Postgres(pg.clone()),
         }
     }
 
@@ -565,6 +599,146 @@ impl State {
     }
 }
 
+/// The read side alone: what `status`, `dead`, `tail`, `top` and the demo
+/// need beside a running daemon. On SQLite it opens only a read
+/// connection, as those commands always have: it creates no database (a
+/// missing one is an error that says so), migrates nothing under a running
+/// daemon and starts no writer. Cheap to clone.
+#[derive(Clone)]
+pub enum Reads {
+    Sqlite(Reader),
+    Postgres(PgStore),
+}
+
+/// Delegates a read to whichever backend.
+macro_rules! reads {
+    ($self:ident.$method:ident($($arg:expr),*)) => {
+        match $self {
+            Reads::Sqlite(reader) => Ok(reader.$method($($arg),*).await?),
+            Reads::Postgres(pg) => Ok(pg.$method($($arg),*).await?),
+        }
+    };
+}
+
+impl Reads {
+    /// Opens the read side of an existing state. `replica` as in
+    /// [`State::open`].
+    pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
+        match location {
+            Location::Sqlite(path) => Ok(Self::Sqlite(Reader::open(path)?)),
+            Location::Postgres(url) => Ok(Self::Postgres(PgStore::open(url, replica).await?)),
+        }
+    }
+
+    pub async fn last_event_row(&self) -> Result<i64, StateError> {
+        reads!(self.last_event_row())
+    }
+
+    pub async fn events_after(
+        &self,
+        after: i64,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        reads!(self.events_after(after, run, event_type, limit))
+    }
+
+    pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StateError> {
+        reads!(self.watched_runs())
+    }
+
+    pub async fn runs(&self) -> Result<Vec<RunRow>, StateError> {
+        reads!(self.runs())
+    }
+
+    pub async fn control_generation(&self) -> Result<i64, StateError> {
+        reads!(self.control_generation())
+    }
+
+    pub async fn pending_in_order(
+        &self,
+        sink: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        reads!(self.pending_in_order(sink, limit))
+    }
+
+    pub async fn pending_for_run(
+        &self,
+        sink: &str,
+        run_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        reads!(self.pending_for_run(sink, run_id, limit))
+    }
+
+    pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StateError> {
+        reads!(self.runs_with_pending(sink))
+    }
+
+    pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StateError> {
+        reads!(self.pruned_run(run_id))
+    }
+
+    pub async fn pruned_count(&self) -> Result<i64, StateError> {
+        reads!(self.pruned_count())
+    }
+
+    pub async fn pending_count(&self, sink: &str) -> Result<i64, StateError> {
+        reads!(self.pending_count(sink))
+    }
+
+    pub async fn pending_total(&self) -> Result<i64, StateError> {
+        reads!(self.pending_total())
+    }
+
+    pub async fn dead_letters(
+        &self,
+        sink: Option<String>,
+        run: Option<String>,
+    ) -> Result<Vec<DeadLetter>, StateError> {
+        reads!(self.dead_letters(sink, run))
+    }
+
+    pub async fn sinks(&self) -> Result<Vec<SinkRow>, StateError> {
+        reads!(self.sinks())
+    }
+
+    pub async fn oldest_pending(
+        &self,
+        sinks: Vec<String>,
+    ) -> Result<Vec<(String, i64)>, StateError> {
+        reads!(self.oldest_pending(sinks))
+    }
+
+    pub async fn sink_offset(&self, sink: &str) -> Result<Option<u64>, StateError> {
+        reads!(self.sink_offset(sink))
+    }
+
+    pub async fn thread_root(
+        &self,
+        sink: &str,
+        run_id: &str,
+    ) -> Result<Option<(String, String)>, StateError> {
+        reads!(self.thread_root(sink, run_id))
+    }
+}
+
+impl Replica {
+    /// A process that opens the state without being one of the cluster's
+    /// replicas (a command beside the daemon, the demo): it claims no lease
+    /// and sends no heartbeat. SQLite ignores the replica; PostgreSQL opens
+    /// with this name.
+    pub fn bystander() -> Self {
+        Self {
+            node: "runhook-command".into(),
+            lease_ttl: std::time::Duration::from_secs(15),
+            share_slack: 0,
+        }
+    }
+}
+
 impl Sqlite {
     /// Opens (creating and migrating) the database file at `path`.
     pub fn open_path(path: &Path) -> Result<Self, StoreError> {
@@ -600,6 +774,50 @@ mod tests {
             !shown.contains("secret") && !shown.contains("db"),
             "{shown}"
         );
+    }
+
+    /// Users and tests read the SQLite errors' words (`status` on a missing
+    /// database, a daemon already running, a newer schema): going through
+    /// `State` must not change a word of them, nor of their causes.
+    #[test]
+    fn a_sqlite_error_reads_as_it_did_before_state() {
+        let errors = [
+            StoreError::Open {
+                path: "/var/lib/runhook/runhook.db".into(),
+                error: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no state database here yet: has `runhook run` started with this config?",
+                )),
+            },
+            StoreError::TooNew { found: 9, known: 8 },
+            StoreError::Locked {
+                path: "runhook.db".into(),
+                holder: "4242".into(),
+            },
+            StoreError::Closed,
+            StoreError::from(rusqlite::Error::InvalidQuery),
+        ];
+        for error in errors {
+            let before = anyhow::Error::new(error.clone());
+            let after = anyhow::Error::new(StateError::from(error));
+            assert_eq!(format!("{after}"), format!("{before}"));
+            assert_eq!(format!("{after:#}"), format!("{before:#}"));
+        }
+    }
+
+    /// The daemon's reading tasks each had a read connection of their own;
+    /// sharing one would make a scrape wait on a delivery loop's reads.
+    #[test]
+    fn with_own_reader_opens_a_connection_a_clone_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let conn = |state: &State| match state {
+            State::Sqlite(sqlite) => sqlite.reader.conn.clone(),
+            State::Postgres(_) => unreachable!("a SQLite state"),
+        };
+        assert!(Arc::ptr_eq(&conn(&state), &conn(&state.clone())));
+        let own = state.with_own_reader().unwrap();
+        assert!(!Arc::ptr_eq(&conn(&state), &conn(&own)));
     }
 
     /// The variant an owner matches to stop a run must not hide inside the

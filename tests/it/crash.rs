@@ -232,7 +232,9 @@ pub(super) fn assert_killed(status: ExitStatus, what: &str) {
 /// Each run's first delivery to the webhook still pending, as the last
 /// daemon left the database.
 pub(super) async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
-    let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
+    let reader = crate::support::reads(&env.state_path())
+        .await
+        .expect("state database");
     let mut heads = Vec::new();
     for run in reader
         .runs_with_pending("ops")

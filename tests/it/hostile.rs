@@ -181,7 +181,7 @@ async fn a_sink_retry_after_past_max_age_dead_letters_at_max_age() {
         waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
         "the last attempt comes at max_age (2 s after queueing), waited {waited:?}"
     );
-    let reader = runhook::store::Reader::open(&env.state_path()).unwrap();
+    let reader = crate::support::reads(&env.state_path()).await.unwrap();
     let dead = reader.dead_letters(None, None).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runhook::store::{Batch, Failure, NewEvent, Reader, Store, TimeRange, now_ms};
+use runhook::store::{Batch, Failure, Fence, NewEvent, TimeRange, now_ms};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -95,21 +95,19 @@ async fn torn_tail_then_send_test_then_restart(payload: String) -> String {
     let env = Env::new(&sim, &[]);
     let config = env.write_config();
     {
-        let store = Store::open(&env.state_path()).unwrap();
+        let store = crate::support::open_state(&env.state_path()).await.unwrap();
         store
             .subscribe("r1".into(), Default::default(), "watch", None)
             .await
             .unwrap();
         store
-            .record_batch(batch("r1", vec![event(1, payload, &["archive"])]))
+            .record_batch(
+                &Fence::Exclusive,
+                batch("r1", vec![event(1, payload, &["archive"])]),
+            )
             .await
             .unwrap();
-        let pending = store
-            .reader()
-            .unwrap()
-            .pending_in_order("archive", 10)
-            .await
-            .unwrap();
+        let pending = store.reads().pending_in_order("archive", 10).await.unwrap();
         let mut line = Vec::new();
         runhook::sink::write_envelope_line(&(&pending[0]).into(), &mut line).unwrap();
         // The daemon died in the middle of write(2): half the line is on
@@ -123,7 +121,9 @@ async fn torn_tail_then_send_test_then_restart(payload: String) -> String {
     // The daemon starts, reconciles with the file's tail and delivers.
     let daemon = env.start();
     let reader = wait_for("the state database", || async {
-        Reader::open(&env.state_path()).map_err(|e| e.to_string())
+        crate::support::reads(&env.state_path())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     wait_for_within(
@@ -188,7 +188,7 @@ async fn send_test_refuses_a_torn_file_tail_and_the_daemon_then_writes_the_event
 async fn oldest_pending_age_is_hidden_by_a_backfilled_head() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let store = Store::open(&path).unwrap();
+    let store = crate::support::open_state(&path).await.unwrap();
     store
         .subscribe("r1".into(), Default::default(), "watch", None)
         .await
@@ -198,7 +198,10 @@ async fn oldest_pending_age_is_hidden_by_a_backfilled_head() {
         event(2, "{}".into(), &["a"]),
         event(3, "{}".into(), &["a", "late"]),
     ];
-    store.record_batch(batch("r1", events)).await.unwrap();
+    store
+        .record_batch(&Fence::Exclusive, batch("r1", events))
+        .await
+        .unwrap();
     // All of it was queued three hours ago; `late`'s delivery of event 3 is
     // still pending since.
     let three_hours = 3 * 3600 * 1000;
@@ -220,8 +223,7 @@ async fn oldest_pending_age_is_hidden_by_a_backfilled_head() {
         .queued;
     assert_eq!(queued, 2, "events 1 and 2");
     let oldest = store
-        .reader()
-        .unwrap()
+        .reads()
         .oldest_pending(vec!["late".into()])
         .await
         .unwrap();
@@ -273,7 +275,7 @@ async fn send_test_refuses_a_short_torn_tail_and_no_line_stays_corrupt() {
 async fn one_unknown_run_state_does_not_stop_every_run() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let store = Store::open(&path).unwrap();
+    let store = crate::support::open_state(&path).await.unwrap();
     for run in ["r1", "r2"] {
         store
             .subscribe(run.into(), Default::default(), "watch", None)
@@ -287,7 +289,7 @@ async fn one_unknown_run_state_does_not_stop_every_run() {
             [],
         )
         .unwrap();
-    let reader = store.reader().unwrap();
+    let reader = store.reads();
     let watched = reader.watched_runs().await;
     assert!(
         watched
@@ -311,21 +313,32 @@ async fn one_unknown_run_state_does_not_stop_every_run() {
 async fn backfill_keeps_per_run_order_for_a_sink_that_went_live_first() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let store = Store::open(&path).unwrap();
+    let store = crate::support::open_state(&path).await.unwrap();
     store
         .subscribe("r1".into(), Default::default(), "watch", None)
         .await
         .unwrap();
     let early = vec![event(1, "{}".into(), &["a"]), event(2, "{}".into(), &["a"])];
-    store.record_batch(batch("r1", early)).await.unwrap();
+    store
+        .record_batch(&Fence::Exclusive, batch("r1", early))
+        .await
+        .unwrap();
     // `late` is added and reloaded: event 3 is routed to it live, and sent.
     let live = vec![event(3, "{}".into(), &["a", "late"])];
-    store.record_batch(batch("r1", live)).await.unwrap();
-    let reader = store.reader().unwrap();
+    store
+        .record_batch(&Fence::Exclusive, batch("r1", live))
+        .await
+        .unwrap();
+    let reader = store.reads();
     let sent = reader.pending_in_order("late", 10).await.unwrap();
     assert_eq!(sent.len(), 1);
     store
-        .mark_delivered(Arc::from("late"), vec![sent[0].event], None)
+        .mark_delivered(
+            &Fence::Exclusive,
+            Arc::from("late"),
+            vec![sent[0].event],
+            None,
+        )
         .await
         .unwrap();
     // The operator backfills, as the README says.
@@ -372,17 +385,17 @@ fn batch_of(run: &str, sequences: std::ops::RangeInclusive<i64>, sinks: &[&str])
 async fn backfill_does_not_resend_what_the_sink_received_before_retention_pruned_its_rows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let store = Store::open(&path).unwrap();
+    let store = crate::support::open_state(&path).await.unwrap();
     store
         .subscribe("r".into(), Default::default(), "watch", None)
         .await
         .unwrap();
     // Events 1 and 2 of run r go to `archive` and `ops`.
     store
-        .record_batch(batch_of("r", 1..=2, &["archive", "ops"]))
+        .record_batch(&Fence::Exclusive, batch_of("r", 1..=2, &["archive", "ops"]))
         .await
         .unwrap();
-    let reader = Reader::open(&path).unwrap();
+    let reader = crate::support::reads(&path).await.unwrap();
     let rows: Vec<i64> = reader
         .pending_for_run("archive", "r", 10)
         .await
@@ -393,11 +406,11 @@ async fn backfill_does_not_resend_what_the_sink_received_before_retention_pruned
     assert_eq!(rows.len(), 2);
     // `archive` received both; `ops` received 2 and dead-lettered 1.
     store
-        .mark_delivered("archive".into(), rows.clone(), None)
+        .mark_delivered(&Fence::Exclusive, "archive".into(), rows.clone(), None)
         .await
         .unwrap();
     store
-        .mark_delivered("ops".into(), vec![rows[1]], None)
+        .mark_delivered(&Fence::Exclusive, "ops".into(), vec![rows[1]], None)
         .await
         .unwrap();
     let dead = Failure {
@@ -407,7 +420,10 @@ async fn backfill_does_not_resend_what_the_sink_received_before_retention_pruned
         next_attempt_at: 0,
         dead: true,
     };
-    store.record_failure("ops".into(), dead).await.unwrap();
+    store
+        .record_failure(&Fence::Exclusive, "ops".into(), dead)
+        .await
+        .unwrap();
     // `state.retain` later: the delivered rows go; event 1 stays, for the
     // dead letter of `ops`.
     let (deliveries, events) = store.prune(now_ms() + 60_000).await.unwrap();

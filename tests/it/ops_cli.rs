@@ -130,6 +130,25 @@ fn state_flag_needs_no_config_file() {
     }
 }
 
+/// The reading commands open the state read-only: on a mistyped path they
+/// say there is no database there, and leave none behind (a created empty
+/// one would hide the typo from the next command and from the daemon).
+#[test]
+fn reading_commands_create_no_state_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("typo.db");
+    for command in ["status", "dead", "tail"] {
+        let output = run(runhook(&["--state", state.to_str().unwrap(), command]));
+        assert!(!output.status.success(), "runhook {command} succeeded");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("no state database here yet"),
+            "runhook {command}: {stderr}"
+        );
+        assert!(!state.exists(), "runhook {command} created {state:?}");
+    }
+}
+
 #[test]
 fn a_bad_state_table_is_a_config_error_at_its_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +233,7 @@ async fn output_into_a_closed_pipe_ends_quietly() {
     let state = dir.path().join("runhook.db");
     // More output than a pipe buffers (64 KiB), so that a write fails even
     // if the reader closed only after the first lines.
-    let store = runhook::store::Store::open(&state).unwrap();
+    let store = crate::support::open_state(&state).await.unwrap();
     let mut watches = tokio::task::JoinSet::new();
     for i in 0..1000 {
         let store = store.clone();
@@ -399,8 +418,9 @@ mod by_time {
     /// recorded as delivered (a replay before that would miss the last one).
     async fn all_recorded_delivered(env: &Env) {
         wait_for("hook's deliveries recorded done", || async {
-            let reader =
-                runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())?;
+            let reader = crate::support::reads(&env.state_path())
+                .await
+                .map_err(|e| e.to_string())?;
             let sinks = reader.sinks().await.map_err(|e| e.to_string())?;
             match sinks.iter().find(|s| s.sink == "hook") {
                 Some(hook) if hook.pending == 0 => Ok(()),

@@ -383,7 +383,9 @@ async fn pipelined_dead_letter_is_recorded_before_the_next_send() {
     })
     .await;
     assert_killed(status, "http.before_mark:10");
-    let reader = runhook::store::Reader::open(&env.state_path()).expect("state database");
+    let reader = crate::support::reads(&env.state_path())
+        .await
+        .expect("state database");
     let dead: Vec<String> = reader
         .dead_letters(Some("ops".into()), None)
         .await

@@ -1,6 +1,7 @@
 //! Polling ingest to a file sink: exactly once, in order, bytes intact,
 //! through crashes, misbehaving servers and every error class.
 
+use runhook::store::Fence;
 use std::time::Duration;
 
 use runhook::simulate::scenario::ScriptedEvent;
@@ -143,7 +144,7 @@ async fn lines_written_before_a_crash_but_not_marked_are_not_written_again() {
     // Forge the state a crash between write and mark leaves: three more
     // events recorded and routed but not marked, their lines already in the
     // file, the last one torn.
-    let state = runhook::store::Store::open(&env.state_path()).unwrap();
+    let state = crate::support::open_state(&env.state_path()).await.unwrap();
     let extra = (11..=13)
         .map(|sequence| runhook::store::NewEvent {
             sequence,
@@ -155,14 +156,17 @@ async fn lines_written_before_a_crash_but_not_marked_are_not_written_again() {
         })
         .collect();
     state
-        .record_batch(runhook::store::Batch {
-            run_id: "run-r".into(),
-            events: extra,
-            run_status: Some("running".into()),
-            phase: None,
-            finish: None,
-            stalled: None,
-        })
+        .record_batch(
+            &Fence::Exclusive,
+            runhook::store::Batch {
+                run_id: "run-r".into(),
+                events: extra,
+                run_status: Some("running".into()),
+                phase: None,
+                finish: None,
+                stalled: None,
+            },
+        )
         .await
         .unwrap();
     drop(state);

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use runhook::simulate::scenario::ScriptedRun;
 use runhook::simulate::{Fault, FaultKind, Simulator};
-use runhook::store::{Reader, Store};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -255,7 +254,7 @@ async fn unwatch_still_delivers_what_was_recorded() {
     })
     .await;
     receiver.set_default(None);
-    let reader = Reader::open(&env.state_path()).unwrap();
+    let reader = crate::support::reads(&env.state_path()).await.unwrap();
     let (cursor, accepted) = wait_for_within(
         Duration::from_secs(60),
         "every recorded event of run-unw delivered after unwatch",
@@ -292,7 +291,9 @@ async fn a_run_removed_from_the_config_stops_on_reload() {
     .await;
     let mut env = Env::new(&sim, &["run-gone"]);
     // The clock: a run watched beside the config, which the reload keeps.
-    let store = Store::open(&env.state_path()).expect("state opens");
+    let store = crate::support::open_state(&env.state_path())
+        .await
+        .expect("state opens");
     store
         .subscribe("run-clock".into(), Default::default(), "watch", None)
         .await
@@ -387,7 +388,9 @@ async fn the_state_database_is_created_0600() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state/runhook.db");
-    let store = Store::open(&path).expect("state opens");
+    let store = crate::support::open_state(&path)
+        .await
+        .expect("state opens");
     store
         .subscribe("run-mode".into(), Default::default(), "watch", None)
         .await
@@ -531,7 +534,11 @@ async fn tail_type_prints_only_that_event_type() {
     .await;
     let env = Env::new(&sim, &["run-ta", "run-tb"]);
     let config = env.write_config();
-    drop(Store::open(&env.state_path()).expect("state opens"));
+    drop(
+        crate::support::open_state(&env.state_path())
+            .await
+            .expect("state opens"),
+    );
     let mut tail = Command::new(env!("CARGO_BIN_EXE_runhook"))
         .arg("--config")
         .arg(&config)

@@ -3,7 +3,7 @@
 //! to deliver leave the runs table for a tombstone that keeps them from
 //! being ingested again (after a restart, or watched again).
 
-use runhook::store::{Batch, DeadFilter, Failure, NewEvent, Reader, Store, now_ms};
+use runhook::store::{Batch, DeadFilter, Failure, Fence, NewEvent, State, now_ms};
 use serde_json::value::RawValue;
 
 fn events(run: &str, range: std::ops::RangeInclusive<i64>) -> Batch {
@@ -29,18 +29,21 @@ fn events(run: &str, range: std::ops::RangeInclusive<i64>) -> Batch {
 async fn delivered_events_are_pruned_and_dead_letters_kept_until_purged() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let store = Store::open(&path).unwrap();
+    let store = crate::support::open_state(&path).await.unwrap();
     store
         .subscribe("r".into(), Default::default(), "watch", None)
         .await
         .unwrap();
-    store.record_batch(events("r", 1..=4)).await.unwrap();
-    let reader = Reader::open(&path).unwrap();
+    store
+        .record_batch(&Fence::Exclusive, events("r", 1..=4))
+        .await
+        .unwrap();
+    let reader = crate::support::reads(&path).await.unwrap();
     let pending = reader.pending_for_run("ops", "r", 10).await.unwrap();
     let rows: Vec<i64> = pending.iter().map(|p| p.event).collect();
     // 1 and 2 delivered, 3 dead, 4 still pending.
     store
-        .mark_delivered("ops".into(), rows[..2].to_vec(), None)
+        .mark_delivered(&Fence::Exclusive, "ops".into(), rows[..2].to_vec(), None)
         .await
         .unwrap();
     let dead = Failure {
@@ -50,7 +53,10 @@ async fn delivered_events_are_pruned_and_dead_letters_kept_until_purged() {
         next_attempt_at: 0,
         dead: true,
     };
-    store.record_failure("ops".into(), dead).await.unwrap();
+    store
+        .record_failure(&Fence::Exclusive, "ops".into(), dead)
+        .await
+        .unwrap();
 
     // Nothing is old enough yet.
     assert_eq!(store.prune(now_ms() - 60_000).await.unwrap(), (0, 0));
@@ -65,7 +71,10 @@ async fn delivered_events_are_pruned_and_dead_letters_kept_until_purged() {
     );
 
     // The cursor is untouched: pruned events are not ingested again.
-    let again = store.record_batch(events("r", 1..=4)).await.unwrap();
+    let again = store
+        .record_batch(&Fence::Exclusive, events("r", 1..=4))
+        .await
+        .unwrap();
     assert_eq!((again.recorded, again.dropped, again.cursor), (0, 4, 4));
 
     let purged = store
@@ -87,7 +96,7 @@ fn count(path: &std::path::Path, table: &str) -> i64 {
 }
 
 /// The store's commit counter; it moves once per writer transaction.
-fn commits(store: &Store) -> u64 {
+fn commits(store: &State) -> u64 {
     *store.commits().borrow()
 }
 
@@ -121,7 +130,7 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     const CHUNK: u64 = 5_000;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let store = Store::open(&path).unwrap();
+    let store = crate::support::open_state(&path).await.unwrap();
     for run in ["r", "n", "m"] {
         store
             .subscribe(run.into(), Default::default(), "watch", None)
@@ -132,20 +141,36 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     // events routed nowhere.
     for start in (1..=EVENTS).step_by(10_000) {
         store
-            .record_batch(bulk("r", start..=start + 9_999, &["a", "b"]))
+            .record_batch(
+                &Fence::Exclusive,
+                bulk("r", start..=start + 9_999, &["a", "b"]),
+            )
             .await
             .unwrap();
     }
-    store.record_batch(bulk("n", 1..=1_000, &[])).await.unwrap();
+    store
+        .record_batch(&Fence::Exclusive, bulk("n", 1..=1_000, &[]))
+        .await
+        .unwrap();
     let rowid = |sequence: i64| sequence; // r's events were recorded first
     // Before the cutoff: a has everything delivered, b events 1..=60,000;
     // b's 60,001..=80,000 are dead.
     store
-        .mark_delivered("a".into(), (rowid(1)..=rowid(EVENTS)).collect(), None)
+        .mark_delivered(
+            &Fence::Exclusive,
+            "a".into(),
+            (rowid(1)..=rowid(EVENTS)).collect(),
+            None,
+        )
         .await
         .unwrap();
     store
-        .mark_delivered("b".into(), (rowid(1)..=rowid(60_000)).collect(), None)
+        .mark_delivered(
+            &Fence::Exclusive,
+            "b".into(),
+            (rowid(1)..=rowid(60_000)).collect(),
+            None,
+        )
         .await
         .unwrap();
     let dead = |events: Vec<i64>| Failure {
@@ -156,7 +181,11 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
         dead: true,
     };
     store
-        .record_failure("b".into(), dead((rowid(60_001)..=rowid(80_000)).collect()))
+        .record_failure(
+            &Fence::Exclusive,
+            "b".into(),
+            dead((rowid(60_001)..=rowid(80_000)).collect()),
+        )
         .await
         .unwrap();
     clock_past(now_ms()).await;
@@ -165,10 +194,18 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     // After the cutoff: b's 80,001..=90,000 delivered; 90,001.. stay
     // pending; run m records 10 events routed nowhere.
     store
-        .mark_delivered("b".into(), (rowid(80_001)..=rowid(90_000)).collect(), None)
+        .mark_delivered(
+            &Fence::Exclusive,
+            "b".into(),
+            (rowid(80_001)..=rowid(90_000)).collect(),
+            None,
+        )
         .await
         .unwrap();
-    store.record_batch(bulk("m", 1..=10, &[])).await.unwrap();
+    store
+        .record_batch(&Fence::Exclusive, bulk("m", 1..=10, &[]))
+        .await
+        .unwrap();
 
     let before = commits(&store);
     let (deliveries, events) = store.prune(cutoff).await.unwrap();
@@ -181,7 +218,7 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     );
     assert_eq!(count(&path, "deliveries"), 40_000);
     assert_eq!(count(&path, "events"), 40_010);
-    let reader = Reader::open(&path).unwrap();
+    let reader = crate::support::reads(&path).await.unwrap();
     let sinks = reader.sinks().await.unwrap();
     let b = sinks.iter().find(|s| s.sink == "b").unwrap();
     assert_eq!((b.done, b.dead, b.pending), (10_000, 20_000, 10_000));
@@ -210,7 +247,11 @@ async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     assert_eq!((b.dead, b.pending), (0, 30_000));
 
     store
-        .record_failure("b".into(), dead((rowid(60_001)..=rowid(80_000)).collect()))
+        .record_failure(
+            &Fence::Exclusive,
+            "b".into(),
+            dead((rowid(60_001)..=rowid(80_000)).collect()),
+        )
         .await
         .unwrap();
     let before = commits(&store);
@@ -308,7 +349,7 @@ async fn with_r1_pruned() -> (runhook::simulate::Simulator, crate::support::Env)
     clock_past(now_ms() + 1_000).await;
 
     let daemon = start_short_retain(&env);
-    let reader = Reader::open(&env.state_path()).unwrap();
+    let reader = crate::support::reads(&env.state_path()).await.unwrap();
     wait_for("the prune at start to move r1 to its tombstone", || async {
         match reader.pruned_run("r1".into()).await {
             Ok(Some(pruned)) => Ok(pruned),

@@ -20,7 +20,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use runhook::simulate::{Fault, FaultKind, Scenario};
-use runhook::store::Reader;
 use serde_json::{Value, json};
 
 use crate::receiver::{Answer, Receiver, SECRET};
@@ -498,7 +497,7 @@ async fn thread_mode_dead_letters_a_permanent_ok_false_and_retries_a_transient_o
         }
     })
     .await;
-    let reader = Reader::open(&env.state_path()).unwrap();
+    let reader = crate::support::reads(&env.state_path()).await.unwrap();
     let dead = reader.dead_letters(None, None).await.unwrap();
     daemon.stop().await;
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -751,7 +750,7 @@ async fn metric_values_count_retries_dead_letters_reconnects_and_sinks_up() {
     env.wait_finished(&["run-mv"]).await;
     // What the metrics must count, seen from outside: six attempts at dlq
     // (the last one dead-lettered), three at flaky (the last one accepted).
-    let reader = Reader::open(&env.state_path()).unwrap();
+    let reader = crate::support::reads(&env.state_path()).await.unwrap();
     wait_for("dlq's dead letter and flaky's delivery", || async {
         let dead = reader
             .dead_letters(None, None)

@@ -284,7 +284,9 @@ async fn slack_permanent_errors_dead_letter_at_once_with_slacks_message() {
     );
     let daemon = env.start();
     let reader = wait_for("the state database", || async {
-        runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())
+        crate::support::reads(&env.state_path())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     let dead = wait_for("a dead letter", || async {
@@ -485,10 +487,14 @@ fn thread_env(sim: &runhook::simulate::Simulator, run: &str, slack: &FakeSlack) 
 
 /// The state database, created before the daemon so a test can break it
 /// first; and a connection of the test's own to do the breaking.
-fn state_db(env: &Env) -> rusqlite::Connection {
+async fn state_db(env: &Env) -> rusqlite::Connection {
     let path = env.state_path();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    drop(runhook::store::Store::open(&path).expect("state database"));
+    drop(
+        crate::support::open_state(&path)
+            .await
+            .expect("state database"),
+    );
     rusqlite::Connection::open(&path).unwrap()
 }
 
@@ -512,7 +518,7 @@ fn allow_root_saves(db: &rusqlite::Connection) {
 
 /// Waits until the run's first pending delivery to `chat` failed `n` times.
 async fn wait_attempts(env: &Env, run: &str, n: u32) {
-    let reader = runhook::store::Reader::open(&env.state_path()).unwrap();
+    let reader = crate::support::reads(&env.state_path()).await.unwrap();
     wait_for("repeated failed attempts", || async {
         let pending = reader
             .pending_for_run("chat", run, 1)
@@ -553,7 +559,7 @@ async fn thread_mode_posts_no_root_while_the_saved_thread_cannot_be_read() {
     let sim = sim_with(vec![scripted("run-r", numbered(2))]).await;
     let slack = FakeSlack::start().await;
     let env = thread_env(&sim, "run-r", &slack);
-    let db = state_db(&env);
+    let db = state_db(&env).await;
     db.execute_batch("ALTER TABLE slack_threads RENAME TO slack_threads_away")
         .unwrap();
     let daemon = env.start();
@@ -573,7 +579,7 @@ async fn thread_mode_posts_one_root_when_saving_it_fails() {
     let sim = sim_with(vec![scripted("run-w", numbered(2))]).await;
     let slack = FakeSlack::start().await;
     let env = thread_env(&sim, "run-w", &slack);
-    let db = state_db(&env);
+    let db = state_db(&env).await;
     fail_root_saves(&db);
     let daemon = env.start();
     wait_attempts(&env, "run-w", 3).await;
@@ -616,7 +622,7 @@ async fn thread_mode_finds_its_root_after_a_crash_before_saving_it() {
     let sim = sim_with(vec![scripted("run-c", numbered(2))]).await;
     let slack = FakeSlack::start().await;
     let env = thread_env(&sim, "run-c", &slack);
-    let db = state_db(&env);
+    let db = state_db(&env).await;
     fail_root_saves(&db);
     let daemon = env.start_process();
     wait_attempts(&env, "run-c", 2).await;

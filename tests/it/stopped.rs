@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use runhook::simulate::{Fault, FaultKind, Simulator};
-use runhook::store::Store;
 
 use crate::support::*;
 
@@ -60,7 +59,9 @@ async fn watch_again_restarts_a_stopped_run() {
     wait_state(&env, "run-back", "not_found").await;
     sim.clear_faults();
     // What `runhook watch run-back` does, beside the running daemon.
-    let store = Store::open(&env.state_path()).expect("state opens");
+    let store = crate::support::open_state(&env.state_path())
+        .await
+        .expect("state opens");
     store
         .subscribe("run-back".into(), Default::default(), "watch", None)
         .await
@@ -121,7 +122,9 @@ async fn a_restart_retries_a_stopped_run() {
     sim.inject(status_fault("run-restart", None, 404, None));
     let env = env_confirming(&sim, &[], "100ms");
     // Watched with `watch`, not from the config: a restart must still retry it.
-    let store = Store::open(&env.state_path()).expect("state opens");
+    let store = crate::support::open_state(&env.state_path())
+        .await
+        .expect("state opens");
     store
         .subscribe("run-restart".into(), Default::default(), "watch", None)
         .await

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use runhook::simulate::{Fault, FaultKind};
-use runhook::store::Reader;
 use tokio_util::sync::CancellationToken;
 
 use crate::receiver::{Receiver, SECRET};
@@ -248,7 +247,9 @@ async fn a_file_sink_that_cannot_be_reopened_on_reload_fails_alone_and_recovers(
     std::fs::create_dir(env.events_path()).unwrap();
     reloads.send(env.config()).await.unwrap();
     let reader = wait_for("the state database", || async {
-        Reader::open(&env.state_path()).map_err(|e| e.to_string())
+        crate::support::reads(&env.state_path())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     wait_for("archive shown down in status", || async {
@@ -329,7 +330,9 @@ async fn a_partial_file_write_is_cut_back_and_written_once_later() {
     ));
     let daemon = LoggedDaemon::spawn(command);
     let reader = wait_for("the state database", || async {
-        Reader::open(&env.state_path()).map_err(|e| e.to_string())
+        crate::support::reads(&env.state_path())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     wait_for("a failed write", || async {

@@ -8,9 +8,23 @@ use std::time::{Duration, Instant};
 use runhook::config::Config;
 use runhook::simulate::scenario::{ScriptedEvent, ScriptedRun};
 use runhook::simulate::{Scenario, Simulator};
-use runhook::store::{Reader, RunRow};
+use runhook::store::pg::Replica;
+use runhook::store::{Location, Reads, RunRow, State, StateError};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+/// The state database read beside the daemon, as `status` reads it: read
+/// only, and an error when it does not exist yet.
+pub async fn reads(path: &Path) -> Result<Reads, StateError> {
+    Reads::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+}
+
+/// The state database opened to write, as `watch` or the daemon opens it
+/// (created and migrated). A test writing a run's data path plays the
+/// daemon, so it writes under `Fence::Exclusive`.
+pub async fn open_state(path: &Path) -> Result<State, StateError> {
+    State::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+}
 
 /// Long enough for the heaviest test on a busy 2-core machine; tests return
 /// as soon as their condition holds.
@@ -162,7 +176,7 @@ impl Env {
     }
 
     pub async fn runs(&self) -> Vec<RunRow> {
-        match Reader::open(&self.state_path()) {
+        match reads(&self.state_path()).await {
             Ok(reader) => reader.runs().await.unwrap_or_default(),
             Err(_) => Vec::new(),
         }

@@ -160,7 +160,9 @@ async fn an_outage_is_probed_not_hammered_and_then_drains_in_order() {
     let env = webhook_env(&sim, &refs, &receiver, "");
     let daemon = env.start();
     let reader = wait_for("the state database", || async {
-        runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())
+        crate::support::reads(&env.state_path())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     wait_for("the sink marked down", || async {
@@ -328,7 +330,9 @@ async fn retry_state_survives_a_restart() {
     let env = webhook_env(&sim, &["run-rs"], &receiver, "");
     let daemon = env.start_process();
     let reader = wait_for("the state database", || async {
-        runhook::store::Reader::open(&env.state_path()).map_err(|e| e.to_string())
+        crate::support::reads(&env.state_path())
+            .await
+            .map_err(|e| e.to_string())
     })
     .await;
     wait_for("the failed attempt recorded", || async {

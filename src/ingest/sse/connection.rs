@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::super::{Following, Ingest, NotFoundConfirm};
 use crate::config::Transport;
 use crate::http::{read_capped, retry_after, snippet};
-use crate::store::{RunState, StoreError};
+use crate::store::{RunState, StateError};
 use crate::upstream::frame::{self, Finished, Frame};
 use crate::upstream::stream::{EventSource, StreamError as SseError, StreamEvent as SseEvent};
 use crate::upstream::types::{error_message, is_final};
@@ -46,7 +46,7 @@ impl Ingest {
         following: &mut Following,
         cancel: &CancellationToken,
         not_found: &mut NotFoundConfirm,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Connection, StateError> {
         let run_id = following.run.run_id.clone();
         let Some(mut source) = self.client.open_stream(&run_id, following.cursor) else {
             return Ok(Connection::Refused("no session cookie configured".into()));
@@ -81,6 +81,7 @@ impl Ingest {
                     crate::metrics::metrics().upstream_answer(Some(200));
                     self.store
                         .set_run_state(
+                            &following.fence,
                             run_id.clone(),
                             RunState::Following,
                             None,
@@ -123,7 +124,7 @@ impl Ingest {
         source: &mut EventSource,
         frame: Frame,
         progressed: &mut bool,
-    ) -> Result<Option<Connection>, StoreError> {
+    ) -> Result<Option<Connection>, StateError> {
         let run_id = &following.run.run_id;
         match frame {
             Frame::RunEvent(event) if event.sequence <= following.cursor => {
@@ -167,7 +168,7 @@ impl Ingest {
         source: &mut EventSource,
         finished: Finished,
         progressed: bool,
-    ) -> Result<Connection, StoreError> {
+    ) -> Result<Connection, StateError> {
         let run_id = following.run.run_id.clone();
         // The guides do not name the frame's fields: what it leaves out (or a
         // status that is not final), the run lookup tells.
