@@ -259,18 +259,6 @@ mod tests {
 
     use super::*;
 
-    /// The query plan of `sql`, one line per step.
-    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let unbound = vec![rusqlite::types::Null; stmt.parameter_count()];
-        stmt.query_map(rusqlite::params_from_iter(unbound), |r| {
-            r.get::<_, String>(3)
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-    }
-
     /// Every delivery passes through these statements, several times: each
     /// must reach its rows through the index it was written for (the
     /// primary key for a mark, a partial index over pending deliveries for
@@ -318,7 +306,7 @@ mod tests {
                 "USING COVERING INDEX deliveries_pending (sink=?)",
             ),
         ] {
-            let steps = plan(&conn, sql);
+            let steps = super::super::schema::query_plan(&conn, sql);
             assert!(
                 steps.iter().any(|s| s.contains(index)),
                 "{name} uses {index}: {steps:#?}"

@@ -256,18 +256,6 @@ mod tests {
     use super::*;
     use crate::store::dead::{PURGE_DEAD, REPLAY_DEAD};
 
-    /// The query plan of `sql`, one line per step.
-    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let unbound = vec![rusqlite::types::Null; stmt.parameter_count()];
-        stmt.query_map(rusqlite::params_from_iter(unbound), |r| {
-            r.get::<_, String>(3)
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
-    }
-
     /// Maintenance shares the single writer with ingest and delivery: on a
     /// large state database a statement that walks every delivery holds the
     /// writer long enough to trip the watchdog. Each must reach its rows
@@ -283,7 +271,7 @@ mod tests {
             ("purge", PURGE_DEAD, "deliveries_dead"),
             ("prune runs", WALK_RUNS, "sqlite_autoindex_runs_1"),
         ] {
-            let steps = plan(&conn, sql);
+            let steps = super::super::schema::query_plan(&conn, sql);
             assert!(
                 steps.iter().any(|s| s.contains(index)),
                 "{name} uses {index}: {steps:#?}"
@@ -315,7 +303,7 @@ mod tests {
     fn the_runs_prune_finds_a_runs_events_through_the_id_index() {
         let mut conn = Connection::open_in_memory().unwrap();
         super::super::schema::migrate(&mut conn).unwrap();
-        let steps = plan(&conn, RUN_HAS_EVENTS);
+        let steps = super::super::schema::query_plan(&conn, RUN_HAS_EVENTS);
         assert!(
             steps
                 .iter()

@@ -132,6 +132,20 @@ pub fn migrate(conn: &mut Connection) -> Result<(), super::StoreError> {
     Ok(())
 }
 
+/// The query plan of `sql`, one line per step, its parameters unbound: the
+/// store's tests pin the plans of the statements that must not walk a table.
+#[cfg(test)]
+pub(super) fn query_plan(conn: &Connection, sql: &str) -> Vec<String> {
+    let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let unbound = vec![rusqlite::types::Null; stmt.parameter_count()];
+    stmt.query_map(rusqlite::params_from_iter(unbound), |r| {
+        r.get::<_, String>(3)
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
