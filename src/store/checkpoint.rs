@@ -218,10 +218,32 @@ fn checkpoint_loop(conn: Connection, woken: Receiver<()>, turn: Arc<Mutex<()>>) 
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use super::*;
     use crate::store::Store;
+
+    /// A store in a temp dir with these WAL bounds and a `filler` table to
+    /// write pages with.
+    async fn filler_store(
+        signal_pages: i32,
+        hard_pages: i32,
+    ) -> (tempfile::TempDir, PathBuf, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let bounds = WalBounds {
+            signal_pages,
+            hard_pages,
+        };
+        let store = Store::open_with(&path, bounds).unwrap();
+        store
+            .write(|conn| {
+                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
+            })
+            .await
+            .unwrap();
+        (dir, path, store)
+    }
 
     fn wal_bytes(db: &Path) -> u64 {
         let mut wal = db.as_os_str().to_owned();
@@ -234,19 +256,7 @@ mod tests {
     /// with everything written, and every row must be there after a reopen.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_stays_bounded_under_sustained_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let bounds = WalBounds {
-            signal_pages: 64,
-            hard_pages: 256,
-        };
-        let store = Store::open_with(&path, bounds).unwrap();
-        store
-            .write(|conn| {
-                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
-            })
-            .await
-            .unwrap();
+        let (_dir, path, store) = filler_store(64, 256).await;
         let (writers, rows_each, body) = (16, 200, 2048);
         let mut tasks = Vec::new();
         for writer in 0..writers {
@@ -301,13 +311,7 @@ mod tests {
     /// bounds the WAL again once the reader is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_reader_stalls_the_writer_only_briefly() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let bounds = WalBounds {
-            signal_pages: 16,
-            hard_pages: 64,
-        };
-        let store = Store::open_with(&path, bounds).unwrap();
+        let (_dir, path, store) = filler_store(16, 64).await;
         // The longest single write, and all of them.
         let fill = |store: Store, rows: std::ops::Range<i64>| async move {
             let (started, mut longest) = (std::time::Instant::now(), Duration::ZERO);
@@ -326,12 +330,6 @@ mod tests {
             }
             (longest, started.elapsed())
         };
-        store
-            .write(|conn| {
-                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
-            })
-            .await
-            .unwrap();
         let reader = Connection::open(&path).unwrap();
         reader.execute_batch("BEGIN").unwrap();
         let _: i64 = reader
@@ -361,17 +359,8 @@ mod tests {
     /// moment), sustained writes must be bounded by `hard_pages` again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_gone_leaves_the_bound_where_it_was() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let (signal, hard) = (16, 64);
-        let store = Store::open_with(
-            &path,
-            WalBounds {
-                signal_pages: signal,
-                hard_pages: hard,
-            },
-        )
-        .unwrap();
+        let hard = 64;
+        let (_dir, path, store) = filler_store(16, hard).await;
         let insert = |store: Store, id: i64, body: i64| async move {
             store
                 .write(move |conn| {
@@ -383,12 +372,6 @@ mod tests {
                 .await
                 .unwrap();
         };
-        store
-            .write(|conn| {
-                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
-            })
-            .await
-            .unwrap();
         // 1. A slow reader (a long `status`, a backup) holds a snapshot while
         //    some 300 pages are written: the writer's tries at ~64, ~128 and
         //    ~256 pages fail, so the next try is due past ~512.
@@ -456,19 +439,7 @@ mod tests {
     /// into the database file (TRUNCATE), so a backup sees one file.
     #[tokio::test]
     async fn shutdown_folds_the_wal_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.db");
-        let bounds = WalBounds {
-            signal_pages: 4,
-            hard_pages: 1024,
-        };
-        let store = Store::open_with(&path, bounds).unwrap();
-        store
-            .write(|conn| {
-                conn.execute_batch("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
-            })
-            .await
-            .unwrap();
+        let (_dir, path, store) = filler_store(4, 1024).await;
         for id in 0..20 {
             store
                 .write(move |conn| {
