@@ -13,6 +13,21 @@ const PENDING: i16 = DeliveryState::Pending as i16;
 const DONE: i16 = DeliveryState::Done as i16;
 const DEAD: i16 = DeliveryState::Dead as i16;
 
+/// What a [`Pending`] is read from (the columns [`pending_row`] reads, in
+/// its order), for every query of pending deliveries; a macro so each query
+/// stays one `&'static str` through `concat!`.
+macro_rules! pending_select {
+    () => {
+        "SELECT d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
+                e.created_at, e.run_status, e.phase, r.labels, d.attempts,
+                d.next_attempt_at, e.seen_at, d.queued_at
+         FROM deliveries d
+         JOIN events e ON e.rowid = d.event
+         LEFT JOIN runs r ON r.run_id = d.run_id"
+    };
+}
+pub(super) use pending_select;
+
 pub(super) fn pending_row(row: &Row) -> Result<Pending, tokio_postgres::Error> {
     Ok(Pending {
         event: row.try_get(0)?,
@@ -45,16 +60,11 @@ impl PgStore {
     ) -> Result<Vec<Pending>, PgStoreError> {
         let client = self.pool.get().await?;
         let query = client
-            .prepare_cached(
-                "SELECT d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
-                        e.created_at, e.run_status, e.phase, r.labels, d.attempts,
-                        d.next_attempt_at, e.seen_at, d.queued_at
-                 FROM deliveries d
-                 JOIN events e ON e.rowid = d.event
-                 LEFT JOIN runs r ON r.run_id = d.run_id
-                 WHERE d.sink = $1 AND d.run_id = $2 AND d.state = 0
-                 ORDER BY d.event LIMIT $3",
-            )
+            .prepare_cached(concat!(
+                pending_select!(),
+                " WHERE d.sink = $1 AND d.run_id = $2 AND d.state = 0
+                 ORDER BY d.event LIMIT $3"
+            ))
             .await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client.query(&query, &[&sink, &run_id, &limit]).await?;

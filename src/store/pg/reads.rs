@@ -10,7 +10,7 @@
 //! a row below N of another run (`tail` across runs, a file sink's backlog).
 
 use super::super::{DeliveryState, Pending};
-use super::deliveries::pending_row;
+use super::deliveries::{pending_row, pending_select};
 use super::{PgStore, PgStoreError};
 
 const PENDING: i16 = DeliveryState::Pending as i16;
@@ -30,16 +30,11 @@ impl PgStore {
     ) -> Result<Vec<Pending>, PgStoreError> {
         let client = self.pool.get().await?;
         let query = client
-            .prepare_cached(
-                "SELECT d.event, e.id, e.run_id, e.sequence, e.event_type, e.payload,
-                        e.created_at, e.run_status, e.phase, r.labels, d.attempts,
-                        d.next_attempt_at, e.seen_at, d.queued_at
-                 FROM deliveries d
-                 JOIN events e ON e.rowid = d.event
-                 LEFT JOIN runs r ON r.run_id = d.run_id
-                 WHERE d.sink = $1 AND d.state = $2
-                 ORDER BY d.event LIMIT $3",
-            )
+            .prepare_cached(concat!(
+                pending_select!(),
+                " WHERE d.sink = $1 AND d.state = $2
+                 ORDER BY d.event LIMIT $3"
+            ))
             .await?;
         let rows = client
             .query(&query, &[&sink, &PENDING, &limit(limit_rows)])
