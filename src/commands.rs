@@ -2,7 +2,7 @@
 //! `main.rs` only.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
@@ -81,43 +81,54 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
 /// The state a command changes, beside a running daemon or not: opened
 /// (created and migrated) as the daemon opens it. Commands write no run's
 /// data path, so they never need a fence.
-async fn open_state(path: &Path) -> Result<State, StateError> {
-    State::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+async fn open_state(location: &Location) -> Result<State, StateError> {
+    State::open(location, Replica::bystander()).await
 }
 
 /// The state a command only reads (`status`, `dead`, `tail`, `top`): must
-/// exist already; nothing is created or migrated.
-async fn open_reads(path: &Path) -> Result<Reads, StateError> {
-    Reads::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+/// exist already; nothing is created or migrated (on PostgreSQL, beside
+/// replicas that may run another version, not even the schema).
+async fn open_reads(location: &Location) -> Result<Reads, StateError> {
+    Reads::open(location, Replica::bystander()).await
 }
 
-/// The state database of a command that needs nothing else: `--state`, or
-/// the config's `[state] path`. Only `[state]` is read: these commands run
-/// outside the service unit, where its secret files and environment are not.
-fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<PathBuf> {
+/// The state of a command that needs nothing else: `--state` (a path or a
+/// PostgreSQL URL), or the config's `[state]`. Only `[state]` is read: these
+/// commands run outside the service unit, where its secret files and
+/// environment are not.
+fn state_location(state: Option<&Path>, config: &Path) -> anyhow::Result<Location> {
     match state {
-        Some(path) => Ok(path.to_owned()),
-        None => Ok(StateConfig::load(config)?.path),
+        Some(given) => Ok(given_location(given)),
+        None => Ok(Location::Sqlite(StateConfig::load(config)?.path)),
     }
 }
 
-/// [`state_path`] and, when the config was read, `state.retain`: what a
+/// `--state` as typed: a `postgres://` URL or a file path. A path that is
+/// not UTF-8 cannot be a URL.
+fn given_location(given: &Path) -> Location {
+    match given.to_str() {
+        Some(text) => Location::parse(text),
+        None => Location::Sqlite(given.to_owned()),
+    }
+}
+
+/// [`state_location`] and, when the config was read, `state.retain`: what a
 /// replay by time can still reach.
 fn state_and_retain(
     state: Option<&Path>,
     config: &Path,
-) -> anyhow::Result<(PathBuf, Option<std::time::Duration>)> {
+) -> anyhow::Result<(Location, Option<std::time::Duration>)> {
     match state {
-        Some(path) => Ok((path.to_owned(), None)),
+        Some(given) => Ok((given_location(given), None)),
         None => {
             let state = StateConfig::load(config)?;
-            Ok((state.path, Some(state.retain)))
+            Ok((Location::Sqlite(state.path), Some(state.retain)))
         }
     }
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let state = || state_path(cli.state.as_deref(), &cli.config);
+    let state = || state_location(cli.state.as_deref(), &cli.config);
     match cli.command {
         Command::Demo => tools::demo().await?,
         Command::Simulate { listen, scenario } => tools::simulate(listen, scenario).await?,

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cli::{BackfillArgs, ReplayArgs};
 use runhook::route::EventFacts;
-use runhook::store::{RequeueFilter, StoredEvent, TimeRange};
+use runhook::store::{Location, RequeueFilter, StoredEvent, TimeRange};
 
 /// `runhook replay`: without `--since`, the dead letters by id, run or sink
 /// (which need only the state path); with it, by the time recorded (which
@@ -26,11 +26,11 @@ pub(super) async fn replay_command(
         delivered,
     } = args;
     match since {
-        None => super::change::replay(&super::state_path(state, config)?, sink, run, id).await,
+        None => super::change::replay(&super::state_location(state, config)?, sink, run, id).await,
         Some(since) => {
-            let (path, retain) = super::state_and_retain(state, config)?;
+            let (location, retain) = super::state_and_retain(state, config)?;
             let window = Window { since, until };
-            replay_range(&path, retain, window, sink, run, delivered).await
+            replay_range(&location, retain, window, sink, run, delivered).await
         }
     }
 }
@@ -48,9 +48,9 @@ pub(super) async fn backfill_command(
         until,
         run,
     } = args;
-    let (path, retain) = super::state_and_retain(state, config)?;
+    let (location, retain) = super::state_and_retain(state, config)?;
     let window = Window { since, until };
-    backfill(&path, config, retain, sink, window, run).await
+    backfill(&location, config, retain, sink, window, run).await
 }
 
 /// `--since` / `--until` as typed.
@@ -62,7 +62,7 @@ pub(super) struct Window {
 /// `replay --since`: the deliveries of events recorded in the window that
 /// are dead (and delivered, with `delivered`), queued again with their ids.
 pub(super) async fn replay_range(
-    state: &Path,
+    state: &Location,
     retain: Option<Duration>,
     window: Window,
     sink: Option<String>,
@@ -96,7 +96,7 @@ pub(super) async fn replay_range(
 /// `backfill SINK`: give a sink the stored events its routes would have
 /// sent it, had it been configured when they were recorded.
 pub(super) async fn backfill(
-    state: &Path,
+    state: &Location,
     config: &Path,
     retain: Option<Duration>,
     sink: String,

@@ -25,7 +25,7 @@ use runhook::sink::file::FileSink;
 use runhook::sink::slack::SlackSink;
 use runhook::sink::slack::message::Message;
 use runhook::sink::webhook::WebhookSink;
-use runhook::store::{DaemonLock, Fence, Pending, StoreError};
+use runhook::store::{DaemonLock, Fence, Location, Pending, StoreError};
 
 /// The run id a sample carries when `--run` is not given.
 const SAMPLE_RUN: &str = "00000000-0000-4000-8000-000000000000";
@@ -166,7 +166,7 @@ async fn to_slack(
     // and the root's metadata names a sink the daemon does not have, so the
     // daemon's look-up for a root it may have posted never adopts a test's.
     let scratch = tempfile::tempdir()?;
-    let state = super::open_state(&scratch.path().join("send-test.db")).await?;
+    let state = super::open_state(&Location::Sqlite(scratch.path().join("send-test.db"))).await?;
     let name: std::sync::Arc<str> = format!("{} (send-test)", sink.name).into();
     // The scratch database is this command's alone: nothing else writes it.
     let threads = StoredThreads::new(name.clone(), state, Fence::Exclusive);

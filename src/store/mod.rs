@@ -63,7 +63,7 @@ pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
 pub use requeue::{Backfilled, RequeueFilter, StoredEvent, TimeRange};
 pub use runs::{PrunedRun, RunOwner, RunRow, Subscribed, WatchedRun};
 pub use sinks::SinkRow;
-pub use state::{Fence, Location, MAINTENANCE_CHUNK, Reads, Sqlite, State, StateError};
+pub use state::{Fence, Location, MAINTENANCE_CHUNK, Reads, Sqlite, State, StateError, TailCursor};
 pub use states::{DeliveryState, RunState};
 
 use checkpoint::{WalBounds, WalKeeper};

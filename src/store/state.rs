@@ -19,13 +19,13 @@
 //! life; a claim that always succeeded would hand out epochs that fence
 //! nothing and make a reader believe there was a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, watch};
 
-use super::pg::{Lease, PgStore, PgStoreError, Replica};
+use super::pg::{Lease, PgStore, PgStoreError, Replica, ReplicaRow};
 use super::{
     Backfilled, Batch, DeadFilter, DeadLetter, Failure, NewWork, Pending, PrunedRun, Reader,
     Recorded, RequeueFilter, RunRow, RunState, SinkRow, Store, StoreError, StoredEvent, Subscribed,
@@ -53,6 +53,17 @@ impl Location {
             Self::Postgres(text.to_owned())
         } else {
             Self::Sqlite(PathBuf::from(text))
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    /// The path, or where the PostgreSQL database is without the password:
+    /// what a user sees of the location (`top`'s title, error messages).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => f.write_str(&super::pg::redacted(url)),
         }
     }
 }
@@ -626,7 +637,9 @@ impl Reads {
     pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
         match location {
             Location::Sqlite(path) => Ok(Self::Sqlite(Reader::open(path)?)),
-            Location::Postgres(url) => Ok(Self::Postgres(PgStore::open(url, replica).await?)),
+            Location::Postgres(url) => {
+                Ok(Self::Postgres(PgStore::open_existing(url, replica).await?))
+            }
         }
     }
 
@@ -725,6 +738,112 @@ impl Reads {
     }
 }
 
+/// Where `tail` is in the events, between two reads
+/// ([`Reads::tail_next`]). On SQLite (one writer, rows numbered in commit
+/// order) the last row handed out; on PostgreSQL rows may commit out of
+/// number order, so it also remembers what it handed out above the point
+/// it is sure of, and which transactions it waits for.
+#[derive(Debug, Clone, Default)]
+pub struct TailCursor {
+    /// Every row at or below this was handed out, or never will be.
+    pub(in crate::store) after: i64,
+    /// Rows above `after` already handed out: left out when read again.
+    pub(in crate::store) handed: BTreeSet<i64>,
+    /// The transactions in flight at an earlier read, and the row that
+    /// read had seen everything up to: once they have all ended, nothing
+    /// more can commit at or below it.
+    pub(in crate::store) waiting: Option<(BTreeSet<String>, i64)>,
+}
+
+impl TailCursor {
+    /// After row `after`, waiting for nothing yet.
+    pub(in crate::store) fn at(after: i64) -> Self {
+        Self {
+            after,
+            ..Self::default()
+        }
+    }
+
+    /// Takes in one read's rows (all of those visible up to `read_to`) and
+    /// the transactions in flight when it was taken.
+    pub(in crate::store) fn advance(
+        &mut self,
+        events: &[Pending],
+        read_to: i64,
+        in_flight: BTreeSet<String>,
+    ) {
+        self.handed.extend(events.iter().map(|e| e.event));
+        let settled = match &self.waiting {
+            // Ended: not in flight any more (and they were before).
+            Some((waited, upto)) if waited.is_disjoint(&in_flight) => Some(*upto),
+            Some(_) => None,
+            None => Some(self.after),
+        };
+        if in_flight.is_empty() {
+            // Nobody can still commit a row numbered before this read.
+            self.after = self.after.max(read_to);
+            self.waiting = None;
+        } else if let Some(upto) = settled {
+            self.after = self.after.max(upto);
+            self.waiting = Some((in_flight, read_to));
+        }
+        let after = self.after;
+        self.handed.retain(|&row| row > after);
+    }
+}
+
+impl Reads {
+    /// "sqlite" or "postgres", as [`State::backend`].
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The replicas sharing the state and their heartbeats: `None` on
+    /// SQLite, where one daemon is the only one and there is nothing to
+    /// show.
+    pub async fn replicas(&self) -> Result<Option<Vec<ReplicaRow>>, StateError> {
+        match self {
+            Self::Sqlite(_) => Ok(None),
+            Self::Postgres(pg) => Ok(Some(pg.replicas().await?)),
+        }
+    }
+
+    /// Where `tail` starts: after the newest committed event.
+    pub async fn tail_start(&self) -> Result<TailCursor, StateError> {
+        match self {
+            Reads::Sqlite(reader) => Ok(TailCursor::at(reader.last_event_row().await?)),
+            Reads::Postgres(pg) => Ok(pg.tail_start().await?),
+        }
+    }
+
+    /// The events recorded since the last call (optionally of one run or
+    /// type), in row order, each once, none passed over.
+    pub async fn tail_next(
+        &self,
+        cursor: &mut TailCursor,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        match self {
+            Reads::Sqlite(reader) => {
+                // One writer: rows become visible in number order.
+                let events = reader
+                    .events_after(cursor.after, run, event_type, limit)
+                    .await?;
+                if let Some(last) = events.last() {
+                    cursor.after = cursor.after.max(last.event);
+                }
+                Ok(events)
+            }
+            Reads::Postgres(pg) => Ok(pg.tail_next(cursor, run, event_type, limit).await?),
+        }
+    }
+}
+
 impl Replica {
     /// A process that opens the state without being one of the cluster's
     /// replicas (a command beside the daemon, the demo): it claims no lease
@@ -763,6 +882,21 @@ mod tests {
         for path in ["/var/lib/runhook/runhook.db", "state.db", "postgres.db"] {
             assert_eq!(Location::parse(path), Location::Sqlite(path.into()));
         }
+    }
+
+    /// What `top` and the errors show of a PostgreSQL location: where it
+    /// is, never the password, in either of the forms a URL takes.
+    #[test]
+    fn a_postgres_location_displays_without_its_password() {
+        let url = Location::parse("postgres://runhook:s3cret@db.internal:5433/runhook");
+        assert_eq!(
+            url.to_string(),
+            "postgres://runhook@db.internal:5433/runhook"
+        );
+        let pairs = Location::Postgres("host=/run/pg user=ops password=s3cret dbname=rh".into());
+        assert_eq!(pairs.to_string(), "postgres://ops@/run/pg:5432/rh");
+        let path = Location::parse("/var/lib/runhook/runhook.db");
+        assert_eq!(path.to_string(), "/var/lib/runhook/runhook.db");
     }
 
     /// A URL may carry a password: logging a location must not leak it.

@@ -32,6 +32,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transacti
 use tokio_postgres::NoTls;
 
 pub use lease::{Lease, LeaseChanges, LeaseKeeper, Share};
+pub use reads::ReplicaRow;
 pub use schema::VERSION as SCHEMA_VERSION;
 
 /// Connections per store: ingest, delivery and the lease keeper at once.
@@ -51,6 +52,20 @@ pub enum PgStoreError {
         "PostgreSQL schema version {found} is newer than this runhook knows ({known}); upgrade runhook"
     )]
     TooNew { found: i64, known: i64 },
+    /// A read-only command found a database no runhook has migrated: most
+    /// likely the wrong database, and creating the schema there from a
+    /// command would hide that.
+    #[error(
+        "no runhook state in this database (no schema_migrations table): start `runhook run` with this state first, or check the URL"
+    )]
+    NoSchema,
+    /// A read-only command of a newer build than the replicas that migrated
+    /// the schema: reading would meet tables it does not expect, and it
+    /// must not migrate under them.
+    #[error(
+        "PostgreSQL schema version {found} is older than this runhook knows ({known}); start `runhook run` of this version first (it migrates), or use the runhook the replicas run"
+    )]
+    TooOld { found: i64, known: i64 },
     /// Another replica took the run over (or this one released it): stop
     /// working the run; nothing of this write was committed.
     #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
@@ -100,6 +115,33 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Where a connection string points, as `postgres://user@host:port/db`,
+/// without the password (or any other setting): safe to print and log.
+pub fn redacted(url: &str) -> String {
+    let Ok(config) = tokio_postgres::Config::from_str(url) else {
+        return "postgres://(a URL PostgreSQL cannot parse)".to_owned();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = config.get_ports().get(i).or(config.get_ports().first());
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(dir) => dir.display().to_string(),
+            };
+            format!("{name}:{}", port.copied().unwrap_or(5432))
+        })
+        .collect();
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let dbname = config.get_dbname().or(config.get_user()).unwrap_or("");
+    format!("postgres://{user}{}/{dbname}", hosts.join(","))
+}
+
 /// This replica's place in the cluster.
 #[derive(Debug, Clone)]
 pub struct Replica {
@@ -136,6 +178,23 @@ impl PgStore {
     /// build's version. Fails when the server cannot be reached, so a
     /// misconfigured replica says so at start.
     pub async fn open(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
+        let store = Self::connect(url, replica)?;
+        schema::migrate(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Connects to a database the replicas have already migrated, changing
+    /// nothing: for the commands that only read (`status`, `dead`, `tail`,
+    /// `top`), which run beside replicas possibly of another version.
+    /// Refuses a database without runhook's schema, or at another version.
+    pub async fn open_existing(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
+        let store = Self::connect(url, replica)?;
+        schema::check_version(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// The pool, not yet connected (deadpool connects on first use).
+    fn connect(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
         let config =
             tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
         let notify = Arc::new(notify::Notifier::new(config.clone()));
@@ -150,7 +209,6 @@ impl PgStore {
             .max_size(POOL_SIZE)
             .build()
             .map_err(|e| PgStoreError::Pool(e.to_string()))?;
-        schema::migrate(&pool).await?;
         Ok(Self {
             pool,
             replica: Arc::new(replica),

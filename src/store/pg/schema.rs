@@ -162,3 +162,38 @@ pub async fn migrate(pool: &Pool) -> Result<(), PgStoreError> {
     tx.commit().await?;
     Ok(())
 }
+
+/// The version of an existing schema, checked without changing anything: a
+/// read-only command beside running replicas must neither create the schema
+/// in a database that has none (a mistyped URL) nor migrate a shared one
+/// under replicas of another build. Missing, older and newer schemas are
+/// refused with what to do about each.
+pub async fn check_version(pool: &Pool) -> Result<(), PgStoreError> {
+    let client = pool.get().await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Err(PgStoreError::NoSchema);
+    }
+    let found: i64 = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    match found {
+        0 => Err(PgStoreError::NoSchema),
+        found if found > VERSION => Err(PgStoreError::TooNew {
+            found,
+            known: VERSION,
+        }),
+        found if found < VERSION => Err(PgStoreError::TooOld {
+            found,
+            known: VERSION,
+        }),
+        _ => Ok(()),
+    }
+}
