@@ -132,7 +132,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo => tools::demo().await?,
         Command::Simulate { listen, scenario } => tools::simulate(listen, scenario).await?,
-        Command::Check => tools::check(&Config::load(&cli.config)?)?,
+        Command::Check { online } => {
+            let config = Config::load(&cli.config)?;
+            tools::check(&config)?;
+            if online {
+                return tools::check_online(&config).await;
+            }
+        }
         Command::Run => run::run(&cli.config, Config::load(&cli.config)?).await?,
         Command::Tail {
             run,

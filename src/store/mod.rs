@@ -33,6 +33,7 @@
 
 #[macro_use]
 mod states;
+mod access;
 mod checkpoint;
 mod dead;
 mod deliveries;
@@ -56,6 +57,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::Connection;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use access::{Access, AccessError, check_access};
 pub use dead::{DeadFilter, DeadLetter};
 pub use deliveries::{Failure, Pending};
 pub use lock::DaemonLock;

@@ -12,6 +12,7 @@
 //! they can, plus the [`Lease`] for fenced writes, so one interface can later
 //! sit over both backends.
 
+mod access;
 mod dead;
 mod deliveries;
 mod lease;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
 use tokio_postgres::NoTls;
 
+pub(super) use access::check_access;
 pub use lease::{Lease, LeaseChanges, LeaseKeeper, Share};
 pub use reads::ReplicaRow;
 pub use schema::VERSION as SCHEMA_VERSION;
