@@ -92,43 +92,42 @@ async fn open_reads(location: &Location) -> Result<Reads, StateError> {
     Reads::open(location, Replica::bystander()).await
 }
 
-/// The state of a command that needs nothing else: `--state` (a path or a
-/// PostgreSQL URL), or the config's `[state]`. Only `[state]` is read: these
-/// commands run outside the service unit, where its secret files and
-/// environment are not.
-fn state_location(state: Option<&Path>, config: &Path) -> anyhow::Result<Location> {
+/// The state of a command that needs nothing else: `--state` (a file or a
+/// `postgres://` URL), or the config's `[state]`. Only `[state]` is read:
+/// these commands run outside the service unit, where its secret files and
+/// environment are not (`state.url_file`, the state's own, aside).
+fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<Location> {
     match state {
-        Some(given) => Ok(given_location(given)),
-        None => Ok(Location::Sqlite(StateConfig::load(config)?.path)),
+        Some(path) => Ok(location_arg(path)),
+        None => Ok(StateConfig::load(config)?.location),
     }
 }
 
-/// `--state` as typed: a `postgres://` URL or a file path. A path that is
-/// not UTF-8 cannot be a URL.
-fn given_location(given: &Path) -> Location {
-    match given.to_str() {
+/// `--state`: a `postgres://` URL names PostgreSQL, anything else a file.
+fn location_arg(path: &Path) -> Location {
+    match path.to_str() {
         Some(text) => Location::parse(text),
-        None => Location::Sqlite(given.to_owned()),
+        None => Location::Sqlite(path.to_owned()),
     }
 }
 
-/// [`state_location`] and, when the config was read, `state.retain`: what a
+/// [`state_path`] and, when the config was read, `state.retain`: what a
 /// replay by time can still reach.
 fn state_and_retain(
     state: Option<&Path>,
     config: &Path,
 ) -> anyhow::Result<(Location, Option<std::time::Duration>)> {
     match state {
-        Some(given) => Ok((given_location(given), None)),
+        Some(path) => Ok((location_arg(path), None)),
         None => {
             let state = StateConfig::load(config)?;
-            Ok((Location::Sqlite(state.path), Some(state.retain)))
+            Ok((state.location, Some(state.retain)))
         }
     }
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let state = || state_location(cli.state.as_deref(), &cli.config);
+    let state = || state_path(cli.state.as_deref(), &cli.config);
     match cli.command {
         Command::Demo => tools::demo().await?,
         Command::Simulate { listen, scenario } => tools::simulate(listen, scenario).await?,

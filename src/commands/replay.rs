@@ -26,7 +26,7 @@ pub(super) async fn replay_command(
         delivered,
     } = args;
     match since {
-        None => super::change::replay(&super::state_location(state, config)?, sink, run, id).await,
+        None => super::change::replay(&super::state_path(state, config)?, sink, run, id).await,
         Some(since) => {
             let (location, retain) = super::state_and_retain(state, config)?;
             let window = Window { since, until };

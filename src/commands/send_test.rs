@@ -72,7 +72,7 @@ pub(super) async fn send_test(
     let outcome = match &sink.kind {
         SinkKind::Webhook(webhook) => to_webhook(webhook, &event, &mut out).await?,
         SinkKind::Slack(slack) => to_slack(sink, slack, &event, &mut out).await?,
-        SinkKind::File(file) => to_file(&file.path, &config.state.path, &event, &mut out)?,
+        SinkKind::File(file) => to_file(&file.path, &config.state.location, &event, &mut out)?,
     };
     Ok(outcome == Outcome::Delivered)
 }
@@ -207,10 +207,18 @@ fn mark_as_test(mut message: Message) -> Message {
 /// file must end with a whole line.
 fn to_file(
     path: &Path,
-    state: &Path,
+    state: &Location,
     event: &Pending,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
+    // A replica may be writing the file right now, and no lock here can
+    // tell: only the SQLite state has the one daemon's lock to take.
+    let Some(state) = state.sqlite_path() else {
+        bail!(
+            "with the state in PostgreSQL the file sink's node writes {}, and send-test cannot tell whether it is running; send a test through a webhook or Slack sink, or stop that replica",
+            path.display()
+        );
+    };
     let _lock = match DaemonLock::acquire(state) {
         Ok(lock) => Some(lock),
         Err(StoreError::Locked { holder, .. }) => bail!(

