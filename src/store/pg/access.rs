@@ -25,7 +25,7 @@ pub(in crate::store) async fn check_access(url: &str) -> Result<Access, AccessEr
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let at = super::super::Location::Postgres(url.to_owned()).to_string();
+    let at = shown(&config);
     let role = config.get_user().unwrap_or("(the system user)").to_owned();
     let (client, connection) = match config.connect(NoTls).await {
         Ok(connected) => connected,
@@ -34,6 +34,34 @@ pub(in crate::store) async fn check_access(url: &str) -> Result<Access, AccessEr
     // Ends when `client` is dropped at the end of this function.
     tokio::spawn(connection);
     rights(&client, at, role).await
+}
+
+/// Where the check connected, as `postgres://user@host:port/db`: the
+/// server a user has to look at, never the password (nor any other
+/// setting). Either form of connection string gives the same.
+fn shown(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                tokio_postgres::config::Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let dbname = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or_default();
+    format!("postgres://{user}{}/{dbname}", hosts.join(","))
 }
 
 /// Why a connection failed, as the fix it needs.
@@ -70,12 +98,16 @@ async fn rights(
     at: String,
     role: String,
 ) -> Result<Access, AccessError> {
-    let failed = |error: tokio_postgres::Error| AccessError::from((at.clone(), error.into()));
+    let failed = |error: tokio_postgres::Error| AccessError::Postgres {
+        at: at.clone(),
+        reason: describe(&error),
+    };
     let row = client
         .query_one(
             "SELECT current_user::text, current_schema()::text,
                     COALESCE(has_schema_privilege(current_schema(), 'CREATE'), false),
-                    to_regclass('schema_migrations') IS NOT NULL",
+                    to_regclass('schema_migrations') IS NOT NULL,
+                    has_table_privilege(to_regclass('schema_migrations')::oid, 'SELECT')",
             &[],
         )
         .await
@@ -83,7 +115,11 @@ async fn rights(
     let role: String = row.try_get(0).unwrap_or(role);
     let schema_name: Option<String> = row.try_get(1).map_err(failed)?;
     let may_create: bool = row.try_get(2).map_err(failed)?;
-    let version = if row.try_get(3).map_err(failed)? {
+    // Unreadable, it is among the tables the role lacks rights on (below),
+    // and whether a migration is due cannot be told.
+    let readable = row.try_get::<_, bool>(3).map_err(failed)?
+        && row.try_get::<_, Option<bool>>(4).map_err(failed)? == Some(true);
+    let version = if readable {
         let row = client
             .query_one(
                 "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
@@ -105,7 +141,8 @@ async fn rights(
         )));
     }
     let mut missing = Vec::new();
-    let migrates = version.is_none_or(|v| v < schema::VERSION);
+    let exists: bool = row.try_get(3).map_err(failed)?;
+    let migrates = !exists || version.is_some_and(|v| v < schema::VERSION);
     match &schema_name {
         None => missing.push(
             "a schema to create runhook's tables in (no schema of the search_path exists)".into(),
