@@ -642,7 +642,9 @@ async fn check_online_says_when_the_login_is_refused() {
 /// the schema while there is no schema yet, then without rights on the
 /// tables a replica migrated; with the grants, it passes. (Seen red: with
 /// the CREATE check left out the first check passed; with the table check
-/// left out the second did.)
+/// left out the second did; with the migration creating its version table
+/// `IF NOT EXISTS`, `watch` as the granted role failed: "permission denied
+/// for schema public".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_online_names_the_rights_a_role_lacks() {
     let Some(pg) = PgServer::start() else { return };
@@ -669,6 +671,8 @@ async fn check_online_names_the_rights_a_role_lacks() {
     );
     assert!(!stderr.contains("CREATE on schema"), "migrated: {stderr}");
 
+    daemon_refuses_to_start(&config, "SELECT, INSERT, UPDATE, DELETE on events").await;
+
     admin
         .batch_execute(
             "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO bare",
@@ -679,6 +683,54 @@ async fn check_online_names_the_rights_a_role_lacks() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     let said = text(&output.stdout);
     assert!(said.contains("logged in as bare"), "{said}");
+    // What the check passed is enough: opening the migrated state (as the
+    // daemon and `watch` do) needs no CREATE.
+    let watch = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(&config)
+        .args(["watch", OTHER])
+        .env_remove("RUNHOOK_CONFIG")
+        .output()
+        .expect("runhook runs");
+    assert!(watch.status.success(), "{}", text(&watch.stderr));
+}
+
+/// `runhook run` on `config` exits at start, saying `why` as `check
+/// --online` does.
+async fn daemon_refuses_to_start(config: &Path, why: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runhook"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env_remove("RUNHOOK_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runhook run starts");
+    let stderr = crate::support::capture_stderr(&mut child);
+    let status = wait_for("the daemon to exit", || {
+        let exited = child.try_wait();
+        async move {
+            match exited {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".to_owned()),
+                Err(error) => Err(error.to_string()),
+            }
+        }
+    })
+    .await;
+    assert!(!status.success());
+    wait_for("the daemon's reason", || {
+        let said = stderr.lock().unwrap().clone();
+        async move {
+            if said.contains(why) {
+                Ok(())
+            } else {
+                Err(said)
+            }
+        }
+    })
+    .await;
 }
 
 /// On SQLite `--online` checks the database's directory: one runhook can

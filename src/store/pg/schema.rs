@@ -148,13 +148,22 @@ pub async fn migrate(pool: &Pool) -> Result<(), PgStoreError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version    integer PRIMARY KEY,
-            applied_at timestamptz NOT NULL DEFAULT now()
-        )",
-    )
-    .await?;
+    // Not `CREATE TABLE IF NOT EXISTS`: that needs CREATE on the schema
+    // even when the table is there, which a role granted only the tables'
+    // rights (enough once migrated) does not have.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        tx.batch_execute(
+            "CREATE TABLE schema_migrations (
+                version    integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    }
     let current: i64 = tx
         .query_one(
             "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
