@@ -956,6 +956,51 @@ mod tests {
         assert!(!Arc::ptr_eq(&conn(&state), &conn(&own)));
     }
 
+    fn rows(rows: &[i64]) -> Vec<Pending> {
+        rows.iter()
+            .map(|&event| Pending {
+                event,
+                id: format!("r:{event}"),
+                run_id: "r".into(),
+                sequence: Some(event),
+                event_type: "T".into(),
+                payload: "{}".into(),
+                created_at: None,
+                run_status: None,
+                phase: None,
+                labels: "{}".into(),
+                attempts: 0,
+                next_attempt_at: 0,
+                seen_at: 0,
+                queued_at: 0,
+            })
+            .collect()
+    }
+
+    fn xids(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    /// Row 11's transaction is still in flight when 10 and 12 are read:
+    /// the cursor stays below 11 until that transaction has ended, then
+    /// moves past everything the read had seen; with nobody in flight it
+    /// moves at once.
+    #[test]
+    fn the_tail_cursor_moves_only_past_rows_no_transaction_in_flight_can_fill() {
+        let mut cursor = TailCursor::at(9);
+        cursor.advance(&rows(&[10, 12]), 12, xids(&["701"]));
+        assert_eq!(cursor.after, 9, "701 may still commit row 11");
+        assert_eq!(cursor.handed, [10, 12].into());
+        cursor.advance(&[], 12, xids(&["701", "702"]));
+        assert_eq!(cursor.after, 9, "701 has not ended");
+        cursor.advance(&rows(&[11]), 13, xids(&["702"]));
+        assert_eq!(cursor.after, 12, "what the first read saw is settled");
+        assert_eq!(cursor.handed, BTreeSet::new());
+        cursor.advance(&rows(&[13]), 13, BTreeSet::new());
+        assert_eq!(cursor.after, 13, "nobody in flight");
+        assert!(cursor.waiting.is_none());
+    }
+
     /// The variant an owner matches to stop a run must not hide inside the
     /// backend's error.
     #[test]
