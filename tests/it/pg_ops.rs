@@ -758,3 +758,83 @@ async fn check_online_on_sqlite_checks_the_directory() {
         "offline passes"
     );
 }
+
+/// A terminal's output as words: each escape sequence (a cursor move, a
+/// style) becomes a space, runs of spaces and box lines one space.
+fn plain(screen: &str) -> String {
+    let mut words = String::new();
+    let mut chars = screen.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                while chars.next().is_some_and(|c| !c.is_ascii_alphabetic()) {}
+            }
+            words.push(' ');
+        } else if c.is_whitespace() || "│┌┐└┘─".contains(c) {
+            words.push(' ');
+        } else {
+            words.push(c);
+        }
+    }
+    words.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `top` on a PostgreSQL state, in a pseudo-terminal (`script`), as an
+/// operator runs it: it draws the runs by state and the sinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_draws_a_postgres_state() {
+    let Some(pg) = PgServer::start() else { return };
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` for a pseudo-terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path());
+    let (store, leases) = replica(&pg, &[RUN]).await;
+    store
+        .record_batch(&leases[RUN], batch(RUN, 1..=3))
+        .await
+        .expect("record");
+    let line = format!(
+        "stty rows 30 cols 120; exec {} --config {} --state '{}' top --interval 200ms",
+        env!("CARGO_BIN_EXE_runhook"),
+        config.display(),
+        state_url(&pg)
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("script starts");
+    let stdout = child.stdout.take().expect("piped");
+    let screen = Arc::new(Mutex::new(String::new()));
+    let sink = screen.clone();
+    std::thread::spawn(move || {
+        let mut stdout = stdout;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    wait_for("top to draw the state", || {
+        let shown = plain(&screen.lock().unwrap());
+        async move {
+            if shown.contains("runs: 1 following") && shown.contains(&format!("{SINK} - 3 ")) {
+                Ok(())
+            } else {
+                Err(shown)
+            }
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
