@@ -80,6 +80,10 @@ fn describe_access(access: &runhook::store::Access) -> String {
             dir.display()
         ),
         Access::Postgres { at, role, schema } => match schema {
+            Some(version) if *version < runhook::store::pg::SCHEMA_VERSION => format!(
+                "{at}: logged in as {role}, runhook schema version {version} (the daemon migrates it to {} at start; the role may)",
+                runhook::store::pg::SCHEMA_VERSION
+            ),
             Some(version) => format!(
                 "{at}: logged in as {role}, runhook schema version {version}, rights complete"
             ),

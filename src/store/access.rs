@@ -56,15 +56,22 @@ pub enum AccessError {
     #[error("PostgreSQL at {at}: {reason}")]
     Postgres { at: String, reason: String },
     #[error("state directory {dir}: {reason}", dir = .dir.display())]
-    Sqlite { dir: PathBuf, reason: String },
+    Sqlite {
+        dir: PathBuf,
+        reason: String,
+        /// Refused for permissions (rather than a path that cannot be).
+        denied: bool,
+    },
 }
 
 impl AccessError {
     /// Whether the fix is a credential or a grant (rather than a server to
     /// start or a URL to correct): `check` exits EX_NOPERM for these.
     pub fn is_permission(&self) -> bool {
-        matches!(self, Self::Authentication { .. } | Self::Rights { .. })
-            || matches!(self, Self::Sqlite { reason, .. } if reason.contains("ermission denied"))
+        matches!(
+            self,
+            Self::Authentication { .. } | Self::Rights { .. } | Self::Sqlite { denied: true, .. }
+        )
     }
 }
 
@@ -89,6 +96,7 @@ pub async fn check_access(location: &Location) -> Result<Access, AccessError> {
                 .map_err(|error| AccessError::Sqlite {
                     dir: PathBuf::new(),
                     reason: error.to_string(),
+                    denied: false,
                 })?
         }
         Location::Postgres(url) => super::pg::check_access(url).await,
@@ -112,6 +120,7 @@ fn check_sqlite(path: &Path) -> Result<Access, AccessError> {
             .map_err(|error| AccessError::Sqlite {
                 dir: dir.clone(),
                 reason: format!("{} cannot be written: {error}", path.display()),
+                denied: error.kind() == std::io::ErrorKind::PermissionDenied,
             })?;
     }
     let existing = dir
@@ -129,6 +138,7 @@ fn check_sqlite(path: &Path) -> Result<Access, AccessError> {
             Ok(Access::Sqlite { dir, exists })
         }
         Err(error) => Err(AccessError::Sqlite {
+            denied: error.kind() == std::io::ErrorKind::PermissionDenied,
             reason: if existing == dir {
                 format!("cannot create files in it: {error}")
             } else {

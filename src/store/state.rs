@@ -649,7 +649,10 @@ macro_rules! reads {
 }
 
 impl Reads {
-    /// Opens the read side of an existing state. `replica` as in
+    /// Opens the read side of an existing state, changing nothing: a
+    /// missing SQLite file is an error, and so is a PostgreSQL database
+    /// without runhook's schema or at another version (a read command beside
+    /// replicas of another build must not migrate theirs). `replica` as in
     /// [`State::open`].
     pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
         match location {
