@@ -123,7 +123,6 @@ fn start_sink(
                 Arc::new(opened),
                 sink.delivery.clone(),
                 state()?,
-                fence.clone(),
                 stop,
             ))));
         }

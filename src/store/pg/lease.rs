@@ -44,7 +44,7 @@ pub struct Share {
 }
 
 impl PgStore {
-    fn ttl_ms(&self) -> i64 {
+    pub(super) fn ttl_ms(&self) -> i64 {
         i64::try_from(self.replica.lease_ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
