@@ -63,6 +63,10 @@ impl Sinks {
         for (name, sink) in &config.sinks {
             crate::metrics::metrics().sink_configured(name);
             if !self.running.contains_key(name) {
+                if !written_here(sink, state) {
+                    tracing::info!(sink = %name, "file sink: written by another node (its `node`); not started here");
+                    continue;
+                }
                 let stop = CancellationToken::new();
                 let start = {
                     let (sink, state, fence) = (sink.clone(), state.clone(), fence.clone());
@@ -94,6 +98,15 @@ impl Sinks {
         for (_, running) in self.running.drain() {
             running.supervisor.join().await;
         }
+    }
+}
+
+/// A file sink in a cluster is written by the replica its `node` names only
+/// (SQLite: one machine, every sink here).
+fn written_here(sink: &SinkConfig, state: &State) -> bool {
+    match &sink.kind {
+        SinkKind::File(file) => state.writes_sink_of(file.node.as_deref()),
+        SinkKind::Webhook(_) | SinkKind::Slack(_) => true,
     }
 }
 

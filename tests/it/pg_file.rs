@@ -426,3 +426,26 @@ async fn only_pending_deliveries_a_run_lease_covers_claim_an_unwatched_run() {
     assert_eq!(runs, [OTHER], "only the run with an HTTP delivery pending");
     assert_eq!(pg1.fair_share().await.expect("share").runs, 1);
 }
+
+/// A file sink in a cluster runs only on the replica its `node` names (the
+/// daemon starts no loop for it elsewhere); on SQLite, one machine, every
+/// file sink runs, whatever it names.
+#[tokio::test]
+async fn a_file_sink_is_written_only_by_the_node_it_names() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sqlite = Location::Sqlite(dir.path().join("state.db"));
+    let sqlite = State::open(&sqlite, replica("node-a", SHORT_TTL))
+        .await
+        .expect("open SQLite");
+    for node in [Some("node-a"), Some("node-b"), None] {
+        assert!(sqlite.writes_sink_of(node), "{node:?} on SQLite");
+    }
+    let Some(pg) = PgServer::start() else { return };
+    let state = state(&pg, "node-a", SHORT_TTL).await;
+    assert!(state.writes_sink_of(Some("node-a")));
+    assert!(!state.writes_sink_of(Some("node-b")));
+    assert!(
+        !state.writes_sink_of(None),
+        "no node: nowhere (check refuses it)"
+    );
+}
