@@ -386,7 +386,7 @@ async fn a_replayed_dead_letter_of_an_unwatched_run_is_claimed_until_delivered()
         pg2.renew(std::slice::from_ref(&lease))
             .await
             .expect("renew"),
-        [lease.clone()],
+        std::slice::from_ref(&lease),
         "a retry waiting its backoff is work: the lease is kept"
     );
     second
