@@ -74,7 +74,8 @@ pub struct Lease {
 /// How runs divide among the live replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Share {
-    /// Watched runs (each has a lease row).
+    /// Runs with work: watched, or with pending deliveries a run lease
+    /// covers (each has a lease row).
     pub runs: usize,
     /// Replicas whose heartbeat is younger than a lease ttl (at least 1).
     pub replicas: usize,
