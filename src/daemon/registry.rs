@@ -63,6 +63,10 @@ impl Sinks {
         for (name, sink) in &config.sinks {
             crate::metrics::metrics().sink_configured(name);
             if !self.running.contains_key(name) {
+                if !written_here(sink, state) {
+                    tracing::info!(sink = %name, "file sink: written by another node (its `node`); not started here");
+                    continue;
+                }
                 let stop = CancellationToken::new();
                 let start = {
                     let (sink, state, fence) = (sink.clone(), state.clone(), fence.clone());
@@ -97,6 +101,15 @@ impl Sinks {
     }
 }
 
+/// A file sink in a cluster is written by the replica its `node` names only
+/// (SQLite: one machine, every sink here).
+fn written_here(sink: &SinkConfig, state: &State) -> bool {
+    match &sink.kind {
+        SinkKind::File(file) => state.writes_sink_of(file.node.as_deref()),
+        SinkKind::Webhook(_) | SinkKind::Slack(_) => true,
+    }
+}
+
 /// Builds the sink afresh at each start, so that a restart or a reload
 /// reopens a file sink's file (logrotate).
 fn start_sink(
@@ -123,7 +136,6 @@ fn start_sink(
                 Arc::new(opened),
                 sink.delivery.clone(),
                 state()?,
-                fence.clone(),
                 stop,
             ))));
         }

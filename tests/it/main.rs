@@ -14,6 +14,7 @@ mod operator_safety;
 mod ops_cli;
 mod packaging;
 mod pg;
+mod pg_file;
 mod pg_ops;
 mod pg_runs;
 mod pg_state;
