@@ -21,14 +21,14 @@
 //! life; a claim that always succeeded would hand out epochs that fence
 //! nothing and make a reader believe there was a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
-use super::pg::{Lease, PgStore, PgStoreError, Replica, SinkLease};
+use super::pg::{Lease, PgStore, PgStoreError, Replica, ReplicaRow, SinkLease};
 use super::{
     Backfilled, Batch, DeadFilter, DeadLetter, Failure, NewWork, Pending, PrunedRun, Reader,
     Recorded, RequeueFilter, RunRow, RunState, SinkRow, Store, StoreError, StoredEvent, Subscribed,
@@ -769,12 +769,17 @@ macro_rules! reads {
 }
 
 impl Reads {
-    /// Opens the read side of an existing state. `replica` as in
+    /// Opens the read side of an existing state, changing nothing: a
+    /// missing SQLite file is an error, and so is a PostgreSQL database
+    /// without runhook's schema or at another version (a read command beside
+    /// replicas of another build must not migrate theirs). `replica` as in
     /// [`State::open`].
     pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
         match location {
             Location::Sqlite(path) => Ok(Self::Sqlite(Reader::open(path)?)),
-            Location::Postgres(url) => Ok(Self::Postgres(PgStore::open(url, replica).await?)),
+            Location::Postgres(url) => {
+                Ok(Self::Postgres(PgStore::open_existing(url, replica).await?))
+            }
         }
     }
 
@@ -873,6 +878,112 @@ impl Reads {
     }
 }
 
+/// Where `tail` is in the events, between two reads
+/// ([`Reads::tail_next`]). On SQLite (one writer, rows numbered in commit
+/// order) the last row handed out; on PostgreSQL rows may commit out of
+/// number order, so it also remembers what it handed out above the point
+/// it is sure of, and which transactions it waits for.
+#[derive(Debug, Clone, Default)]
+pub struct TailCursor {
+    /// Every row at or below this was handed out, or never will be.
+    pub(in crate::store) after: i64,
+    /// Rows above `after` already handed out: left out when read again.
+    pub(in crate::store) handed: BTreeSet<i64>,
+    /// The transactions in flight at an earlier read, and the row that
+    /// read had seen everything up to: once they have all ended, nothing
+    /// more can commit at or below it.
+    pub(in crate::store) waiting: Option<(BTreeSet<String>, i64)>,
+}
+
+impl TailCursor {
+    /// After row `after`, waiting for nothing yet.
+    pub(in crate::store) fn at(after: i64) -> Self {
+        Self {
+            after,
+            ..Self::default()
+        }
+    }
+
+    /// Takes in one read's rows (all of those visible up to `read_to`) and
+    /// the transactions in flight when it was taken.
+    pub(in crate::store) fn advance(
+        &mut self,
+        events: &[Pending],
+        read_to: i64,
+        in_flight: BTreeSet<String>,
+    ) {
+        self.handed.extend(events.iter().map(|e| e.event));
+        let settled = match &self.waiting {
+            // Ended: not in flight any more (and they were before).
+            Some((waited, upto)) if waited.is_disjoint(&in_flight) => Some(*upto),
+            Some(_) => None,
+            None => Some(self.after),
+        };
+        if in_flight.is_empty() {
+            // Nobody can still commit a row numbered before this read.
+            self.after = self.after.max(read_to);
+            self.waiting = None;
+        } else if let Some(upto) = settled {
+            self.after = self.after.max(upto);
+            self.waiting = Some((in_flight, read_to));
+        }
+        let after = self.after;
+        self.handed.retain(|&row| row > after);
+    }
+}
+
+impl Reads {
+    /// "sqlite" or "postgres", as [`State::backend`].
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The replicas sharing the state and their heartbeats: `None` on
+    /// SQLite, where one daemon is the only one and there is nothing to
+    /// show.
+    pub async fn replicas(&self) -> Result<Option<Vec<ReplicaRow>>, StateError> {
+        match self {
+            Self::Sqlite(_) => Ok(None),
+            Self::Postgres(pg) => Ok(Some(pg.replicas().await?)),
+        }
+    }
+
+    /// Where `tail` starts: after the newest committed event.
+    pub async fn tail_start(&self) -> Result<TailCursor, StateError> {
+        match self {
+            Reads::Sqlite(reader) => Ok(TailCursor::at(reader.last_event_row().await?)),
+            Reads::Postgres(pg) => Ok(pg.tail_start().await?),
+        }
+    }
+
+    /// The events recorded since the last call (optionally of one run or
+    /// type), in row order, each once, none passed over.
+    pub async fn tail_next(
+        &self,
+        cursor: &mut TailCursor,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        match self {
+            Reads::Sqlite(reader) => {
+                // One writer: rows become visible in number order.
+                let events = reader
+                    .events_after(cursor.after, run, event_type, limit)
+                    .await?;
+                if let Some(last) = events.last() {
+                    cursor.after = cursor.after.max(last.event);
+                }
+                Ok(events)
+            }
+            Reads::Postgres(pg) => Ok(pg.tail_next(cursor, run, event_type, limit).await?),
+        }
+    }
+}
+
 impl Replica {
     /// A process that opens the state without being one of the cluster's
     /// replicas (a command beside the daemon, the demo): it claims no lease
@@ -966,6 +1077,51 @@ mod tests {
         assert!(Arc::ptr_eq(&conn(&state), &conn(&state.clone())));
         let own = state.with_own_reader().unwrap();
         assert!(!Arc::ptr_eq(&conn(&state), &conn(&own)));
+    }
+
+    fn rows(rows: &[i64]) -> Vec<Pending> {
+        rows.iter()
+            .map(|&event| Pending {
+                event,
+                id: format!("r:{event}"),
+                run_id: "r".into(),
+                sequence: Some(event),
+                event_type: "T".into(),
+                payload: "{}".into(),
+                created_at: None,
+                run_status: None,
+                phase: None,
+                labels: "{}".into(),
+                attempts: 0,
+                next_attempt_at: 0,
+                seen_at: 0,
+                queued_at: 0,
+            })
+            .collect()
+    }
+
+    fn xids(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    /// Row 11's transaction is still in flight when 10 and 12 are read:
+    /// the cursor stays below 11 until that transaction has ended, then
+    /// moves past everything the read had seen; with nobody in flight it
+    /// moves at once.
+    #[test]
+    fn the_tail_cursor_moves_only_past_rows_no_transaction_in_flight_can_fill() {
+        let mut cursor = TailCursor::at(9);
+        cursor.advance(&rows(&[10, 12]), 12, xids(&["701"]));
+        assert_eq!(cursor.after, 9, "701 may still commit row 11");
+        assert_eq!(cursor.handed, [10, 12].into());
+        cursor.advance(&[], 12, xids(&["701", "702"]));
+        assert_eq!(cursor.after, 9, "701 has not ended");
+        cursor.advance(&rows(&[11]), 13, xids(&["702"]));
+        assert_eq!(cursor.after, 12, "what the first read saw is settled");
+        assert_eq!(cursor.handed, BTreeSet::new());
+        cursor.advance(&rows(&[13]), 13, BTreeSet::new());
+        assert_eq!(cursor.after, 13, "nobody in flight");
+        assert!(cursor.waiting.is_none());
     }
 
     /// The variant an owner matches to stop a run must not hide inside the
