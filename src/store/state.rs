@@ -924,8 +924,13 @@ impl TailCursor {
             self.after = self.after.max(read_to);
             self.waiting = None;
         } else if let Some(upto) = settled {
-            self.after = self.after.max(upto);
-            self.waiting = Some((in_flight, read_to));
+            // Rows up to `upto` can no longer change, but a read its limit
+            // cut short handed out only those up to `read_to`: the rest are
+            // read next time, and the ended wait settles again until then.
+            self.after = self.after.max(upto.min(read_to));
+            if read_to >= upto {
+                self.waiting = Some((in_flight, read_to));
+            }
         }
         let after = self.after;
         self.handed.retain(|&row| row > after);
