@@ -180,3 +180,87 @@ async fn tail_hands_out_a_late_batch_larger_than_its_read_limit() {
     let got: BTreeSet<String> = printed.iter().cloned().collect();
     assert_eq!(got, want, "every event handed out: {printed:?}");
 }
+
+/// PostgreSQL lists in a snapshot's in-flight transactions only those
+/// below its `xmax` (one past the newest that has ended): a transaction
+/// whose id came later is in flight too, and not listed. Here the slow
+/// batch takes its id after the fast one (so above it), draws rows 1..=5,
+/// and is still open when the fast batch, which drew rows 6..=8 after it,
+/// has ended: the snapshot lists nobody in flight, and `tail` must still
+/// not move past rows 1..=5 before the slow batch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_waits_for_a_batch_whose_id_is_above_the_snapshots_horizon() {
+    let Some(pg) = PgServer::start() else { return };
+    let (store, leases) = replica(&pg, &[RUN, OTHER]).await;
+    let holder = pg.client().await;
+    hold_batches_of(&holder, OTHER).await;
+    // The fast batch takes its id at its fence, then waits for RUN's row.
+    let gate = pg.client().await;
+    gate.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM runs WHERE run_id = '{RUN}' FOR UPDATE;"
+    ))
+    .await
+    .expect("hold the fast run's row");
+    let fast = tokio::spawn({
+        let store = store.clone();
+        let lease = leases[RUN].clone();
+        async move { store.record_batch(&lease, batch(RUN, 1..=3, SINK)).await }
+    });
+    let observer = pg.client().await;
+    wait_for("the fast batch to wait for its run's row", || async {
+        let waiting = count(
+            &observer,
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype <> 'advisory'",
+        )
+        .await;
+        if waiting >= 1 {
+            Ok(())
+        } else {
+            Err("not waiting yet".to_owned())
+        }
+    })
+    .await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242);")
+        .await
+        .expect("hold the lock");
+    let slow = tokio::spawn({
+        let store = store.clone();
+        let lease = leases[OTHER].clone();
+        async move { store.record_batch(&lease, batch(OTHER, 1..=5, SINK)).await }
+    });
+    wait_for_held(&observer).await;
+    gate.batch_execute("COMMIT")
+        .await
+        .expect("let the fast batch go");
+    fast.await
+        .expect("the fast batch ran")
+        .expect("the fast batch commits");
+
+    let mut cursor = TailCursor::default();
+    let mut printed: Vec<String> = Vec::new();
+    let first = store
+        .tail_next(&mut cursor, None, None, 100)
+        .await
+        .expect("tail reads");
+    printed.extend(first.into_iter().map(|e| e.id));
+    holder.batch_execute("COMMIT").await.expect("release");
+    slow.await
+        .expect("the slow batch ran")
+        .expect("the slow batch commits");
+    for _ in 0..3 {
+        let events = store
+            .tail_next(&mut cursor, None, None, 100)
+            .await
+            .expect("tail reads");
+        printed.extend(events.into_iter().map(|e| e.id));
+    }
+    let unique: BTreeSet<&String> = printed.iter().collect();
+    assert_eq!(unique.len(), printed.len(), "once each: {printed:?}");
+    let want: BTreeSet<String> = (1..=5)
+        .map(|s| format!("{OTHER}:{s}"))
+        .chain((1..=3).map(|s| format!("{RUN}:{s}")))
+        .collect();
+    let got: BTreeSet<String> = printed.iter().cloned().collect();
+    assert_eq!(got, want, "every event handed out: {printed:?}");
+}
