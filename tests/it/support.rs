@@ -293,12 +293,7 @@ impl Process {
     pub fn start(config: &Path) -> Self {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
             .args(["--config", &config.display().to_string(), "run"])
-            .env("RUNHOOK_LOG", "info")
-            .env(
-                "RUNHOOK_HACK_URL",
-                std::fs::read_to_string(config.with_extension("url")).unwrap_or_default(),
-            )
-            .env("RUNHOOK_HACK_NODE", config.file_stem().unwrap())
+            .env("RUNHOOK_LOG", "error")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
