@@ -8,16 +8,17 @@
 
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::ownership::{LeasePublisher, Ownership};
 use crate::store::pg::{LeaseKeeper, PgStore};
 
-/// The running lease task.
+/// The running lease task. Dropped without [`Leases::leave`] (the daemon
+/// failed), it stops ticking and its leases expire after a ttl.
 pub(super) struct Leases {
     stop: CancellationToken,
-    task: JoinHandle<(LeaseKeeper, LeasePublisher)>,
+    task: AbortOnDropHandle<(LeaseKeeper, LeasePublisher)>,
 }
 
 impl Leases {
@@ -26,12 +27,12 @@ impl Leases {
     pub(super) fn start(store: PgStore, lease_ttl: Duration) -> (Self, Ownership) {
         let (publisher, ownership) = Ownership::leased();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(keep_leases(
+        let task = AbortOnDropHandle::new(tokio::spawn(keep_leases(
             LeaseKeeper::new(store),
             publisher,
             lease_ttl / 3,
             stop.clone(),
-        ));
+        )));
         (Self { stop, task }, ownership)
     }
 
