@@ -43,8 +43,17 @@ pub enum Command {
     Run,
     /// Validate the config and print the routing table; exit 78 on error.
     ///
-    /// Example: runhook --config ./runhook.toml check
-    Check,
+    /// Offline unless --online: then it also connects to the state (a
+    /// PostgreSQL server: reachable, the login accepted, the role's rights;
+    /// a SQLite file: its directory writable) and exits 69 (unavailable) or
+    /// 77 (a credential or a grant to fix) with the reason.
+    ///
+    /// Example: runhook --config ./runhook.toml check --online
+    Check {
+        /// Also try the state where the config puts it, as `runhook run` will.
+        #[arg(long)]
+        online: bool,
+    },
     /// Follow a run (the running daemon picks it up within a second).
     ///
     /// Example: runhook watch 9f2a1c7e-0000-4000-8000-000000000001 --label team=rome

@@ -86,7 +86,8 @@ async fn open_state(location: &Location) -> Result<State, StateError> {
 }
 
 /// The state a command only reads (`status`, `dead`, `tail`, `top`): must
-/// exist already; nothing is created or migrated.
+/// exist already; nothing is created or migrated (on PostgreSQL, beside
+/// replicas that may run another version, not even the schema).
 async fn open_reads(location: &Location) -> Result<Reads, StateError> {
     Reads::open(location, Replica::bystander()).await
 }
@@ -130,7 +131,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo => tools::demo().await?,
         Command::Simulate { listen, scenario } => tools::simulate(listen, scenario).await?,
-        Command::Check => tools::check(&Config::load(&cli.config)?)?,
+        Command::Check { online } => {
+            let config = Config::load(&cli.config)?;
+            tools::check(&config)?;
+            if online {
+                return tools::check_online(&config).await;
+            }
+        }
         Command::Run => run::run(&cli.config, Config::load(&cli.config)?).await?,
         Command::Tail {
             run,

@@ -58,10 +58,6 @@ pub enum DaemonError {
         path: String,
         error: std::io::Error,
     },
-    #[error(
-        "sink {sink}: file sinks do not run on a PostgreSQL state yet (a file sink is written by one node, under a fence of its own)"
-    )]
-    FileSinkUnfenced { sink: String },
     #[error("sink {sink}: cannot build its HTTP client: {error}")]
     SinkClient { sink: String, error: reqwest::Error },
     #[error("[server] cannot listen on {listen}: {error}")]

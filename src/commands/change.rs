@@ -2,9 +2,7 @@
 //! not: `watch`, `unwatch`, `dead --purge`, `replay`. The daemon sees their
 //! changes through the database.
 
-use runhook::store::Location;
-
-use runhook::store::{DeadFilter, Subscribed};
+use runhook::store::{DeadFilter, Location, Subscribed};
 
 use super::open_state;
 

@@ -1,13 +1,13 @@
 //! The commands that only read the state database, beside a running daemon
 //! or without one: `status`, `dead` (listing), `tail`. `top` is beside.
 
-use runhook::store::Location;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use comfy_table::{Cell, CellAlignment, Table};
 use runhook::config::Transport;
-use runhook::store::{PrunedRun, Reads, RunRow, RunState, SinkRow, StateError};
+use runhook::store::pg::ReplicaRow;
+use runhook::store::{Location, PrunedRun, Reads, RunRow, RunState, SinkRow, StateError};
 use serde::Serialize;
 
 /// Which runs `status` lists. The summary line always counts them all.
@@ -86,21 +86,30 @@ pub(super) async fn status(
         }
         _ => None,
     };
+    // PostgreSQL only: who works each run, and the replicas' heartbeats.
+    let replicas = reader.replicas().await?;
     let mut out = String::new();
     if json {
-        let status = serde_json::json!({
+        let mut status = serde_json::json!({
             "summary": summary, "runs": runs, "pruned": pruned.as_slice(), "sinks": sinks
         });
+        if let Some(replicas) = &replicas {
+            status["replicas"] = serde_json::to_value(replicas)?;
+        }
         out = serde_json::to_string_pretty(&status)? + "\n";
     } else {
         out.push_str(&format!("{summary}\n\n"));
-        let mut runs = runs_table(&runs, now);
+        let mut runs = runs_table(&runs, now, replicas.is_some());
         if let Some(pruned) = &pruned {
-            add_pruned_row(&mut runs, pruned, now);
+            add_pruned_row(&mut runs, pruned, now, replicas.is_some());
         }
         push_table(&mut out, &runs);
         out.push('\n');
         push_table(&mut out, &sinks_table(&sinks, now));
+        if let Some(replicas) = &replicas {
+            out.push('\n');
+            push_table(&mut out, &replicas_table(replicas));
+        }
     }
     out!("{}", out.trim_end_matches('\n'))?;
     Ok(())
@@ -138,10 +147,12 @@ fn summary(runs: &[RunRow], pruned: i64, sinks: &[SinkStatus]) -> String {
 }
 
 /// A pruned run's line in the runs table: what its tombstone keeps.
-fn add_pruned_row(table: &mut Table, pruned: &PrunedRun, now: i64) {
-    table.add_row([
-        pruned.run_id.clone(),
-        "finished (pruned)".to_owned(),
+fn add_pruned_row(table: &mut Table, pruned: &PrunedRun, now: i64, owners: bool) {
+    let mut row = vec![pruned.run_id.clone(), "finished (pruned)".to_owned()];
+    if owners {
+        row.push("-".to_owned());
+    }
+    row.extend([
         "-".to_owned(),
         pruned.cursor.to_string(),
         pruned.status.clone().unwrap_or_else(|| "-".into()),
@@ -154,6 +165,7 @@ fn add_pruned_row(table: &mut Table, pruned: &PrunedRun, now: i64) {
             age(now - pruned.pruned_at)
         ),
     ]);
+    table.add_row(row);
 }
 
 /// Columns two spaces apart, no borders: easy to read and to `grep`/`awk`.
@@ -180,25 +192,35 @@ fn push_table(out: &mut String, table: &Table) {
     }
 }
 
-fn runs_table(runs: &[RunRow], now: i64) -> Table {
-    let mut table = table(
-        &[
-            "RUN",
-            "STATE",
-            "TRANSPORT",
-            "CURSOR",
-            "STATUS",
-            "PHASE",
-            "LAG",
-            "LAST EVT",
-            "LAST ERROR",
-        ],
-        &[3, 6, 7],
-    );
+/// The runs; with `owners` (PostgreSQL), which replica holds each run's
+/// lease and under which epoch (`-`: nobody's now, the next claim takes it).
+fn runs_table(runs: &[RunRow], now: i64, owners: bool) -> Table {
+    let mut header = vec!["RUN", "STATE"];
+    let mut right = vec![3, 6, 7];
+    if owners {
+        header.push("OWNER");
+        right = vec![4, 7, 8];
+    }
+    header.extend([
+        "TRANSPORT",
+        "CURSOR",
+        "STATUS",
+        "PHASE",
+        "LAG",
+        "LAST EVT",
+        "LAST ERROR",
+    ]);
+    let mut table = table(&header, &right);
     for run in runs {
-        table.add_row([
-            run.run_id.clone(),
-            shown_state(run).to_owned(),
+        let mut row = vec![run.run_id.clone(), shown_state(run).to_owned()];
+        if owners {
+            row.push(
+                run.owner
+                    .as_ref()
+                    .map_or("-".into(), |o| format!("{} (epoch {})", o.node, o.epoch)),
+            );
+        }
+        row.extend([
             run.transport.map_or("-", Transport::name).to_owned(),
             run.cursor.to_string(),
             run.status.clone().unwrap_or_else(|| "-".into()),
@@ -206,6 +228,26 @@ fn runs_table(runs: &[RunRow], now: i64) -> Table {
             run.lag.map_or("-".into(), |l| l.to_string()),
             run.last_event_at.map_or("-".into(), |t| age(now - t)),
             run.last_error.clone().unwrap_or_default(),
+        ]);
+        table.add_row(row);
+    }
+    table
+}
+
+/// The replicas sharing a PostgreSQL state: how many runs each holds and
+/// how long ago it last said it was alive.
+fn replicas_table(replicas: &[ReplicaRow]) -> Table {
+    let mut table = table(&["REPLICA", "LEASES", "HEARTBEAT", "STARTED"], &[1, 2]);
+    for replica in replicas {
+        table.add_row([
+            replica.node.clone(),
+            replica.leases.to_string(),
+            format!("{} ago", age(replica.heartbeat_age_s * 1000)),
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(replica.started_at.max(0) as u64),
+            )
+            .to_string(),
         ]);
     }
     table
@@ -342,13 +384,12 @@ pub(super) async fn tail(
     json: bool,
 ) -> anyhow::Result<()> {
     let reader = super::open_reads(state).await?;
-    let mut after = reader.last_event_row().await?;
+    let mut cursor = reader.tail_start().await?;
     loop {
         let events = reader
-            .events_after(after, run.clone(), event_type.clone(), 500)
+            .tail_next(&mut cursor, run.clone(), event_type.clone(), 500)
             .await?;
         for event in &events {
-            after = after.max(event.event);
             if json {
                 let mut line = Vec::new();
                 runhook::sink::write_envelope_line(&event.into(), &mut line)?;

@@ -1,14 +1,13 @@
 //! `replay --since` and `backfill`: queue stored events again by the time
 //! they were recorded. Both reach only what retention kept, and say so.
 
-use runhook::store::Location;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::cli::{BackfillArgs, ReplayArgs};
 use runhook::route::EventFacts;
-use runhook::store::{RequeueFilter, StoredEvent, TimeRange};
+use runhook::store::{Location, RequeueFilter, StoredEvent, TimeRange};
 
 /// `runhook replay`: without `--since`, the dead letters by id, run or sink
 /// (which need only the state path); with it, by the time recorded (which
@@ -29,9 +28,9 @@ pub(super) async fn replay_command(
     match since {
         None => super::change::replay(&super::state_path(state, config)?, sink, run, id).await,
         Some(since) => {
-            let (path, retain) = super::state_and_retain(state, config)?;
+            let (location, retain) = super::state_and_retain(state, config)?;
             let window = Window { since, until };
-            replay_range(&path, retain, window, sink, run, delivered).await
+            replay_range(&location, retain, window, sink, run, delivered).await
         }
     }
 }
@@ -49,9 +48,9 @@ pub(super) async fn backfill_command(
         until,
         run,
     } = args;
-    let (path, retain) = super::state_and_retain(state, config)?;
+    let (location, retain) = super::state_and_retain(state, config)?;
     let window = Window { since, until };
-    backfill(&path, config, retain, sink, window, run).await
+    backfill(&location, config, retain, sink, window, run).await
 }
 
 /// `--since` / `--until` as typed.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use runhook::config::Config;
+use runhook::store::Location;
 
 /// `config` comes loaded, so a bad one fails before any signal is caught;
 /// `path` is read again on each SIGHUP.
@@ -21,6 +22,12 @@ pub(super) async fn run(path: &std::path::Path, config: Config) -> anyhow::Resul
     tokio::spawn(stop_on_signals(terms, interrupts, shutdown.clone()));
     let (reloads, reloaded) = tokio::sync::mpsc::channel(4);
     tokio::spawn(reload_on_sighup(path.to_owned(), hangups, reloads));
+    // A shared database says why it cannot be used (no server, a refused
+    // login, a missing grant) before anything starts, in the words of
+    // `check --online`. SQLite's own errors already say so at open.
+    if let Location::Postgres(_) = &config.state.location {
+        runhook::store::check_access(&config.state.location).await?;
+    }
     runhook::daemon::run_reloadable(Arc::new(config), shutdown, reloaded).await?;
     tracing::info!("stopped");
     Ok(())

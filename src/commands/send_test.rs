@@ -9,7 +9,6 @@
 //! thread in a store: the test gets a throwaway one in a temp dir, so it
 //! posts its own root and one reply, and never lands in a real run's thread.
 
-use runhook::store::Location;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -27,7 +26,7 @@ use runhook::sink::file::FileSink;
 use runhook::sink::slack::SlackSink;
 use runhook::sink::slack::message::Message;
 use runhook::sink::webhook::WebhookSink;
-use runhook::store::{DaemonLock, Pending, StoreError};
+use runhook::store::{DaemonLock, Location, Pending, StoreError};
 
 /// The run id a sample carries when `--run` is not given.
 const SAMPLE_RUN: &str = "00000000-0000-4000-8000-000000000000";

@@ -44,6 +44,56 @@ pub(super) fn check(config: &Config) -> std::io::Result<()> {
     Ok(())
 }
 
+/// sysexits.h: the state's server is down or unreachable.
+const EX_UNAVAILABLE: u8 = 69;
+/// sysexits.h: a credential or a grant is missing.
+const EX_NOPERM: u8 = 77;
+
+/// `check --online`: the state where the config puts it, tried as the
+/// daemon will use it ([`runhook::store::check_access`], which the daemon
+/// also calls at start).
+pub(super) async fn check_online(config: &Config) -> anyhow::Result<std::process::ExitCode> {
+    match runhook::store::check_access(&config.state.location).await {
+        Ok(access) => {
+            out!("\nonline: {}", describe_access(&access))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("runhook: state: {error}");
+            Ok(std::process::ExitCode::from(if error.is_permission() {
+                EX_NOPERM
+            } else {
+                EX_UNAVAILABLE
+            }))
+        }
+    }
+}
+
+fn describe_access(access: &runhook::store::Access) -> String {
+    use runhook::store::Access;
+    match access {
+        Access::Sqlite { dir, exists: true } => {
+            format!("the state database in {} is writable", dir.display())
+        }
+        Access::Sqlite { dir, exists: false } => format!(
+            "no state database yet; runhook can create it in {}",
+            dir.display()
+        ),
+        Access::Postgres { at, role, schema } => match schema {
+            Some(version) if *version < runhook::store::pg::SCHEMA_VERSION => format!(
+                "{at}: logged in as {role}, runhook schema version {version} (the daemon migrates it to {} at start; the role may)",
+                runhook::store::pg::SCHEMA_VERSION
+            ),
+            Some(version) => format!(
+                "{at}: logged in as {role}, runhook schema version {version}, rights complete"
+            ),
+            None => format!(
+                "{at}: logged in as {role}, no runhook schema yet (the daemon creates it at start; the role may)"
+            ),
+        },
+    }
+}
+
 /// One line of the routing table: `#N filters -> sinks`, numbered from 1
 /// (`check` and `route` print the same numbers).
 pub(super) fn route_line(i: usize, route: &runhook::route::Route) -> std::io::Result<()> {

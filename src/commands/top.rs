@@ -5,7 +5,6 @@
 //! terminal; [`draw`] renders a view and is tested on ratatui's
 //! `TestBackend`.
 
-use runhook::store::Location;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
-use runhook::store::{Reads, RunState};
+use runhook::store::{Location, Reads, RunState};
 
 use super::inspect::{age, sinks_and_oldest};
 

@@ -33,6 +33,7 @@
 
 #[macro_use]
 mod states;
+mod access;
 mod checkpoint;
 mod dead;
 mod deliveries;
@@ -56,6 +57,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::Connection;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use access::{Access, AccessError, check_access};
 pub use dead::{DeadFilter, DeadLetter};
 pub use deliveries::{Failure, Pending};
 pub use lock::DaemonLock;
@@ -63,7 +65,7 @@ pub use record::{Batch, Finish, NewEvent, NewWork, Recorded};
 pub use requeue::{Backfilled, RequeueFilter, StoredEvent, TimeRange};
 pub use runs::{PrunedRun, RunOwner, RunRow, Subscribed, WatchedRun};
 pub use sinks::SinkRow;
-pub use state::{Fence, Location, MAINTENANCE_CHUNK, Reads, Sqlite, State, StateError};
+pub use state::{Fence, Location, MAINTENANCE_CHUNK, Reads, Sqlite, State, StateError, TailCursor};
 pub use states::{DeliveryState, RunState};
 
 use checkpoint::{WalBounds, WalKeeper};

@@ -10,7 +10,9 @@
 //! proof ([`Fence::Exclusive`]); on PostgreSQL it is the run's lease
 //! ([`Fence::Lease`]), checked inside the write's transaction. A write
 //! reaching PostgreSQL without a lease is refused ([`StateError::Unfenced`])
-//! rather than committed unfenced.
+//! rather than committed unfenced. A file sink spans every run, so its loop
+//! holds the sink instead ([`State::claim_sink`]): [`Fence::Sink`] on
+//! PostgreSQL, the same [`Fence::Exclusive`] on SQLite.
 //!
 //! Claiming, renewing and releasing leases are not here: they exist only
 //! where several replicas share the state, so they stay on
@@ -19,13 +21,14 @@
 //! life; a claim that always succeeded would hand out epochs that fence
 //! nothing and make a reader believe there was a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
-use super::pg::{Lease, PgStore, PgStoreError, Replica};
+use super::pg::{Lease, PgStore, PgStoreError, Replica, ReplicaRow, SinkLease};
 use super::{
     Backfilled, Batch, DeadFilter, DeadLetter, Failure, NewWork, Pending, PrunedRun, Reader,
     Recorded, RequeueFilter, RunRow, RunState, SinkRow, Store, StoreError, StoredEvent, Subscribed,
@@ -105,6 +108,9 @@ pub enum Fence {
     /// PostgreSQL: the run's lease, whose epoch every write checks in its
     /// own transaction.
     Lease(Lease),
+    /// PostgreSQL: the lease of a sink its node writes (a file sink), for
+    /// that sink's writes across every run; no run's write takes it.
+    Sink(SinkLease),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -118,9 +124,14 @@ pub enum StateError {
     /// [`PgStoreError`] so callers match it without naming a backend.
     #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
     LeaseLost { run_id: Arc<str>, epoch: i64 },
-    /// A data-path write reached the shared state without the run's lease:
-    /// a bug in the caller, refused so nothing is ever written unfenced.
-    #[error("{write} on the PostgreSQL state needs the run's lease; refused, nothing written")]
+    /// Another process took the node's sink over (or this one released it):
+    /// stop writing the sink and claim it again; nothing was committed.
+    #[error("sink {sink}: lease epoch {epoch} is no longer held by this process")]
+    SinkLeaseLost { sink: Arc<str>, epoch: i64 },
+    /// A data-path write reached the shared state without its lease (the
+    /// run's, or for a file sink's writes the sink's): a bug in the caller,
+    /// refused so nothing is ever written unfenced.
+    #[error("{write} on the PostgreSQL state needs its lease; refused, nothing written")]
     Unfenced { write: &'static str },
     /// A lease handed to the SQLite state: it came from another store, so
     /// the caller is confused about which state it works on.
@@ -136,7 +147,10 @@ impl StateError {
     pub fn fence_refused(&self) -> bool {
         matches!(
             self,
-            Self::LeaseLost { .. } | Self::Unfenced { .. } | Self::LeaseOnSqlite { .. }
+            Self::LeaseLost { .. }
+                | Self::SinkLeaseLost { .. }
+                | Self::Unfenced { .. }
+                | Self::LeaseOnSqlite { .. }
         )
     }
 }
@@ -151,6 +165,7 @@ impl From<PgStoreError> for StateError {
     fn from(error: PgStoreError) -> Self {
         match error {
             PgStoreError::LeaseLost { run_id, epoch } => Self::LeaseLost { run_id, epoch },
+            PgStoreError::SinkLeaseLost { sink, epoch } => Self::SinkLeaseLost { sink, epoch },
             other => Self::Postgres(other),
         }
     }
@@ -298,8 +313,9 @@ impl State {
     }
 
     /// Deliveries that reached their sink, with the sink's output offset.
-    /// On PostgreSQL only the lease's run's deliveries among `events` are
-    /// marked: a lease fences its own run.
+    /// On PostgreSQL a run's lease marks only that run's deliveries among
+    /// `events`; a sink's lease ([`Fence::Sink`]) marks its sink's, of any
+    /// run.
     pub async fn mark_delivered(
         &self,
         fence: &Fence,
@@ -312,15 +328,22 @@ impl State {
                 exclusive(fence, "mark_delivered")?;
                 Ok(sqlite.store.mark_delivered(sink, events, offset).await?)
             }
-            Self::Postgres(pg) => {
-                let lease = any_lease(fence, "mark_delivered")?;
-                Ok(pg.mark_delivered(lease, sink, events, offset).await?)
-            }
+            Self::Postgres(pg) => match fence {
+                Fence::Sink(held) => {
+                    let held = sink_lease_on(held, &sink)?;
+                    Ok(pg.mark_sink_delivered(held, events, offset).await?)
+                }
+                _ => {
+                    let lease = any_lease(fence, "mark_delivered")?;
+                    Ok(pg.mark_delivered(lease, sink, events, offset).await?)
+                }
+            },
         }
     }
 
     /// A failed attempt: counted and scheduled, or dead-lettered. On
-    /// PostgreSQL, only the lease's run's deliveries among the events.
+    /// PostgreSQL, only the lease's run's deliveries among the events (a
+    /// sink's lease: its sink's, of any run).
     pub async fn record_failure(
         &self,
         fence: &Fence,
@@ -332,10 +355,16 @@ impl State {
                 exclusive(fence, "record_failure")?;
                 Ok(sqlite.store.record_failure(sink, failure).await?)
             }
-            Self::Postgres(pg) => {
-                let lease = any_lease(fence, "record_failure")?;
-                Ok(pg.record_failure(lease, sink, failure).await?)
-            }
+            Self::Postgres(pg) => match fence {
+                Fence::Sink(held) => {
+                    let held = sink_lease_on(held, &sink)?;
+                    Ok(pg.record_sink_failure(held, failure).await?)
+                }
+                _ => {
+                    let lease = any_lease(fence, "record_failure")?;
+                    Ok(pg.record_failure(lease, sink, failure).await?)
+                }
+            },
         }
     }
 
@@ -418,17 +447,29 @@ impl State {
 fn exclusive(fence: &Fence, write: &'static str) -> Result<(), StateError> {
     match fence {
         Fence::Exclusive => Ok(()),
-        Fence::Lease(_) => Err(StateError::LeaseOnSqlite { write }),
+        Fence::Lease(_) | Fence::Sink(_) => Err(StateError::LeaseOnSqlite { write }),
     }
 }
 
-/// The PostgreSQL fence: a lease, whichever run it is on (the store keeps
-/// the write to that run).
+/// The PostgreSQL fence of a run's write: a lease, whichever run it is on
+/// (the store keeps the write to that run). A sink's lease fences no run.
 fn any_lease<'a>(fence: &'a Fence, write: &'static str) -> Result<&'a Lease, StateError> {
     match fence {
         Fence::Lease(lease) => Ok(lease),
-        Fence::Exclusive => Err(StateError::Unfenced { write }),
+        Fence::Exclusive | Fence::Sink(_) => Err(StateError::Unfenced { write }),
     }
+}
+
+/// A sink's lease fences that sink's writes only: on another sink it fences
+/// nothing, as if lost.
+fn sink_lease_on<'a>(held: &'a SinkLease, sink: &str) -> Result<&'a SinkLease, StateError> {
+    if *held.sink != *sink {
+        return Err(StateError::SinkLeaseLost {
+            sink: Arc::from(sink),
+            epoch: held.epoch,
+        });
+    }
+    Ok(held)
 }
 
 /// The PostgreSQL fence for a write naming `run_id`: a lease on another run
@@ -446,6 +487,95 @@ fn lease_on<'a>(
         });
     }
     Ok(lease)
+}
+
+/// A sink one node writes (a file sink): its writes span every run, so its
+/// loop holds the sink rather than runs, and fences them with what
+/// [`State::claim_sink`] gave it.
+impl State {
+    /// Whether a sink that names `node` is written by this process. SQLite
+    /// is one machine: every sink is, whatever it names. On PostgreSQL only
+    /// the replica whose node it names (a sink naming none runs nowhere:
+    /// `check` refuses it there).
+    pub fn writes_sink_of(&self, node: Option<&str>) -> bool {
+        match self {
+            Self::Sqlite(_) => true,
+            Self::Postgres(pg) => node == Some(pg.node()),
+        }
+    }
+
+    /// The fence of a node's sink: on SQLite the daemon lock
+    /// ([`Fence::Exclusive`], as for every write); on PostgreSQL the sink's
+    /// lease for this node, `None` while another process holds it.
+    pub async fn claim_sink(&self, sink: &str) -> Result<Option<Fence>, StateError> {
+        match self {
+            Self::Sqlite(_) => Ok(Some(Fence::Exclusive)),
+            Self::Postgres(pg) => Ok(pg.claim_sink(sink).await?.map(Fence::Sink)),
+        }
+    }
+
+    /// How long a sink's lease lasts unrenewed: renew it every third of
+    /// that. `None` on SQLite, whose fence lasts the daemon's life.
+    pub fn sink_lease_ttl(&self) -> Option<Duration> {
+        match self {
+            Self::Sqlite(_) => None,
+            Self::Postgres(pg) => Some(pg.lease_ttl()),
+        }
+    }
+
+    /// Renews what [`State::claim_sink`] gave; `false` when it was lost.
+    pub async fn renew_sink(&self, fence: &Fence) -> Result<bool, StateError> {
+        match (self, fence) {
+            (Self::Sqlite(_), _) => {
+                exclusive(fence, "renew_sink")?;
+                Ok(true)
+            }
+            (Self::Postgres(pg), Fence::Sink(held)) => Ok(pg.renew_sink(held).await?),
+            (Self::Postgres(_), _) => Err(StateError::Unfenced {
+                write: "renew_sink",
+            }),
+        }
+    }
+
+    /// Gives the sink up at a clean stop, so the node's next process claims
+    /// it at once. Nothing to give up on SQLite.
+    pub async fn release_sink(&self, fence: &Fence) -> Result<(), StateError> {
+        match (self, fence) {
+            (Self::Postgres(pg), Fence::Sink(held)) => Ok(pg.release_sink(held).await?),
+            _ => Ok(()),
+        }
+    }
+
+    /// A file sink's reconciliation at start: lines found in the file past
+    /// its offset are delivered. Fenced by the sink, as its other writes:
+    /// a process refused a `mark_delivered` must not mark the same lines by
+    /// reconciling.
+    pub async fn mark_found_delivered(
+        &self,
+        fence: &Fence,
+        sink: Arc<str>,
+        found: Vec<String>,
+        offset: u64,
+    ) -> Result<usize, StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "mark_found_delivered")?;
+                Ok(sqlite
+                    .store
+                    .mark_found_delivered(sink, found, offset)
+                    .await?)
+            }
+            Self::Postgres(pg) => match fence {
+                Fence::Sink(held) => {
+                    let held = sink_lease_on(held, &sink)?;
+                    Ok(pg.mark_found_delivered(held, found, offset).await?)
+                }
+                _ => Err(StateError::Unfenced {
+                    write: "mark_found_delivered",
+                }),
+            },
+        }
+    }
 }
 
 /// Subscriptions, sink state, dead letters and maintenance: not a run
@@ -484,16 +614,6 @@ impl State {
 
     pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StateError> {
         both!(self.set_sink_down(sink, down))
-    }
-
-    /// A file sink's reconciliation at start (the node that writes it).
-    pub async fn mark_found_delivered(
-        &self,
-        sink: Arc<str>,
-        found: Vec<String>,
-        offset: u64,
-    ) -> Result<usize, StateError> {
-        both!(self.mark_found_delivered(sink, found, offset))
     }
 
     pub async fn replay(&self, filter: DeadFilter) -> Result<usize, StateError> {
@@ -649,12 +769,17 @@ macro_rules! reads {
 }
 
 impl Reads {
-    /// Opens the read side of an existing state. `replica` as in
+    /// Opens the read side of an existing state, changing nothing: a
+    /// missing SQLite file is an error, and so is a PostgreSQL database
+    /// without runhook's schema or at another version (a read command beside
+    /// replicas of another build must not migrate theirs). `replica` as in
     /// [`State::open`].
     pub async fn open(location: &Location, replica: Replica) -> Result<Self, StateError> {
         match location {
             Location::Sqlite(path) => Ok(Self::Sqlite(Reader::open(path)?)),
-            Location::Postgres(url) => Ok(Self::Postgres(PgStore::open(url, replica).await?)),
+            Location::Postgres(url) => {
+                Ok(Self::Postgres(PgStore::open_existing(url, replica).await?))
+            }
         }
     }
 
@@ -753,6 +878,112 @@ impl Reads {
     }
 }
 
+/// Where `tail` is in the events, between two reads
+/// ([`Reads::tail_next`]). On SQLite (one writer, rows numbered in commit
+/// order) the last row handed out; on PostgreSQL rows may commit out of
+/// number order, so it also remembers what it handed out above the point
+/// it is sure of, and which transactions it waits for.
+#[derive(Debug, Clone, Default)]
+pub struct TailCursor {
+    /// Every row at or below this was handed out, or never will be.
+    pub(in crate::store) after: i64,
+    /// Rows above `after` already handed out: left out when read again.
+    pub(in crate::store) handed: BTreeSet<i64>,
+    /// The transactions in flight at an earlier read, and the row that
+    /// read had seen everything up to: once they have all ended, nothing
+    /// more can commit at or below it.
+    pub(in crate::store) waiting: Option<(BTreeSet<String>, i64)>,
+}
+
+impl TailCursor {
+    /// After row `after`, waiting for nothing yet.
+    pub(in crate::store) fn at(after: i64) -> Self {
+        Self {
+            after,
+            ..Self::default()
+        }
+    }
+
+    /// Takes in one read's rows (all of those visible up to `read_to`) and
+    /// the transactions in flight when it was taken.
+    pub(in crate::store) fn advance(
+        &mut self,
+        events: &[Pending],
+        read_to: i64,
+        in_flight: BTreeSet<String>,
+    ) {
+        self.handed.extend(events.iter().map(|e| e.event));
+        let settled = match &self.waiting {
+            // Ended: not in flight any more (and they were before).
+            Some((waited, upto)) if waited.is_disjoint(&in_flight) => Some(*upto),
+            Some(_) => None,
+            None => Some(self.after),
+        };
+        if in_flight.is_empty() {
+            // Nobody can still commit a row numbered before this read.
+            self.after = self.after.max(read_to);
+            self.waiting = None;
+        } else if let Some(upto) = settled {
+            self.after = self.after.max(upto);
+            self.waiting = Some((in_flight, read_to));
+        }
+        let after = self.after;
+        self.handed.retain(|&row| row > after);
+    }
+}
+
+impl Reads {
+    /// "sqlite" or "postgres", as [`State::backend`].
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The replicas sharing the state and their heartbeats: `None` on
+    /// SQLite, where one daemon is the only one and there is nothing to
+    /// show.
+    pub async fn replicas(&self) -> Result<Option<Vec<ReplicaRow>>, StateError> {
+        match self {
+            Self::Sqlite(_) => Ok(None),
+            Self::Postgres(pg) => Ok(Some(pg.replicas().await?)),
+        }
+    }
+
+    /// Where `tail` starts: after the newest committed event.
+    pub async fn tail_start(&self) -> Result<TailCursor, StateError> {
+        match self {
+            Reads::Sqlite(reader) => Ok(TailCursor::at(reader.last_event_row().await?)),
+            Reads::Postgres(pg) => Ok(pg.tail_start().await?),
+        }
+    }
+
+    /// The events recorded since the last call (optionally of one run or
+    /// type), in row order, each once, none passed over.
+    pub async fn tail_next(
+        &self,
+        cursor: &mut TailCursor,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Pending>, StateError> {
+        match self {
+            Reads::Sqlite(reader) => {
+                // One writer: rows become visible in number order.
+                let events = reader
+                    .events_after(cursor.after, run, event_type, limit)
+                    .await?;
+                if let Some(last) = events.last() {
+                    cursor.after = cursor.after.max(last.event);
+                }
+                Ok(events)
+            }
+            Reads::Postgres(pg) => Ok(pg.tail_next(cursor, run, event_type, limit).await?),
+        }
+    }
+}
+
 impl Replica {
     /// A process that opens the state without being one of the cluster's
     /// replicas (a command beside the daemon, the demo): it claims no lease
@@ -846,6 +1077,51 @@ mod tests {
         assert!(Arc::ptr_eq(&conn(&state), &conn(&state.clone())));
         let own = state.with_own_reader().unwrap();
         assert!(!Arc::ptr_eq(&conn(&state), &conn(&own)));
+    }
+
+    fn rows(rows: &[i64]) -> Vec<Pending> {
+        rows.iter()
+            .map(|&event| Pending {
+                event,
+                id: format!("r:{event}"),
+                run_id: "r".into(),
+                sequence: Some(event),
+                event_type: "T".into(),
+                payload: "{}".into(),
+                created_at: None,
+                run_status: None,
+                phase: None,
+                labels: "{}".into(),
+                attempts: 0,
+                next_attempt_at: 0,
+                seen_at: 0,
+                queued_at: 0,
+            })
+            .collect()
+    }
+
+    fn xids(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    /// Row 11's transaction is still in flight when 10 and 12 are read:
+    /// the cursor stays below 11 until that transaction has ended, then
+    /// moves past everything the read had seen; with nobody in flight it
+    /// moves at once.
+    #[test]
+    fn the_tail_cursor_moves_only_past_rows_no_transaction_in_flight_can_fill() {
+        let mut cursor = TailCursor::at(9);
+        cursor.advance(&rows(&[10, 12]), 12, xids(&["701"]));
+        assert_eq!(cursor.after, 9, "701 may still commit row 11");
+        assert_eq!(cursor.handed, [10, 12].into());
+        cursor.advance(&[], 12, xids(&["701", "702"]));
+        assert_eq!(cursor.after, 9, "701 has not ended");
+        cursor.advance(&rows(&[11]), 13, xids(&["702"]));
+        assert_eq!(cursor.after, 12, "what the first read saw is settled");
+        assert_eq!(cursor.handed, BTreeSet::new());
+        cursor.advance(&rows(&[13]), 13, BTreeSet::new());
+        assert_eq!(cursor.after, 13, "nobody in flight");
+        assert!(cursor.waiting.is_none());
     }
 
     /// The variant an owner matches to stop a run must not hide inside the

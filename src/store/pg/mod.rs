@@ -12,6 +12,7 @@
 //! they can, plus the [`Lease`] for fenced writes, so one interface can later
 //! sit over both backends.
 
+mod access;
 mod dead;
 mod deliveries;
 mod lease;
@@ -22,6 +23,7 @@ mod requeue;
 mod retention;
 mod runs;
 mod schema;
+mod sink_lease;
 mod sinks;
 
 use std::str::FromStr;
@@ -31,8 +33,11 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
 use tokio_postgres::NoTls;
 
+pub(super) use access::check_access;
 pub use lease::{Lease, LeaseChanges, LeaseKeeper, Share};
+pub use reads::ReplicaRow;
 pub use schema::VERSION as SCHEMA_VERSION;
+pub use sink_lease::SinkLease;
 
 /// Connections per store: ingest, delivery and the lease keeper at once.
 const POOL_SIZE: usize = 8;
@@ -51,10 +56,28 @@ pub enum PgStoreError {
         "PostgreSQL schema version {found} is newer than this runhook knows ({known}); upgrade runhook"
     )]
     TooNew { found: i64, known: i64 },
+    /// A read-only command found a database no runhook has migrated: most
+    /// likely the wrong database, and creating the schema there from a
+    /// command would hide that.
+    #[error(
+        "no runhook state in this database (no schema_migrations table): start `runhook run` with this state first, or check the URL"
+    )]
+    NoSchema,
+    /// A read-only command of a newer build than the replicas that migrated
+    /// the schema: reading would meet tables it does not expect, and it
+    /// must not migrate under them.
+    #[error(
+        "PostgreSQL schema version {found} is older than this runhook knows ({known}); start `runhook run` of this version first (it migrates), or use the runhook the replicas run"
+    )]
+    TooOld { found: i64, known: i64 },
     /// Another replica took the run over (or this one released it): stop
     /// working the run; nothing of this write was committed.
     #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
     LeaseLost { run_id: Arc<str>, epoch: i64 },
+    /// Another process took the node's sink over (or this one released
+    /// it): stop writing the sink; nothing of this write was committed.
+    #[error("sink {sink}: lease epoch {epoch} is no longer held by this process")]
+    SinkLeaseLost { sink: Arc<str>, epoch: i64 },
     /// The database numbered a batch's events out of their order, which
     /// would deliver them out of order: the batch was not recorded.
     #[error("run {0}: events were numbered out of batch order; the batch was not recorded")]
@@ -153,6 +176,23 @@ impl PgStore {
     /// build's version. Fails when the server cannot be reached, so a
     /// misconfigured replica says so at start.
     pub async fn open(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
+        let store = Self::connect(url, replica)?;
+        schema::migrate(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Connects to a database the replicas have already migrated, changing
+    /// nothing: for the commands that only read (`status`, `dead`, `tail`,
+    /// `top`), which run beside replicas possibly of another version.
+    /// Refuses a database without runhook's schema, or at another version.
+    pub async fn open_existing(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
+        let store = Self::connect(url, replica)?;
+        schema::check_version(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// The pool, not yet connected (deadpool connects on first use).
+    fn connect(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
         let mut config =
             tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
         release_a_frozen_writers_locks(&mut config, replica.lease_ttl);
@@ -168,7 +208,6 @@ impl PgStore {
             .max_size(POOL_SIZE)
             .build()
             .map_err(|e| PgStoreError::Pool(e.to_string()))?;
-        schema::migrate(&pool).await?;
         Ok(Self {
             pool,
             replica: Arc::new(replica),

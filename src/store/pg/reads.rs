@@ -9,11 +9,32 @@
 //! their rows out of number order, so a reader that saw row N may later find
 //! a row below N of another run (`tail` across runs, a file sink's backlog).
 
+use std::collections::BTreeSet;
+
+use tokio_postgres::IsolationLevel;
+
+use super::super::state::TailCursor;
 use super::super::{DeliveryState, Pending};
 use super::deliveries::{pending_row, pending_select};
 use super::{PgStore, PgStoreError};
 
 const PENDING: i16 = DeliveryState::Pending as i16;
+
+/// One replica as `status` shows it: the row it heartbeats, and how many
+/// runs it holds a current lease on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReplicaRow {
+    pub node: String,
+    /// Its last heartbeat (unix ms).
+    pub heartbeat_at: i64,
+    /// When it (last) started (unix ms).
+    pub started_at: i64,
+    /// Runs whose lease it holds and that has not expired.
+    pub leases: i64,
+    /// Seconds since its heartbeat, in the server's clock (a replica
+    /// renews every third of its lease ttl; far more means it is gone).
+    pub heartbeat_age_s: i64,
+}
 
 /// A limit as PostgreSQL takes it.
 fn limit(limit: usize) -> i64 {
@@ -116,5 +137,113 @@ impl PgStore {
             .query(&query, &[&after, &run, &event_type, &limit(limit_rows)])
             .await?;
         Ok(rows.iter().map(pending_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Where `tail` starts: after the newest committed event, and after
+    /// whatever the transactions in flight now commit below it (they began
+    /// before `tail` did).
+    pub async fn tail_start(&self) -> Result<TailCursor, PgStoreError> {
+        Ok(TailCursor::at(self.last_event_row().await?))
+    }
+
+    /// The events committed since the last call, each handed out once,
+    /// none passed over.
+    ///
+    /// A row number is drawn when a row is inserted, not when its
+    /// transaction commits: a batch of one run may commit row 11 while
+    /// another's row 10 is still in flight, and a reader that moved past 11
+    /// would never see 10. So the cursor only moves up to a row once every
+    /// transaction that was in flight when that row was read has ended
+    /// (PostgreSQL's snapshot lists them); until then rows above it are
+    /// read again and those already handed out are left out. This relies on
+    /// an ingest transaction holding a transaction id before it draws row
+    /// numbers, which `record_batch`'s fence (a row lock) gives it.
+    pub async fn tail_next(
+        &self,
+        cursor: &mut TailCursor,
+        run: Option<String>,
+        event_type: Option<String>,
+        limit_rows: usize,
+    ) -> Result<Vec<Pending>, PgStoreError> {
+        let mut client = self.pool.get().await?;
+        // One snapshot for the transactions in flight and the rows read.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let seen = tx
+            .query_one(
+                "SELECT ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x),
+                        COALESCE((SELECT MAX(rowid) FROM events), 0)::bigint",
+                &[],
+            )
+            .await?;
+        let in_flight: BTreeSet<String> = seen.try_get::<_, Vec<String>>(0)?.into_iter().collect();
+        let newest: i64 = seen.try_get(1)?;
+        let handed: Vec<i64> = cursor.handed.iter().copied().collect();
+        let query = tx
+            .prepare_cached(
+                "SELECT e.rowid, e.id, e.run_id, e.sequence, e.event_type, e.payload,
+                        e.created_at, e.run_status, e.phase, r.labels, 0::integer,
+                        0::bigint, e.seen_at, e.seen_at
+                 FROM events e LEFT JOIN runs r ON r.run_id = e.run_id
+                 WHERE e.rowid > $1 AND NOT (e.rowid = ANY($5))
+                   AND ($2::text IS NULL OR e.run_id = $2)
+                   AND ($3::text IS NULL OR e.event_type = $3)
+                 ORDER BY e.rowid LIMIT $4",
+            )
+            .await?;
+        let rows = tx
+            .query(
+                &query,
+                &[
+                    &cursor.after,
+                    &run,
+                    &event_type,
+                    &limit(limit_rows),
+                    &handed,
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        let events: Vec<Pending> = rows.iter().map(pending_row).collect::<Result<_, _>>()?;
+        // Every visible row up to here is handed out (now or before).
+        let read_to = match events.last() {
+            Some(last) if events.len() >= limit_rows => last.event,
+            _ => newest.max(cursor.after),
+        };
+        cursor.advance(&events, read_to, in_flight);
+        Ok(events)
+    }
+
+    /// Every replica that ever heartbeat in this database, with its current
+    /// leases; ages in the server's clock, so the command's clock is
+    /// irrelevant.
+    pub async fn replicas(&self) -> Result<Vec<ReplicaRow>, PgStoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT p.node,
+                        (extract(epoch FROM p.heartbeat_at) * 1000)::bigint,
+                        (extract(epoch FROM p.started_at) * 1000)::bigint,
+                        (SELECT count(*) FROM leases l
+                         WHERE l.owner = p.node AND l.expires_at > now()),
+                        GREATEST(extract(epoch FROM now() - p.heartbeat_at), 0)::bigint
+                 FROM replicas p ORDER BY p.node",
+                &[],
+            )
+            .await?;
+        let replica = |row: &tokio_postgres::Row| -> Result<ReplicaRow, tokio_postgres::Error> {
+            Ok(ReplicaRow {
+                node: row.try_get(0)?,
+                heartbeat_at: row.try_get(1)?,
+                started_at: row.try_get(2)?,
+                leases: row.try_get(3)?,
+                heartbeat_age_s: row.try_get(4)?,
+            })
+        };
+        Ok(rows.iter().map(replica).collect::<Result<_, _>>()?)
     }
 }

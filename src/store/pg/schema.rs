@@ -117,9 +117,40 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_by_run ON events(run_id, rowid);
     "#,
+    // 2 -> 3: sinks owned by a node rather than by runs' leases (a file
+    // sink in a cluster writes one machine's disk). One lease row per such
+    // sink, made by its node's first claim, fenced as `leases` fences a run
+    // (`sink_lease.rs`). A sink with a row here is also what a run lease
+    // does not cover: its pending deliveries keep no run claimed.
+    r#"
+    CREATE TABLE sink_leases (
+        sink       text PRIMARY KEY,
+        owner      text,
+        epoch      bigint NOT NULL DEFAULT 0,
+        expires_at timestamptz NOT NULL DEFAULT '-infinity'
+    );
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// runhook's tables, read off the migrations (so a new migration's tables
+/// are counted without a list to keep up): what `check --online` checks
+/// the role's rights on.
+pub fn tables() -> Vec<&'static str> {
+    let mut tables = vec!["schema_migrations"];
+    for sql in MIGRATIONS {
+        let mut words = sql.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "CREATE" && words.next() == Some("TABLE") {
+                let name = words.next().filter(|&w| w != "IF");
+                let name = name.or_else(|| words.nth(2));
+                tables.extend(name);
+            }
+        }
+    }
+    tables
+}
 
 /// Brings the database to the current version, in one transaction holding
 /// an advisory transaction lock: a replica that starts while another
@@ -130,13 +161,22 @@ pub async fn migrate(pool: &Pool) -> Result<(), PgStoreError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-            version    integer PRIMARY KEY,
-            applied_at timestamptz NOT NULL DEFAULT now()
-        )",
-    )
-    .await?;
+    // Not `CREATE TABLE IF NOT EXISTS`: that needs CREATE on the schema
+    // even when the table is there, which a role granted only the tables'
+    // rights (enough once migrated) does not have.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        tx.batch_execute(
+            "CREATE TABLE schema_migrations (
+                version    integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await?;
+    }
     let current: i64 = tx
         .query_one(
             "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
@@ -161,4 +201,62 @@ pub async fn migrate(pool: &Pool) -> Result<(), PgStoreError> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The version of an existing schema, checked without changing anything: a
+/// read-only command beside running replicas must neither create the schema
+/// in a database that has none (a mistyped URL) nor migrate a shared one
+/// under replicas of another build. Missing, older and newer schemas are
+/// refused with what to do about each.
+pub async fn check_version(pool: &Pool) -> Result<(), PgStoreError> {
+    let client = pool.get().await?;
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Err(PgStoreError::NoSchema);
+    }
+    let found: i64 = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    match found {
+        0 => Err(PgStoreError::NoSchema),
+        found if found > VERSION => Err(PgStoreError::TooNew {
+            found,
+            known: VERSION,
+        }),
+        found if found < VERSION => Err(PgStoreError::TooOld {
+            found,
+            known: VERSION,
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every table the migrations create is one whose rights are checked.
+    #[test]
+    fn tables_are_read_off_the_migrations() {
+        let tables = super::tables();
+        for table in [
+            "schema_migrations",
+            "runs",
+            "events",
+            "deliveries",
+            "leases",
+        ] {
+            assert!(tables.contains(&table), "{table} in {tables:?}");
+        }
+        let created = super::MIGRATIONS
+            .iter()
+            .map(|sql| sql.matches("CREATE TABLE").count())
+            .sum::<usize>();
+        assert_eq!(tables.len(), created + 1, "{tables:?}");
+    }
 }
