@@ -14,11 +14,12 @@ use crate::config::{Config, SinkConfig, SinkKind};
 use crate::deliver;
 use crate::deliver::runs::SinkRuntime;
 use crate::deliver::threads::StoredThreads;
+use crate::ownership::Ownership;
 use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
 use crate::sink::webhook::WebhookSink;
-use crate::store::{Fence, State, StateError};
+use crate::store::{State, StateError};
 
 /// The delivery loops, one per sink, each with its own stop switch so a
 /// reload can start, stop or restart one without touching the others.
@@ -42,7 +43,7 @@ impl Sinks {
         &mut self,
         config: &Config,
         state: &State,
-        fence: &Fence,
+        ownership: &Ownership,
         reopen_files: bool,
     ) -> Result<(), DaemonError> {
         let stale: Vec<String> = self
@@ -69,8 +70,8 @@ impl Sinks {
                 }
                 let stop = CancellationToken::new();
                 let start = {
-                    let (sink, state, fence) = (sink.clone(), state.clone(), fence.clone());
-                    move |stop| start_sink(&sink, &state, &fence, stop)
+                    let (sink, state, ownership) = (sink.clone(), state.clone(), ownership.clone());
+                    move |stop| start_sink(&sink, &state, &ownership, stop)
                 };
                 let supervisor = Owned::new(tokio::spawn(supervise_sink(
                     sink.name.clone(),
@@ -115,7 +116,7 @@ fn written_here(sink: &SinkConfig, state: &State) -> bool {
 fn start_sink(
     sink: &SinkConfig,
     state: &State,
-    fence: &Fence,
+    ownership: &Ownership,
     stop: CancellationToken,
 ) -> Result<Owned<Result<(), StateError>>, DaemonError> {
     // Each loop reads on a connection of its own.
@@ -143,7 +144,7 @@ fn start_sink(
             Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
         }
         SinkKind::Slack(slack) => {
-            let threads = StoredThreads::new(sink.name.clone(), state()?, fence.clone());
+            let threads = StoredThreads::new(sink.name.clone(), state()?, ownership.clone());
             Sender::Slack(
                 SlackSink::new(sink.name.clone(), slack, Arc::new(threads))
                     .map_err(client_error)?,
@@ -159,7 +160,7 @@ fn start_sink(
             pipeline: matches!(&sink.kind, SinkKind::Webhook(w) if w.pipeline),
             concurrency: sink.concurrency,
             state: state()?,
-            fence: fence.clone(),
+            ownership: ownership.clone(),
             shutdown: stop,
         }),
     ))))
