@@ -17,6 +17,7 @@ mod packaging;
 mod pg;
 mod pg_file;
 mod pg_ops;
+mod pg_review;
 mod pg_runs;
 mod pg_state;
 mod pg_support;
