@@ -265,19 +265,13 @@ async fn tail_waits_for_a_batch_whose_id_is_above_the_snapshots_horizon() {
     assert_eq!(got, want, "every event handed out: {printed:?}");
 }
 
-/// FINDING, NOT FIXED (for the lead): a `sink_leases` row is never
-/// removed, and the run-lease claim leaves out every sink that has one. A
-/// sink that was once a file sink in the cluster and is now an HTTP sink
-/// of the same name (`archive` moved from a file to a webhook) is then
-/// delivered by nobody once its runs are unwatched: renew releases the
-/// run's lease while a retry to it is pending, and no replica claims the
-/// run again. The deliveries stay pending for ever. The store cannot tell
-/// a file sink from an HTTP one; whoever knows the config (the daemon at
-/// start, or `check`) has to forget the sink lease of a sink that is no
-/// longer a file sink, or the claim has to leave out only sinks whose
-/// lease is held. Ignored until then: run with `--ignored` to see it fail.
+/// A `sink_leases` row is never removed. A sink that was once a file sink
+/// in the cluster and is now an HTTP sink of the same name (`archive` moved
+/// from a file to a webhook) must still have its unwatched runs' backlog
+/// claimed: only a sink lease someone holds now keeps a run unclaimed.
+/// Red (the run's lease released by renew, its retry pending for ever)
+/// while the claim left out every sink with a lease row.
 #[tokio::test]
-#[ignore = "REVIEW1 finding for the lead: a sink_leases row outlives the file sink"]
 async fn a_former_file_sinks_pending_retries_keep_their_unwatched_run_claimed() {
     let Some(pg) = PgServer::start() else { return };
     let (store, leases) = replica(&pg, &[RUN]).await;
