@@ -7,6 +7,7 @@ mod cli;
 mod contrib;
 mod crash;
 mod dev_loop;
+mod failover;
 mod faults;
 mod hostile;
 mod observability;
