@@ -257,7 +257,11 @@ fn run_events(i: usize) -> Vec<ScriptedEvent> {
 }
 
 /// The audit the test installs: every accepted data-path write, who wrote
-/// it and who owned the run's lease in that same transaction.
+/// it and who owned the run's lease in that same transaction. The writes
+/// audited are the owner's alone: events recorded, a delivery's outcome
+/// (state or attempts; `release_backoff` moves only `next_attempt_at`), the
+/// cursor and finish, Slack thread roots. A run's `state`, which a
+/// replica's `subscribe` at start may reset unfenced, is left out.
 const AUDIT: &str = r#"
 CREATE TABLE fence_audit (
     id       bigserial PRIMARY KEY,
@@ -281,7 +285,7 @@ CREATE TRIGGER audit_outcomes AFTER UPDATE ON deliveries
     FOR EACH ROW WHEN (NEW.state IS DISTINCT FROM OLD.state OR NEW.attempts IS DISTINCT FROM OLD.attempts)
     EXECUTE FUNCTION fence_audit_row();
 CREATE TRIGGER audit_cursor AFTER UPDATE ON runs
-    FOR EACH ROW WHEN (NEW.cursor IS DISTINCT FROM OLD.cursor OR NEW.status IS DISTINCT FROM OLD.status)
+    FOR EACH ROW WHEN (NEW.cursor IS DISTINCT FROM OLD.cursor OR NEW.finished_seq IS DISTINCT FROM OLD.finished_seq)
     EXECUTE FUNCTION fence_audit_row();
 CREATE TRIGGER audit_threads AFTER INSERT OR UPDATE ON slack_threads
     FOR EACH ROW EXECUTE FUNCTION fence_audit_row();
