@@ -155,19 +155,14 @@ fn own_runs(config: &Config, state: &State) -> (Option<Leases>, Ownership) {
     (Some(leases), ownership)
 }
 
-/// Where the state lives (until the config names a PostgreSQL URL: the
-/// SQLite path).
+/// Where the state lives: `[state] path` or `url`.
 fn state_location(config: &Config) -> Location {
-    Location::Sqlite(config.state.path.clone())
+    config.state.location.clone()
 }
 
-/// This process's place in a cluster (until `[cluster]` exists: defaults).
-fn cluster_replica(_config: &Config) -> Replica {
-    Replica {
-        node: "runhook".into(),
-        lease_ttl: Duration::from_secs(15),
-        share_slack: 1,
-    }
+/// This process's place in a cluster: `[cluster]`.
+fn cluster_replica(config: &Config) -> Replica {
+    config.cluster.replica()
 }
 
 /// The state for the start-up line: the path, never a URL (it may hold a
