@@ -374,6 +374,12 @@ fn takeover_gaps(
     gaps
 }
 
+fn sorted(runs: &HashSet<String>) -> Vec<&String> {
+    let mut runs: Vec<&String> = runs.iter().collect();
+    runs.sort();
+    runs
+}
+
 fn millis(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -462,7 +468,12 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
             at: Instant::now(),
             runs: held,
         };
-        println!("failover: {what} {node} holding {} runs", hit.runs.len());
+        println!(
+            "failover: {what} {node} at {} ms holding {} runs: {:?}",
+            millis(hit.at - started),
+            hit.runs.len(),
+            sorted(&hit.runs)
+        );
         wait_taken_over(&cluster.webhook, &hit, &last_emitted).await;
         disruptions.push(hit);
         nodes[index].spawn();
@@ -491,13 +502,22 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
         at: Instant::now(),
         runs: held,
     };
-    println!("failover: SIGSTOP {node} holding {} runs", hit.runs.len());
+    println!(
+        "failover: SIGSTOP {node} at {} ms holding {} runs: {:?}",
+        millis(hit.at - started),
+        hit.runs.len(),
+        sorted(&hit.runs)
+    );
     wait_taken_over(&cluster.webhook, &hit, &last_emitted).await;
     wait_for("the paused replica's leases taken over", || {
         leases_moved_check(&db, node)
     })
     .await;
     nodes[paused].signal("CONT");
+    println!(
+        "failover: SIGCONT {node} at {} ms",
+        millis(started.elapsed())
+    );
     let resumed: String = db
         .query_one("SELECT clock_timestamp()::text", &[])
         .await
@@ -552,7 +572,7 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
     }
 
     check_webhook(&cluster.webhook, &expected, &disruptions);
-    check_slack(&cluster.slack, &expected, want_slack);
+    check_slack(&cluster.slack, &expected, want_slack, started);
     check_fence_audit(&db, node, &resumed).await;
     report_gaps(&cluster.webhook, &disruptions, &last_emitted);
 }
@@ -673,11 +693,33 @@ fn check_webhook(
     );
 }
 
+/// A run's Slack calls, one line each, for a failure message.
+fn calls_of_run(slack: &FakeSlack, run: &str, began: Instant) -> Vec<String> {
+    slack
+        .all_calls()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.body.to_string().contains(run))
+        .map(|(i, c)| {
+            format!(
+                "{} ms {} {} ts {} thread_ts {} text {}",
+                c.at.saturating_duration_since(began).as_millis(),
+                c.auth.as_deref().unwrap_or("-"),
+                c.path,
+                i + 1,
+                c.body["thread_ts"],
+                c.body["text"]
+            )
+        })
+        .collect()
+}
+
 /// One root per run; replies in its thread, first arrivals in order.
 fn check_slack(
     slack: &FakeSlack,
     expected: &BTreeMap<String, Vec<String>>,
     want: &HashSet<String>,
+    began: Instant,
 ) {
     let posts = slack.calls("chat.postMessage");
     // The fake answers its k-th call with ts 1700000000.{k}: a root's `ts`
@@ -697,7 +739,12 @@ fn check_slack(
     }
     for run in expected.keys() {
         let of_run = roots.get(run).map_or(0, Vec::len);
-        assert_eq!(of_run, 1, "slack: one root for run {run}, found {of_run}");
+        assert_eq!(
+            of_run,
+            1,
+            "slack: one root for run {run}, found {of_run}; its calls (ms after the test began):\n{}",
+            calls_of_run(slack, run, began).join("\n")
+        );
     }
     let replies = slack_replies(slack);
     let mut per_run: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
