@@ -163,8 +163,28 @@ struct Cluster {
     sim: Simulator,
     webhook: Receiver,
     slack: FakeSlack,
-    dir: tempfile::TempDir,
+    dir: KeptOnFailure,
     runs: Vec<String>,
+}
+
+/// The configs and replica logs: removed after a pass, kept (and named)
+/// after a failure, so the replicas' side of it can be read.
+struct KeptOnFailure(Option<tempfile::TempDir>);
+
+impl KeptOnFailure {
+    fn path(&self) -> &std::path::Path {
+        self.0.as_ref().expect("the dir").path()
+    }
+}
+
+impl Drop for KeptOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("failover: replica logs kept in {}", dir.keep().display());
+        }
+    }
 }
 
 impl Cluster {
@@ -316,11 +336,15 @@ struct Disruption {
 /// Waits until every run `victim` owned at `at` was delivered by another
 /// replica after `at` (or has no event left to deliver).
 async fn wait_taken_over(
+    db: &tokio_postgres::Client,
     webhook: &Receiver,
     hit: &Disruption,
     last_emitted: &HashMap<String, Instant>,
 ) {
-    wait_for(
+    // Well past the lease_ttl + 5 s the gaps are held to: a run missing
+    // here is stuck, not late.
+    wait_for_within(
+        Duration::from_secs(40),
         &format!("the runs of {} delivered elsewhere", hit.node),
         || async {
             let moved: HashSet<String> = webhook
@@ -337,11 +361,47 @@ async fn wait_taken_over(
             if waiting.is_empty() {
                 Ok(())
             } else {
-                Err(format!("{} runs not yet moved: {waiting:?}", waiting.len()))
+                Err(format!(
+                    "{} runs not yet moved: {:?}",
+                    waiting.len(),
+                    describe_runs(db, &waiting).await
+                ))
             }
         },
     )
     .await;
+}
+
+/// The lease and backlog of each run, for a failure message.
+async fn describe_runs(db: &tokio_postgres::Client, runs: &[&String]) -> Vec<String> {
+    let ids: Vec<&str> = runs.iter().map(|r| r.as_str()).collect();
+    let rows = db
+        .query(
+            "SELECT l.run_id, l.owner, l.epoch, (extract(epoch FROM l.expires_at - now()) * 1000)::bigint,
+                    r.state, r.cursor,
+                    (SELECT count(*) FROM deliveries d WHERE d.run_id = l.run_id AND d.state = 0)
+             FROM leases l JOIN runs r USING (run_id) WHERE l.run_id = ANY($1) ORDER BY 1",
+            &[&ids],
+        )
+        .await;
+    match rows {
+        Ok(rows) => rows
+            .iter()
+            .map(|row| {
+                format!(
+                    "{} owner {:?} epoch {} expires in {:?} ms, state {}, cursor {}, pending {}",
+                    row.get::<_, String>(0),
+                    row.get::<_, Option<String>>(1),
+                    row.get::<_, i64>(2),
+                    row.get::<_, Option<i64>>(3),
+                    row.get::<_, String>(4),
+                    row.get::<_, i64>(5),
+                    row.get::<_, i64>(6),
+                )
+            })
+            .collect(),
+        Err(e) => vec![e.to_string()],
+    }
 }
 
 fn run_of(id: &str) -> &str {
@@ -412,7 +472,7 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
         sim,
         webhook: Receiver::start().await,
         slack: FakeSlack::start().await,
-        dir: tempfile::tempdir().expect("temp dir"),
+        dir: KeptOnFailure(Some(tempfile::tempdir().expect("temp dir"))),
         runs: runs.clone(),
     };
 
@@ -474,7 +534,7 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
             hit.runs.len(),
             sorted(&hit.runs)
         );
-        wait_taken_over(&cluster.webhook, &hit, &last_emitted).await;
+        wait_taken_over(&db, &cluster.webhook, &hit, &last_emitted).await;
         disruptions.push(hit);
         nodes[index].spawn();
         let db = &db;
@@ -508,7 +568,7 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
         hit.runs.len(),
         sorted(&hit.runs)
     );
-    wait_taken_over(&cluster.webhook, &hit, &last_emitted).await;
+    wait_taken_over(&db, &cluster.webhook, &hit, &last_emitted).await;
     wait_for("the paused replica's leases taken over", || {
         leases_moved_check(&db, node)
     })
