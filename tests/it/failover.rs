@@ -67,7 +67,7 @@ impl Node {
             .expect("replica log");
         let child = Command::new(env!("CARGO_BIN_EXE_runhook"))
             .args(["--config", &self.config.display().to_string(), "run"])
-            .env("RUNHOOK_LOG", "warn")
+            .env("RUNHOOK_LOG", "warn,runhook::daemon::leases=info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -631,10 +631,11 @@ async fn three_replicas_survive_kills_and_a_pause_losing_and_repeating_nothing_u
         );
     }
 
+    // The figures first, so a failing check still shows them.
+    report_gaps(&cluster.webhook, &disruptions, &last_emitted);
+    check_fence_audit(&db, node, &resumed).await;
     check_webhook(&cluster.webhook, &expected, &disruptions);
     check_slack(&cluster.slack, &expected, want_slack, started);
-    check_fence_audit(&db, node, &resumed).await;
-    report_gaps(&cluster.webhook, &disruptions, &last_emitted);
 }
 
 async fn leases_moved_check(db: &tokio_postgres::Client, node: &str) -> Result<(), String> {
@@ -908,11 +909,14 @@ async fn check_fence_audit(db: &tokio_postgres::Client, paused: &str, resumed: &
     );
 }
 
+/// Prints, per disruption, how long its victim's runs took to resume on
+/// another replica; then holds each run to `lease_ttl` + 5 s.
 fn report_gaps(
     webhook: &Receiver,
     disruptions: &[Disruption],
     last_emitted: &HashMap<String, Instant>,
 ) {
+    let mut late = Vec::new();
     for hit in disruptions {
         let gaps = takeover_gaps(webhook, hit, last_emitted);
         assert!(
@@ -932,15 +936,14 @@ fn report_gaps(
             values[values.len() - 1],
             LEASE_TTL.as_secs()
         );
-        let late: Vec<&(String, Duration)> = gaps
-            .iter()
-            .filter(|(_, gap)| *gap > LEASE_TTL + TAKEOVER_SLACK)
-            .collect();
-        assert!(
-            late.is_empty(),
-            "{} {}: runs resumed later than lease_ttl + 5 s: {late:?}",
-            hit.what,
-            hit.node
+        late.extend(
+            gaps.into_iter()
+                .filter(|(_, gap)| *gap > LEASE_TTL + TAKEOVER_SLACK)
+                .map(|(run, gap)| format!("{} {}: {run} after {gap:?}", hit.what, hit.node)),
         );
     }
+    assert!(
+        late.is_empty(),
+        "runs resumed later than lease_ttl + 5 s: {late:?}"
+    );
 }
