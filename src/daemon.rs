@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::ownership::Ownership;
-use crate::store::pg::Replica;
 use crate::store::{DaemonLock, Location, State, StateError, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
 
@@ -86,7 +85,7 @@ pub async fn run_reloadable(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), DaemonError> {
-    let location = state_location(&config);
+    let location = config.state.location.clone();
     // SQLite: held until this function returns, one daemon per state
     // database. PostgreSQL: replicas share the state; leases divide the runs.
     let _lock = match &location {
@@ -117,7 +116,7 @@ pub async fn run_reloadable(
         background_stop.clone(),
     ));
     tracing::info!(
-        state = %describe(&location),
+        state = %location,
         runs = config.runs.len(),
         sinks = config.sinks.len(),
         "runhook started"
@@ -151,34 +150,15 @@ fn own_runs(config: &Config, state: &State) -> (Option<Leases>, Ownership) {
         return (None, Ownership::exclusive());
     };
     crate::metrics::metrics().cluster_node(pg.node());
-    let (leases, ownership) = Leases::start(pg.clone(), cluster_replica(config).lease_ttl);
+    let (leases, ownership) = Leases::start(pg.clone(), config.cluster.lease_ttl);
     (Some(leases), ownership)
-}
-
-/// Where the state lives: `[state] path` or `url`.
-fn state_location(config: &Config) -> Location {
-    config.state.location.clone()
-}
-
-/// This process's place in a cluster: `[cluster]`.
-fn cluster_replica(config: &Config) -> Replica {
-    config.cluster.replica()
-}
-
-/// The state for the start-up line: the path, never a URL (it may hold a
-/// password).
-fn describe(location: &Location) -> String {
-    match location {
-        Location::Sqlite(path) => path.display().to_string(),
-        Location::Postgres(_) => "postgresql".into(),
-    }
 }
 
 /// Opens the state database and brings its watched runs in line with the
 /// config. Runs stopped by a 403 or 404 get another try at each start: the
 /// credential or the run may have been fixed meanwhile.
 async fn open_state(config: &Config, location: &Location) -> Result<State, DaemonError> {
-    let store = State::open(location, cluster_replica(config)).await?;
+    let store = State::open(location, config.cluster.replica()).await?;
     let retried = store.retry_stopped_runs().await?;
     if retried > 0 {
         tracing::info!(runs = retried, "retrying runs stopped by a 403 or 404");

@@ -782,6 +782,15 @@ mod stop_tests {
     }
 
     fn runtime(store: &State, url: &str, stop: CancellationToken) -> Arc<SinkRuntime> {
+        runtime_owning(store, url, stop, Ownership::exclusive())
+    }
+
+    fn runtime_owning(
+        store: &State,
+        url: &str,
+        stop: CancellationToken,
+        ownership: Ownership,
+    ) -> Arc<SinkRuntime> {
         let text = format!(
             "[api]\ntoken = \"t\"\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\npipeline = true\n[[routes]]\nsinks = [\"ops\"]\n"
         );
@@ -798,7 +807,7 @@ mod stop_tests {
             pipeline: true,
             concurrency: 4,
             state: store.with_own_reader().unwrap(),
-            ownership: Ownership::exclusive(),
+            ownership,
             shutdown: stop,
         })
     }
@@ -915,5 +924,58 @@ mod stop_tests {
             twice.len(),
             twice.iter().take(5).collect::<Vec<_>>()
         );
+    }
+
+    /// A chain whose write is refused for a fence this process should never
+    /// hold (here a lease on the SQLite state: `LeaseOnSqlite`) stops the
+    /// sink's loop with the error, for its supervisor to log, mark the sink
+    /// down and restart with backoff; it does not send the delivery again
+    /// every half second.
+    #[tokio::test]
+    async fn a_write_under_the_wrong_fence_stops_the_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let run = "r1";
+        store
+            .subscribe(run.into(), Default::default(), "config", None)
+            .await
+            .unwrap();
+        store
+            .record_batch(
+                &Fence::Exclusive,
+                Batch {
+                    run_id: run.into(),
+                    events: vec![NewEvent {
+                        sequence: 1,
+                        event_type: "STEP".into(),
+                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                        created_at: None,
+                        sinks: vec!["ops".into()],
+                    }],
+                    run_status: None,
+                    phase: None,
+                    finish: None,
+                    stalled: None,
+                },
+            )
+            .await
+            .unwrap();
+        let (url, log) = receiver().await;
+        let (publisher, ownership) = Ownership::leased();
+        let lease = crate::store::pg::Lease {
+            run_id: run.into(),
+            epoch: 1,
+        };
+        publisher.publish([(lease, std::time::Instant::now() + Duration::from_secs(60))]);
+        let stop = CancellationToken::new();
+        let sink = runtime_owning(&store, &url, stop.clone(), ownership);
+        let ended = tokio::time::timeout(Duration::from_secs(10), run_http_sink(sink)).await;
+        stop.cancel();
+        assert!(
+            matches!(ended, Ok(Err(StateError::LeaseOnSqlite { .. }))),
+            "the loop went on, or ended otherwise: {ended:?}; sent {} times",
+            seen(&log).len()
+        );
+        assert_eq!(seen(&log).len(), 1, "sent once before the refusal");
     }
 }
