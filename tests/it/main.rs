@@ -8,6 +8,7 @@ mod cluster;
 mod contrib;
 mod crash;
 mod dev_loop;
+mod failover;
 mod faults;
 mod hostile;
 mod observability;

@@ -16,10 +16,10 @@ use crate::support::*;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Call {
-    path: String,
+    pub(crate) path: String,
     pub(crate) body: Value,
-    auth: Option<String>,
-    at: Instant,
+    pub(crate) auth: Option<String>,
+    pub(crate) at: Instant,
 }
 
 #[derive(Default)]
@@ -77,6 +77,11 @@ impl FakeSlack {
             }
         })
         .await
+    }
+
+    /// Every call, in arrival order (the k-th answered with ts `1700000000.{k}`).
+    pub(crate) fn all_calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
     }
 
     pub(crate) fn calls(&self, path: &str) -> Vec<Call> {
