@@ -28,7 +28,7 @@ use runhook::store::{
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
-use crate::pg_support::PgServer;
+use crate::pg_support::PgDatabase;
 
 /// One backend under test, and what the body needs to drive it alike.
 pub struct Backend {
@@ -44,7 +44,7 @@ enum Place {
         path: PathBuf,
         _dir: tempfile::TempDir,
     },
-    Postgres(PgServer),
+    Postgres(PgDatabase),
 }
 
 impl Backend {
@@ -62,7 +62,7 @@ impl Backend {
 
     /// `None` (after saying so) where no PostgreSQL is installed.
     async fn postgres() -> Option<Self> {
-        let server = PgServer::start()?;
+        let server = PgDatabase::create().await?;
         let location = Location::Postgres(server.url());
         let state = State::open(&location, replica()).await.unwrap();
         // Notifications sent before the listener listens are lost: wait for
