@@ -2,7 +2,7 @@
 //! `main.rs` only.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
@@ -81,23 +81,32 @@ pub fn stdout_closed(error: &anyhow::Error) -> bool {
 /// The state a command changes, beside a running daemon or not: opened
 /// (created and migrated) as the daemon opens it. Commands write no run's
 /// data path, so they never need a fence.
-async fn open_state(path: &Path) -> Result<State, StateError> {
-    State::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+async fn open_state(location: &Location) -> Result<State, StateError> {
+    State::open(location, Replica::bystander()).await
 }
 
 /// The state a command only reads (`status`, `dead`, `tail`, `top`): must
 /// exist already; nothing is created or migrated.
-async fn open_reads(path: &Path) -> Result<Reads, StateError> {
-    Reads::open(&Location::Sqlite(path.to_owned()), Replica::bystander()).await
+async fn open_reads(location: &Location) -> Result<Reads, StateError> {
+    Reads::open(location, Replica::bystander()).await
 }
 
-/// The state database of a command that needs nothing else: `--state`, or
-/// the config's `[state] path`. Only `[state]` is read: these commands run
-/// outside the service unit, where its secret files and environment are not.
-fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<PathBuf> {
+/// The state of a command that needs nothing else: `--state` (a file or a
+/// `postgres://` URL), or the config's `[state]`. Only `[state]` is read:
+/// these commands run outside the service unit, where its secret files and
+/// environment are not (`state.url_file`, the state's own, aside).
+fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<Location> {
     match state {
-        Some(path) => Ok(path.to_owned()),
-        None => Ok(StateConfig::load(config)?.path),
+        Some(path) => Ok(location_arg(path)),
+        None => Ok(StateConfig::load(config)?.location),
+    }
+}
+
+/// `--state`: a `postgres://` URL names PostgreSQL, anything else a file.
+fn location_arg(path: &Path) -> Location {
+    match path.to_str() {
+        Some(text) => Location::parse(text),
+        None => Location::Sqlite(path.to_owned()),
     }
 }
 
@@ -106,12 +115,12 @@ fn state_path(state: Option<&Path>, config: &Path) -> anyhow::Result<PathBuf> {
 fn state_and_retain(
     state: Option<&Path>,
     config: &Path,
-) -> anyhow::Result<(PathBuf, Option<std::time::Duration>)> {
+) -> anyhow::Result<(Location, Option<std::time::Duration>)> {
     match state {
-        Some(path) => Ok((path.to_owned(), None)),
+        Some(path) => Ok((location_arg(path), None)),
         None => {
             let state = StateConfig::load(config)?;
-            Ok((state.path, Some(state.retain)))
+            Ok((state.location, Some(state.retain)))
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Fence, Sqlite, State, StateError, StoreError, now_ms};
+use crate::store::{Fence, State, StateError, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
 
 mod owned;
@@ -74,7 +74,10 @@ pub async fn run_reloadable(
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), DaemonError> {
     // Held until this function returns: one daemon per state database.
-    let _lock = crate::store::DaemonLock::acquire(&config.state.path)?;
+    let _lock = match config.state.location.sqlite_path() {
+        Some(path) => Some(crate::store::DaemonLock::acquire(path)?),
+        None => None,
+    };
     // The lock makes this daemon the one owner of every run: the fence of
     // every run it follows and delivers.
     let fence = Fence::Exclusive;
@@ -101,7 +104,7 @@ pub async fn run_reloadable(
         background_stop.clone(),
     ));
     tracing::info!(
-        state = %config.state.path.display(),
+        state = %config.state.location,
         runs = config.runs.len(),
         sinks = config.sinks.len(),
         "runhook started"
@@ -129,8 +132,7 @@ pub async fn run_reloadable(
 /// config. Runs stopped by a 403 or 404 get another try at each start: the
 /// credential or the run may have been fixed meanwhile.
 async fn open_state(config: &Config) -> Result<State, DaemonError> {
-    // SQLite, the one backend the config can name so far.
-    let store = State::Sqlite(Sqlite::open_path(&config.state.path)?);
+    let store = State::open(&config.state.location, config.cluster.replica()).await?;
     let retried = store.retry_stopped_runs().await?;
     if retried > 0 {
         tracing::info!(runs = retried, "retrying runs stopped by a 403 or 404");

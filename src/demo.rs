@@ -20,6 +20,9 @@ use crate::store::{Location, Reads, StateError};
 /// The demo gives up if the runs have not all been delivered by then.
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The demo's state database, in its temp dir.
+const STATE_FILE: &str = "runhook.db";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("demo: {0}")]
@@ -64,8 +67,8 @@ pub async fn run(out: &mut (dyn Write + Send)) -> Result<BTreeMap<String, usize>
 
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(daemon::run(config.clone(), shutdown.clone()));
-    let result =
-        tokio::time::timeout(DEADLINE, follow_file(&events_path, &config.state.path, out)).await;
+    let state_path = dir.path().join(STATE_FILE);
+    let result = tokio::time::timeout(DEADLINE, follow_file(&events_path, &state_path, out)).await;
     shutdown.cancel();
     let stopped = daemon.await.map_err(std::io::Error::other)?;
     stopped?;
@@ -100,7 +103,7 @@ sinks = ["archive"]
 "#,
         url = sim.url(),
         token = sim.token(),
-        state = dir.join("runhook.db").display(),
+        state = dir.join(STATE_FILE).display(),
         events = dir.join("events.jsonl").display(),
     );
     Config::parse(&text, &dir.join("demo.toml"), &|_| None)

@@ -2,7 +2,7 @@
 //! not: `watch`, `unwatch`, `dead --purge`, `replay`. The daemon sees their
 //! changes through the database.
 
-use std::path::{Path, PathBuf};
+use runhook::store::Location;
 
 use runhook::store::{DeadFilter, Subscribed};
 
@@ -11,7 +11,7 @@ use super::open_state;
 /// Labels are checked before `state` is looked up (which may read the
 /// config), so that a bad label is the error reported.
 pub(super) async fn watch(
-    state: impl FnOnce() -> anyhow::Result<PathBuf>,
+    state: impl FnOnce() -> anyhow::Result<Location>,
     run_id: String,
     labels: &[String],
 ) -> anyhow::Result<()> {
@@ -31,7 +31,7 @@ pub(super) async fn watch(
     Ok(())
 }
 
-pub(super) async fn unwatch(state: &Path, run_id: String) -> anyhow::Result<()> {
+pub(super) async fn unwatch(state: &Location, run_id: String) -> anyhow::Result<()> {
     let store = open_state(state).await?;
     if !store.unsubscribe(run_id.clone()).await? {
         anyhow::bail!("run {run_id} is not known to this state database");
@@ -41,7 +41,7 @@ pub(super) async fn unwatch(state: &Path, run_id: String) -> anyhow::Result<()> 
 }
 
 pub(super) async fn purge_dead(
-    state: &Path,
+    state: &Location,
     sink: Option<String>,
     run: Option<String>,
 ) -> anyhow::Result<()> {
@@ -58,7 +58,7 @@ pub(super) async fn purge_dead(
 }
 
 pub(super) async fn replay(
-    state: &Path,
+    state: &Location,
     sink: Option<String>,
     run: Option<String>,
     id: Option<String>,

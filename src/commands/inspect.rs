@@ -1,6 +1,7 @@
 //! The commands that only read the state database, beside a running daemon
 //! or without one: `status`, `dead` (listing), `tail`. `top` is beside.
 
+use runhook::store::Location;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -59,7 +60,7 @@ struct SinkStatus {
 }
 
 pub(super) async fn status(
-    state: &Path,
+    state: &Location,
     config: &Path,
     filter: RunFilter,
     json: bool,
@@ -299,7 +300,7 @@ fn configured_sink_names(config: &Path) -> Vec<String> {
 }
 
 pub(super) async fn dead(
-    state: &Path,
+    state: &Location,
     sink: Option<String>,
     run: Option<String>,
     json: bool,
@@ -335,7 +336,7 @@ pub(super) async fn dead(
 
 /// Prints events as they are recorded, beside a running daemon.
 pub(super) async fn tail(
-    state: &Path,
+    state: &Location,
     run: Option<String>,
     event_type: Option<String>,
     json: bool,

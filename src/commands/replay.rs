@@ -1,6 +1,7 @@
 //! `replay --since` and `backfill`: queue stored events again by the time
 //! they were recorded. Both reach only what retention kept, and say so.
 
+use runhook::store::Location;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -62,7 +63,7 @@ pub(super) struct Window {
 /// `replay --since`: the deliveries of events recorded in the window that
 /// are dead (and delivered, with `delivered`), queued again with their ids.
 pub(super) async fn replay_range(
-    state: &Path,
+    state: &Location,
     retain: Option<Duration>,
     window: Window,
     sink: Option<String>,
@@ -96,7 +97,7 @@ pub(super) async fn replay_range(
 /// `backfill SINK`: give a sink the stored events its routes would have
 /// sent it, had it been configured when they were recorded.
 pub(super) async fn backfill(
-    state: &Path,
+    state: &Location,
     config: &Path,
     retain: Option<Duration>,
     sink: String,

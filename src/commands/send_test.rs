@@ -9,6 +9,7 @@
 //! thread in a store: the test gets a throwaway one in a temp dir, so it
 //! posts its own root and one reply, and never lands in a real run's thread.
 
+use runhook::store::Location;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -72,7 +73,7 @@ pub(super) async fn send_test(
     let outcome = match &sink.kind {
         SinkKind::Webhook(webhook) => to_webhook(webhook, &event, &mut out).await?,
         SinkKind::Slack(slack) => to_slack(sink, slack, &event, &mut out).await?,
-        SinkKind::File(file) => to_file(&file.path, &config.state.path, &event, &mut out)?,
+        SinkKind::File(file) => to_file(&file.path, &config.state.location, &event, &mut out)?,
     };
     Ok(outcome == Outcome::Delivered)
 }
@@ -166,7 +167,7 @@ async fn to_slack(
     // and the root's metadata names a sink the daemon does not have, so the
     // daemon's look-up for a root it may have posted never adopts a test's.
     let scratch = tempfile::tempdir()?;
-    let state = super::open_state(&scratch.path().join("send-test.db")).await?;
+    let state = super::open_state(&Location::Sqlite(scratch.path().join("send-test.db"))).await?;
     let name: std::sync::Arc<str> = format!("{} (send-test)", sink.name).into();
     // The scratch database is this command's alone: nothing else writes it.
     let threads = StoredThreads::new(name.clone(), state, Fence::Exclusive);
@@ -207,10 +208,18 @@ fn mark_as_test(mut message: Message) -> Message {
 /// file must end with a whole line.
 fn to_file(
     path: &Path,
-    state: &Path,
+    state: &Location,
     event: &Pending,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
+    // A replica may be writing the file right now, and no lock here can
+    // tell: only the SQLite state has the one daemon's lock to take.
+    let Some(state) = state.sqlite_path() else {
+        bail!(
+            "with the state in PostgreSQL the file sink's node writes {}, and send-test cannot tell whether it is running; send a test through a webhook or Slack sink, or stop that replica",
+            path.display()
+        );
+    };
     let _lock = match DaemonLock::acquire(state) {
         Ok(lock) => Some(lock),
         Err(StoreError::Locked { holder, .. }) => bail!(

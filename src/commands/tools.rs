@@ -21,7 +21,7 @@ pub(super) fn check(config: &Config) -> std::io::Result<()> {
             _ => "session cookie",
         }
     )?;
-    out!("state: {}", config.state.path.display())?;
+    out!("state: {}", config.state.location)?;
     out!("runs: {} static", config.runs.len())?;
     out!("\nsinks:")?;
     for sink in config.sinks.values() {

@@ -5,6 +5,7 @@
 //! terminal; [`draw`] renders a view and is tested on ratatui's
 //! `TestBackend`.
 
+use runhook::store::Location;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -119,7 +120,7 @@ pub fn view(before: Option<&Sample>, now: &Sample) -> View {
 }
 
 /// Renders a view: the runs and ingest rate on top, a table of sinks below.
-pub fn draw(frame: &mut Frame, view: &View, state: &Path) {
+pub fn draw(frame: &mut Frame, view: &View, state: &Location) {
     let [runs_area, sinks_area, help_area] = Layout::vertical([
         Constraint::Length(4),
         Constraint::Min(3),
@@ -134,7 +135,7 @@ pub fn draw(frame: &mut Frame, view: &View, state: &Path) {
     );
 }
 
-fn runs_panel<'a>(view: &View, state: &Path) -> Paragraph<'a> {
+fn runs_panel<'a>(view: &View, state: &Location) -> Paragraph<'a> {
     let mut others: Vec<String> = view
         .other_runs
         .iter()
@@ -157,8 +158,7 @@ fn runs_panel<'a>(view: &View, state: &Path) -> Paragraph<'a> {
             view.sinks_down
         )),
     ];
-    Paragraph::new(lines)
-        .block(Block::bordered().title(format!(" runhook top: {} ", state.display())))
+    Paragraph::new(lines).block(Block::bordered().title(format!(" runhook top: {state} ")))
 }
 
 fn sinks_table<'a>(view: &View) -> Table<'a> {
@@ -226,7 +226,7 @@ pub async fn sample(reader: &Reads, config: &Path) -> anyhow::Result<Sample> {
 }
 
 /// The live view until `q`, Esc or Ctrl-C.
-pub(super) async fn top(state: &Path, config: &Path, interval: Duration) -> anyhow::Result<()> {
+pub(super) async fn top(state: &Location, config: &Path, interval: Duration) -> anyhow::Result<()> {
     let reader = super::open_reads(state).await?;
     let mut before: Option<Sample> = None;
     let mut terminal = ratatui::try_init()?;
@@ -346,7 +346,13 @@ mod tests {
         );
         let mut terminal = Terminal::new(TestBackend::new(80, 12)).unwrap();
         terminal
-            .draw(|frame| draw(frame, &view(Some(&before), &now), Path::new("/s.db")))
+            .draw(|frame| {
+                draw(
+                    frame,
+                    &view(Some(&before), &now),
+                    &Location::Sqlite("/s.db".into()),
+                )
+            })
             .unwrap();
         let screen: String = terminal
             .backend()

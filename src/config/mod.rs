@@ -84,6 +84,7 @@ pub struct Config {
     pub source: PathBuf,
     pub api: ApiConfig,
     pub state: StateConfig,
+    pub cluster: ClusterConfig,
     pub server: Option<ServerConfig>,
     /// `[[runs]]`: static subscriptions; `runhook watch` adds more.
     pub runs: Vec<RunSpec>,
@@ -127,6 +128,7 @@ impl Cx<'_> {
         let api = self.api(&raw.api)?;
         let state = self.state(&raw.state)?;
         self.check_retain_covers_linger(&raw, &state, &api)?;
+        let cluster = self.cluster(&raw.cluster)?;
         let server = self.server(raw.server.as_ref())?;
         let runs = self.runs(&raw.runs)?;
         let defaults = self.delivery(&raw.delivery, "delivery", &DeliveryPolicy::default())?;
@@ -140,11 +142,13 @@ impl Cx<'_> {
             .collect();
         let routes = self.routes(&raw, &names)?;
         self.check_every_sink_routed(&raw.sinks, &routes)?;
+        self.check_file_sinks_have_nodes(&raw.sinks, &sinks, &state, &cluster)?;
         self.warn_unreachable_templates(&raw.sinks, &sinks, &routes);
         Ok(Config {
             source: self.file.to_owned(),
             api,
             state,
+            cluster,
             server,
             runs,
             sinks,

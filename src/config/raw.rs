@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub api: RawApi,
     #[serde(default)]
     pub state: RawState,
+    #[serde(default)]
+    pub cluster: RawCluster,
     pub server: Option<RawServer>,
     #[serde(default)]
     pub runs: Vec<RawRun>,
@@ -58,8 +60,17 @@ pub struct RawApi {
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub path: Option<Str>,
+    pub url: Option<Str>,
+    pub url_file: Option<Str>,
     pub retain: Option<Str>,
     pub shutdown_grace: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub node: Option<Str>,
+    pub lease_ttl: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +117,7 @@ pub struct RawSink {
     pub api_base: Option<Str>,
     // file
     pub path: Option<Str>,
+    pub node: Option<Str>,
     // every type
     pub concurrency: Option<Spanned<i64>>,
     pub ordered: Option<Spanned<bool>>,

@@ -22,6 +22,7 @@ const DEFAULTED: &[(&str, &str)] = &[
     ("state", "path"),
     ("state", "retain"),
     ("state", "shutdown_grace"),
+    ("cluster", "lease_ttl"),
     ("server", "listen"),
     ("delivery", "max_attempts"),
     ("delivery", "max_age"),
@@ -104,6 +105,11 @@ fn the_example_states_every_key() {
         ("[api]", "api", in_table("api").into_keys().collect()),
         ("[state]", "state", in_table("state").into_keys().collect()),
         (
+            "[cluster]",
+            "cluster",
+            in_table("cluster").into_keys().collect(),
+        ),
+        (
             "[server]",
             "server",
             in_table("server").into_keys().collect(),
@@ -137,12 +143,13 @@ fn the_example_states_every_key() {
 fn config_with(table: &str, line: &str) -> Config {
     let add = |here: &str| if here == table { line } else { "" };
     let text = format!(
-        "[api]\ntoken = \"t\"\n{}\n[state]\n{}\n[server]\n{}\n[delivery]\n{}\n\
+        "[api]\ntoken = \"t\"\n{}\n[state]\n{}\n[cluster]\n{}\n[server]\n{}\n[delivery]\n{}\n\
          [sinks.ops]\ntype = \"webhook\"\nurl = \"https://example.com/h\"\nsecret = \"{SECRET}\"\n{}\n\
          [sinks.chat]\ntype = \"slack\"\nwebhook_url = \"https://hooks.slack.com/x\"\n{}\n\
          [[routes]]\nsinks = [\"ops\", \"chat\"]\n",
         add("api"),
         add("state"),
+        add("cluster"),
         add("server"),
         add("delivery"),
         add("sinks.ops"),
@@ -167,6 +174,7 @@ fn the_example_states_the_code_defaults() {
         let with = config_with(table, &format!("{key} = {value}"));
         if with.api != defaults.api
             || with.state != defaults.state
+            || with.cluster != defaults.cluster
             || with.server != defaults.server
             || with.sinks != defaults.sinks
         {

@@ -3,6 +3,7 @@
 //! fields are the reference for their keys; `config.example.toml` says the
 //! same.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,10 @@ use toml::Spanned;
 use super::check::{Cx, Result};
 use super::raw::{RawDelivery, RawSink, Str};
 use super::slack::SlackConfig;
-use super::{MIN_INITIAL_BACKOFF, MIN_SINK_TIMEOUT, Secret, SlackMode, url_origin};
+use super::{
+    ClusterConfig, MIN_INITIAL_BACKOFF, MIN_SINK_TIMEOUT, Secret, SlackMode, StateConfig,
+    url_origin,
+};
 
 /// A sink's `concurrency`.
 pub const DEFAULT_SINK_CONCURRENCY: usize = 16;
@@ -155,6 +159,11 @@ impl std::fmt::Debug for SigningKey {
 pub struct FileConfig {
     /// `path`: JSON Lines, one envelope per line, fsync'd; reopened on SIGHUP.
     pub path: PathBuf,
+    /// `node`: with the state in PostgreSQL, the one replica (its
+    /// `cluster.node`) that writes this file: the file is on that machine's
+    /// disk, and two writers would each hold half the events. Required
+    /// there; ignored on SQLite, where one daemon does everything.
+    pub node: Option<String>,
 }
 
 /// The keys each sink type takes besides the ones every sink takes.
@@ -179,7 +188,7 @@ fn type_keys(kind: &str) -> Option<&'static [&'static str]> {
             "templates",
             "api_base",
         ],
-        "file" => &["path"],
+        "file" => &["path", "node"],
         _ => return None,
     })
 }
@@ -223,6 +232,9 @@ impl Cx<'_> {
                     Some(p) => self.non_empty(p, &format!("{key}.path"))?,
                     None => return Err(self.error(spanned, &key, "a file sink needs `path`")),
                 }),
+                node: (raw.node.as_ref())
+                    .map(|node| self.non_empty(node, &format!("{key}.node")))
+                    .transpose()?,
             }),
         };
         let delivery = RawDelivery {
@@ -424,6 +436,38 @@ impl Cx<'_> {
     }
 }
 
+impl Cx<'_> {
+    /// With the state shared by replicas, a file without a `node` would be
+    /// written by none of them (or, were every replica to write its own
+    /// copy, each would hold part of the events): the user must say where.
+    pub(super) fn check_file_sinks_have_nodes(
+        &self,
+        raw: &BTreeMap<String, Spanned<RawSink>>,
+        sinks: &BTreeMap<String, SinkConfig>,
+        state: &StateConfig,
+        cluster: &ClusterConfig,
+    ) -> Result<()> {
+        if state.location.sqlite_path().is_some() {
+            return Ok(());
+        }
+        for (name, sink) in sinks {
+            if let SinkKind::File(FileConfig { node: None, .. }) = &sink.kind
+                && let Some(at) = raw.get(name)
+            {
+                return Err(self.error(
+                    at,
+                    &format!("sinks.{name}.node"),
+                    format!(
+                        "with the state in PostgreSQL a file sink names the one replica that writes it, e.g. `node = \"{}\"`",
+                        cluster.node
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a key another type takes is refused here, where the reason is not
 /// plain from the key's name.
 fn why_not(field: &str, kind: &str) -> &'static str {
@@ -433,6 +477,9 @@ fn why_not(field: &str, kind: &str) -> &'static str {
         }
         ("pipeline", "slack") => {
             ": a Slack thread needs its root message recorded before the replies are sent"
+        }
+        ("node", _) => {
+            ": HTTP sinks are sent by whichever replica holds each run's lease; only a file is on one machine"
         }
         _ => "",
     }
@@ -461,6 +508,7 @@ fn present_type_fields(raw: &RawSink) -> Vec<(&'static str, usize)> {
         ("templates", first(raw.templates.as_ref())),
         ("api_base", at(raw.api_base.as_ref())),
         ("path", at(raw.path.as_ref())),
+        ("node", at(raw.node.as_ref())),
     ];
     fields
         .into_iter()

@@ -1,5 +1,5 @@
-//! `[state]` (where runhook keeps cursors, events and the outbox) and the
-//! optional `[server]`. The doc comments on the fields are the reference for
+//! `[state]` (where runhook keeps cursors, events and the outbox), `[cluster]`
+//! (this replica, when the state is shared) and the optional `[server]`. The doc comments on the fields are the reference for
 //! their keys; `config.example.toml` says the same.
 
 use std::net::SocketAddr;
@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::check::{Cx, Result};
-use super::raw::{RawConfig, RawServer, RawState, RawStateOnly};
+use super::raw::{RawCluster, RawConfig, RawServer, RawState, RawStateOnly};
 use super::{ApiConfig, ConfigError, Secret};
+use crate::store::Location;
+use crate::store::pg::Replica;
 
 /// `state.path`.
 pub const DEFAULT_STATE_PATH: &str = "/var/lib/runhook/runhook.db";
@@ -16,6 +18,17 @@ pub const DEFAULT_STATE_PATH: &str = "/var/lib/runhook/runhook.db";
 pub const DEFAULT_RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// `state.shutdown_grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// `cluster.lease_ttl`: a dead replica's runs move to the others within
+/// this (and a tick).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
+/// The shortest `cluster.lease_ttl`: leases are renewed every third of it,
+/// and a renewal is a round trip to the database that must fit.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
+/// `cluster.node` when the host has no usable name.
+const FALLBACK_NODE: &str = "runhook";
+/// How many runs above its fair share a replica may hold: one spares the
+/// replicas a shed-and-claim each time the count of runs moves by one.
+const SHARE_SLACK: usize = 1;
 /// `server.listen`: loopback, as metrics are not for the world.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     std::net::Ipv4Addr::LOCALHOST,
@@ -30,8 +43,11 @@ pub const MIN_WATCH_TOKEN_LEN: usize = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateConfig {
     /// `path`: the SQLite database (cursors, events, the delivery outbox),
-    /// created 0600. Default [`DEFAULT_STATE_PATH`].
-    pub path: PathBuf,
+    /// created 0600. Default [`DEFAULT_STATE_PATH`]. Or `url` / `url_file`:
+    /// a PostgreSQL database (`postgres://user@host:5432/db`, or libpq's
+    /// `host=... dbname=...` pairs) shared by several replicas; `url_file`
+    /// keeps a password out of the config. One of `path` and `url`.
+    pub location: Location,
     /// `retain`: delivered events are pruned after this; dead letters are
     /// kept. A finished run with no event left then leaves the runs table
     /// for a tombstone (`store::retention`). At least
@@ -40,6 +56,54 @@ pub struct StateConfig {
     /// `shutdown_grace`: on SIGTERM, the time in-flight deliveries get to
     /// finish. Default [`DEFAULT_SHUTDOWN_GRACE`].
     pub shutdown_grace: Duration,
+}
+
+/// `[cluster]`: this replica, when the state is PostgreSQL (ignored on
+/// SQLite, where one daemon owns every run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// `node`: this replica's name, unique among those sharing the
+    /// database; what `status` shows as a run's owner and what a file
+    /// sink's `node` names. Default: the host name.
+    pub node: String,
+    /// `lease_ttl`: how long a run's lease lasts unrenewed (renewed every
+    /// third of it); a stopped or cut-off replica's runs move to the others
+    /// after it. At least [`MIN_LEASE_TTL`]. Default [`DEFAULT_LEASE_TTL`].
+    pub lease_ttl: Duration,
+}
+
+impl ClusterConfig {
+    /// What the PostgreSQL store needs to know of this replica.
+    pub fn replica(&self) -> Replica {
+        Replica {
+            node: self.node.clone(),
+            lease_ttl: self.lease_ttl,
+            share_slack: SHARE_SLACK,
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node: host_name(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+        }
+    }
+}
+
+/// The host name, the default `cluster.node`: distinct per machine, and
+/// what an operator recognises in `status`.
+fn host_name() -> String {
+    let name = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_owned();
+    if name.is_empty() {
+        FALLBACK_NODE.to_owned()
+    } else {
+        name
+    }
 }
 
 /// `[server]`: `/metrics`, `/healthz`, `/readyz`; off unless the table is
@@ -84,10 +148,7 @@ impl StateConfig {
 impl Cx<'_> {
     pub(super) fn state(&self, raw: &RawState) -> Result<StateConfig> {
         Ok(StateConfig {
-            path: match &raw.path {
-                Some(p) => PathBuf::from(self.non_empty(p, "state.path")?),
-                None => PathBuf::from(DEFAULT_STATE_PATH),
-            },
+            location: self.location(raw)?,
             retain: self.duration(raw.retain.as_ref(), "state.retain", DEFAULT_RETAIN)?,
             shutdown_grace: self.duration(
                 raw.shutdown_grace.as_ref(),
@@ -95,6 +156,67 @@ impl Cx<'_> {
                 DEFAULT_SHUTDOWN_GRACE,
             )?,
         })
+    }
+
+    /// `state.path`, or `state.url` / `state.url_file`; never both, so a
+    /// config cannot leave the reader guessing which state is live.
+    fn location(&self, raw: &RawState) -> Result<Location> {
+        let given = (raw.url.as_ref().map(|at| (at, "state.url")))
+            .or_else(|| raw.url_file.as_ref().map(|at| (at, "state.url_file")));
+        let url = self.secret(raw.url.as_ref(), raw.url_file.as_ref(), "state.url")?;
+        let (Some(url), Some((at, key))) = (url, given) else {
+            return Ok(Location::Sqlite(match &raw.path {
+                Some(p) => PathBuf::from(self.non_empty(p, "state.path")?),
+                None => PathBuf::from(DEFAULT_STATE_PATH),
+            }));
+        };
+        if let Some(path) = &raw.path {
+            return Err(self.error(
+                path,
+                "state.path",
+                "set `state.path` (SQLite) or `state.url` (PostgreSQL), not both",
+            ));
+        }
+        // The text is never quoted back: it may hold a password.
+        let parsed = url.expose().parse::<tokio_postgres::Config>().map_err(|error| {
+            self.error(
+                at,
+                key,
+                format!("not a PostgreSQL URL (postgres://user@host:5432/db) or key=value pairs: {error}"),
+            )
+        })?;
+        if key == "state.url" && parsed.get_password().is_some() {
+            self.warn(
+                at,
+                key,
+                "the URL holds a password in the config file; `state.url_file` keeps it in a file only runhook reads",
+            );
+        }
+        Ok(Location::Postgres(url.expose().to_owned()))
+    }
+
+    pub(super) fn cluster(&self, raw: &RawCluster) -> Result<ClusterConfig> {
+        let node = match &raw.node {
+            Some(node) => {
+                let name = self.non_empty(node, "cluster.node")?;
+                if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(self.error(
+                        node,
+                        "cluster.node",
+                        "a node name has no spaces or control characters",
+                    ));
+                }
+                name
+            }
+            None => host_name(),
+        };
+        let lease_ttl = self.duration_at_least(
+            raw.lease_ttl.as_ref(),
+            "cluster.lease_ttl",
+            DEFAULT_LEASE_TTL,
+            MIN_LEASE_TTL,
+        )?;
+        Ok(ClusterConfig { node, lease_ttl })
     }
 
     pub(super) fn server(&self, raw: Option<&RawServer>) -> Result<Option<ServerConfig>> {
@@ -209,7 +331,10 @@ sinks = ["chat"]
             "the full config needs the secrets and the token"
         );
         let state = StateConfig::parse(SERVICE_CONFIG, path, &no_env).expect("[state] alone");
-        assert_eq!(state.path, PathBuf::from("/var/lib/runhook/runhook.db"));
+        assert_eq!(
+            state.location,
+            Location::Sqlite("/var/lib/runhook/runhook.db".into())
+        );
         assert_eq!(state.retain, Duration::from_secs(3 * 86400));
     }
 
@@ -217,7 +342,10 @@ sinks = ["chat"]
     fn state_only_loading_expands_variables_in_state() {
         let env = |name: &str| (name == "STATE_DIR").then(|| "/srv/rh".to_owned());
         let state = StateConfig::parse(SERVICE_CONFIG, Path::new("c.toml"), &env).unwrap();
-        assert_eq!(state.path, PathBuf::from("/srv/rh/runhook.db"));
+        assert_eq!(
+            state.location,
+            Location::Sqlite("/srv/rh/runhook.db".into())
+        );
     }
 
     #[test]
@@ -243,6 +371,6 @@ sinks = ["chat"]
     #[test]
     fn state_only_loading_defaults_without_a_state_table() {
         let state = StateConfig::parse("[api]\ntoken = \"t\"\n", Path::new("c"), &no_env).unwrap();
-        assert_eq!(state.path, PathBuf::from(DEFAULT_STATE_PATH));
+        assert_eq!(state.location, Location::Sqlite(DEFAULT_STATE_PATH.into()));
     }
 }

@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::store::Location;
 
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
@@ -509,4 +510,147 @@ fn server_watch_token_from_a_file_redacted_and_not_short() {
     let error = error_of(&with("token = \"short\""));
     assert_eq!(error.key, "server.token", "{error}");
     assert!(error.message.contains("at least 16"), "{error}");
+}
+
+/// MINIMAL's file sink on a PostgreSQL state, with `extra` in its table.
+fn on_postgres(state: &str, cluster: &str, file_extra: &str) -> String {
+    format!(
+        "[api]\ntoken = \"t\"\n[state]\n{state}\n{cluster}\n[sinks.archive]\ntype = \"file\"\npath = \"/tmp/x.jsonl\"\n{file_extra}\n[[routes]]\nsinks = [\"archive\"]\n"
+    )
+}
+
+#[test]
+fn a_state_url_names_postgres_and_never_shows_its_password() {
+    let url = "postgres://runhook:hunter2@db.internal:5432/runhook";
+    let config = parse(&on_postgres(
+        &format!("url = \"{url}\""),
+        "",
+        "node = \"a\"",
+    ))
+    .unwrap();
+    assert_eq!(config.state.location, Location::Postgres(url.into()));
+    assert_eq!(config.state.location.sqlite_path(), None);
+    let shown = format!("{} {:?} {config:?}", config.state.location, config.state);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("db.internal:5432/runhook"), "{shown}");
+    // A password in the config file itself is worth a word.
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert!(config.warnings[0].to_string().contains("state.url"));
+}
+
+#[test]
+fn a_state_url_file_keeps_the_url_and_its_password_out_of_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("url");
+    let url = "postgres://runhook:hunter2@db/runhook";
+    std::fs::write(&file, format!("{url}\n")).unwrap();
+    let text = on_postgres(
+        &format!("url_file = \"{}\"", file.display()),
+        "",
+        "node = \"a\"",
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(config.state.location, Location::Postgres(url.into()));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    // The ops commands' view of `[state]` reaches the same database.
+    let state = StateConfig::parse(&text, Path::new("test.toml"), &env).unwrap();
+    assert_eq!(state.location, config.state.location);
+}
+
+#[test]
+fn a_state_has_one_place_and_a_url_must_be_postgres() {
+    let both = error_of(&on_postgres(
+        "path = \"/var/lib/x.db\"\nurl = \"postgres://db/x\"",
+        "",
+        "node = \"a\"",
+    ));
+    assert_eq!(both.key, "state.path", "{both}");
+    assert_eq!((both.line, both.column), (4, 8), "{both}");
+    assert!(both.message.contains("not both"), "{both}");
+
+    let bad = error_of(&on_postgres(
+        "url = \"postgres://runhook:hunter2@db:notaport/x\"",
+        "",
+        "node = \"a\"",
+    ));
+    assert_eq!((bad.key.as_str(), bad.line), ("state.url", 4), "{bad}");
+    assert!(!bad.to_string().contains("hunter2"), "{bad}");
+    let empty = error_of(&on_postgres("url = \"\"", "", "node = \"a\""));
+    assert_eq!(empty.key, "state.url", "{empty}");
+}
+
+#[test]
+fn cluster_defaults_to_the_host_name_and_refuses_a_ttl_that_would_spin() {
+    let config = parse(MINIMAL).unwrap();
+    assert!(!config.cluster.node.is_empty());
+    assert_eq!(config.cluster.lease_ttl, DEFAULT_LEASE_TTL);
+    assert_eq!(config.cluster.replica().node, config.cluster.node);
+
+    let set = parse(&on_postgres(
+        "url = \"postgres://db/x\"",
+        "[cluster]\nnode = \"runhook-b\"\nlease_ttl = \"5s\"",
+        "node = \"runhook-b\"",
+    ))
+    .unwrap();
+    assert_eq!(set.cluster.node, "runhook-b");
+    assert_eq!(set.cluster.replica().lease_ttl, Duration::from_secs(5));
+
+    let short = error_of(&on_postgres(
+        "url = \"postgres://db/x\"",
+        "[cluster]\nlease_ttl = \"1s\"",
+        "node = \"a\"",
+    ));
+    assert_eq!((short.key.as_str(), short.line), ("cluster.lease_ttl", 6));
+    let spaced = error_of(&on_postgres(
+        "url = \"postgres://db/x\"",
+        "[cluster]\nnode = \"runhook b\"",
+        "node = \"a\"",
+    ));
+    assert_eq!(spaced.key, "cluster.node", "{spaced}");
+    let unknown = error_of(&on_postgres(
+        "url = \"postgres://db/x\"",
+        "[cluster]\nlease = \"5s\"",
+        "node = \"a\"",
+    ));
+    assert_eq!(unknown.key, "cluster.lease", "{unknown}");
+}
+
+#[test]
+fn a_file_sink_names_its_node_when_the_state_is_shared() {
+    let missing = error_of(&on_postgres(
+        "url = \"postgres://db/x\"",
+        "[cluster]\nnode = \"runhook-a\"",
+        "",
+    ));
+    assert_eq!(missing.key, "sinks.archive.node", "{missing}");
+    assert_eq!(missing.line, 7, "{missing}");
+    assert!(
+        missing.message.contains("node = \"runhook-a\""),
+        "{missing}"
+    );
+
+    let named = parse(&on_postgres(
+        "url = \"postgres://db/x\"",
+        "",
+        "node = \"runhook-a\"",
+    ))
+    .unwrap();
+    let SinkKind::File(file) = &named.sinks["archive"].kind else {
+        panic!("archive is a file sink")
+    };
+    assert_eq!(file.node.as_deref(), Some("runhook-a"));
+
+    // One machine: a `node` is harmless and none is needed.
+    parse(MINIMAL).unwrap();
+    parse(&MINIMAL.replace(
+        "path = \"/tmp/x.jsonl\"",
+        "path = \"/tmp/x.jsonl\"\nnode = \"a\"",
+    ))
+    .unwrap();
+
+    let on_webhook = error_of(&webhook(
+        "secret = \"${RUNHOOK_WEBHOOK_SECRET}\"\nnode = \"a\"",
+    ));
+    assert_eq!(on_webhook.key, "sinks.ops.node", "{on_webhook}");
+    assert!(on_webhook.message.contains("lease"), "{on_webhook}");
 }

@@ -79,13 +79,18 @@ async fn reload(
         sd_notify::NotifyState::Reloading,
         sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::Reloading),
     ]);
-    if new.state.path != old.state.path || new.api != old.api || new.server != old.server {
+    if new.state.location != old.state.location
+        || new.cluster != old.cluster
+        || new.api != old.api
+        || new.server != old.server
+    {
         tracing::warn!(
-            "[api], [state] and [server] changes take effect on restart; the rest is applied now"
+            "[api], [state], [cluster] and [server] changes take effect on restart; the rest is applied now"
         );
     }
     let mut new = new;
-    new.state.path = old.state.path.clone();
+    new.state.location = old.state.location.clone();
+    new.cluster = old.cluster.clone();
     ingest.set_router(new.router.clone());
     subscribe_config_runs(state, &new).await?;
     sinks.apply(&new, state, fence, true).await?;

@@ -55,6 +55,14 @@ impl Location {
             Self::Sqlite(PathBuf::from(text))
         }
     }
+
+    /// The SQLite file, where the state is one.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            Self::Sqlite(path) => Some(path),
+            Self::Postgres(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Location {
@@ -62,6 +70,26 @@ impl std::fmt::Debug for Location {
         match self {
             Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
             Self::Postgres(_) => f.write_str("Postgres(<redacted>)"),
+        }
+    }
+}
+
+/// What logs and `check` show: the file, or the database without its
+/// password (a URL's user, host, port and name; of key=value pairs only
+/// that they are).
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => match reqwest::Url::parse(url) {
+                Ok(mut url) => {
+                    // Fails only for URLs that cannot have a password.
+                    let _ = url.set_password(None);
+                    url.set_query(None);
+                    write!(f, "{url}")
+                }
+                Err(_) => f.write_str("PostgreSQL (key=value connection string)"),
+            },
         }
     }
 }
