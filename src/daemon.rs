@@ -1,6 +1,11 @@
 //! `runhook run`: open the store, start a delivery loop per sink and an
 //! ingest task per watched run, follow `watch`/`unwatch`, apply reloads,
 //! talk to systemd, drain on shutdown.
+//!
+//! On SQLite the daemon takes the state database's exclusive lock and owns
+//! every run. On PostgreSQL it is one replica of many: no lock, a lease
+//! task ([`leases`]) decides which runs it works, and on shutdown, once
+//! ingest stopped and deliveries drained, it gives its leases up.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -12,9 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Fence, State, StateError, StoreError, now_ms};
+use crate::ownership::Ownership;
+use crate::store::{DaemonLock, Location, State, StateError, StoreError, now_ms};
 use crate::upstream::{Client, UpstreamError};
 
+mod leases;
 mod owned;
 mod prune;
 mod registry;
@@ -23,6 +30,7 @@ mod runs;
 mod sinks;
 mod systemd;
 
+use leases::Leases;
 use owned::Owned;
 use registry::Sinks;
 use reload::Supervised;
@@ -50,6 +58,10 @@ pub enum DaemonError {
         path: String,
         error: std::io::Error,
     },
+    #[error(
+        "sink {sink}: file sinks do not run on a PostgreSQL state yet (a file sink is written by one node, under a fence of its own)"
+    )]
+    FileSinkUnfenced { sink: String },
     #[error("sink {sink}: cannot build its HTTP client: {error}")]
     SinkClient { sink: String, error: reqwest::Error },
     #[error("[server] cannot listen on {listen}: {error}")]
@@ -73,17 +85,17 @@ pub async fn run_reloadable(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), DaemonError> {
-    // Held until this function returns: one daemon per state database.
-    let _lock = match config.state.location.sqlite_path() {
-        Some(path) => Some(crate::store::DaemonLock::acquire(path)?),
-        None => None,
+    let location = &config.state.location;
+    // SQLite: held until this function returns, one daemon per state
+    // database. PostgreSQL: replicas share the state; leases divide the runs.
+    let _lock = match location {
+        Location::Sqlite(path) => Some(DaemonLock::acquire(path)?),
+        Location::Postgres(_) => None,
     };
-    // The lock makes this daemon the one owner of every run: the fence of
-    // every run it follows and delivers.
-    let fence = Fence::Exclusive;
-    let state = open_state(&config).await?;
+    let state = open_state(&config, location).await?;
+    let (leases, ownership) = own_runs(&config, &state);
     let mut sinks = Sinks::default();
-    sinks.apply(&config, &state, &fence, false).await?;
+    sinks.apply(&config, &state, &ownership, false).await?;
     let background_stop = CancellationToken::new();
     let mut background = JoinSet::new();
     background.spawn(prune::prune_periodically(
@@ -112,13 +124,16 @@ pub async fn run_reloadable(
     systemd::notify(&[sd_notify::NotifyState::Ready]);
 
     let Supervised { result, config } = reload::follow_runs(
-        config, &ingest, &state, &fence, &mut sinks, reloads, shutdown, heartbeat,
+        config, &ingest, &state, &ownership, &mut sinks, reloads, shutdown, heartbeat,
     )
     .await?;
 
     systemd::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping: ingest stopped, finishing in-flight deliveries");
     drain(&config, &mut sinks).await;
+    if let Some(leases) = leases {
+        leases.leave().await;
+    }
     background_stop.cancel();
     while background.join_next().await.is_some() {}
 
@@ -128,11 +143,22 @@ pub async fn run_reloadable(
     result
 }
 
+/// Which runs this daemon works: every run on SQLite (the lock makes it
+/// their one owner), the runs its leases name on PostgreSQL.
+fn own_runs(config: &Config, state: &State) -> (Option<Leases>, Ownership) {
+    let Some(pg) = state.postgres() else {
+        return (None, Ownership::exclusive());
+    };
+    crate::metrics::metrics().cluster_node(pg.node());
+    let (leases, ownership) = Leases::start(pg.clone(), config.cluster.lease_ttl);
+    (Some(leases), ownership)
+}
+
 /// Opens the state database and brings its watched runs in line with the
 /// config. Runs stopped by a 403 or 404 get another try at each start: the
 /// credential or the run may have been fixed meanwhile.
-async fn open_state(config: &Config) -> Result<State, DaemonError> {
-    let store = State::open(&config.state.location, config.cluster.replica()).await?;
+async fn open_state(config: &Config, location: &Location) -> Result<State, DaemonError> {
+    let store = State::open(location, config.cluster.replica()).await?;
     let retried = store.retry_stopped_runs().await?;
     if retried > 0 {
         tracing::info!(runs = retried, "retrying runs stopped by a 403 or 404");

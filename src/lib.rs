@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod jitter;
 pub mod logging;
 pub mod metrics;
+pub mod ownership;
 pub mod route;
 pub mod server;
 pub mod simulate;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 
 /// Outcomes of `runhook_deliveries_total`.
@@ -21,6 +21,9 @@ pub const OUTCOMES: [&str; 3] = ["delivered", "retry", "dead"];
 pub const TRANSPORTS: [&str; 2] = ["poll", "sse"];
 /// Status classes of `runhook_upstream_requests_total` (`error`: no answer).
 pub const CLASSES: [&str; 4] = ["2xx", "4xx", "5xx", "error"];
+/// Changes of `runhook_lease_changes_total`: claimed, taken over or shed,
+/// and dropped by this replica because it could not renew in time.
+pub const LEASE_CHANGES: [&str; 3] = ["gained", "lost", "overdue"];
 
 pub struct Metrics {
     /// `transport`: poll | sse.
@@ -46,6 +49,13 @@ pub struct Metrics {
     pub runs: IntGaugeVec,
     /// Seconds since the last event of the followed run silent the longest.
     pub longest_run_silence: Gauge,
+    /// Runs whose leases this replica holds (PostgreSQL; 0 on SQLite).
+    pub leases_held: IntGauge,
+    /// `change`: gained, lost, overdue.
+    pub lease_changes: IntCounterVec,
+    /// `node`: this replica's `[cluster] node`, 1 on PostgreSQL, so every
+    /// series of a scrape can be joined to the replica that exported it.
+    node_info: IntGaugeVec,
     registry: Registry,
 }
 
@@ -129,6 +139,21 @@ impl Metrics {
                 "Seconds since the last event of the followed run that has been silent the longest (0 when none is followed).",
             )
             .expect("valid metric"),
+            leases_held: IntGauge::new(
+                "runhook_leases_held",
+                "Runs whose leases this replica holds (PostgreSQL state; 0 on SQLite).",
+            )
+            .expect("valid metric"),
+            lease_changes: counter(
+                "runhook_lease_changes_total",
+                "Leases gained, lost (taken over or shed) and dropped as overdue (not renewed in time) by this replica.",
+                &["change"],
+            ),
+            node_info: gauge(
+                "runhook_node_info",
+                "Always 1 on a PostgreSQL state; the label names this replica ([cluster] node).",
+                &["node"],
+            ),
             registry: Registry::new(),
         };
         metrics.register_all();
@@ -162,6 +187,9 @@ impl Metrics {
             Box::new(self.sink_restarts.clone()),
             Box::new(self.runs.clone()),
             Box::new(self.longest_run_silence.clone()),
+            Box::new(self.leases_held.clone()),
+            Box::new(self.lease_changes.clone()),
+            Box::new(self.node_info.clone()),
             Box::new(build_info),
             Box::new(process_collector()),
         ];
@@ -180,6 +208,15 @@ impl Metrics {
         for class in CLASSES {
             self.upstream_requests.with_label_values(&[class]);
         }
+        for change in LEASE_CHANGES {
+            self.lease_changes.with_label_values(&[change]);
+        }
+    }
+
+    /// This process is a replica named `node` of a cluster.
+    pub fn cluster_node(&self, node: &str) {
+        self.node_info.reset();
+        self.node_info.with_label_values(&[node]).set(1);
     }
 
     /// A configured sink: its counters exist at 0 from now on.
@@ -259,6 +296,21 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_replica_names_its_node() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode().contains("runhook_node_info{"));
+        metrics.cluster_node("runhook-a");
+        let text = metrics.encode();
+        let line = "runhook_node_info{node=\"runhook-a\"} 1";
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "runhook_lease_changes_total{change=\"overdue\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -21,12 +21,13 @@ use serde_json::json;
 use crate::cli::SendTestArgs;
 use runhook::config::{Config, SinkConfig, SinkKind, SlackConfig};
 use runhook::deliver::threads::StoredThreads;
+use runhook::ownership::Ownership;
 use runhook::sink::Outcome;
 use runhook::sink::file::FileSink;
 use runhook::sink::slack::SlackSink;
 use runhook::sink::slack::message::Message;
 use runhook::sink::webhook::WebhookSink;
-use runhook::store::{DaemonLock, Fence, Pending, StoreError};
+use runhook::store::{DaemonLock, Pending, StoreError};
 
 /// The run id a sample carries when `--run` is not given.
 const SAMPLE_RUN: &str = "00000000-0000-4000-8000-000000000000";
@@ -170,7 +171,7 @@ async fn to_slack(
     let state = super::open_state(&Location::Sqlite(scratch.path().join("send-test.db"))).await?;
     let name: std::sync::Arc<str> = format!("{} (send-test)", sink.name).into();
     // The scratch database is this command's alone: nothing else writes it.
-    let threads = StoredThreads::new(name.clone(), state, Fence::Exclusive);
+    let threads = StoredThreads::new(name.clone(), state, Ownership::exclusive());
     let slack = SlackSink::new(name, config, std::sync::Arc::new(threads))
         .context("building the Slack HTTP client")?;
     let message = mark_as_test(slack.render(&event.into()));

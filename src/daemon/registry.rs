@@ -14,6 +14,7 @@ use crate::config::{Config, SinkConfig, SinkKind};
 use crate::deliver;
 use crate::deliver::runs::SinkRuntime;
 use crate::deliver::threads::StoredThreads;
+use crate::ownership::Ownership;
 use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
@@ -42,7 +43,7 @@ impl Sinks {
         &mut self,
         config: &Config,
         state: &State,
-        fence: &Fence,
+        ownership: &Ownership,
         reopen_files: bool,
     ) -> Result<(), DaemonError> {
         let stale: Vec<String> = self
@@ -65,8 +66,8 @@ impl Sinks {
             if !self.running.contains_key(name) {
                 let stop = CancellationToken::new();
                 let start = {
-                    let (sink, state, fence) = (sink.clone(), state.clone(), fence.clone());
-                    move |stop| start_sink(&sink, &state, &fence, stop)
+                    let (sink, state, ownership) = (sink.clone(), state.clone(), ownership.clone());
+                    move |stop| start_sink(&sink, &state, &ownership, stop)
                 };
                 let supervisor = Owned::new(tokio::spawn(supervise_sink(
                     sink.name.clone(),
@@ -102,7 +103,7 @@ impl Sinks {
 fn start_sink(
     sink: &SinkConfig,
     state: &State,
-    fence: &Fence,
+    ownership: &Ownership,
     stop: CancellationToken,
 ) -> Result<Owned<Result<(), StateError>>, DaemonError> {
     // Each loop reads on a connection of its own.
@@ -113,6 +114,13 @@ fn start_sink(
     };
     let sender = match &sink.kind {
         SinkKind::File(file) => {
+            // A file sink is owned by its node, not by a run's lease; until
+            // it has that fence, it does not run on a leased state.
+            if !ownership.is_exclusive() {
+                return Err(DaemonError::FileSinkUnfenced {
+                    sink: sink.name.to_string(),
+                });
+            }
             let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
                 sink: sink.name.to_string(),
                 path: file.path.display().to_string(),
@@ -123,7 +131,7 @@ fn start_sink(
                 Arc::new(opened),
                 sink.delivery.clone(),
                 state()?,
-                fence.clone(),
+                Fence::Exclusive,
                 stop,
             ))));
         }
@@ -131,7 +139,7 @@ fn start_sink(
             Sender::Webhook(WebhookSink::new(webhook).map_err(client_error)?)
         }
         SinkKind::Slack(slack) => {
-            let threads = StoredThreads::new(sink.name.clone(), state()?, fence.clone());
+            let threads = StoredThreads::new(sink.name.clone(), state()?, ownership.clone());
             Sender::Slack(
                 SlackSink::new(sink.name.clone(), slack, Arc::new(threads))
                     .map_err(client_error)?,
@@ -147,7 +155,7 @@ fn start_sink(
             pipeline: matches!(&sink.kind, SinkKind::Webhook(w) if w.pipeline),
             concurrency: sink.concurrency,
             state: state()?,
-            fence: fence.clone(),
+            ownership: ownership.clone(),
             shutdown: stop,
         }),
     ))))

@@ -13,7 +13,8 @@ use super::systemd::notify;
 use super::{DaemonError, runs};
 use crate::config::Config;
 use crate::ingest::Ingest;
-use crate::store::{Fence, State, StateError, Subscribed};
+use crate::ownership::Ownership;
+use crate::store::{State, StateError, Subscribed};
 
 /// How the run supervisor ended, with the config in force then (its
 /// `shutdown_grace` bounds the drain).
@@ -32,7 +33,7 @@ pub(super) async fn follow_runs(
     config: Arc<Config>,
     ingest: &Arc<Ingest>,
     state: &State,
-    fence: &Fence,
+    ownership: &Ownership,
     sinks: &mut Sinks,
     mut reloads: mpsc::Receiver<Config>,
     shutdown: CancellationToken,
@@ -49,7 +50,7 @@ pub(super) async fn follow_runs(
     let supervisor = runs::supervise_runs(
         follow,
         state.clone(),
-        fence.clone(),
+        ownership.clone(),
         shutdown.clone(),
         heartbeat,
     );
@@ -58,7 +59,7 @@ pub(super) async fn follow_runs(
         tokio::select! {
             result = &mut supervisor => break result,
             Some(next) = reloads.recv() => {
-                config = reload(&config, next, state, fence, ingest, sinks).await?;
+                config = reload(&config, next, state, ownership, ingest, sinks).await?;
             }
         }
     };
@@ -71,7 +72,7 @@ async fn reload(
     old: &Arc<Config>,
     new: Config,
     state: &State,
-    fence: &Fence,
+    ownership: &Ownership,
     ingest: &Ingest,
     sinks: &mut Sinks,
 ) -> Result<Arc<Config>, DaemonError> {
@@ -93,7 +94,7 @@ async fn reload(
     new.cluster = old.cluster.clone();
     ingest.set_router(new.router.clone());
     subscribe_config_runs(state, &new).await?;
-    sinks.apply(&new, state, fence, true).await?;
+    sinks.apply(&new, state, ownership, true).await?;
     tracing::info!(
         runs = new.runs.len(),
         sinks = new.sinks.len(),

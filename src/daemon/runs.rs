@@ -5,6 +5,13 @@
 //! is still stopping gets its new one only once the old one has ended. A
 //! follower that panics or stops on a state database error is logged and
 //! started again after a backoff.
+//!
+//! Only runs this process owns are followed, each under the fence
+//! [`Ownership`] gives it: on SQLite every watched run (the daemon lock);
+//! on PostgreSQL the runs whose leases this replica holds. A follower whose
+//! lease is lost (or replaced by a newer epoch) is stopped like an
+//! unwatched run's, and one whose write was refused for its fence is not
+//! started again under that same fence: it would only be refused again.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -19,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CONTROL_POLL, DaemonError, STARTUP_SPREAD_MAX, STARTUP_SPREAD_PER_RUN};
 use crate::ingest::RunEnd;
+use crate::ownership::Ownership;
 use crate::store::{Fence, State, StateError, WatchedRun, now_ms};
 
 /// Restart backoff of a failed follower: from `RESTART_MIN`, doubling,
@@ -42,10 +50,11 @@ pub(super) type FollowResult = Result<RunEnd, StateError>;
 /// The followers and their bookkeeping.
 #[derive(Default)]
 struct Followers {
-    /// The one follower of each run: its task and stop switch.
-    running: HashMap<String, (Id, CancellationToken)>,
-    /// Which run each task follows (also tasks already told to stop).
-    runs_by_task: HashMap<Id, String>,
+    /// The one follower of each run: its task, stop switch and fence.
+    running: HashMap<String, (Id, CancellationToken, Fence)>,
+    /// Which run each task follows, under which fence (also tasks already
+    /// told to stop).
+    runs_by_task: HashMap<Id, (String, Fence)>,
     /// Runs with followers told to stop that have not ended yet: a new
     /// follower waits for them, so a run never has two at once.
     stopping: HashMap<String, usize>,
@@ -55,6 +64,10 @@ struct Followers {
     /// Runs whose follower failed: consecutive failures, and not restarted
     /// before this instant.
     failed: HashMap<String, (u32, Instant)>,
+    /// Runs whose follower's write was refused for its fence (the lease
+    /// was lost before the lease task noticed): not started again until
+    /// the run is owned under another fence.
+    refused: HashMap<String, Fence>,
 }
 
 impl Followers {
@@ -67,7 +80,7 @@ impl Followers {
         delay: Duration,
     ) {
         let run_id = run.run_id.clone();
-        let future = follow(run, fence, cancel.clone());
+        let future = follow(run, fence.clone(), cancel.clone());
         let stop = cancel.clone();
         let task = self.tasks.spawn(async move {
             if crate::ingest::sleep_or_cancel(delay, &stop).await {
@@ -75,30 +88,40 @@ impl Followers {
             }
             future.await
         });
-        self.runs_by_task.insert(task.id(), run_id.clone());
-        self.running.insert(run_id, (task.id(), cancel));
+        self.runs_by_task
+            .insert(task.id(), (run_id.clone(), fence.clone()));
+        self.running.insert(run_id, (task.id(), cancel, fence));
     }
 
-    /// Stops the followers of runs no longer watched.
-    fn stop_unwatched(&mut self, watched: &HashSet<&str>) {
-        self.running.retain(|run_id, (_, cancel)| {
-            let keep = watched.contains(run_id.as_str());
-            if !keep {
-                tracing::info!(run_id = %run_id, "unwatched; stopping ingest");
-                cancel.cancel();
-                *self.stopping.entry(run_id.clone()).or_default() += 1;
-            }
-            keep
+    /// Stops the followers of runs no longer watched, and of runs no longer
+    /// owned under the fence their follower writes with.
+    fn stop_unwanted(&mut self, watched: &HashSet<&str>, ownership: &Ownership) {
+        self.running.retain(|run_id, (_, cancel, fence)| {
+            let why = if !watched.contains(run_id.as_str()) {
+                "unwatched; stopping ingest"
+            } else if !ownership.still_holds(fence) {
+                "lease no longer held; stopping ingest"
+            } else {
+                return true;
+            };
+            tracing::info!(run_id = %run_id, "{why}");
+            cancel.cancel();
+            *self.stopping.entry(run_id.clone()).or_default() += 1;
+            false
         });
         self.failed
             .retain(|run_id, _| watched.contains(run_id.as_str()));
+        self.refused.retain(|run_id, fence| {
+            ownership.still_holds(fence) && watched.contains(run_id.as_str())
+        });
     }
 
-    /// Whether a run may get a follower now.
-    fn may_start(&self, run: &WatchedRun, now: Instant) -> bool {
+    /// Whether a run may get a follower now, under `fence`.
+    fn may_start(&self, run: &WatchedRun, fence: &Fence, now: Instant) -> bool {
         !self.running.contains_key(&run.run_id)
             && !self.stopping.contains_key(&run.run_id)
             && !run.state.is_ended()
+            && self.refused.get(&run.run_id) != Some(fence)
             && self
                 .failed
                 .get(&run.run_id)
@@ -122,6 +145,10 @@ impl Followers {
     fn ended(&mut self, joined: Result<(Id, FollowResult), JoinError>) {
         let (id, failure) = match joined {
             Ok((id, Ok(_))) => (id, None),
+            Ok((id, Err(error))) if error.fence_refused() => {
+                self.refused_by_fence(id, &error);
+                (id, None)
+            }
             Ok((id, Err(error))) => (id, Some(format!("state database error: {error}"))),
             Err(error) => {
                 let id = error.id();
@@ -136,13 +163,13 @@ impl Followers {
                 (id, Some(why))
             }
         };
-        let Some(run_id) = self.runs_by_task.remove(&id) else {
+        let Some((run_id, _)) = self.runs_by_task.remove(&id) else {
             return;
         };
         let current = self
             .running
             .get(&run_id)
-            .is_some_and(|(task, _)| *task == id);
+            .is_some_and(|(task, _, _)| *task == id);
         if current {
             self.running.remove(&run_id);
         } else if let Some(count) = self.stopping.get_mut(&run_id) {
@@ -170,23 +197,42 @@ impl Followers {
         }
     }
 
+    /// A follower's write was refused for its fence: the run is another
+    /// replica's now (or this one's under a newer epoch). Not a failure to
+    /// restart from; the lease task stops or restarts the run.
+    fn refused_by_fence(&mut self, id: Id, error: &StateError) {
+        let Some((run_id, fence)) = self.runs_by_task.get(&id).cloned() else {
+            return;
+        };
+        if matches!(error, StateError::LeaseLost { .. }) {
+            tracing::info!(run_id = %run_id, %error, "lease lost; ingest stopped");
+        } else {
+            tracing::error!(run_id = %run_id, %error, "ingest wrote without its run's fence (a bug); not restarted under it");
+        }
+        self.refused.insert(run_id, fence);
+    }
+
     /// Stops every follower and waits for them.
     async fn stop_all(&mut self) {
-        for (_, cancel) in self.running.values() {
+        for (_, cancel, _) in self.running.values() {
             cancel.cancel();
         }
         while let Some(joined) = self.tasks.join_next_with_id().await {
             match joined {
                 Ok((_, Ok(_))) => {}
                 Ok((id, Err(error))) => {
-                    let run_id = self.runs_by_task.get(&id).cloned().unwrap_or_default();
+                    let run_id = self
+                        .runs_by_task
+                        .get(&id)
+                        .map(|(run_id, _)| run_id.clone())
+                        .unwrap_or_default();
                     tracing::warn!(run_id = %run_id, %error, "ingest ended with an error during shutdown");
                 }
                 Err(error) if error.is_panic() => {
                     let run_id = self
                         .runs_by_task
                         .get(&error.id())
-                        .cloned()
+                        .map(|(run_id, _)| run_id.clone())
                         .unwrap_or_default();
                     tracing::error!(run_id = %run_id, error = %super::sinks::panic_message(error.into_panic()), "ingest panicked during shutdown");
                 }
@@ -206,23 +252,24 @@ fn restart_backoff(failures: u32) -> Duration {
 
 /// Keeps one follower per watched run, following `watch`/`unwatch`
 /// through the store, until `shutdown`. A store read that fails is tried
-/// again at the next look rather than stopping the daemon. `fence` is what
-/// this daemon owns the runs by, handed to each follower it starts.
+/// again at the next look rather than stopping the daemon. `ownership`
+/// says which runs this process owns, and gives each follower its fence.
 pub(super) async fn supervise_runs(
     follow: Follow,
     reader: State,
-    fence: Fence,
+    ownership: Ownership,
     shutdown: CancellationToken,
     heartbeat: Arc<AtomicI64>,
 ) -> Result<(), DaemonError> {
     let mut followers = Followers::default();
     let mut seen_generation = None;
+    let mut owned_changes = ownership.changes();
     loop {
         heartbeat.store(now_ms(), Ordering::Relaxed);
         if let Err(error) = look(
             &follow,
             &reader,
-            &fence,
+            &ownership,
             &shutdown,
             &mut followers,
             &mut seen_generation,
@@ -234,6 +281,8 @@ pub(super) async fn supervise_runs(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(joined) = followers.tasks.join_next_with_id() => followers.ended(joined),
+            // Gained or lost leases: the next look starts and stops followers.
+            _ = owned_changes.next() => followers.rescan = true,
             _ = tokio::time::sleep(CONTROL_POLL) => {}
         }
     }
@@ -246,7 +295,7 @@ pub(super) async fn supervise_runs(
 async fn look(
     follow: &Follow,
     reader: &State,
-    fence: &Fence,
+    ownership: &Ownership,
     shutdown: &CancellationToken,
     followers: &mut Followers,
     seen_generation: &mut Option<i64>,
@@ -259,18 +308,19 @@ async fn look(
     let watched = reader.watched_runs().await?;
     *seen_generation = Some(generation);
     let still_watched: HashSet<&str> = watched.iter().map(|w| w.run_id.as_str()).collect();
-    followers.stop_unwatched(&still_watched);
-    let starting: Vec<WatchedRun> = watched
+    followers.stop_unwanted(&still_watched, ownership);
+    let starting: Vec<(WatchedRun, Fence)> = watched
         .iter()
-        .filter(|run| followers.may_start(run, now))
-        .cloned()
+        .filter_map(|run| Some((run, ownership.fence(&run.run_id)?)))
+        .filter(|(run, fence)| followers.may_start(run, fence, now))
+        .map(|(run, fence)| (run.clone(), fence))
         .collect();
     // Many runs at once (a start, a big `watch`) connect over a few
     // seconds rather than in one stampede.
     let spread = (STARTUP_SPREAD_PER_RUN * starting.len() as u32).min(STARTUP_SPREAD_MAX);
-    for run in starting {
+    for (run, fence) in starting {
         let delay = spread.mul_f64(crate::jitter::random_range(0.0..1.0));
-        followers.start(follow, run, fence.clone(), shutdown.child_token(), delay);
+        followers.start(follow, run, fence, shutdown.child_token(), delay);
     }
     Ok(())
 }
@@ -318,7 +368,7 @@ mod tests {
         let supervisor = tokio::spawn(supervise_runs(
             follow,
             store.with_own_reader().unwrap(),
-            Fence::Exclusive,
+            Ownership::exclusive(),
             shutdown.clone(),
             Arc::new(AtomicI64::new(0)),
         ));
@@ -384,7 +434,7 @@ mod tests {
         let supervisor = tokio::spawn(supervise_runs(
             follow,
             store.with_own_reader().unwrap(),
-            Fence::Exclusive,
+            Ownership::exclusive(),
             shutdown.clone(),
             Arc::new(AtomicI64::new(0)),
         ));

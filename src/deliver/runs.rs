@@ -27,6 +27,17 @@
 //! start, and one probe delivery goes out at the backoff pace until the sink
 //! answers; then every waiting delivery is due at once and the backlog
 //! drains.
+//!
+//! Chains start only for runs this process owns ([`Ownership`]: every run on
+//! SQLite; on PostgreSQL the runs whose leases this replica holds), each
+//! under its run's fence, taken once per chain. A gained lease makes the
+//! dispatcher look for pending work at once (the run's backlog does not
+//! wait for a new event); a chain checks before each send that its lease is
+//! still held, and one whose write is refused with `LeaseLost` ends its
+//! run's work only (the new owner sends again under the same ids). A write
+//! refused as `Unfenced` or `LeaseOnSqlite` is a wiring bug: the loop stops
+//! with it, for its supervisor to log, mark the sink down and restart
+//! with backoff.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -41,6 +52,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::retry::{failure_rows, retry_delay};
 use crate::config::DeliveryPolicy;
+use crate::ownership::Ownership;
 use crate::sink::{Event, Outcome, Sender};
 use crate::store::{Fence, Pending, State, StateError, now_ms};
 
@@ -71,17 +83,20 @@ pub struct SinkRuntime {
     pub concurrency: usize,
     /// With a read connection of its own: chains read often.
     pub state: State,
-    /// What the daemon owns its runs by; see [`SinkRuntime::fence_for`].
-    pub fence: Fence,
+    /// Which runs this process may deliver, and under which fence.
+    pub ownership: Ownership,
     pub shutdown: CancellationToken,
 }
 
 impl SinkRuntime {
     /// The fence a run's chain writes its outcomes under, taken once when
-    /// the chain starts. On SQLite the daemon lock fences every run alike;
-    /// where runs are leased, this is where a chain gets its run's lease.
-    fn fence_for(&self, _run_id: &str) -> Fence {
-        self.fence.clone()
+    /// the chain starts; `None` when another replica owns the run.
+    fn fence_for(&self, run_id: &str) -> Option<Fence> {
+        self.ownership.fence(run_id)
+    }
+
+    fn owns(&self, run_id: &str) -> bool {
+        self.fence_for(run_id).is_some()
     }
 }
 
@@ -96,11 +111,19 @@ enum ChainEnd {
     Paused,
     /// Shutdown.
     Stopped,
+    /// The run's lease is no longer held (lost, overdue, or a write was
+    /// refused with `LeaseLost`): its new owner delivers it.
+    Lost,
+    /// A write was refused for a fence this process should never have
+    /// used (`Unfenced`, `LeaseOnSqlite`): a bug that stops the sink.
+    Misfenced(StateError),
 }
 
 #[derive(Debug)]
 struct ChainReport {
     run_id: Arc<str>,
+    /// What the chain wrote under.
+    fence: Fence,
     end: ChainEnd,
     delivered: u32,
     failed: u32,
@@ -152,6 +175,16 @@ impl Board {
         }
     }
 
+    /// Runs whose leases were lost: not worked here any more (a chain in
+    /// flight sees it before its next send).
+    fn forget(&mut self, lost: &[crate::store::pg::Lease]) {
+        for lease in lost {
+            self.work.remove(&lease.run_id);
+            self.blocked.remove(&lease.run_id);
+            self.dirty.remove(&lease.run_id);
+        }
+    }
+
     /// When the dispatcher must look again by itself.
     fn next_wake(&self) -> Instant {
         let now_ms = now_ms();
@@ -179,6 +212,7 @@ pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StateError> {
     let mut chains: JoinSet<ChainReport> = JoinSet::new();
     let mut control = None;
     let mut store_errors = 0;
+    let mut owned_changes = sink.ownership.changes();
     loop {
         if let Err(error) = rescan(&sink, &mut board, &mut control).await {
             store_errors += 1;
@@ -196,13 +230,26 @@ pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StateError> {
         let wake = board.next_wake();
         tokio::select! {
             notice = new_work.recv() => match notice {
-                Ok(notice) if notice.sinks.contains(&sink.name) => board.add_work(notice.run_id),
+                Ok(notice) if notice.sinks.contains(&sink.name) && sink.owns(&notice.run_id) => {
+                    board.add_work(notice.run_id)
+                }
                 Ok(_) => {}
                 // Missed notices: rescan on the next turn.
                 Err(RecvError::Lagged(_)) => control = None,
                 Err(RecvError::Closed) => return Ok(()),
             },
+            change = owned_changes.next() => {
+                board.forget(&change.lost);
+                // Gained runs may have a backlog: rescan on the next turn.
+                if !change.gained.is_empty() {
+                    control = None;
+                }
+            }
             Some(joined) = chains.join_next() => match joined {
+                Ok(ChainReport { end: ChainEnd::Misfenced(error), run_id, .. }) => {
+                    tracing::error!(sink = %sink.name, run_id = %run_id, %error, "delivery wrote under the wrong fence (a bug); stopping the sink");
+                    return Err(error);
+                }
                 Ok(report) => finish_chain(&sink, &mut board, report).await,
                 Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
                 Err(_) => {}
@@ -226,7 +273,9 @@ async fn rescan(
     let generation = sink.state.control_generation().await?;
     if *control != Some(generation) {
         for run in sink.state.runs_with_pending(&sink.name).await? {
-            board.add_work(Arc::from(run));
+            if sink.owns(&run) {
+                board.add_work(Arc::from(run));
+            }
         }
         *control = Some(generation);
     }
@@ -247,8 +296,11 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             if let Some(run) = run {
                 board.blocked.remove(&run);
                 board.work.remove(&run);
+                // Lost since it was booked: its new owner probes.
+                let Some(fence) = sink.fence_for(&run) else {
+                    return;
+                };
                 board.in_flight.insert(run.clone());
-                let fence = sink.fence_for(&run);
                 chains.spawn(chain(sink.clone(), run, fence, true));
             }
         }
@@ -258,8 +310,11 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
         let Some(run) = board.work.pop_first() else {
             break;
         };
+        // Lost since it was booked: its new owner delivers it.
+        let Some(fence) = sink.fence_for(&run) else {
+            continue;
+        };
         board.in_flight.insert(run.clone());
-        let fence = sink.fence_for(&run);
         chains.spawn(chain(sink.clone(), run, fence, false));
     }
 }
@@ -276,7 +331,17 @@ async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport
         ChainEnd::Drained if had_news => {
             board.work.insert(report.run_id.clone());
         }
-        ChainEnd::Drained | ChainEnd::Stopped => {}
+        // Held again under a newer epoch meanwhile: work it under that one.
+        // Under the same one (refused before the lease task noticed), not
+        // until the lease task says otherwise.
+        ChainEnd::Lost
+            if sink
+                .fence_for(&report.run_id)
+                .is_some_and(|f| f != report.fence) =>
+        {
+            board.work.insert(report.run_id.clone());
+        }
+        ChainEnd::Drained | ChainEnd::Stopped | ChainEnd::Lost | ChainEnd::Misfenced(_) => {}
         ChainEnd::Blocked(at) => {
             board.blocked.insert(report.run_id.clone(), at);
         }
@@ -328,16 +393,28 @@ async fn set_sink_down(sink: &SinkRuntime, down: bool) {
 async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, fence: Fence, probe: bool) -> ChainReport {
     let mut report = ChainReport {
         run_id: run_id.clone(),
+        fence: fence.clone(),
         end: ChainEnd::Drained,
         delivered: 0,
         failed: 0,
     };
-    if let Err(error) = deliver_run(&sink, &run_id, &fence, probe, &mut report).await {
-        let wait = super::store_backoff(1).max(STORE_RETRY);
-        tracing::warn!(sink = %sink.name, run_id = %run_id, %error, ?wait, "delivery: state database error; the run waits");
-        report.end = ChainEnd::Blocked(now_ms() + wait.as_millis() as i64);
+    match deliver_run(&sink, &run_id, &fence, probe, &mut report).await {
+        Ok(()) => {}
+        Err(error @ StateError::LeaseLost { .. }) => {
+            tracing::info!(sink = %sink.name, run_id = %run_id, %error, "lease lost; the run's new owner delivers it");
+            report.end = ChainEnd::Lost;
+        }
+        Err(error) if error.fence_refused() => report.end = ChainEnd::Misfenced(error),
+        Err(error) => store_error(&sink, &run_id, error, &mut report),
     }
     report
+}
+
+/// A store error blocks the run for a moment (`STORE_RETRY`).
+fn store_error(sink: &SinkRuntime, run_id: &str, error: StateError, report: &mut ChainReport) {
+    let wait = super::store_backoff(1).max(STORE_RETRY);
+    tracing::warn!(sink = %sink.name, run_id = %run_id, %error, ?wait, "delivery: state database error; the run waits");
+    report.end = ChainEnd::Blocked(now_ms() + wait.as_millis() as i64);
 }
 
 async fn deliver_run(
@@ -406,6 +483,9 @@ async fn deliver_in_order(
     for pending in batch {
         if sink.shutdown.is_cancelled() {
             return Ok(Some(ChainEnd::Stopped));
+        }
+        if !sink.ownership.still_holds(fence) {
+            return Ok(Some(ChainEnd::Lost));
         }
         if !probe && pending.next_attempt_at > now_ms() {
             return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
@@ -586,6 +666,9 @@ async fn deliver_unordered(
     if sink.shutdown.is_cancelled() {
         return Ok(Some(ChainEnd::Stopped));
     }
+    if !sink.ownership.still_holds(fence) {
+        return Ok(Some(ChainEnd::Lost));
+    }
     let now = now_ms();
     let (due, waiting): (Vec<Pending>, Vec<Pending>) = batch
         .into_iter()
@@ -715,7 +798,7 @@ mod stop_tests {
             pipeline: true,
             concurrency: 4,
             state: store.with_own_reader().unwrap(),
-            fence: Fence::Exclusive,
+            ownership: Ownership::exclusive(),
             shutdown: stop,
         })
     }

@@ -6,22 +6,28 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+use crate::ownership::Ownership;
 use crate::sink::slack::{ThreadBook, ThreadBookError, ThreadRoot};
-use crate::store::{Fence, State};
+use crate::store::{State, StateError};
 
 /// One sink's thread roots, by run.
 pub struct StoredThreads {
     sink: Arc<str>,
     state: State,
-    /// What a root is saved under: a root is a run's data, written only by
-    /// the run's owner. The sink's `ThreadBook` calls carry no fence, so
-    /// the fence comes with the book from whoever starts the sink.
-    fence: Fence,
+    /// Who owns each run: a root is a run's data, saved only under the
+    /// run's fence. The sink's `ThreadBook` calls carry none, and one fence
+    /// for the whole sink would be one run's lease on PostgreSQL, so each
+    /// `keep` asks for its run's.
+    ownership: Ownership,
 }
 
 impl StoredThreads {
-    pub fn new(sink: Arc<str>, state: State, fence: Fence) -> Self {
-        Self { sink, state, fence }
+    pub fn new(sink: Arc<str>, state: State, ownership: Ownership) -> Self {
+        Self {
+            sink,
+            state,
+            ownership,
+        }
     }
 }
 
@@ -46,9 +52,16 @@ impl ThreadBook for StoredThreads {
         root: ThreadRoot,
     ) -> BoxFuture<'a, Result<(), ThreadBookError>> {
         Box::pin(async move {
+            // Not held (lost since the chain started): refused like a write
+            // under a lost lease; the run's new owner posts or keeps it.
+            let fence = self.ownership.fence(run_id).ok_or_else(|| {
+                ThreadBookError::new(StateError::Unfenced {
+                    write: "save_thread_root",
+                })
+            })?;
             self.state
                 .save_thread_root(
-                    &self.fence,
+                    &fence,
                     self.sink.clone(),
                     run_id.to_owned(),
                     root.channel,

@@ -215,6 +215,23 @@ impl LeaseKeeper {
             .collect()
     }
 
+    /// The leases held, each with the moment this replica stops trusting
+    /// it unless renewed meanwhile: workers check it per write, so a
+    /// replica that was paused (SIGSTOP, a long GC-like stall) stops before
+    /// its lease task has even run again.
+    pub fn held_until(&self) -> Vec<(Lease, Instant)> {
+        self.held
+            .iter()
+            .map(|(run_id, (epoch, until))| {
+                let lease = Lease {
+                    run_id: run_id.clone(),
+                    epoch: *epoch,
+                };
+                (lease, *until)
+            })
+            .collect()
+    }
+
     /// Heartbeat, renew, shed what is above the fair share, claim up to it.
     /// What changed is reported even when a step fails; call
     /// [`LeaseKeeper::overdue`] every tick regardless, to stop runs whose

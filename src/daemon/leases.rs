@@ -1,0 +1,109 @@
+//! The lease task of a replica on PostgreSQL: ticks the [`LeaseKeeper`]
+//! every `lease_ttl / 3` and publishes what it holds to [`Ownership`], so
+//! ingest and delivery start on gained runs and stop on lost or overdue
+//! ones. It keeps ticking through the drain (the runs' last outcomes are
+//! written under their leases), and only then leaves: every lease released
+//! and the heartbeat row removed, so the other replicas take the runs at
+//! their next tick rather than after a ttl.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::ownership::{LeasePublisher, Ownership};
+use crate::store::pg::{LeaseKeeper, PgStore};
+
+/// The running lease task.
+pub(super) struct Leases {
+    stop: CancellationToken,
+    task: JoinHandle<(LeaseKeeper, LeasePublisher)>,
+}
+
+impl Leases {
+    /// Starts ticking at once; the returned [`Ownership`] holds nothing
+    /// until the first tick has claimed.
+    pub(super) fn start(store: PgStore, lease_ttl: Duration) -> (Self, Ownership) {
+        let (publisher, ownership) = Ownership::leased();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(keep_leases(
+            LeaseKeeper::new(store),
+            publisher,
+            lease_ttl / 3,
+            stop.clone(),
+        ));
+        (Self { stop, task }, ownership)
+    }
+
+    /// After ingest stopped and deliveries drained: stops ticking and gives
+    /// every lease up.
+    pub(super) async fn leave(self) {
+        self.stop.cancel();
+        let (keeper, publisher) = match self.task.await {
+            Ok(ended) => ended,
+            Err(error) => {
+                tracing::error!(%error, "the lease task failed; the leases expire after lease_ttl");
+                return;
+            }
+        };
+        publisher.publish([]);
+        match keeper.shutdown().await {
+            Ok(()) => tracing::info!("leases released; the other replicas take the runs over"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot release the leases; they expire after lease_ttl")
+            }
+        }
+    }
+}
+
+/// Ticks until `stop`. A tick is bounded by `every`: a database that does
+/// not answer must not keep the overdue check from running, which stops
+/// the runs before their leases can expire and be taken over.
+async fn keep_leases(
+    mut keeper: LeaseKeeper,
+    publisher: LeasePublisher,
+    every: Duration,
+    stop: CancellationToken,
+) -> (LeaseKeeper, LeasePublisher) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        match tokio::time::timeout(every, keeper.tick()).await {
+            Ok(changes) => {
+                count_changes("gained", changes.gained.len());
+                count_changes("lost", changes.lost.len());
+                for lease in &changes.gained {
+                    tracing::info!(run_id = %lease.run_id, epoch = lease.epoch, "lease gained; working the run");
+                }
+                for lease in &changes.lost {
+                    tracing::info!(run_id = %lease.run_id, epoch = lease.epoch, "lease lost; stopping the run's work");
+                }
+                if let Some(error) = changes.error {
+                    tracing::warn!(%error, "lease tick failed; trying again at the next");
+                }
+            }
+            Err(_) => tracing::warn!(?every, "lease tick timed out; trying again at the next"),
+        }
+        let overdue = keeper.overdue();
+        count_changes("overdue", overdue.len());
+        for lease in overdue {
+            tracing::warn!(run_id = %lease.run_id, epoch = lease.epoch, "lease not renewed in time; stopping the run's work");
+        }
+        publisher.publish(keeper.held_until());
+        crate::metrics::metrics()
+            .leases_held
+            .set(keeper.held().len() as i64);
+    }
+    (keeper, publisher)
+}
+
+fn count_changes(change: &str, leases: usize) {
+    crate::metrics::metrics()
+        .lease_changes
+        .with_label_values(&[change])
+        .inc_by(leases as u64);
+}
