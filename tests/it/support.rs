@@ -21,6 +21,15 @@ use crate::pg_support::PgDatabase;
 /// there must name it to be written.
 pub const NODE: &str = "it-node";
 
+/// Whether the daemon runs file sinks on PostgreSQL yet: not until a file
+/// sink has a fence of its node's (issue 14: s5-node's sink lease, not yet
+/// wired into the daemon, which refuses them: `DaemonError::FileSinkUnfenced`).
+/// Until then the fixture's `archive` file sink is left out on PostgreSQL,
+/// and the PostgreSQL variants of tests that read its file are ignored
+/// (`postgres_ignore = "issue 14: file sinks ..."`). Flip it, and drop
+/// those ignores, when file sinks run there.
+pub const FILE_SINKS_ON_POSTGRES: bool = false;
+
 /// Where a daemon under test keeps its state.
 pub enum Backend {
     /// `[state] path`: a file in the test's temp dir (the default).
@@ -36,7 +45,6 @@ impl Backend {
         PgDatabase::create().await.map(Self::Postgres)
     }
 
-    #[allow(dead_code)]
     pub fn is_postgres(&self) -> bool {
         matches!(self, Self::Postgres(_))
     }
@@ -279,6 +287,19 @@ impl Env {
         }
     }
 
+    /// The `archive` file sink every env writes (see
+    /// [`FILE_SINKS_ON_POSTGRES`]), and its route.
+    fn archive_toml(&self) -> String {
+        if self.backend.is_postgres() && !FILE_SINKS_ON_POSTGRES {
+            return String::new();
+        }
+        format!(
+            "[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n{}\n[[routes]]\nsinks = [\"archive\"]\n",
+            self.events_path().display(),
+            self.file_sink_node()
+        )
+    }
+
     /// What a file sink's table needs on this backend: on PostgreSQL the
     /// node that writes it (a file is on one machine's disk).
     pub fn file_sink_node(&self) -> String {
@@ -302,9 +323,7 @@ impl Env {
             })
             .collect();
         format!(
-            "[api]\nbase_url = \"{}\"\n{}{}\n\
-             {}\n{runs}\n\
-             [sinks.archive]\ntype = \"file\"\npath = \"{}\"\n{}\n[[routes]]\nsinks = [\"archive\"]\n{}",
+            "[api]\nbase_url = \"{}\"\n{}{}\n{}\n{runs}\n{}{}",
             self.base_url,
             if self.token.is_empty() {
                 String::new()
@@ -313,8 +332,7 @@ impl Env {
             },
             self.api,
             self.state_toml(),
-            self.events_path().display(),
-            self.file_sink_node(),
+            self.archive_toml(),
             self.extra
         )
     }
