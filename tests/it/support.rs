@@ -270,6 +270,26 @@ impl Env {
         }
     }
 
+    /// The first column of the one row `sql` selects, as text, read behind
+    /// the store's back.
+    #[allow(dead_code)]
+    pub async fn sql_text(&self, sql: &str) -> String {
+        match &self.backend {
+            Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(self.state_path()).expect("open state");
+                conn.query_row(sql, [], |r| r.get(0))
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            Backend::Postgres(db) => db
+                .client()
+                .await
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .get(0),
+        }
+    }
+
     /// The `[state]` table (and on PostgreSQL the `[cluster]` one).
     fn state_toml(&self) -> String {
         match &self.backend {
