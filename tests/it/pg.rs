@@ -123,6 +123,17 @@ async fn each_test_gets_a_database_of_its_own_dropped_after() {
         .await
         .expect("current_database")
         .get(0);
+    let (by_url, connection) = tokio_postgres::connect(&one.postgres_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect with the postgres:// form --state takes");
+    tokio::spawn(connection);
+    let reached: String = by_url
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("current_database")
+        .get(0);
+    assert_eq!(reached, name, "{}", one.postgres_url());
+    drop(by_url);
     let client = other.client().await;
     drop(one);
     let left = client

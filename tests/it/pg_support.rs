@@ -65,6 +65,19 @@ impl PgDatabase {
     pub async fn client(&self) -> tokio_postgres::Client {
         self.server.client(&self.name).await
     }
+
+    /// The same database as a `postgres://` URL (the socket directory
+    /// percent-encoded as the host): the form `--state` takes.
+    pub fn postgres_url(&self) -> String {
+        let host: String = self
+            .server
+            .dir
+            .display()
+            .to_string()
+            .replace('%', "%25")
+            .replace('/', "%2F");
+        format!("postgres://{ROLE}@{host}/{}", self.name)
+    }
 }
 
 impl Drop for PgDatabase {

@@ -237,6 +237,16 @@ impl Env {
         }
     }
 
+    /// What `--state` takes for this env's state: the file, or a
+    /// `postgres://` URL.
+    #[allow(dead_code)]
+    pub fn state_arg(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite => self.state_path().display().to_string(),
+            Backend::Postgres(db) => db.postgres_url(),
+        }
+    }
+
     /// The state read beside the daemon, as `status` reads it.
     pub async fn reads(&self) -> Result<Reads, StateError> {
         Reads::open(&self.location(), Replica::bystander()).await
