@@ -85,14 +85,14 @@ pub async fn run_reloadable(
     shutdown: CancellationToken,
     reloads: mpsc::Receiver<Config>,
 ) -> Result<(), DaemonError> {
-    let location = &config.state.location;
+    let location = config.state.location.clone();
     // SQLite: held until this function returns, one daemon per state
     // database. PostgreSQL: replicas share the state; leases divide the runs.
-    let _lock = match location {
+    let _lock = match &location {
         Location::Sqlite(path) => Some(DaemonLock::acquire(path)?),
         Location::Postgres(_) => None,
     };
-    let state = open_state(&config, location).await?;
+    let state = open_state(&config, &location).await?;
     let (leases, ownership) = own_runs(&config, &state);
     let mut sinks = Sinks::default();
     sinks.apply(&config, &state, &ownership, false).await?;
@@ -116,7 +116,7 @@ pub async fn run_reloadable(
         background_stop.clone(),
     ));
     tracing::info!(
-        state = %config.state.location,
+        state = %location,
         runs = config.runs.len(),
         sinks = config.sinks.len(),
         "runhook started"

@@ -4,6 +4,7 @@
 mod catch_up;
 mod chaos;
 mod cli;
+mod cluster;
 mod contrib;
 mod crash;
 mod dev_loop;

@@ -486,7 +486,40 @@ pub struct Process {
 impl Env {
     /// Writes the config and starts the built binary on it.
     pub fn start_process(&self) -> Process {
-        let config = self.write_config();
+        Process::start(&self.write_config())
+    }
+}
+
+/// The config of one replica of a cluster on the PostgreSQL state at
+/// `state_url`: node `node`, following the runs watched in the database
+/// from `sim`, every event to the webhook `hook` (signed with
+/// `receiver::SECRET`). Written to `dir/NODE.toml`.
+pub fn write_replica_config(
+    dir: &Path,
+    node: &str,
+    state_url: &str,
+    lease_ttl: &str,
+    sim: &Simulator,
+    hook: &str,
+) -> PathBuf {
+    let text = format!(
+        "[api]\nbase_url = \"{}\"\ntoken = \"{}\"\ntransport = \"poll\"\npoll_interval = \"50ms\"\n\n\
+         [state]\nurl = \"{state_url}\"\nshutdown_grace = \"5s\"\n\n\
+         [cluster]\nnode = \"{node}\"\nlease_ttl = \"{lease_ttl}\"\n\n\
+         [sinks.hook]\ntype = \"webhook\"\nurl = \"{hook}\"\nsecret = \"{}\"\n\n\
+         [[routes]]\nsinks = [\"hook\"]\n",
+        sim.url(),
+        sim.token(),
+        crate::receiver::SECRET,
+    );
+    let path = dir.join(format!("{node}.toml"));
+    std::fs::write(&path, text).expect("write replica config");
+    path
+}
+
+impl Process {
+    /// The built binary, `runhook run` on `config`.
+    pub fn start(config: &Path) -> Self {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
             .args(["--config", &config.display().to_string(), "run"])
             .env("RUNHOOK_LOG", "error")
@@ -496,9 +529,17 @@ impl Env {
             .expect("runhook starts");
         Process { child: Some(child) }
     }
-}
 
-impl Process {
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{signal}");
+    }
+
     /// SIGKILL: the process ends wherever it is (a write half done, a
     /// transaction open, a request in flight). Reaped off the runtime.
     pub async fn crash(mut self) {

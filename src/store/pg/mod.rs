@@ -100,6 +100,23 @@ fn describe(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A replica frozen inside a write transaction (SIGSTOP, a VM paused, a
+/// partition after BEGIN) keeps its row locks for as long as its TCP
+/// connection lives: the run's new owner would wait on them, its lease
+/// renewals behind its own waiting write, and every run of the cluster
+/// would stall with it. The server ends such a session after a third of a
+/// lease ttl idle inside a transaction (at least a second), rolling it back:
+/// the frozen owner's write is lost, as its lease is.
+fn release_a_frozen_writers_locks(config: &mut tokio_postgres::Config, lease_ttl: Duration) {
+    let idle_ms = (lease_ttl / 3).max(Duration::from_secs(1)).as_millis();
+    let setting = format!("-c idle_in_transaction_session_timeout={idle_ms}");
+    let options = match config.get_options() {
+        Some(given) if !given.is_empty() => format!("{given} {setting}"),
+        _ => setting,
+    };
+    config.options(&options);
+}
+
 /// This replica's place in the cluster.
 #[derive(Debug, Clone)]
 pub struct Replica {
@@ -136,8 +153,9 @@ impl PgStore {
     /// build's version. Fails when the server cannot be reached, so a
     /// misconfigured replica says so at start.
     pub async fn open(url: &str, replica: Replica) -> Result<Self, PgStoreError> {
-        let config =
+        let mut config =
             tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
+        release_a_frozen_writers_locks(&mut config, replica.lease_ttl);
         let notify = Arc::new(notify::Notifier::new(config.clone()));
         let manager = Manager::from_config(
             config,
