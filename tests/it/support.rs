@@ -237,6 +237,16 @@ impl Env {
         }
     }
 
+    /// Whether the daemon (or a command) created the state yet: the file on
+    /// SQLite, runhook's schema on PostgreSQL.
+    #[allow(dead_code)]
+    pub async fn state_exists(&self) -> bool {
+        match self.backend {
+            Backend::Sqlite => self.state_path().exists(),
+            Backend::Postgres(_) => self.reads().await.is_ok(),
+        }
+    }
+
     /// What `--state` takes for this env's state: the file, or a
     /// `postgres://` URL.
     #[allow(dead_code)]
