@@ -280,6 +280,8 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 }
 
 on_both! {
+    // It counts the fixture's file sink's deliveries.
+    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn metrics_pass_promtool_and_move_and_readyz_turns_unready_on_shutdown(backend: Backend) {
         let sim = sim_with(vec![scripted("run-m", numbered(10))]).await;
         let receiver = Receiver::start().await;
