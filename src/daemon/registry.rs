@@ -19,7 +19,7 @@ use crate::sink::Sender;
 use crate::sink::file::FileSink;
 use crate::sink::slack::SlackSink;
 use crate::sink::webhook::WebhookSink;
-use crate::store::{Fence, State, StateError};
+use crate::store::{State, StateError};
 
 /// The delivery loops, one per sink, each with its own stop switch so a
 /// reload can start, stop or restart one without touching the others.
@@ -64,6 +64,10 @@ impl Sinks {
         for (name, sink) in &config.sinks {
             crate::metrics::metrics().sink_configured(name);
             if !self.running.contains_key(name) {
+                if !written_here(sink, state) {
+                    tracing::info!(sink = %name, "file sink: written by another node (its `node`); not started here");
+                    continue;
+                }
                 let stop = CancellationToken::new();
                 let start = {
                     let (sink, state, ownership) = (sink.clone(), state.clone(), ownership.clone());
@@ -98,6 +102,15 @@ impl Sinks {
     }
 }
 
+/// A file sink in a cluster is written by the replica its `node` names only
+/// (SQLite: one machine, every sink here).
+fn written_here(sink: &SinkConfig, state: &State) -> bool {
+    match &sink.kind {
+        SinkKind::File(file) => state.writes_sink_of(file.node.as_deref()),
+        SinkKind::Webhook(_) | SinkKind::Slack(_) => true,
+    }
+}
+
 /// Builds the sink afresh at each start, so that a restart or a reload
 /// reopens a file sink's file (logrotate).
 fn start_sink(
@@ -114,13 +127,9 @@ fn start_sink(
     };
     let sender = match &sink.kind {
         SinkKind::File(file) => {
-            // A file sink is owned by its node, not by a run's lease; until
-            // it has that fence, it does not run on a leased state.
-            if !ownership.is_exclusive() {
-                return Err(DaemonError::FileSinkUnfenced {
-                    sink: sink.name.to_string(),
-                });
-            }
+            // A file sink is owned by its node, not by a run's lease: its
+            // loop claims the sink's own fence (`written_here` started it on
+            // its node only).
             let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
                 sink: sink.name.to_string(),
                 path: file.path.display().to_string(),
@@ -131,7 +140,6 @@ fn start_sink(
                 Arc::new(opened),
                 sink.delivery.clone(),
                 state()?,
-                Fence::Exclusive,
                 stop,
             ))));
         }

@@ -22,6 +22,13 @@ const FILE_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// a batch per write and fsync. A file fails as a whole, so its head waits out
 /// the backoff and everything behind it waits too.
 ///
+/// The sink is held, not a run: its batches span runs. On SQLite the daemon
+/// lock is the fence, as for every write. On PostgreSQL the loop first
+/// claims the sink's lease (waiting while another process of the same node
+/// holds it), renews it while it writes, and when the lease is lost (a write
+/// refused, or no renewal for two thirds of a ttl) stops writing and claims
+/// again; at shutdown it releases the lease for the node's next process.
+///
 /// A store error does not end the loop: it backs off, then reconciles with
 /// the file's tail again (lines written but not yet marked done are marked,
 /// not written twice) and carries on. Returns at shutdown.
@@ -30,15 +37,131 @@ pub async fn run_file_sink(
     file: Arc<FileSink>,
     policy: DeliveryPolicy,
     state: State,
-    fence: Fence,
     shutdown: CancellationToken,
+) -> Result<(), StateError> {
+    loop {
+        let Some(fence) = claim_sink(&name, &state, &shutdown).await else {
+            return Ok(());
+        };
+        // Cancelled when the lease is lost, or once the writing has ended.
+        let held = CancellationToken::new();
+        let writing = async {
+            let result =
+                deliver_while_held(&name, &file, &policy, &state, &fence, &held, &shutdown).await;
+            held.cancel();
+            result
+        };
+        let (result, ()) = tokio::join!(writing, keep_sink(&name, &state, &fence, &held));
+        match result {
+            Ok(()) if shutdown.is_cancelled() => {
+                if let Err(error) = state.release_sink(&fence).await {
+                    tracing::warn!(sink = %name, %error, "file sink: could not release its lease; the node's next process waits for it to expire");
+                }
+                return Ok(());
+            }
+            Ok(()) => {}
+            Err(error) if error.fence_refused() => {
+                tracing::warn!(sink = %name, %error, "file sink: lease lost; stopped writing, claiming it again");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The sink's fence, once no other process holds it; `None` at shutdown.
+async fn claim_sink(name: &Arc<str>, state: &State, shutdown: &CancellationToken) -> Option<Fence> {
+    let mut waiting = false;
+    let mut store_errors = 0;
+    loop {
+        let wait = match state.claim_sink(name).await {
+            Ok(Some(fence)) => {
+                if waiting {
+                    tracing::info!(sink = %name, "file sink: lease claimed; writing");
+                }
+                return Some(fence);
+            }
+            Ok(None) => {
+                if !waiting {
+                    tracing::info!(sink = %name, "file sink: another process of this node holds its lease; waiting for it to end");
+                    waiting = true;
+                }
+                store_errors = 0;
+                renew_every(state)
+            }
+            Err(error) => {
+                store_errors += 1;
+                let wait = super::store_backoff(store_errors);
+                tracing::warn!(sink = %name, %error, ?wait, "file sink: cannot claim its lease; retrying");
+                wait
+            }
+        };
+        if crate::ingest::sleep_or_cancel(wait, shutdown).await {
+            return None;
+        }
+    }
+}
+
+/// How often a sink's lease is renewed (and a held one claimed again).
+fn renew_every(state: &State) -> Duration {
+    state
+        .sink_lease_ttl()
+        .map_or(Duration::from_secs(1), |ttl| ttl / 3)
+}
+
+/// Renews the sink's lease until `held` is cancelled; cancels it when the
+/// lease was lost or could not be renewed within two thirds of a ttl of the
+/// last renewal sent, before the server can hand it to another process.
+/// On SQLite there is nothing to renew.
+async fn keep_sink(name: &Arc<str>, state: &State, fence: &Fence, held: &CancellationToken) {
+    let Some(ttl) = state.sink_lease_ttl() else {
+        held.cancelled().await;
+        return;
+    };
+    let trust = ttl * 2 / 3;
+    let mut trusted_until = tokio::time::Instant::now() + trust;
+    loop {
+        if crate::ingest::sleep_or_cancel(ttl / 3, held).await {
+            return;
+        }
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout_at(trusted_until, state.renew_sink(fence)).await {
+            Ok(Ok(true)) => trusted_until = sent + trust,
+            Ok(Ok(false)) => {
+                tracing::warn!(sink = %name, "file sink: lease taken over by another process; stopping");
+                held.cancel();
+                return;
+            }
+            Ok(Err(error)) if tokio::time::Instant::now() < trusted_until => {
+                tracing::warn!(sink = %name, %error, "file sink: cannot renew its lease; retrying");
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(sink = %name, "file sink: lease not renewed in time; stopping before it can expire");
+                held.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// Writes under `fence` until shutdown (`Ok`), the lease is lost (`Ok`,
+/// `held` cancelled) or a write is refused for its fence (`Err`). A store
+/// error backs off and starts over with a reconciliation.
+async fn deliver_while_held(
+    name: &Arc<str>,
+    file: &Arc<FileSink>,
+    policy: &DeliveryPolicy,
+    state: &State,
+    fence: &Fence,
+    held: &CancellationToken,
+    shutdown: &CancellationToken,
 ) -> Result<(), StateError> {
     let mut store_errors = 0;
     loop {
         let started = tokio::time::Instant::now();
-        let Err(error) = deliver_file(&name, &file, &policy, &state, &fence, &shutdown).await
-        else {
-            return Ok(());
+        let error = match deliver_file(name, file, policy, state, fence, held, shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.fence_refused() => return Err(error),
+            Err(error) => error,
         };
         if started.elapsed() > STORE_ERRORS_FORGOTTEN {
             store_errors = 0;
@@ -46,7 +169,7 @@ pub async fn run_file_sink(
         store_errors += 1;
         let wait = super::store_backoff(store_errors);
         tracing::warn!(sink = %name, %error, ?wait, "file sink: state database error; reconciling with the file and retrying");
-        if crate::ingest::sleep_or_cancel(wait, &shutdown).await {
+        if crate::ingest::sleep_or_cancel(wait, shutdown).await {
             return Ok(());
         }
     }
@@ -56,22 +179,28 @@ pub async fn run_file_sink(
 const STORE_ERRORS_FORGOTTEN: Duration = Duration::from_secs(30);
 
 /// Reconciles with the file's tail, then writes batches until shutdown
-/// (`Ok`) or a store error.
+/// or the lease is lost (`Ok`), or a store error.
 async fn deliver_file(
     name: &Arc<str>,
     file: &Arc<FileSink>,
     policy: &DeliveryPolicy,
     state: &State,
     fence: &Fence,
+    held: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Result<(), StateError> {
-    recover_file(name, file, state).await?;
+    recover_file(name, file, state, fence).await?;
     let mut commits = state.commits();
     loop {
+        if held.is_cancelled() {
+            // Lost: whoever holds the sink now writes; a batch written here
+            // could not be marked anyway.
+            return Ok(());
+        }
         commits.borrow_and_update();
         if file.needs_recovery() {
             // A failed write could not be cut back: reconcile before writing.
-            recover_file(name, file, state).await?;
+            recover_file(name, file, state, fence).await?;
             if file.needs_recovery()
                 && crate::ingest::sleep_or_cancel(RECOVERY_RETRY, shutdown).await
             {
@@ -106,6 +235,7 @@ async fn recover_file(
     name: &Arc<str>,
     file: &Arc<FileSink>,
     state: &State,
+    fence: &Fence,
 ) -> Result<(), StateError> {
     let offset = state.sink_offset(name).await?;
     let sink = file.clone();
@@ -121,7 +251,7 @@ async fn recover_file(
         tracing::warn!(sink = %name, bytes = recovery.torn_bytes, "file sink: cut a torn last line");
     }
     let marked = state
-        .mark_found_delivered(name.clone(), recovery.ids, recovery.offset)
+        .mark_found_delivered(fence, name.clone(), recovery.ids, recovery.offset)
         .await?;
     if marked > 0 {
         tracing::info!(sink = %name, marked, "file sink: lines written before a crash marked done");
@@ -407,7 +537,9 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "{\"id\":\"run-a:1\"}\n").unwrap();
         let file = Arc::new(FileSink::open(&path).unwrap());
-        recover_file(&name, &file, &state).await.unwrap();
+        recover_file(&name, &file, &state, &Fence::Exclusive)
+            .await
+            .unwrap();
         let dead = state.dead_letters(None, None).await.unwrap();
         assert!(dead.is_empty(), "the line is in the file: {dead:?}");
     }

@@ -10,7 +10,9 @@
 //! proof ([`Fence::Exclusive`]); on PostgreSQL it is the run's lease
 //! ([`Fence::Lease`]), checked inside the write's transaction. A write
 //! reaching PostgreSQL without a lease is refused ([`StateError::Unfenced`])
-//! rather than committed unfenced.
+//! rather than committed unfenced. A file sink spans every run, so its loop
+//! holds the sink instead ([`State::claim_sink`]): [`Fence::Sink`] on
+//! PostgreSQL, the same [`Fence::Exclusive`] on SQLite.
 //!
 //! Claiming, renewing and releasing leases are not here: they exist only
 //! where several replicas share the state, so they stay on
@@ -22,10 +24,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
-use super::pg::{Lease, PgStore, PgStoreError, Replica};
+use super::pg::{Lease, PgStore, PgStoreError, Replica, SinkLease};
 use super::{
     Backfilled, Batch, DeadFilter, DeadLetter, Failure, NewWork, Pending, PrunedRun, Reader,
     Recorded, RequeueFilter, RunRow, RunState, SinkRow, Store, StoreError, StoredEvent, Subscribed,
@@ -105,6 +108,9 @@ pub enum Fence {
     /// PostgreSQL: the run's lease, whose epoch every write checks in its
     /// own transaction.
     Lease(Lease),
+    /// PostgreSQL: the lease of a sink its node writes (a file sink), for
+    /// that sink's writes across every run; no run's write takes it.
+    Sink(SinkLease),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -118,9 +124,14 @@ pub enum StateError {
     /// [`PgStoreError`] so callers match it without naming a backend.
     #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
     LeaseLost { run_id: Arc<str>, epoch: i64 },
-    /// A data-path write reached the shared state without the run's lease:
-    /// a bug in the caller, refused so nothing is ever written unfenced.
-    #[error("{write} on the PostgreSQL state needs the run's lease; refused, nothing written")]
+    /// Another process took the node's sink over (or this one released it):
+    /// stop writing the sink and claim it again; nothing was committed.
+    #[error("sink {sink}: lease epoch {epoch} is no longer held by this process")]
+    SinkLeaseLost { sink: Arc<str>, epoch: i64 },
+    /// A data-path write reached the shared state without its lease (the
+    /// run's, or for a file sink's writes the sink's): a bug in the caller,
+    /// refused so nothing is ever written unfenced.
+    #[error("{write} on the PostgreSQL state needs its lease; refused, nothing written")]
     Unfenced { write: &'static str },
     /// A lease handed to the SQLite state: it came from another store, so
     /// the caller is confused about which state it works on.
@@ -136,7 +147,10 @@ impl StateError {
     pub fn fence_refused(&self) -> bool {
         matches!(
             self,
-            Self::LeaseLost { .. } | Self::Unfenced { .. } | Self::LeaseOnSqlite { .. }
+            Self::LeaseLost { .. }
+                | Self::SinkLeaseLost { .. }
+                | Self::Unfenced { .. }
+                | Self::LeaseOnSqlite { .. }
         )
     }
 }
@@ -151,6 +165,7 @@ impl From<PgStoreError> for StateError {
     fn from(error: PgStoreError) -> Self {
         match error {
             PgStoreError::LeaseLost { run_id, epoch } => Self::LeaseLost { run_id, epoch },
+            PgStoreError::SinkLeaseLost { sink, epoch } => Self::SinkLeaseLost { sink, epoch },
             other => Self::Postgres(other),
         }
     }
@@ -298,8 +313,9 @@ impl State {
     }
 
     /// Deliveries that reached their sink, with the sink's output offset.
-    /// On PostgreSQL only the lease's run's deliveries among `events` are
-    /// marked: a lease fences its own run.
+    /// On PostgreSQL a run's lease marks only that run's deliveries among
+    /// `events`; a sink's lease ([`Fence::Sink`]) marks its sink's, of any
+    /// run.
     pub async fn mark_delivered(
         &self,
         fence: &Fence,
@@ -312,15 +328,22 @@ impl State {
                 exclusive(fence, "mark_delivered")?;
                 Ok(sqlite.store.mark_delivered(sink, events, offset).await?)
             }
-            Self::Postgres(pg) => {
-                let lease = any_lease(fence, "mark_delivered")?;
-                Ok(pg.mark_delivered(lease, sink, events, offset).await?)
-            }
+            Self::Postgres(pg) => match fence {
+                Fence::Sink(held) => {
+                    let held = sink_lease_on(held, &sink)?;
+                    Ok(pg.mark_sink_delivered(held, events, offset).await?)
+                }
+                _ => {
+                    let lease = any_lease(fence, "mark_delivered")?;
+                    Ok(pg.mark_delivered(lease, sink, events, offset).await?)
+                }
+            },
         }
     }
 
     /// A failed attempt: counted and scheduled, or dead-lettered. On
-    /// PostgreSQL, only the lease's run's deliveries among the events.
+    /// PostgreSQL, only the lease's run's deliveries among the events (a
+    /// sink's lease: its sink's, of any run).
     pub async fn record_failure(
         &self,
         fence: &Fence,
@@ -332,10 +355,16 @@ impl State {
                 exclusive(fence, "record_failure")?;
                 Ok(sqlite.store.record_failure(sink, failure).await?)
             }
-            Self::Postgres(pg) => {
-                let lease = any_lease(fence, "record_failure")?;
-                Ok(pg.record_failure(lease, sink, failure).await?)
-            }
+            Self::Postgres(pg) => match fence {
+                Fence::Sink(held) => {
+                    let held = sink_lease_on(held, &sink)?;
+                    Ok(pg.record_sink_failure(held, failure).await?)
+                }
+                _ => {
+                    let lease = any_lease(fence, "record_failure")?;
+                    Ok(pg.record_failure(lease, sink, failure).await?)
+                }
+            },
         }
     }
 
@@ -418,17 +447,29 @@ impl State {
 fn exclusive(fence: &Fence, write: &'static str) -> Result<(), StateError> {
     match fence {
         Fence::Exclusive => Ok(()),
-        Fence::Lease(_) => Err(StateError::LeaseOnSqlite { write }),
+        Fence::Lease(_) | Fence::Sink(_) => Err(StateError::LeaseOnSqlite { write }),
     }
 }
 
-/// The PostgreSQL fence: a lease, whichever run it is on (the store keeps
-/// the write to that run).
+/// The PostgreSQL fence of a run's write: a lease, whichever run it is on
+/// (the store keeps the write to that run). A sink's lease fences no run.
 fn any_lease<'a>(fence: &'a Fence, write: &'static str) -> Result<&'a Lease, StateError> {
     match fence {
         Fence::Lease(lease) => Ok(lease),
-        Fence::Exclusive => Err(StateError::Unfenced { write }),
+        Fence::Exclusive | Fence::Sink(_) => Err(StateError::Unfenced { write }),
     }
+}
+
+/// A sink's lease fences that sink's writes only: on another sink it fences
+/// nothing, as if lost.
+fn sink_lease_on<'a>(held: &'a SinkLease, sink: &str) -> Result<&'a SinkLease, StateError> {
+    if *held.sink != *sink {
+        return Err(StateError::SinkLeaseLost {
+            sink: Arc::from(sink),
+            epoch: held.epoch,
+        });
+    }
+    Ok(held)
 }
 
 /// The PostgreSQL fence for a write naming `run_id`: a lease on another run
@@ -446,6 +487,95 @@ fn lease_on<'a>(
         });
     }
     Ok(lease)
+}
+
+/// A sink one node writes (a file sink): its writes span every run, so its
+/// loop holds the sink rather than runs, and fences them with what
+/// [`State::claim_sink`] gave it.
+impl State {
+    /// Whether a sink that names `node` is written by this process. SQLite
+    /// is one machine: every sink is, whatever it names. On PostgreSQL only
+    /// the replica whose node it names (a sink naming none runs nowhere:
+    /// `check` refuses it there).
+    pub fn writes_sink_of(&self, node: Option<&str>) -> bool {
+        match self {
+            Self::Sqlite(_) => true,
+            Self::Postgres(pg) => node == Some(pg.node()),
+        }
+    }
+
+    /// The fence of a node's sink: on SQLite the daemon lock
+    /// ([`Fence::Exclusive`], as for every write); on PostgreSQL the sink's
+    /// lease for this node, `None` while another process holds it.
+    pub async fn claim_sink(&self, sink: &str) -> Result<Option<Fence>, StateError> {
+        match self {
+            Self::Sqlite(_) => Ok(Some(Fence::Exclusive)),
+            Self::Postgres(pg) => Ok(pg.claim_sink(sink).await?.map(Fence::Sink)),
+        }
+    }
+
+    /// How long a sink's lease lasts unrenewed: renew it every third of
+    /// that. `None` on SQLite, whose fence lasts the daemon's life.
+    pub fn sink_lease_ttl(&self) -> Option<Duration> {
+        match self {
+            Self::Sqlite(_) => None,
+            Self::Postgres(pg) => Some(pg.lease_ttl()),
+        }
+    }
+
+    /// Renews what [`State::claim_sink`] gave; `false` when it was lost.
+    pub async fn renew_sink(&self, fence: &Fence) -> Result<bool, StateError> {
+        match (self, fence) {
+            (Self::Sqlite(_), _) => {
+                exclusive(fence, "renew_sink")?;
+                Ok(true)
+            }
+            (Self::Postgres(pg), Fence::Sink(held)) => Ok(pg.renew_sink(held).await?),
+            (Self::Postgres(_), _) => Err(StateError::Unfenced {
+                write: "renew_sink",
+            }),
+        }
+    }
+
+    /// Gives the sink up at a clean stop, so the node's next process claims
+    /// it at once. Nothing to give up on SQLite.
+    pub async fn release_sink(&self, fence: &Fence) -> Result<(), StateError> {
+        match (self, fence) {
+            (Self::Postgres(pg), Fence::Sink(held)) => Ok(pg.release_sink(held).await?),
+            _ => Ok(()),
+        }
+    }
+
+    /// A file sink's reconciliation at start: lines found in the file past
+    /// its offset are delivered. Fenced by the sink, as its other writes:
+    /// a process refused a `mark_delivered` must not mark the same lines by
+    /// reconciling.
+    pub async fn mark_found_delivered(
+        &self,
+        fence: &Fence,
+        sink: Arc<str>,
+        found: Vec<String>,
+        offset: u64,
+    ) -> Result<usize, StateError> {
+        match self {
+            Self::Sqlite(sqlite) => {
+                exclusive(fence, "mark_found_delivered")?;
+                Ok(sqlite
+                    .store
+                    .mark_found_delivered(sink, found, offset)
+                    .await?)
+            }
+            Self::Postgres(pg) => match fence {
+                Fence::Sink(held) => {
+                    let held = sink_lease_on(held, &sink)?;
+                    Ok(pg.mark_found_delivered(held, found, offset).await?)
+                }
+                _ => Err(StateError::Unfenced {
+                    write: "mark_found_delivered",
+                }),
+            },
+        }
+    }
 }
 
 /// Subscriptions, sink state, dead letters and maintenance: not a run
@@ -484,16 +614,6 @@ impl State {
 
     pub async fn set_sink_down(&self, sink: Arc<str>, down: bool) -> Result<(), StateError> {
         both!(self.set_sink_down(sink, down))
-    }
-
-    /// A file sink's reconciliation at start (the node that writes it).
-    pub async fn mark_found_delivered(
-        &self,
-        sink: Arc<str>,
-        found: Vec<String>,
-        offset: u64,
-    ) -> Result<usize, StateError> {
-        both!(self.mark_found_delivered(sink, found, offset))
     }
 
     pub async fn replay(&self, filter: DeadFilter) -> Result<usize, StateError> {

@@ -15,6 +15,7 @@ mod operator_safety;
 mod ops_cli;
 mod packaging;
 mod pg;
+mod pg_file;
 mod pg_runs;
 mod pg_state;
 mod pg_support;

@@ -508,8 +508,13 @@ async fn found_deliveries_are_marked_done_with_the_offset() {
         .map(|n| format!("{RUN}:{n}"))
         .chain([format!("{OTHER}:9")])
         .collect();
+    let archive = store
+        .claim_sink("archive")
+        .await
+        .expect("claim")
+        .expect("nobody holds the sink");
     let marked = store
-        .mark_found_delivered("archive".into(), found, 1234)
+        .mark_found_delivered(&archive, found, 1234)
         .await
         .expect("found");
     assert_eq!(

@@ -874,7 +874,8 @@ on_both! {
         let a = sinks.iter().find(|s| s.sink == "a").expect("sink a listed");
         assert_eq!((a.pending, a.done, a.dead, a.down), (3, 0, 0, true));
         assert_eq!(b.state.sink_offset("a").await.unwrap(), None);
-        let found = b.state.mark_found_delivered(Arc::from("a"), vec!["run-1:1".into(), "run-1:9".into()], 42).await.unwrap();
+        let sink_fence = b.state.claim_sink("a").await.unwrap().expect("sink a is free");
+        let found = b.state.mark_found_delivered(&sink_fence, Arc::from("a"), vec!["run-1:1".into(), "run-1:9".into()], 42).await.unwrap();
         assert_eq!(found, 1, "only a recorded event is marked");
         assert_eq!(b.state.sink_offset("a").await.unwrap(), Some(42));
         delivered(b, RUN, "a", rows(b, &[2]).await).await;

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 
 use super::super::{DeliveryState, Failure, Pending, now_ms};
@@ -47,6 +48,26 @@ pub(super) fn pending_row(row: &Row) -> Result<Pending, tokio_postgres::Error> {
         seen_at: row.try_get(12)?,
         queued_at: row.try_get(13)?,
     })
+}
+
+/// The sink answered: its last success, its output offset (a file sink's
+/// length) when given, and up again; in the transaction that marks the
+/// deliveries it covers.
+pub(super) async fn record_success(
+    tx: &Transaction<'_>,
+    sink: &str,
+    offset: Option<i64>,
+    now: i64,
+) -> Result<(), PgStoreError> {
+    tx.execute(
+        "INSERT INTO sinks (name, file_offset, last_success_at) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET
+            file_offset = COALESCE(excluded.file_offset, sinks.file_offset),
+            last_success_at = excluded.last_success_at, down = false",
+        &[&sink, &offset, &now],
+    )
+    .await?;
+    Ok(())
 }
 
 impl PgStore {
@@ -94,14 +115,7 @@ impl PgStore {
             &[&&*sink, &&*lease.run_id, &events, &DONE, &now, &PENDING],
         )
         .await?;
-        tx.execute(
-            "INSERT INTO sinks (name, file_offset, last_success_at) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO UPDATE SET
-                file_offset = COALESCE(excluded.file_offset, sinks.file_offset),
-                last_success_at = excluded.last_success_at, down = false",
-            &[&&*sink, &offset, &now],
-        )
-        .await?;
+        record_success(&tx, &sink, offset, now).await?;
         tx.commit().await?;
         Ok(())
     }

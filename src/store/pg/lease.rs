@@ -3,11 +3,18 @@
 //!
 //! The protocol (times in the server's clock, `now()`, never a replica's, so
 //! clock skew cannot hand one run to two owners):
-//! - **claim**: one statement picks unowned or expired lease rows `FOR
-//!   UPDATE SKIP LOCKED` (replicas claiming at once take different rows),
-//!   sets the owner, raises the epoch and sets `expires_at = now() + ttl`.
+//! - **claim**: one statement picks unowned or expired lease rows of runs
+//!   with work (`FOR UPDATE SKIP LOCKED`: replicas claiming at once take
+//!   different rows), sets the owner, raises the epoch and sets `expires_at
+//!   = now() + ttl`. A run has work while it is watched (ingest and its
+//!   deliveries) or, unwatched, while it has pending deliveries a run lease
+//!   covers (a `replay` of its dead letters, a `backfill`, retries due
+//!   later): otherwise no replica would ever deliver those.
 //! - **renew**: pushes `expires_at` on, only where owner and epoch still
-//!   match; a lease missing from the answer was lost.
+//!   match; a lease missing from the answer was lost. A lease whose run has
+//!   no work left is released by the same statement rather than renewed
+//!   (missing from the answer too): an unwatched run's lease ends once its
+//!   last delivery is done or dead.
 //! - **release** (shedding, shutdown): clears the owner and expires the
 //!   lease now, so another replica claims it at once.
 //! - **fence**: every write for a run checks owner and epoch in its own
@@ -25,6 +32,38 @@ use std::time::{Duration, Instant};
 
 use super::{PgStore, PgStoreError};
 
+/// The sinks whose pending deliveries a run's lease covers, as a `WITH`
+/// clause: every sink with a pending delivery except those a node holds
+/// (`sink_leases`: a file sink in a cluster is delivered by its node, under
+/// its own lease, whether or not anyone holds the run). A loose index scan
+/// of `deliveries_pending (sink, event)`: one seek per sink, however long
+/// the backlogs, so [`has_work!`] is a seek per sink per run.
+macro_rules! run_sinks {
+    () => {
+        "WITH RECURSIVE pending_sinks(sink) AS (
+            SELECT min(sink) FROM deliveries WHERE state = 0
+            UNION ALL
+            SELECT (SELECT min(d.sink) FROM deliveries d WHERE d.state = 0 AND d.sink > p.sink)
+            FROM pending_sinks p WHERE p.sink IS NOT NULL),
+         run_sinks AS (
+            SELECT p.sink FROM pending_sinks p
+            WHERE p.sink IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM sink_leases s WHERE s.sink = p.sink)) "
+    };
+}
+
+/// Whether the run (`r`, joined from `runs`) has work a lease covers:
+/// watched, or pending deliveries to a [`run_sinks!`] sink (a seek of
+/// `deliveries_pending_by_run` per sink). Needs [`run_sinks!`] in the
+/// statement's `WITH`.
+macro_rules! has_work {
+    () => {
+        "(r.watched OR EXISTS (
+            SELECT 1 FROM run_sinks s JOIN deliveries d
+              ON d.sink = s.sink AND d.run_id = r.run_id AND d.state = 0))"
+    };
+}
+
 /// A run this replica owns, and the epoch that fences its writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lease {
@@ -35,7 +74,8 @@ pub struct Lease {
 /// How runs divide among the live replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Share {
-    /// Watched runs (each has a lease row).
+    /// Runs with work: watched, or with pending deliveries a run lease
+    /// covers (each has a lease row).
     pub runs: usize,
     /// Replicas whose heartbeat is younger than a lease ttl (at least 1).
     pub replicas: usize,
@@ -44,7 +84,7 @@ pub struct Share {
 }
 
 impl PgStore {
-    fn ttl_ms(&self) -> i64 {
+    pub(super) fn ttl_ms(&self) -> i64 {
         i64::try_from(self.replica.lease_ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
@@ -61,15 +101,21 @@ impl PgStore {
         Ok(())
     }
 
-    /// How many runs each live replica should hold now.
+    /// How many runs each live replica should hold now: the runs with work
+    /// (watched, or with pending deliveries) over the live replicas.
     pub async fn fair_share(&self) -> Result<Share, PgStoreError> {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM leases l JOIN runs r ON r.run_id = l.run_id
-                         WHERE r.watched),
+                concat!(
+                    run_sinks!(),
+                    "SELECT (SELECT count(*) FROM leases l JOIN runs r ON r.run_id = l.run_id
+                             WHERE ",
+                    has_work!(),
+                    "),
                         (SELECT count(*) FROM replicas
-                         WHERE heartbeat_at > now() - $1::bigint * interval '1 millisecond')",
+                         WHERE heartbeat_at > now() - $1::bigint * interval '1 millisecond')"
+                ),
                 &[&self.ttl_ms()],
             )
             .await?;
@@ -84,8 +130,10 @@ impl PgStore {
         })
     }
 
-    /// Claims up to `limit` watched runs whose lease is unowned or expired,
-    /// each with its epoch raised: the token this replica's writes carry.
+    /// Claims up to `limit` runs with work (watched, or unwatched with
+    /// pending deliveries) whose lease is unowned or expired, each with its
+    /// epoch raised: the token this replica's writes carry. Whoever works a
+    /// claimed run must start its ingest only if it is watched.
     pub async fn claim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -94,36 +142,59 @@ impl PgStore {
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "UPDATE leases SET owner = $1, epoch = leases.epoch + 1,
-                    expires_at = now() + $2::bigint * interval '1 millisecond'
-                 FROM (SELECT l.run_id FROM leases l JOIN runs r ON r.run_id = l.run_id
-                       WHERE r.watched AND (l.owner IS NULL OR l.expires_at <= now())
-                       ORDER BY l.run_id LIMIT $3
-                       FOR UPDATE OF l SKIP LOCKED) AS pick
-                 WHERE leases.run_id = pick.run_id
-                 RETURNING leases.run_id, leases.epoch",
+                concat!(
+                    run_sinks!(),
+                    "UPDATE leases SET owner = $1, epoch = leases.epoch + 1,
+                        expires_at = now() + $2::bigint * interval '1 millisecond'
+                     FROM (SELECT l.run_id FROM leases l JOIN runs r ON r.run_id = l.run_id
+                           WHERE (l.owner IS NULL OR l.expires_at <= now()) AND ",
+                    has_work!(),
+                    " ORDER BY l.run_id LIMIT $3
+                           FOR UPDATE OF l SKIP LOCKED) AS pick
+                     WHERE leases.run_id = pick.run_id
+                     RETURNING leases.run_id, leases.epoch"
+                ),
                 &[&self.node(), &self.ttl_ms(), &limit],
             )
             .await?;
         lease_rows(&rows)
     }
 
-    /// Renews `held` for another ttl where owner and epoch still match.
-    /// Returns the leases renewed; any other was lost.
+    /// Renews `held` for another ttl where owner and epoch still match and
+    /// the run still has work; a held lease whose run has none (unwatched,
+    /// nothing pending) is released instead. Returns the leases renewed;
+    /// any other was lost or released: stop its run's work.
     pub async fn renew(&self, held: &[Lease]) -> Result<Vec<Lease>, PgStoreError> {
         let (runs, epochs) = columns(held);
         let client = self.pool.get().await?;
         let rows = client
             .query(
-                "UPDATE leases SET expires_at = now() + $4::bigint * interval '1 millisecond'
-                 FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
-                 WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
-                   AND leases.owner = $1
-                 RETURNING leases.run_id, leases.epoch",
+                concat!(
+                    run_sinks!(),
+                    "UPDATE leases SET
+                        owner = CASE WHEN h.worked THEN leases.owner END,
+                        expires_at = CASE WHEN h.worked
+                            THEN now() + $4::bigint * interval '1 millisecond'
+                            ELSE now() END
+                     FROM (SELECT held.run_id, held.epoch, ",
+                    has_work!(),
+                    " AS worked
+                           FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
+                           JOIN runs r ON r.run_id = held.run_id) AS h
+                     WHERE leases.run_id = h.run_id AND leases.epoch = h.epoch
+                       AND leases.owner = $1
+                     RETURNING leases.run_id, leases.epoch, h.worked"
+                ),
                 &[&self.node(), &runs, &epochs, &self.ttl_ms()],
             )
             .await?;
-        lease_rows(&rows)
+        let mut renewed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<_, bool>(2)? {
+                renewed.extend(lease_rows(std::slice::from_ref(row))?);
+            }
+        }
+        Ok(renewed)
     }
 
     /// Gives leases up: unowned and expired now, so another replica claims

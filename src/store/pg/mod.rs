@@ -22,6 +22,7 @@ mod requeue;
 mod retention;
 mod runs;
 mod schema;
+mod sink_lease;
 mod sinks;
 
 use std::str::FromStr;
@@ -33,6 +34,7 @@ use tokio_postgres::NoTls;
 
 pub use lease::{Lease, LeaseChanges, LeaseKeeper, Share};
 pub use schema::VERSION as SCHEMA_VERSION;
+pub use sink_lease::SinkLease;
 
 /// Connections per store: ingest, delivery and the lease keeper at once.
 const POOL_SIZE: usize = 8;
@@ -55,6 +57,10 @@ pub enum PgStoreError {
     /// working the run; nothing of this write was committed.
     #[error("run {run_id}: lease epoch {epoch} is no longer held by this replica")]
     LeaseLost { run_id: Arc<str>, epoch: i64 },
+    /// Another process took the node's sink over (or this one released
+    /// it): stop writing the sink; nothing of this write was committed.
+    #[error("sink {sink}: lease epoch {epoch} is no longer held by this process")]
+    SinkLeaseLost { sink: Arc<str>, epoch: i64 },
     /// The database numbered a batch's events out of their order, which
     /// would deliver them out of order: the batch was not recorded.
     #[error("run {0}: events were numbered out of batch order; the batch was not recorded")]

@@ -117,6 +117,19 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_by_run ON events(run_id, rowid);
     "#,
+    // 2 -> 3: sinks owned by a node rather than by runs' leases (a file
+    // sink in a cluster writes one machine's disk). One lease row per such
+    // sink, made by its node's first claim, fenced as `leases` fences a run
+    // (`sink_lease.rs`). A sink with a row here is also what a run lease
+    // does not cover: its pending deliveries keep no run claimed.
+    r#"
+    CREATE TABLE sink_leases (
+        sink       text PRIMARY KEY,
+        owner      text,
+        epoch      bigint NOT NULL DEFAULT 0,
+        expires_at timestamptz NOT NULL DEFAULT '-infinity'
+    );
+    "#,
 ];
 
 pub const VERSION: i64 = MIGRATIONS.len() as i64;

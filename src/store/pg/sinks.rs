@@ -6,14 +6,15 @@
 //! events, so only the owner writes it: [`PgStore::save_thread_root`] is
 //! fenced by the lease like `mark_delivered`, and a replica that lost the
 //! run cannot overwrite the root the new owner threads under. The rest is
-//! the sink's, not a run's: a file sink is written by its one `node`, and
-//! "down" is what the last replica to try found.
+//! the sink's, not a run's: a file sink is written by its one `node`, under
+//! that sink's lease (`sink_lease.rs`, where its writes live), and "down" is
+//! what the last replica to try found.
 
 use std::sync::Arc;
 
 use tokio_postgres::Row;
 
-use super::super::{DeliveryState, SinkRow, now_ms};
+use super::super::{DeliveryState, SinkRow};
 use super::{Lease, PgStore, PgStoreError, fence};
 
 const PENDING: i16 = DeliveryState::Pending as i16;
@@ -64,40 +65,6 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    /// A sink found these events already written past its recorded offset
-    /// (a file sink at start-up: written, then a crash before they were
-    /// marked done): they are delivered, and `offset` is where the sink now
-    /// stands, in one transaction. A dead letter among them is delivered
-    /// too: the sink has it. Returns how many deliveries it marked.
-    pub async fn mark_found_delivered(
-        &self,
-        sink: Arc<str>,
-        found: Vec<String>,
-        offset: u64,
-    ) -> Result<usize, PgStoreError> {
-        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let marked = tx
-            .execute(
-                "UPDATE deliveries d SET state = $3, attempts = d.attempts + 1, done_at = $4,
-                    last_status = NULL, last_error = NULL
-                 FROM events e
-                 WHERE e.id = ANY($2) AND d.event = e.rowid AND d.sink = $1
-                   AND d.state IN ($5, $6)",
-                &[&&*sink, &found, &DONE, &now_ms(), &PENDING, &DEAD],
-            )
-            .await?;
-        tx.execute(
-            "INSERT INTO sinks (name, file_offset) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET file_offset = excluded.file_offset",
-            &[&&*sink, &offset],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(usize::try_from(marked).unwrap_or(usize::MAX))
     }
 
     /// Each sink with deliveries: its counts, whether it is down and its
