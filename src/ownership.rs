@@ -64,6 +64,14 @@ impl Ownership {
         )
     }
 
+    /// Whether the run's lease is among those held, trusted or not (its
+    /// trust may come back with the next renewal). Always on SQLite.
+    pub fn listed(&self, run_id: &str) -> bool {
+        self.leases
+            .as_ref()
+            .is_none_or(|leases| leases.borrow().contains_key(run_id))
+    }
+
     /// Whether this process owns every run (SQLite's daemon lock).
     pub fn is_exclusive(&self) -> bool {
         self.leases.is_none()
@@ -106,19 +114,16 @@ impl Ownership {
 }
 
 impl LeasePublisher {
-    /// Publishes the leases held now, each trusted until its instant;
-    /// workers are woken only when the leases changed (a renewal moves the
-    /// instants quietly).
+    /// Publishes the leases held now, each trusted until its instant.
+    /// Every publication wakes the workers, a renewal too (an empty
+    /// [`Change`]): work set aside while a lease's trust had lapsed (a slow
+    /// tick) resumes when it is renewed, though no lease changed.
     pub fn publish(&self, held: impl IntoIterator<Item = (Lease, Instant)>) {
         let held: BTreeMap<Arc<str>, (Lease, Instant)> = held
             .into_iter()
             .map(|(lease, until)| (lease.run_id.clone(), (lease, until)))
             .collect();
-        self.leases.send_if_modified(|current| {
-            let changed = !same_leases(current, &held);
-            *current = Arc::new(held);
-            changed
-        });
+        self.leases.send_replace(Arc::new(held));
     }
 }
 
@@ -131,6 +136,13 @@ pub struct Change {
     pub lost: Vec<Lease>,
 }
 
+impl Change {
+    /// A renewal: the same leases as before.
+    pub fn is_empty(&self) -> bool {
+        self.gained.is_empty() && self.lost.is_empty()
+    }
+}
+
 /// A worker's view of [`Ownership`] changes.
 pub struct OwnershipChanges {
     leases: Option<watch::Receiver<Held>>,
@@ -138,7 +150,8 @@ pub struct OwnershipChanges {
 }
 
 impl OwnershipChanges {
-    /// Waits for the next change and says what it was. Never returns on
+    /// Waits for the next publication and says what changed (nothing, for
+    /// a renewal). Never returns on
     /// SQLite (nothing changes); on PostgreSQL, never after the lease task
     /// ended (the daemon is stopping).
     pub async fn next(&mut self) -> Change {
@@ -155,10 +168,6 @@ impl OwnershipChanges {
 }
 
 type Leases = BTreeMap<Arc<str>, (Lease, Instant)>;
-
-fn same_leases(a: &Leases, b: &Leases) -> bool {
-    a.len() == b.len() && a.values().zip(b.values()).all(|((x, _), (y, _))| x == y)
-}
 
 /// Leases in `of` that `other` does not hold under the same epoch.
 fn missing(of: &Leases, other: &Leases) -> Vec<Lease> {
@@ -240,15 +249,20 @@ mod tests {
         );
     }
 
+    /// A renewal wakes the workers with nothing changed, and gives back
+    /// the trust of a lease whose renewal came late.
     #[tokio::test]
-    async fn publishing_the_same_leases_wakes_nobody() {
+    async fn a_renewal_is_an_empty_change_that_restores_trust() {
         let (publisher, ownership) = Ownership::leased();
         let mut changes = ownership.changes();
-        publisher.publish([trusted("a", 1)]);
+        let lapsed = Instant::now() - std::time::Duration::from_millis(1);
+        publisher.publish([(lease("a", 1), lapsed)]);
         changes.next().await;
+        assert_eq!(ownership.fence("a"), None, "lapsed");
+        assert!(ownership.listed("a"));
         publisher.publish([trusted("a", 1)]);
-        let woke = tokio::time::timeout(std::time::Duration::from_millis(50), changes.next()).await;
-        assert!(woke.is_err(), "woken without a change: {woke:?}");
+        assert!(changes.next().await.is_empty());
+        assert_eq!(ownership.fence("a"), Some(Fence::Lease(lease("a", 1))));
     }
 
     /// A replica paused past its trust (SIGSTOP) stops working the run at

@@ -281,7 +281,8 @@ pub(super) async fn supervise_runs(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(joined) = followers.tasks.join_next_with_id() => followers.ended(joined),
-            // Gained or lost leases: the next look starts and stops followers.
+            // Gained or lost leases, or a renewal that restored a lapsed
+            // lease's trust: the next look starts and stops followers.
             _ = owned_changes.next() => followers.rescan = true,
             _ = tokio::time::sleep(CONTROL_POLL) => {}
         }

@@ -111,9 +111,12 @@ enum ChainEnd {
     Paused,
     /// Shutdown.
     Stopped,
-    /// The run's lease is no longer held (lost, overdue, or a write was
-    /// refused with `LeaseLost`): its new owner delivers it.
+    /// A write was refused with `LeaseLost`: the run's new owner
+    /// delivers it.
     Lost,
+    /// The lease was no longer trusted before a send (lost, overdue, or a
+    /// renewal late): set aside until a renewal or a loss says which.
+    Lapsed,
     /// A write was refused for a fence this process should never have
     /// used (`Unfenced`, `LeaseOnSqlite`): a bug that stops the sink.
     Misfenced(StateError),
@@ -146,6 +149,8 @@ struct Board {
     dirty: HashSet<Arc<str>>,
     /// Runs whose head waits until (unix ms).
     blocked: BTreeMap<Arc<str>, i64>,
+    /// Runs with work whose lease is listed but not trusted right now.
+    parked: BTreeSet<Arc<str>>,
     consecutive_failures: u32,
     down: bool,
     probe_failures: u32,
@@ -182,6 +187,20 @@ impl Board {
             self.work.remove(&lease.run_id);
             self.blocked.remove(&lease.run_id);
             self.dirty.remove(&lease.run_id);
+            self.parked.remove(&lease.run_id);
+        }
+    }
+
+    /// After a publication: parked runs trusted again go back to work;
+    /// those no longer listed are another replica's.
+    fn unpark(&mut self, ownership: &Ownership) {
+        let parked = std::mem::take(&mut self.parked);
+        for run in parked {
+            if ownership.fence(&run).is_some() {
+                self.work.insert(run);
+            } else if ownership.listed(&run) {
+                self.parked.insert(run);
+            }
         }
     }
 
@@ -240,6 +259,7 @@ pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StateError> {
             },
             change = owned_changes.next() => {
                 board.forget(&change.lost);
+                board.unpark(&sink.ownership);
                 // Gained runs may have a backlog: rescan on the next turn.
                 if !change.gained.is_empty() {
                     control = None;
@@ -296,8 +316,12 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             if let Some(run) = run {
                 board.blocked.remove(&run);
                 board.work.remove(&run);
-                // Lost since it was booked: its new owner probes.
+                // Lost since it was booked (its new owner probes), or its
+                // lease not trusted right now.
                 let Some(fence) = sink.fence_for(&run) else {
+                    if sink.ownership.listed(&run) {
+                        board.parked.insert(run);
+                    }
                     return;
                 };
                 board.in_flight.insert(run.clone());
@@ -310,8 +334,12 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
         let Some(run) = board.work.pop_first() else {
             break;
         };
-        // Lost since it was booked: its new owner delivers it.
+        // Lost since it was booked (its new owner delivers it), or its
+        // lease not trusted right now.
         let Some(fence) = sink.fence_for(&run) else {
+            if sink.ownership.listed(&run) {
+                board.parked.insert(run);
+            }
             continue;
         };
         board.in_flight.insert(run.clone());
@@ -341,7 +369,14 @@ async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport
         {
             board.work.insert(report.run_id.clone());
         }
-        ChainEnd::Drained | ChainEnd::Stopped | ChainEnd::Lost | ChainEnd::Misfenced(_) => {}
+        ChainEnd::Lapsed if sink.ownership.listed(&report.run_id) => {
+            board.parked.insert(report.run_id.clone());
+        }
+        ChainEnd::Drained
+        | ChainEnd::Stopped
+        | ChainEnd::Lost
+        | ChainEnd::Lapsed
+        | ChainEnd::Misfenced(_) => {}
         ChainEnd::Blocked(at) => {
             board.blocked.insert(report.run_id.clone(), at);
         }
@@ -485,7 +520,7 @@ async fn deliver_in_order(
             return Ok(Some(ChainEnd::Stopped));
         }
         if !sink.ownership.still_holds(fence) {
-            return Ok(Some(ChainEnd::Lost));
+            return Ok(Some(ChainEnd::Lapsed));
         }
         if !probe && pending.next_attempt_at > now_ms() {
             return Ok(Some(ChainEnd::Blocked(pending.next_attempt_at)));
@@ -667,7 +702,7 @@ async fn deliver_unordered(
         return Ok(Some(ChainEnd::Stopped));
     }
     if !sink.ownership.still_holds(fence) {
-        return Ok(Some(ChainEnd::Lost));
+        return Ok(Some(ChainEnd::Lapsed));
     }
     let now = now_ms();
     let (due, waiting): (Vec<Pending>, Vec<Pending>) = batch
@@ -782,6 +817,15 @@ mod stop_tests {
     }
 
     fn runtime(store: &State, url: &str, stop: CancellationToken) -> Arc<SinkRuntime> {
+        runtime_owning(store, url, stop, Ownership::exclusive())
+    }
+
+    fn runtime_owning(
+        store: &State,
+        url: &str,
+        stop: CancellationToken,
+        ownership: Ownership,
+    ) -> Arc<SinkRuntime> {
         let text = format!(
             "[api]\ntoken = \"t\"\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\npipeline = true\n[[routes]]\nsinks = [\"ops\"]\n"
         );
@@ -798,7 +842,7 @@ mod stop_tests {
             pipeline: true,
             concurrency: 4,
             state: store.with_own_reader().unwrap(),
-            ownership: Ownership::exclusive(),
+            ownership,
             shutdown: stop,
         })
     }
@@ -915,5 +959,58 @@ mod stop_tests {
             twice.len(),
             twice.iter().take(5).collect::<Vec<_>>()
         );
+    }
+
+    /// A chain whose write is refused for a fence this process should never
+    /// hold (here a lease on the SQLite state: `LeaseOnSqlite`) stops the
+    /// sink's loop with the error, for its supervisor to log, mark the sink
+    /// down and restart with backoff; it does not send the delivery again
+    /// every half second.
+    #[tokio::test]
+    async fn a_write_under_the_wrong_fence_stops_the_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let run = "r1";
+        store
+            .subscribe(run.into(), Default::default(), "config", None)
+            .await
+            .unwrap();
+        store
+            .record_batch(
+                &Fence::Exclusive,
+                Batch {
+                    run_id: run.into(),
+                    events: vec![NewEvent {
+                        sequence: 1,
+                        event_type: "STEP".into(),
+                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                        created_at: None,
+                        sinks: vec!["ops".into()],
+                    }],
+                    run_status: None,
+                    phase: None,
+                    finish: None,
+                    stalled: None,
+                },
+            )
+            .await
+            .unwrap();
+        let (url, log) = receiver().await;
+        let (publisher, ownership) = Ownership::leased();
+        let lease = crate::store::pg::Lease {
+            run_id: run.into(),
+            epoch: 1,
+        };
+        publisher.publish([(lease, std::time::Instant::now() + Duration::from_secs(60))]);
+        let stop = CancellationToken::new();
+        let sink = runtime_owning(&store, &url, stop.clone(), ownership);
+        let ended = tokio::time::timeout(Duration::from_secs(10), run_http_sink(sink)).await;
+        stop.cancel();
+        assert!(
+            matches!(ended, Ok(Err(StateError::LeaseOnSqlite { .. }))),
+            "the loop went on, or ended otherwise: {ended:?}; sent {} times",
+            seen(&log).len()
+        );
+        assert_eq!(seen(&log).len(), 1, "sent once before the refusal");
     }
 }

@@ -72,3 +72,32 @@ impl ThreadBook for StoredThreads {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Sqlite;
+
+    /// A run this replica does not hold (lost since its chain started, or
+    /// never held): its root is not saved, whatever fence the sink began
+    /// with; one sink-wide fence would have saved it.
+    #[tokio::test]
+    async fn a_root_is_kept_only_under_the_runs_own_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let (_publisher, nothing_held) = Ownership::leased();
+        let threads = StoredThreads::new("chat".into(), state.clone(), nothing_held);
+        let root = || ThreadRoot {
+            channel: "C1".into(),
+            ts: "1.1".into(),
+        };
+        let refused = threads.keep("r1", root()).await;
+        assert!(refused.is_err(), "kept without the run's fence");
+        assert!(threads.thread("r1").await.unwrap().is_none());
+
+        let exclusive = StoredThreads::new("chat".into(), state, Ownership::exclusive());
+        exclusive.keep("r1", root()).await.unwrap();
+        let kept = exclusive.thread("r1").await.unwrap();
+        assert_eq!(kept.map(|r| r.ts), Some("1.1".to_owned()));
+    }
+}

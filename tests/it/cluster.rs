@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use runhook::simulate::Simulator;
 use runhook::simulate::scenario::ScriptedEvent;
 use runhook::store::pg::Replica;
-use runhook::store::{Location, State};
+use runhook::store::{Location, RunState, State};
 
 use crate::pg_support::PgServer;
-use crate::receiver::{Receiver, SECRET};
+use crate::receiver::{Answer, Receiver, SECRET};
 use crate::support::{Process, event, scripted, sim_with, wait_for, write_replica_config};
 
 /// Short, so takeovers happen within a test: a tick every second.
@@ -417,6 +417,55 @@ async fn a_replica_whose_lease_was_taken_over_commits_nothing_for_those_runs() {
     assert_eq!(once.len(), stored.len(), "an event stored twice");
     assert_eq!(stored.len(), runs.len() * events, "every event stored");
     a.stop().await;
+    b.stop().await;
+}
+
+/// A run's backlog changes hands with its lease: the replica that takes
+/// a finished run over (no event will ever come again to wake its sink)
+/// looks for the run's pending deliveries as soon as it holds the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_taken_over_is_delivered_without_a_new_event() {
+    let Some(pg) = PgServer::start() else { return };
+    let cluster = Cluster::start(pg).await;
+    let runs = run_ids(2);
+    let events = 10;
+    let sim_a = simulator(&runs, events, "a", Duration::ZERO).await;
+    let sim_b = simulator(&runs, events, "b", Duration::ZERO).await;
+    cluster.receiver.set_default(Some(Answer::Status(503)));
+    let a = cluster.replica("a", &sim_a);
+    cluster.wait_replicas(&["a"]).await;
+    cluster.watch(&runs).await;
+    wait_for(
+        "a ingesting every run to its end, the webhook refusing them",
+        || async {
+            let rows = cluster
+                .state
+                .reads()
+                .runs()
+                .await
+                .map_err(|e| e.to_string())?;
+            let finished =
+                rows.len() == runs.len() && rows.iter().all(|r| r.state == RunState::Finished);
+            if finished && !cluster.receiver.requests().is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{:?}",
+                    rows.iter()
+                        .map(|r| (&r.run_id, r.state))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await;
+    a.stop().await;
+
+    cluster.receiver.set_default(None);
+    let b = cluster.replica("b", &sim_b);
+    let delivered = cluster.wait_delivered(&runs, events).await;
+    assert_complete_in_order(&delivered, &runs, events);
+    assert!(fetched(&sim_b).is_empty(), "b had nothing to ingest");
     b.stop().await;
 }
 
