@@ -57,7 +57,6 @@ fn sequences_of(env: &Env, run: &str) -> Vec<i64> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn an_undecodable_event_on_a_page_stalls_the_run_after_the_good_ones(backend: Backend) {
         let sim = sim_bad_at_4().await;
         let env = Env::on(backend, &sim, &["run-bad"]);
@@ -153,7 +152,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_final_poll_status_short_of_last_event_sequence_does_not_finish(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-short", numbered(6))],
@@ -183,7 +181,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn an_undecodable_stream_frame_is_caught_up_by_polling(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-frame", numbered(8))],
@@ -208,7 +205,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_stream_finish_past_the_cursor_is_caught_up_by_polling(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-early", numbered(8))],
@@ -229,7 +225,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_stream_finish_past_the_cursor_without_a_token_is_caught_up_by_polling_with_the_cookie(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-cookie", numbered(8))],
@@ -261,7 +256,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     /// The guides name `run_finished` but not its fields: a bare one (no
     /// status, no `lastSequence`) must not be taken for `completed`, nor for
     /// the last heartbeat's `running`: the run lookup says how it ended.

@@ -98,14 +98,13 @@ fn check_prints_the_routing_table_without_secrets() {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn watch_on_a_running_daemon_starts_delivering_that_run(backend: Backend) {
         let sim = start_sim(Scenario::demo()).await;
         let env = Env::on(backend, &sim, &[]);
         let config = env.write_config();
         let daemon = env.start();
         wait_for("the daemon's state database", || async {
-            if env.state_exists().await {
+            if env.daemon_opened_state().await {
                 Ok(())
             } else {
                 Err("no database yet".into())

@@ -93,8 +93,6 @@ fn collect_queries(value: &serde_json::Value, into: &mut Vec<String>) {
 }
 
 on_both! {
-    // The fixture's file sink is its one sink.
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn every_metric_the_alerts_and_dashboard_query_is_exported(backend: Backend) {
         let alerts: BTreeSet<String> = alert_queries()
             .iter()

@@ -47,7 +47,6 @@ fn fault(run: &str, endpoint: &str, count: Option<u32>, kind: FaultKind) -> Faul
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn the_fault_matrix_loses_nothing_and_ingests_nothing_twice(backend: Backend) {
         let sse_runs = ["fm-s1", "fm-s2", "fm-s3"];
         let poll_runs = ["fm-p1", "fm-p2", "fm-p3"];

@@ -47,7 +47,6 @@ fn raw_lines(env: &Env) -> Vec<Value> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn multi_line_payloads_make_one_file_line_per_event(backend: Backend) {
         let events = || {
             PAYLOADS
@@ -115,7 +114,6 @@ fn gaps(sim: &Simulator, endpoint: &str, run: &str, status: u16) -> Vec<u64> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn upstream_retry_after_zero_does_not_spin(backend: Backend) {
         let fault = |run: &str, endpoint: &str| Fault {
             run: Some(run.into()),
@@ -247,7 +245,6 @@ fn sinces(sim: &Simulator, endpoint: &str) -> Vec<i64> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_stream_event_over_the_cap_is_caught_up_by_polling(backend: Backend) {
         let mut events = numbered(3);
         let blob = "x".repeat(1536 * 1024);
@@ -283,7 +280,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn bytes_that_are_not_utf8_drop_the_stream_at_once(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-bad", numbered(5))],

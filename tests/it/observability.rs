@@ -55,7 +55,6 @@ fn webhook(name: &str, port: u16, max_attempts: u32) -> String {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn metrics_have_no_series_per_run_and_show_a_stuck_sinks_oldest_delivery(backend: Backend) {
         let runs = ["run-o1", "run-o2", "run-o3"];
         let sim = sim_with(runs.iter().map(|r| scripted(r, numbered(2))).collect()).await;

@@ -204,7 +204,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn pipelined_sigkill_after_a_2xx_repeats_at_most_a_window_of_accepted_ids(backend: Backend) {
         // Two runs with long backlogs: each chain answers well over a window's
         // worth of deliveries per life, so an unbounded window would show.

@@ -18,7 +18,6 @@ const TRICKY: [&str; 4] = [
 ];
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn every_event_lands_once_in_order_with_payload_bytes_intact(backend: Backend) {
         let tricky: Vec<ScriptedEvent> = TRICKY
             .iter()
@@ -60,7 +59,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn gap_unknown_type_and_missing_created_at_pass_through(backend: Backend) {
         let sim = start_sim(Scenario::demo()).await;
         let env = Env::on(backend, &sim, &["demo-lima-0004", "demo-oslo-0002"]);
@@ -106,7 +104,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_crash_mid_run_loses_and_doubles_nothing(backend: Backend) {
         let mut run = scripted("run-long", numbered(400));
         run.interval = std::time::Duration::from_millis(3);
@@ -214,7 +211,6 @@ async fn lines_written_before_a_crash_but_not_marked_are_not_written_again() {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_server_that_resends_or_ignores_since_doubles_nothing(backend: Backend) {
         let fault = |kind, count| Fault {
             run: None,
@@ -244,7 +240,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_rejected_token_keeps_retrying_slowly_and_shows_auth_failed(backend: Backend) {
         let sim = sim_with(vec![scripted("run-x", numbered(3))]).await;
         let mut env = Env::on(backend, &sim, &["run-x"]);
@@ -294,7 +289,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn forbidden_and_unknown_runs_stop_with_the_servers_message(backend: Backend) {
         let mut theirs = scripted("run-theirs", numbered(2));
         theirs.owner = "user-2".into();
@@ -337,7 +331,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn server_errors_and_429_back_off_then_everything_arrives(backend: Backend) {
         let fault = |status, retry_after, count| Fault {
             run: None,
@@ -382,7 +375,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     /// A failed run retried upstream is followed again; if the daemon restarts
     /// meanwhile and the run then fails again, its linger counts from that
     /// second failure, not the first, so a second retry is still followed.

@@ -347,7 +347,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_finished_run_is_not_followed_again(backend: Backend) {
         let sim = sim_with(vec![
             scripted("run-done", numbered(3)),
@@ -597,7 +596,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn log_format_json_writes_one_json_object_per_log_line(backend: Backend) {
         let sim = sim_with(vec![scripted("run-log", numbered(2))]).await;
         let env = Env::on(backend, &sim, &["run-log"]);
@@ -650,7 +648,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_cancelled_run_finishes_with_its_cancel_reason_by_stream_and_by_poll(backend: Backend) {
         let cancelled = |id: &str| {
             let mut run = scripted(id, numbered(2));
@@ -695,7 +692,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn upstream_errors_back_off_longer_each_time(backend: Backend) {
         let sim = sim_with(vec![scripted("run-back", numbered(2))]).await;
         sim.inject(Fault {

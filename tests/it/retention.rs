@@ -369,7 +369,6 @@ async fn with_r1_pruned(
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     /// The runs row is the cursor: were a pruned run in the config subscribed
     /// again without its tombstone, the restart would fetch it from sequence 0
     /// and deliver every event a second time.
@@ -406,7 +405,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     /// `runhook watch` and `PUT /v1/watch` of a pruned run say so and change
     /// nothing: no follower, no fetch from sequence 0, no delivery again.
     async fn watching_a_pruned_run_again_does_not_deliver_it_again(backend: Backend) {

@@ -22,7 +22,6 @@ fn free_port() -> u16 {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn reload_applies_new_routes_to_new_events_and_starts_new_runs(backend: Backend) {
         let mut slow = scripted("run-a", numbered(30));
         slow.interval = Duration::from_millis(60);
@@ -71,8 +70,9 @@ on_both! {
         let second = env.dir.path().join("second.jsonl");
         env.runs.push("run-b".into());
         env.extra = format!(
-            "\n[sinks.second]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nsinks = [\"second\"]\n",
-            second.display()
+            "\n[sinks.second]\ntype = \"file\"\npath = \"{}\"\n{}\n[[routes]]\nsinks = [\"second\"]\n",
+            second.display(),
+            env.file_sink_node()
         );
         reloads.send(env.config()).await.unwrap();
         // The new routes are in place before new runs are subscribed.
@@ -143,7 +143,6 @@ fn signal(child: &std::process::Child, name: &str) {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn an_invalid_config_on_sighup_is_refused_and_the_old_one_keeps_running(backend: Backend) {
         let mut run = scripted("run-h", numbered(20));
         run.interval = Duration::from_millis(100);
@@ -280,8 +279,6 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 }
 
 on_both! {
-    // It counts the fixture's file sink's deliveries.
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn metrics_pass_promtool_and_move_and_readyz_turns_unready_on_shutdown(backend: Backend) {
         let sim = sim_with(vec![scripted("run-m", numbered(10))]).await;
         let receiver = Receiver::start().await;
@@ -376,7 +373,6 @@ fn promtool_check(text: &str) {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn no_secret_reaches_the_logs_check_or_debug_output(backend: Backend) {
         const TOKEN: &str = "tok-SECRET-1f3a";
         const COOKIE: &str = "cookie-SECRET-77b2";
@@ -460,7 +456,6 @@ fn runhook_output(config: &std::path::Path, args: &[&str]) -> String {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn no_url_secret_reaches_check_status_logs_or_debug(backend: Backend) {
         // Secrets that live in URLs (userinfo, path, query) and header values.
         const BASE_USER: &str = "baseuser-SECRET-a9";

@@ -258,7 +258,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_logrotate_move_then_sighup_continues_in_a_new_file_losing_nothing(backend: Backend) {
         let mut run = scripted("run-rot", numbered(60));
         run.interval = Duration::from_millis(80);
@@ -723,7 +722,6 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn metric_values_count_retries_dead_letters_reconnects_and_sinks_up(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-mv", numbered(8))],

@@ -50,7 +50,6 @@ fn stream_sinces(sim: &Simulator) -> Vec<i64> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn the_stream_delivers_every_event_once_and_one_run_finished(backend: Backend) {
         let mut run = scripted("run-live", numbered(20));
         run.interval = Duration::from_millis(5);
@@ -74,7 +73,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn dropped_streams_resume_from_the_cursor(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-drop", numbered(30))],
@@ -94,7 +92,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn replayed_and_stale_events_on_resume_are_dropped(backend: Backend) {
         let sim = start_sim(Scenario {
             runs: vec![scripted("run-stale", numbered(12))],
@@ -112,7 +109,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn error_frames_and_silent_streams_reconnect(backend: Backend) {
         let sim = start_sim(Scenario {
             heartbeat: Duration::from_secs(600),
@@ -136,7 +132,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn split_multiline_flat_frames_and_comments_parse(backend: Backend) {
         let sim = start_sim(Scenario {
             stream: StreamStyle {
@@ -170,7 +165,6 @@ fn event_payloads() -> Vec<runhook::simulate::scenario::ScriptedEvent> {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn bearer_only_polls_and_never_opens_the_stream(backend: Backend) {
         let sim = sim_with(vec![scripted("run-b", numbered(4))]).await;
         let mut env = Env::on(backend, &sim, &["run-b"]);
@@ -189,7 +183,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_rejected_cookie_falls_back_to_polling_with_the_token(backend: Backend) {
         let sim = sim_with(vec![scripted("run-fb", numbered(6))]).await;
         let mut env = Env::on(backend, &sim, &["run-fb"]);
@@ -218,7 +211,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_failed_run_retried_upstream_gets_its_new_events_and_a_second_run_finished(backend: Backend) {
         let mut run = scripted("run-retry", numbered(3));
         run.final_status = "failed".into();
@@ -270,7 +262,7 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
+    #[postgres_ignore = "issue 14: with lease_ttl 3s, 1000 runs on one loaded replica renew late, followers restart: 1173 connections (passes with 15s)"]
     async fn a_thousand_runs_over_sse_at_once_each_event_once(backend: Backend) {
         let bulk = Bulk {
             runs: 1000,

@@ -53,7 +53,6 @@ fn sink<'a>(status: &'a Value, name: &str) -> &'a Value {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn status_filters_summarises_and_lists_every_configured_sink(backend: Backend) {
         let mut slow = scripted("run-slow", numbered(200));
         slow.interval = Duration::from_millis(200);

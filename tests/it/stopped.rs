@@ -39,7 +39,6 @@ async fn wait_state(env: &Env, run: &str, state: &str) {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_404_for_a_moment_does_not_lose_the_run(backend: Backend) {
         let sim = sim_with(vec![scripted("run-deploy", numbered(5))]).await;
         sim.inject(status_fault("run-deploy", Some("events"), 404, Some(2)));
@@ -53,7 +52,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn watch_again_restarts_a_stopped_run(backend: Backend) {
         let sim = sim_with(vec![scripted("run-back", numbered(4))]).await;
         sim.inject(status_fault("run-back", None, 404, None));
@@ -77,7 +75,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_stream_answering_404_or_405_for_a_run_that_exists_is_polled(backend: Backend) {
         let sim = sim_with(vec![
             scripted("run-s404", numbered(4)),
@@ -123,7 +120,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_restart_retries_a_stopped_run(backend: Backend) {
         let sim = sim_with(vec![scripted("run-restart", numbered(3))]).await;
         sim.inject(status_fault("run-restart", None, 404, None));

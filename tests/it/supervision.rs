@@ -217,7 +217,6 @@ async fn a_write_lock_held_25_s_during_delivery_then_everything_drains_once() {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_file_sink_that_cannot_be_reopened_on_reload_fails_alone_and_recovers(backend: Backend) {
         let mut run = scripted("run-r", numbered(60));
         run.interval = Duration::from_millis(100);
@@ -225,9 +224,10 @@ on_both! {
         let mut env = Env::on(backend, &sim, &["run-r"]);
         let other = env.dir.path().join("other.jsonl");
         env.extra = format!(
-            "\n[sinks.other]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nsinks = [\"other\"]\n\
+            "\n[sinks.other]\ntype = \"file\"\npath = \"{}\"\n{}\n[[routes]]\nsinks = [\"other\"]\n\
              [delivery]\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\n",
-            other.display()
+            other.display(),
+            env.file_sink_node()
         );
         let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
         let shutdown = CancellationToken::new();
@@ -302,7 +302,6 @@ on_both! {
 const FSIZE_LIMIT: u64 = 32 << 20;
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn a_partial_file_write_is_cut_back_and_written_once_later(backend: Backend) {
         let has_prlimit = Command::new("prlimit")
             .arg("--version")

@@ -21,15 +21,6 @@ use crate::pg_support::PgDatabase;
 /// there must name it to be written.
 pub const NODE: &str = "it-node";
 
-/// Whether the daemon runs file sinks on PostgreSQL yet: not until a file
-/// sink has a fence of its node's (issue 14: s5-node's sink lease, not yet
-/// wired into the daemon, which refuses them: `DaemonError::FileSinkUnfenced`).
-/// Until then the fixture's `archive` file sink is left out on PostgreSQL,
-/// and the PostgreSQL variants of tests that read its file are ignored
-/// (`postgres_ignore = "issue 14: file sinks ..."`). Flip it, and drop
-/// those ignores, when file sinks run there.
-pub const FILE_SINKS_ON_POSTGRES: bool = false;
-
 /// Where a daemon under test keeps its state.
 pub enum Backend {
     /// `[state] path`: a file in the test's temp dir (the default).
@@ -237,13 +228,20 @@ impl Env {
         }
     }
 
-    /// Whether the daemon (or a command) created the state yet: the file on
-    /// SQLite, runhook's schema on PostgreSQL.
+    /// Whether the daemon has opened its state: the file exists on SQLite;
+    /// on PostgreSQL, where the schema may exist before (any command creates
+    /// it), its heartbeat row, which it writes only once it has brought the
+    /// watched runs in line with its config.
     #[allow(dead_code)]
-    pub async fn state_exists(&self) -> bool {
-        match self.backend {
+    pub async fn daemon_opened_state(&self) -> bool {
+        match &self.backend {
             Backend::Sqlite => self.state_path().exists(),
-            Backend::Postgres(_) => self.reads().await.is_ok(),
+            Backend::Postgres(db) => db
+                .client()
+                .await
+                .query_one("SELECT count(*) FROM replicas WHERE node = $1", &[&NODE])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) > 0),
         }
     }
 
@@ -327,12 +325,8 @@ impl Env {
         }
     }
 
-    /// The `archive` file sink every env writes (see
-    /// [`FILE_SINKS_ON_POSTGRES`]), and its route.
+    /// The `archive` file sink every env writes, and its route.
     fn archive_toml(&self) -> String {
-        if self.backend.is_postgres() && !FILE_SINKS_ON_POSTGRES {
-            return String::new();
-        }
         format!(
             "[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n{}\n[[routes]]\nsinks = [\"archive\"]\n",
             self.events_path().display(),

@@ -43,7 +43,6 @@ async fn daemon_with_server(
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: reads the file sink, not run on PostgreSQL yet (support::FILE_SINKS_ON_POSTGRES)"]
     async fn watch_over_http_needs_the_token_and_follows_then_stops(backend: Backend) {
         let mut slow = scripted("run-http", numbered(60));
         slow.interval = Duration::from_millis(100);
