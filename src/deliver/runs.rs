@@ -94,10 +94,6 @@ impl SinkRuntime {
     fn fence_for(&self, run_id: &str) -> Option<Fence> {
         self.ownership.fence(run_id)
     }
-
-    fn owns(&self, run_id: &str) -> bool {
-        self.fence_for(run_id).is_some()
-    }
 }
 
 /// How a chain ended.
@@ -163,6 +159,19 @@ impl Board {
             self.dirty.insert(run_id);
         } else if !self.blocked.contains_key(&run_id) {
             self.work.insert(run_id);
+        }
+    }
+
+    /// Work for a run, as this process may do it now: booked when the run
+    /// is owned; set aside when its lease is listed but not trusted right
+    /// now (a late renewal), so the renewal brings it back rather than the
+    /// run's next event (a finished run has none); dropped when another
+    /// replica owns it.
+    fn book(&mut self, ownership: &Ownership, run_id: Arc<str>) {
+        if ownership.fence(&run_id).is_some() {
+            self.add_work(run_id);
+        } else if ownership.listed(&run_id) {
+            self.parked.insert(run_id);
         }
     }
 
@@ -249,8 +258,8 @@ pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StateError> {
         let wake = board.next_wake();
         tokio::select! {
             notice = new_work.recv() => match notice {
-                Ok(notice) if notice.sinks.contains(&sink.name) && sink.owns(&notice.run_id) => {
-                    board.add_work(notice.run_id)
+                Ok(notice) if notice.sinks.contains(&sink.name) => {
+                    board.book(&sink.ownership, notice.run_id)
                 }
                 Ok(_) => {}
                 // Missed notices: rescan on the next turn.
@@ -293,9 +302,7 @@ async fn rescan(
     let generation = sink.state.control_generation().await?;
     if *control != Some(generation) {
         for run in sink.state.runs_with_pending(&sink.name).await? {
-            if sink.owns(&run) {
-                board.add_work(Arc::from(run));
-            }
+            board.book(&sink.ownership, Arc::from(run));
         }
         *control = Some(generation);
     }

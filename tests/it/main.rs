@@ -10,6 +10,7 @@ mod crash;
 mod dev_loop;
 mod faults;
 mod hostile;
+mod lease_review;
 mod observability;
 mod operator_safety;
 mod ops_cli;

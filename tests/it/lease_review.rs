@@ -1,0 +1,145 @@
+//! Review of the daemon's wiring to leases (issue 14): a sink's dispatcher
+//! on a real PostgreSQL state, driven by an [`Ownership`] the test
+//! publishes to, as the lease task would.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runhook::config::{Config, SinkKind};
+use runhook::deliver::runs::{SinkRuntime, run_http_sink};
+use runhook::ownership::Ownership;
+use runhook::sink::Sender;
+use runhook::sink::webhook::WebhookSink;
+use runhook::store::pg::{Lease, PgStore, Replica};
+use runhook::store::{Batch, Fence, NewEvent, State};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::pg_support::PgServer;
+use crate::receiver::{Receiver, SECRET};
+use crate::support::wait_for_within;
+
+const RUN: &str = "9f2a1c7e-0000-4000-8000-0000000000r2";
+const SINK: &str = "ops";
+
+async fn open(pg: &PgServer) -> PgStore {
+    let replica = Replica {
+        node: "a".into(),
+        lease_ttl: Duration::from_secs(60),
+        share_slack: 0,
+    };
+    PgStore::open(&pg.url(), replica)
+        .await
+        .expect("open the PostgreSQL store")
+}
+
+fn batch(sequences: impl IntoIterator<Item = i64>) -> Batch {
+    Batch {
+        run_id: RUN.into(),
+        events: sequences
+            .into_iter()
+            .map(|sequence| NewEvent {
+                sequence,
+                event_type: "PHASE_STARTED".into(),
+                payload: RawValue::from_string(format!("{{\"n\": {sequence}}}")).expect("json"),
+                created_at: None,
+                sinks: vec![Arc::from(SINK)],
+            })
+            .collect(),
+        run_status: Some("running".into()),
+        phase: None,
+        finish: None,
+        stalled: None,
+    }
+}
+
+fn webhook_sink(state: &State, url: &str, ownership: Ownership) -> Arc<SinkRuntime> {
+    let text = format!(
+        "[api]\ntoken = \"t\"\n[sinks.{SINK}]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n[[routes]]\nsinks = [\"{SINK}\"]\n"
+    );
+    let config = Config::parse(&text, Path::new("t.toml"), &|_| None).expect("config");
+    let sink = &config.sinks[SINK];
+    let SinkKind::Webhook(webhook) = &sink.kind else {
+        panic!("a webhook sink")
+    };
+    Arc::new(SinkRuntime {
+        name: sink.name.clone(),
+        sender: Sender::Webhook(WebhookSink::new(webhook).expect("client")),
+        policy: sink.delivery.clone(),
+        ordered: true,
+        pipeline: false,
+        concurrency: 4,
+        state: state.clone(),
+        ownership,
+        shutdown: CancellationToken::new(),
+    })
+}
+
+/// A replica whose lease renewal came late (its trust lapsed for a moment,
+/// the database slow) while the run's work became known: the dispatcher
+/// saw the run's pending deliveries (its start-up scan, or a new-work
+/// notice) while the lease was listed but not trusted. When the renewal
+/// comes (the same lease, trusted again) the run's deliveries must go out;
+/// they used to be dropped from the board, so an unwatched or finished
+/// run's backlog waited for ever on the replica that kept renewing its
+/// lease (the run has work, so the lease is never released).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_seen_while_a_lease_renewal_is_late_is_delivered_once_it_is_renewed() {
+    let Some(pg) = PgServer::start() else { return };
+    let store = open(&pg).await;
+    store
+        .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
+        .await
+        .expect("subscribe");
+    let lease: Lease = store.claim(1).await.expect("claim").remove(0);
+    let state = State::Postgres(store);
+    state
+        .record_batch(&Fence::Lease(lease.clone()), batch(1..=3))
+        .await
+        .expect("record under the lease");
+
+    let (publisher, ownership) = Ownership::leased();
+    // Listed, but its trust lapsed: the renewal is late.
+    publisher.publish([(lease.clone(), Instant::now() - Duration::from_millis(1))]);
+    let receiver = Receiver::start().await;
+    let sink = webhook_sink(&state, &receiver.url(), ownership);
+    let stop = sink.shutdown.clone();
+    let dispatcher = tokio::spawn(run_http_sink(sink));
+    // The dispatcher's first scan (and a notice for one more event) meet
+    // the lapsed lease.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    state
+        .record_batch(&Fence::Lease(lease.clone()), batch(4..=4))
+        .await
+        .expect("record under the lease");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.requests().is_empty(), "nothing sent while lapsed");
+
+    // The renewal: the same lease, trusted again.
+    publisher.publish([(lease, Instant::now() + Duration::from_secs(60))]);
+    let ids = wait_for_within(
+        Duration::from_secs(20),
+        "the run's four deliveries after the renewal",
+        || {
+            let receiver = receiver.clone();
+            async move {
+                let ids: Vec<String> = receiver.accepted().into_iter().map(|r| r.id).collect();
+                if ids.len() >= 4 {
+                    Ok(ids)
+                } else {
+                    Err(format!("delivered so far: {ids:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    stop.cancel();
+    dispatcher
+        .await
+        .expect("join")
+        .expect("the loop ends cleanly");
+    let expected: Vec<String> = (1..=4).map(|n| format!("{RUN}:{n}")).collect();
+    assert_eq!(ids, expected, "each once, in order");
+}
