@@ -206,7 +206,9 @@ impl Board {
         let parked = std::mem::take(&mut self.parked);
         for run in parked {
             if ownership.fence(&run).is_some() {
-                self.work.insert(run);
+                // Its chain may be in flight (booked by a notice handled
+                // before this change): never a second one beside it.
+                self.add_work(run);
             } else if ownership.listed(&run) {
                 self.parked.insert(run);
             }
@@ -1019,5 +1021,53 @@ mod stop_tests {
             seen(&log).len()
         );
         assert_eq!(seen(&log).len(), 1, "sent once before the refusal");
+    }
+}
+
+/// The dispatcher's board under leases whose trust comes and goes.
+#[cfg(test)]
+mod board_tests {
+    use super::*;
+    use crate::store::pg::Lease;
+
+    /// A run parked while its lease's renewal was late, then booked again
+    /// by a new-work notice handled after the renewal but before the
+    /// renewal's change (select! takes ready branches in random order): a
+    /// chain started for it from that notice. The change must not put it
+    /// back to work while that chain runs, or `start_chains` starts a
+    /// second chain for the run beside it (both send from the same head:
+    /// every delivery twice, and two chains racing their marks).
+    #[test]
+    fn a_run_in_flight_is_not_put_back_to_work_by_a_renewal() {
+        let (publisher, ownership) = Ownership::leased();
+        let lease = Lease {
+            run_id: "r1".into(),
+            epoch: 1,
+        };
+        let run: Arc<str> = "r1".into();
+        publisher.publish([(
+            lease.clone(),
+            std::time::Instant::now() - Duration::from_millis(1),
+        )]);
+        let mut board = Board::default();
+        board.book(&ownership, run.clone());
+        assert!(board.parked.contains(&run), "lapsed: parked");
+
+        // The renewal is published; the notice is handled first.
+        publisher.publish([(lease, std::time::Instant::now() + Duration::from_secs(60))]);
+        board.book(&ownership, run.clone());
+        let started = board.work.pop_first().expect("booked by the notice");
+        board.in_flight.insert(started);
+
+        // Then the renewal's (empty) change.
+        board.unpark(&ownership);
+        assert!(
+            !board.work.contains(&run),
+            "a run with a chain in flight is back on the board: a second chain would start"
+        );
+        assert!(
+            board.dirty.contains(&run),
+            "its chain looks again when it ends"
+        );
     }
 }
