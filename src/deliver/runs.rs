@@ -723,23 +723,35 @@ async fn deliver_unordered(
         due
     };
     let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
-    let results: Vec<Result<Recorded, StateError>> = futures::stream::iter(due)
+    // The lease is checked before each send, not once for the batch: a
+    // batch sent `concurrency` at a time to a slow receiver outlasts the
+    // lease's trust, and what it sent after would reach the receiver after
+    // another replica took the run over. `None`: not sent, for that reason.
+    let results: Vec<Result<Option<Recorded>, StateError>> = futures::stream::iter(due)
         .map(|pending| async move {
+            if !sink.ownership.still_holds(fence) {
+                return Ok(None);
+            }
             let outcome = sink.sender.send(&Event::from(&pending)).await;
-            record(sink, fence, &pending, outcome).await
+            record(sink, fence, &pending, outcome).await.map(Some)
         })
         .buffer_unordered(sink.concurrency)
         .collect()
         .await;
+    let mut lapsed = false;
     for result in results {
         match result? {
-            Recorded::Done => report.delivered += 1,
-            Recorded::Dead => report.failed += 1,
-            Recorded::RetryAt(at) => {
+            None => lapsed = true,
+            Some(Recorded::Done) => report.delivered += 1,
+            Some(Recorded::Dead) => report.failed += 1,
+            Some(Recorded::RetryAt(at)) => {
                 report.failed += 1;
                 earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
         }
+    }
+    if lapsed {
+        return Ok(Some(ChainEnd::Lapsed));
     }
     Ok(earliest.map(ChainEnd::Blocked))
 }

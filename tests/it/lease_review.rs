@@ -56,6 +56,16 @@ fn batch(sequences: impl IntoIterator<Item = i64>) -> Batch {
 }
 
 fn webhook_sink(state: &State, url: &str, ownership: Ownership) -> Arc<SinkRuntime> {
+    sink_runtime(state, url, ownership, true, 4)
+}
+
+fn sink_runtime(
+    state: &State,
+    url: &str,
+    ownership: Ownership,
+    ordered: bool,
+    concurrency: usize,
+) -> Arc<SinkRuntime> {
     let text = format!(
         "[api]\ntoken = \"t\"\n[sinks.{SINK}]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n[[routes]]\nsinks = [\"{SINK}\"]\n"
     );
@@ -68,9 +78,9 @@ fn webhook_sink(state: &State, url: &str, ownership: Ownership) -> Arc<SinkRunti
         name: sink.name.clone(),
         sender: Sender::Webhook(WebhookSink::new(webhook).expect("client")),
         policy: sink.delivery.clone(),
-        ordered: true,
+        ordered,
         pipeline: false,
-        concurrency: 4,
+        concurrency,
         state: state.clone(),
         ownership,
         shutdown: CancellationToken::new(),
@@ -142,4 +152,71 @@ async fn work_seen_while_a_lease_renewal_is_late_is_delivered_once_it_is_renewed
         .expect("the loop ends cleanly");
     let expected: Vec<String> = (1..=4).map(|n| format!("{RUN}:{n}")).collect();
     assert_eq!(ids, expected, "each once, in order");
+}
+
+/// An unordered sink (`ordered = false`) sends a run's batch of due
+/// deliveries `concurrency` at a time. Its lease's trust must be checked
+/// before each send, as an ordered chain does, not once for the batch: a
+/// batch of up to 64 against a slow receiver outlasts the trust, and every
+/// send started after it may come after another replica took the run over
+/// (a repeat the new owner also sends). Here the trust lapses during the
+/// batch and comes back with a renewal later: nothing may arrive between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unordered_sink_sends_nothing_once_its_lease_is_no_longer_trusted() {
+    let Some(pg) = PgServer::start() else { return };
+    let store = open(&pg).await;
+    store
+        .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
+        .await
+        .expect("subscribe");
+    let lease: Lease = store.claim(1).await.expect("claim").remove(0);
+    let state = State::Postgres(store);
+    state
+        .record_batch(&Fence::Lease(lease.clone()), batch(1..=6))
+        .await
+        .expect("record under the lease");
+
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_secs(1));
+    let (publisher, ownership) = Ownership::leased();
+    let trusted_until = Instant::now() + Duration::from_millis(1500);
+    publisher.publish([(lease.clone(), trusted_until)]);
+    let sink = sink_runtime(&state, &receiver.url(), ownership, false, 1);
+    let stop = sink.shutdown.clone();
+    let dispatcher = tokio::spawn(run_http_sink(sink));
+
+    // The renewal comes late: the trust lapsed from `trusted_until` until
+    // now (the scenario's timing, not a wait for a condition).
+    tokio::time::sleep_until((trusted_until + Duration::from_millis(2500)).into()).await;
+    let renewed_at = Instant::now();
+    publisher.publish([(lease, Instant::now() + Duration::from_secs(60))]);
+    let requests = wait_for_within(Duration::from_secs(30), "all six delivered", || {
+        let receiver = receiver.clone();
+        async move {
+            let ids: std::collections::HashSet<String> =
+                receiver.accepted().into_iter().map(|r| r.id).collect();
+            if ids.len() == 6 {
+                Ok(receiver.requests())
+            } else {
+                Err(format!("delivered so far: {ids:?}"))
+            }
+        }
+    })
+    .await;
+    stop.cancel();
+    dispatcher
+        .await
+        .expect("join")
+        .expect("the loop ends cleanly");
+    // A send checked just before the trust ended arrives a little after.
+    let slack = Duration::from_millis(250);
+    let untrusted: Vec<(String, Duration)> = requests
+        .iter()
+        .filter(|r| r.arrived > trusted_until + slack && r.arrived < renewed_at)
+        .map(|r| (r.id.clone(), r.arrived - trusted_until))
+        .collect();
+    assert!(
+        untrusted.is_empty(),
+        "sent while the lease was not trusted (after its end): {untrusted:?}"
+    );
 }
