@@ -220,3 +220,112 @@ async fn an_unordered_sink_sends_nothing_once_its_lease_is_no_longer_trusted() {
         "sent while the lease was not trusted (after its end): {untrusted:?}"
     );
 }
+
+/// The PostgreSQL URL of the test server, as a user writes `[state] url`.
+fn url_of(pg: &PgServer) -> String {
+    let dir = pg
+        .url()
+        .split_whitespace()
+        .find_map(|pair| pair.strip_prefix("host="))
+        .expect("a socket directory")
+        .replace('/', "%2F");
+    format!("postgresql://runhook@{dir}/postgres")
+}
+
+/// The run's lease row: owner and epoch.
+async fn lease_row(client: &tokio_postgres::Client, run: &str) -> (Option<String>, i64) {
+    let row = client
+        .query_one("SELECT owner, epoch FROM leases WHERE run_id = $1", &[&run])
+        .await
+        .expect("the run's lease row");
+    (row.get(0), row.get(1))
+}
+
+/// Two `runhook run` under one node name: `[cluster] node` defaults to the
+/// host name, so two replicas on one machine, or one started twice by
+/// mistake (on SQLite the daemon lock refuses the second; on PostgreSQL
+/// nothing does). Leases are owned by node name, and `leave` (SIGTERM)
+/// releases every lease of the node: the second process's stop gives the
+/// first one's runs up while the first still trusts them (up to two thirds
+/// of a ttl) and goes on ingesting and sending them, beside whichever
+/// replica claims them next. Its writes are refused (the epoch moves), but
+/// its sends are made after the takeover. A process now releases only the
+/// leases it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_second_process_of_one_node_leaves_the_first_ones_leases_alone() {
+    use crate::support::{Process, event, scripted, sim_with};
+    let Some(pg) = PgServer::start() else { return };
+    let receiver = Receiver::start().await;
+    let run = "run-00";
+    let events = (0..300)
+        .map(|i| event("PHASE_STARTED", &format!(r#"{{"i":{i}}}"#)))
+        .collect();
+    let mut scripted_run = scripted(run, events);
+    scripted_run.interval = Duration::from_millis(100);
+    let sim = sim_with(vec![scripted_run]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = |file: &str, port: u16| {
+        let text = format!(
+            "[api]\nbase_url = \"{}\"\ntoken = \"{}\"\ntransport = \"poll\"\npoll_interval = \"50ms\"\n\n\
+             [state]\nurl = \"{}\"\nshutdown_grace = \"5s\"\n\n\
+             [cluster]\nnode = \"a\"\nlease_ttl = \"3s\"\n\n\
+             [server]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [sinks.hook]\ntype = \"webhook\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n\n\
+             [[routes]]\nsinks = [\"hook\"]\n",
+            sim.url(),
+            sim.token(),
+            url_of(&pg),
+            receiver.url(),
+        );
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    let healthy = |port: u16| async move {
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        match reqwest::get(&url).await {
+            Ok(answer) if answer.status().is_success() => Ok(()),
+            Ok(answer) => Err(format!("{}", answer.status())),
+            Err(error) => Err(error.to_string()),
+        }
+    };
+    let (port_1, port_2) = (
+        crate::observability::free_port(),
+        crate::observability::free_port(),
+    );
+    let first = Process::start(&config("first.toml", port_1));
+    wait_for_within(Duration::from_secs(30), "the first up", || healthy(port_1)).await;
+    let state = State::open(
+        &runhook::store::Location::Postgres(pg.url()),
+        Replica::bystander(),
+    )
+    .await
+    .expect("open the state");
+    state
+        .subscribe(run.into(), BTreeMap::new(), "watch", None)
+        .await
+        .expect("watch");
+    let client = pg.client().await;
+    let held = wait_for_within(
+        Duration::from_secs(30),
+        "the first holding the run",
+        || async {
+            match lease_row(&client, run).await {
+                (Some(owner), epoch) if owner == "a" => Ok(epoch),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let second = Process::start(&config("second.toml", port_2));
+    wait_for_within(Duration::from_secs(30), "the second up", || healthy(port_2)).await;
+    second.stop().await;
+    let after = lease_row(&client, run).await;
+    first.stop().await;
+    assert_eq!(
+        after,
+        (Some("a".to_owned()), held),
+        "the first process's lease was given up (or retaken under a new epoch) by the second's stop"
+    );
+}

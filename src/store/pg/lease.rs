@@ -64,6 +64,13 @@ macro_rules! has_work {
     };
 }
 
+/// Releases the leases named by run (`$2`) and epoch (`$3`) still owned
+/// by node `$1`: unowned and expired now.
+const RELEASE: &str = "UPDATE leases SET owner = NULL, expires_at = now()
+     FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
+     WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
+       AND leases.owner = $1";
+
 /// A run this replica owns, and the epoch that fences its writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lease {
@@ -203,14 +210,25 @@ impl PgStore {
         let (runs, epochs) = columns(held);
         let client = self.pool.get().await?;
         client
-            .execute(
-                "UPDATE leases SET owner = NULL, expires_at = now()
-                 FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
-                 WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
-                   AND leases.owner = $1",
-                &[&self.node(), &runs, &epochs],
-            )
+            .execute(RELEASE, &[&self.node(), &runs, &epochs])
             .await?;
+        Ok(())
+    }
+
+    /// Shutdown of one process: the leases it holds released (by epoch)
+    /// and its node's heartbeat row gone. Only those: another process
+    /// running under the same node name (two on one host, whose name is
+    /// the default node) keeps its own, rather than having them taken over
+    /// while it still trusts them and sends. A lease whose claim answer
+    /// this process never read (a tick timed out) expires after a ttl.
+    pub async fn leave_holding(&self, held: &[Lease]) -> Result<(), PgStoreError> {
+        let (runs, epochs) = columns(held);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(RELEASE, &[&self.node(), &runs, &epochs]).await?;
+        tx.execute("DELETE FROM replicas WHERE node = $1", &[&self.node()])
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -396,10 +414,10 @@ impl LeaseKeeper {
         overdue
     }
 
-    /// On SIGTERM, after the runs' work stopped: everything released, the
-    /// heartbeat row removed.
+    /// On SIGTERM, after the runs' work stopped: every lease this keeper
+    /// holds released, the heartbeat row removed.
     pub async fn shutdown(self) -> Result<(), PgStoreError> {
-        self.store.leave().await
+        self.store.leave_holding(&self.held()).await
     }
 
     fn trust(&self) -> Duration {
