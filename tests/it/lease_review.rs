@@ -329,3 +329,92 @@ async fn stopping_a_second_process_of_one_node_leaves_the_first_ones_leases_alon
         "the first process's lease was given up (or retaken under a new epoch) by the second's stop"
     );
 }
+
+/// SIGTERM: ingest stops, in-flight deliveries drain (up to
+/// `shutdown_grace`), then the replica leaves. Its lease task ticks through
+/// the drain to keep the leases its chains write under; it must not claim
+/// runs meanwhile: nothing here works them any more (the supervisor and
+/// the dispatchers have stopped), so a run claimed during the drain would
+/// wait for the leave (up to the grace) instead of going to a live replica
+/// at its next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_claims_no_new_runs() {
+    use crate::support::{Process, event, scripted, sim_with, write_replica_config};
+    let Some(pg) = PgServer::start() else { return };
+    let receiver = Receiver::start().await;
+    let (busy, newcomer) = ("run-00", "run-01");
+    let script = |run: &str| {
+        let events = (0..50)
+            .map(|i| event("PHASE_STARTED", &format!(r#"{{"i":{i}}}"#)))
+            .collect();
+        let mut scripted_run = scripted(run, events);
+        scripted_run.interval = Duration::from_millis(100);
+        scripted_run
+    };
+    let sim = sim_with(vec![script(busy), script(newcomer)]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // shutdown_grace 5 s; a tick every second.
+    let config = write_replica_config(dir.path(), "a", &url_of(&pg), "3s", &sim, &receiver.url());
+    let a = Process::start(&config);
+    let state = State::open(
+        &runhook::store::Location::Postgres(pg.url()),
+        Replica::bystander(),
+    )
+    .await
+    .expect("open the state");
+    state
+        .subscribe(busy.into(), BTreeMap::new(), "watch", None)
+        .await
+        .expect("watch");
+    wait_for_within(Duration::from_secs(30), "a delivery in flight", || {
+        let receiver = receiver.clone();
+        async move {
+            if receiver.requests().is_empty() {
+                Err("none yet".to_owned())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+    // Slow answers from now on: the drain lasts a few ticks.
+    receiver.set_delay(Duration::from_secs(4));
+    wait_for_within(Duration::from_secs(30), "a slow delivery in flight", || {
+        let receiver = receiver.clone();
+        async move {
+            if receiver.requests().iter().any(|r| r.answered == 0) {
+                Ok(())
+            } else {
+                Err("none unanswered yet".to_owned())
+            }
+        }
+    })
+    .await;
+    let stopping = tokio::spawn(a.stop());
+    // The drain has begun once the replica stopped fetching (ingest stops
+    // first); the newcomer is watched during it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    state
+        .subscribe(newcomer.into(), BTreeMap::new(), "watch", None)
+        .await
+        .expect("watch");
+    let client = pg.client().await;
+    let mut claimed_while_draining = None;
+    while !stopping.is_finished() {
+        if let Ok(row) = client
+            .query_one("SELECT owner FROM leases WHERE run_id = $1", &[&newcomer])
+            .await
+        {
+            let owner: Option<String> = row.get(0);
+            if owner.is_some() {
+                claimed_while_draining = owner;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stopping.await.expect("a exits 0");
+    assert_eq!(
+        claimed_while_draining, None,
+        "a claimed a run during its drain"
+    );
+}

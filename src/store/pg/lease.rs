@@ -284,6 +284,9 @@ pub struct LeaseKeeper {
     /// lease unless renewed: two thirds of a ttl after the renewal was sent,
     /// so work stops before the server can let the lease expire.
     held: BTreeMap<Arc<str>, (i64, Instant)>,
+    /// Off once the process drains: it renews what its last deliveries
+    /// write under, and takes nothing it would no longer work.
+    claiming: bool,
 }
 
 impl LeaseKeeper {
@@ -291,7 +294,15 @@ impl LeaseKeeper {
         Self {
             store,
             held: BTreeMap::new(),
+            claiming: true,
         }
+    }
+
+    /// From now on a tick renews and sheds but claims nothing (shutdown:
+    /// a run claimed during the drain would wait for the leave rather than
+    /// go to a live replica at its next tick).
+    pub fn stop_claiming(&mut self) {
+        self.claiming = false;
     }
 
     pub fn held(&self) -> Vec<Lease> {
@@ -341,6 +352,9 @@ impl LeaseKeeper {
         let share = self.store.fair_share().await?;
         let allowed = share.target + self.store.replica.share_slack;
         self.shed_above(allowed, changes).await?;
+        if !self.claiming {
+            return Ok(());
+        }
         let claimed = self
             .store
             .claim(allowed.saturating_sub(self.held.len()))
