@@ -378,14 +378,11 @@ async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport
         {
             board.work.insert(report.run_id.clone());
         }
-        ChainEnd::Lapsed if sink.ownership.listed(&report.run_id) => {
-            board.parked.insert(report.run_id.clone());
-        }
-        ChainEnd::Drained
-        | ChainEnd::Stopped
-        | ChainEnd::Lost
-        | ChainEnd::Lapsed
-        | ChainEnd::Misfenced(_) => {}
+        // Parked while its lease is listed but not trusted; back to work
+        // at once when it is (renewed meanwhile, or held again under a
+        // newer epoch while this chain ran under the older one).
+        ChainEnd::Lapsed => board.book(&sink.ownership, report.run_id.clone()),
+        ChainEnd::Drained | ChainEnd::Stopped | ChainEnd::Lost | ChainEnd::Misfenced(_) => {}
         ChainEnd::Blocked(at) => {
             board.blocked.insert(report.run_id.clone(), at);
         }
@@ -979,6 +976,48 @@ mod stop_tests {
              after the sink restarted: {:?}..",
             twice.len(),
             twice.iter().take(5).collect::<Vec<_>>()
+        );
+    }
+
+    /// A run lost and held again under a newer epoch while its chain of
+    /// the older one was running: that chain ends `Lapsed` at its next
+    /// send, and the run goes back to work under the newer lease at once
+    /// (it used to be parked until the next lease tick, a third of a ttl,
+    /// with the notices that came meanwhile).
+    #[tokio::test]
+    async fn a_lapsed_chain_of_an_older_epoch_hands_its_run_to_the_newer_one_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let (publisher, ownership) = Ownership::leased();
+        let lease = |epoch| crate::store::pg::Lease {
+            run_id: "r1".into(),
+            epoch,
+        };
+        publisher.publish([(
+            lease(7),
+            std::time::Instant::now() + Duration::from_secs(60),
+        )]);
+        let sink = runtime_owning(
+            &store,
+            "http://127.0.0.1:9/h",
+            CancellationToken::new(),
+            ownership,
+        );
+        let run: Arc<str> = "r1".into();
+        let mut board = Board::default();
+        board.in_flight.insert(run.clone());
+        let report = ChainReport {
+            run_id: run.clone(),
+            fence: Fence::Lease(lease(5)),
+            end: ChainEnd::Lapsed,
+            delivered: 0,
+            failed: 0,
+        };
+        finish_chain(&sink, &mut board, report).await;
+        assert!(
+            board.work.contains(&run),
+            "parked until the next tick: {:?}",
+            board.parked
         );
     }
 
