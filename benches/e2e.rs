@@ -10,6 +10,10 @@
 //! (e) a 1,000,000-event backlog with the sink down: peak RSS; drain rate
 //! (f) 1 run x 100,000 events -> webhook, one ordered chain: deliveries/s
 //! (b2), (f2) as (b) and (f), the webhook sink with `pipeline = true`
+//! (g) 200 runs x 1,000 events -> webhook with the state on PostgreSQL:
+//!     one replica, and three sharing the runs by lease (release binaries
+//!     as child processes, a throwaway server started as the tests start
+//!     theirs; skipped, saying so, without PostgreSQL)
 //!
 //! Every row prints the settings it ran with. A scenario also checks what
 //! it measured: the file holds every event once (a), the receiver saw every
@@ -18,7 +22,7 @@
 //! check, or a scenario stuck past its deadline, panics: the bench exits
 //! non-zero.
 //!
-//! `RUNHOOK_BENCH=a,c` runs some (the default is all six; `b2,f2` are
+//! `RUNHOOK_BENCH=a,c` runs some (the default is all six; `b2,f2,g` are
 //! asked for by name); `RUNHOOK_BENCH_SCALE=0.1` shrinks them.
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +45,11 @@ use runhook::store::pg::Replica;
 use runhook::store::{Location, Reads, RunState};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// The tests' throwaway PostgreSQL server, for (g).
+#[path = "../tests/it/pg_support.rs"]
+#[allow(dead_code)]
+mod pg_support;
 
 const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 /// The receiver verifies the signature of one request in this many.
@@ -890,6 +899,112 @@ async fn backlog(settings: &Settings) -> Backlog {
     }
 }
 
+/// (g) as (b), with the state on PostgreSQL and `replicas` release binaries
+/// sharing the runs (child processes, as a cluster runs them: each its own
+/// pool, lease keeper and delivery loops). The clock starts before the
+/// first replica does, so it includes the claims.
+async fn webhooks_on_postgres(
+    pg: &pg_support::PgServer,
+    replicas: usize,
+    runs: usize,
+    events: usize,
+    settings: &Settings,
+) -> Deliveries {
+    let sim = bulk_sim(runs, events, settings, "pg", Duration::from_secs(5)).await;
+    let (addr, sink) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("bench_{}", SCENARIO_G_DB.fetch_add(1, Ordering::Relaxed));
+    let admin = pg.client().await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .expect("create the bench database");
+    let url = pg
+        .url()
+        .replace("dbname=postgres", &format!("dbname={database}"));
+    let sqlite_state = format!(
+        "[state]\npath = \"{}\"\n",
+        dir.path().join("runhook.db").display()
+    );
+    let start = Instant::now();
+    let children: Vec<Child> = (0..replicas)
+        .map(|n| {
+            let text = config_text(
+                &sim,
+                dir.path(),
+                "poll",
+                &webhook_sink(addr, settings),
+                settings,
+            )
+            .replace(
+                &sqlite_state,
+                &format!("[state]\nurl = \"{url}\"\n\n[cluster]\nnode = \"g{n}\"\n"),
+            );
+            let config = dir.path().join(format!("g{n}.toml"));
+            std::fs::write(&config, text).unwrap();
+            Child::spawn(&config)
+        })
+        .collect();
+    let total = (runs * (events + 1)) as u64;
+    wait_until(
+        &format!("(g) {replicas} replicas: every event delivered"),
+        limit(runs * events),
+        async || {
+            let distinct = sink.distinct();
+            (distinct >= total)
+                .then_some(())
+                .ok_or(format!("{distinct} of {total} distinct webhook-ids"))
+        },
+    )
+    .await;
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    for child in children {
+        child.stop();
+    }
+    check_ids(
+        "(g)",
+        &sink.ids.lock().unwrap(),
+        &expected_ids(&sim, events),
+    );
+    sink.check_signatures("(g)").await;
+    sink.check_order("(g)");
+    Deliveries {
+        rate,
+        repeats: sink.received() - sink.distinct(),
+    }
+}
+
+/// Each (g) round gets a database of its own on the one server.
+static SCENARIO_G_DB: AtomicU64 = AtomicU64::new(0);
+
+fn scenario_g(runtime: &tokio::runtime::Runtime) {
+    let Some(pg) = pg_support::PgServer::start() else {
+        println!("| (g) | skipped: no PostgreSQL | | |");
+        return;
+    };
+    let settings = settings_b();
+    for replicas in [1, 3] {
+        let all: Vec<Deliveries> = (0..settings.reps)
+            .map(|_| {
+                runtime.block_on(webhooks_on_postgres(
+                    &pg,
+                    replicas,
+                    scaled(200),
+                    1000,
+                    &settings,
+                ))
+            })
+            .collect();
+        let rates: Vec<f64> = all.iter().map(|d| d.rate).collect();
+        let repeats: Vec<u64> = all.iter().map(|d| d.repeats).collect();
+        println!(
+            "| (g) {} runs x 1,000 events -> webhook, PostgreSQL, {replicas} replica(s); checks as (b) | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings}, lease_ttl 15 s | |",
+            scaled(200),
+            median(rates.clone())
+        );
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -979,5 +1094,8 @@ fn main() {
             "| {label} 1 run x {events} events -> webhook, one ordered chain; checks as (b) | {:.0} deliveries/s ({rates:.0?}; repeated deliveries {repeats:?}) | {settings} | >= 10,000 |",
             median(rates.clone())
         );
+    }
+    if want("g") {
+        scenario_g(&runtime);
     }
 }

@@ -924,8 +924,13 @@ impl TailCursor {
             self.after = self.after.max(read_to);
             self.waiting = None;
         } else if let Some(upto) = settled {
-            self.after = self.after.max(upto);
-            self.waiting = Some((in_flight, read_to));
+            // Rows up to `upto` can no longer change, but a read its limit
+            // cut short handed out only those up to `read_to`: the rest are
+            // read next time, and the ended wait settles again until then.
+            self.after = self.after.max(upto.min(read_to));
+            if read_to >= upto {
+                self.waiting = Some((in_flight, read_to));
+            }
         }
         let after = self.after;
         self.handed.retain(|&row| row > after);
@@ -1122,6 +1127,24 @@ mod tests {
         cursor.advance(&rows(&[13]), 13, BTreeSet::new());
         assert_eq!(cursor.after, 13, "nobody in flight");
         assert!(cursor.waiting.is_none());
+    }
+
+    /// The transaction that drew rows 1..=5 has ended, but the read that
+    /// finds it so is cut short by its limit at row 2: the cursor settles
+    /// at 2, not at the 8 the earlier read had seen, and goes on settling
+    /// as later reads return rows 3..=5.
+    #[test]
+    fn a_read_cut_short_by_its_limit_settles_only_as_far_as_it_read() {
+        let mut cursor = TailCursor::at(0);
+        cursor.advance(&rows(&[6, 7, 8]), 8, xids(&["701"]));
+        assert_eq!(cursor.after, 0, "701 may still commit rows 1..=5");
+        cursor.advance(&rows(&[1, 2]), 2, xids(&["702"]));
+        assert_eq!(cursor.after, 2, "only what this read returned");
+        cursor.advance(&rows(&[3, 4]), 4, xids(&["702"]));
+        assert_eq!(cursor.after, 4);
+        cursor.advance(&rows(&[5]), 8, xids(&["702"]));
+        assert_eq!(cursor.after, 8, "everything the first read saw");
+        assert_eq!(cursor.handed, BTreeSet::new());
     }
 
     /// The variant an owner matches to stop a run must not hide inside the

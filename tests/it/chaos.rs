@@ -16,6 +16,21 @@
 //! - `RUNHOOK_CHAOS_OFF=a,b` / `RUNHOOK_CHAOS_ON=a,b` switch fault kinds (the
 //!   names in [`SWITCHES`]) off or on, to verify a fix or bisect a failure.
 //!
+//! Cluster mode (`seeded_chaos_in_a_cluster_...`, `RUNHOOK_CHAOS_CLUSTER_SEEDS=N`,
+//! default 1; `RUNHOOK_CHAOS_SEED` replays one there too): the same runs,
+//! faults and checks, but the state is on PostgreSQL (`pg_support`) and 2
+//! or 3 replicas share the runs by lease (`lease_ttl` 3 s). A `kill` hits a
+//! replica drawn at random, `pause` (cluster only) stops one with SIGSTOP
+//! for up to twice its lease and resumes it, `hup` reloads every replica,
+//! `lock_*` hold PostgreSQL's `events` and `deliveries` tables locked
+//! against writes. The file sink names replica 0 as its `node`. The
+//! cluster's own draws come from a second generator seeded from the seed,
+//! so a seed's single-node schedule is the same in both modes. A stale
+//! owner resumed from a pause may still send what it was about to send
+//! (HTTP cannot be fenced; its write of the outcome is refused), so there a
+//! repeat need not follow its first arrival: first arrivals must be in
+//! order, and repeats are bounded by the kills and pauses.
+//!
 //! Adding a fault kind: its name in [`SWITCHES`] (on or off by default) and
 //! one line in [`UPSTREAM_FAULTS`] (a simulator fault) or [`SCHEDULE`] (a
 //! process or receiver fault); a property of the scripts or the stream
@@ -59,6 +74,7 @@ use runhook::simulate::scenario::{ScriptedEvent, ScriptedRun, StreamStyle};
 use runhook::simulate::{Fault, FaultKind, Scenario, Simulator};
 use serde_json::Value;
 
+use crate::pg_support::PgServer;
 use crate::receiver::SECRET;
 use crate::support::*;
 
@@ -103,6 +119,8 @@ const SWITCHES: &[(&str, bool)] = &[
     ("webhook_timeout", true),
     ("slack_5xx", true),
     ("slack_429", true),
+    // Cluster mode only.
+    ("pause", true),
 ];
 
 /// The seed-independent switch state from the environment.
@@ -209,6 +227,8 @@ enum Action {
     Webhook(Mode, Duration),
     /// The Slack fake answers like this for a while.
     Slack(Mode, Duration),
+    /// Cluster mode: one replica stopped (SIGSTOP) this long, then resumed.
+    Pause(Duration),
 }
 
 /// Draws one scheduled action.
@@ -549,7 +569,6 @@ struct Daemon {
     log: PathBuf,
     ready_url: String,
     child: Option<Child>,
-    kills: usize,
 }
 
 impl Daemon {
@@ -590,7 +609,6 @@ impl Daemon {
             child.kill().expect("SIGKILL");
             child.wait().expect("reaped");
         }
-        self.kills += 1;
         self.spawn();
     }
 
@@ -656,8 +674,9 @@ impl Drop for Daemon {
     }
 }
 
-/// Prints the seed (and how to replay it) if the seed's run panics.
-struct SeedGuard(u64);
+/// Prints the seed (and how to replay it) if the seed's run panics; `true`:
+/// in cluster mode.
+struct SeedGuard(u64, bool);
 
 impl Drop for SeedGuard {
     fn drop(&mut self) {
@@ -667,8 +686,13 @@ impl Drop for SeedGuard {
                     .map(|v| format!("{var}={v} "))
                     .unwrap_or_default()
             };
+            let test = if self.1 {
+                "chaos::seeded_chaos_in_a_cluster"
+            } else {
+                "chaos::seeded_chaos_loses"
+            };
             eprintln!(
-                "chaos seed {0} FAILED: replay with {1}{2}RUNHOOK_CHAOS_SEED={0} cargo test --test it chaos",
+                "chaos seed {0} FAILED: replay with {1}{2}RUNHOOK_CHAOS_SEED={0} cargo test --test it {test}",
                 self.0,
                 switch("RUNHOOK_CHAOS_ON"),
                 switch("RUNHOOK_CHAOS_OFF"),
@@ -745,6 +769,28 @@ async fn hold_write_lock(state: PathBuf, hold: Duration) {
     })
     .await
     .expect("lock holder");
+}
+
+/// PostgreSQL's analogue of SQLite's write lock held from outside: the
+/// tables ingest and delivery write, locked against writes (reads go on).
+async fn hold_pg_tables(url: String, hold: Duration) {
+    let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to lock tables");
+    let connection = tokio::spawn(connection);
+    let tx = client.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE events, deliveries IN EXCLUSIVE MODE")
+        .await
+        .expect("lock the tables");
+    tokio::time::sleep(hold).await;
+    tx.commit().await.expect("release the tables");
+    drop(client);
+    let _ = connection.await;
+}
+
+/// Replica `node`'s config file in cluster mode.
+fn replica_config(env: &Env, node: usize) -> PathBuf {
+    env.dir.path().join(format!("runhook-{node}.toml"))
 }
 
 /// `POST control retry` once the daemon recorded the failed run's finish,
@@ -909,12 +955,15 @@ fn check_file(env: &Env, expected: &BTreeMap<String, Expected>, seed: u64) {
 }
 
 /// Webhook or Slack: every expected id accepted, in per-run order; repeats
-/// only right after themselves, at most `allowed` per run (a kill catches at
-/// most one unrecorded delivery of each run, since a run goes out in order).
+/// at most `allowed` per run (a kill catches at most one unrecorded
+/// delivery of each run, since a run goes out in order), and only right
+/// after themselves when `adjacent` (one process: nothing sends late); in a
+/// cluster, first arrivals in order and repeats of ids already seen.
 fn check_http_sink(
     fake: &Fake,
     expected: &BTreeMap<String, Expected>,
     allowed: usize,
+    adjacent: bool,
     seed: u64,
 ) -> usize {
     let accepted = fake.accepted();
@@ -938,7 +987,12 @@ fn check_http_sink(
         total += want.len();
         let mut got = runs.get(run).cloned().unwrap_or_default();
         let sent = got.len();
-        got.dedup();
+        if adjacent {
+            got.dedup();
+        } else {
+            let mut seen = HashSet::new();
+            got.retain(|id| seen.insert(id.clone()));
+        }
         // Each kill (or timed-out answer) can catch one accepted but
         // unrecorded delivery per run: the sink works on up to
         // `concurrency` runs at once, each in order.
@@ -994,9 +1048,111 @@ fn dead_letters(config: &Path) -> Value {
     serde_json::from_slice(&output.stdout).expect("dead --json is JSON")
 }
 
-/// One seed, start to finish.
-async fn run_seed(seed: u64, switches: &Switches) {
-    let _guard = SeedGuard(seed);
+/// The `lease_ttl` of cluster mode: short, so takeovers happen within a seed.
+const CLUSTER_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// Cluster mode: the server, how many replicas, and the generator of the
+/// cluster's own draws (victims, pauses).
+struct ClusterMode {
+    pg: PgServer,
+    replicas: usize,
+    rng: StdRng,
+}
+
+impl ClusterMode {
+    /// `None` (after `PgServer::start` said so) without PostgreSQL.
+    fn start(seed: u64) -> Option<Self> {
+        let pg = PgServer::start()?;
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x00c1_0573_e4ed);
+        let replicas = rng.random_range(2..=3);
+        Some(Self { pg, replicas, rng })
+    }
+
+    /// Pauses put among the schedule's steps: one to three, each with its
+    /// own time before it, some shorter than a lease and some past it.
+    fn add_pauses(&mut self, schedule: &mut Vec<(Duration, Action)>, switches: &Switches) {
+        for _ in 0..self.rng.random_range(1..=3) {
+            let at = self.rng.random_range(0..=schedule.len());
+            let before = Duration::from_millis(self.rng.random_range(50..1500));
+            let hold = Duration::from_millis(
+                self.rng
+                    .random_range(500..2 * CLUSTER_LEASE_TTL.as_millis() as u64),
+            );
+            if switches.on("pause") {
+                schedule.insert(at, (before, Action::Pause(hold)));
+            }
+        }
+    }
+
+    /// One replica's config: the single-node config with the state on
+    /// PostgreSQL, this replica's node and server port, the file sink on
+    /// replica 0.
+    fn config_text(&self, env: &Env, node: usize) -> String {
+        let text = env.config_text().replace(
+            &format!("path = \"{}\"", env.state_path().display()),
+            &format!("url = \"{}\"", self.pg.url()),
+        );
+        format!(
+            "{}\n[cluster]\nnode = \"r{node}\"\nlease_ttl = \"{}s\"\n",
+            text.replace("type = \"file\"\n", "type = \"file\"\nnode = \"r0\"\n"),
+            CLUSTER_LEASE_TTL.as_secs()
+        )
+    }
+}
+
+/// The daemons of a seed: one on SQLite, or the replicas of a cluster.
+struct Fleet {
+    daemons: Vec<Daemon>,
+    /// Kills and pauses: each may catch one accepted but unrecorded
+    /// delivery of each run.
+    disruptions: usize,
+}
+
+impl Fleet {
+    fn spawn(&mut self) {
+        for daemon in &mut self.daemons {
+            daemon.spawn();
+        }
+    }
+
+    fn assert_alive(&mut self) {
+        for daemon in &mut self.daemons {
+            daemon.assert_alive();
+        }
+    }
+
+    async fn wait_ready(&mut self) {
+        for daemon in &mut self.daemons {
+            daemon.wait_ready().await;
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        self.daemons
+            .iter()
+            .map(|d| format!("--- {}:\n{}", d.log.display(), d.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn victim(&self, cluster: &mut Option<ClusterMode>) -> usize {
+        cluster
+            .as_mut()
+            .map_or(0, |c| c.rng.random_range(0..self.daemons.len()))
+    }
+}
+
+/// One seed, start to finish: on SQLite, or in a cluster on PostgreSQL.
+async fn run_seed(seed: u64, switches: &Switches, clustered: bool) {
+    let mut cluster = if clustered {
+        match ClusterMode::start(seed) {
+            Some(cluster) => Some(cluster),
+            None => return,
+        }
+    } else {
+        None
+    };
+    let _guard = SeedGuard(seed, clustered);
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let runs = rng.random_range(16..28);
@@ -1009,12 +1165,16 @@ async fn run_seed(seed: u64, switches: &Switches) {
     }
     let style = draw_style(&mut rng, switches);
     let page_size = rng.random_range(2..40);
-    let schedule = draw_schedule(&mut rng, switches);
+    let mut schedule = draw_schedule(&mut rng, switches);
+    if let Some(cluster) = cluster.as_mut() {
+        cluster.add_pauses(&mut schedule, switches);
+    }
     // Every payload served over CRLF-broken lines (each its own `data:`
     // line in a stream), on top of the pretty shapes `draw_payload` draws.
     let pretty_wire = rng.random_bool(0.3) && switches.on("pretty_wire");
     println!(
-        "chaos seed {seed}: {runs} runs ({} retried), {} upstream faults, page size {page_size}, stream {style:?}, pretty wire {pretty_wire}, schedule {schedule:?}",
+        "chaos seed {seed}: {} replica(s), {runs} runs ({} retried), {} upstream faults, page size {page_size}, stream {style:?}, pretty wire {pretty_wire}, schedule {schedule:?}",
+        cluster.as_ref().map_or(1, |c| c.replicas),
         plans.iter().filter(|p| p.retried_after.is_some()).count(),
         faults.len()
     );
@@ -1051,17 +1211,39 @@ async fn run_seed(seed: u64, switches: &Switches) {
         "session_cookie = \"{}\"\npoll_interval = \"50ms\"\nstream_idle_timeout = \"2s\"\nfinished_recheck = \"300ms\"\nfinished_linger = \"1h\"\nnot_found_confirm = \"3s\"\n",
         sim.session()
     );
-    let port = free_port();
-    env.extra = sinks_toml(&webhook, &slack, port, 0);
-    let config = env.write_config();
-    let mut daemon = Daemon {
-        config: config.clone(),
-        log: env.dir.path().join("daemon.log"),
-        ready_url: format!("http://127.0.0.1:{port}/readyz"),
-        child: None,
-        kills: 0,
+    let replicas = cluster.as_ref().map_or(1, |c| c.replicas);
+    let ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
+    let write_configs = |env: &mut Env, generation: u32, cluster: &Option<ClusterMode>| {
+        for (node, port) in ports.iter().enumerate() {
+            env.extra = sinks_toml(&webhook, &slack, *port, generation);
+            match cluster {
+                None => replace_config(&env.dir.path().join("runhook.toml"), &env.config_text()),
+                Some(c) => replace_config(&replica_config(env, node), &c.config_text(env, node)),
+            }
+        }
     };
-    daemon.spawn();
+    write_configs(&mut env, 0, &cluster);
+    let config = match cluster {
+        None => env.dir.path().join("runhook.toml"),
+        Some(_) => replica_config(&env, 0),
+    };
+    let mut fleet = Fleet {
+        daemons: ports
+            .iter()
+            .enumerate()
+            .map(|(node, port)| Daemon {
+                config: match cluster {
+                    None => config.clone(),
+                    Some(_) => replica_config(&env, node),
+                },
+                log: env.dir.path().join(format!("daemon-{node}.log")),
+                ready_url: format!("http://127.0.0.1:{port}/readyz"),
+                child: None,
+            })
+            .collect(),
+        disruptions: 0,
+    };
+    fleet.spawn();
 
     let retries: Vec<_> = plans
         .iter()
@@ -1081,24 +1263,39 @@ async fn run_seed(seed: u64, switches: &Switches) {
     let mut locks = Vec::new();
     for (pause, action) in &schedule {
         tokio::time::sleep(*pause).await;
-        daemon.assert_alive();
+        fleet.assert_alive();
         match action {
-            Action::Kill => daemon.kill_and_restart(),
+            Action::Kill => {
+                let victim = fleet.victim(&mut cluster);
+                fleet.daemons[victim].kill_and_restart();
+                fleet.disruptions += 1;
+            }
+            Action::Pause(hold) => {
+                let victim = fleet.victim(&mut cluster);
+                fleet.daemons[victim].signal("STOP");
+                tokio::time::sleep(*hold).await;
+                fleet.daemons[victim].signal("CONT");
+                fleet.disruptions += 1;
+            }
             Action::Hup(change) => {
                 if *change {
                     generation += 1;
-                    env.extra = sinks_toml(&webhook, &slack, port, generation);
-                    replace_config(&config, &env.config_text());
+                    write_configs(&mut env, generation, &cluster);
                 }
-                daemon.wait_ready().await;
-                daemon.signal("HUP");
+                fleet.wait_ready().await;
+                for daemon in &fleet.daemons {
+                    daemon.signal("HUP");
+                }
             }
             Action::HoldLock(hold) => {
                 // The db exists once the daemon is ready. Held while the
                 // schedule goes on: kills, reloads and receiver faults
                 // meet a locked database too.
-                daemon.wait_ready().await;
-                locks.push(tokio::spawn(hold_write_lock(env.state_path(), *hold)));
+                fleet.wait_ready().await;
+                locks.push(match &cluster {
+                    None => tokio::spawn(hold_write_lock(env.state_path(), *hold)),
+                    Some(c) => tokio::spawn(hold_pg_tables(c.pg.url(), *hold)),
+                });
             }
             Action::Webhook(mode, how_long) | Action::Slack(mode, how_long) => {
                 let fake = if matches!(action, Action::Webhook(..)) {
@@ -1151,7 +1348,7 @@ async fn run_seed(seed: u64, switches: &Switches) {
     let want_finished: HashSet<String> =
         expected.values().flat_map(|e| e.finished.clone()).collect();
     wait_within_chaos("every sink drained", || {
-        daemon.assert_alive();
+        fleet.assert_alive();
         let file: HashSet<String> = read_lines(&env.events_path())
             .iter()
             .filter_map(|l| l["id"].as_str().map(str::to_owned))
@@ -1170,7 +1367,7 @@ async fn run_seed(seed: u64, switches: &Switches) {
                     hooks.intersection(&want_all).count(),
                     chats.intersection(&want_finished).count(),
                     want_finished.len(),
-                    daemon.log_tail(),
+                    fleet.log_tail(),
                     n = want_all.len(),
                 ))
             },
@@ -1179,26 +1376,32 @@ async fn run_seed(seed: u64, switches: &Switches) {
     .await;
     // As systemd would: a stop request goes to a daemon that is up (a
     // restart just before may have found every event already delivered).
-    daemon.wait_ready().await;
-    let status = daemon.stop().await;
-    assert!(
-        status.success(),
-        "seed {seed}: SIGTERM exits 0 ({status}); log:\n{}",
-        daemon.log_tail()
-    );
+    fleet.wait_ready().await;
+    for daemon in &mut fleet.daemons {
+        let status = daemon.stop().await;
+        assert!(
+            status.success(),
+            "seed {seed}: SIGTERM exits 0 ({status}); log:\n{}",
+            daemon.log_tail()
+        );
+    }
 
     check_file(&env, &expected, seed);
     check_webhook_bodies(&webhook, &expected, seed);
     let late = webhook.hits().iter().filter(|h| h.late).count();
-    let webhook_repeats = check_http_sink(&webhook, &expected, daemon.kills + late, seed);
-    let slack_repeats = check_http_sink(&slack, &expected, daemon.kills, seed);
+    let adjacent = cluster.is_none();
+    let kills = fleet.disruptions;
+    let webhook_repeats = check_http_sink(&webhook, &expected, kills + late, adjacent, seed);
+    let slack_repeats = check_http_sink(&slack, &expected, kills, adjacent, seed);
     let dead = dead_letters(&config);
     assert_eq!(
         dead,
         Value::Array(Vec::new()),
         "seed {seed}: no dead letters"
     );
-    assert_eq!(integrity_check(&env.state_path()), "ok", "seed {seed}");
+    if cluster.is_none() {
+        assert_eq!(integrity_check(&env.state_path()), "ok", "seed {seed}");
+    }
     let served = sim.requests();
     let refused = served.iter().filter(|r| r.status >= 400).count();
     // Polls of streamed runs: catch-ups after a bad frame, a short finish
@@ -1214,10 +1417,10 @@ async fn run_seed(seed: u64, switches: &Switches) {
         .filter(|r| r.run_id.as_deref().is_some_and(|id| streamed.contains(id)))
         .count();
     println!(
-        "chaos seed {seed}: ok in {:?}: {} events, {} kills, {late} late webhook answers, {webhook_repeats} webhook and {slack_repeats} slack repeats, {} upstream requests ({refused} refused, {catch_ups} polls of streamed runs), {} webhook and {} slack requests",
+        "chaos seed {seed}: ok in {:?}: {} events, {} kills and pauses, {late} late webhook answers, {webhook_repeats} webhook and {slack_repeats} slack repeats, {} upstream requests ({refused} refused, {catch_ups} polls of streamed runs), {} webhook and {} slack requests",
         started.elapsed(),
         want_all.len(),
-        daemon.kills,
+        kills,
         served.len(),
         webhook.hits().len(),
         slack.hits().len(),
@@ -1243,6 +1446,29 @@ async fn seeded_chaos_loses_nothing_and_repeats_only_ids() {
         on
     });
     for seed in seeds {
-        run_seed(seed, &switches).await;
+        run_seed(seed, &switches, false).await;
+    }
+}
+
+// Ignored until file sinks run on PostgreSQL (issue 14, the node's file
+// sink): the seed's file sink, written by replica 0, never drains before.
+// `cargo test --test it chaos::seeded_chaos_in_a_cluster -- --ignored`.
+#[ignore = "file sinks do not run on PostgreSQL yet"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_chaos_in_a_cluster_loses_nothing_and_repeats_only_ids() {
+    let switches = Switches::from_env();
+    let seeds: Vec<u64> = match std::env::var("RUNHOOK_CHAOS_SEED") {
+        Ok(seed) => vec![seed.parse().expect("RUNHOOK_CHAOS_SEED is a number")],
+        Err(_) => {
+            let n = std::env::var("RUNHOOK_CHAOS_CLUSTER_SEEDS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+            (0..n).map(|_| rand::random()).collect()
+        }
+    };
+    println!("chaos cluster seeds: {seeds:?}");
+    for seed in seeds {
+        run_seed(seed, &switches, true).await;
     }
 }

@@ -70,6 +70,67 @@ pub(super) async fn record_success(
     Ok(())
 }
 
+/// Which of a sink's deliveries a fenced write may touch: the lease's run's
+/// only (a run lease), or any run's (a node's sink lease).
+pub(super) type RunScope<'a> = Option<&'a str>;
+
+/// Marks pending deliveries done and records the sink's success, inside
+/// the caller's fenced transaction.
+pub(super) async fn set_delivered(
+    tx: &Transaction<'_>,
+    sink: &str,
+    run: RunScope<'_>,
+    events: &[i64],
+    offset: Option<u64>,
+) -> Result<(), PgStoreError> {
+    let now = now_ms();
+    let offset = offset.map(|o| i64::try_from(o).unwrap_or(i64::MAX));
+    tx.execute(
+        "UPDATE deliveries SET state = $4, attempts = attempts + 1, done_at = $5,
+            last_status = NULL, last_error = NULL
+         WHERE sink = $1 AND ($2::text IS NULL OR run_id = $2) AND event = ANY($3)
+           AND state = $6",
+        &[&sink, &run, &events, &DONE, &now, &PENDING],
+    )
+    .await?;
+    record_success(tx, sink, offset, now).await
+}
+
+/// Counts a failed attempt of pending deliveries and schedules or
+/// dead-letters them, inside the caller's fenced transaction.
+pub(super) async fn set_failed(
+    tx: &Transaction<'_>,
+    sink: &str,
+    run: RunScope<'_>,
+    failure: &Failure,
+) -> Result<(), PgStoreError> {
+    let (state, done_at) = if failure.dead {
+        (DEAD, Some(now_ms()))
+    } else {
+        (PENDING, None)
+    };
+    let status = failure.status.map(i32::from);
+    tx.execute(
+        "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $4,
+            last_status = $5, last_error = $6, state = $7, done_at = $8
+         WHERE sink = $1 AND ($2::text IS NULL OR run_id = $2) AND event = ANY($3)
+           AND state = $9",
+        &[
+            &sink,
+            &run,
+            &failure.events,
+            &failure.next_attempt_at,
+            &status,
+            &failure.error,
+            &state,
+            &done_at,
+            &PENDING,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 impl PgStore {
     /// The first `limit` pending deliveries of one run for one sink, in
     /// order. A read: any replica may look; only the owner acts on them.
@@ -103,19 +164,10 @@ impl PgStore {
         events: Vec<i64>,
         offset: Option<u64>,
     ) -> Result<(), PgStoreError> {
-        let now = now_ms();
-        let offset = offset.map(|o| i64::try_from(o).unwrap_or(i64::MAX));
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         fence(&tx, self.node(), lease).await?;
-        tx.execute(
-            "UPDATE deliveries SET state = $4, attempts = attempts + 1, done_at = $5,
-                last_status = NULL, last_error = NULL
-             WHERE sink = $1 AND run_id = $2 AND event = ANY($3) AND state = $6",
-            &[&&*sink, &&*lease.run_id, &events, &DONE, &now, &PENDING],
-        )
-        .await?;
-        record_success(&tx, &sink, offset, now).await?;
+        set_delivered(&tx, &sink, Some(&lease.run_id), &events, offset).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -128,32 +180,10 @@ impl PgStore {
         sink: Arc<str>,
         failure: Failure,
     ) -> Result<(), PgStoreError> {
-        let (state, done_at) = if failure.dead {
-            (DEAD, Some(now_ms()))
-        } else {
-            (PENDING, None)
-        };
-        let status = failure.status.map(i32::from);
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         fence(&tx, self.node(), lease).await?;
-        tx.execute(
-            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $4,
-                last_status = $5, last_error = $6, state = $7, done_at = $8
-             WHERE sink = $1 AND run_id = $2 AND event = ANY($3) AND state = $9",
-            &[
-                &&*sink,
-                &&*lease.run_id,
-                &failure.events,
-                &failure.next_attempt_at,
-                &status,
-                &failure.error,
-                &state,
-                &done_at,
-                &PENDING,
-            ],
-        )
-        .await?;
+        set_failed(&tx, &sink, Some(&lease.run_id), &failure).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -34,8 +34,13 @@ use super::{PgStore, PgStoreError};
 
 /// The sinks whose pending deliveries a run's lease covers, as a `WITH`
 /// clause: every sink with a pending delivery except those a node holds
-/// (`sink_leases`: a file sink in a cluster is delivered by its node, under
-/// its own lease, whether or not anyone holds the run). A loose index scan
+/// now (`sink_leases`: a file sink in a cluster is delivered by its node,
+/// under its own lease, whether or not anyone holds the run). Only a held
+/// sink lease counts: a lease row outlives its sink (a file sink renamed
+/// into a webhook keeps it), and a row that no live node holds must not
+/// leave that sink's backlog to nobody. While a file sink's node restarts
+/// its runs may be claimed for nothing; that costs a lease, never an
+/// event. A loose index scan
 /// of `deliveries_pending (sink, event)`: one seek per sink, however long
 /// the backlogs, so [`has_work!`] is a seek per sink per run.
 macro_rules! run_sinks {
@@ -48,7 +53,8 @@ macro_rules! run_sinks {
          run_sinks AS (
             SELECT p.sink FROM pending_sinks p
             WHERE p.sink IS NOT NULL
-              AND NOT EXISTS (SELECT 1 FROM sink_leases s WHERE s.sink = p.sink)) "
+              AND NOT EXISTS (SELECT 1 FROM sink_leases s WHERE s.sink = p.sink
+                                AND s.owner IS NOT NULL AND s.expires_at > now())) "
     };
 }
 

@@ -173,11 +173,24 @@ impl PgStore {
             .read_only(true)
             .start()
             .await?;
+        // The snapshot lists only the transactions in flight below its
+        // `xmax`; those with a later id are in flight too, unlisted, and
+        // may have drawn a row below one this read sees. Taking an id of
+        // its own (after the snapshot, which the first statement fixes)
+        // bounds them: every id from `xmax` up to it is in flight.
+        let own: i64 = tx
+            .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+            .await?
+            .try_get(0)?;
         let seen = tx
             .query_one(
-                "SELECT ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x),
+                "SELECT ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x
+                              UNION ALL
+                              SELECT g::text FROM generate_series(
+                                  pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
+                                  $1::bigint - 1) g),
                         COALESCE((SELECT MAX(rowid) FROM events), 0)::bigint",
-                &[],
+                &[&own],
             )
             .await?;
         let in_flight: BTreeSet<String> = seen.try_get::<_, Vec<String>>(0)?.into_iter().collect();

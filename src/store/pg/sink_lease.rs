@@ -33,6 +33,7 @@ use std::time::Duration;
 use deadpool_postgres::Transaction;
 
 use super::super::{DeliveryState, Failure, now_ms};
+use super::deliveries::{set_delivered, set_failed};
 use super::{PgStore, PgStoreError};
 
 const PENDING: i16 = DeliveryState::Pending as i16;
@@ -114,19 +115,10 @@ impl PgStore {
         events: Vec<i64>,
         offset: Option<u64>,
     ) -> Result<(), PgStoreError> {
-        let now = now_ms();
-        let offset = offset.map(|o| i64::try_from(o).unwrap_or(i64::MAX));
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         fence_sink(&tx, self.node(), lease).await?;
-        tx.execute(
-            "UPDATE deliveries SET state = $3, attempts = attempts + 1, done_at = $4,
-                last_status = NULL, last_error = NULL
-             WHERE sink = $1 AND event = ANY($2) AND state = $5",
-            &[&&*lease.sink, &events, &DONE, &now, &PENDING],
-        )
-        .await?;
-        super::deliveries::record_success(&tx, &lease.sink, offset, now).await?;
+        set_delivered(&tx, &lease.sink, None, &events, offset).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -138,31 +130,10 @@ impl PgStore {
         lease: &SinkLease,
         failure: Failure,
     ) -> Result<(), PgStoreError> {
-        let (state, done_at) = if failure.dead {
-            (DEAD, Some(now_ms()))
-        } else {
-            (PENDING, None)
-        };
-        let status = failure.status.map(i32::from);
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         fence_sink(&tx, self.node(), lease).await?;
-        tx.execute(
-            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = $3,
-                last_status = $4, last_error = $5, state = $6, done_at = $7
-             WHERE sink = $1 AND event = ANY($2) AND state = $8",
-            &[
-                &&*lease.sink,
-                &failure.events,
-                &failure.next_attempt_at,
-                &status,
-                &failure.error,
-                &state,
-                &done_at,
-                &PENDING,
-            ],
-        )
-        .await?;
+        set_failed(&tx, &lease.sink, None, &failure).await?;
         tx.commit().await?;
         Ok(())
     }
