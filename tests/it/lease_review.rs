@@ -17,14 +17,14 @@ use runhook::store::{Batch, Fence, NewEvent, State};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::pg_support::PgServer;
+use crate::pg_support::PgDatabase;
 use crate::receiver::{Receiver, SECRET};
 use crate::support::wait_for_within;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-0000000000r2";
 const SINK: &str = "ops";
 
-async fn open(pg: &PgServer) -> PgStore {
+async fn open(pg: &PgDatabase) -> PgStore {
     let replica = Replica {
         node: "a".into(),
         lease_ttl: Duration::from_secs(60),
@@ -97,7 +97,9 @@ fn sink_runtime(
 /// lease (the run has work, so the lease is never released).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_seen_while_a_lease_renewal_is_late_is_delivered_once_it_is_renewed() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg).await;
     store
         .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
@@ -163,7 +165,9 @@ async fn work_seen_while_a_lease_renewal_is_late_is_delivered_once_it_is_renewed
 /// batch and comes back with a renewal later: nothing may arrive between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unordered_sink_sends_nothing_once_its_lease_is_no_longer_trusted() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg).await;
     store
         .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
@@ -221,17 +225,6 @@ async fn an_unordered_sink_sends_nothing_once_its_lease_is_no_longer_trusted() {
     );
 }
 
-/// The PostgreSQL URL of the test server, as a user writes `[state] url`.
-fn url_of(pg: &PgServer) -> String {
-    let dir = pg
-        .url()
-        .split_whitespace()
-        .find_map(|pair| pair.strip_prefix("host="))
-        .expect("a socket directory")
-        .replace('/', "%2F");
-    format!("postgresql://runhook@{dir}/postgres")
-}
-
 /// The run's lease row: owner and epoch.
 async fn lease_row(client: &tokio_postgres::Client, run: &str) -> (Option<String>, i64) {
     let row = client
@@ -254,7 +247,9 @@ async fn lease_row(client: &tokio_postgres::Client, run: &str) -> (Option<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_a_second_process_of_one_node_leaves_the_first_ones_leases_alone() {
     use crate::support::{Process, event, scripted, sim_with};
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let receiver = Receiver::start().await;
     let run = "run-00";
     let events = (0..300)
@@ -274,7 +269,7 @@ async fn stopping_a_second_process_of_one_node_leaves_the_first_ones_leases_alon
              [[routes]]\nsinks = [\"hook\"]\n",
             sim.url(),
             sim.token(),
-            url_of(&pg),
+            pg.postgres_url(),
             receiver.url(),
         );
         let path = dir.path().join(file);
@@ -340,7 +335,9 @@ async fn stopping_a_second_process_of_one_node_leaves_the_first_ones_leases_alon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_claims_no_new_runs() {
     use crate::support::{Process, event, scripted, sim_with, write_replica_config};
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let receiver = Receiver::start().await;
     let (busy, newcomer) = ("run-00", "run-01");
     let script = |run: &str| {
@@ -354,7 +351,14 @@ async fn a_draining_replica_claims_no_new_runs() {
     let sim = sim_with(vec![script(busy), script(newcomer)]).await;
     let dir = tempfile::tempdir().expect("temp dir");
     // shutdown_grace 5 s; a tick every second.
-    let config = write_replica_config(dir.path(), "a", &url_of(&pg), "3s", &sim, &receiver.url());
+    let config = write_replica_config(
+        dir.path(),
+        "a",
+        &pg.postgres_url(),
+        "3s",
+        &sim,
+        &receiver.url(),
+    );
     let a = Process::start(&config);
     let state = State::open(
         &runhook::store::Location::Postgres(pg.url()),
