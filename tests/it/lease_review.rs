@@ -422,3 +422,77 @@ async fn a_draining_replica_claims_no_new_runs() {
         "a claimed a run during its drain"
     );
 }
+
+/// Fair share: a replica above its share sheds leases to the others. A
+/// shed run's chain may be in the middle of a send; the lease must outlive
+/// that send's outcome (the shedder's mark accepted) and move at the next
+/// tick, or the receiver gets the delivery again from the next owner: a
+/// repeat no kill or pause caused (the failover test's per-run bound
+/// caught one: `fo-33`, shed when a replica joined).
+#[tokio::test]
+async fn a_shed_lease_outlives_its_chains_last_outcome_and_moves_at_the_next_tick() {
+    use runhook::store::pg::LeaseKeeper;
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let replica = |node: &str| Replica {
+        node: node.into(),
+        lease_ttl: Duration::from_secs(60),
+        share_slack: 0,
+    };
+    let a = PgStore::open(&pg.url(), replica("a"))
+        .await
+        .expect("open a");
+    let b = PgStore::open(&pg.url(), replica("b"))
+        .await
+        .expect("open b");
+    let (first, second) = (RUN, "run-z");
+    assert!(first < second, "the higher run id is shed");
+    for run in [first, second] {
+        a.subscribe(run.into(), BTreeMap::new(), "watch", None)
+            .await
+            .expect("subscribe");
+    }
+    let mut keeper_a = LeaseKeeper::new(a.clone());
+    let gained = keeper_a.tick().await.gained;
+    assert_eq!(gained.len(), 2, "a alone holds both: {gained:?}");
+    let shed = gained
+        .iter()
+        .find(|l| &*l.run_id == second)
+        .expect("the second run's lease")
+        .clone();
+    let state_a = State::Postgres(a.clone());
+    let mut one = batch(1..=1);
+    one.run_id = second.into();
+    state_a
+        .record_batch(&Fence::Lease(shed.clone()), one)
+        .await
+        .expect("record");
+    let in_flight: Vec<i64> = state_a
+        .pending_for_run(SINK, second, 10)
+        .await
+        .expect("pending")
+        .iter()
+        .map(|p| p.event)
+        .collect();
+
+    // b joins: a's share is one run now.
+    let mut keeper_b = LeaseKeeper::new(b.clone());
+    assert!(keeper_b.tick().await.gained.is_empty(), "both held by a");
+    let changes = keeper_a.tick().await;
+    assert_eq!(changes.lost, vec![shed.clone()], "a sheds the second run");
+
+    // The chain that was sending when a shed the run records its outcome.
+    state_a
+        .mark_delivered(&Fence::Lease(shed.clone()), SINK.into(), in_flight, None)
+        .await
+        .expect("the shed run's last outcome is accepted: its lease moves at the next tick");
+
+    keeper_a.tick().await;
+    let moved = keeper_b.tick().await.gained;
+    assert_eq!(
+        moved.iter().map(|l| &*l.run_id).collect::<Vec<_>>(),
+        vec![second],
+        "b takes the shed run at its next tick"
+    );
+}

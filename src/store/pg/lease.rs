@@ -16,7 +16,9 @@
 //!   (missing from the answer too): an unwatched run's lease ends once its
 //!   last delivery is done or dead.
 //! - **release** (shedding, shutdown): clears the owner and expires the
-//!   lease now, so another replica claims it at once.
+//!   lease now, so another replica claims it at once. A shed lease is
+//!   released a tick after its work was stopped, so the send in flight
+//!   then records its outcome rather than being repeated by the next owner.
 //! - **fence**: every write for a run checks owner and epoch in its own
 //!   transaction (`PgStore` methods taking a [`Lease`]), so a replica that
 //!   lost its lease, however long it was paused, commits nothing.
@@ -293,6 +295,11 @@ pub struct LeaseKeeper {
     /// Off once the process drains: it renews what its last deliveries
     /// write under, and takes nothing it would no longer work.
     claiming: bool,
+    /// Shed at the last tick: no longer worked here (reported lost), but
+    /// released only at the next, so that a chain sending when the run was
+    /// shed still records that send's outcome, rather than the next owner
+    /// sending it again.
+    shedding: Vec<Lease>,
 }
 
 impl LeaseKeeper {
@@ -301,6 +308,7 @@ impl LeaseKeeper {
             store,
             held: BTreeMap::new(),
             claiming: true,
+            shedding: Vec::new(),
         }
     }
 
@@ -353,6 +361,10 @@ impl LeaseKeeper {
     async fn steps(&mut self, changes: &mut LeaseChanges) -> Result<(), PgStoreError> {
         let sent = Instant::now();
         self.store.heartbeat().await?;
+        if !self.shedding.is_empty() {
+            self.store.release(&self.shedding).await?;
+            self.shedding.clear();
+        }
         let trusted_until = sent + self.trust();
         self.renew(trusted_until, changes).await?;
         let share = self.store.fair_share().await?;
@@ -395,21 +407,20 @@ impl LeaseKeeper {
         Ok(())
     }
 
-    /// Releases the leases above `allowed` (the highest run ids), so the
-    /// replicas below their share claim them.
+    /// Sheds the leases above `allowed` (the highest run ids), so the
+    /// replicas below their share claim them: reported lost now (the work
+    /// stops before its next send), released at the next tick (what was in
+    /// flight records its outcome first).
     async fn shed_above(
         &mut self,
         allowed: usize,
         changes: &mut LeaseChanges,
     ) -> Result<(), PgStoreError> {
         let excess: Vec<Lease> = self.held().into_iter().skip(allowed).collect();
-        if excess.is_empty() {
-            return Ok(());
-        }
-        self.store.release(&excess).await?;
         for lease in excess {
             self.held.remove(&lease.run_id);
-            changes.lost.push(lease);
+            changes.lost.push(lease.clone());
+            self.shedding.push(lease);
         }
         Ok(())
     }
@@ -437,7 +448,9 @@ impl LeaseKeeper {
     /// On SIGTERM, after the runs' work stopped: every lease this keeper
     /// holds released, the heartbeat row removed.
     pub async fn shutdown(self) -> Result<(), PgStoreError> {
-        self.store.leave_holding(&self.held()).await
+        let mut held = self.held();
+        held.extend(self.shedding.iter().cloned());
+        self.store.leave_holding(&held).await
     }
 
     fn trust(&self) -> Duration {
