@@ -812,41 +812,94 @@ async fn a_keeper_reports_a_run_taken_over_as_lost() {
     assert_eq!(keeper.held(), vec![]);
 }
 
-/// A replica killed before it could release its leases and started again
-/// under its node name takes its runs back at its first claim instead of
-/// leaving them idle until the leases expire; the epoch is raised, so what
-/// the previous life still had in flight is refused. Another node's start
-/// takes nothing that is held. Red while a start only claimed unowned or
-/// expired leases (the restarted `a` got nothing for a minute's ttl).
-#[tokio::test]
-async fn a_restarted_replica_takes_its_own_leases_back_at_once() {
+/// A renewal does not wait for the owner's own writes in flight: the fence
+/// locks the lease row `FOR KEY SHARE`, which an `UPDATE` of its expiry does
+/// not conflict with, so a replica busy ingesting and delivering many runs
+/// still renews in time. A takeover still waits: its claim locks the row
+/// `FOR UPDATE`, and skips it while the write is in flight. Red (the
+/// renewal stuck behind the batch) while the fence locked `FOR SHARE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_does_not_wait_for_a_write_in_flight_but_a_takeover_does() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
     let ttl = Duration::from_secs(60);
-    let killed = open(&pg, "a", ttl).await;
-    subscribe(&killed, RUN).await;
-    let old = claim_one(&killed).await;
-
+    let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
-    assert_eq!(b.reclaim(10).await.expect("reclaim"), vec![], "held by a");
-    let restarted = open(&pg, "a", ttl).await;
-    assert_eq!(restarted.claim(10).await.expect("claim"), vec![], "held");
-    let back = restarted.reclaim(10).await.expect("reclaim");
+    subscribe(&a, RUN).await;
+    let lease = claim_one(&a).await;
+    let holder = pg.client().await;
+    holder
+        .batch_execute(
+            "CREATE FUNCTION hold_insert() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_advisory_xact_lock(4243); RETURN NEW; END $$;
+             CREATE TRIGGER hold_insert BEFORE INSERT ON deliveries
+                 FOR EACH ROW EXECUTE FUNCTION hold_insert();",
+        )
+        .await
+        .expect("the holding trigger");
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4243);")
+        .await
+        .expect("hold the batch's deliveries");
+    let in_flight = tokio::spawn({
+        let (a, lease) = (a.clone(), lease.clone());
+        async move { a.record_batch(&lease, batch(RUN, 1..=1)).await }
+    });
+    let observer = pg.client().await;
+    wait_for("the batch to be fenced and held", || async {
+        let waiting = count(
+            &observer,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .await;
+        if waiting == 1 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{waiting} waiting; batch done: {}",
+                in_flight.is_finished()
+            ))
+        }
+    })
+    .await;
+
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.renew(std::slice::from_ref(&lease)),
+    )
+    .await
+    .expect("the renewal waited for the write in flight")
+    .expect("renew");
+    assert_eq!(renewed, vec![lease.clone()]);
+    // As if the lease had expired meanwhile: a takeover must still wait.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        observer.execute(
+            "UPDATE leases SET expires_at = now() - interval '1 second'",
+            &[],
+        ),
+    )
+    .await
+    .expect("an expiry update does not wait either")
+    .expect("expire");
     assert_eq!(
-        back,
-        vec![Lease {
-            run_id: RUN.into(),
-            epoch: old.epoch + 1
-        }]
+        b.claim(1).await.expect("claim"),
+        vec![],
+        "no takeover while the owner's write is in flight"
     );
-    let stale = killed.record_batch(&old, batch(RUN, 1..=1)).await;
+
+    holder.batch_execute("COMMIT").await.expect("release");
+    in_flight
+        .await
+        .expect("the batch ran")
+        .expect("the fenced batch commits");
+    let taken = b.claim(1).await.expect("claim");
+    assert_eq!(taken.len(), 1, "then the takeover: {taken:?}");
+    assert_eq!(taken[0].epoch, lease.epoch + 1);
+    let stale = a.record_batch(&lease, batch(RUN, 2..=2)).await;
     assert!(
         matches!(stale, Err(PgStoreError::LeaseLost { .. })),
-        "the previous life's write is refused: {stale:?}"
+        "{stale:?}"
     );
-    restarted
-        .record_batch(&back[0], batch(RUN, 1..=1))
-        .await
-        .expect("the new life's write lands");
 }

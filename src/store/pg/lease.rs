@@ -150,21 +150,6 @@ impl PgStore {
     /// epoch raised: the token this replica's writes carry. Whoever works a
     /// claimed run must start its ingest only if it is watched.
     pub async fn claim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
-        self.claim_leases(limit, false).await
-    }
-
-    /// [`PgStore::claim`] at a replica's start, taking back as well the
-    /// leases its node name still holds: a previous life of this replica
-    /// (killed, so it never released them) would otherwise keep its runs
-    /// idle until they expire. Safe whoever still holds them: the epoch is
-    /// raised, so a paused predecessor's writes are refused like any stale
-    /// owner's. Node names must be unique (two live replicas of one name
-    /// would take each other's runs at each start, never both commit).
-    pub async fn reclaim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
-        self.claim_leases(limit, true).await
-    }
-
-    async fn claim_leases(&self, limit: usize, own: bool) -> Result<Vec<Lease>, PgStoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -177,15 +162,14 @@ impl PgStore {
                     "UPDATE leases SET owner = $1, epoch = leases.epoch + 1,
                         expires_at = now() + $2::bigint * interval '1 millisecond'
                      FROM (SELECT l.run_id FROM leases l JOIN runs r ON r.run_id = l.run_id
-                           WHERE (l.owner IS NULL OR l.expires_at <= now() OR ($4 AND l.owner = $1))
-                             AND ",
+                           WHERE (l.owner IS NULL OR l.expires_at <= now()) AND ",
                     has_work!(),
                     " ORDER BY l.run_id LIMIT $3
                            FOR UPDATE OF l SKIP LOCKED) AS pick
                      WHERE leases.run_id = pick.run_id
                      RETURNING leases.run_id, leases.epoch"
                 ),
-                &[&self.node(), &self.ttl_ms(), &limit, &own],
+                &[&self.node(), &self.ttl_ms(), &limit],
             )
             .await?;
         lease_rows(&rows)
@@ -308,10 +292,6 @@ pub struct LeaseKeeper {
     /// lease unless renewed: two thirds of a ttl after the renewal was sent,
     /// so work stops before the server can let the lease expire.
     held: BTreeMap<Arc<str>, (i64, Instant)>,
-    /// Whether a claim has gone through since this process started: the
-    /// first takes back the node's leases of a previous life
-    /// ([`PgStore::reclaim`]).
-    claimed_once: bool,
     /// Off once the process drains: it renews what its last deliveries
     /// write under, and takes nothing it would no longer work.
     claiming: bool,
@@ -327,7 +307,6 @@ impl LeaseKeeper {
         Self {
             store,
             held: BTreeMap::new(),
-            claimed_once: false,
             claiming: true,
             shedding: Vec::new(),
         }
@@ -394,13 +373,10 @@ impl LeaseKeeper {
         if !self.claiming {
             return Ok(());
         }
-        let room = allowed.saturating_sub(self.held.len());
-        let claimed = if self.claimed_once {
-            self.store.claim(room).await?
-        } else {
-            self.store.reclaim(room).await?
-        };
-        self.claimed_once = true;
+        let claimed = self
+            .store
+            .claim(allowed.saturating_sub(self.held.len()))
+            .await?;
         for lease in claimed {
             self.held
                 .insert(lease.run_id.clone(), (lease.epoch, trusted_until));

@@ -231,13 +231,18 @@ impl PgStore {
 }
 
 /// The fencing check, inside the caller's transaction: the lease row must
-/// still name this replica and this epoch. `FOR SHARE` holds it until the
-/// transaction ends, so a takeover (an `UPDATE` of the row) waits for this
-/// write to commit or roll back and cannot slip in between check and commit.
+/// still name this replica and this epoch. `FOR KEY SHARE` holds it until
+/// the transaction ends, so a takeover, whose claim locks the row `FOR
+/// UPDATE` (skipping it while locked), cannot slip in between check and
+/// commit; while this replica's own renewals and releases, plain `UPDATE`s
+/// of non-key columns, do not wait for its writes in flight (a busy owner
+/// renewing behind its own ingest and marks would lose leases it deserves).
+/// The sink fence keeps `FOR SHARE`: a sink's claim is an upsert, which
+/// locks only as strongly as a plain update.
 async fn fence(tx: &Transaction<'_>, node: &str, lease: &Lease) -> Result<(), PgStoreError> {
     let held = tx
         .query_opt(
-            "SELECT 1 FROM leases WHERE run_id = $1 AND epoch = $2 AND owner = $3 FOR SHARE",
+            "SELECT 1 FROM leases WHERE run_id = $1 AND epoch = $2 AND owner = $3 FOR KEY SHARE",
             &[&&*lease.run_id, &lease.epoch, &node],
         )
         .await?;
