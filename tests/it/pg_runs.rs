@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runhook::store::pg::{Lease, PgStore, PgStoreError, Replica};
+use runhook::store::pg::{Lease, PgStore, PgStoreError};
 use runhook::store::{
     Backfilled, Batch, DeadFilter, Failure, NewEvent, PrunedRun, RequeueFilter, RunState,
     StoredEvent, Subscribed, TimeRange,
@@ -17,6 +17,7 @@ use runhook::store::{
 use serde_json::value::RawValue;
 
 use crate::pg_support::PgDatabase;
+use crate::pg_support::store::{count, open};
 use crate::support::wait_for;
 
 const RUN: &str = "run-1";
@@ -24,19 +25,8 @@ const OTHER: &str = "run-2";
 /// Rows one maintenance transaction touches (`store::retention`).
 const CHUNK: usize = 5_000;
 
-async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
-    let replica = Replica {
-        node: node.into(),
-        lease_ttl,
-        share_slack: 0,
-    };
-    PgStore::open(&pg.url(), replica)
-        .await
-        .expect("open the PostgreSQL store")
-}
-
 async fn store(pg: &PgDatabase) -> PgStore {
-    open(pg, "a", Duration::from_secs(60)).await
+    open(&pg.url(), "a", Duration::from_secs(60)).await
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -94,11 +84,6 @@ async fn with_events(pg: &PgDatabase, types: &[&str], sinks: &[&str]) -> (PgStor
         .await
         .expect("record");
     (store, lease)
-}
-
-/// What is committed, read past the store under test.
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 /// The rowid of `{RUN}:{sequence}`.
@@ -433,7 +418,7 @@ async fn run_state_and_upstream_sequence_come_only_from_the_lease_holder() {
         return;
     };
     let (a, old) = with_events(&pg, &["A"; 3], &[]).await;
-    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let b = open(&pg.url(), "b", Duration::from_secs(60)).await;
     a.release(std::slice::from_ref(&old))
         .await
         .expect("release");
@@ -467,7 +452,7 @@ async fn runs_show_the_owner_of_a_live_lease_and_its_heartbeat() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let a = open(&pg, "a", Duration::from_secs(1)).await;
+    let a = open(&pg.url(), "a", Duration::from_secs(1)).await;
     subscribe_as(&a, RUN, "watch").await;
     subscribe_as(&a, OTHER, "watch").await;
     a.heartbeat().await.expect("heartbeat");

@@ -444,6 +444,14 @@ pub mod store {
             .collect()
     }
 
+    /// Subscribes to `runs` and claims them all on `store`.
+    pub async fn owned(store: &PgStore, runs: &[&str]) -> BTreeMap<String, Lease> {
+        for run in runs {
+            subscribe(store, run).await;
+        }
+        claim_all(store, runs).await
+    }
+
     /// A replica as the daemon would be: heartbeating, owning `runs`
     /// (subscribed and claimed) for a minute.
     pub async fn replica_owning(
