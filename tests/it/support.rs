@@ -260,6 +260,15 @@ impl Env {
         Reads::open(&self.location(), Replica::bystander()).await
     }
 
+    /// [`Env::reads`] once the daemon has created the state: a test that
+    /// starts the daemon and then reads beside it waits here first.
+    pub async fn wait_reads(&self) -> Reads {
+        wait_for("the state database", || async {
+            self.reads().await.map_err(|e| e.to_string())
+        })
+        .await
+    }
+
     /// The state opened to write, as `watch` opens it.
     #[allow(dead_code)]
     pub async fn open_state(&self) -> Result<State, StateError> {
