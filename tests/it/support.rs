@@ -684,3 +684,61 @@ pub async fn send_test(config: &std::path::Path, args: &[&str]) -> std::process:
         .await
         .expect("send-test finished")
 }
+
+/// `runhook --config CONFIG tail ARGS...` in the background, its first
+/// lines read on a thread of their own (tail never ends by itself).
+pub struct TailLines {
+    child: std::process::Child,
+    reading: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl TailLines {
+    /// Starts `tail` with `args`, reading its first `lines` lines.
+    pub fn start(config: &Path, args: &[&str], lines: usize) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("--config")
+            .arg(config)
+            .arg("tail")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reading = std::thread::spawn(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .take(lines)
+                .collect::<Vec<String>>()
+        });
+        Self { child, reading }
+    }
+
+    /// Waits (`what`) until its lines are read, then ends `tail`.
+    pub async fn wait_read(&mut self, what: &str) {
+        wait_for(what, || {
+            let done = self.reading.is_finished();
+            async move {
+                if done {
+                    Ok(())
+                } else {
+                    Err("tail still reading".into())
+                }
+            }
+        })
+        .await;
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// The lines read, each a JSON value (`tail --json`).
+    pub fn lines(self) -> Vec<Value> {
+        self.reading
+            .join()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
