@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use runhook::store::pg::{Lease, LeaseKeeper, PgStore, PgStoreError, SCHEMA_VERSION};
 use runhook::store::{Batch, Failure, Finish, Recorded, now_ms};
 
-use crate::pg_support::store::{self as pg_store, count, open, replica, subscribe};
+use crate::pg_support::store::{self as pg_store, count, open, pending_rows, replica, subscribe};
 use crate::pg_support::{PgDatabase, PgServer};
 use crate::support::wait_for;
 
@@ -260,14 +260,10 @@ async fn delivery_outcomes_move_only_the_leased_runs_rows() {
         .record_batch(other_lease, batch(OTHER, 1..=3))
         .await
         .expect("record the other");
-    let pending_events = |run: &'static str| {
-        let store = store.clone();
-        async move {
-            let pending = store.pending_for_run(SINK, run, 10).await.expect("pending");
-            pending.iter().map(|p| p.event).collect::<Vec<i64>>()
-        }
-    };
-    let (events, others) = (pending_events(RUN).await, pending_events(OTHER).await);
+    let (events, others) = (
+        pending_rows(&store, SINK, RUN, 10).await,
+        pending_rows(&store, SINK, OTHER, 10).await,
+    );
     store
         .mark_delivered(lease, SINK.into(), vec![events[0], others[0]], None)
         .await
@@ -385,13 +381,7 @@ async fn a_replica_that_lost_its_lease_commits_nothing() {
     })
     .await;
     assert_eq!(new.epoch, old.epoch + 1);
-    let events: Vec<i64> = b
-        .pending_for_run(SINK, RUN, 10)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
+    let events = pending_rows(&b, SINK, RUN, 10).await;
 
     let lost = |result: Result<_, PgStoreError>, what: &str| match result {
         Err(PgStoreError::LeaseLost { run_id, epoch }) => {

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::pg_support::PgServer;
 use crate::pg_support::store::{
-    self as pg_store, count, hold_batches_of, start_held, wait_for_held,
+    self as pg_store, count, hold_batches_of, pending_rows, start_held, wait_for_held,
 };
 use crate::support::wait_for;
 
@@ -204,13 +204,7 @@ async fn every_state_command_works_against_postgres() {
         .await
         .expect("record");
     assert_eq!(recorded.recorded, 3);
-    let rows: Vec<i64> = store
-        .pending_for_run(SINK, RUN, 10)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
+    let rows = pending_rows(&store, SINK, RUN, 10).await;
     store
         .mark_delivered(lease, Arc::from(SINK), rows[..1].to_vec(), None)
         .await

@@ -17,7 +17,7 @@ use runhook::store::{
 use serde_json::value::RawValue;
 
 use crate::pg_support::PgDatabase;
-use crate::pg_support::store::{count, open};
+use crate::pg_support::store::{count, open, pending_rows};
 use crate::support::wait_for;
 
 const RUN: &str = "run-1";
@@ -498,13 +498,7 @@ async fn dead_letters_filter_replay_under_the_same_ids_and_purge_for_good() {
             .record_batch(lease, typed_batch(&lease.run_id, 1, &["A"; 2], &["a", "b"]))
             .await
             .expect("record");
-        let events: Vec<i64> = store
-            .pending_for_run("a", &lease.run_id, 10)
-            .await
-            .expect("pending")
-            .iter()
-            .map(|p| p.event)
-            .collect();
+        let events = pending_rows(&store, "a", &lease.run_id, 10).await;
         kill(&store, lease, "a", events.clone()).await;
         kill(&store, lease, "b", events).await;
     }
@@ -944,13 +938,7 @@ async fn backfill_and_requeue_walk_past_one_chunk() {
         .expect("backfill")
         .queued;
     assert_eq!(queued, n);
-    let rows: Vec<i64> = store
-        .pending_for_run("b", RUN, n + 1)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
+    let rows = pending_rows(&store, "b", RUN, n + 1).await;
     store
         .mark_delivered(&lease, Arc::from("b"), rows, None)
         .await

@@ -15,7 +15,7 @@ use runhook::store::{Batch, Failure, Finish, NewWork, now_ms};
 use tokio::sync::broadcast;
 
 use crate::pg_support::PgDatabase;
-use crate::pg_support::store::{self as pg_store, count, open, owned};
+use crate::pg_support::store::{self as pg_store, count, open, owned, pending_rows};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";
@@ -60,15 +60,6 @@ fn failure(events: Vec<i64>, dead: bool) -> Failure {
         next_attempt_at: now_ms() + 60_000,
         dead,
     }
-}
-
-/// The pending delivery rows of a run for a sink, in order.
-async fn pending_rows(store: &PgStore, sink: &str, run: &str) -> Vec<i64> {
-    let pending = store
-        .pending_for_run(sink, run, 100)
-        .await
-        .expect("pending");
-    pending.iter().map(|p| p.event).collect()
 }
 
 async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
@@ -120,7 +111,7 @@ async fn prune_drops_old_delivered_rows_and_unreferenced_events_only() {
         .record_batch(lease, batch(RUN, 1..=4, &[SINK]))
         .await
         .expect("record");
-    let rows = pending_rows(&store, SINK, RUN).await;
+    let rows = pending_rows(&store, SINK, RUN, 100).await;
     // 1 and 2 delivered, 3 dead, 4 still pending.
     store
         .mark_delivered(lease, SINK.into(), rows[..2].to_vec(), None)
@@ -203,7 +194,7 @@ async fn recorded(store: &PgStore, lease: &Lease, finish: bool, leave: &str) {
         batch(run, 1..=1, &[SINK])
     };
     store.record_batch(lease, batch).await.expect("record");
-    let rows = pending_rows(store, SINK, run).await;
+    let rows = pending_rows(store, SINK, run, 100).await;
     let (first, rest) = rows.split_at(1);
     let delivered = match leave {
         "delivered" => rows.clone(),
@@ -248,7 +239,7 @@ async fn the_runs_prune_moves_only_old_finished_runs_with_nothing_left() {
     clock_past(cutoff).await;
     recorded(&store, &leases["young"], true, "delivered").await;
     for run in ["late", "done2"] {
-        let open = pending_rows(&store, SINK, run).await;
+        let open = pending_rows(&store, SINK, run, 100).await;
         store
             .mark_delivered(&leases[run], SINK.into(), open, None)
             .await
@@ -374,8 +365,8 @@ async fn sink_rows_and_the_oldest_pending_read_as_on_sqlite() {
         .record_batch(&leases[OTHER], batch(OTHER, 1..=1, &["a"]))
         .await
         .expect("record the other");
-    let a = pending_rows(&store, "a", RUN).await;
-    let b = pending_rows(&store, "B", RUN).await;
+    let a = pending_rows(&store, "a", RUN, 100).await;
+    let b = pending_rows(&store, "B", RUN, 100).await;
     store
         .mark_delivered(&leases[RUN], "a".into(), vec![a[0]], None)
         .await
@@ -453,7 +444,7 @@ async fn found_deliveries_are_marked_done_with_the_offset() {
         .record_batch(lease, batch(RUN, 1..=4, &["archive", SINK]))
         .await
         .expect("record");
-    let rows = pending_rows(&store, "archive", RUN).await;
+    let rows = pending_rows(&store, "archive", RUN, 100).await;
     store
         .mark_delivered(lease, "archive".into(), vec![rows[0]], Some(100))
         .await
@@ -583,7 +574,7 @@ async fn backlog_reads_follow_ingest_order_across_runs() {
         .record_batch(run, batch(RUN, 3..=3, &[SINK, "archive"]))
         .await
         .expect("r3");
-    let first = pending_rows(&store, SINK, RUN).await[0];
+    let first = pending_rows(&store, SINK, RUN, 100).await[0];
     store
         .record_failure(run, SINK.into(), failure(vec![first], false))
         .await
@@ -617,7 +608,7 @@ async fn backlog_reads_follow_ingest_order_across_runs() {
     assert_eq!(store.pending_count(SINK).await.expect("count"), 5);
     assert_eq!(store.pending_total().await.expect("total"), 6);
 
-    let others = pending_rows(&store, SINK, OTHER).await;
+    let others = pending_rows(&store, SINK, OTHER, 100).await;
     store
         .mark_delivered(other, SINK.into(), others, None)
         .await

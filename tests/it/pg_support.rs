@@ -503,6 +503,16 @@ pub mod store {
         }
     }
 
+    /// The pending delivery rows of `run` for `sink`, in order (at most
+    /// `limit`).
+    pub async fn pending_rows(store: &PgStore, sink: &str, run: &str, limit: usize) -> Vec<i64> {
+        let pending = store
+            .pending_for_run(sink, run, limit)
+            .await
+            .expect("pending");
+        pending.iter().map(|p| p.event).collect()
+    }
+
     /// What is committed, read past the store under test.
     pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
         client.query_one(sql, &[]).await.expect(sql).get(0)
