@@ -742,3 +742,12 @@ impl TailLines {
             .collect()
     }
 }
+
+/// The envelope ids `receiver` accepted, each once however often it was
+/// sent: what "every event arrived" is counted on (redelivery after a crash
+/// is allowed, loss is not).
+pub fn distinct_accepted_ids(
+    receiver: &crate::receiver::Receiver,
+) -> std::collections::HashSet<String> {
+    receiver.accepted().into_iter().map(|r| r.id).collect()
+}
