@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use runhook::store::pg::{Lease, PgStore, PgStoreError};
 use runhook::store::{
-    Backfilled, Batch, DeadFilter, Failure, NewEvent, PrunedRun, RequeueFilter, RunState,
-    StoredEvent, Subscribed, TimeRange,
+    Backfilled, Batch, DeadFilter, Failure, PrunedRun, RequeueFilter, RunState, StoredEvent,
+    Subscribed, TimeRange,
 };
-use serde_json::value::RawValue;
 
 use crate::pg_support::PgDatabase;
-use crate::pg_support::store::{count, open, pending_rows};
+use crate::pg_support::store::{batch_of, count, event, open, pending_rows};
 use crate::support::wait_for;
 
 const RUN: &str = "run-1";
@@ -45,24 +44,19 @@ async fn subscribe_as(store: &PgStore, run: &str, origin: &'static str) -> Subsc
 
 /// Events 1..=n of `run` with these types, each routed to `sinks`.
 fn typed_batch(run: &str, first: i64, types: &[&str], sinks: &[&str]) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events: types
-            .iter()
-            .enumerate()
-            .map(|(i, event_type)| NewEvent {
-                sequence: first + i as i64,
-                event_type: (*event_type).to_owned(),
-                payload: RawValue::from_string(format!("{{\"n\":{i}}}")).expect("json"),
-                created_at: None,
-                sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-            })
-            .collect(),
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
+    let events = types
+        .iter()
+        .enumerate()
+        .map(|(i, event_type)| {
+            event(
+                first + i as i64,
+                event_type,
+                format!("{{\"n\":{i}}}"),
+                sinks,
+            )
+        })
+        .collect();
+    batch_of(run, events)
 }
 
 /// The lease of `store`'s node on `run`, claimed now (the only claimable one).

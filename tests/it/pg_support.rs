@@ -484,18 +484,29 @@ pub mod store {
         sinks: &[&str],
         payload: impl Fn(i64) -> String,
     ) -> Batch {
+        let events = sequences
+            .into_iter()
+            .map(|sequence| event(sequence, "PHASE_STARTED", payload(sequence), sinks))
+            .collect();
+        batch_of(run, events)
+    }
+
+    /// One event, routed to `sinks`.
+    pub fn event(sequence: i64, event_type: &str, payload: String, sinks: &[&str]) -> NewEvent {
+        NewEvent {
+            sequence,
+            event_type: event_type.to_owned(),
+            payload: RawValue::from_string(payload).expect("json"),
+            created_at: None,
+            sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
+        }
+    }
+
+    /// `events` of `run` as one batch; the run running, no phase.
+    pub fn batch_of(run: &str, events: Vec<NewEvent>) -> Batch {
         Batch {
             run_id: run.into(),
-            events: sequences
-                .into_iter()
-                .map(|sequence| NewEvent {
-                    sequence,
-                    event_type: "PHASE_STARTED".into(),
-                    payload: RawValue::from_string(payload(sequence)).expect("json"),
-                    created_at: None,
-                    sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-                })
-                .collect(),
+            events,
             run_status: Some("running".into()),
             phase: None,
             finish: None,
