@@ -16,8 +16,9 @@ use runhook::store::{
 };
 
 use crate::pg_support::PgDatabase;
-use crate::pg_support::store::{batch_of, count, event, open, pending_rows};
+use crate::pg_support::store::{count, open, pending_rows};
 use crate::support::wait_for;
+use crate::support::{batch_of_events, new_event};
 
 const RUN: &str = "run-1";
 const OTHER: &str = "run-2";
@@ -48,7 +49,7 @@ fn typed_batch(run: &str, first: i64, types: &[&str], sinks: &[&str]) -> Batch {
         .iter()
         .enumerate()
         .map(|(i, event_type)| {
-            event(
+            new_event(
                 first + i as i64,
                 event_type,
                 format!("{{\"n\":{i}}}"),
@@ -56,7 +57,7 @@ fn typed_batch(run: &str, first: i64, types: &[&str], sinks: &[&str]) -> Batch {
             )
         })
         .collect();
-    batch_of(run, events)
+    batch_of_events(run, events)
 }
 
 /// The lease of `store`'s node on `run`, claimed now (the only claimable one).

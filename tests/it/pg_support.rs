@@ -400,14 +400,12 @@ fn chown(path: &Path, user: &str) {
 /// a change to how a replica opens or a batch looks reaches them all.
 pub mod store {
     use std::collections::BTreeMap;
-    use std::sync::Arc;
     use std::time::Duration;
 
     use runhook::store::pg::{Lease, PgStore, PgStoreError, Replica};
-    use runhook::store::{Batch, NewEvent, Recorded};
-    use serde_json::value::RawValue;
+    use runhook::store::{Batch, Recorded};
 
-    use crate::support::wait_for;
+    use crate::support::{batch_of_events, new_event, wait_for};
 
     /// A replica that takes no share of another's runs beyond its own
     /// (`share_slack` 0), so a test decides exactly which runs it claims.
@@ -486,32 +484,9 @@ pub mod store {
     ) -> Batch {
         let events = sequences
             .into_iter()
-            .map(|sequence| event(sequence, "PHASE_STARTED", payload(sequence), sinks))
+            .map(|sequence| new_event(sequence, "PHASE_STARTED", payload(sequence), sinks))
             .collect();
-        batch_of(run, events)
-    }
-
-    /// One event, routed to `sinks`.
-    pub fn event(sequence: i64, event_type: &str, payload: String, sinks: &[&str]) -> NewEvent {
-        NewEvent {
-            sequence,
-            event_type: event_type.to_owned(),
-            payload: RawValue::from_string(payload).expect("json"),
-            created_at: None,
-            sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-        }
-    }
-
-    /// `events` of `run` as one batch; the run running, no phase.
-    pub fn batch_of(run: &str, events: Vec<NewEvent>) -> Batch {
-        Batch {
-            run_id: run.into(),
-            events,
-            run_status: Some("running".into()),
-            phase: None,
-            finish: None,
-            stalled: None,
-        }
+        batch_of_events(run, events)
     }
 
     /// The pending delivery rows of `run` for `sink`, in order (at most

@@ -751,3 +751,31 @@ pub fn distinct_accepted_ids(
 ) -> std::collections::HashSet<String> {
     receiver.accepted().into_iter().map(|r| r.id).collect()
 }
+
+/// One event for a store's `record_batch`, routed to `sinks`.
+pub fn new_event(
+    sequence: i64,
+    event_type: &str,
+    payload: String,
+    sinks: &[&str],
+) -> runhook::store::NewEvent {
+    runhook::store::NewEvent {
+        sequence,
+        event_type: event_type.to_owned(),
+        payload: serde_json::value::RawValue::from_string(payload).expect("json"),
+        created_at: None,
+        sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
+    }
+}
+
+/// `events` of `run` as one batch; the run running, no phase.
+pub fn batch_of_events(run: &str, events: Vec<runhook::store::NewEvent>) -> runhook::store::Batch {
+    runhook::store::Batch {
+        run_id: run.into(),
+        events,
+        run_status: Some("running".into()),
+        phase: None,
+        finish: None,
+        stalled: None,
+    }
+}
