@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use runhook::store::pg::{Lease, LeaseKeeper, PgStore, PgStoreError, SCHEMA_VERSION};
 use runhook::store::{Batch, Failure, Finish, Recorded, now_ms};
 
-use crate::pg_support::store::{self as pg_store, count, open, pending_rows, replica, subscribe};
 use crate::pg_support::{PgDatabase, PgServer};
+use crate::support::pg_store::{self, count, open, pending_rows, replica, subscribe};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";

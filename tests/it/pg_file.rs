@@ -19,7 +19,7 @@ use runhook::store::{DeadFilter, Failure, Fence, Location, State, StateError, no
 use tokio_util::sync::CancellationToken;
 
 use crate::pg_support::PgServer;
-use crate::pg_support::store::{batch, replica};
+use crate::support::pg_store::{batch, replica};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-0000000000f1";

@@ -18,7 +18,7 @@ use runhook::store::{Batch, Failure, now_ms};
 use serde_json::Value;
 
 use crate::pg_support::PgServer;
-use crate::pg_support::store::{
+use crate::support::pg_store::{
     self as pg_store, count, hold_batches_of, pending_rows, start_held, wait_for_held,
 };
 use crate::support::wait_for;

@@ -10,7 +10,7 @@ use runhook::store::pg::{Lease, PgStore};
 use runhook::store::{Batch, TailCursor};
 
 use crate::pg_support::PgServer;
-use crate::pg_support::store::{
+use crate::support::pg_store::{
     self as pg_store, count, hold_batches_of, start_held, wait_for_held,
 };
 use crate::support::wait_for;

@@ -16,7 +16,7 @@ use runhook::store::{
 };
 
 use crate::pg_support::PgDatabase;
-use crate::pg_support::store::{count, open, pending_rows};
+use crate::support::pg_store::{count, open, pending_rows};
 use crate::support::wait_for;
 use crate::support::{batch_of_events, new_event};
 

@@ -15,7 +15,7 @@ use runhook::store::{Batch, Failure, Finish, NewWork, now_ms};
 use tokio::sync::broadcast;
 
 use crate::pg_support::PgDatabase;
-use crate::pg_support::store::{self as pg_store, count, open, owned, pending_rows};
+use crate::support::pg_store::{self, count, open, owned, pending_rows};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";

@@ -779,3 +779,167 @@ pub fn batch_of_events(run: &str, events: Vec<runhook::store::NewEvent>) -> runh
         stalled: None,
     }
 }
+
+/// What the PostgreSQL test modules (`pg`, `pg_ops`, `pg_review`,
+/// `pg_state`, `pg_file`, `pg_runs`) build their cases from, written once so
+/// a change to how a replica opens or a batch looks reaches them all.
+pub mod pg_store {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use runhook::store::pg::{Lease, PgStore, PgStoreError, Replica};
+    use runhook::store::{Batch, Recorded};
+
+    use super::{batch_of_events, new_event, wait_for};
+
+    /// A replica that takes no share of another's runs beyond its own
+    /// (`share_slack` 0), so a test decides exactly which runs it claims.
+    pub fn replica(node: &str, lease_ttl: Duration) -> Replica {
+        Replica {
+            node: node.into(),
+            lease_ttl,
+            share_slack: 0,
+        }
+    }
+
+    /// The store as `node` opens it on the database at `url`.
+    pub async fn open(url: &str, node: &str, lease_ttl: Duration) -> PgStore {
+        PgStore::open(url, replica(node, lease_ttl))
+            .await
+            .expect("open the PostgreSQL store")
+    }
+
+    /// `run` subscribed as `watch` would (no labels).
+    pub async fn subscribe(store: &PgStore, run: &str) {
+        store
+            .subscribe(run.into(), BTreeMap::new(), "watch", None)
+            .await
+            .expect("subscribe");
+    }
+
+    /// Claims exactly `runs` (the claimable ones), by run id.
+    pub async fn claim_all(store: &PgStore, runs: &[&str]) -> BTreeMap<String, Lease> {
+        let leases = store.claim(runs.len()).await.expect("claim");
+        assert_eq!(leases.len(), runs.len(), "{leases:?}");
+        leases
+            .into_iter()
+            .map(|l| (l.run_id.to_string(), l))
+            .collect()
+    }
+
+    /// Subscribes to `runs` and claims them all on `store`.
+    pub async fn owned(store: &PgStore, runs: &[&str]) -> BTreeMap<String, Lease> {
+        for run in runs {
+            subscribe(store, run).await;
+        }
+        claim_all(store, runs).await
+    }
+
+    /// A replica as the daemon would be: heartbeating, owning `runs`
+    /// (subscribed and claimed) for a minute.
+    pub async fn replica_owning(
+        url: &str,
+        node: &str,
+        runs: &[&str],
+    ) -> (PgStore, BTreeMap<String, Lease>) {
+        let store = open(url, node, Duration::from_secs(60)).await;
+        for run in runs {
+            subscribe(&store, run).await;
+        }
+        store.heartbeat().await.expect("heartbeat");
+        let leases = claim_all(&store, runs).await;
+        (store, leases)
+    }
+
+    /// Events `sequences` of `run` (`PHASE_STARTED`, payload `{"n":N}`),
+    /// each routed to `sinks`; the run running, no phase.
+    pub fn batch(run: &str, sequences: impl IntoIterator<Item = i64>, sinks: &[&str]) -> Batch {
+        batch_with_payload(run, sequences, sinks, |sequence| {
+            format!("{{\"n\":{sequence}}}")
+        })
+    }
+
+    /// [`batch`] with each event's payload text from `payload`: a test of
+    /// raw payloads kept to the byte chooses its own.
+    pub fn batch_with_payload(
+        run: &str,
+        sequences: impl IntoIterator<Item = i64>,
+        sinks: &[&str],
+        payload: impl Fn(i64) -> String,
+    ) -> Batch {
+        let events = sequences
+            .into_iter()
+            .map(|sequence| new_event(sequence, "PHASE_STARTED", payload(sequence), sinks))
+            .collect();
+        batch_of_events(run, events)
+    }
+
+    /// The pending delivery rows of `run` for `sink`, in order (at most
+    /// `limit`).
+    pub async fn pending_rows(store: &PgStore, sink: &str, run: &str, limit: usize) -> Vec<i64> {
+        let pending = store
+            .pending_for_run(sink, run, limit)
+            .await
+            .expect("pending");
+        pending.iter().map(|p| p.event).collect()
+    }
+
+    /// What is committed, read past the store under test.
+    pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+        client.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    /// The test's own stand-in for a slow ingest transaction: a trigger on
+    /// the deliveries of `run` waits for an advisory lock the test holds, so
+    /// that run's `record_batch` has drawn its event rows but cannot commit.
+    pub async fn hold_batches_of(client: &tokio_postgres::Client, run: &str) {
+        client
+            .batch_execute(&format!(
+                "CREATE FUNCTION hold_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.run_id = '{run}' THEN PERFORM pg_advisory_xact_lock(4242); END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER hold_batch BEFORE INSERT ON deliveries
+                     FOR EACH ROW EXECUTE FUNCTION hold_batch();"
+            ))
+            .await
+            .expect("the holding trigger");
+    }
+
+    /// Takes the advisory lock on `holder` (after [`hold_batches_of`]) and
+    /// starts recording `batch` under `lease`: it draws its rows, then waits
+    /// for the lock until `holder` commits.
+    pub async fn start_held(
+        holder: &tokio_postgres::Client,
+        store: &PgStore,
+        lease: &Lease,
+        batch: Batch,
+    ) -> tokio::task::JoinHandle<Result<Recorded, PgStoreError>> {
+        holder
+            .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242);")
+            .await
+            .expect("hold the lock");
+        let store = store.clone();
+        let lease = lease.clone();
+        tokio::spawn(async move { store.record_batch(&lease, batch).await })
+    }
+
+    /// Until the slow batch of [`hold_batches_of`] waits on the test's
+    /// advisory lock.
+    pub async fn wait_for_held(observer: &tokio_postgres::Client) {
+        wait_for("the slow batch to draw its rows", || async {
+            let waiting = count(
+                observer,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .await;
+            if waiting == 1 {
+                Ok(())
+            } else {
+                Err("not waiting yet".to_owned())
+            }
+        })
+        .await;
+    }
+}
