@@ -18,6 +18,7 @@ use crate::store::pg::{LeaseKeeper, PgStore};
 /// failed), it stops ticking and its leases expire after a ttl.
 pub(super) struct Leases {
     stop: CancellationToken,
+    draining: CancellationToken,
     task: AbortOnDropHandle<(LeaseKeeper, LeasePublisher)>,
 }
 
@@ -27,13 +28,28 @@ impl Leases {
     pub(super) fn start(store: PgStore, lease_ttl: Duration) -> (Self, Ownership) {
         let (publisher, ownership) = Ownership::leased();
         let stop = CancellationToken::new();
+        let draining = CancellationToken::new();
         let task = AbortOnDropHandle::new(tokio::spawn(keep_leases(
             LeaseKeeper::new(store),
             publisher,
             lease_ttl / 3,
             stop.clone(),
+            draining.clone(),
         )));
-        (Self { stop, task }, ownership)
+        (
+            Self {
+                stop,
+                draining,
+                task,
+            },
+            ownership,
+        )
+    }
+
+    /// The drain begins (ingest stopped, the dispatchers stopping): the
+    /// leases held are renewed until the leave, no run is claimed.
+    pub(super) fn drain(&self) {
+        self.draining.cancel();
     }
 
     /// After ingest stopped and deliveries drained: stops ticking and gives
@@ -65,6 +81,7 @@ async fn keep_leases(
     publisher: LeasePublisher,
     every: Duration,
     stop: CancellationToken,
+    draining: CancellationToken,
 ) -> (LeaseKeeper, LeasePublisher) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,6 +89,9 @@ async fn keep_leases(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
+        }
+        if draining.is_cancelled() {
+            keeper.stop_claiming();
         }
         match tokio::time::timeout(every, keeper.tick()).await {
             Ok(changes) => {

@@ -761,3 +761,42 @@ async fn a_keeper_reports_a_run_taken_over_as_lost() {
     assert_eq!(changes.gained, vec![], "b holds it now");
     assert_eq!(keeper.held(), vec![]);
 }
+
+/// A replica killed before it could release its leases and started again
+/// under its node name takes its runs back at its first claim instead of
+/// leaving them idle until the leases expire; the epoch is raised, so what
+/// the previous life still had in flight is refused. Another node's start
+/// takes nothing that is held. Red while a start only claimed unowned or
+/// expired leases (the restarted `a` got nothing for a minute's ttl).
+#[tokio::test]
+async fn a_restarted_replica_takes_its_own_leases_back_at_once() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let killed = open(&pg, "a", ttl).await;
+    subscribe(&killed, RUN).await;
+    let old = claim_one(&killed).await;
+
+    let b = open(&pg, "b", ttl).await;
+    assert_eq!(b.reclaim(10).await.expect("reclaim"), vec![], "held by a");
+    let restarted = open(&pg, "a", ttl).await;
+    assert_eq!(restarted.claim(10).await.expect("claim"), vec![], "held");
+    let back = restarted.reclaim(10).await.expect("reclaim");
+    assert_eq!(
+        back,
+        vec![Lease {
+            run_id: RUN.into(),
+            epoch: old.epoch + 1
+        }]
+    );
+    let stale = killed.record_batch(&old, batch(RUN, 1..=1)).await;
+    assert!(
+        matches!(stale, Err(PgStoreError::LeaseLost { .. })),
+        "the previous life's write is refused: {stale:?}"
+    );
+    restarted
+        .record_batch(&back[0], batch(RUN, 1..=1))
+        .await
+        .expect("the new life's write lands");
+}

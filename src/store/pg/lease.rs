@@ -16,7 +16,9 @@
 //!   (missing from the answer too): an unwatched run's lease ends once its
 //!   last delivery is done or dead.
 //! - **release** (shedding, shutdown): clears the owner and expires the
-//!   lease now, so another replica claims it at once.
+//!   lease now, so another replica claims it at once. A shed lease is
+//!   released a tick after its work was stopped, so the send in flight
+//!   then records its outcome rather than being repeated by the next owner.
 //! - **fence**: every write for a run checks owner and epoch in its own
 //!   transaction (`PgStore` methods taking a [`Lease`]), so a replica that
 //!   lost its lease, however long it was paused, commits nothing.
@@ -69,6 +71,13 @@ macro_rules! has_work {
               ON d.sink = s.sink AND d.run_id = r.run_id AND d.state = 0))"
     };
 }
+
+/// Releases the leases named by run (`$2`) and epoch (`$3`) still owned
+/// by node `$1`: unowned and expired now.
+const RELEASE: &str = "UPDATE leases SET owner = NULL, expires_at = now()
+     FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
+     WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
+       AND leases.owner = $1";
 
 /// A run this replica owns, and the epoch that fences its writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,6 +150,21 @@ impl PgStore {
     /// epoch raised: the token this replica's writes carry. Whoever works a
     /// claimed run must start its ingest only if it is watched.
     pub async fn claim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
+        self.claim_leases(limit, false).await
+    }
+
+    /// [`PgStore::claim`] at a replica's start, taking back as well the
+    /// leases its node name still holds: a previous life of this replica
+    /// (killed, so it never released them) would otherwise keep its runs
+    /// idle until they expire. Safe whoever still holds them: the epoch is
+    /// raised, so a paused predecessor's writes are refused like any stale
+    /// owner's. Node names must be unique (two live replicas of one name
+    /// would take each other's runs at each start, never both commit).
+    pub async fn reclaim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
+        self.claim_leases(limit, true).await
+    }
+
+    async fn claim_leases(&self, limit: usize, own: bool) -> Result<Vec<Lease>, PgStoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -153,14 +177,15 @@ impl PgStore {
                     "UPDATE leases SET owner = $1, epoch = leases.epoch + 1,
                         expires_at = now() + $2::bigint * interval '1 millisecond'
                      FROM (SELECT l.run_id FROM leases l JOIN runs r ON r.run_id = l.run_id
-                           WHERE (l.owner IS NULL OR l.expires_at <= now()) AND ",
+                           WHERE (l.owner IS NULL OR l.expires_at <= now() OR ($4 AND l.owner = $1))
+                             AND ",
                     has_work!(),
                     " ORDER BY l.run_id LIMIT $3
                            FOR UPDATE OF l SKIP LOCKED) AS pick
                      WHERE leases.run_id = pick.run_id
                      RETURNING leases.run_id, leases.epoch"
                 ),
-                &[&self.node(), &self.ttl_ms(), &limit],
+                &[&self.node(), &self.ttl_ms(), &limit, &own],
             )
             .await?;
         lease_rows(&rows)
@@ -209,14 +234,25 @@ impl PgStore {
         let (runs, epochs) = columns(held);
         let client = self.pool.get().await?;
         client
-            .execute(
-                "UPDATE leases SET owner = NULL, expires_at = now()
-                 FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
-                 WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
-                   AND leases.owner = $1",
-                &[&self.node(), &runs, &epochs],
-            )
+            .execute(RELEASE, &[&self.node(), &runs, &epochs])
             .await?;
+        Ok(())
+    }
+
+    /// Shutdown of one process: the leases it holds released (by epoch)
+    /// and its node's heartbeat row gone. Only those: another process
+    /// running under the same node name (two on one host, whose name is
+    /// the default node) keeps its own, rather than having them taken over
+    /// while it still trusts them and sends. A lease whose claim answer
+    /// this process never read (a tick timed out) expires after a ttl.
+    pub async fn leave_holding(&self, held: &[Lease]) -> Result<(), PgStoreError> {
+        let (runs, epochs) = columns(held);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(RELEASE, &[&self.node(), &runs, &epochs]).await?;
+        tx.execute("DELETE FROM replicas WHERE node = $1", &[&self.node()])
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -272,6 +308,18 @@ pub struct LeaseKeeper {
     /// lease unless renewed: two thirds of a ttl after the renewal was sent,
     /// so work stops before the server can let the lease expire.
     held: BTreeMap<Arc<str>, (i64, Instant)>,
+    /// Whether a claim has gone through since this process started: the
+    /// first takes back the node's leases of a previous life
+    /// ([`PgStore::reclaim`]).
+    claimed_once: bool,
+    /// Off once the process drains: it renews what its last deliveries
+    /// write under, and takes nothing it would no longer work.
+    claiming: bool,
+    /// Shed at the last tick: no longer worked here (reported lost), but
+    /// released only at the next, so that a chain sending when the run was
+    /// shed still records that send's outcome, rather than the next owner
+    /// sending it again.
+    shedding: Vec<Lease>,
 }
 
 impl LeaseKeeper {
@@ -279,7 +327,17 @@ impl LeaseKeeper {
         Self {
             store,
             held: BTreeMap::new(),
+            claimed_once: false,
+            claiming: true,
+            shedding: Vec::new(),
         }
+    }
+
+    /// From now on a tick renews and sheds but claims nothing (shutdown:
+    /// a run claimed during the drain would wait for the leave rather than
+    /// go to a live replica at its next tick).
+    pub fn stop_claiming(&mut self) {
+        self.claiming = false;
     }
 
     pub fn held(&self) -> Vec<Lease> {
@@ -324,15 +382,25 @@ impl LeaseKeeper {
     async fn steps(&mut self, changes: &mut LeaseChanges) -> Result<(), PgStoreError> {
         let sent = Instant::now();
         self.store.heartbeat().await?;
+        if !self.shedding.is_empty() {
+            self.store.release(&self.shedding).await?;
+            self.shedding.clear();
+        }
         let trusted_until = sent + self.trust();
         self.renew(trusted_until, changes).await?;
         let share = self.store.fair_share().await?;
         let allowed = share.target + self.store.replica.share_slack;
         self.shed_above(allowed, changes).await?;
-        let claimed = self
-            .store
-            .claim(allowed.saturating_sub(self.held.len()))
-            .await?;
+        if !self.claiming {
+            return Ok(());
+        }
+        let room = allowed.saturating_sub(self.held.len());
+        let claimed = if self.claimed_once {
+            self.store.claim(room).await?
+        } else {
+            self.store.reclaim(room).await?
+        };
+        self.claimed_once = true;
         for lease in claimed {
             self.held
                 .insert(lease.run_id.clone(), (lease.epoch, trusted_until));
@@ -363,21 +431,20 @@ impl LeaseKeeper {
         Ok(())
     }
 
-    /// Releases the leases above `allowed` (the highest run ids), so the
-    /// replicas below their share claim them.
+    /// Sheds the leases above `allowed` (the highest run ids), so the
+    /// replicas below their share claim them: reported lost now (the work
+    /// stops before its next send), released at the next tick (what was in
+    /// flight records its outcome first).
     async fn shed_above(
         &mut self,
         allowed: usize,
         changes: &mut LeaseChanges,
     ) -> Result<(), PgStoreError> {
         let excess: Vec<Lease> = self.held().into_iter().skip(allowed).collect();
-        if excess.is_empty() {
-            return Ok(());
-        }
-        self.store.release(&excess).await?;
         for lease in excess {
             self.held.remove(&lease.run_id);
-            changes.lost.push(lease);
+            changes.lost.push(lease.clone());
+            self.shedding.push(lease);
         }
         Ok(())
     }
@@ -402,10 +469,12 @@ impl LeaseKeeper {
         overdue
     }
 
-    /// On SIGTERM, after the runs' work stopped: everything released, the
-    /// heartbeat row removed.
+    /// On SIGTERM, after the runs' work stopped: every lease this keeper
+    /// holds released, the heartbeat row removed.
     pub async fn shutdown(self) -> Result<(), PgStoreError> {
-        self.store.leave().await
+        let mut held = self.held();
+        held.extend(self.shedding.iter().cloned());
+        self.store.leave_holding(&held).await
     }
 
     fn trust(&self) -> Duration {
