@@ -774,13 +774,13 @@ async fn a_restarted_replica_takes_its_own_leases_back_at_once() {
         return;
     };
     let ttl = Duration::from_secs(60);
-    let killed = open(&pg, "a", ttl).await;
+    let killed = open(&pg.url(), "a", ttl).await;
     subscribe(&killed, RUN).await;
     let old = claim_one(&killed).await;
 
-    let b = open(&pg, "b", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     assert_eq!(b.reclaim(10).await.expect("reclaim"), vec![], "held by a");
-    let restarted = open(&pg, "a", ttl).await;
+    let restarted = open(&pg.url(), "a", ttl).await;
     assert_eq!(restarted.claim(10).await.expect("claim"), vec![], "held");
     let back = restarted.reclaim(10).await.expect("reclaim");
     assert_eq!(
