@@ -146,27 +146,12 @@ on_both! {
 
 on_both! {
     async fn tail_prints_events_as_they_are_recorded(backend: Backend) {
-        use std::io::BufRead;
         let sim = start_sim(Scenario::demo()).await;
         let env = Env::on(backend, &sim, &[]);
         let config = env.write_config();
         // The state database must exist for `tail`; `unwatch` of nothing creates it.
         let _ = runhook(&config, &["unwatch", "nothing"]);
-        let mut tail = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .arg("--config")
-            .arg(&config)
-            .args(["tail", "--json", "--run", "demo-oslo-0002"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = tail.stdout.take().unwrap();
-        let reading = std::thread::spawn(move || {
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .take(6)
-                .collect::<Vec<String>>()
-        });
+        let mut tail = TailLines::start(&config, &["--json", "--run", "demo-oslo-0002"], 6);
         let daemon = env.start();
         assert!(
             runhook(&config, &["watch", "demo-oslo-0002"])
@@ -178,26 +163,9 @@ on_both! {
                 .status
                 .success()
         );
-        wait_for("tail's six lines", || {
-            let done = reading.is_finished();
-            async move {
-                if done {
-                    Ok(())
-                } else {
-                    Err("tail still reading".into())
-                }
-            }
-        })
-        .await;
-        tail.kill().unwrap();
-        tail.wait().unwrap();
+        tail.wait_read("tail's six lines").await;
         daemon.stop().await;
-        let lines: Vec<serde_json::Value> = reading
-            .join()
-            .unwrap()
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = tail.lines();
         assert!(
             lines.iter().all(|l| l["runId"] == "demo-oslo-0002"),
             "--run filters"

@@ -13,7 +13,7 @@
 //! `RUNHOOK_CRASH_SEED` replays a run (the daemons' jitter too, through
 //! `RUNHOOK_SEED`); `RUNHOOK_SOAK=1` makes the random one longer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -140,8 +140,7 @@ impl World {
             Duration::from_secs(600),
             "every webhook delivery",
             || async {
-                let distinct: std::collections::HashSet<String> =
-                    self.receiver.accepted().into_iter().map(|r| r.id).collect();
+                let distinct = distinct_accepted_ids(&self.receiver);
                 if distinct.len() == expected {
                     Ok(())
                 } else {
@@ -334,12 +333,7 @@ on_both! {
                 retrying += heads.iter().filter(|p| p.attempts > 0).count();
                 if point == "http.before_mark" {
                     after_2xx += 1;
-                    let accepted: HashSet<String> = world
-                        .receiver
-                        .accepted()
-                        .into_iter()
-                        .map(|r| r.id)
-                        .collect();
+                    let accepted = distinct_accepted_ids(&world.receiver);
                     assert!(
                         heads.iter().any(|p| accepted.contains(&p.id)),
                         "{armed}: the kill left a delivery the receiver accepted still pending"

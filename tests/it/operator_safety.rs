@@ -10,30 +10,12 @@ use std::time::Duration;
 
 use runhook::store::{Batch, Failure, Fence, NewEvent, TimeRange, now_ms};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::state::Backend;
 use crate::support::*;
 
 fn event(sequence: i64, payload: String, sinks: &[&str]) -> NewEvent {
-    NewEvent {
-        sequence,
-        event_type: "LOG".into(),
-        payload: RawValue::from_string(payload).unwrap(),
-        created_at: None,
-        sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-    }
-}
-
-fn batch(run: &str, events: Vec<NewEvent>) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events,
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
+    new_event(sequence, "LOG", payload, sinks)
 }
 
 /// `send-test` on a file sink refused (exit 1), naming the torn line.
@@ -105,7 +87,7 @@ async fn torn_tail_then_send_test_then_restart(payload: String) -> String {
         store
             .record_batch(
                 &Fence::Exclusive,
-                batch("r1", vec![event(1, payload, &["archive"])]),
+                batch_of_events("r1", vec![event(1, payload, &["archive"])]),
             )
             .await
             .unwrap();
@@ -201,7 +183,7 @@ async fn oldest_pending_age_is_hidden_by_a_backfilled_head() {
         event(3, "{}".into(), &["a", "late"]),
     ];
     store
-        .record_batch(&Fence::Exclusive, batch("r1", events))
+        .record_batch(&Fence::Exclusive, batch_of_events("r1", events))
         .await
         .unwrap();
     // All of it was queued three hours ago; `late`'s delivery of event 3 is
@@ -314,13 +296,13 @@ on_both! {
             .unwrap();
         let early = vec![event(1, "{}".into(), &["a"]), event(2, "{}".into(), &["a"])];
         store
-            .record_batch(&b.fence("r1").await, batch("r1", early))
+            .record_batch(&b.fence("r1").await, batch_of_events("r1", early))
             .await
             .unwrap();
         // `late` is added and reloaded: event 3 is routed to it live, and sent.
         let live = vec![event(3, "{}".into(), &["a", "late"])];
         store
-            .record_batch(&b.fence("r1").await, batch("r1", live))
+            .record_batch(&b.fence("r1").await, batch_of_events("r1", live))
             .await
             .unwrap();
         let reader = store.reads();
@@ -362,7 +344,7 @@ on_both! {
 /// Events of `run` with these sequences, each routed to `sinks`.
 fn batch_of(run: &str, sequences: std::ops::RangeInclusive<i64>, sinks: &[&str]) -> Batch {
     let events = sequences.map(|s| event(s, "{}".into(), sinks)).collect();
-    batch(run, events)
+    batch_of_events(run, events)
 }
 
 on_both! {

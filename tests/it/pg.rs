@@ -5,60 +5,25 @@
 //! they pass after printing "skipped: no PostgreSQL" (unless
 //! `RUNHOOK_REQUIRE_PG=1`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runhook::store::pg::{Lease, LeaseKeeper, PgStore, PgStoreError, Replica, SCHEMA_VERSION};
-use runhook::store::{Batch, Failure, Finish, NewEvent, Recorded, now_ms};
-use serde_json::value::RawValue;
+use runhook::store::pg::{Lease, LeaseKeeper, PgStore, PgStoreError, SCHEMA_VERSION};
+use runhook::store::{Batch, Failure, Finish, Recorded, now_ms};
 
 use crate::pg_support::{PgDatabase, PgServer};
+use crate::support::pg_store::{self, count, open, pending_rows, replica, subscribe};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";
 const SINK: &str = "ops";
 
-fn replica(node: &str, lease_ttl: Duration) -> Replica {
-    Replica {
-        node: node.into(),
-        lease_ttl,
-        share_slack: 0,
-    }
-}
-
-async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
-    PgStore::open(&pg.url(), replica(node, lease_ttl))
-        .await
-        .expect("open the PostgreSQL store")
-}
-
-async fn subscribe(store: &PgStore, run: &str) {
-    store
-        .subscribe(run.into(), BTreeMap::new(), "watch", None)
-        .await
-        .expect("subscribe");
-}
-
+/// Events `sequences` of `run` for the sink; the payloads' raw text
+/// (`1.10`, a space) must come back to the byte.
 fn batch(run: &str, sequences: impl IntoIterator<Item = i64>) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events: sequences
-            .into_iter()
-            .map(|sequence| NewEvent {
-                sequence,
-                event_type: "PHASE_STARTED".into(),
-                payload: RawValue::from_string(format!("{{\"n\": {sequence}, \"x\":1.10}}"))
-                    .expect("json"),
-                created_at: None,
-                sinks: vec![Arc::from(SINK)],
-            })
-            .collect(),
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
+    pg_store::batch_with_payload(run, sequences, &[SINK], |sequence| {
+        format!("{{\"n\": {sequence}, \"x\":1.10}}")
+    })
 }
 
 /// The one lease of `store`'s node on `RUN`, claimed now.
@@ -66,11 +31,6 @@ async fn claim_one(store: &PgStore) -> Lease {
     let mut claimed = store.claim(1).await.expect("claim");
     assert_eq!(claimed.len(), 1, "one run to claim: {claimed:?}");
     claimed.remove(0)
-}
-
-/// What is committed, read past the store under test.
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 async fn cursor(client: &tokio_postgres::Client, run: &str) -> i64 {
@@ -211,7 +171,7 @@ async fn a_batch_sent_again_after_the_cursor_moved_records_nothing() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(15)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(15)).await;
     subscribe(&store, RUN).await;
     let lease = claim_one(&store).await;
     let first = store.record_batch(&lease, batch(RUN, 1..=3)).await;
@@ -250,7 +210,7 @@ async fn a_batch_straddling_the_cursor_records_only_the_new_part() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(15)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(15)).await;
     subscribe(&store, RUN).await;
     let lease = claim_one(&store).await;
     store
@@ -285,7 +245,7 @@ async fn delivery_outcomes_move_only_the_leased_runs_rows() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(15)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(15)).await;
     const OTHER: &str = "9f2a1c7e-0000-4000-8000-000000000002";
     subscribe(&store, RUN).await;
     subscribe(&store, OTHER).await;
@@ -300,14 +260,10 @@ async fn delivery_outcomes_move_only_the_leased_runs_rows() {
         .record_batch(other_lease, batch(OTHER, 1..=3))
         .await
         .expect("record the other");
-    let pending_events = |run: &'static str| {
-        let store = store.clone();
-        async move {
-            let pending = store.pending_for_run(SINK, run, 10).await.expect("pending");
-            pending.iter().map(|p| p.event).collect::<Vec<i64>>()
-        }
-    };
-    let (events, others) = (pending_events(RUN).await, pending_events(OTHER).await);
+    let (events, others) = (
+        pending_rows(&store, SINK, RUN, 10).await,
+        pending_rows(&store, SINK, OTHER, 10).await,
+    );
     store
         .mark_delivered(lease, SINK.into(), vec![events[0], others[0]], None)
         .await
@@ -367,8 +323,8 @@ async fn a_claimed_run_cannot_be_claimed_by_another_replica() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let a = open(&pg, "a", Duration::from_secs(60)).await;
-    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let a = open(&pg.url(), "a", Duration::from_secs(60)).await;
+    let b = open(&pg.url(), "b", Duration::from_secs(60)).await;
     subscribe(&a, RUN).await;
     let lease = claim_one(&a).await;
     assert_eq!(lease.epoch, 1);
@@ -384,8 +340,8 @@ async fn after_the_ttl_another_replica_takes_over_with_the_next_epoch() {
         return;
     };
     let ttl = Duration::from_secs(1);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     subscribe(&a, RUN).await;
     let claimed_at = Instant::now();
     let first = claim_one(&a).await;
@@ -412,8 +368,8 @@ async fn a_replica_that_lost_its_lease_commits_nothing() {
         return;
     };
     let ttl = Duration::from_millis(500);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     subscribe(&a, RUN).await;
     let old = claim_one(&a).await;
     a.record_batch(&old, batch(RUN, 1..=2))
@@ -425,13 +381,7 @@ async fn a_replica_that_lost_its_lease_commits_nothing() {
     })
     .await;
     assert_eq!(new.epoch, old.epoch + 1);
-    let events: Vec<i64> = b
-        .pending_for_run(SINK, RUN, 10)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
+    let events = pending_rows(&b, SINK, RUN, 10).await;
 
     let lost = |result: Result<_, PgStoreError>, what: &str| match result {
         Err(PgStoreError::LeaseLost { run_id, epoch }) => {
@@ -493,8 +443,8 @@ async fn a_released_lease_is_taken_over_at_once() {
         return;
     };
     let ttl = Duration::from_secs(60);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     subscribe(&a, RUN).await;
     let mut keeper = LeaseKeeper::new(a.clone());
     let gained = ticked(&mut keeper).await.gained;
@@ -558,8 +508,8 @@ async fn two_replicas_share_ten_runs_five_and_five() {
         return;
     };
     let ttl = Duration::from_millis(900);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     for n in 0..10 {
         subscribe(&a, &format!("run-{n}")).await;
     }
@@ -600,7 +550,7 @@ async fn a_replica_cut_off_from_the_database_stops_its_runs_before_the_lease_exp
     // Overdue at 2 s: a second of margin for stopping the server on a busy
     // machine.
     let ttl = Duration::from_secs(3);
-    let a = open(&pg, "a", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
     subscribe(&a, RUN).await;
     let mut keeper = LeaseKeeper::new(a);
     let renewing = Instant::now();
@@ -643,7 +593,7 @@ async fn replicas_claiming_at_once_never_get_the_same_run() {
     let ttl = Duration::from_secs(60);
     let mut stores = Vec::new();
     for n in 0..4 {
-        stores.push(open(&pg, &format!("r{n}"), ttl).await);
+        stores.push(open(&pg.url(), &format!("r{n}"), ttl).await);
     }
     for n in 0..40 {
         subscribe(&stores[0], &format!("run-{n:02}")).await;
@@ -677,7 +627,7 @@ async fn a_finish_records_one_run_finished_at_the_cursor() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(15)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(15)).await;
     subscribe(&store, RUN).await;
     let lease = claim_one(&store).await;
     let finishing = |sequences: std::ops::RangeInclusive<i64>| Batch {
@@ -725,8 +675,8 @@ async fn a_dead_replicas_runs_move_to_the_survivor_after_the_ttl() {
         return;
     };
     let ttl = Duration::from_millis(900);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     for n in 0..10 {
         subscribe(&a, &format!("run-{n}")).await;
     }
@@ -795,8 +745,8 @@ async fn a_keeper_reports_a_run_taken_over_as_lost() {
         return;
     };
     let ttl = Duration::from_millis(500);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     subscribe(&a, RUN).await;
     let mut keeper = LeaseKeeper::new(a);
     let gained = ticked(&mut keeper).await.gained;
@@ -824,45 +774,15 @@ async fn a_renewal_does_not_wait_for_a_write_in_flight_but_a_takeover_does() {
         return;
     };
     let ttl = Duration::from_secs(60);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     subscribe(&a, RUN).await;
     let lease = claim_one(&a).await;
     let holder = pg.client().await;
-    holder
-        .batch_execute(
-            "CREATE FUNCTION hold_insert() RETURNS trigger LANGUAGE plpgsql AS
-                 $$ BEGIN PERFORM pg_advisory_xact_lock(4243); RETURN NEW; END $$;
-             CREATE TRIGGER hold_insert BEFORE INSERT ON deliveries
-                 FOR EACH ROW EXECUTE FUNCTION hold_insert();",
-        )
-        .await
-        .expect("the holding trigger");
-    holder
-        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4243);")
-        .await
-        .expect("hold the batch's deliveries");
-    let in_flight = tokio::spawn({
-        let (a, lease) = (a.clone(), lease.clone());
-        async move { a.record_batch(&lease, batch(RUN, 1..=1)).await }
-    });
+    pg_store::hold_batches_of(&holder, RUN).await;
+    let in_flight = pg_store::start_held(&holder, &a, &lease, batch(RUN, 1..=1)).await;
     let observer = pg.client().await;
-    wait_for("the batch to be fenced and held", || async {
-        let waiting = count(
-            &observer,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        )
-        .await;
-        if waiting == 1 {
-            Ok(())
-        } else {
-            Err(format!(
-                "{waiting} waiting; batch done: {}",
-                in_flight.is_finished()
-            ))
-        }
-    })
-    .await;
+    pg_store::wait_for_held(&observer).await;
 
     let renewed = tokio::time::timeout(
         Duration::from_secs(5),

@@ -14,14 +14,12 @@ use std::time::Duration;
 use runhook::config::DeliveryPolicy;
 use runhook::deliver::file::run_file_sink;
 use runhook::sink::file::FileSink;
-use runhook::store::pg::{Lease, PgStore, Replica};
-use runhook::store::{
-    Batch, DeadFilter, Failure, Fence, Location, NewEvent, State, StateError, now_ms,
-};
-use serde_json::value::RawValue;
+use runhook::store::pg::{Lease, PgStore};
+use runhook::store::{DeadFilter, Failure, Fence, Location, State, StateError, now_ms};
 use tokio_util::sync::CancellationToken;
 
 use crate::pg_support::PgServer;
+use crate::support::pg_store::{batch, replica};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-0000000000f1";
@@ -30,14 +28,6 @@ const FILE: &str = "archive";
 const HOOK: &str = "hook";
 /// Short, so a "paused" holder's lease expires within a test.
 const SHORT_TTL: Duration = Duration::from_secs(2);
-
-fn replica(node: &str, lease_ttl: Duration) -> Replica {
-    Replica {
-        node: node.into(),
-        lease_ttl,
-        share_slack: 0,
-    }
-}
 
 /// The state as one process of `node` opens it.
 async fn state(pg: &PgServer, node: &str, lease_ttl: Duration) -> State {
@@ -48,25 +38,6 @@ async fn state(pg: &PgServer, node: &str, lease_ttl: Duration) -> State {
 
 fn pg_of(state: &State) -> &PgStore {
     state.postgres().expect("a PostgreSQL state")
-}
-
-fn batch(run: &str, sequences: std::ops::RangeInclusive<i64>, sinks: &[&str]) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events: sequences
-            .map(|sequence| NewEvent {
-                sequence,
-                event_type: "PHASE_STARTED".into(),
-                payload: RawValue::from_string(format!("{{\"n\":{sequence}}}")).expect("json"),
-                created_at: None,
-                sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-            })
-            .collect(),
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
 }
 
 /// Subscribes to `runs`, claims them on `state` and records `sequences` of

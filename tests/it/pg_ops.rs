@@ -12,14 +12,15 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use runhook::store::pg::{Lease, PgStore, Replica};
-use runhook::store::{Batch, Failure, NewEvent, now_ms};
+use runhook::store::{Batch, Failure, now_ms};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::pg_support::PgServer;
+use crate::support::pg_store::{
+    self as pg_store, count, hold_batches_of, pending_rows, start_held, wait_for_held,
+};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";
@@ -94,54 +95,15 @@ fn config_with_state(dir: &Path, state: &str) -> PathBuf {
 
 /// A replica as the daemon would be: heartbeating, owning `runs`.
 async fn replica(pg: &PgServer, runs: &[&str]) -> (PgStore, BTreeMap<String, Lease>) {
-    let store = PgStore::open(
-        &pg.url(),
-        Replica {
-            node: NODE.into(),
-            lease_ttl: Duration::from_secs(60),
-            share_slack: 0,
-        },
-    )
-    .await
-    .expect("open the PostgreSQL store");
-    for run in runs {
-        store
-            .subscribe((*run).into(), BTreeMap::new(), "watch", None)
-            .await
-            .expect("subscribe");
-    }
-    store.heartbeat().await.expect("heartbeat");
-    let leases = store.claim(runs.len()).await.expect("claim");
-    assert_eq!(leases.len(), runs.len(), "{leases:?}");
-    let leases = leases
-        .into_iter()
-        .map(|l| (l.run_id.to_string(), l))
-        .collect();
-    (store, leases)
+    pg_store::replica_owning(&pg.url(), NODE, runs).await
 }
 
+/// Events `sequences` of `run` for the sink, in phase `compose`.
 fn batch(run: &str, sequences: impl IntoIterator<Item = i64>) -> Batch {
     Batch {
-        run_id: run.into(),
-        events: sequences
-            .into_iter()
-            .map(|sequence| NewEvent {
-                sequence,
-                event_type: "PHASE_STARTED".into(),
-                payload: RawValue::from_string(format!("{{\"n\":{sequence}}}")).expect("json"),
-                created_at: None,
-                sinks: vec![Arc::from(SINK)],
-            })
-            .collect(),
-        run_status: Some("running".into()),
         phase: Some("compose".into()),
-        finish: None,
-        stalled: None,
+        ..pg_store::batch(run, sequences, &[SINK])
     }
-}
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 /// Tables in the database's schemas (not the catalogs).
@@ -242,13 +204,7 @@ async fn every_state_command_works_against_postgres() {
         .await
         .expect("record");
     assert_eq!(recorded.recorded, 3);
-    let rows: Vec<i64> = store
-        .pending_for_run(SINK, RUN, 10)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
+    let rows = pending_rows(&store, SINK, RUN, 10).await;
     store
         .mark_delivered(lease, Arc::from(SINK), rows[..1].to_vec(), None)
         .await
@@ -413,24 +369,6 @@ impl Drop for Tail {
     }
 }
 
-/// The test's own stand-in for a slow ingest transaction: a trigger on
-/// the deliveries of `run` waits for an advisory lock the test holds, so
-/// that run's `record_batch` has drawn its event rows but cannot commit.
-async fn hold_batches_of(client: &tokio_postgres::Client, run: &str) {
-    client
-        .batch_execute(&format!(
-            "CREATE FUNCTION hold_batch() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF NEW.run_id = '{run}' THEN PERFORM pg_advisory_xact_lock(4242); END IF;
-                 RETURN NEW;
-             END $$;
-             CREATE TRIGGER hold_batch BEFORE INSERT ON deliveries
-                 FOR EACH ROW EXECUTE FUNCTION hold_batch();"
-        ))
-        .await
-        .expect("the holding trigger");
-}
-
 /// Two ingest transactions at once: the first draws the lower event row
 /// but commits after the second. `tail` prints the second's event, and
 /// must still print the first's when it commits. (Seen red: following
@@ -470,29 +408,9 @@ async fn tail_prints_an_event_committed_after_a_higher_row() {
 
     let holder = pg.client().await;
     hold_batches_of(&holder, OTHER).await;
-    holder
-        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242);")
-        .await
-        .expect("hold the lock");
-    let slow = tokio::spawn({
-        let store = store.clone();
-        let lease = leases[OTHER].clone();
-        async move { store.record_batch(&lease, batch(OTHER, [1])).await }
-    });
+    let slow = start_held(&holder, &store, &leases[OTHER], batch(OTHER, [1])).await;
     let observer = pg.client().await;
-    wait_for("the slow batch to draw its row", || async {
-        let waiting = count(
-            &observer,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        )
-        .await;
-        if waiting == 1 {
-            Ok(())
-        } else {
-            Err("not waiting yet".to_owned())
-        }
-    })
-    .await;
+    wait_for_held(&observer).await;
     store
         .record_batch(&leases[RUN], batch(RUN, [100]))
         .await

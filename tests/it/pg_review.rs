@@ -5,14 +5,14 @@
 //! (unless `RUNHOOK_REQUIRE_PG=1`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
 
-use runhook::store::pg::{Lease, PgStore, Replica};
-use runhook::store::{Batch, NewEvent, TailCursor};
-use serde_json::value::RawValue;
+use runhook::store::pg::{Lease, PgStore};
+use runhook::store::{Batch, TailCursor};
 
 use crate::pg_support::PgServer;
+use crate::support::pg_store::{
+    self as pg_store, count, hold_batches_of, start_held, wait_for_held,
+};
 use crate::support::wait_for;
 
 const RUN: &str = "7c1d0e2a-0000-4000-8000-000000000001";
@@ -22,89 +22,43 @@ const NODE: &str = "runhook-a";
 
 /// A replica owning `runs` (subscribed and claimed).
 async fn replica(pg: &PgServer, runs: &[&str]) -> (PgStore, BTreeMap<String, Lease>) {
-    let store = PgStore::open(
-        &pg.url(),
-        Replica {
-            node: NODE.into(),
-            lease_ttl: Duration::from_secs(60),
-            share_slack: 0,
-        },
-    )
-    .await
-    .expect("open the PostgreSQL store");
-    for run in runs {
-        store
-            .subscribe((*run).into(), BTreeMap::new(), "watch", None)
-            .await
-            .expect("subscribe");
-    }
-    store.heartbeat().await.expect("heartbeat");
-    let leases = store.claim(runs.len()).await.expect("claim");
-    assert_eq!(leases.len(), runs.len(), "{leases:?}");
-    let leases = leases
-        .into_iter()
-        .map(|l| (l.run_id.to_string(), l))
-        .collect();
-    (store, leases)
+    pg_store::replica_owning(&pg.url(), NODE, runs).await
 }
 
+/// Events `sequences` of `run` for `sink`, in phase `compose`.
 fn batch(run: &str, sequences: impl IntoIterator<Item = i64>, sink: &str) -> Batch {
     Batch {
-        run_id: run.into(),
-        events: sequences
-            .into_iter()
-            .map(|sequence| NewEvent {
-                sequence,
-                event_type: "PHASE_STARTED".into(),
-                payload: RawValue::from_string(format!("{{\"n\":{sequence}}}")).expect("json"),
-                created_at: None,
-                sinks: vec![Arc::from(sink)],
-            })
-            .collect(),
-        run_status: Some("running".into()),
         phase: Some("compose".into()),
-        finish: None,
-        stalled: None,
+        ..pg_store::batch(run, sequences, &[sink])
     }
 }
 
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
-}
-
-/// A slow ingest transaction: a trigger on the deliveries of `run` waits
-/// for an advisory lock the test holds, so that run's `record_batch` has
-/// drawn its event rows but cannot commit (as in `pg_ops`).
-async fn hold_batches_of(client: &tokio_postgres::Client, run: &str) {
-    client
-        .batch_execute(&format!(
-            "CREATE FUNCTION hold_batch() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF NEW.run_id = '{run}' THEN PERFORM pg_advisory_xact_lock(4242); END IF;
-                 RETURN NEW;
-             END $$;
-             CREATE TRIGGER hold_batch BEFORE INSERT ON deliveries
-                 FOR EACH ROW EXECUTE FUNCTION hold_batch();"
-        ))
+/// One `tail` read of at most `limit` rows; the ids it hands out are
+/// added to `printed`.
+async fn read_tail(
+    store: &PgStore,
+    cursor: &mut TailCursor,
+    limit: usize,
+    printed: &mut Vec<String>,
+) {
+    let events = store
+        .tail_next(cursor, None, None, limit)
         .await
-        .expect("the holding trigger");
+        .expect("tail reads");
+    printed.extend(events.into_iter().map(|e| e.id));
 }
 
-/// Until the slow batch waits on the test's advisory lock.
-async fn wait_for_held(observer: &tokio_postgres::Client) {
-    wait_for("the slow batch to draw its rows", || async {
-        let waiting = count(
-            observer,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        )
-        .await;
-        if waiting == 1 {
-            Ok(())
-        } else {
-            Err("not waiting yet".to_owned())
-        }
-    })
-    .await;
+/// The slow batch (`OTHER` 1..=5) and the fast one (`RUN` 1..=3) were
+/// handed out, every event once.
+fn assert_both_batches_once(printed: &[String]) {
+    let unique: BTreeSet<&String> = printed.iter().collect();
+    assert_eq!(unique.len(), printed.len(), "once each: {printed:?}");
+    let want: BTreeSet<String> = (1..=5)
+        .map(|s| format!("{OTHER}:{s}"))
+        .chain((1..=3).map(|s| format!("{RUN}:{s}")))
+        .collect();
+    let got: BTreeSet<String> = printed.iter().cloned().collect();
+    assert_eq!(got, want, "every event handed out: {printed:?}");
 }
 
 /// A slow batch draws rows 1..=5 and commits after a fast batch's rows
@@ -119,15 +73,7 @@ async fn tail_hands_out_a_late_batch_larger_than_its_read_limit() {
     let (store, leases) = replica(&pg, &[RUN, OTHER]).await;
     let holder = pg.client().await;
     hold_batches_of(&holder, OTHER).await;
-    holder
-        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242);")
-        .await
-        .expect("hold the lock");
-    let slow = tokio::spawn({
-        let store = store.clone();
-        let lease = leases[OTHER].clone();
-        async move { store.record_batch(&lease, batch(OTHER, 1..=5, SINK)).await }
-    });
+    let slow = start_held(&holder, &store, &leases[OTHER], batch(OTHER, 1..=5, SINK)).await;
     wait_for_held(&pg.client().await).await;
     store
         .record_batch(&leases[RUN], batch(RUN, 1..=3, SINK))
@@ -136,11 +82,7 @@ async fn tail_hands_out_a_late_batch_larger_than_its_read_limit() {
 
     let mut cursor = TailCursor::default();
     let mut printed: Vec<String> = Vec::new();
-    let first = store
-        .tail_next(&mut cursor, None, None, 10)
-        .await
-        .expect("tail reads");
-    printed.extend(first.into_iter().map(|e| e.id));
+    read_tail(&store, &mut cursor, 10, &mut printed).await;
     assert_eq!(printed.len(), 3, "the fast batch: {printed:?}");
 
     // Some other transaction with an id, in flight across the next reads.
@@ -157,28 +99,13 @@ async fn tail_hands_out_a_late_batch_larger_than_its_read_limit() {
     // snapshot's horizon and listed as in flight.
     store.heartbeat().await.expect("heartbeat");
     for _ in 0..5 {
-        let events = store
-            .tail_next(&mut cursor, None, None, 2)
-            .await
-            .expect("tail reads");
-        printed.extend(events.into_iter().map(|e| e.id));
+        read_tail(&store, &mut cursor, 2, &mut printed).await;
     }
     bystander.batch_execute("COMMIT").await.expect("end it");
     for _ in 0..2 {
-        let events = store
-            .tail_next(&mut cursor, None, None, 2)
-            .await
-            .expect("tail reads");
-        printed.extend(events.into_iter().map(|e| e.id));
+        read_tail(&store, &mut cursor, 2, &mut printed).await;
     }
-    let unique: BTreeSet<&String> = printed.iter().collect();
-    assert_eq!(unique.len(), printed.len(), "once each: {printed:?}");
-    let want: BTreeSet<String> = (1..=5)
-        .map(|s| format!("{OTHER}:{s}"))
-        .chain((1..=3).map(|s| format!("{RUN}:{s}")))
-        .collect();
-    let got: BTreeSet<String> = printed.iter().cloned().collect();
-    assert_eq!(got, want, "every event handed out: {printed:?}");
+    assert_both_batches_once(&printed);
 }
 
 /// PostgreSQL lists in a snapshot's in-flight transactions only those
@@ -220,15 +147,7 @@ async fn tail_waits_for_a_batch_whose_id_is_above_the_snapshots_horizon() {
         }
     })
     .await;
-    holder
-        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242);")
-        .await
-        .expect("hold the lock");
-    let slow = tokio::spawn({
-        let store = store.clone();
-        let lease = leases[OTHER].clone();
-        async move { store.record_batch(&lease, batch(OTHER, 1..=5, SINK)).await }
-    });
+    let slow = start_held(&holder, &store, &leases[OTHER], batch(OTHER, 1..=5, SINK)).await;
     wait_for_held(&observer).await;
     gate.batch_execute("COMMIT")
         .await
@@ -239,30 +158,15 @@ async fn tail_waits_for_a_batch_whose_id_is_above_the_snapshots_horizon() {
 
     let mut cursor = TailCursor::default();
     let mut printed: Vec<String> = Vec::new();
-    let first = store
-        .tail_next(&mut cursor, None, None, 100)
-        .await
-        .expect("tail reads");
-    printed.extend(first.into_iter().map(|e| e.id));
+    read_tail(&store, &mut cursor, 100, &mut printed).await;
     holder.batch_execute("COMMIT").await.expect("release");
     slow.await
         .expect("the slow batch ran")
         .expect("the slow batch commits");
     for _ in 0..3 {
-        let events = store
-            .tail_next(&mut cursor, None, None, 100)
-            .await
-            .expect("tail reads");
-        printed.extend(events.into_iter().map(|e| e.id));
+        read_tail(&store, &mut cursor, 100, &mut printed).await;
     }
-    let unique: BTreeSet<&String> = printed.iter().collect();
-    assert_eq!(unique.len(), printed.len(), "once each: {printed:?}");
-    let want: BTreeSet<String> = (1..=5)
-        .map(|s| format!("{OTHER}:{s}"))
-        .chain((1..=3).map(|s| format!("{RUN}:{s}")))
-        .collect();
-    let got: BTreeSet<String> = printed.iter().cloned().collect();
-    assert_eq!(got, want, "every event handed out: {printed:?}");
+    assert_both_batches_once(&printed);
 }
 
 /// A `sink_leases` row is never removed. A sink that was once a file sink

@@ -9,34 +9,24 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runhook::store::pg::{Lease, PgStore, PgStoreError, Replica};
+use runhook::store::pg::{Lease, PgStore, PgStoreError};
 use runhook::store::{
-    Backfilled, Batch, DeadFilter, Failure, NewEvent, PrunedRun, RequeueFilter, RunState,
-    StoredEvent, Subscribed, TimeRange,
+    Backfilled, Batch, DeadFilter, Failure, PrunedRun, RequeueFilter, RunState, StoredEvent,
+    Subscribed, TimeRange,
 };
-use serde_json::value::RawValue;
 
 use crate::pg_support::PgDatabase;
+use crate::support::pg_store::{count, open, pending_rows};
 use crate::support::wait_for;
+use crate::support::{batch_of_events, new_event};
 
 const RUN: &str = "run-1";
 const OTHER: &str = "run-2";
 /// Rows one maintenance transaction touches (`store::retention`).
 const CHUNK: usize = 5_000;
 
-async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
-    let replica = Replica {
-        node: node.into(),
-        lease_ttl,
-        share_slack: 0,
-    };
-    PgStore::open(&pg.url(), replica)
-        .await
-        .expect("open the PostgreSQL store")
-}
-
 async fn store(pg: &PgDatabase) -> PgStore {
-    open(pg, "a", Duration::from_secs(60)).await
+    open(&pg.url(), "a", Duration::from_secs(60)).await
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -55,24 +45,19 @@ async fn subscribe_as(store: &PgStore, run: &str, origin: &'static str) -> Subsc
 
 /// Events 1..=n of `run` with these types, each routed to `sinks`.
 fn typed_batch(run: &str, first: i64, types: &[&str], sinks: &[&str]) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events: types
-            .iter()
-            .enumerate()
-            .map(|(i, event_type)| NewEvent {
-                sequence: first + i as i64,
-                event_type: (*event_type).to_owned(),
-                payload: RawValue::from_string(format!("{{\"n\":{i}}}")).expect("json"),
-                created_at: None,
-                sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-            })
-            .collect(),
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
+    let events = types
+        .iter()
+        .enumerate()
+        .map(|(i, event_type)| {
+            new_event(
+                first + i as i64,
+                event_type,
+                format!("{{\"n\":{i}}}"),
+                sinks,
+            )
+        })
+        .collect();
+    batch_of_events(run, events)
 }
 
 /// The lease of `store`'s node on `run`, claimed now (the only claimable one).
@@ -94,11 +79,6 @@ async fn with_events(pg: &PgDatabase, types: &[&str], sinks: &[&str]) -> (PgStor
         .await
         .expect("record");
     (store, lease)
-}
-
-/// What is committed, read past the store under test.
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 /// The rowid of `{RUN}:{sequence}`.
@@ -433,7 +413,7 @@ async fn run_state_and_upstream_sequence_come_only_from_the_lease_holder() {
         return;
     };
     let (a, old) = with_events(&pg, &["A"; 3], &[]).await;
-    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let b = open(&pg.url(), "b", Duration::from_secs(60)).await;
     a.release(std::slice::from_ref(&old))
         .await
         .expect("release");
@@ -467,7 +447,7 @@ async fn runs_show_the_owner_of_a_live_lease_and_its_heartbeat() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let a = open(&pg, "a", Duration::from_secs(1)).await;
+    let a = open(&pg.url(), "a", Duration::from_secs(1)).await;
     subscribe_as(&a, RUN, "watch").await;
     subscribe_as(&a, OTHER, "watch").await;
     a.heartbeat().await.expect("heartbeat");
@@ -513,13 +493,7 @@ async fn dead_letters_filter_replay_under_the_same_ids_and_purge_for_good() {
             .record_batch(lease, typed_batch(&lease.run_id, 1, &["A"; 2], &["a", "b"]))
             .await
             .expect("record");
-        let events: Vec<i64> = store
-            .pending_for_run("a", &lease.run_id, 10)
-            .await
-            .expect("pending")
-            .iter()
-            .map(|p| p.event)
-            .collect();
+        let events = pending_rows(&store, "a", &lease.run_id, 10).await;
         kill(&store, lease, "a", events.clone()).await;
         kill(&store, lease, "b", events).await;
     }
@@ -959,13 +933,7 @@ async fn backfill_and_requeue_walk_past_one_chunk() {
         .expect("backfill")
         .queued;
     assert_eq!(queued, n);
-    let rows: Vec<i64> = store
-        .pending_for_run("b", RUN, n + 1)
-        .await
-        .expect("pending")
-        .iter()
-        .map(|p| p.event)
-        .collect();
+    let rows = pending_rows(&store, "b", RUN, n + 1).await;
     store
         .mark_delivered(&lease, Arc::from("b"), rows, None)
         .await

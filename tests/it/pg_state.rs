@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runhook::store::pg::{Lease, PgStore, PgStoreError, Replica};
-use runhook::store::{Batch, Failure, Finish, NewEvent, NewWork, now_ms};
-use serde_json::value::RawValue;
+use runhook::store::pg::{Lease, PgStore, PgStoreError};
+use runhook::store::{Batch, Failure, Finish, NewWork, now_ms};
 use tokio::sync::broadcast;
 
 use crate::pg_support::PgDatabase;
+use crate::support::pg_store::{self, count, open, owned, pending_rows};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";
@@ -24,17 +24,6 @@ const SINK: &str = "ops";
 /// How long a notification may take to arrive.
 const HEARING: Duration = Duration::from_secs(20);
 
-async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
-    let replica = Replica {
-        node: node.into(),
-        lease_ttl,
-        share_slack: 0,
-    };
-    PgStore::open(&pg.url(), replica)
-        .await
-        .expect("open the PostgreSQL store")
-}
-
 async fn subscribe(store: &PgStore, run: &str, labels: BTreeMap<String, String>) {
     store
         .subscribe(run.into(), labels, "watch", None)
@@ -42,38 +31,12 @@ async fn subscribe(store: &PgStore, run: &str, labels: BTreeMap<String, String>)
         .expect("subscribe");
 }
 
-/// Subscribes to `runs` and claims them all on `store`.
-async fn owned(store: &PgStore, runs: &[&str]) -> BTreeMap<String, Lease> {
-    for run in runs {
-        subscribe(store, run, BTreeMap::new()).await;
-    }
-    let leases = store.claim(runs.len()).await.expect("claim");
-    assert_eq!(leases.len(), runs.len(), "{leases:?}");
-    leases
-        .into_iter()
-        .map(|l| (l.run_id.to_string(), l))
-        .collect()
-}
-
+/// Events `sequences` of `run`, each routed to `sinks`; the payloads' raw
+/// text (`1.10`, a space) must come back to the byte.
 fn batch(run: &str, sequences: impl IntoIterator<Item = i64>, sinks: &[&str]) -> Batch {
-    Batch {
-        run_id: run.into(),
-        events: sequences
-            .into_iter()
-            .map(|sequence| NewEvent {
-                sequence,
-                event_type: "PHASE_STARTED".into(),
-                payload: RawValue::from_string(format!("{{\"n\": {sequence}, \"x\":1.10}}"))
-                    .expect("json"),
-                created_at: None,
-                sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
-            })
-            .collect(),
-        run_status: Some("running".into()),
-        phase: None,
-        finish: None,
-        stalled: None,
-    }
+    pg_store::batch_with_payload(run, sequences, sinks, |sequence| {
+        format!("{{\"n\": {sequence}, \"x\":1.10}}")
+    })
 }
 
 fn finishing(run: &str, sequences: std::ops::RangeInclusive<i64>) -> Batch {
@@ -97,19 +60,6 @@ fn failure(events: Vec<i64>, dead: bool) -> Failure {
         next_attempt_at: now_ms() + 60_000,
         dead,
     }
-}
-
-/// The pending delivery rows of a run for a sink, in order.
-async fn pending_rows(store: &PgStore, sink: &str, run: &str) -> Vec<i64> {
-    let pending = store
-        .pending_for_run(sink, run, 100)
-        .await
-        .expect("pending");
-    pending.iter().map(|p| p.event).collect()
-}
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
@@ -154,14 +104,14 @@ async fn prune_drops_old_delivered_rows_and_unreferenced_events_only() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN]).await;
     let lease = &leases[RUN];
     store
         .record_batch(lease, batch(RUN, 1..=4, &[SINK]))
         .await
         .expect("record");
-    let rows = pending_rows(&store, SINK, RUN).await;
+    let rows = pending_rows(&store, SINK, RUN, 100).await;
     // 1 and 2 delivered, 3 dead, 4 still pending.
     store
         .mark_delivered(lease, SINK.into(), rows[..2].to_vec(), None)
@@ -205,7 +155,7 @@ async fn prune_reaches_every_row_past_one_chunk() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN]).await;
     let lease = &leases[RUN];
     for start in (1..=EVENTS).step_by(3_000) {
@@ -244,7 +194,7 @@ async fn recorded(store: &PgStore, lease: &Lease, finish: bool, leave: &str) {
         batch(run, 1..=1, &[SINK])
     };
     store.record_batch(lease, batch).await.expect("record");
-    let rows = pending_rows(store, SINK, run).await;
+    let rows = pending_rows(store, SINK, run, 100).await;
     let (first, rest) = rows.split_at(1);
     let delivered = match leave {
         "delivered" => rows.clone(),
@@ -273,7 +223,7 @@ async fn the_runs_prune_moves_only_old_finished_runs_with_nothing_left() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let runs = [
         "done", "done2", "dead", "pending", "late", "running", "young",
     ];
@@ -289,7 +239,7 @@ async fn the_runs_prune_moves_only_old_finished_runs_with_nothing_left() {
     clock_past(cutoff).await;
     recorded(&store, &leases["young"], true, "delivered").await;
     for run in ["late", "done2"] {
-        let open = pending_rows(&store, SINK, run).await;
+        let open = pending_rows(&store, SINK, run, 100).await;
         store
             .mark_delivered(&leases[run], SINK.into(), open, None)
             .await
@@ -351,7 +301,7 @@ async fn a_batch_in_flight_keeps_its_run_from_the_runs_prune() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &["done"]).await;
     recorded(&store, &leases["done"], true, "delivered").await;
     clock_past(now_ms()).await;
@@ -405,7 +355,7 @@ async fn sink_rows_and_the_oldest_pending_read_as_on_sqlite() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN, OTHER]).await;
     store
         .record_batch(&leases[RUN], batch(RUN, 1..=3, &["a", "B"]))
@@ -415,8 +365,8 @@ async fn sink_rows_and_the_oldest_pending_read_as_on_sqlite() {
         .record_batch(&leases[OTHER], batch(OTHER, 1..=1, &["a"]))
         .await
         .expect("record the other");
-    let a = pending_rows(&store, "a", RUN).await;
-    let b = pending_rows(&store, "B", RUN).await;
+    let a = pending_rows(&store, "a", RUN, 100).await;
+    let b = pending_rows(&store, "B", RUN, 100).await;
     store
         .mark_delivered(&leases[RUN], "a".into(), vec![a[0]], None)
         .await
@@ -487,14 +437,14 @@ async fn found_deliveries_are_marked_done_with_the_offset() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN]).await;
     let lease = &leases[RUN];
     store
         .record_batch(lease, batch(RUN, 1..=4, &["archive", SINK]))
         .await
         .expect("record");
-    let rows = pending_rows(&store, "archive", RUN).await;
+    let rows = pending_rows(&store, "archive", RUN, 100).await;
     store
         .mark_delivered(lease, "archive".into(), vec![rows[0]], Some(100))
         .await
@@ -554,8 +504,8 @@ async fn a_thread_root_is_kept_only_by_the_runs_owner() {
         return;
     };
     let ttl = Duration::from_millis(500);
-    let a = open(&pg, "a", ttl).await;
-    let b = open(&pg, "b", ttl).await;
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
     let old = owned(&a, &[RUN]).await.remove(RUN).expect("lease");
     let save = |store: &PgStore, lease: &Lease, run: &str, ts: &str| {
         let (store, lease) = (store.clone(), lease.clone());
@@ -603,7 +553,7 @@ async fn backlog_reads_follow_ingest_order_across_runs() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     let labels = BTreeMap::from([("team".to_string(), "rome".to_string())]);
     subscribe(&store, RUN, labels).await;
     subscribe(&store, OTHER, BTreeMap::new()).await;
@@ -624,7 +574,7 @@ async fn backlog_reads_follow_ingest_order_across_runs() {
         .record_batch(run, batch(RUN, 3..=3, &[SINK, "archive"]))
         .await
         .expect("r3");
-    let first = pending_rows(&store, SINK, RUN).await[0];
+    let first = pending_rows(&store, SINK, RUN, 100).await[0];
     store
         .record_failure(run, SINK.into(), failure(vec![first], false))
         .await
@@ -658,7 +608,7 @@ async fn backlog_reads_follow_ingest_order_across_runs() {
     assert_eq!(store.pending_count(SINK).await.expect("count"), 5);
     assert_eq!(store.pending_total().await.expect("total"), 6);
 
-    let others = pending_rows(&store, SINK, OTHER).await;
+    let others = pending_rows(&store, SINK, OTHER, 100).await;
     store
         .mark_delivered(other, SINK.into(), others, None)
         .await
@@ -675,7 +625,7 @@ async fn tail_reads_the_events_after_a_row_by_run_and_type() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg, "a", Duration::from_secs(60)).await;
+    let store = open(&pg.url(), "a", Duration::from_secs(60)).await;
     assert_eq!(store.last_event_row().await.expect("empty"), 0);
     let leases = owned(&store, &[RUN, OTHER]).await;
     store
@@ -757,8 +707,8 @@ async fn a_second_replica_hears_committed_work_and_nothing_rolled_back() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let a = open(&pg, "a", Duration::from_secs(60)).await;
-    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let a = open(&pg.url(), "a", Duration::from_secs(60)).await;
+    let b = open(&pg.url(), "b", Duration::from_secs(60)).await;
     let leases = owned(&a, &[RUN, OTHER]).await;
     let mut commits = b.commits();
     let mut work = b.new_work();
@@ -790,8 +740,8 @@ async fn a_listener_catches_up_on_what_it_missed_and_reconnects() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let a = open(&pg, "a", Duration::from_secs(60)).await;
-    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let a = open(&pg.url(), "a", Duration::from_secs(60)).await;
+    let b = open(&pg.url(), "b", Duration::from_secs(60)).await;
     let leases = owned(&a, &[RUN, OTHER]).await;
     a.record_batch(&leases[RUN], batch(RUN, 1..=2, &[SINK]))
         .await
@@ -846,8 +796,8 @@ async fn a_notice_too_long_for_notify_still_wakes_every_sink() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let a = open(&pg, "a", Duration::from_secs(60)).await;
-    let b = open(&pg, "b", Duration::from_secs(60)).await;
+    let a = open(&pg.url(), "a", Duration::from_secs(60)).await;
+    let b = open(&pg.url(), "b", Duration::from_secs(60)).await;
     let leases = owned(&a, &[RUN]).await;
     let mut commits = b.commits();
     let mut work = b.new_work();

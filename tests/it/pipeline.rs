@@ -46,12 +46,7 @@ fn wanted(world: &World, run: &str) -> Vec<String> {
 }
 
 fn distinct_accepted(world: &World) -> usize {
-    let ids: HashSet<String> = world
-        .receiver
-        .accepted()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let ids = distinct_accepted_ids(&world.receiver);
     ids.len()
 }
 
@@ -222,12 +217,7 @@ on_both! {
             .await;
             assert_killed(status, &format!("kill {kill} at {armed}"));
             lives.push(world.receiver.requests().len());
-            let accepted: HashSet<String> = world
-                .receiver
-                .accepted()
-                .into_iter()
-                .map(|r| r.id)
-                .collect();
+            let accepted = distinct_accepted_ids(&world.receiver);
             let heads = pending_heads(&world.env).await;
             assert!(
                 heads.iter().any(|p| accepted.contains(&p.id)),
@@ -315,7 +305,7 @@ on_both! {
         );
         let daemon = env.start_process();
         wait_for("every event at the receiver", || async {
-            let accepted: HashSet<String> = receiver.accepted().into_iter().map(|r| r.id).collect();
+            let accepted = distinct_accepted_ids(&receiver);
             if accepted.len() == 31 {
                 Ok(())
             } else {
@@ -411,7 +401,7 @@ on_both! {
 
         let mut child = spawn_daemon(&config, None);
         wait_for("every other event at the receiver", || async {
-            let accepted: HashSet<String> = receiver.accepted().into_iter().map(|r| r.id).collect();
+            let accepted = distinct_accepted_ids(&receiver);
             if accepted.len() == 20 {
                 Ok(())
             } else {

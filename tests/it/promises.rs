@@ -535,7 +535,6 @@ on_both! {
 
 on_both! {
     async fn tail_type_prints_only_that_event_type(backend: Backend) {
-        use std::io::BufRead;
         let sim = sim_with(vec![
             scripted("run-ta", numbered(3)),
             scripted("run-tb", numbered(2)),
@@ -548,42 +547,11 @@ on_both! {
                 .await
                 .expect("state opens"),
         );
-        let mut tail = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .arg("--config")
-            .arg(&config)
-            .args(["tail", "--json", "--type", "run_finished"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = tail.stdout.take().unwrap();
-        let reading = std::thread::spawn(move || {
-            std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .take(2)
-                .collect::<Vec<String>>()
-        });
+        let mut tail = TailLines::start(&config, &["--json", "--type", "run_finished"], 2);
         let daemon = env.start();
-        wait_for("tail's two lines", || {
-            let done = reading.is_finished();
-            async move {
-                if done {
-                    Ok(())
-                } else {
-                    Err("tail still reading".into())
-                }
-            }
-        })
-        .await;
-        tail.kill().unwrap();
-        tail.wait().unwrap();
+        tail.wait_read("tail's two lines").await;
         daemon.stop().await;
-        let lines: Vec<Value> = reading
-            .join()
-            .unwrap()
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = tail.lines();
         let types: Vec<&Value> = lines.iter().map(|l| &l["type"]).collect();
         assert_eq!(
             types,

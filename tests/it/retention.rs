@@ -368,6 +368,22 @@ async fn with_r1_pruned(
     (sim, env)
 }
 
+/// The pruned `r1` was neither fetched (still `asked` requests) nor
+/// delivered again (its six lines from before the prune).
+fn assert_r1_left_alone(
+    sim: &runhook::simulate::Simulator,
+    env: &crate::support::Env,
+    asked: usize,
+) {
+    assert_eq!(
+        requests_for(sim, "r1"),
+        asked,
+        "no request for the pruned run: {:?}",
+        sim.requests()
+    );
+    assert_eq!(lines_of(env, "r1"), 6, "r1 not delivered again");
+}
+
 on_both! {
     /// The runs row is the cursor: were a pruned run in the config subscribed
     /// again without its tombstone, the restart would fetch it from sequence 0
@@ -382,13 +398,7 @@ on_both! {
         env.wait_finished(&["r2"]).await;
         daemon.stop().await;
 
-        assert_eq!(
-            requests_for(&sim, "r1"),
-            asked,
-            "no request for the pruned run: {:?}",
-            sim.requests()
-        );
-        assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
+        assert_r1_left_alone(&sim, &env, asked);
         assert_eq!(lines_of(&env, "r2"), 4);
         let one = cli(&env, &["status", "--run", "r1"]);
         assert!(one.contains("finished (pruned)"), "{one}");
@@ -444,13 +454,7 @@ on_both! {
         env.wait_finished(&["r2"]).await;
         daemon.stop().await;
 
-        assert_eq!(
-            requests_for(&sim, "r1"),
-            asked,
-            "no request for the pruned run: {:?}",
-            sim.requests()
-        );
-        assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
+        assert_r1_left_alone(&sim, &env, asked);
         assert!(
             env.run_row("r1").await.is_none(),
             "r1 stays out of the runs table"

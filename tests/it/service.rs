@@ -372,6 +372,38 @@ fn promtool_check(text: &str) {
     );
 }
 
+/// The daemon's log at trace level, from its start on `config` until `run`
+/// has finished and the receiver has taken `deliveries` requests (then it
+/// is stopped with TERM): what a secret must never appear in.
+async fn trace_logs_until_delivered(
+    env: &Env,
+    config: &std::path::Path,
+    receiver: &Receiver,
+    run: &str,
+    deliveries: usize,
+) -> String {
+    let mut child = spawn_daemon(config, "trace");
+    let stderr = child.stderr.take().unwrap();
+    let collected = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    env.wait_finished(&[run]).await;
+    wait_for("webhook deliveries", || async {
+        let n = receiver.requests().len();
+        if n >= deliveries {
+            Ok(())
+        } else {
+            Err(format!("{n}"))
+        }
+    })
+    .await;
+    signal(&child, "TERM");
+    exit_of(child).await;
+    collected.join().unwrap()
+}
+
 on_both! {
     async fn no_secret_reaches_the_logs_check_or_debug_output(backend: Backend) {
         const TOKEN: &str = "tok-SECRET-1f3a";
@@ -400,25 +432,7 @@ on_both! {
             receiver.addr
         );
         let config = env.write_config();
-        let mut child = spawn_daemon(&config, "trace");
-        let stderr = child.stderr.take().unwrap();
-        let collected = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
-            text
-        });
-        env.wait_finished(&["run-sec"]).await;
-        wait_for("webhook deliveries", || async {
-            if receiver.requests().len() >= 4 {
-                Ok(())
-            } else {
-                Err("waiting".into())
-            }
-        })
-        .await;
-        signal(&child, "TERM");
-        exit_of(child).await;
-        let logs = collected.join().unwrap();
+        let logs = trace_logs_until_delivered(&env, &config, &receiver, "run-sec", 4).await;
         let check = Command::new(env!("CARGO_BIN_EXE_runhook"))
             .arg("--config")
             .arg(&config)
@@ -505,23 +519,9 @@ on_both! {
             slack_file.display()
         );
         let config = env.write_config();
-        let mut child = spawn_daemon(&config, "trace");
-        let stderr = child.stderr.take().unwrap();
-        let collected = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
-            text
-        });
-        env.wait_finished(&["run-url"]).await;
-        wait_for("webhook deliveries", || async {
-            let n = receiver.requests().len();
-            if n >= 8 { Ok(()) } else { Err(format!("{n}")) }
-        })
-        .await;
-        signal(&child, "TERM");
-        exit_of(child).await;
+        let logs = trace_logs_until_delivered(&env, &config, &receiver, "run-url", 8).await;
         let outputs = [
-            ("logs", collected.join().unwrap()),
+            ("logs", logs),
             ("check", runhook_output(&config, &["check"])),
             ("status", runhook_output(&config, &["status"])),
             (

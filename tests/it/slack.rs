@@ -296,12 +296,7 @@ on_both! {
             &format!("webhook_url = \"http://{}/webhook\"", slack.addr),
         );
         let daemon = env.start();
-        let reader = wait_for("the state database", || async {
-            env.reads()
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await;
+        let reader = env.wait_reads().await;
         let dead = wait_for("a dead letter", || async {
             let dead = reader
                 .dead_letters(None, None)
@@ -586,6 +581,17 @@ async fn finished_thread(slack: &FakeSlack, run: &str) -> (Vec<Call>, Vec<Call>)
         .partition(|c| c.body.get("thread_ts").is_none())
 }
 
+/// The ts FakeSlack gives the first message posted.
+const FIRST_ROOT_TS: &str = "1700000000.000001";
+
+/// The run's three replies (two events, then `run_finished`) all under one
+/// root, the first message posted; `one_root` says why one in this test.
+fn assert_one_thread(roots: &[Call], replies: &[Call], one_root: &str) {
+    assert_eq!(roots.len(), 1, "{one_root}: {roots:?}");
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|r| r.body["thread_ts"] == FIRST_ROOT_TS));
+}
+
 on_both! {
     async fn thread_mode_posts_no_root_while_the_saved_thread_cannot_be_read(backend: Backend) {
         let sim = sim_with(vec![scripted("run-r", numbered(2))]).await;
@@ -600,10 +606,7 @@ on_both! {
             .await;
         let (roots, replies) = finished_thread(&slack, "run-r").await;
         daemon.stop().await;
-        assert_eq!(roots.len(), 1, "one root: {roots:?}");
-        let root_ts = "1700000000.000001";
-        assert_eq!(replies.len(), 3, "{replies:?}");
-        assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+        assert_one_thread(&roots, &replies, "one root");
     }
 }
 
@@ -621,14 +624,11 @@ on_both! {
         allow_root_saves(&env).await;
         let (roots, replies) = finished_thread(&slack, "run-w").await;
         daemon.stop().await;
-        assert_eq!(roots.len(), 1, "one root: {roots:?}");
-        let root_ts = "1700000000.000001";
-        assert_eq!(replies.len(), 3, "{replies:?}");
-        assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+        assert_one_thread(&roots, &replies, "one root");
         let saved = env
             .sql_text("SELECT ts FROM slack_threads WHERE run_id = 'run-w'")
             .await;
-        assert_eq!(saved, root_ts, "the root is kept for a restart");
+        assert_eq!(saved, FIRST_ROOT_TS, "the root is kept for a restart");
     }
 }
 
@@ -641,10 +641,7 @@ on_both! {
         let daemon = env.start();
         let (roots, replies) = finished_thread(&slack, "run-u").await;
         daemon.stop().await;
-        assert_eq!(roots.len(), 1, "one root: {roots:?}");
-        let root_ts = "1700000000.000001";
-        assert_eq!(replies.len(), 3, "{replies:?}");
-        assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+        assert_one_thread(&roots, &replies, "one root");
     }
 }
 
@@ -662,10 +659,7 @@ on_both! {
         let daemon = env.start_process();
         let (roots, replies) = finished_thread(&slack, "run-c").await;
         daemon.stop().await;
-        assert_eq!(roots.len(), 1, "one root, also after the crash: {roots:?}");
-        let root_ts = "1700000000.000001";
-        assert_eq!(replies.len(), 3, "{replies:?}");
-        assert!(replies.iter().all(|r| r.body["thread_ts"] == root_ts));
+        assert_one_thread(&roots, &replies, "one root, also after the crash");
     }
 }
 

@@ -61,14 +61,7 @@ on_both! {
             "no polling"
         );
         assert_eq!(stream_sinces(&sim), [0]);
-        assert_eq!(
-            env.run_row("run-live")
-                .await
-                .unwrap()
-                .transport
-                .map(runhook::config::Transport::name),
-            Some("sse")
-        );
+        assert_eq!(transport(&env, "run-live").await, Some("sse"));
     }
 }
 
@@ -153,6 +146,15 @@ on_both! {
     }
 }
 
+/// The transport the run's row says it is followed by.
+async fn transport(env: &Env, run: &str) -> Option<&'static str> {
+    env.run_row(run)
+        .await
+        .unwrap()
+        .transport
+        .map(runhook::config::Transport::name)
+}
+
 fn event_payloads() -> Vec<runhook::simulate::scenario::ScriptedEvent> {
     [
         r#"{"b":1.10,"a":"é\nx"}"#,
@@ -171,14 +173,7 @@ on_both! {
         env.api = "poll_interval = \"50ms\"\n".into(); // transport auto, no cookie
         run_to_completion(&sim, &env, &["run-b"]).await;
         assert!(sim.requests().iter().all(|r| r.endpoint != "stream"));
-        assert_eq!(
-            env.run_row("run-b")
-                .await
-                .unwrap()
-                .transport
-                .map(runhook::config::Transport::name),
-            Some("poll")
-        );
+        assert_eq!(transport(&env, "run-b").await, Some("poll"));
     }
 }
 
@@ -199,14 +194,7 @@ on_both! {
             log.iter()
                 .any(|r| r.endpoint == "events" && r.status == 200)
         );
-        assert_eq!(
-            env.run_row("run-fb")
-                .await
-                .unwrap()
-                .transport
-                .map(runhook::config::Transport::name),
-            Some("poll")
-        );
+        assert_eq!(transport(&env, "run-fb").await, Some("poll"));
     }
 }
 

@@ -260,6 +260,15 @@ impl Env {
         Reads::open(&self.location(), Replica::bystander()).await
     }
 
+    /// [`Env::reads`] once the daemon has created the state: a test that
+    /// starts the daemon and then reads beside it waits here first.
+    pub async fn wait_reads(&self) -> Reads {
+        wait_for("the state database", || async {
+            self.reads().await.map_err(|e| e.to_string())
+        })
+        .await
+    }
+
     /// The state opened to write, as `watch` opens it.
     #[allow(dead_code)]
     pub async fn open_state(&self) -> Result<State, StateError> {
@@ -674,4 +683,263 @@ pub async fn send_test(config: &std::path::Path, args: &[&str]) -> std::process:
     tokio::task::spawn_blocking(move || command.output().expect("runhook runs"))
         .await
         .expect("send-test finished")
+}
+
+/// `runhook --config CONFIG tail ARGS...` in the background, its first
+/// lines read on a thread of their own (tail never ends by itself).
+pub struct TailLines {
+    child: std::process::Child,
+    reading: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl TailLines {
+    /// Starts `tail` with `args`, reading its first `lines` lines.
+    pub fn start(config: &Path, args: &[&str], lines: usize) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("--config")
+            .arg(config)
+            .arg("tail")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reading = std::thread::spawn(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .take(lines)
+                .collect::<Vec<String>>()
+        });
+        Self { child, reading }
+    }
+
+    /// Waits (`what`) until its lines are read, then ends `tail`.
+    pub async fn wait_read(&mut self, what: &str) {
+        wait_for(what, || {
+            let done = self.reading.is_finished();
+            async move {
+                if done {
+                    Ok(())
+                } else {
+                    Err("tail still reading".into())
+                }
+            }
+        })
+        .await;
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// The lines read, each a JSON value (`tail --json`).
+    pub fn lines(self) -> Vec<Value> {
+        self.reading
+            .join()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// The envelope ids `receiver` accepted, each once however often it was
+/// sent: what "every event arrived" is counted on (redelivery after a crash
+/// is allowed, loss is not).
+pub fn distinct_accepted_ids(
+    receiver: &crate::receiver::Receiver,
+) -> std::collections::HashSet<String> {
+    receiver.accepted().into_iter().map(|r| r.id).collect()
+}
+
+/// One event for a store's `record_batch`, routed to `sinks`.
+pub fn new_event(
+    sequence: i64,
+    event_type: &str,
+    payload: String,
+    sinks: &[&str],
+) -> runhook::store::NewEvent {
+    runhook::store::NewEvent {
+        sequence,
+        event_type: event_type.to_owned(),
+        payload: serde_json::value::RawValue::from_string(payload).expect("json"),
+        created_at: None,
+        sinks: sinks.iter().map(|s| Arc::from(*s)).collect(),
+    }
+}
+
+/// `events` of `run` as one batch; the run running, no phase.
+pub fn batch_of_events(run: &str, events: Vec<runhook::store::NewEvent>) -> runhook::store::Batch {
+    runhook::store::Batch {
+        run_id: run.into(),
+        events,
+        run_status: Some("running".into()),
+        phase: None,
+        finish: None,
+        stalled: None,
+    }
+}
+
+/// What the PostgreSQL test modules (`pg`, `pg_ops`, `pg_review`,
+/// `pg_state`, `pg_file`, `pg_runs`) build their cases from, written once so
+/// a change to how a replica opens or a batch looks reaches them all.
+pub mod pg_store {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use runhook::store::pg::{Lease, PgStore, PgStoreError, Replica};
+    use runhook::store::{Batch, Recorded};
+
+    use super::{batch_of_events, new_event, wait_for};
+
+    /// A replica that takes no share of another's runs beyond its own
+    /// (`share_slack` 0), so a test decides exactly which runs it claims.
+    pub fn replica(node: &str, lease_ttl: Duration) -> Replica {
+        Replica {
+            node: node.into(),
+            lease_ttl,
+            share_slack: 0,
+        }
+    }
+
+    /// The store as `node` opens it on the database at `url`.
+    pub async fn open(url: &str, node: &str, lease_ttl: Duration) -> PgStore {
+        PgStore::open(url, replica(node, lease_ttl))
+            .await
+            .expect("open the PostgreSQL store")
+    }
+
+    /// `run` subscribed as `watch` would (no labels).
+    pub async fn subscribe(store: &PgStore, run: &str) {
+        store
+            .subscribe(run.into(), BTreeMap::new(), "watch", None)
+            .await
+            .expect("subscribe");
+    }
+
+    /// Claims exactly `runs` (the claimable ones), by run id.
+    pub async fn claim_all(store: &PgStore, runs: &[&str]) -> BTreeMap<String, Lease> {
+        let leases = store.claim(runs.len()).await.expect("claim");
+        assert_eq!(leases.len(), runs.len(), "{leases:?}");
+        leases
+            .into_iter()
+            .map(|l| (l.run_id.to_string(), l))
+            .collect()
+    }
+
+    /// Subscribes to `runs` and claims them all on `store`.
+    pub async fn owned(store: &PgStore, runs: &[&str]) -> BTreeMap<String, Lease> {
+        for run in runs {
+            subscribe(store, run).await;
+        }
+        claim_all(store, runs).await
+    }
+
+    /// A replica as the daemon would be: heartbeating, owning `runs`
+    /// (subscribed and claimed) for a minute.
+    pub async fn replica_owning(
+        url: &str,
+        node: &str,
+        runs: &[&str],
+    ) -> (PgStore, BTreeMap<String, Lease>) {
+        let store = open(url, node, Duration::from_secs(60)).await;
+        for run in runs {
+            subscribe(&store, run).await;
+        }
+        store.heartbeat().await.expect("heartbeat");
+        let leases = claim_all(&store, runs).await;
+        (store, leases)
+    }
+
+    /// Events `sequences` of `run` (`PHASE_STARTED`, payload `{"n":N}`),
+    /// each routed to `sinks`; the run running, no phase.
+    pub fn batch(run: &str, sequences: impl IntoIterator<Item = i64>, sinks: &[&str]) -> Batch {
+        batch_with_payload(run, sequences, sinks, |sequence| {
+            format!("{{\"n\":{sequence}}}")
+        })
+    }
+
+    /// [`batch`] with each event's payload text from `payload`: a test of
+    /// raw payloads kept to the byte chooses its own.
+    pub fn batch_with_payload(
+        run: &str,
+        sequences: impl IntoIterator<Item = i64>,
+        sinks: &[&str],
+        payload: impl Fn(i64) -> String,
+    ) -> Batch {
+        let events = sequences
+            .into_iter()
+            .map(|sequence| new_event(sequence, "PHASE_STARTED", payload(sequence), sinks))
+            .collect();
+        batch_of_events(run, events)
+    }
+
+    /// The pending delivery rows of `run` for `sink`, in order (at most
+    /// `limit`).
+    pub async fn pending_rows(store: &PgStore, sink: &str, run: &str, limit: usize) -> Vec<i64> {
+        let pending = store
+            .pending_for_run(sink, run, limit)
+            .await
+            .expect("pending");
+        pending.iter().map(|p| p.event).collect()
+    }
+
+    /// What is committed, read past the store under test.
+    pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+        client.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    /// The test's own stand-in for a slow ingest transaction: a trigger on
+    /// the deliveries of `run` waits for an advisory lock the test holds, so
+    /// that run's `record_batch` has drawn its event rows but cannot commit.
+    pub async fn hold_batches_of(client: &tokio_postgres::Client, run: &str) {
+        client
+            .batch_execute(&format!(
+                "CREATE FUNCTION hold_batch() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF NEW.run_id = '{run}' THEN PERFORM pg_advisory_xact_lock(4242); END IF;
+                     RETURN NEW;
+                 END $$;
+                 CREATE TRIGGER hold_batch BEFORE INSERT ON deliveries
+                     FOR EACH ROW EXECUTE FUNCTION hold_batch();"
+            ))
+            .await
+            .expect("the holding trigger");
+    }
+
+    /// Takes the advisory lock on `holder` (after [`hold_batches_of`]) and
+    /// starts recording `batch` under `lease`: it draws its rows, then waits
+    /// for the lock until `holder` commits.
+    pub async fn start_held(
+        holder: &tokio_postgres::Client,
+        store: &PgStore,
+        lease: &Lease,
+        batch: Batch,
+    ) -> tokio::task::JoinHandle<Result<Recorded, PgStoreError>> {
+        holder
+            .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242);")
+            .await
+            .expect("hold the lock");
+        let store = store.clone();
+        let lease = lease.clone();
+        tokio::spawn(async move { store.record_batch(&lease, batch).await })
+    }
+
+    /// Until the slow batch of [`hold_batches_of`] waits on the test's
+    /// advisory lock.
+    pub async fn wait_for_held(observer: &tokio_postgres::Client) {
+        wait_for("the slow batch to draw its rows", || async {
+            let waiting = count(
+                observer,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .await;
+            if waiting == 1 {
+                Ok(())
+            } else {
+                Err("not waiting yet".to_owned())
+            }
+        })
+        .await;
+    }
 }

@@ -162,12 +162,7 @@ on_both! {
         receiver.set_delay(Duration::from_millis(100));
         let env = webhook_env(backend, &sim, &refs, &receiver, "");
         let daemon = env.start();
-        let reader = wait_for("the state database", || async {
-            env.reads()
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await;
+        let reader = env.wait_reads().await;
         wait_for("the sink marked down", || async {
             let sinks = reader.sinks().await.map_err(|e| e.to_string())?;
             match sinks.iter().find(|s| s.sink == "ops") {
@@ -336,12 +331,7 @@ on_both! {
         receiver.script([Answer::ErrorRetryAfter(3)]);
         let env = webhook_env(backend, &sim, &["run-rs"], &receiver, "");
         let daemon = env.start_process();
-        let reader = wait_for("the state database", || async {
-            env.reads()
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await;
+        let reader = env.wait_reads().await;
         wait_for("the failed attempt recorded", || async {
             let sinks = reader.sinks().await.map_err(|e| e.to_string())?;
             match sinks.iter().find(|s| s.sink == "ops") {
