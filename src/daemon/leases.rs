@@ -27,8 +27,10 @@ impl Leases {
     pub(super) fn start(store: PgStore, lease_ttl: Duration) -> (Self, Ownership) {
         let (publisher, ownership) = Ownership::leased();
         let stop = CancellationToken::new();
+        // A shed lease is released once its run's delivery chains ended.
+        let keeper = LeaseKeeper::new(store).releasing_when(publisher.work_ended());
         let task = AbortOnDropHandle::new(tokio::spawn(keep_leases(
-            LeaseKeeper::new(store),
+            keeper,
             publisher,
             lease_ttl / 3,
             stop.clone(),

@@ -52,7 +52,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::retry::{failure_rows, retry_delay};
 use crate::config::DeliveryPolicy;
-use crate::ownership::Ownership;
+use crate::ownership::{Ownership, Working};
 use crate::sink::{Event, Outcome, Sender};
 use crate::store::{Fence, Pending, State, StateError, now_ms};
 
@@ -316,6 +316,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             if let Some(run) = run {
                 board.blocked.remove(&run);
                 board.work.remove(&run);
+                let working = sink.ownership.working(&run);
                 // Lost since it was booked (its new owner probes), or its
                 // lease not trusted right now.
                 let Some(fence) = sink.fence_for(&run) else {
@@ -325,7 +326,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
                     return;
                 };
                 board.in_flight.insert(run.clone());
-                chains.spawn(chain(sink.clone(), run, fence, true));
+                chains.spawn(chain(sink.clone(), run, fence, true, working));
             }
         }
         return;
@@ -334,6 +335,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
         let Some(run) = board.work.pop_first() else {
             break;
         };
+        let working = sink.ownership.working(&run);
         // Lost since it was booked (its new owner delivers it), or its
         // lease not trusted right now.
         let Some(fence) = sink.fence_for(&run) else {
@@ -343,7 +345,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             continue;
         };
         board.in_flight.insert(run.clone());
-        chains.spawn(chain(sink.clone(), run, fence, false));
+        chains.spawn(chain(sink.clone(), run, fence, false, working));
     }
 }
 
@@ -424,8 +426,16 @@ async fn set_sink_down(sink: &SinkRuntime, down: bool) {
 
 /// Delivers one run's pending deliveries in order until the run is drained,
 /// a delivery must wait, or shutdown. A probe sends one delivery, due or not.
-/// A store error blocks the run for a moment (`STORE_RETRY`).
-async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, fence: Fence, probe: bool) -> ChainReport {
+/// A store error blocks the run for a moment (`STORE_RETRY`). `_working`
+/// lives as long as the chain: a lease shed meanwhile is released only
+/// after it, so its last send's mark still commits.
+async fn chain(
+    sink: Arc<SinkRuntime>,
+    run_id: Arc<str>,
+    fence: Fence,
+    probe: bool,
+    _working: Working,
+) -> ChainReport {
     let mut report = ChainReport {
         run_id: run_id.clone(),
         fence: fence.clone(),

@@ -16,7 +16,12 @@
 //!   (missing from the answer too): an unwatched run's lease ends once its
 //!   last delivery is done or dead.
 //! - **release** (shedding, shutdown): clears the owner and expires the
-//!   lease now, so another replica claims it at once.
+//!   lease now, so another replica claims it at once. Shedding takes two
+//!   steps: the lease is first reported lost (the run's work stops here)
+//!   and still renewed, and released at a later tick once the run's work
+//!   has ended (or a ttl after the shed, for work stuck in a send): else
+//!   the new owner would send while this one's delivery is in flight, and
+//!   the event would go out twice with no fault at all.
 //! - **fence**: every write for a run checks owner and epoch in its own
 //!   transaction (`PgStore` methods taking a [`Lease`]), so a replica that
 //!   lost its lease, however long it was paused, commits nothing.
@@ -248,6 +253,19 @@ fn lease_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<Lease>, PgStoreError> 
     rows.iter().map(lease).collect()
 }
 
+fn lease(run_id: &Arc<str>, epoch: i64) -> Lease {
+    Lease {
+        run_id: run_id.clone(),
+        epoch,
+    }
+}
+
+fn leases(of: &BTreeMap<Arc<str>, (i64, Instant)>) -> Vec<Lease> {
+    of.iter()
+        .map(|(run_id, (epoch, _))| lease(run_id, *epoch))
+        .collect()
+}
+
 fn columns(leases: &[Lease]) -> (Vec<&str>, Vec<i64>) {
     leases.iter().map(|l| (&*l.run_id, l.epoch)).unzip()
 }
@@ -268,6 +286,13 @@ pub struct LeaseChanges {
 /// `lease_ttl / 3`.
 pub struct LeaseKeeper {
     store: PgStore,
+    /// Leases shed (reported lost, so their runs' work stops) but not yet
+    /// released, with their epoch and when they were shed: renewed until
+    /// [`LeaseKeeper::releasing_when`]'s check says their run's work ended.
+    shedding: BTreeMap<Arc<str>, (i64, Instant)>,
+    /// Whether a run's work here has ended (no delivery under way); every
+    /// run's, unless the daemon says otherwise.
+    work_ended: Box<dyn Fn(&str) -> bool + Send + Sync>,
     /// Each held run's epoch and the moment this replica stops trusting the
     /// lease unless renewed: two thirds of a ttl after the renewal was sent,
     /// so work stops before the server can let the lease expire.
@@ -278,8 +303,20 @@ impl LeaseKeeper {
     pub fn new(store: PgStore) -> Self {
         Self {
             store,
+            shedding: BTreeMap::new(),
+            work_ended: Box::new(|_| true),
             held: BTreeMap::new(),
         }
+    }
+
+    /// Releases a shed lease only once `work_ended` says its run's work
+    /// ended (the daemon: no delivery chain of the run under way).
+    pub fn releasing_when(
+        mut self,
+        work_ended: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.work_ended = Box::new(work_ended);
+        self
     }
 
     pub fn held(&self) -> Vec<Lease> {
@@ -325,10 +362,11 @@ impl LeaseKeeper {
         let sent = Instant::now();
         self.store.heartbeat().await?;
         let trusted_until = sent + self.trust();
+        self.release_shed().await?;
         self.renew(trusted_until, changes).await?;
         let share = self.store.fair_share().await?;
         let allowed = share.target + self.store.replica.share_slack;
-        self.shed_above(allowed, changes).await?;
+        self.shed_above(allowed, changes);
         let claimed = self
             .store
             .claim(allowed.saturating_sub(self.held.len()))
@@ -348,10 +386,15 @@ impl LeaseKeeper {
         changes: &mut LeaseChanges,
     ) -> Result<(), PgStoreError> {
         let held = self.held();
-        if held.is_empty() {
+        let shed = leases(&self.shedding);
+        if held.is_empty() && shed.is_empty() {
             return Ok(());
         }
-        let renewed: HashSet<Lease> = self.store.renew(&held).await?.into_iter().collect();
+        let asked: Vec<Lease> = held.iter().chain(&shed).cloned().collect();
+        let renewed: HashSet<Lease> = self.store.renew(&asked).await?.into_iter().collect();
+        // Lost already reported, when shed.
+        self.shedding
+            .retain(|run_id, (epoch, _)| renewed.contains(&lease(run_id, *epoch)));
         for lease in held {
             if renewed.contains(&lease) {
                 self.held.insert(lease.run_id, (lease.epoch, trusted_until));
@@ -363,21 +406,36 @@ impl LeaseKeeper {
         Ok(())
     }
 
-    /// Releases the leases above `allowed` (the highest run ids), so the
-    /// replicas below their share claim them.
-    async fn shed_above(
-        &mut self,
-        allowed: usize,
-        changes: &mut LeaseChanges,
-    ) -> Result<(), PgStoreError> {
+    /// Sheds the leases above `allowed` (the highest run ids), so the
+    /// replicas below their share claim them: reported lost now, so their
+    /// runs' work stops, and released by [`Self::release_shed`] once it has.
+    fn shed_above(&mut self, allowed: usize, changes: &mut LeaseChanges) {
         let excess: Vec<Lease> = self.held().into_iter().skip(allowed).collect();
-        if excess.is_empty() {
-            return Ok(());
-        }
-        self.store.release(&excess).await?;
+        let now = Instant::now();
         for lease in excess {
             self.held.remove(&lease.run_id);
+            self.shedding
+                .insert(lease.run_id.clone(), (lease.epoch, now));
             changes.lost.push(lease);
+        }
+    }
+
+    /// Releases the shed leases whose run's work ended here, or that were
+    /// shed a ttl ago (work stuck in a send: its repeat is a timeout's).
+    async fn release_shed(&mut self) -> Result<(), PgStoreError> {
+        let ttl = self.store.replica.lease_ttl;
+        let done: Vec<Lease> = self
+            .shedding
+            .iter()
+            .filter(|(run_id, (_, shed))| (self.work_ended)(run_id) || shed.elapsed() >= ttl)
+            .map(|(run_id, (epoch, _))| lease(run_id, *epoch))
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.store.release(&done).await?;
+        for lease in done {
+            self.shedding.remove(&lease.run_id);
         }
         Ok(())
     }
