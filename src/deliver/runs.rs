@@ -137,6 +137,10 @@ enum Recorded {
     Done,
     Dead,
     RetryAt(i64),
+    /// A failure not recorded: the lease was no longer held when it came
+    /// (a Slack sink refuses to send for a run lost during its rate-limit
+    /// wait), so the run's new owner sends, with no attempt counted here.
+    Lapsed,
 }
 
 /// The dispatcher's view of one sink.
@@ -550,6 +554,7 @@ async fn deliver_in_order(
                 report.failed += 1;
                 return Ok(Some(ChainEnd::Blocked(at)));
             }
+            Recorded::Lapsed => return Ok(Some(ChainEnd::Lapsed)),
         }
         if probe {
             return Ok(Some(ChainEnd::Paused));
@@ -724,6 +729,7 @@ async fn deliver_unordered(
         due
     };
     let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
+    let mut lapsed = false;
     let results: Vec<Result<Recorded, StateError>> = futures::stream::iter(due)
         .map(|pending| async move {
             let outcome = sink.sender.send(&Event::from(&pending)).await;
@@ -740,7 +746,11 @@ async fn deliver_unordered(
                 report.failed += 1;
                 earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
+            Recorded::Lapsed => lapsed = true,
         }
+    }
+    if lapsed {
+        return Ok(Some(ChainEnd::Lapsed));
     }
     Ok(earliest.map(ChainEnd::Blocked))
 }
@@ -761,6 +771,9 @@ async fn record(
         .await?;
         super::count_delivered(&sink.name, std::slice::from_ref(pending));
         return Ok(Recorded::Done);
+    }
+    if !sink.ownership.still_holds(fence) {
+        return Ok(Recorded::Lapsed);
     }
     let attempts = pending.attempts + 1;
     let mut recorded = Recorded::Done;
