@@ -557,6 +557,70 @@ async fn a_shed_lease_is_released_only_once_its_runs_work_ended() {
     assert_eq!(claimed, moved, "released once the work ended, then claimed");
 }
 
+/// Lease ticks never queue behind the data path: with every data
+/// connection of the store waiting in the database (here on a lock of
+/// `events`, which no lease statement touches; in the failover test on
+/// delivery writes under load), the keeper still heartbeats, renews and
+/// claims. On the shared pool its ticks timed out on all three replicas at
+/// once, and their runs stopped and moved (failover finding C).
+#[tokio::test]
+async fn lease_ticks_go_through_while_every_data_connection_is_busy() {
+    let Some(pg) = PgServer::start() else { return };
+    let ttl = Duration::from_secs(3);
+    let a = open(&pg, "a", ttl).await;
+    subscribe(&a, RUN).await;
+    let mut keeper = LeaseKeeper::new(a.clone());
+    assert_eq!(ticked(&mut keeper).await.gained.len(), 1);
+    subscribe(&a, "run-later").await;
+
+    let mut locker = pg.client().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE", &[])
+        .await
+        .expect("lock events");
+    let stuck: Vec<_> = (0..16)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.pending_for_run("hook", RUN, 10).await })
+        })
+        .collect();
+    wait_for(
+        "the data path to fill the pool, waiting on the lock",
+        || async {
+            let waiting: i64 = pg
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if waiting >= 8 {
+                Ok(())
+            } else {
+                Err(format!("{waiting} waiting"))
+            }
+        },
+    )
+    .await;
+
+    let changes = tokio::time::timeout(ttl / 3, keeper.tick())
+        .await
+        .expect("a lease tick queued behind the data path");
+    assert!(changes.error.is_none(), "{:?}", changes.error);
+    assert_eq!(changes.lost, vec![], "the held lease renewed");
+    assert_eq!(changes.gained.len(), 1, "the new run claimed: {changes:?}");
+
+    lock.rollback().await.expect("unlock");
+    for read in stuck {
+        read.await
+            .expect("join")
+            .expect("the reads go on once unlocked");
+    }
+}
+
 /// A replica that cannot reach the database stops trusting its leases two
 /// thirds of a ttl after its last renewal was sent: before the server can
 /// let them expire and hand the runs to another replica.

@@ -101,7 +101,7 @@ impl PgStore {
 
     /// Says this replica is alive, for the others' fair share.
     pub async fn heartbeat(&self) -> Result<(), PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         client
             .execute(
                 "INSERT INTO replicas (node, heartbeat_at) VALUES ($1, now())
@@ -115,7 +115,7 @@ impl PgStore {
     /// How many runs each live replica should hold now: the runs with work
     /// (watched, or with pending deliveries) over the live replicas.
     pub async fn fair_share(&self) -> Result<Share, PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let row = client
             .query_one(
                 concat!(
@@ -150,7 +150,7 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let rows = client
             .query(
                 concat!(
@@ -177,7 +177,7 @@ impl PgStore {
     /// any other was lost or released: stop its run's work.
     pub async fn renew(&self, held: &[Lease]) -> Result<Vec<Lease>, PgStoreError> {
         let (runs, epochs) = columns(held);
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let rows = client
             .query(
                 concat!(
@@ -212,7 +212,7 @@ impl PgStore {
     /// them at its next tick, and this one's writes are refused at once.
     pub async fn release(&self, held: &[Lease]) -> Result<(), PgStoreError> {
         let (runs, epochs) = columns(held);
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         client
             .execute(
                 "UPDATE leases SET owner = NULL, expires_at = now()
@@ -229,7 +229,7 @@ impl PgStore {
     /// gone, so the others take the runs over and count one replica fewer at
     /// once rather than after a ttl.
     pub async fn leave(&self) -> Result<(), PgStoreError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.lease_pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(
             "UPDATE leases SET owner = NULL, expires_at = now() WHERE owner = $1",
