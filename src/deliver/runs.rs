@@ -1036,4 +1036,70 @@ mod stop_tests {
         );
         assert_eq!(seen(&log).len(), 1, "sent once before the refusal");
     }
+
+    /// A failure answered after the run's lease stopped being trusted (a
+    /// Slack sink refusing to send for a run lost during its rate-limit
+    /// wait; here a slow 500) is not recorded: the run's new owner sends
+    /// it, with no attempt or backoff counted by a replica that lost it.
+    /// Witness: any write under this lease on the SQLite state is refused
+    /// (`LeaseOnSqlite`) and ends the loop, as the test above shows.
+    #[tokio::test]
+    async fn a_failure_answered_after_the_lease_lapsed_is_not_recorded() {
+        use axum::http::StatusCode;
+        let dir = tempfile::tempdir().unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let run = "r1";
+        store
+            .subscribe(run.into(), Default::default(), "config", None)
+            .await
+            .unwrap();
+        store
+            .record_batch(
+                &Fence::Exclusive,
+                Batch {
+                    run_id: run.into(),
+                    events: vec![NewEvent {
+                        sequence: 1,
+                        event_type: "STEP".into(),
+                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                        created_at: None,
+                        sinks: vec!["ops".into()],
+                    }],
+                    run_status: None,
+                    phase: None,
+                    finish: None,
+                    stalled: None,
+                },
+            )
+            .await
+            .unwrap();
+        let app = axum::Router::new().route(
+            "/h",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                StatusCode::INTERNAL_SERVER_ERROR
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (publisher, ownership) = Ownership::leased();
+        let lease = crate::store::pg::Lease {
+            run_id: run.into(),
+            epoch: 1,
+        };
+        let trusted_until = std::time::Instant::now() + Duration::from_millis(200);
+        publisher.publish([(lease, trusted_until)]);
+        let stop = CancellationToken::new();
+        let sink = runtime_owning(&store, &format!("http://{addr}/h"), stop.clone(), ownership);
+        let ended = tokio::time::timeout(Duration::from_secs(2), run_http_sink(sink)).await;
+        stop.cancel();
+        assert!(
+            ended.is_err(),
+            "a write was tried after the lease lapsed: {ended:?}"
+        );
+        let pending = store.pending_for_run("ops", run, 10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].attempts, 0, "an attempt counted");
+    }
 }
