@@ -126,6 +126,9 @@ pub async fn run_reloadable(
 
     systemd::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping: ingest stopped, finishing in-flight deliveries");
+    if let Some(leases) = &leases {
+        leases.drain();
+    }
     drain(&config, &mut sinks).await;
     if let Some(leases) = leases {
         leases.leave().await;

@@ -18,6 +18,7 @@ use crate::store::pg::{LeaseKeeper, PgStore};
 /// failed), it stops ticking and its leases expire after a ttl.
 pub(super) struct Leases {
     stop: CancellationToken,
+    draining: CancellationToken,
     task: AbortOnDropHandle<(LeaseKeeper, LeasePublisher)>,
 }
 
@@ -29,14 +30,29 @@ impl Leases {
         let stop = CancellationToken::new();
         // A shed lease is released once its run's delivery chains ended.
         let keeper = LeaseKeeper::new(store).releasing_when(publisher.work_ended());
+        let draining = CancellationToken::new();
         let task = AbortOnDropHandle::new(tokio::spawn(keep_leases(
             keeper,
             publisher,
             lease_ttl / 3,
             lease_ttl * 2 / 3,
             stop.clone(),
+            draining.clone(),
         )));
-        (Self { stop, task }, ownership)
+        (
+            Self {
+                stop,
+                draining,
+                task,
+            },
+            ownership,
+        )
+    }
+
+    /// The drain begins (ingest stopped, the dispatchers stopping): the
+    /// leases held are renewed until the leave, no run is claimed.
+    pub(super) fn drain(&self) {
+        self.draining.cancel();
     }
 
     /// After ingest stopped and deliveries drained: stops ticking and gives
@@ -74,6 +90,7 @@ async fn keep_leases(
     every: Duration,
     trust: Duration,
     stop: CancellationToken,
+    draining: CancellationToken,
 ) -> (LeaseKeeper, LeasePublisher) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -81,6 +98,9 @@ async fn keep_leases(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
+        }
+        if draining.is_cancelled() {
+            keeper.stop_claiming();
         }
         match tokio::time::timeout(trust, keeper.tick()).await {
             Ok(changes) => {

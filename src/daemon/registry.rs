@@ -127,6 +127,9 @@ fn start_sink(
     };
     let sender = match &sink.kind {
         SinkKind::File(file) => {
+            // A file sink is owned by its node, not by a run's lease: its
+            // loop claims the sink's own fence (`written_here` started it on
+            // its node only).
             let opened = FileSink::open(&file.path).map_err(|error| DaemonError::SinkFile {
                 sink: sink.name.to_string(),
                 path: file.path.display().to_string(),

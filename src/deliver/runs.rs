@@ -94,10 +94,6 @@ impl SinkRuntime {
     fn fence_for(&self, run_id: &str) -> Option<Fence> {
         self.ownership.fence(run_id)
     }
-
-    fn owns(&self, run_id: &str) -> bool {
-        self.fence_for(run_id).is_some()
-    }
 }
 
 /// How a chain ended.
@@ -170,6 +166,19 @@ impl Board {
         }
     }
 
+    /// Work for a run, as this process may do it now: booked when the run
+    /// is owned; set aside when its lease is listed but not trusted right
+    /// now (a late renewal), so the renewal brings it back rather than the
+    /// run's next event (a finished run has none); dropped when another
+    /// replica owns it.
+    fn book(&mut self, ownership: &Ownership, run_id: Arc<str>) {
+        if ownership.fence(&run_id).is_some() {
+            self.add_work(run_id);
+        } else if ownership.listed(&run_id) {
+            self.parked.insert(run_id);
+        }
+    }
+
     /// Blocked runs whose time has come go back to work.
     fn unblock_due(&mut self, now: i64) {
         let due: Vec<Arc<str>> = self
@@ -201,7 +210,9 @@ impl Board {
         let parked = std::mem::take(&mut self.parked);
         for run in parked {
             if ownership.fence(&run).is_some() {
-                self.work.insert(run);
+                // Its chain may be in flight (booked by a notice handled
+                // before this change): never a second one beside it.
+                self.add_work(run);
             } else if ownership.listed(&run) {
                 self.parked.insert(run);
             }
@@ -253,8 +264,8 @@ pub async fn run_http_sink(sink: Arc<SinkRuntime>) -> Result<(), StateError> {
         let wake = board.next_wake();
         tokio::select! {
             notice = new_work.recv() => match notice {
-                Ok(notice) if notice.sinks.contains(&sink.name) && sink.owns(&notice.run_id) => {
-                    board.add_work(notice.run_id)
+                Ok(notice) if notice.sinks.contains(&sink.name) => {
+                    board.book(&sink.ownership, notice.run_id)
                 }
                 Ok(_) => {}
                 // Missed notices: rescan on the next turn.
@@ -297,9 +308,7 @@ async fn rescan(
     let generation = sink.state.control_generation().await?;
     if *control != Some(generation) {
         for run in sink.state.runs_with_pending(&sink.name).await? {
-            if sink.owns(&run) {
-                board.add_work(Arc::from(run));
-            }
+            board.book(&sink.ownership, Arc::from(run));
         }
         *control = Some(generation);
     }
@@ -375,14 +384,11 @@ async fn finish_chain(sink: &SinkRuntime, board: &mut Board, report: ChainReport
         {
             board.work.insert(report.run_id.clone());
         }
-        ChainEnd::Lapsed if sink.ownership.listed(&report.run_id) => {
-            board.parked.insert(report.run_id.clone());
-        }
-        ChainEnd::Drained
-        | ChainEnd::Stopped
-        | ChainEnd::Lost
-        | ChainEnd::Lapsed
-        | ChainEnd::Misfenced(_) => {}
+        // Parked while its lease is listed but not trusted; back to work
+        // at once when it is (renewed meanwhile, or held again under a
+        // newer epoch while this chain ran under the older one).
+        ChainEnd::Lapsed => board.book(&sink.ownership, report.run_id.clone()),
+        ChainEnd::Drained | ChainEnd::Stopped | ChainEnd::Lost | ChainEnd::Misfenced(_) => {}
         ChainEnd::Blocked(at) => {
             board.blocked.insert(report.run_id.clone(), at);
         }
@@ -729,24 +735,32 @@ async fn deliver_unordered(
         due
     };
     let mut earliest = waiting.iter().map(|p| p.next_attempt_at).min();
-    let mut lapsed = false;
-    let results: Vec<Result<Recorded, StateError>> = futures::stream::iter(due)
+    // The lease is checked before each send, not once for the batch: a
+    // batch sent `concurrency` at a time to a slow receiver outlasts the
+    // lease's trust, and what it sent after would reach the receiver after
+    // another replica took the run over. `None`: not sent, for that reason.
+    let results: Vec<Result<Option<Recorded>, StateError>> = futures::stream::iter(due)
         .map(|pending| async move {
+            if !sink.ownership.still_holds(fence) {
+                return Ok(None);
+            }
             let outcome = sink.sender.send(&Event::from(&pending)).await;
-            record(sink, fence, &pending, outcome).await
+            record(sink, fence, &pending, outcome).await.map(Some)
         })
         .buffer_unordered(sink.concurrency)
         .collect()
         .await;
+    let mut lapsed = false;
     for result in results {
         match result? {
-            Recorded::Done => report.delivered += 1,
-            Recorded::Dead => report.failed += 1,
-            Recorded::RetryAt(at) => {
+            None => lapsed = true,
+            Some(Recorded::Done) => report.delivered += 1,
+            Some(Recorded::Dead) => report.failed += 1,
+            Some(Recorded::RetryAt(at)) => {
                 report.failed += 1;
                 earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
-            Recorded::Lapsed => lapsed = true,
+            Some(Recorded::Lapsed) => lapsed = true,
         }
     }
     if lapsed {
@@ -984,6 +998,48 @@ mod stop_tests {
         );
     }
 
+    /// A run lost and held again under a newer epoch while its chain of
+    /// the older one was running: that chain ends `Lapsed` at its next
+    /// send, and the run goes back to work under the newer lease at once
+    /// (it used to be parked until the next lease tick, a third of a ttl,
+    /// with the notices that came meanwhile).
+    #[tokio::test]
+    async fn a_lapsed_chain_of_an_older_epoch_hands_its_run_to_the_newer_one_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let (publisher, ownership) = Ownership::leased();
+        let lease = |epoch| crate::store::pg::Lease {
+            run_id: "r1".into(),
+            epoch,
+        };
+        publisher.publish([(
+            lease(7),
+            std::time::Instant::now() + Duration::from_secs(60),
+        )]);
+        let sink = runtime_owning(
+            &store,
+            "http://127.0.0.1:9/h",
+            CancellationToken::new(),
+            ownership,
+        );
+        let run: Arc<str> = "r1".into();
+        let mut board = Board::default();
+        board.in_flight.insert(run.clone());
+        let report = ChainReport {
+            run_id: run.clone(),
+            fence: Fence::Lease(lease(5)),
+            end: ChainEnd::Lapsed,
+            delivered: 0,
+            failed: 0,
+        };
+        finish_chain(&sink, &mut board, report).await;
+        assert!(
+            board.work.contains(&run),
+            "parked until the next tick: {:?}",
+            board.parked
+        );
+    }
+
     /// A chain whose write is refused for a fence this process should never
     /// hold (here a lease on the SQLite state: `LeaseOnSqlite`) stops the
     /// sink's loop with the error, for its supervisor to log, mark the sink
@@ -1101,5 +1157,53 @@ mod stop_tests {
         let pending = store.pending_for_run("ops", run, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].attempts, 0, "an attempt counted");
+    }
+}
+
+/// The dispatcher's board under leases whose trust comes and goes.
+#[cfg(test)]
+mod board_tests {
+    use super::*;
+    use crate::store::pg::Lease;
+
+    /// A run parked while its lease's renewal was late, then booked again
+    /// by a new-work notice handled after the renewal but before the
+    /// renewal's change (select! takes ready branches in random order): a
+    /// chain started for it from that notice. The change must not put it
+    /// back to work while that chain runs, or `start_chains` starts a
+    /// second chain for the run beside it (both send from the same head:
+    /// every delivery twice, and two chains racing their marks).
+    #[test]
+    fn a_run_in_flight_is_not_put_back_to_work_by_a_renewal() {
+        let (publisher, ownership) = Ownership::leased();
+        let lease = Lease {
+            run_id: "r1".into(),
+            epoch: 1,
+        };
+        let run: Arc<str> = "r1".into();
+        publisher.publish([(
+            lease.clone(),
+            std::time::Instant::now() - Duration::from_millis(1),
+        )]);
+        let mut board = Board::default();
+        board.book(&ownership, run.clone());
+        assert!(board.parked.contains(&run), "lapsed: parked");
+
+        // The renewal is published; the notice is handled first.
+        publisher.publish([(lease, std::time::Instant::now() + Duration::from_secs(60))]);
+        board.book(&ownership, run.clone());
+        let started = board.work.pop_first().expect("booked by the notice");
+        board.in_flight.insert(started);
+
+        // Then the renewal's (empty) change.
+        board.unpark(&ownership);
+        assert!(
+            !board.work.contains(&run),
+            "a run with a chain in flight is back on the board: a second chain would start"
+        );
+        assert!(
+            board.dirty.contains(&run),
+            "its chain looks again when it ends"
+        );
     }
 }

@@ -97,110 +97,112 @@ fn check_prints_the_routing_table_without_secrets() {
     }
 }
 
-#[tokio::test]
-async fn watch_on_a_running_daemon_starts_delivering_that_run() {
-    let sim = start_sim(Scenario::demo()).await;
-    let env = Env::new(&sim, &[]);
-    let config = env.write_config();
-    let daemon = env.start();
-    wait_for("the daemon's state database", || async {
-        if env.state_path().exists() {
-            Ok(())
-        } else {
-            Err("no database yet".into())
-        }
-    })
-    .await;
-    let output = runhook(
-        &config,
-        &["watch", "demo-kyoto-0003", "--label", "team=kyoto"],
-    );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines = env.wait_finished(&["demo-kyoto-0003"]).await;
-    assert_eq!(lines[0]["labels"]["team"], "kyoto");
-    // A line is in the file (fsync'd) just before its delivery is marked done.
-    let status = wait_for("status: nothing pending", || async {
-        let output = runhook(&config, &["status", "--json"]);
-        let status: serde_json::Value =
-            serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
-        if status["sinks"][0]["pending"] == 0 {
-            Ok(status)
-        } else {
-            Err(status.to_string())
-        }
-    })
-    .await;
-    assert_eq!(status["runs"][0]["run_id"], "demo-kyoto-0003");
-    assert_eq!(status["runs"][0]["state"], "finished");
-    assert_eq!(status["sinks"][0]["sink"], "archive");
-    assert_eq!(status["sinks"][0]["done"], 4);
-    let output = runhook(&config, &["unwatch", "demo-kyoto-0003"]);
-    assert!(output.status.success());
-    daemon.stop().await;
-}
-
-#[tokio::test]
-async fn tail_prints_events_as_they_are_recorded() {
-    use std::io::BufRead;
-    let sim = start_sim(Scenario::demo()).await;
-    let env = Env::new(&sim, &[]);
-    let config = env.write_config();
-    // The state database must exist for `tail`; `unwatch` of nothing creates it.
-    let _ = runhook(&config, &["unwatch", "nothing"]);
-    let mut tail = Command::new(env!("CARGO_BIN_EXE_runhook"))
-        .arg("--config")
-        .arg(&config)
-        .args(["tail", "--json", "--run", "demo-oslo-0002"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
-    let reading = std::thread::spawn(move || {
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .take(6)
-            .collect::<Vec<String>>()
-    });
-    let daemon = env.start();
-    assert!(
-        runhook(&config, &["watch", "demo-oslo-0002"])
-            .status
-            .success()
-    );
-    assert!(
-        runhook(&config, &["watch", "demo-rome-0001"])
-            .status
-            .success()
-    );
-    wait_for("tail's six lines", || {
-        let done = reading.is_finished();
-        async move {
-            if done {
+on_both! {
+    async fn watch_on_a_running_daemon_starts_delivering_that_run(backend: Backend) {
+        let sim = start_sim(Scenario::demo()).await;
+        let env = Env::on(backend, &sim, &[]);
+        let config = env.write_config();
+        let daemon = env.start();
+        wait_for("the daemon's state database", || async {
+            if env.daemon_opened_state().await {
                 Ok(())
             } else {
-                Err("tail still reading".into())
+                Err("no database yet".into())
             }
-        }
-    })
-    .await;
-    tail.kill().unwrap();
-    tail.wait().unwrap();
-    daemon.stop().await;
-    let lines: Vec<serde_json::Value> = reading
-        .join()
-        .unwrap()
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(
-        lines.iter().all(|l| l["runId"] == "demo-oslo-0002"),
-        "--run filters"
-    );
-    assert_eq!(lines[0]["id"], "demo-oslo-0002:1");
-    assert_eq!(lines[5]["type"], "run_finished");
+        })
+        .await;
+        let output = runhook(
+            &config,
+            &["watch", "demo-kyoto-0003", "--label", "team=kyoto"],
+        );
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines = env.wait_finished(&["demo-kyoto-0003"]).await;
+        assert_eq!(lines[0]["labels"]["team"], "kyoto");
+        // A line is in the file (fsync'd) just before its delivery is marked done.
+        let status = wait_for("status: nothing pending", || async {
+            let output = runhook(&config, &["status", "--json"]);
+            let status: serde_json::Value =
+                serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
+            if status["sinks"][0]["pending"] == 0 {
+                Ok(status)
+            } else {
+                Err(status.to_string())
+            }
+        })
+        .await;
+        assert_eq!(status["runs"][0]["run_id"], "demo-kyoto-0003");
+        assert_eq!(status["runs"][0]["state"], "finished");
+        assert_eq!(status["sinks"][0]["sink"], "archive");
+        assert_eq!(status["sinks"][0]["done"], 4);
+        let output = runhook(&config, &["unwatch", "demo-kyoto-0003"]);
+        assert!(output.status.success());
+        daemon.stop().await;
+    }
+}
+
+on_both! {
+    async fn tail_prints_events_as_they_are_recorded(backend: Backend) {
+        use std::io::BufRead;
+        let sim = start_sim(Scenario::demo()).await;
+        let env = Env::on(backend, &sim, &[]);
+        let config = env.write_config();
+        // The state database must exist for `tail`; `unwatch` of nothing creates it.
+        let _ = runhook(&config, &["unwatch", "nothing"]);
+        let mut tail = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .arg("--config")
+            .arg(&config)
+            .args(["tail", "--json", "--run", "demo-oslo-0002"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = tail.stdout.take().unwrap();
+        let reading = std::thread::spawn(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .take(6)
+                .collect::<Vec<String>>()
+        });
+        let daemon = env.start();
+        assert!(
+            runhook(&config, &["watch", "demo-oslo-0002"])
+                .status
+                .success()
+        );
+        assert!(
+            runhook(&config, &["watch", "demo-rome-0001"])
+                .status
+                .success()
+        );
+        wait_for("tail's six lines", || {
+            let done = reading.is_finished();
+            async move {
+                if done {
+                    Ok(())
+                } else {
+                    Err("tail still reading".into())
+                }
+            }
+        })
+        .await;
+        tail.kill().unwrap();
+        tail.wait().unwrap();
+        daemon.stop().await;
+        let lines: Vec<serde_json::Value> = reading
+            .join()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            lines.iter().all(|l| l["runId"] == "demo-oslo-0002"),
+            "--run filters"
+        );
+        assert_eq!(lines[0]["id"], "demo-oslo-0002:1");
+        assert_eq!(lines[5]["type"], "run_finished");
+    }
 }

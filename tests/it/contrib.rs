@@ -92,58 +92,59 @@ fn collect_queries(value: &serde_json::Value, into: &mut Vec<String>) {
     }
 }
 
-#[tokio::test]
-async fn every_metric_the_alerts_and_dashboard_query_is_exported() {
-    let alerts: BTreeSet<String> = alert_queries()
-        .iter()
-        .flat_map(|q| metric_names(q))
-        .collect();
-    let dashboard: BTreeSet<String> = dashboard_queries()
-        .iter()
-        .flat_map(|q| metric_names(q))
-        .collect();
-    // What the files must cover, so that an emptied file cannot pass.
-    for name in [
-        "runhook_sink_up",
-        "runhook_deliveries_total",
-        "runhook_oldest_pending_delivery_age_seconds",
-        "runhook_longest_run_silence_seconds",
-        "runhook_runs",
-    ] {
-        assert!(alerts.contains(name), "alerts.yml uses {name}: {alerts:?}");
-    }
-    for name in [
-        "runhook_events_ingested_total",
-        "runhook_deliveries_total",
-        "runhook_delivery_latency_seconds_bucket",
-        "runhook_pending_deliveries",
-        "runhook_dead_letters",
-        "runhook_runs",
-    ] {
-        assert!(
-            dashboard.contains(name),
-            "runhook.json uses {name}: {dashboard:?}"
-        );
-    }
-    // A daemon with one sink and one run: every series with a sink label
-    // exists once the sink has a delivery.
-    let sim = sim_with(vec![scripted("run-c", numbered(2))]).await;
-    let port = free_port();
-    let mut env = Env::new(&sim, &["run-c"]);
-    env.extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\n");
-    let _daemon = env.start_process();
-    let wanted: BTreeSet<String> = alerts.union(&dashboard).cloned().collect();
-    let scraped = Metrics::at(port);
-    wait_for("every queried metric in /metrics", || async {
-        let text = scraped.scrape().await?;
-        let missing: Vec<&String> = wanted.iter().filter(|name| !exports(&text, name)).collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("missing {missing:?} in\n{text}"))
+on_both! {
+    async fn every_metric_the_alerts_and_dashboard_query_is_exported(backend: Backend) {
+        let alerts: BTreeSet<String> = alert_queries()
+            .iter()
+            .flat_map(|q| metric_names(q))
+            .collect();
+        let dashboard: BTreeSet<String> = dashboard_queries()
+            .iter()
+            .flat_map(|q| metric_names(q))
+            .collect();
+        // What the files must cover, so that an emptied file cannot pass.
+        for name in [
+            "runhook_sink_up",
+            "runhook_deliveries_total",
+            "runhook_oldest_pending_delivery_age_seconds",
+            "runhook_longest_run_silence_seconds",
+            "runhook_runs",
+        ] {
+            assert!(alerts.contains(name), "alerts.yml uses {name}: {alerts:?}");
         }
-    })
-    .await;
+        for name in [
+            "runhook_events_ingested_total",
+            "runhook_deliveries_total",
+            "runhook_delivery_latency_seconds_bucket",
+            "runhook_pending_deliveries",
+            "runhook_dead_letters",
+            "runhook_runs",
+        ] {
+            assert!(
+                dashboard.contains(name),
+                "runhook.json uses {name}: {dashboard:?}"
+            );
+        }
+        // A daemon with one sink and one run: every series with a sink label
+        // exists once the sink has a delivery.
+        let sim = sim_with(vec![scripted("run-c", numbered(2))]).await;
+        let port = free_port();
+        let mut env = Env::on(backend, &sim, &["run-c"]);
+        env.extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\n");
+        let _daemon = env.start_process();
+        let wanted: BTreeSet<String> = alerts.union(&dashboard).cloned().collect();
+        let scraped = Metrics::at(port);
+        wait_for("every queried metric in /metrics", || async {
+            let text = scraped.scrape().await?;
+            let missing: Vec<&String> = wanted.iter().filter(|name| !exports(&text, name)).collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?} in\n{text}"))
+            }
+        })
+        .await;
+    }
 }
 
 /// Whether the exposition has a sample of this metric (name then `{` or ` `).

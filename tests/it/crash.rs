@@ -47,6 +47,7 @@ pub(super) struct World {
 
 impl World {
     pub(super) async fn start(
+        backend: Backend,
         prefix: &str,
         runs: usize,
         events: usize,
@@ -75,7 +76,7 @@ impl World {
         // Failed attempts leave retry state (attempts, next attempt) in the
         // database for the next daemon to honour.
         receiver.set_fail_percent(20);
-        let mut env = Env::new(&sim, &refs);
+        let mut env = Env::on(backend, &sim, &refs);
         // Half the runs stream (SSE), half poll.
         env.poll_runs = ids.iter().step_by(2).cloned().collect();
         env.api = format!(
@@ -232,9 +233,7 @@ pub(super) fn assert_killed(status: ExitStatus, what: &str) {
 /// Each run's first delivery to the webhook still pending, as the last
 /// daemon left the database.
 pub(super) async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
-    let reader = crate::support::reads(&env.state_path())
-        .await
-        .expect("state database");
+    let reader = env.reads().await.expect("state database");
     let mut heads = Vec::new();
     for run in reader
         .runs_with_pending("ops")
@@ -250,8 +249,13 @@ pub(super) async fn pending_heads(env: &Env) -> Vec<runhook::store::Pending> {
     heads
 }
 
-/// SQLite finds nothing wrong with the state database.
+/// SQLite finds nothing wrong with the state database. (On PostgreSQL the
+/// server's own recovery stands behind its pages, and a killed client
+/// cannot tear them: nothing to check.)
 pub(super) fn assert_integrity(env: &Env) {
+    if env.backend.is_postgres() {
+        return;
+    }
     let conn = rusqlite::Connection::open(env.state_path()).expect("open the state database");
     let verdict: String = conn
         .query_row("PRAGMA integrity_check", [], |row| row.get(0))
@@ -259,33 +263,34 @@ pub(super) fn assert_integrity(env: &Env) {
     assert_eq!(verdict, "ok", "PRAGMA integrity_check");
 }
 
-#[tokio::test]
-async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids() {
-    let soak = std::env::var_os("RUNHOOK_SOAK").is_some();
-    // Runs emit for several seconds (events x interval), longer than the
-    // first kills take: those land during live ingest.
-    let (runs, events, interval, kills) = if soak {
-        (200, 1000, Duration::from_millis(10), 100)
-    } else {
-        (20, 150, Duration::from_millis(25), 20)
-    };
-    let mut world = World::start("kill", runs, events, interval).await;
-    let mut live_kills = 0;
-    for kill in 0..kills {
-        let mut child = world.spawn(None);
-        let after = world.rng.random_range(30..400);
-        tokio::time::sleep(Duration::from_millis(after)).await;
-        live_kills += usize::from(world.live());
-        child.0.kill().expect("SIGKILL");
-        assert_killed(child.0.wait().expect("reaped"), &format!("kill {kill}"));
+on_both! {
+    async fn sigkill_at_random_moments_loses_nothing_and_repeats_only_ids(backend: Backend) {
+        let soak = std::env::var_os("RUNHOOK_SOAK").is_some();
+        // Runs emit for several seconds (events x interval), longer than the
+        // first kills take: those land during live ingest.
+        let (runs, events, interval, kills) = if soak {
+            (200, 1000, Duration::from_millis(10), 100)
+        } else {
+            (20, 150, Duration::from_millis(25), 20)
+        };
+        let mut world = World::start(backend, "kill", runs, events, interval).await;
+        let mut live_kills = 0;
+        for kill in 0..kills {
+            let mut child = world.spawn(None);
+            let after = world.rng.random_range(30..400);
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            live_kills += usize::from(world.live());
+            child.0.kill().expect("SIGKILL");
+            assert_killed(child.0.wait().expect("reaped"), &format!("kill {kill}"));
+        }
+        println!("{live_kills} of {kills} kills while runs were live upstream");
+        assert!(
+            live_kills >= kills / 4,
+            "only {live_kills} of {kills} kills landed while runs were live (seed {})",
+            world.seed
+        );
+        world.finish_and_check(kills, 0).await;
     }
-    println!("{live_kills} of {kills} kills while runs were live upstream");
-    assert!(
-        live_kills >= kills / 4,
-        "only {live_kills} of {kills} kills landed while runs were live (seed {})",
-        world.seed
-    );
-    world.finish_and_check(kills, 0).await;
 }
 
 /// The crash points and how many hits in each may come before the kill: the
@@ -297,72 +302,74 @@ const CRASH_POINTS: [(&str, u32); 4] = [
     ("store.before_commit", 24),
 ];
 
-#[tokio::test]
-async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids() {
-    let mut world = World::start("point", 12, 120, Duration::from_millis(60)).await;
-    let mut kills = 0;
-    let mut after_2xx = 0;
-    let mut live_kills = 0;
-    let mut retrying = 0;
-    for round in 0..3 {
-        if round > 0 && !world.live() {
-            break;
-        }
-        for (point, most) in CRASH_POINTS {
-            let nth = world.rng.random_range(1..=most);
-            let armed = format!("{point}:{nth}");
-            let mut child = world.spawn(Some(&armed));
-            let status = wait_for_within(
-                Duration::from_secs(90),
-                &format!("the daemon to die at {armed}"),
-                || {
-                    let exited = child.0.try_wait().expect("try_wait");
-                    async move { exited.ok_or_else(|| "still running".to_owned()) }
-                },
-            )
-            .await;
-            assert_killed(status, &armed);
-            kills += 1;
-            live_kills += usize::from(world.live());
-            let heads = pending_heads(&world.env).await;
-            retrying += heads.iter().filter(|p| p.attempts > 0).count();
-            if point == "http.before_mark" {
-                after_2xx += 1;
-                let accepted: HashSet<String> = world
-                    .receiver
-                    .accepted()
-                    .into_iter()
-                    .map(|r| r.id)
-                    .collect();
-                assert!(
-                    heads.iter().any(|p| accepted.contains(&p.id)),
-                    "{armed}: the kill left a delivery the receiver accepted still pending"
-                );
+on_both! {
+    #[postgres_ignore = "issue 14: each SIGKILLed replica's successor waits lease_ttl for its file sink's lease (a sink lease is never taken back by node name, so two processes of one node cannot split a file), and the runs end upstream before round 1's kills"]
+    async fn sigkill_at_each_crash_point_loses_nothing_and_repeats_only_ids(backend: Backend) {
+        let mut world = World::start(backend, "point", 12, 120, Duration::from_millis(60)).await;
+        let mut kills = 0;
+        let mut after_2xx = 0;
+        let mut live_kills = 0;
+        let mut retrying = 0;
+        for round in 0..3 {
+            if round > 0 && !world.live() {
+                break;
             }
-            if point == "file.mid_append" {
-                let bytes = std::fs::read(world.env.events_path()).unwrap_or_default();
-                assert_ne!(
-                    bytes.last(),
-                    Some(&b'\n'),
-                    "{armed}: the kill left a torn last line ({} bytes)",
-                    bytes.len()
-                );
+            for (point, most) in CRASH_POINTS {
+                let nth = world.rng.random_range(1..=most);
+                let armed = format!("{point}:{nth}");
+                let mut child = world.spawn(Some(&armed));
+                let status = wait_for_within(
+                    Duration::from_secs(90),
+                    &format!("the daemon to die at {armed}"),
+                    || {
+                        let exited = child.0.try_wait().expect("try_wait");
+                        async move { exited.ok_or_else(|| "still running".to_owned()) }
+                    },
+                )
+                .await;
+                assert_killed(status, &armed);
+                kills += 1;
+                live_kills += usize::from(world.live());
+                let heads = pending_heads(&world.env).await;
+                retrying += heads.iter().filter(|p| p.attempts > 0).count();
+                if point == "http.before_mark" {
+                    after_2xx += 1;
+                    let accepted: HashSet<String> = world
+                        .receiver
+                        .accepted()
+                        .into_iter()
+                        .map(|r| r.id)
+                        .collect();
+                    assert!(
+                        heads.iter().any(|p| accepted.contains(&p.id)),
+                        "{armed}: the kill left a delivery the receiver accepted still pending"
+                    );
+                }
+                if point == "file.mid_append" {
+                    let bytes = std::fs::read(world.env.events_path()).unwrap_or_default();
+                    assert_ne!(
+                        bytes.last(),
+                        Some(&b'\n'),
+                        "{armed}: the kill left a torn last line ({} bytes)",
+                        bytes.len()
+                    );
+                }
+                assert_integrity(&world.env);
             }
-            assert_integrity(&world.env);
+            println!("round {round} of crash points done");
         }
-        println!("round {round} of crash points done");
+        println!("{live_kills} of {kills} kills while runs were live upstream");
+        assert!(
+            live_kills >= CRASH_POINTS.len(),
+            "only {live_kills} of {kills} kills landed while runs were live (seed {})",
+            world.seed
+        );
+        assert!(
+            retrying > 0,
+            "no kill left a failed delivery waiting for its retry (seed {})",
+            world.seed
+        );
+        println!("{retrying} failed deliveries were waiting for a retry at the kills");
+        world.finish_and_check(kills, after_2xx).await;
     }
-    println!("{live_kills} of {kills} kills while runs were live upstream");
-    assert!(
-        live_kills >= CRASH_POINTS.len(),
-        "only {live_kills} of {kills} kills landed while runs were live (seed {})",
-        world.seed
-    );
-    assert!(
-        retrying > 0,
-        "no kill left a failed delivery waiting for its retry (seed {})",
-        world.seed
-    );
-    println!("{retrying} failed deliveries were waiting for a retry at the kills");
-    world.finish_and_check(kills, after_2xx).await;
 }

@@ -193,6 +193,7 @@ fn base64_len(encoded: &str) -> usize {
     encoded.len() / 4 * 3 - pad
 }
 
+// SQLite only: `forward --state DIR` keeps its cursor in a file there.
 #[tokio::test]
 async fn forward_with_state_resumes_after_a_restart_without_repeats() {
     let run = "fwd-resume";
@@ -289,6 +290,7 @@ fn assert_test_id(id: &str) {
     assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
 }
 
+// SQLite only: "records nothing" is seen as no state file created.
 #[tokio::test]
 async fn send_test_signs_a_marked_event_as_the_daemon_and_records_nothing() {
     let sim = sim_with(vec![]).await;
@@ -336,6 +338,7 @@ async fn send_test_signs_a_marked_event_as_the_daemon_and_records_nothing() {
     );
 }
 
+// SQLite only: "records nothing" is seen as no state file created.
 #[tokio::test]
 async fn send_test_posts_a_marked_slack_message_by_webhook_and_in_a_thread_of_its_own() {
     let sim = sim_with(vec![]).await;

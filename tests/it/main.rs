@@ -11,6 +11,7 @@ mod dev_loop;
 mod failover;
 mod faults;
 mod hostile;
+mod lease_review;
 mod observability;
 mod operator_safety;
 mod ops_cli;

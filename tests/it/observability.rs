@@ -54,106 +54,108 @@ fn webhook(name: &str, port: u16, max_attempts: u32) -> String {
     )
 }
 
-#[tokio::test]
-async fn metrics_have_no_series_per_run_and_show_a_stuck_sinks_oldest_delivery() {
-    let runs = ["run-o1", "run-o2", "run-o3"];
-    let sim = sim_with(runs.iter().map(|r| scripted(r, numbered(2))).collect()).await;
-    let port = free_port();
-    let mut env = Env::new(&sim, &runs);
-    env.extra = format!(
-        "\n[server]\nlisten = \"127.0.0.1:{port}\"\n{}\n[[routes]]\nsinks = [\"ops\"]\n",
-        webhook("ops", closed_port(), 1000)
-    );
-    let _daemon = env.start_process();
-    let metrics = Metrics::at(port);
-    let text = wait_for("ops's oldest pending delivery ageing", || async {
-        let text = metrics.scrape().await?;
-        match sample(
-            &text,
-            "runhook_oldest_pending_delivery_age_seconds{sink=\"ops\"}",
-        ) {
-            Some(age) if age >= 0.5 => Ok(text),
-            other => Err(format!("age {other:?} in\n{text}")),
+on_both! {
+    async fn metrics_have_no_series_per_run_and_show_a_stuck_sinks_oldest_delivery(backend: Backend) {
+        let runs = ["run-o1", "run-o2", "run-o3"];
+        let sim = sim_with(runs.iter().map(|r| scripted(r, numbered(2))).collect()).await;
+        let port = free_port();
+        let mut env = Env::on(backend, &sim, &runs);
+        env.extra = format!(
+            "\n[server]\nlisten = \"127.0.0.1:{port}\"\n{}\n[[routes]]\nsinks = [\"ops\"]\n",
+            webhook("ops", closed_port(), 1000)
+        );
+        let _daemon = env.start_process();
+        let metrics = Metrics::at(port);
+        let text = wait_for("ops's oldest pending delivery ageing", || async {
+            let text = metrics.scrape().await?;
+            match sample(
+                &text,
+                "runhook_oldest_pending_delivery_age_seconds{sink=\"ops\"}",
+            ) {
+                Some(age) if age >= 0.5 => Ok(text),
+                other => Err(format!("age {other:?} in\n{text}")),
+            }
+        })
+        .await;
+        assert!(!text.contains("run_id="), "a series per run:\n{text}");
+        assert_eq!(
+            sample(
+                &text,
+                "runhook_oldest_pending_delivery_age_seconds{sink=\"archive\"}"
+            ),
+            Some(0.0),
+            "the file sink keeps up:\n{text}"
+        );
+        assert!(
+            sample(&text, "runhook_longest_run_silence_seconds").is_some(),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "runhook_runs{state=\"stalled\"}"),
+            Some(0.0),
+            "{text}"
+        );
+        // Never happened, and exported anyway: increase() needs the 0 first.
+        for zero in [
+            "runhook_deliveries_total{outcome=\"dead\",sink=\"ops\"}",
+            "runhook_deliveries_total{outcome=\"delivered\",sink=\"ops\"}",
+            "runhook_sink_restarts_total{sink=\"ops\"}",
+            "runhook_events_ingested_total{transport=\"sse\"}",
+        ] {
+            assert_eq!(sample(&text, zero), Some(0.0), "{zero} in\n{text}");
         }
-    })
-    .await;
-    assert!(!text.contains("run_id="), "a series per run:\n{text}");
-    assert_eq!(
-        sample(
-            &text,
-            "runhook_oldest_pending_delivery_age_seconds{sink=\"archive\"}"
-        ),
-        Some(0.0),
-        "the file sink keeps up:\n{text}"
-    );
-    assert!(
-        sample(&text, "runhook_longest_run_silence_seconds").is_some(),
-        "{text}"
-    );
-    assert_eq!(
-        sample(&text, "runhook_runs{state=\"stalled\"}"),
-        Some(0.0),
-        "{text}"
-    );
-    // Never happened, and exported anyway: increase() needs the 0 first.
-    for zero in [
-        "runhook_deliveries_total{outcome=\"dead\",sink=\"ops\"}",
-        "runhook_deliveries_total{outcome=\"delivered\",sink=\"ops\"}",
-        "runhook_sink_restarts_total{sink=\"ops\"}",
-        "runhook_events_ingested_total{transport=\"sse\"}",
-    ] {
-        assert_eq!(sample(&text, zero), Some(0.0), "{zero} in\n{text}");
+        let build = format!(
+            "runhook_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(&text, &build), Some(1.0), "{text}");
+        assert!(
+            sample(&text, "runhook_upstream_request_duration_seconds_count").unwrap_or(0.0) >= 1.0,
+            "{text}"
+        );
+        assert!(
+            sample(&text, "process_resident_memory_bytes").is_some(),
+            "{text}"
+        );
     }
-    let build = format!(
-        "runhook_build_info{{version=\"{}\"}}",
-        env!("CARGO_PKG_VERSION")
-    );
-    assert_eq!(sample(&text, &build), Some(1.0), "{text}");
-    assert!(
-        sample(&text, "runhook_upstream_request_duration_seconds_count").unwrap_or(0.0) >= 1.0,
-        "{text}"
-    );
-    assert!(
-        sample(&text, "process_resident_memory_bytes").is_some(),
-        "{text}"
-    );
 }
 
-#[tokio::test]
-async fn a_dead_letter_says_why_the_delivery_failed() {
-    let sim = sim_with(vec![scripted("run-d", numbered(1))]).await;
-    let mut env = Env::new(&sim, &["run-d"]);
-    env.extra = format!(
-        "{}\n[[routes]]\nsinks = [\"dlq\"]\n",
-        webhook("dlq", closed_port(), 1)
-    );
-    let daemon = env.start();
-    let state = env.state_path();
-    let listed = wait_for("the dead letters listed", || async {
-        let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .args([
-                "--state",
-                &state.display().to_string(),
-                "dead",
-                "--sink",
-                "dlq",
-            ])
-            .env("RUNHOOK_LOG", "error")
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        if text.contains("run-d:1") && text.contains("run-d:finished:1") {
-            Ok(text)
-        } else {
-            Err(text)
-        }
-    })
-    .await;
-    daemon.stop().await;
-    assert!(
-        listed.to_lowercase().contains("connection refused"),
-        "the cause, not just 'error sending request':\n{listed}"
-    );
+on_both! {
+    async fn a_dead_letter_says_why_the_delivery_failed(backend: Backend) {
+        let sim = sim_with(vec![scripted("run-d", numbered(1))]).await;
+        let mut env = Env::on(backend, &sim, &["run-d"]);
+        env.extra = format!(
+            "{}\n[[routes]]\nsinks = [\"dlq\"]\n",
+            webhook("dlq", closed_port(), 1)
+        );
+        let daemon = env.start();
+        let state = env.state_arg();
+        let listed = wait_for("the dead letters listed", || async {
+            let output = Command::new(env!("CARGO_BIN_EXE_runhook"))
+                .args([
+                    "--state",
+                    &state,
+                    "dead",
+                    "--sink",
+                    "dlq",
+                ])
+                .env("RUNHOOK_LOG", "error")
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            if text.contains("run-d:1") && text.contains("run-d:finished:1") {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        })
+        .await;
+        daemon.stop().await;
+        assert!(
+            listed.to_lowercase().contains("connection refused"),
+            "the cause, not just 'error sending request':\n{listed}"
+        );
+    }
 }
 
 /// `<device>:<inode>` of a file, as systemd puts it in `JOURNAL_STREAM`.
@@ -163,62 +165,63 @@ fn journal_stream_of(file: &std::fs::File) -> String {
     format!("{}:{}", metadata.dev(), metadata.ino())
 }
 
-#[tokio::test]
-async fn under_journald_lines_carry_priorities_and_a_bad_token_warns_once_for_all_runs() {
-    let runs = ["run-j1", "run-j2", "run-j3", "run-j4", "run-j5"];
-    let sim = sim_with(runs.iter().map(|r| scripted(r, numbered(1))).collect()).await;
-    let mut env = Env::new(&sim, &runs);
-    env.token = "wrong-token".into();
-    let config = env.write_config();
-    let log_path = env.dir.path().join("stderr.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let stream = journal_stream_of(&log);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_runhook"))
-        .args(["--config", &config.display().to_string(), "run"])
-        .env("RUNHOOK_LOG", "info")
-        .env("JOURNAL_STREAM", stream)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("runhook starts");
-    wait_for("every run auth_failed", || async {
-        let rows = env.runs().await;
-        let failed = rows.iter().filter(|r| r.state == "auth_failed").count();
-        if failed == runs.len() {
-            Ok(())
-        } else {
-            Err(format!("{failed} of {} auth_failed", runs.len()))
-        }
-    })
-    .await;
-    let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(stopped.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
-        .await
-        .expect("waiting task");
-    assert!(exit.success(), "{exit}");
-    let text = std::fs::read_to_string(&log_path).expect("log");
-    let warned: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("auth_failed") && l.contains("run_id="))
-        .collect();
-    assert_eq!(warned.len(), 1, "one warning for the five runs:\n{text}");
-    // The four others are counted, and the count written at exit.
-    assert!(
-        text.lines().any(|l| l.starts_with("<4>")
-            && l.contains("repeated 4 more times for 5 runs")
-            && l.contains("auth_failed")),
-        "a summary of the repeats:\n{text}"
-    );
-    for line in text.lines() {
-        let priority = line.get(..3).unwrap_or_default();
+on_both! {
+    async fn under_journald_lines_carry_priorities_and_a_bad_token_warns_once_for_all_runs(backend: Backend) {
+        let runs = ["run-j1", "run-j2", "run-j3", "run-j4", "run-j5"];
+        let sim = sim_with(runs.iter().map(|r| scripted(r, numbered(1))).collect()).await;
+        let mut env = Env::on(backend, &sim, &runs);
+        env.token = "wrong-token".into();
+        let config = env.write_config();
+        let log_path = env.dir.path().join("stderr.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let stream = journal_stream_of(&log);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .args(["--config", &config.display().to_string(), "run"])
+            .env("RUNHOOK_LOG", "info")
+            .env("JOURNAL_STREAM", stream)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("runhook starts");
+        wait_for("every run auth_failed", || async {
+            let rows = env.runs().await;
+            let failed = rows.iter().filter(|r| r.state == "auth_failed").count();
+            if failed == runs.len() {
+                Ok(())
+            } else {
+                Err(format!("{failed} of {} auth_failed", runs.len()))
+            }
+        })
+        .await;
+        let stopped = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(stopped.success());
+        let exit = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+            .await
+            .expect("waiting task");
+        assert!(exit.success(), "{exit}");
+        let text = std::fs::read_to_string(&log_path).expect("log");
+        let warned: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("auth_failed") && l.contains("run_id="))
+            .collect();
+        assert_eq!(warned.len(), 1, "one warning for the five runs:\n{text}");
+        // The four others are counted, and the count written at exit.
         assert!(
-            matches!(priority, "<3>" | "<4>" | "<6>"),
-            "a log line without its journald priority: {line:?}\n{text}"
+            text.lines().any(|l| l.starts_with("<4>")
+                && l.contains("repeated 4 more times for 5 runs")
+                && l.contains("auth_failed")),
+            "a summary of the repeats:\n{text}"
         );
+        for line in text.lines() {
+            let priority = line.get(..3).unwrap_or_default();
+            assert!(
+                matches!(priority, "<3>" | "<4>" | "<6>"),
+                "a log line without its journald priority: {line:?}\n{text}"
+            );
+        }
     }
 }
 

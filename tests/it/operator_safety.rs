@@ -12,6 +12,7 @@ use runhook::store::{Batch, Failure, Fence, NewEvent, TimeRange, now_ms};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::state::Backend;
 use crate::support::*;
 
 fn event(sequence: i64, payload: String, sinks: &[&str]) -> NewEvent {
@@ -48,6 +49,7 @@ fn assert_refused_torn(output: &Output) {
 /// R6. While the daemon runs it is the file's only writer: its cut-back
 /// after a failed write would take another writer's line (or, the other
 /// way round, a failed test append would cut the daemon's marked lines).
+// SQLite only: the refusal rests on the daemon lock beside the state file.
 #[tokio::test]
 async fn send_test_to_a_file_refuses_while_the_daemon_runs() {
     let sim = sim_with(vec![]).await;
@@ -266,102 +268,95 @@ async fn send_test_refuses_a_short_torn_tail_and_no_line_stays_corrupt() {
     assert!(corrupt.is_empty(), "lines that are not JSON: {corrupt:?}");
 }
 
-/// R4. Run states are parsed into `RunState` on every read now; at 6aeb124
-/// they were text. One row whose state this build does not know (written by
-/// a newer runhook before a downgrade: a new state bumps no schema version)
-/// makes `watched_runs` fail, and the run supervisor retries that read
-/// forever: no run at all is followed. `status` fails the same way.
-#[tokio::test]
-async fn one_unknown_run_state_does_not_stop_every_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
-    let store = crate::support::open_state(&path).await.unwrap();
-    for run in ["r1", "r2"] {
-        store
-            .subscribe(run.into(), Default::default(), "watch", None)
-            .await
-            .unwrap();
+on_both! {
+    /// R4. Run states are parsed into `RunState` on every read now; at 6aeb124
+    /// they were text. One row whose state this build does not know (written by
+    /// a newer runhook before a downgrade: a new state bumps no schema version)
+    /// makes `watched_runs` fail, and the run supervisor retries that read
+    /// forever: no run at all is followed. `status` fails the same way.
+    async fn one_unknown_run_state_does_not_stop_every_run(b: &Backend) {
+        let store = &b.state;
+        for run in ["r1", "r2"] {
+            store
+                .subscribe(run.into(), Default::default(), "watch", None)
+                .await
+                .unwrap();
+        }
+        b.sql("UPDATE runs SET state = 'paused', transport = 'quic' WHERE run_id = 'r2'")
+            .await;
+        let reader = store.reads();
+        let watched = reader.watched_runs().await;
+        assert!(
+            watched
+                .as_ref()
+                .is_ok_and(|w| w.iter().any(|r| r.run_id == "r1")
+                    && w.iter().any(|r| r.run_id == "r2")),
+            "r1 and r2 are still followed: {watched:?}"
+        );
+        let runs = reader.runs().await;
+        assert!(
+            runs.as_ref().is_ok_and(|r| r.len() == 2),
+            "status still lists both runs: {runs:?}"
+        );
     }
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute(
-            "UPDATE runs SET state = 'paused', transport = 'quic' WHERE run_id = 'r2'",
-            [],
-        )
-        .unwrap();
-    let reader = store.reads();
-    let watched = reader.watched_runs().await;
-    assert!(
-        watched
-            .as_ref()
-            .is_ok_and(|w| w.iter().any(|r| r.run_id == "r1")
-                && w.iter().any(|r| r.run_id == "r2")),
-        "r1 and r2 are still followed: {watched:?}"
-    );
-    let runs = reader.runs().await;
-    assert!(
-        runs.as_ref().is_ok_and(|r| r.len() == 2),
-        "status still lists both runs: {runs:?}"
-    );
 }
 
-/// R5 (by design? undocumented). `backfill` gives a sink older events of a
-/// run after the sink already received later ones live (it was added to
-/// the config, and reloaded, before the backfill): for that sink, event 3
-/// of the run is delivered before events 1 and 2 (guarantee 4).
-#[tokio::test]
-async fn backfill_keeps_per_run_order_for_a_sink_that_went_live_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
-    let store = crate::support::open_state(&path).await.unwrap();
-    store
-        .subscribe("r1".into(), Default::default(), "watch", None)
-        .await
-        .unwrap();
-    let early = vec![event(1, "{}".into(), &["a"]), event(2, "{}".into(), &["a"])];
-    store
-        .record_batch(&Fence::Exclusive, batch("r1", early))
-        .await
-        .unwrap();
-    // `late` is added and reloaded: event 3 is routed to it live, and sent.
-    let live = vec![event(3, "{}".into(), &["a", "late"])];
-    store
-        .record_batch(&Fence::Exclusive, batch("r1", live))
-        .await
-        .unwrap();
-    let reader = store.reads();
-    let sent = reader.pending_in_order("late", 10).await.unwrap();
-    assert_eq!(sent.len(), 1);
-    store
-        .mark_delivered(
-            &Fence::Exclusive,
-            Arc::from("late"),
-            vec![sent[0].event],
-            None,
-        )
-        .await
-        .unwrap();
-    // The operator backfills, as the README says.
-    let everything = TimeRange {
-        since: 0,
-        until: i64::MAX,
-    };
-    let done = store
-        .backfill(Arc::from("late"), everything, None, |_| true)
-        .await
-        .unwrap();
-    assert_eq!((done.queued, done.skipped), (0, 2), "1 and 2 left out");
-    let after: Vec<String> = reader
-        .pending_in_order("late", 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.id)
-        .collect();
-    assert!(
-        after.is_empty(),
-        "r1:3 went out to `late` and now r1:1 and r1:2 are queued behind it: {after:?}"
-    );
+on_both! {
+    /// R5 (by design? undocumented). `backfill` gives a sink older events of a
+    /// run after the sink already received later ones live (it was added to
+    /// the config, and reloaded, before the backfill): for that sink, event 3
+    /// of the run is delivered before events 1 and 2 (guarantee 4).
+    async fn backfill_keeps_per_run_order_for_a_sink_that_went_live_first(b: &Backend) {
+        let store = &b.state;
+        store
+            .subscribe("r1".into(), Default::default(), "watch", None)
+            .await
+            .unwrap();
+        let early = vec![event(1, "{}".into(), &["a"]), event(2, "{}".into(), &["a"])];
+        store
+            .record_batch(&b.fence("r1").await, batch("r1", early))
+            .await
+            .unwrap();
+        // `late` is added and reloaded: event 3 is routed to it live, and sent.
+        let live = vec![event(3, "{}".into(), &["a", "late"])];
+        store
+            .record_batch(&b.fence("r1").await, batch("r1", live))
+            .await
+            .unwrap();
+        let reader = store.reads();
+        let sent = reader.pending_in_order("late", 10).await.unwrap();
+        assert_eq!(sent.len(), 1);
+        store
+            .mark_delivered(
+                &b.fence("r1").await,
+                Arc::from("late"),
+                vec![sent[0].event],
+                None,
+            )
+            .await
+            .unwrap();
+        // The operator backfills, as the README says.
+        let everything = TimeRange {
+            since: 0,
+            until: i64::MAX,
+        };
+        let done = store
+            .backfill(Arc::from("late"), everything, None, |_| true)
+            .await
+            .unwrap();
+        assert_eq!((done.queued, done.skipped), (0, 2), "1 and 2 left out");
+        let after: Vec<String> = reader
+            .pending_in_order("late", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert!(
+            after.is_empty(),
+            "r1:3 went out to `late` and now r1:1 and r1:2 are queued behind it: {after:?}"
+        );
+    }
 }
 
 /// Events of `run` with these sequences, each routed to `sinks`.
@@ -370,84 +365,83 @@ fn batch_of(run: &str, sequences: std::ops::RangeInclusive<i64>, sinks: &[&str])
     batch(run, events)
 }
 
-/// D1 (second review). `backfill` decides "the sink already has it" (and, since the fix in
-/// `newest_with_a_row`, "the sink has a later event of this run") from the
-/// sink's delivery rows. Retention deletes a sink's *delivered* rows after
-/// `state.retain`, but keeps the event itself while another sink's dead
-/// letter (kept until purged) or pending row refers to it. A backfill of the
-/// first sink then finds no row at all for the run and queues again an
-/// event the sink received long ago: delivered twice (a new attempt, not a
-/// crash between 2xx and record), and after later events of its run that
-/// the sink already got (per-run order). README: "queues a delivery ... where
-/// the sink has none for that event yet, so running it twice queues nothing
-/// the second time".
-#[tokio::test]
-async fn backfill_does_not_resend_what_the_sink_received_before_retention_pruned_its_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.db");
-    let store = crate::support::open_state(&path).await.unwrap();
-    store
-        .subscribe("r".into(), Default::default(), "watch", None)
-        .await
-        .unwrap();
-    // Events 1 and 2 of run r go to `archive` and `ops`.
-    store
-        .record_batch(&Fence::Exclusive, batch_of("r", 1..=2, &["archive", "ops"]))
-        .await
-        .unwrap();
-    let reader = crate::support::reads(&path).await.unwrap();
-    let rows: Vec<i64> = reader
-        .pending_for_run("archive", "r", 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.event)
-        .collect();
-    assert_eq!(rows.len(), 2);
-    // `archive` received both; `ops` received 2 and dead-lettered 1.
-    store
-        .mark_delivered(&Fence::Exclusive, "archive".into(), rows.clone(), None)
-        .await
-        .unwrap();
-    store
-        .mark_delivered(&Fence::Exclusive, "ops".into(), vec![rows[1]], None)
-        .await
-        .unwrap();
-    let dead = Failure {
-        events: vec![rows[0]],
-        status: Some(404),
-        error: "HTTP 404".into(),
-        next_attempt_at: 0,
-        dead: true,
-    };
-    store
-        .record_failure(&Fence::Exclusive, "ops".into(), dead)
-        .await
-        .unwrap();
-    // `state.retain` later: the delivered rows go; event 1 stays, for the
-    // dead letter of `ops`.
-    let (deliveries, events) = store.prune(now_ms() + 60_000).await.unwrap();
-    assert_eq!((deliveries, events), (3, 1), "r:2 pruned, r:1 kept");
+on_both! {
+    /// D1 (second review). `backfill` decides "the sink already has it" (and, since the fix in
+    /// `newest_with_a_row`, "the sink has a later event of this run") from the
+    /// sink's delivery rows. Retention deletes a sink's *delivered* rows after
+    /// `state.retain`, but keeps the event itself while another sink's dead
+    /// letter (kept until purged) or pending row refers to it. A backfill of the
+    /// first sink then finds no row at all for the run and queues again an
+    /// event the sink received long ago: delivered twice (a new attempt, not a
+    /// crash between 2xx and record), and after later events of its run that
+    /// the sink already got (per-run order). README: "queues a delivery ... where
+    /// the sink has none for that event yet, so running it twice queues nothing
+    /// the second time".
+    async fn backfill_does_not_resend_what_the_sink_received_before_retention_pruned_its_rows(b: &Backend) {
+        let store = &b.state;
+        store
+            .subscribe("r".into(), Default::default(), "watch", None)
+            .await
+            .unwrap();
+        // Events 1 and 2 of run r go to `archive` and `ops`.
+        store
+            .record_batch(&b.fence("r").await, batch_of("r", 1..=2, &["archive", "ops"]))
+            .await
+            .unwrap();
+        let reader = store.reads();
+        let rows: Vec<i64> = reader
+            .pending_for_run("archive", "r", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.event)
+            .collect();
+        assert_eq!(rows.len(), 2);
+        // `archive` received both; `ops` received 2 and dead-lettered 1.
+        store
+            .mark_delivered(&b.fence("r").await, "archive".into(), rows.clone(), None)
+            .await
+            .unwrap();
+        store
+            .mark_delivered(&b.fence("r").await, "ops".into(), vec![rows[1]], None)
+            .await
+            .unwrap();
+        let dead = Failure {
+            events: vec![rows[0]],
+            status: Some(404),
+            error: "HTTP 404".into(),
+            next_attempt_at: 0,
+            dead: true,
+        };
+        store
+            .record_failure(&b.fence("r").await, "ops".into(), dead)
+            .await
+            .unwrap();
+        // `state.retain` later: the delivered rows go; event 1 stays, for the
+        // dead letter of `ops`.
+        let (deliveries, events) = store.prune(now_ms() + 60_000).await.unwrap();
+        assert_eq!((deliveries, events), (3, 1), "r:2 pruned, r:1 kept");
 
-    // The operator backfills `archive` (say, a route now gives it more
-    // event types) over a range that reaches r:1.
-    let everything = TimeRange {
-        since: 0,
-        until: i64::MAX,
-    };
-    let done = store
-        .backfill(Arc::from("archive"), everything, None, |_| true)
-        .await
-        .unwrap();
-    let queued: Vec<String> = reader
-        .pending_in_order("archive", 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.id)
-        .collect();
-    assert!(
-        queued.is_empty() && done.queued == 0,
-        "`archive` received r:1 (and r:2 after it) before retention; backfill queued it again ({done:?}): {queued:?}"
-    );
+        // The operator backfills `archive` (say, a route now gives it more
+        // event types) over a range that reaches r:1.
+        let everything = TimeRange {
+            since: 0,
+            until: i64::MAX,
+        };
+        let done = store
+            .backfill(Arc::from("archive"), everything, None, |_| true)
+            .await
+            .unwrap();
+        let queued: Vec<String> = reader
+            .pending_in_order("archive", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert!(
+            queued.is_empty() && done.queued == 0,
+            "`archive` received r:1 (and r:2 after it) before retention; backfill queued it again ({done:?}): {queued:?}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The PostgreSQL store against a real server (`pg_support`): migrations,
 //! the ingest transaction's exactly-once, and leases with fencing between
-//! replicas. Each test starts its own server; without PostgreSQL installed
+//! replicas. Each test gets a database of its own on the binary's one server
+//! (see `pg_support`); without PostgreSQL installed
 //! they pass after printing "skipped: no PostgreSQL" (unless
 //! `RUNHOOK_REQUIRE_PG=1`).
 
@@ -12,7 +13,7 @@ use runhook::store::pg::{Lease, LeaseKeeper, PgStore, PgStoreError, Replica, SCH
 use runhook::store::{Batch, Failure, Finish, NewEvent, Recorded, now_ms};
 use serde_json::value::RawValue;
 
-use crate::pg_support::PgServer;
+use crate::pg_support::{PgDatabase, PgServer};
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";
@@ -26,7 +27,7 @@ fn replica(node: &str, lease_ttl: Duration) -> Replica {
     }
 }
 
-async fn open(pg: &PgServer, node: &str, lease_ttl: Duration) -> PgStore {
+async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
     PgStore::open(&pg.url(), replica(node, lease_ttl))
         .await
         .expect("open the PostgreSQL store")
@@ -82,7 +83,9 @@ async fn cursor(client: &tokio_postgres::Client, run: &str) -> i64 {
 
 #[tokio::test]
 async fn the_test_server_listens_on_its_socket_only_with_fsync_on() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let client = pg.client().await;
     for (setting, expected) in [("fsync", "on"), ("listen_addresses", "")] {
         let value: String = client
@@ -94,11 +97,89 @@ async fn the_test_server_listens_on_its_socket_only_with_fsync_on() {
     }
 }
 
+/// Tests share one server: what one writes must be invisible to another,
+/// and a test's database must go with it (or the server's disk grows with
+/// every test of the binary).
+#[tokio::test]
+async fn each_test_gets_a_database_of_its_own_dropped_after() {
+    let (Some(one), Some(other)) = (PgDatabase::create().await, PgDatabase::create().await) else {
+        return;
+    };
+    one.client()
+        .await
+        .batch_execute("CREATE TABLE mine (n int)")
+        .await
+        .expect("create a table");
+    let seen = count(
+        &other.client().await,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'mine'",
+    )
+    .await;
+    assert_eq!(seen, 0, "another test's table is not visible");
+    let name: String = one
+        .client()
+        .await
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("current_database")
+        .get(0);
+    let (by_url, connection) = tokio_postgres::connect(&one.postgres_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect with the postgres:// form --state takes");
+    tokio::spawn(connection);
+    let reached: String = by_url
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("current_database")
+        .get(0);
+    assert_eq!(reached, name, "{}", one.postgres_url());
+    drop(by_url);
+    let client = other.client().await;
+    drop(one);
+    let left = client
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .expect("pg_database")
+        .get::<_, i64>(0);
+    assert_eq!(left, 0, "{name} dropped with its handle");
+}
+
+/// The escape hatch for a test that stops or reconfigures its server: the
+/// server is its own, and stopped and removed when dropped.
+#[tokio::test]
+async fn a_server_of_its_own_is_stopped_and_removed_when_dropped() {
+    let Some(server) = PgServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let data = server.data_dir();
+    server
+        .client()
+        .await
+        .batch_execute("SELECT 1")
+        .await
+        .expect("its server answers");
+    server.pg_ctl(&["reload"]);
+    drop(server);
+    assert!(!data.exists(), "{} removed", data.display());
+    assert!(
+        tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .is_err(),
+        "stopped"
+    );
+}
+
 /// Replicas started together must not run a migration twice (the second
 /// would fail on tables that exist, or worse, half-apply).
 #[tokio::test]
 async fn migrations_run_once_when_four_stores_open_together() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let url = pg.url();
     let start = Arc::new(tokio::sync::Barrier::new(4));
     let opening: Vec<_> = (0..4)
@@ -127,7 +208,9 @@ async fn migrations_run_once_when_four_stores_open_together() {
 /// events were pruned, and the cursor never moves back.
 #[tokio::test]
 async fn a_batch_sent_again_after_the_cursor_moved_records_nothing() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(15)).await;
     subscribe(&store, RUN).await;
     let lease = claim_one(&store).await;
@@ -164,7 +247,9 @@ async fn a_batch_sent_again_after_the_cursor_moved_records_nothing() {
 
 #[tokio::test]
 async fn a_batch_straddling_the_cursor_records_only_the_new_part() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(15)).await;
     subscribe(&store, RUN).await;
     let lease = claim_one(&store).await;
@@ -197,7 +282,9 @@ async fn a_batch_straddling_the_cursor_records_only_the_new_part() {
 /// event rows of another run named under this lease stay as they were.
 #[tokio::test]
 async fn delivery_outcomes_move_only_the_leased_runs_rows() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(15)).await;
     const OTHER: &str = "9f2a1c7e-0000-4000-8000-000000000002";
     subscribe(&store, RUN).await;
@@ -277,7 +364,9 @@ async fn delivery_outcomes_move_only_the_leased_runs_rows() {
 
 #[tokio::test]
 async fn a_claimed_run_cannot_be_claimed_by_another_replica() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let a = open(&pg, "a", Duration::from_secs(60)).await;
     let b = open(&pg, "b", Duration::from_secs(60)).await;
     subscribe(&a, RUN).await;
@@ -291,7 +380,9 @@ async fn a_claimed_run_cannot_be_claimed_by_another_replica() {
 /// ttl in the server's clock; the next owner's epoch is one higher.
 #[tokio::test]
 async fn after_the_ttl_another_replica_takes_over_with_the_next_epoch() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_secs(1);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -317,7 +408,9 @@ async fn after_the_ttl_another_replica_takes_over_with_the_next_epoch() {
 /// for the run commits, not a batch, not a delivery outcome.
 #[tokio::test]
 async fn a_replica_that_lost_its_lease_commits_nothing() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_millis(500);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -396,7 +489,9 @@ async fn a_replica_that_lost_its_lease_commits_nothing() {
 /// after a ttl, and the leaver's writes are refused from then on.
 #[tokio::test]
 async fn a_released_lease_is_taken_over_at_once() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_secs(60);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -459,7 +554,9 @@ async fn tick_until(
 /// lease periods, never with a run held by both.
 #[tokio::test]
 async fn two_replicas_share_ten_runs_five_and_five() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_millis(900);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -499,7 +596,9 @@ async fn two_replicas_share_ten_runs_five_and_five() {
 /// event went out twice with no crash, kill or timeout (failover finding B).
 #[tokio::test]
 async fn a_shed_lease_is_released_only_once_its_runs_work_ended() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_secs(5);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -565,7 +664,9 @@ async fn a_shed_lease_is_released_only_once_its_runs_work_ended() {
 /// once, and their runs stopped and moved (failover finding C).
 #[tokio::test]
 async fn lease_ticks_go_through_while_every_data_connection_is_busy() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_secs(3);
     let a = open(&pg, "a", ttl).await;
     subscribe(&a, RUN).await;
@@ -591,7 +692,8 @@ async fn lease_ticks_go_through_while_every_data_connection_is_busy() {
                 .client()
                 .await
                 .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
                     &[],
                 )
                 .await
@@ -626,7 +728,9 @@ async fn lease_ticks_go_through_while_every_data_connection_is_busy() {
 /// let them expire and hand the runs to another replica.
 #[tokio::test]
 async fn a_replica_cut_off_from_the_database_stops_its_runs_before_the_lease_expires() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     // Overdue at 2 s: a second of margin for stopping the server on a busy
     // machine.
     let ttl = Duration::from_secs(3);
@@ -667,7 +771,9 @@ async fn a_replica_cut_off_from_the_database_stops_its_runs_before_the_lease_exp
 /// a second time.
 #[tokio::test]
 async fn replicas_claiming_at_once_never_get_the_same_run() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_secs(60);
     let mut stores = Vec::new();
     for n in 0..4 {
@@ -702,7 +808,9 @@ async fn replicas_claiming_at_once_never_get_the_same_run() {
 /// the same end seen again (a re-poll) records nothing more.
 #[tokio::test]
 async fn a_finish_records_one_run_finished_at_the_cursor() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(15)).await;
     subscribe(&store, RUN).await;
     let lease = claim_one(&store).await;
@@ -747,7 +855,9 @@ async fn a_finish_records_one_run_finished_at_the_cursor() {
 /// a ttl, and its runs move to the survivor, each under the next epoch.
 #[tokio::test]
 async fn a_dead_replicas_runs_move_to_the_survivor_after_the_ttl() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_millis(900);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -815,7 +925,9 @@ async fn an_unreachable_or_malformed_url_is_refused_with_the_reason() {
 /// caller stops it, and not renewed or held any more.
 #[tokio::test]
 async fn a_keeper_reports_a_run_taken_over_as_lost() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_millis(500);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -832,4 +944,43 @@ async fn a_keeper_reports_a_run_taken_over_as_lost() {
     assert_eq!(changes.lost, gained, "{changes:?}");
     assert_eq!(changes.gained, vec![], "b holds it now");
     assert_eq!(keeper.held(), vec![]);
+}
+
+/// A replica killed before it could release its leases and started again
+/// under its node name takes its runs back at its first claim instead of
+/// leaving them idle until the leases expire; the epoch is raised, so what
+/// the previous life still had in flight is refused. Another node's start
+/// takes nothing that is held. Red while a start only claimed unowned or
+/// expired leases (the restarted `a` got nothing for a minute's ttl).
+#[tokio::test]
+async fn a_restarted_replica_takes_its_own_leases_back_at_once() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let killed = open(&pg, "a", ttl).await;
+    subscribe(&killed, RUN).await;
+    let old = claim_one(&killed).await;
+
+    let b = open(&pg, "b", ttl).await;
+    assert_eq!(b.reclaim(10).await.expect("reclaim"), vec![], "held by a");
+    let restarted = open(&pg, "a", ttl).await;
+    assert_eq!(restarted.claim(10).await.expect("claim"), vec![], "held");
+    let back = restarted.reclaim(10).await.expect("reclaim");
+    assert_eq!(
+        back,
+        vec![Lease {
+            run_id: RUN.into(),
+            epoch: old.epoch + 1
+        }]
+    );
+    let stale = killed.record_batch(&old, batch(RUN, 1..=1)).await;
+    assert!(
+        matches!(stale, Err(PgStoreError::LeaseLost { .. })),
+        "the previous life's write is refused: {stale:?}"
+    );
+    restarted
+        .record_batch(&back[0], batch(RUN, 1..=1))
+        .await
+        .expect("the new life's write lands");
 }

@@ -16,7 +16,7 @@ use runhook::store::{
 };
 use serde_json::value::RawValue;
 
-use crate::pg_support::PgServer;
+use crate::pg_support::PgDatabase;
 use crate::support::wait_for;
 
 const RUN: &str = "run-1";
@@ -24,7 +24,7 @@ const OTHER: &str = "run-2";
 /// Rows one maintenance transaction touches (`store::retention`).
 const CHUNK: usize = 5_000;
 
-async fn open(pg: &PgServer, node: &str, lease_ttl: Duration) -> PgStore {
+async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
     let replica = Replica {
         node: node.into(),
         lease_ttl,
@@ -35,7 +35,7 @@ async fn open(pg: &PgServer, node: &str, lease_ttl: Duration) -> PgStore {
         .expect("open the PostgreSQL store")
 }
 
-async fn store(pg: &PgServer) -> PgStore {
+async fn store(pg: &PgDatabase) -> PgStore {
     open(pg, "a", Duration::from_secs(60)).await
 }
 
@@ -85,7 +85,7 @@ async fn claim(store: &PgStore, run: &str) -> Lease {
 
 /// A store with `RUN` subscribed (labels team=rome), its lease, and events
 /// 1..=types.len() recorded, each routed to `sinks`.
-async fn with_events(pg: &PgServer, types: &[&str], sinks: &[&str]) -> (PgStore, Lease) {
+async fn with_events(pg: &PgDatabase, types: &[&str], sinks: &[&str]) -> (PgStore, Lease) {
     let store = store(pg).await;
     subscribe_as(&store, RUN, "watch").await;
     let lease = claim(&store, RUN).await;
@@ -173,7 +173,7 @@ async fn someone_waits_on_a_lock(client: &tokio_postgres::Client) {
     wait_for("a session waiting on a lock", || async {
         let waiting = count(
             client,
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
         )
         .await;
         if waiting > 0 {
@@ -197,7 +197,9 @@ const PRUNE_RUN: &str = "INSERT INTO pruned_runs
 /// supervisors (control generation).
 #[tokio::test]
 async fn subscribing_again_keeps_the_cursor_and_gives_a_stopped_run_another_chance() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A"; 3], &["a"]).await;
     store
         .set_run_state(&lease, RunState::Forbidden, Some("403".into()), None)
@@ -238,7 +240,9 @@ async fn subscribing_again_keeps_the_cursor_and_gives_a_stopped_run_another_chan
 /// at cursor 0, and no lease that a replica would claim and ingest.
 #[tokio::test]
 async fn a_pruned_run_is_not_subscribed_again() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, _lease) = with_events(&pg, &["A"; 3], &[]).await;
     let client = pg.client().await;
     client
@@ -279,7 +283,9 @@ async fn a_pruned_run_is_not_subscribed_again() {
 /// commits while subscribe waits on it must still win.
 #[tokio::test]
 async fn a_subscribe_racing_a_prune_sees_the_tombstone() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, _lease) = with_events(&pg, &["A"; 3], &[]).await;
     let mut pruner = pg.client().await;
     let prune = pruner.transaction().await.expect("begin");
@@ -309,7 +315,9 @@ async fn a_subscribe_racing_a_prune_sees_the_tombstone() {
 
 #[tokio::test]
 async fn unsubscribe_says_whether_the_run_was_known_and_keeps_its_row() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = store(&pg).await;
     subscribe_as(&store, RUN, "watch").await;
     let before = generation(&store).await;
@@ -336,7 +344,9 @@ async fn unsubscribe_says_whether_the_run_was_known_and_keeps_its_row() {
 
 #[tokio::test]
 async fn config_runs_dropped_from_the_config_stop_being_watched_and_no_others() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = store(&pg).await;
     for run in ["c1", "c2", "c3"] {
         subscribe_as(&store, run, "config").await;
@@ -366,7 +376,9 @@ async fn config_runs_dropped_from_the_config_stop_being_watched_and_no_others() 
 
 #[tokio::test]
 async fn a_restart_retries_only_watched_runs_stopped_by_a_403_or_404() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = store(&pg).await;
     for run in ["forbidden", "not-found", "unwatched", "stalled"] {
         subscribe_as(&store, run, "watch").await;
@@ -417,7 +429,9 @@ async fn a_restart_retries_only_watched_runs_stopped_by_a_403_or_404() {
 /// and lag are refused, and the new owner's stand.
 #[tokio::test]
 async fn run_state_and_upstream_sequence_come_only_from_the_lease_holder() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (a, old) = with_events(&pg, &["A"; 3], &[]).await;
     let b = open(&pg, "b", Duration::from_secs(60)).await;
     a.release(std::slice::from_ref(&old))
@@ -450,7 +464,9 @@ async fn run_state_and_upstream_sequence_come_only_from_the_lease_holder() {
 /// heartbeat; a lease past its expiry is nobody's.
 #[tokio::test]
 async fn runs_show_the_owner_of_a_live_lease_and_its_heartbeat() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let a = open(&pg, "a", Duration::from_secs(1)).await;
     subscribe_as(&a, RUN, "watch").await;
     subscribe_as(&a, OTHER, "watch").await;
@@ -484,7 +500,9 @@ async fn runs_show_the_owner_of_a_live_lease_and_its_heartbeat() {
 /// again under the same ids with fresh attempts; `purge` deletes for good.
 #[tokio::test]
 async fn dead_letters_filter_replay_under_the_same_ids_and_purge_for_good() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = store(&pg).await;
     subscribe_as(&store, RUN, "watch").await;
     subscribe_as(&store, OTHER, "watch").await;
@@ -598,7 +616,9 @@ async fn dead_letters_filter_replay_under_the_same_ids_and_purge_for_good() {
 /// the first.
 #[tokio::test]
 async fn replay_and_purge_go_past_one_chunk() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let n = CHUNK + 7;
     let (store, _lease) = with_events(&pg, &vec!["A"; n], &["a", "b"]).await;
     let client = pg.client().await;
@@ -628,7 +648,9 @@ async fn replay_and_purge_go_past_one_chunk() {
 /// Ported from SQLite's test of the same name.
 #[tokio::test]
 async fn requeue_range_takes_dead_letters_and_delivered_ones_only_when_asked() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A"; 5], &["a"]).await;
     let client = pg.client().await;
     seen_at_their_sequence(&client).await;
@@ -680,7 +702,9 @@ async fn requeue_range_takes_dead_letters_and_delivered_ones_only_when_asked() {
 /// Ported from SQLite's test of the same name.
 #[tokio::test]
 async fn requeue_range_keeps_to_the_sink_and_run_asked_for() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A"; 2], &["a", "b"]).await;
     let client = pg.client().await;
     let r = rowids(&client, &[1, 2]).await;
@@ -706,7 +730,9 @@ async fn requeue_range_keeps_to_the_sink_and_run_asked_for() {
 /// past its end: SQLite's walk may stop there, this one must not.
 #[tokio::test]
 async fn requeue_range_finds_an_event_of_the_range_past_a_later_one() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A"; 3], &["a"]).await;
     let client = pg.client().await;
     let r = rowids(&client, &[1, 2, 3]).await;
@@ -732,7 +758,9 @@ async fn requeue_range_finds_an_event_of_the_range_past_a_later_one() {
 /// Ported from SQLite's test of the same name.
 #[tokio::test]
 async fn backfill_queues_what_routing_picks_once_in_event_order() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A", "B", "A", "A", "B", "A"], &["old"]).await;
     let client = pg.client().await;
     seen_at_their_sequence(&client).await;
@@ -788,7 +816,9 @@ async fn backfill_queues_what_routing_picks_once_in_event_order() {
 /// cutoff noted, delivered rows gone).
 #[tokio::test]
 async fn backfill_leaves_out_events_recorded_before_the_prune_cutoff() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A", "A", "A"], &["a", "ops"]).await;
     let client = pg.client().await;
     let r = rowids(&client, &[1, 2, 3]).await;
@@ -843,7 +873,9 @@ async fn backfill_leaves_out_events_recorded_before_the_prune_cutoff() {
 /// Ported from `backfill_keeps_per_run_order_for_a_sink_that_went_live_first`.
 #[tokio::test]
 async fn backfill_leaves_out_what_would_follow_a_later_event_of_its_run() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, lease) = with_events(&pg, &["A", "A"], &["a"]).await;
     store
         .record_batch(&lease, typed_batch(RUN, 3, &["A"], &["a", "late"]))
@@ -869,7 +901,9 @@ async fn backfill_leaves_out_what_would_follow_a_later_event_of_its_run() {
 /// be sent before the older ones queued behind it.
 #[tokio::test]
 async fn backfill_waits_for_an_ingest_of_the_run_in_flight() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let (store, _lease) = with_events(&pg, &["A", "A", "A"], &["a"]).await;
     let mut ingest = pg.client().await;
     let third = rowid(&ingest, 3).await;
@@ -914,7 +948,9 @@ async fn backfill_waits_for_an_ingest_of_the_run_in_flight() {
 /// Ported from SQLite's `backfill_and_requeue_walk_past_one_chunk`.
 #[tokio::test]
 async fn backfill_and_requeue_walk_past_one_chunk() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let n = CHUNK + 7;
     let (store, lease) = with_events(&pg, &vec!["A"; n], &["a"]).await;
     let queued = store

@@ -15,7 +15,7 @@ use runhook::store::{Batch, Failure, Finish, NewEvent, NewWork, now_ms};
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
-use crate::pg_support::PgServer;
+use crate::pg_support::PgDatabase;
 use crate::support::wait_for;
 
 const RUN: &str = "9f2a1c7e-0000-4000-8000-000000000001";
@@ -24,7 +24,7 @@ const SINK: &str = "ops";
 /// How long a notification may take to arrive.
 const HEARING: Duration = Duration::from_secs(20);
 
-async fn open(pg: &PgServer, node: &str, lease_ttl: Duration) -> PgStore {
+async fn open(pg: &PgDatabase, node: &str, lease_ttl: Duration) -> PgStore {
     let replica = Replica {
         node: node.into(),
         lease_ttl,
@@ -151,7 +151,9 @@ async fn bumped(commits: &mut tokio::sync::watch::Receiver<u64>) {
 /// ingested again; the newest cutoff is recorded, never an older one.
 #[tokio::test]
 async fn prune_drops_old_delivered_rows_and_unreferenced_events_only() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN]).await;
     let lease = &leases[RUN];
@@ -200,7 +202,9 @@ async fn prune_drops_old_delivered_rows_and_unreferenced_events_only() {
 #[tokio::test]
 async fn prune_reaches_every_row_past_one_chunk() {
     const EVENTS: i64 = 12_000;
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN]).await;
     let lease = &leases[RUN];
@@ -266,7 +270,9 @@ async fn recorded(store: &PgStore, lease: &Lease, finish: bool, leave: &str) {
 /// a run not finished keep the row.
 #[tokio::test]
 async fn the_runs_prune_moves_only_old_finished_runs_with_nothing_left() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let runs = [
         "done", "done2", "dead", "pending", "late", "running", "young",
@@ -342,7 +348,9 @@ async fn the_runs_prune_moves_only_old_finished_runs_with_nothing_left() {
 /// under.
 #[tokio::test]
 async fn a_batch_in_flight_keeps_its_run_from_the_runs_prune() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &["done"]).await;
     recorded(&store, &leases["done"], true, "delivered").await;
@@ -369,7 +377,7 @@ async fn a_batch_in_flight_keeps_its_run_from_the_runs_prune() {
     wait_for("the prune to wait for the batch's lock", || async {
         let waiting = count(
             &client,
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
         )
         .await;
         if waiting > 0 {
@@ -394,7 +402,9 @@ async fn a_batch_in_flight_keeps_its_run_from_the_runs_prune() {
 /// delivery per sink in ingest order, in the order asked.
 #[tokio::test]
 async fn sink_rows_and_the_oldest_pending_read_as_on_sqlite() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN, OTHER]).await;
     store
@@ -474,7 +484,9 @@ async fn sink_rows_and_the_oldest_pending_read_as_on_sqlite() {
 /// rows already done are left alone.
 #[tokio::test]
 async fn found_deliveries_are_marked_done_with_the_offset() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let leases = owned(&store, &[RUN]).await;
     let lease = &leases[RUN];
@@ -538,7 +550,9 @@ async fn found_deliveries_are_marked_done_with_the_offset() {
 /// new owner threads under.
 #[tokio::test]
 async fn a_thread_root_is_kept_only_by_the_runs_owner() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let ttl = Duration::from_millis(500);
     let a = open(&pg, "a", ttl).await;
     let b = open(&pg, "b", ttl).await;
@@ -586,7 +600,9 @@ async fn a_thread_root_is_kept_only_by_the_runs_owner() {
 /// labels as stored.
 #[tokio::test]
 async fn backlog_reads_follow_ingest_order_across_runs() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     let labels = BTreeMap::from([("team".to_string(), "rome".to_string())]);
     subscribe(&store, RUN, labels).await;
@@ -656,7 +672,9 @@ async fn backlog_reads_follow_ingest_order_across_runs() {
 /// `tail`: where it starts, and the events after a row, by run and type.
 #[tokio::test]
 async fn tail_reads_the_events_after_a_row_by_run_and_type() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let store = open(&pg, "a", Duration::from_secs(60)).await;
     assert_eq!(store.last_event_row().await.expect("empty"), 0);
     let leases = owned(&store, &[RUN, OTHER]).await;
@@ -714,7 +732,7 @@ async fn tail_reads_the_events_after_a_row_by_run_and_type() {
 /// Fails, at COMMIT, any transaction that recorded an event of `run`: a
 /// batch that got through every statement (its NOTIFY too) and then rolled
 /// back.
-async fn refuse_at_commit(pg: &PgServer, run: &str) {
+async fn refuse_at_commit(pg: &PgDatabase, run: &str) {
     let sql = format!(
         "CREATE FUNCTION refuse_run() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -736,7 +754,9 @@ async fn refuse_at_commit(pg: &PgServer, run: &str) {
 /// at COMMIT, after its NOTIFY was sent.
 #[tokio::test]
 async fn a_second_replica_hears_committed_work_and_nothing_rolled_back() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let a = open(&pg, "a", Duration::from_secs(60)).await;
     let b = open(&pg, "b", Duration::from_secs(60)).await;
     let leases = owned(&a, &[RUN, OTHER]).await;
@@ -767,7 +787,9 @@ async fn a_second_replica_hears_committed_work_and_nothing_rolled_back() {
 /// itself and bumps the counter.
 #[tokio::test]
 async fn a_listener_catches_up_on_what_it_missed_and_reconnects() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let a = open(&pg, "a", Duration::from_secs(60)).await;
     let b = open(&pg, "b", Duration::from_secs(60)).await;
     let leases = owned(&a, &[RUN, OTHER]).await;
@@ -782,11 +804,12 @@ async fn a_listener_catches_up_on_what_it_missed_and_reconnects() {
 
     let client = pg.client().await;
     let listeners =
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'runhook-listen'";
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'runhook-listen'
+         AND datname = current_database()";
     let terminated = count(
         &client,
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE application_name = 'runhook-listen') AS t",
+         WHERE application_name = 'runhook-listen' AND datname = current_database()) AS t",
     )
     .await;
     assert_eq!(terminated, 1, "b's one listening connection");
@@ -820,7 +843,9 @@ async fn a_listener_catches_up_on_what_it_missed_and_reconnects() {
 /// listener looks for itself at every run with pending deliveries.
 #[tokio::test]
 async fn a_notice_too_long_for_notify_still_wakes_every_sink() {
-    let Some(pg) = PgServer::start() else { return };
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
     let a = open(&pg, "a", Duration::from_secs(60)).await;
     let b = open(&pg, "b", Duration::from_secs(60)).await;
     let leases = owned(&a, &[RUN]).await;

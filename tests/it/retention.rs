@@ -3,6 +3,7 @@
 //! to deliver leave the runs table for a tombstone that keeps them from
 //! being ingested again (after a restart, or watched again).
 
+use crate::support::{Backend, on_both};
 use runhook::store::{Batch, DeadFilter, Failure, Fence, NewEvent, State, now_ms};
 use serde_json::value::RawValue;
 
@@ -25,6 +26,8 @@ fn events(run: &str, range: std::ops::RangeInclusive<i64>) -> Batch {
     }
 }
 
+// SQLite only: store-level under Fence::Exclusive; prune, dead letters and
+// purge on both backends are state.rs's.
 #[tokio::test]
 async fn delivered_events_are_pruned_and_dead_letters_kept_until_purged() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,6 +127,7 @@ fn bulk(run: &str, range: std::ops::RangeInclusive<i64>, sinks: &[&str]) -> Batc
 /// Maintenance on a large state database (200,000 deliveries) keeps what it
 /// must, and works in bounded chunks, each its own writer transaction, so
 /// ingest and delivery get the writer in between (the watchdog's ping too).
+// SQLite only: it counts the SQLite writer's transactions per chunk.
 #[tokio::test]
 async fn maintenance_on_a_large_database_is_right_and_works_in_chunks() {
     const EVENTS: i64 = 100_000;
@@ -313,7 +317,7 @@ fn lines_of(env: &crate::support::Env, run: &str) -> usize {
 
 /// `runhook --state STATE ARGS...`, its stdout.
 fn cli(env: &crate::support::Env, args: &[&str]) -> String {
-    let state = env.state_path().display().to_string();
+    let state = env.state_arg();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
         .args(["--state", state.as_str()])
         .args(args)
@@ -332,14 +336,16 @@ fn cli(env: &crate::support::Env, args: &[&str]) -> String {
 /// A simulator with runs `r1` (5 events) and `r2` (3 events), both
 /// completing at once; a daemon has followed `r1` to its end and delivered
 /// it, and a second daemon start, past [`SHORT_RETAIN`], pruned it.
-async fn with_r1_pruned() -> (runhook::simulate::Simulator, crate::support::Env) {
+async fn with_r1_pruned(
+    backend: crate::support::Backend,
+) -> (runhook::simulate::Simulator, crate::support::Env) {
     use crate::support::{numbered, scripted, sim_with, wait_for};
     let sim = sim_with(vec![
         scripted("r1", numbered(5)),
         scripted("r2", numbered(3)),
     ])
     .await;
-    let mut env = crate::support::Env::new(&sim, &["r1"]);
+    let mut env = crate::support::Env::on(backend, &sim, &["r1"]);
     env.api
         .push_str(&format!("finished_linger = \"{SHORT_RETAIN}\"\n"));
     let daemon = start_short_retain(&env);
@@ -349,7 +355,7 @@ async fn with_r1_pruned() -> (runhook::simulate::Simulator, crate::support::Env)
     clock_past(now_ms() + 1_000).await;
 
     let daemon = start_short_retain(&env);
-    let reader = crate::support::reads(&env.state_path()).await.unwrap();
+    let reader = env.reads().await.unwrap();
     wait_for("the prune at start to move r1 to its tombstone", || async {
         match reader.pruned_run("r1".into()).await {
             Ok(Some(pruned)) => Ok(pruned),
@@ -362,90 +368,92 @@ async fn with_r1_pruned() -> (runhook::simulate::Simulator, crate::support::Env)
     (sim, env)
 }
 
-/// The runs row is the cursor: were a pruned run in the config subscribed
-/// again without its tombstone, the restart would fetch it from sequence 0
-/// and deliver every event a second time.
-#[tokio::test]
-async fn a_pruned_finished_run_in_the_config_is_not_ingested_again_after_a_restart() {
-    let (sim, mut env) = with_r1_pruned().await;
-    let asked = requests_for(&sim, "r1");
-    env.runs = vec!["r1".into(), "r2".into()];
-    let daemon = start_short_retain(&env);
-    // r2 followed to its end: the daemon has subscribed its config runs
-    // and started what it follows.
-    env.wait_finished(&["r2"]).await;
-    daemon.stop().await;
+on_both! {
+    /// The runs row is the cursor: were a pruned run in the config subscribed
+    /// again without its tombstone, the restart would fetch it from sequence 0
+    /// and deliver every event a second time.
+    async fn a_pruned_finished_run_in_the_config_is_not_ingested_again_after_a_restart(backend: Backend) {
+        let (sim, mut env) = with_r1_pruned(backend).await;
+        let asked = requests_for(&sim, "r1");
+        env.runs = vec!["r1".into(), "r2".into()];
+        let daemon = start_short_retain(&env);
+        // r2 followed to its end: the daemon has subscribed its config runs
+        // and started what it follows.
+        env.wait_finished(&["r2"]).await;
+        daemon.stop().await;
 
-    assert_eq!(
-        requests_for(&sim, "r1"),
-        asked,
-        "no request for the pruned run: {:?}",
-        sim.requests()
-    );
-    assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
-    assert_eq!(lines_of(&env, "r2"), 4);
-    let one = cli(&env, &["status", "--run", "r1"]);
-    assert!(one.contains("finished (pruned)"), "{one}");
-    assert!(one.contains("completed"), "{one}");
-    let all = cli(&env, &["status"]);
-    assert!(
-        all.lines()
-            .next()
-            .unwrap_or_default()
-            .contains("1 finished runs pruned"),
-        "{all}"
-    );
+        assert_eq!(
+            requests_for(&sim, "r1"),
+            asked,
+            "no request for the pruned run: {:?}",
+            sim.requests()
+        );
+        assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
+        assert_eq!(lines_of(&env, "r2"), 4);
+        let one = cli(&env, &["status", "--run", "r1"]);
+        assert!(one.contains("finished (pruned)"), "{one}");
+        assert!(one.contains("completed"), "{one}");
+        let all = cli(&env, &["status"]);
+        assert!(
+            all.lines()
+                .next()
+                .unwrap_or_default()
+                .contains("1 finished runs pruned"),
+            "{all}"
+        );
+    }
 }
 
-/// `runhook watch` and `PUT /v1/watch` of a pruned run say so and change
-/// nothing: no follower, no fetch from sequence 0, no delivery again.
-#[tokio::test]
-async fn watching_a_pruned_run_again_does_not_deliver_it_again() {
-    const TOKEN: &str = "retain-token-0123456789";
-    let (sim, mut env) = with_r1_pruned().await;
-    let asked = requests_for(&sim, "r1");
-    env.runs = Vec::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    env.extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n");
-    let daemon = start_short_retain(&env);
-    let answer = cli(&env, &["watch", "r1"]);
-    assert!(answer.contains("pruned"), "{answer}");
-    let client = reqwest::Client::new();
-    let put = crate::support::wait_for("PUT /v1/watch/r1 answered", || async {
-        let sent = client
-            .put(format!("http://127.0.0.1:{port}/v1/watch/r1"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await;
-        match sent {
-            Ok(answer) if answer.status().is_success() => answer
-                .json::<serde_json::Value>()
-                .await
-                .map_err(|e| e.to_string()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
-    assert_eq!(put["watching"], false, "{put}");
-    assert_eq!(put["state"], "finished (pruned)", "{put}");
-    // Watched after r1: once r2 is delivered, the daemon has looked at the
-    // watched runs since r1's `watch`.
-    assert!(cli(&env, &["watch", "r2"]).contains("watching r2"));
-    env.wait_finished(&["r2"]).await;
-    daemon.stop().await;
+on_both! {
+    /// `runhook watch` and `PUT /v1/watch` of a pruned run say so and change
+    /// nothing: no follower, no fetch from sequence 0, no delivery again.
+    async fn watching_a_pruned_run_again_does_not_deliver_it_again(backend: Backend) {
+        const TOKEN: &str = "retain-token-0123456789";
+        let (sim, mut env) = with_r1_pruned(backend).await;
+        let asked = requests_for(&sim, "r1");
+        env.runs = Vec::new();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        env.extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n");
+        let daemon = start_short_retain(&env);
+        let answer = cli(&env, &["watch", "r1"]);
+        assert!(answer.contains("pruned"), "{answer}");
+        let client = reqwest::Client::new();
+        let put = crate::support::wait_for("PUT /v1/watch/r1 answered", || async {
+            let sent = client
+                .put(format!("http://127.0.0.1:{port}/v1/watch/r1"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await;
+            match sent {
+                Ok(answer) if answer.status().is_success() => answer
+                    .json::<serde_json::Value>()
+                    .await
+                    .map_err(|e| e.to_string()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+        assert_eq!(put["watching"], false, "{put}");
+        assert_eq!(put["state"], "finished (pruned)", "{put}");
+        // Watched after r1: once r2 is delivered, the daemon has looked at the
+        // watched runs since r1's `watch`.
+        assert!(cli(&env, &["watch", "r2"]).contains("watching r2"));
+        env.wait_finished(&["r2"]).await;
+        daemon.stop().await;
 
-    assert_eq!(
-        requests_for(&sim, "r1"),
-        asked,
-        "no request for the pruned run: {:?}",
-        sim.requests()
-    );
-    assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
-    assert!(
-        env.run_row("r1").await.is_none(),
-        "r1 stays out of the runs table"
-    );
+        assert_eq!(
+            requests_for(&sim, "r1"),
+            asked,
+            "no request for the pruned run: {:?}",
+            sim.requests()
+        );
+        assert_eq!(lines_of(&env, "r1"), 6, "r1 not delivered again");
+        assert!(
+            env.run_row("r1").await.is_none(),
+            "r1 stays out of the runs table"
+        );
+    }
 }

@@ -141,8 +141,8 @@ impl Blackhole {
 }
 
 /// An env whose `ops` webhook sink (patient: 300 s timeout) points at `url`.
-fn webhook_env(sim: &runhook::simulate::Simulator, run: &str, url: &str) -> Env {
-    let mut env = Env::new(sim, &[run]);
+fn webhook_env(backend: Backend, sim: &runhook::simulate::Simulator, run: &str, url: &str) -> Env {
+    let mut env = Env::on(backend, sim, &[run]);
     env.extra = format!(
         "\n[sinks.ops]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\ntimeout = \"300s\"\n\n\
          [[routes]]\nsinks = [\"ops\"]\n"
@@ -162,137 +162,140 @@ fn write_config_with_grace(env: &Env, grace: &str) -> PathBuf {
     path
 }
 
-#[tokio::test]
-async fn a_second_signal_exits_at_once_while_the_first_is_still_draining() {
-    let sim = sim_with(vec![scripted("run-2sig", numbered(3))]).await;
-    let hole = Blackhole::start().await;
-    let env = webhook_env(&sim, "run-2sig", &format!("http://{}/hooks", hole.addr));
-    let config = write_config_with_grace(&env, "120s");
-    let mut daemon = Proc::spawn(&config, &[]);
-    hole.wait_in_flight().await;
-    daemon.signal("TERM");
-    daemon.wait_log("signal received: draining").await;
-    assert!(
-        daemon
-            .exit_within(Duration::from_millis(500))
+on_both! {
+    async fn a_second_signal_exits_at_once_while_the_first_is_still_draining(backend: Backend) {
+        let sim = sim_with(vec![scripted("run-2sig", numbered(3))]).await;
+        let hole = Blackhole::start().await;
+        let env = webhook_env(backend, &sim, "run-2sig", &format!("http://{}/hooks", hole.addr));
+        let config = write_config_with_grace(&env, "120s");
+        let mut daemon = Proc::spawn(&config, &[]);
+        hole.wait_in_flight().await;
+        daemon.signal("TERM");
+        daemon.wait_log("signal received: draining").await;
+        assert!(
+            daemon
+                .exit_within(Duration::from_millis(500))
+                .await
+                .is_err(),
+            "the first signal drains (a delivery is in flight, the grace is 120 s)"
+        );
+        let asked = Instant::now();
+        daemon.signal("TERM");
+        let status = daemon
+            .exit_within(Duration::from_secs(20))
             .await
-            .is_err(),
-        "the first signal drains (a delivery is in flight, the grace is 120 s)"
-    );
-    let asked = Instant::now();
-    daemon.signal("TERM");
-    let status = daemon
-        .exit_within(Duration::from_secs(20))
-        .await
-        .unwrap_or_else(|e| panic!("a second signal exits at once: {e}"));
-    assert!(
-        asked.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        asked.elapsed()
-    );
-    assert!(
-        !status.success(),
-        "an interrupted drain does not claim a clean exit: {status}"
-    );
-    assert!(daemon.log().contains("second signal: exiting now"));
+            .unwrap_or_else(|e| panic!("a second signal exits at once: {e}"));
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert!(
+            !status.success(),
+            "an interrupted drain does not claim a clean exit: {status}"
+        );
+        assert!(daemon.log().contains("second signal: exiting now"));
+    }
 }
 
-#[tokio::test]
-async fn shutdown_grace_running_out_exits_cleanly_and_the_restart_delivers_the_rest_once() {
-    let sim = sim_with(vec![scripted("run-grace", numbered(3))]).await;
-    let hole = Blackhole::start().await;
-    let mut env = webhook_env(&sim, "run-grace", &format!("http://{}/hooks", hole.addr));
-    let config = write_config_with_grace(&env, "2s");
-    let mut daemon = Proc::spawn(&config, &[]);
-    hole.wait_in_flight().await;
-    let asked = Instant::now();
-    daemon.signal("TERM");
-    let status = daemon
-        .exit_within(Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("the daemon gives up on the delivery after the grace: {e}"));
-    let took = asked.elapsed();
-    assert!(status.success(), "exit 0: {status}\n{}", daemon.log());
-    assert!(
-        took >= Duration::from_millis(1900),
-        "the in-flight delivery got its grace: {took:?}"
-    );
-    assert!(
-        daemon
-            .log()
-            .contains("deliveries still in flight at the end of the grace period"),
-        "{}",
-        daemon.log()
-    );
-    drop(daemon);
-    // The receiver is back: the event cut off by the grace goes out again
-    // (same id), then the rest, in order.
-    let receiver = Receiver::start().await;
-    env.extra = env
-        .extra
-        .replace(&format!("http://{}/hooks", hole.addr), &receiver.url());
-    let config = write_config_with_grace(&env, "2s");
-    let daemon = Proc::spawn(&config, &[]);
-    let accepted = wait_for("everything after the restart", || async {
-        let accepted = receiver.accepted();
-        if accepted.iter().any(|r| r.id == "run-grace:finished:3") {
-            Ok(accepted)
-        } else {
-            Err(format!("{} accepted", accepted.len()))
-        }
-    })
-    .await;
-    drop(daemon);
-    let ids: Vec<&str> = accepted.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [
-            "run-grace:1",
-            "run-grace:2",
-            "run-grace:3",
-            "run-grace:finished:3"
-        ]
-    );
+on_both! {
+    async fn shutdown_grace_running_out_exits_cleanly_and_the_restart_delivers_the_rest_once(backend: Backend) {
+        let sim = sim_with(vec![scripted("run-grace", numbered(3))]).await;
+        let hole = Blackhole::start().await;
+        let mut env = webhook_env(backend, &sim, "run-grace", &format!("http://{}/hooks", hole.addr));
+        let config = write_config_with_grace(&env, "2s");
+        let mut daemon = Proc::spawn(&config, &[]);
+        hole.wait_in_flight().await;
+        let asked = Instant::now();
+        daemon.signal("TERM");
+        let status = daemon
+            .exit_within(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("the daemon gives up on the delivery after the grace: {e}"));
+        let took = asked.elapsed();
+        assert!(status.success(), "exit 0: {status}\n{}", daemon.log());
+        assert!(
+            took >= Duration::from_millis(1900),
+            "the in-flight delivery got its grace: {took:?}"
+        );
+        assert!(
+            daemon
+                .log()
+                .contains("deliveries still in flight at the end of the grace period"),
+            "{}",
+            daemon.log()
+        );
+        drop(daemon);
+        // The receiver is back: the event cut off by the grace goes out again
+        // (same id), then the rest, in order.
+        let receiver = Receiver::start().await;
+        env.extra = env
+            .extra
+            .replace(&format!("http://{}/hooks", hole.addr), &receiver.url());
+        let config = write_config_with_grace(&env, "2s");
+        let daemon = Proc::spawn(&config, &[]);
+        let accepted = wait_for("everything after the restart", || async {
+            let accepted = receiver.accepted();
+            if accepted.iter().any(|r| r.id == "run-grace:finished:3") {
+                Ok(accepted)
+            } else {
+                Err(format!("{} accepted", accepted.len()))
+            }
+        })
+        .await;
+        drop(daemon);
+        let ids: Vec<&str> = accepted.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "run-grace:1",
+                "run-grace:2",
+                "run-grace:3",
+                "run-grace:finished:3"
+            ]
+        );
+    }
 }
 
-#[tokio::test]
-async fn a_logrotate_move_then_sighup_continues_in_a_new_file_losing_nothing() {
-    let mut run = scripted("run-rot", numbered(60));
-    run.interval = Duration::from_millis(80);
-    let sim = sim_with(vec![run]).await;
-    let env = Env::new(&sim, &["run-rot"]);
-    let config = env.write_config();
-    let daemon = Proc::spawn(&config, &[]);
-    wait_for("some lines before the rotation", || async {
-        match env.lines().len() {
-            n if n >= 5 => Ok(()),
-            n => Err(format!("{n} lines")),
-        }
-    })
-    .await;
-    let rotated = env.dir.path().join("events.jsonl.1");
-    std::fs::rename(env.events_path(), &rotated).unwrap();
-    daemon.signal("HUP");
-    daemon.wait_log("config reloaded").await;
-    // The old file is closed once the reload is done.
-    let before = read_lines(&rotated);
-    let fresh = env.wait_finished(&["run-rot"]).await;
-    daemon.signal("TERM");
-    drop(daemon);
-    assert!(
-        !fresh.is_empty() && fresh[0]["sequence"].as_i64() > Some(5),
-        "after the reload, lines go to the new file at the path: {fresh:?}"
-    );
-    assert_eq!(
-        read_lines(&rotated).len(),
-        before.len(),
-        "nothing written to the rotated file after the reload"
-    );
-    let mut all = before;
-    all.extend(fresh);
-    let mut raw = std::fs::read_to_string(&rotated).unwrap();
-    raw.push_str(&std::fs::read_to_string(env.events_path()).unwrap());
-    assert_run_exactly_once(&sim, &all, "run-rot", &raw);
+on_both! {
+    async fn a_logrotate_move_then_sighup_continues_in_a_new_file_losing_nothing(backend: Backend) {
+        let mut run = scripted("run-rot", numbered(60));
+        run.interval = Duration::from_millis(80);
+        let sim = sim_with(vec![run]).await;
+        let env = Env::on(backend, &sim, &["run-rot"]);
+        let config = env.write_config();
+        let daemon = Proc::spawn(&config, &[]);
+        wait_for("some lines before the rotation", || async {
+            match env.lines().len() {
+                n if n >= 5 => Ok(()),
+                n => Err(format!("{n} lines")),
+            }
+        })
+        .await;
+        let rotated = env.dir.path().join("events.jsonl.1");
+        std::fs::rename(env.events_path(), &rotated).unwrap();
+        daemon.signal("HUP");
+        daemon.wait_log("config reloaded").await;
+        // The old file is closed once the reload is done.
+        let before = read_lines(&rotated);
+        let fresh = env.wait_finished(&["run-rot"]).await;
+        daemon.signal("TERM");
+        drop(daemon);
+        assert!(
+            !fresh.is_empty() && fresh[0]["sequence"].as_i64() > Some(5),
+            "after the reload, lines go to the new file at the path: {fresh:?}"
+        );
+        assert_eq!(
+            read_lines(&rotated).len(),
+            before.len(),
+            "nothing written to the rotated file after the reload"
+        );
+        let mut all = before;
+        all.extend(fresh);
+        let mut raw = std::fs::read_to_string(&rotated).unwrap();
+        raw.push_str(&std::fs::read_to_string(env.events_path()).unwrap());
+        assert_run_exactly_once(&sim, &all, "run-rot", &raw);
+    }
 }
 
 /// One Web API call the fake Slack received.
@@ -391,8 +394,13 @@ async fn slack_api(
     response
 }
 
-fn slack_thread_env(sim: &runhook::simulate::Simulator, run: &str, slack: &FakeSlackApi) -> Env {
-    let mut env = Env::new(sim, &[run]);
+fn slack_thread_env(
+    backend: Backend,
+    sim: &runhook::simulate::Simulator,
+    run: &str,
+    slack: &FakeSlackApi,
+) -> Env {
+    let mut env = Env::on(backend, sim, &[run]);
     env.extra = format!(
         "\n[sinks.chat]\ntype = \"slack\"\n{}\n\n[[routes]]\nsinks = [\"chat\"]\n",
         slack.keys()
@@ -408,136 +416,138 @@ fn text(call: &Call) -> &str {
     call.body["text"].as_str().unwrap_or("")
 }
 
-#[tokio::test]
-async fn thread_mode_broadcasts_the_end_and_keeps_the_root_on_the_live_status() {
-    let events = vec![
-        event("PHASE_STARTED", r#"{"phase":"plan"}"#),
-        event("ARTIFACT_CREATED", r#"{"artifactType":"proposals"}"#),
-        event("PHASE_STARTED", r#"{"phase":"compose"}"#),
-        event("ARTIFACT_CREATED", r#"{"artifactType":"itinerary"}"#),
-    ];
-    let mut run = scripted("run-live", events);
-    // One event per poll, so each is seen with the run's status of its time.
-    run.interval = Duration::from_millis(400);
-    run.final_status = "failed".into();
-    run.error_message = Some("Flight search timed out".into());
-    let sim = sim_with(vec![run]).await;
-    let slack = FakeSlackApi::start().await;
-    let env = slack_thread_env(&sim, "run-live", &slack);
-    let daemon = env.start();
-    wait_for(
-        "the run_finished reply and the root's last update",
-        || async {
-            let posts = slack.calls("chat.postMessage");
-            let updates = slack.calls("chat.update");
-            let finished = posts
-                .iter()
-                .find(|p| !is_root(p) && text(p).contains("*failed*"));
-            match finished {
-                Some(reply) if updates.iter().any(|u| u.at >= reply.at) => Ok(()),
-                _ => Err(format!("{} posts, {} updates", posts.len(), updates.len())),
-            }
-        },
-    )
-    .await;
-    daemon.stop().await;
-    let posts = slack.calls("chat.postMessage");
-    let (roots, replies): (Vec<Call>, Vec<Call>) = posts.into_iter().partition(is_root);
-    assert_eq!(roots.len(), 1, "{roots:?}");
-    let root_ts = "1700000000.000001";
-    assert_eq!(replies.len(), 5, "four events and the end: {replies:?}");
-    for reply in &replies {
-        assert_eq!(reply.body["thread_ts"], root_ts);
-        let last = text(reply).contains("*failed*");
-        assert_eq!(
-            reply.body.get("reply_broadcast") == Some(&json!(true)),
-            last,
-            "only the run's end is broadcast to the channel: {}",
-            reply.body
+on_both! {
+    async fn thread_mode_broadcasts_the_end_and_keeps_the_root_on_the_live_status(backend: Backend) {
+        let events = vec![
+            event("PHASE_STARTED", r#"{"phase":"plan"}"#),
+            event("ARTIFACT_CREATED", r#"{"artifactType":"proposals"}"#),
+            event("PHASE_STARTED", r#"{"phase":"compose"}"#),
+            event("ARTIFACT_CREATED", r#"{"artifactType":"itinerary"}"#),
+        ];
+        let mut run = scripted("run-live", events);
+        // One event per poll, so each is seen with the run's status of its time.
+        run.interval = Duration::from_millis(400);
+        run.final_status = "failed".into();
+        run.error_message = Some("Flight search timed out".into());
+        let sim = sim_with(vec![run]).await;
+        let slack = FakeSlackApi::start().await;
+        let env = slack_thread_env(backend, &sim, "run-live", &slack);
+        let daemon = env.start();
+        wait_for(
+            "the run_finished reply and the root's last update",
+            || async {
+                let posts = slack.calls("chat.postMessage");
+                let updates = slack.calls("chat.update");
+                let finished = posts
+                    .iter()
+                    .find(|p| !is_root(p) && text(p).contains("*failed*"));
+                match finished {
+                    Some(reply) if updates.iter().any(|u| u.at >= reply.at) => Ok(()),
+                    _ => Err(format!("{} posts, {} updates", posts.len(), updates.len())),
+                }
+            },
+        )
+        .await;
+        daemon.stop().await;
+        let posts = slack.calls("chat.postMessage");
+        let (roots, replies): (Vec<Call>, Vec<Call>) = posts.into_iter().partition(is_root);
+        assert_eq!(roots.len(), 1, "{roots:?}");
+        let root_ts = "1700000000.000001";
+        assert_eq!(replies.len(), 5, "four events and the end: {replies:?}");
+        for reply in &replies {
+            assert_eq!(reply.body["thread_ts"], root_ts);
+            let last = text(reply).contains("*failed*");
+            assert_eq!(
+                reply.body.get("reply_broadcast") == Some(&json!(true)),
+                last,
+                "only the run's end is broadcast to the channel: {}",
+                reply.body
+            );
+        }
+        assert!(text(&replies[4]).contains("*failed*"));
+        // The root follows the run: each phase, then the end.
+        let updates = slack.calls("chat.update");
+        assert!(updates.iter().all(|u| u.body["ts"] == root_ts));
+        let shown: Vec<&str> = updates.iter().map(text).collect();
+        assert_eq!(shown.len(), 3, "two phases and the end: {shown:?}");
+        assert!(
+            shown[0].contains("is *running* (phase *plan*)"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[2].contains("is *failed*: Flight search timed out"),
+            "{shown:?}"
         );
     }
-    assert!(text(&replies[4]).contains("*failed*"));
-    // The root follows the run: each phase, then the end.
-    let updates = slack.calls("chat.update");
-    assert!(updates.iter().all(|u| u.body["ts"] == root_ts));
-    let shown: Vec<&str> = updates.iter().map(text).collect();
-    assert_eq!(shown.len(), 3, "two phases and the end: {shown:?}");
-    assert!(
-        shown[0].contains("is *running* (phase *plan*)"),
-        "{shown:?}"
-    );
-    assert!(
-        shown[2].contains("is *failed*: Flight search timed out"),
-        "{shown:?}"
-    );
 }
 
-#[tokio::test]
-async fn thread_mode_dead_letters_a_permanent_ok_false_and_retries_a_transient_one_and_a_429() {
-    let sim = sim_with(vec![scripted("run-ok", numbered(2))]).await;
-    let slack = FakeSlackApi::start().await;
-    slack.script_posts([
-        // The first event's root: a permanent error, dead at once.
-        (200, json!({"ok": false, "error": "not_in_channel"}), None),
-        // The second event's root: a transient error, then rate limited.
-        (200, json!({"ok": false, "error": "internal_error"}), None),
-        (429, json!({"ok": false, "error": "ratelimited"}), Some(4)),
-    ]);
-    let env = slack_thread_env(&sim, "run-ok", &slack);
-    let daemon = env.start();
-    wait_for("the run_finished reply", || async {
+on_both! {
+    async fn thread_mode_dead_letters_a_permanent_ok_false_and_retries_a_transient_one_and_a_429(backend: Backend) {
+        let sim = sim_with(vec![scripted("run-ok", numbered(2))]).await;
+        let slack = FakeSlackApi::start().await;
+        slack.script_posts([
+            // The first event's root: a permanent error, dead at once.
+            (200, json!({"ok": false, "error": "not_in_channel"}), None),
+            // The second event's root: a transient error, then rate limited.
+            (200, json!({"ok": false, "error": "internal_error"}), None),
+            (429, json!({"ok": false, "error": "ratelimited"}), Some(4)),
+        ]);
+        let env = slack_thread_env(backend, &sim, "run-ok", &slack);
+        let daemon = env.start();
+        wait_for("the run_finished reply", || async {
+            let posts = slack.calls("chat.postMessage");
+            if posts
+                .iter()
+                .any(|p| !is_root(p) && text(p).contains("*completed*"))
+            {
+                Ok(())
+            } else {
+                Err(format!("{} posts", posts.len()))
+            }
+        })
+        .await;
+        let reader = env.reads().await.unwrap();
+        let dead = reader.dead_letters(None, None).await.unwrap();
+        daemon.stop().await;
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0].id.as_str(), dead[0].attempts), ("run-ok:1", 1));
+        assert!(
+            dead[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not_in_channel")),
+            "{dead:?}"
+        );
         let posts = slack.calls("chat.postMessage");
-        if posts
-            .iter()
-            .any(|p| !is_root(p) && text(p).contains("*completed*"))
-        {
-            Ok(())
-        } else {
-            Err(format!("{} posts", posts.len()))
-        }
-    })
-    .await;
-    let reader = crate::support::reads(&env.state_path()).await.unwrap();
-    let dead = reader.dead_letters(None, None).await.unwrap();
-    daemon.stop().await;
-    assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!((dead[0].id.as_str(), dead[0].attempts), ("run-ok:1", 1));
-    assert!(
-        dead[0]
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("not_in_channel")),
-        "{dead:?}"
-    );
-    let posts = slack.calls("chat.postMessage");
-    let answered: Vec<u16> = posts.iter().map(|p| p.answered).collect();
-    assert_eq!(&answered[..4], [200, 200, 429, 200], "{posts:?}");
-    // Each attempt waits its turn in the 1/s bucket (a history look-up,
-    // then the post): Retry-After asks for longer than that.
-    let calls = slack.state.lock().unwrap().calls.clone();
-    let limited = calls.iter().position(|c| c.answered == 429).unwrap();
-    let next = calls[limited + 1].at - calls[limited].at;
-    assert!(
-        next >= Duration::from_secs(4),
-        "Retry-After honoured: the next call came {next:?} after the 429"
-    );
-    assert_eq!(
-        posts[2].body, posts[3].body,
-        "the 429'd root is posted again"
-    );
-    assert!(posts[..4].iter().all(is_root), "{posts:?}");
-    let replies = &posts[4..];
-    assert_eq!(replies.len(), 2, "event 2 and the end: {replies:?}");
-    assert!(
-        replies[0].body["blocks"].to_string().contains("#2 ·"),
-        "{replies:?}"
-    );
-    assert!(text(&replies[1]).contains("*completed*"));
-    assert!(
-        replies.iter().all(|r| r.body["thread_ts"].is_string()
-            && r.body["thread_ts"] == replies[0].body["thread_ts"]),
-        "one thread: {replies:?}"
-    );
+        let answered: Vec<u16> = posts.iter().map(|p| p.answered).collect();
+        assert_eq!(&answered[..4], [200, 200, 429, 200], "{posts:?}");
+        // Each attempt waits its turn in the 1/s bucket (a history look-up,
+        // then the post): Retry-After asks for longer than that.
+        let calls = slack.state.lock().unwrap().calls.clone();
+        let limited = calls.iter().position(|c| c.answered == 429).unwrap();
+        let next = calls[limited + 1].at - calls[limited].at;
+        assert!(
+            next >= Duration::from_secs(4),
+            "Retry-After honoured: the next call came {next:?} after the 429"
+        );
+        assert_eq!(
+            posts[2].body, posts[3].body,
+            "the 429'd root is posted again"
+        );
+        assert!(posts[..4].iter().all(is_root), "{posts:?}");
+        let replies = &posts[4..];
+        assert_eq!(replies.len(), 2, "event 2 and the end: {replies:?}");
+        assert!(
+            replies[0].body["blocks"].to_string().contains("#2 ·"),
+            "{replies:?}"
+        );
+        assert!(text(&replies[1]).contains("*completed*"));
+        assert!(
+            replies.iter().all(|r| r.body["thread_ts"].is_string()
+                && r.body["thread_ts"] == replies[0].body["thread_ts"]),
+            "one thread: {replies:?}"
+        );
+    }
 }
 
 /// A unix datagram socket standing in for systemd's notify socket; what
@@ -596,6 +606,7 @@ fn hold_write_lock(path: &Path) -> rusqlite::Connection {
     db
 }
 
+// SQLite only: it blocks commits with SQLite's write lock.
 #[tokio::test]
 async fn ready_then_watchdog_pings_which_stop_while_the_store_cannot_commit() {
     let sim = sim_with(vec![scripted("run-sd", numbered(2))]).await;
@@ -658,6 +669,7 @@ async fn get(url: &str) -> (u16, String) {
     }
 }
 
+// SQLite only: it blocks commits with SQLite's write lock.
 #[tokio::test]
 async fn readyz_is_unready_while_the_store_cannot_commit_and_ready_again_after() {
     let sim = sim_with(vec![scripted("run-rz", numbered(2))]).await;
@@ -709,120 +721,121 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test]
-async fn metric_values_count_retries_dead_letters_reconnects_and_sinks_up() {
-    let sim = start_sim(Scenario {
-        runs: vec![scripted("run-mv", numbered(8))],
-        faults: vec![Fault {
-            run: None,
-            endpoint: Some("stream".into()),
-            count: Some(3),
-            kind: FaultKind::DropStream { after: 2 },
-        }],
-        ..Scenario::default()
-    })
-    .await;
-    let flaky = Receiver::start().await;
-    flaky.script([Answer::Status(500), Answer::Status(500)]);
-    let down = Receiver::start().await;
-    down.set_default(Some(Answer::Status(500)));
-    let port = free_port();
-    let mut env = Env::new(&sim, &["run-mv"]);
-    env.token = String::new();
-    env.api = format!(
-        "session_cookie = \"{}\"\nstream_idle_timeout = \"5s\"\n",
-        sim.session()
-    );
-    let hook = |name: &str, url: String, attempts: u32| {
-        format!(
-            "\n[sinks.{name}]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n\
-             max_attempts = {attempts}\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\n"
-        )
-    };
-    env.extra = format!(
-        "\n[server]\nlisten = \"127.0.0.1:{port}\"\n{}{}\n\
-         [[routes]]\nevent_types = [\"run_finished\"]\nsinks = [\"flaky\", \"dlq\"]\n",
-        hook("flaky", flaky.url(), 20),
-        hook("dlq", down.url(), 6),
-    );
-    let config = env.write_config();
-    let daemon = Proc::spawn(&config, &[]);
-    env.wait_finished(&["run-mv"]).await;
-    // What the metrics must count, seen from outside: six attempts at dlq
-    // (the last one dead-lettered), three at flaky (the last one accepted).
-    let reader = crate::support::reads(&env.state_path()).await.unwrap();
-    wait_for("dlq's dead letter and flaky's delivery", || async {
-        let dead = reader
-            .dead_letters(None, None)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (at_dlq, at_flaky) = (down.requests().len(), flaky.accepted().len());
-        if dead.len() == 1 && at_dlq == 6 && at_flaky == 1 {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} dead, {at_dlq} at dlq, {at_flaky} at flaky",
-                dead.len()
-            ))
-        }
-    })
-    .await;
-    let expect = [
-        (
-            "runhook_deliveries_total{outcome=\"retry\",sink=\"flaky\"}",
-            2.0,
-        ),
-        (
-            "runhook_deliveries_total{outcome=\"delivered\",sink=\"flaky\"}",
-            1.0,
-        ),
-        (
-            "runhook_deliveries_total{outcome=\"retry\",sink=\"dlq\"}",
-            5.0,
-        ),
-        (
-            "runhook_deliveries_total{outcome=\"dead\",sink=\"dlq\"}",
-            1.0,
-        ),
-        (
-            "runhook_deliveries_total{outcome=\"delivered\",sink=\"archive\"}",
-            9.0,
-        ),
-        ("runhook_dead_letters{sink=\"dlq\"}", 1.0),
-        ("runhook_dead_letters{sink=\"flaky\"}", 0.0),
-        ("runhook_dead_letters{sink=\"archive\"}", 0.0),
-        ("runhook_sink_up{sink=\"dlq\"}", 0.0),
-        ("runhook_sink_up{sink=\"flaky\"}", 1.0),
-        ("runhook_sink_up{sink=\"archive\"}", 1.0),
-        ("runhook_stream_reconnects_total", 3.0),
-    ];
-    // Counters move just after the store records an outcome: allow a moment.
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
-    let text = wait_for_within(Duration::from_secs(30), "the metric values", || async {
-        let (_, text) = get(&metrics).await;
-        let wrong: Vec<String> = expect
-            .iter()
-            .filter(|(name, value)| sample(&text, name) != Some(*value))
-            .map(|(name, value)| format!("{name} = {:?}, not {value}", sample(&text, name)))
-            .collect();
-        if wrong.is_empty() {
-            Ok(text)
-        } else {
-            Err(format!("{wrong:#?}\n{text}"))
-        }
-    })
-    .await;
-    drop(daemon);
-    // Exported at 0 from the start (so increase() sees a first dead letter),
-    // and still 0: flaky never dead-lettered.
-    assert_eq!(
-        sample(
-            &text,
-            "runhook_deliveries_total{outcome=\"dead\",sink=\"flaky\"}"
-        ),
-        Some(0.0),
-        "{text}"
-    );
-    assert_eq!(down.requests().len(), 6, "max_attempts = 6");
-    assert_eq!(flaky.requests().len(), 3);
+on_both! {
+    async fn metric_values_count_retries_dead_letters_reconnects_and_sinks_up(backend: Backend) {
+        let sim = start_sim(Scenario {
+            runs: vec![scripted("run-mv", numbered(8))],
+            faults: vec![Fault {
+                run: None,
+                endpoint: Some("stream".into()),
+                count: Some(3),
+                kind: FaultKind::DropStream { after: 2 },
+            }],
+            ..Scenario::default()
+        })
+        .await;
+        let flaky = Receiver::start().await;
+        flaky.script([Answer::Status(500), Answer::Status(500)]);
+        let down = Receiver::start().await;
+        down.set_default(Some(Answer::Status(500)));
+        let port = free_port();
+        let mut env = Env::on(backend, &sim, &["run-mv"]);
+        env.token = String::new();
+        env.api = format!(
+            "session_cookie = \"{}\"\nstream_idle_timeout = \"5s\"\n",
+            sim.session()
+        );
+        let hook = |name: &str, url: String, attempts: u32| {
+            format!(
+                "\n[sinks.{name}]\ntype = \"webhook\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n\
+                 max_attempts = {attempts}\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\n"
+            )
+        };
+        env.extra = format!(
+            "\n[server]\nlisten = \"127.0.0.1:{port}\"\n{}{}\n\
+             [[routes]]\nevent_types = [\"run_finished\"]\nsinks = [\"flaky\", \"dlq\"]\n",
+            hook("flaky", flaky.url(), 20),
+            hook("dlq", down.url(), 6),
+        );
+        let config = env.write_config();
+        let daemon = Proc::spawn(&config, &[]);
+        env.wait_finished(&["run-mv"]).await;
+        // What the metrics must count, seen from outside: six attempts at dlq
+        // (the last one dead-lettered), three at flaky (the last one accepted).
+        let reader = env.reads().await.unwrap();
+        wait_for("dlq's dead letter and flaky's delivery", || async {
+            let dead = reader
+                .dead_letters(None, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (at_dlq, at_flaky) = (down.requests().len(), flaky.accepted().len());
+            if dead.len() == 1 && at_dlq == 6 && at_flaky == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} dead, {at_dlq} at dlq, {at_flaky} at flaky",
+                    dead.len()
+                ))
+            }
+        })
+        .await;
+        let expect = [
+            (
+                "runhook_deliveries_total{outcome=\"retry\",sink=\"flaky\"}",
+                2.0,
+            ),
+            (
+                "runhook_deliveries_total{outcome=\"delivered\",sink=\"flaky\"}",
+                1.0,
+            ),
+            (
+                "runhook_deliveries_total{outcome=\"retry\",sink=\"dlq\"}",
+                5.0,
+            ),
+            (
+                "runhook_deliveries_total{outcome=\"dead\",sink=\"dlq\"}",
+                1.0,
+            ),
+            (
+                "runhook_deliveries_total{outcome=\"delivered\",sink=\"archive\"}",
+                9.0,
+            ),
+            ("runhook_dead_letters{sink=\"dlq\"}", 1.0),
+            ("runhook_dead_letters{sink=\"flaky\"}", 0.0),
+            ("runhook_dead_letters{sink=\"archive\"}", 0.0),
+            ("runhook_sink_up{sink=\"dlq\"}", 0.0),
+            ("runhook_sink_up{sink=\"flaky\"}", 1.0),
+            ("runhook_sink_up{sink=\"archive\"}", 1.0),
+            ("runhook_stream_reconnects_total", 3.0),
+        ];
+        // Counters move just after the store records an outcome: allow a moment.
+        let metrics = format!("http://127.0.0.1:{port}/metrics");
+        let text = wait_for_within(Duration::from_secs(30), "the metric values", || async {
+            let (_, text) = get(&metrics).await;
+            let wrong: Vec<String> = expect
+                .iter()
+                .filter(|(name, value)| sample(&text, name) != Some(*value))
+                .map(|(name, value)| format!("{name} = {:?}, not {value}", sample(&text, name)))
+                .collect();
+            if wrong.is_empty() {
+                Ok(text)
+            } else {
+                Err(format!("{wrong:#?}\n{text}"))
+            }
+        })
+        .await;
+        drop(daemon);
+        // Exported at 0 from the start (so increase() sees a first dead letter),
+        // and still 0: flaky never dead-lettered.
+        assert_eq!(
+            sample(
+                &text,
+                "runhook_deliveries_total{outcome=\"dead\",sink=\"flaky\"}"
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(down.requests().len(), 6, "max_attempts = 6");
+        assert_eq!(flaky.requests().len(), 3);
+    }
 }

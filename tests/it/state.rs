@@ -28,7 +28,8 @@ use runhook::store::{
 use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 
-use crate::pg_support::PgServer;
+use crate::pg_support::PgDatabase;
+use crate::support::{OnBackend, on_both};
 
 /// One backend under test, and what the body needs to drive it alike.
 pub struct Backend {
@@ -44,7 +45,7 @@ enum Place {
         path: PathBuf,
         _dir: tempfile::TempDir,
     },
-    Postgres(PgServer),
+    Postgres(PgDatabase),
 }
 
 impl Backend {
@@ -60,9 +61,7 @@ impl Backend {
         }
     }
 
-    /// `None` (after saying so) where no PostgreSQL is installed.
-    async fn postgres() -> Option<Self> {
-        let server = PgServer::start()?;
+    async fn postgres(server: PgDatabase) -> Self {
         let location = Location::Postgres(server.url());
         let state = State::open(&location, replica()).await.unwrap();
         // Notifications sent before the listener listens are lost: wait for
@@ -73,11 +72,11 @@ impl Backend {
             .await
             .expect("the PostgreSQL listener listens within 30 s")
             .unwrap();
-        Some(Self {
+        Self {
             state,
             place: Place::Postgres(server),
             leases: Mutex::default(),
-        })
+        }
     }
 
     fn is_postgres(&self) -> bool {
@@ -121,6 +120,15 @@ impl Backend {
     }
 }
 
+impl OnBackend for Backend {
+    async fn on(backend: crate::support::Backend) -> Self {
+        match backend {
+            crate::support::Backend::Sqlite => Self::sqlite().await,
+            crate::support::Backend::Postgres(db) => Self::postgres(db).await,
+        }
+    }
+}
+
 fn replica() -> Replica {
     Replica {
         node: "test-node".into(),
@@ -128,31 +136,6 @@ fn replica() -> Replica {
         lease_ttl: Duration::from_secs(600),
         share_slack: 10_000,
     }
-}
-
-/// Writes `async fn name(b: &Backend) { body }` as two tests,
-/// `name::sqlite` and `name::postgres`, each running the body on its
-/// backend.
-macro_rules! on_both {
-    ($(#[$meta:meta])* async fn $name:ident($b:ident: &Backend) $body:block) => {
-        $(#[$meta])*
-        mod $name {
-            use super::*;
-
-            async fn body($b: &Backend) $body
-
-            #[tokio::test]
-            async fn sqlite() {
-                body(&Backend::sqlite().await).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                let Some(backend) = Backend::postgres().await else { return };
-                body(&backend).await;
-            }
-        }
-    };
 }
 
 // ---- recording (from src/store/record_tests.rs) ----
@@ -754,9 +737,10 @@ on_both! {
 /// a lease on one run fences no other run.
 #[tokio::test]
 async fn a_lost_lease_comes_back_as_lease_lost_and_writes_nothing() {
-    let Some(b) = Backend::postgres().await else {
+    let Some(db) = PgDatabase::create().await else {
         return;
     };
+    let b = Backend::postgres(db).await;
     with_run(&b, RUN, BTreeMap::new()).await;
     with_run(&b, MARKER, BTreeMap::new()).await;
     let fence = b.fence(RUN).await;

@@ -1,5 +1,7 @@
-//! Shared fixtures: a simulator, a daemon on a temp dir, the file it writes,
-//! and waiting for conditions with a deadline (never a bare sleep).
+//! Shared fixtures: a simulator, a daemon on a temp dir (its state in SQLite
+//! there, or in a PostgreSQL database of its own: [`Backend`]), the file it
+//! writes, and waiting for conditions with a deadline (never a bare sleep).
+//! [`on_both!`] runs one test body on each backend.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +14,105 @@ use runhook::store::pg::Replica;
 use runhook::store::{Location, Reads, RunRow, State, StateError};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+use crate::pg_support::PgDatabase;
+
+/// The cluster node a daemon under test runs as on PostgreSQL; a file sink
+/// there must name it to be written.
+pub const NODE: &str = "it-node";
+
+/// Where a daemon under test keeps its state.
+pub enum Backend {
+    /// `[state] path`: a file in the test's temp dir (the default).
+    Sqlite,
+    /// `[state] url`: a database of the test's own on the shared server,
+    /// with `[cluster] node = NODE`.
+    Postgres(PgDatabase),
+}
+
+impl Backend {
+    /// `None` (after saying so) where no PostgreSQL is installed.
+    pub async fn postgres() -> Option<Self> {
+        PgDatabase::create().await.map(Self::Postgres)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
+
+/// What a test body of [`on_both!`] takes, made from the backend under test:
+/// the [`Backend`] itself for a daemon test, a store on it for a store test.
+pub trait OnBackend: Sized {
+    async fn on(backend: Backend) -> Self;
+}
+
+impl OnBackend for Backend {
+    async fn on(backend: Backend) -> Self {
+        backend
+    }
+}
+
+/// Writes `async fn name(b: T) { body }` (or `b: &T`) as two tests,
+/// `name::sqlite` and `name::postgres`, each running the body on a `T`
+/// made ([`OnBackend`]) from its backend; the PostgreSQL one returns early,
+/// saying so, where PostgreSQL is not installed (see `pg_support`).
+/// `#[postgres_ignore = "why"]` first ignores the PostgreSQL one only.
+macro_rules! on_both {
+    (#[postgres_ignore = $why:literal] $(#[$meta:meta])* async fn $name:ident $args:tt $body:block) => {
+        $crate::support::on_both!(@tests [#[ignore = $why]] $(#[$meta])* async fn $name $args $body);
+    };
+    (@tests [$($pg:tt)*] $(#[$meta:meta])* async fn $name:ident($b:ident: &$ty:ty) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[allow(unused_imports)]
+            use $crate::support::OnBackend as _;
+
+            async fn body($b: &$ty) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                body(&<$ty>::on($crate::support::Backend::Sqlite).await).await;
+            }
+
+            #[tokio::test]
+            $($pg)*
+            async fn postgres() {
+                let Some(backend) = $crate::support::Backend::postgres().await else { return };
+                body(&<$ty>::on(backend).await).await;
+            }
+        }
+    };
+    (@tests [$($pg:tt)*] $(#[$meta:meta])* async fn $name:ident($b:ident: $ty:ty) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[allow(unused_imports)]
+            use $crate::support::OnBackend as _;
+
+            async fn body($b: $ty) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                body(<$ty>::on($crate::support::Backend::Sqlite).await).await;
+            }
+
+            #[tokio::test]
+            $($pg)*
+            async fn postgres() {
+                let Some(backend) = $crate::support::Backend::postgres().await else { return };
+                body(<$ty>::on(backend).await).await;
+            }
+        }
+    };
+    ($(#[$meta:meta])* async fn $name:ident $args:tt $body:block) => {
+        $crate::support::on_both!(@tests [] $(#[$meta])* async fn $name $args $body);
+    };
+}
+pub(crate) use on_both;
 
 /// The state database read beside the daemon, as `status` reads it: read
 /// only, and an error when it does not exist yet.
@@ -85,11 +186,20 @@ pub struct Env {
     pub api: String,
     /// Extra TOML appended to the generated config.
     pub extra: String,
+    /// Where the daemon keeps its state.
+    pub backend: Backend,
 }
 
 impl Env {
+    /// An env whose state is SQLite in its temp dir.
     pub fn new(sim: &Simulator, runs: &[&str]) -> Self {
+        Self::on(Backend::Sqlite, sim, runs)
+    }
+
+    /// An env whose state is on `backend`.
+    pub fn on(backend: Backend, sim: &Simulator, runs: &[&str]) -> Self {
         Self {
+            backend,
             dir: tempfile::tempdir().expect("temp dir"),
             base_url: sim.url(),
             token: sim.token().to_owned(),
@@ -104,8 +214,133 @@ impl Env {
         self.dir.path().join("events.jsonl")
     }
 
+    /// The SQLite state file (where a SQLite daemon of this env keeps its
+    /// state; nothing is there on PostgreSQL).
     pub fn state_path(&self) -> PathBuf {
         self.dir.path().join("state/runhook.db")
+    }
+
+    /// Where the daemon keeps its state, as the store opens it.
+    pub fn location(&self) -> Location {
+        match &self.backend {
+            Backend::Sqlite => Location::Sqlite(self.state_path()),
+            Backend::Postgres(db) => Location::Postgres(db.url()),
+        }
+    }
+
+    /// Whether the daemon has opened its state: the file exists on SQLite;
+    /// on PostgreSQL, where the schema may exist before (any command creates
+    /// it), its heartbeat row, which it writes only once it has brought the
+    /// watched runs in line with its config.
+    #[allow(dead_code)]
+    pub async fn daemon_opened_state(&self) -> bool {
+        match &self.backend {
+            Backend::Sqlite => self.state_path().exists(),
+            Backend::Postgres(db) => db
+                .client()
+                .await
+                .query_one("SELECT count(*) FROM replicas WHERE node = $1", &[&NODE])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) > 0),
+        }
+    }
+
+    /// What `--state` takes for this env's state: the file, or a
+    /// `postgres://` URL.
+    #[allow(dead_code)]
+    pub fn state_arg(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite => self.state_path().display().to_string(),
+            Backend::Postgres(db) => db.postgres_url(),
+        }
+    }
+
+    /// The state read beside the daemon, as `status` reads it.
+    pub async fn reads(&self) -> Result<Reads, StateError> {
+        Reads::open(&self.location(), Replica::bystander()).await
+    }
+
+    /// The state opened to write, as `watch` opens it.
+    #[allow(dead_code)]
+    pub async fn open_state(&self) -> Result<State, StateError> {
+        State::open(&self.location(), Replica::bystander()).await
+    }
+
+    /// Runs `sql` on the state behind the store's back: test set-up (or a
+    /// fault) the store rightly has no operation for. The statement must
+    /// be valid on the backend's dialect.
+    #[allow(dead_code)]
+    pub async fn sql(&self, sql: &str) {
+        match &self.backend {
+            Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(self.state_path()).expect("open state");
+                conn.busy_timeout(Duration::from_secs(10))
+                    .expect("busy timeout");
+                conn.execute_batch(sql)
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            Backend::Postgres(db) => db
+                .client()
+                .await
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
+        }
+    }
+
+    /// The first column of the one row `sql` selects, as text, read behind
+    /// the store's back.
+    #[allow(dead_code)]
+    pub async fn sql_text(&self, sql: &str) -> String {
+        match &self.backend {
+            Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(self.state_path()).expect("open state");
+                conn.query_row(sql, [], |r| r.get(0))
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            Backend::Postgres(db) => db
+                .client()
+                .await
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .get(0),
+        }
+    }
+
+    /// The `[state]` table (and on PostgreSQL the `[cluster]` one).
+    fn state_toml(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite => format!(
+                "[state]\npath = \"{}\"\nshutdown_grace = \"5s\"\n",
+                self.state_path().display()
+            ),
+            // lease_ttl: the shortest allowed, for a killed daemon's
+            // successor waits it out before it takes the runs again.
+            Backend::Postgres(db) => format!(
+                "[state]\nurl = \"{}\"\nshutdown_grace = \"5s\"\n\n\
+                 [cluster]\nnode = \"{NODE}\"\nlease_ttl = \"3s\"\n",
+                db.url()
+            ),
+        }
+    }
+
+    /// The `archive` file sink every env writes, and its route.
+    fn archive_toml(&self) -> String {
+        format!(
+            "[sinks.archive]\ntype = \"file\"\npath = \"{}\"\n{}\n[[routes]]\nsinks = [\"archive\"]\n",
+            self.events_path().display(),
+            self.file_sink_node()
+        )
+    }
+
+    /// What a file sink's table needs on this backend: on PostgreSQL the
+    /// node that writes it (a file is on one machine's disk).
+    pub fn file_sink_node(&self) -> String {
+        match self.backend {
+            Backend::Sqlite => String::new(),
+            Backend::Postgres(_) => format!("node = \"{NODE}\"\n"),
+        }
     }
 
     pub fn config_text(&self) -> String {
@@ -122,9 +357,7 @@ impl Env {
             })
             .collect();
         format!(
-            "[api]\nbase_url = \"{}\"\n{}{}\n\
-             [state]\npath = \"{}\"\nshutdown_grace = \"5s\"\n\n{runs}\n\
-             [sinks.archive]\ntype = \"file\"\npath = \"{}\"\n\n[[routes]]\nsinks = [\"archive\"]\n{}",
+            "[api]\nbase_url = \"{}\"\n{}{}\n{}\n{runs}\n{}{}",
             self.base_url,
             if self.token.is_empty() {
                 String::new()
@@ -132,8 +365,8 @@ impl Env {
                 format!("token = \"{}\"\n", self.token)
             },
             self.api,
-            self.state_path().display(),
-            self.events_path().display(),
+            self.state_toml(),
+            self.archive_toml(),
             self.extra
         )
     }
@@ -176,7 +409,7 @@ impl Env {
     }
 
     pub async fn runs(&self) -> Vec<RunRow> {
-        match reads(&self.state_path()).await {
+        match self.reads().await {
             Ok(reader) => reader.runs().await.unwrap_or_default(),
             Err(_) => Vec::new(),
         }

@@ -75,6 +75,13 @@ macro_rules! has_work {
     };
 }
 
+/// Releases the leases named by run (`$2`) and epoch (`$3`) still owned
+/// by node `$1`: unowned and expired now.
+const RELEASE: &str = "UPDATE leases SET owner = NULL, expires_at = now()
+     FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
+     WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
+       AND leases.owner = $1";
+
 /// A run this replica owns, and the epoch that fences its writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lease {
@@ -146,6 +153,21 @@ impl PgStore {
     /// epoch raised: the token this replica's writes carry. Whoever works a
     /// claimed run must start its ingest only if it is watched.
     pub async fn claim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
+        self.claim_leases(limit, false).await
+    }
+
+    /// [`PgStore::claim`] at a replica's start, taking back as well the
+    /// leases its node name still holds: a previous life of this replica
+    /// (killed, so it never released them) would otherwise keep its runs
+    /// idle until they expire. Safe whoever still holds them: the epoch is
+    /// raised, so a paused predecessor's writes are refused like any stale
+    /// owner's. Node names must be unique (two live replicas of one name
+    /// would take each other's runs at each start, never both commit).
+    pub async fn reclaim(&self, limit: usize) -> Result<Vec<Lease>, PgStoreError> {
+        self.claim_leases(limit, true).await
+    }
+
+    async fn claim_leases(&self, limit: usize, own: bool) -> Result<Vec<Lease>, PgStoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -158,14 +180,15 @@ impl PgStore {
                     "UPDATE leases SET owner = $1, epoch = leases.epoch + 1,
                         expires_at = now() + $2::bigint * interval '1 millisecond'
                      FROM (SELECT l.run_id FROM leases l JOIN runs r ON r.run_id = l.run_id
-                           WHERE (l.owner IS NULL OR l.expires_at <= now()) AND ",
+                           WHERE (l.owner IS NULL OR l.expires_at <= now() OR ($4 AND l.owner = $1))
+                             AND ",
                     has_work!(),
                     " ORDER BY l.run_id LIMIT $3
                            FOR UPDATE OF l SKIP LOCKED) AS pick
                      WHERE leases.run_id = pick.run_id
                      RETURNING leases.run_id, leases.epoch"
                 ),
-                &[&self.node(), &self.ttl_ms(), &limit],
+                &[&self.node(), &self.ttl_ms(), &limit, &own],
             )
             .await?;
         lease_rows(&rows)
@@ -214,14 +237,25 @@ impl PgStore {
         let (runs, epochs) = columns(held);
         let client = self.lease_pool.get().await?;
         client
-            .execute(
-                "UPDATE leases SET owner = NULL, expires_at = now()
-                 FROM unnest($2::text[], $3::bigint[]) AS held(run_id, epoch)
-                 WHERE leases.run_id = held.run_id AND leases.epoch = held.epoch
-                   AND leases.owner = $1",
-                &[&self.node(), &runs, &epochs],
-            )
+            .execute(RELEASE, &[&self.node(), &runs, &epochs])
             .await?;
+        Ok(())
+    }
+
+    /// Shutdown of one process: the leases it holds released (by epoch)
+    /// and its node's heartbeat row gone. Only those: another process
+    /// running under the same node name (two on one host, whose name is
+    /// the default node) keeps its own, rather than having them taken over
+    /// while it still trusts them and sends. A lease whose claim answer
+    /// this process never read (a tick timed out) expires after a ttl.
+    pub async fn leave_holding(&self, held: &[Lease]) -> Result<(), PgStoreError> {
+        let (runs, epochs) = columns(held);
+        let mut client = self.lease_pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(RELEASE, &[&self.node(), &runs, &epochs]).await?;
+        tx.execute("DELETE FROM replicas WHERE node = $1", &[&self.node()])
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -293,6 +327,13 @@ pub struct LeaseKeeper {
     /// Whether a run's work here has ended (no delivery under way); every
     /// run's, unless the daemon says otherwise.
     work_ended: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Whether a claim has gone through since this process started: the
+    /// first takes back the node's leases of a previous life
+    /// ([`PgStore::reclaim`]).
+    claimed_once: bool,
+    /// Off once the process drains: it renews what its last deliveries
+    /// write under, and takes nothing it would no longer work.
+    claiming: bool,
     /// Each held run's epoch and the moment this replica stops trusting the
     /// lease unless renewed: two thirds of a ttl after the renewal was sent,
     /// so work stops before the server can let the lease expire.
@@ -306,7 +347,16 @@ impl LeaseKeeper {
             shedding: BTreeMap::new(),
             work_ended: Box::new(|_| true),
             held: BTreeMap::new(),
+            claimed_once: false,
+            claiming: true,
         }
+    }
+
+    /// From now on a tick renews and sheds but claims nothing (shutdown:
+    /// a run claimed during the drain would wait for the leave rather than
+    /// go to a live replica at its next tick).
+    pub fn stop_claiming(&mut self) {
+        self.claiming = false;
     }
 
     /// Releases a shed lease only once `work_ended` says its run's work
@@ -367,10 +417,16 @@ impl LeaseKeeper {
         let share = self.store.fair_share().await?;
         let allowed = share.target + self.store.replica.share_slack;
         self.shed_above(allowed, changes);
-        let claimed = self
-            .store
-            .claim(allowed.saturating_sub(self.held.len()))
-            .await?;
+        if !self.claiming {
+            return Ok(());
+        }
+        let room = allowed.saturating_sub(self.held.len());
+        let claimed = if self.claimed_once {
+            self.store.claim(room).await?
+        } else {
+            self.store.reclaim(room).await?
+        };
+        self.claimed_once = true;
         for lease in claimed {
             self.held
                 .insert(lease.run_id.clone(), (lease.epoch, trusted_until));
@@ -460,10 +516,12 @@ impl LeaseKeeper {
         overdue
     }
 
-    /// On SIGTERM, after the runs' work stopped: everything released, the
-    /// heartbeat row removed.
+    /// On SIGTERM, after the runs' work stopped: every lease this keeper
+    /// holds released, those being shed too, the heartbeat row removed.
     pub async fn shutdown(self) -> Result<(), PgStoreError> {
-        self.store.leave().await
+        let mut held = self.held();
+        held.extend(leases(&self.shedding));
+        self.store.leave_holding(&held).await
     }
 
     fn trust(&self) -> Duration {

@@ -41,6 +41,18 @@ fn limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
+/// Recorded events as [`pending_row`] reads them (no delivery: attempts
+/// and due time 0, queued when seen), for `tail`'s reads; a macro so each
+/// query stays one `&'static str` through `concat!`.
+macro_rules! events_select {
+    () => {
+        "SELECT e.rowid, e.id, e.run_id, e.sequence, e.event_type, e.payload,
+                e.created_at, e.run_status, e.phase, r.labels, 0::integer,
+                0::bigint, e.seen_at, e.seen_at
+         FROM events e LEFT JOIN runs r ON r.run_id = e.run_id"
+    };
+}
+
 impl PgStore {
     /// The first `limit` pending deliveries of a sink in ingest order, due or
     /// not: a sink that fails as a whole (a file) retries its head first.
@@ -123,15 +135,12 @@ impl PgStore {
     ) -> Result<Vec<Pending>, PgStoreError> {
         let client = self.pool.get().await?;
         let query = client
-            .prepare_cached(
-                "SELECT e.rowid, e.id, e.run_id, e.sequence, e.event_type, e.payload,
-                        e.created_at, e.run_status, e.phase, r.labels, 0::integer,
-                        0::bigint, e.seen_at, e.seen_at
-                 FROM events e LEFT JOIN runs r ON r.run_id = e.run_id
-                 WHERE e.rowid > $1 AND ($2::text IS NULL OR e.run_id = $2)
+            .prepare_cached(concat!(
+                events_select!(),
+                " WHERE e.rowid > $1 AND ($2::text IS NULL OR e.run_id = $2)
                    AND ($3::text IS NULL OR e.event_type = $3)
-                 ORDER BY e.rowid LIMIT $4",
-            )
+                 ORDER BY e.rowid LIMIT $4"
+            ))
             .await?;
         let rows = client
             .query(&query, &[&after, &run, &event_type, &limit(limit_rows)])
@@ -197,16 +206,13 @@ impl PgStore {
         let newest: i64 = seen.try_get(1)?;
         let handed: Vec<i64> = cursor.handed.iter().copied().collect();
         let query = tx
-            .prepare_cached(
-                "SELECT e.rowid, e.id, e.run_id, e.sequence, e.event_type, e.payload,
-                        e.created_at, e.run_status, e.phase, r.labels, 0::integer,
-                        0::bigint, e.seen_at, e.seen_at
-                 FROM events e LEFT JOIN runs r ON r.run_id = e.run_id
-                 WHERE e.rowid > $1 AND NOT (e.rowid = ANY($5))
+            .prepare_cached(concat!(
+                events_select!(),
+                " WHERE e.rowid > $1 AND NOT (e.rowid = ANY($5))
                    AND ($2::text IS NULL OR e.run_id = $2)
                    AND ($3::text IS NULL OR e.event_type = $3)
-                 ORDER BY e.rowid LIMIT $4",
-            )
+                 ORDER BY e.rowid LIMIT $4"
+            ))
             .await?;
         let rows = tx
             .query(

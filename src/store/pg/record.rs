@@ -43,6 +43,9 @@ impl PgStore {
         fence(&tx, self.node(), lease).await?;
         let recorded = record(&tx, &batch).await?;
         super::notify::notify_work(&tx, &batch.run_id, &recorded.routed).await?;
+        // The crash test's kill with the ingest transaction open, as the
+        // SQLite writer's before its group commit.
+        crate::crashpoint::hit("store.before_commit");
         tx.commit().await?;
         Ok(recorded)
     }
