@@ -12,8 +12,8 @@
 //! stops trusting it unless renewed, checked per call: a replica resumed
 //! after a pause longer than that stops before its lease task runs again.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -25,11 +25,18 @@ use crate::store::pg::Lease;
 /// task last published.
 pub type Held = Arc<BTreeMap<Arc<str>, (Lease, Instant)>>;
 
+/// How many pieces of work (delivery chains) are under way per run, so
+/// that a lease is given up in the database only once its run's work has
+/// ended (see [`LeasePublisher::work_ended`]).
+type WorkCounts = Arc<Mutex<HashMap<Arc<str>, usize>>>;
+
 /// Answers "may this process work run R, and under which fence". Cheap to
 /// clone and to ask (a read lock and a map lookup on PostgreSQL).
 #[derive(Clone)]
 pub struct Ownership {
     leases: Option<watch::Receiver<Held>>,
+    /// `None` on SQLite: nothing is ever given up.
+    working: Option<WorkCounts>,
 }
 
 impl std::fmt::Debug for Ownership {
@@ -45,23 +52,68 @@ impl std::fmt::Debug for Ownership {
 /// tick is what every worker sees next.
 pub struct LeasePublisher {
     leases: watch::Sender<Held>,
+    working: WorkCounts,
+}
+
+/// A piece of a run's work under way (a delivery chain): while one lives,
+/// [`LeasePublisher::work_ended`] says no for its run. Dropped when the
+/// work ends, however it ends.
+pub struct Working {
+    counts: Option<WorkCounts>,
+    run_id: Arc<str>,
+}
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        let Some(counts) = &self.counts else { return };
+        let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.run_id) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.run_id);
+            }
+        }
+    }
 }
 
 impl Ownership {
     /// SQLite: the daemon lock owns every run.
     pub fn exclusive() -> Self {
-        Self { leases: None }
+        Self {
+            leases: None,
+            working: None,
+        }
     }
 
     /// PostgreSQL: nothing held until the lease task publishes.
     pub fn leased() -> (LeasePublisher, Self) {
         let (leases, receiver) = watch::channel(Held::default());
+        let working = WorkCounts::default();
         (
-            LeasePublisher { leases },
+            LeasePublisher {
+                leases,
+                working: working.clone(),
+            },
             Self {
                 leases: Some(receiver),
+                working: Some(working),
             },
         )
+    }
+
+    /// Registers a piece of the run's work (a delivery chain), until the
+    /// guard is dropped. Taken before the work asks for its fence, so the
+    /// lease task, which publishes a shed lease as lost and releases it
+    /// only once its work ended, cannot miss work that started meanwhile.
+    pub fn working(&self, run_id: &Arc<str>) -> Working {
+        if let Some(counts) = &self.working {
+            let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+            *counts.entry(run_id.clone()).or_default() += 1;
+        }
+        Working {
+            counts: self.working.clone(),
+            run_id: run_id.clone(),
+        }
     }
 
     /// Whether the run's lease is among those held, trusted or not (its
@@ -124,6 +176,20 @@ impl LeasePublisher {
             .map(|(lease, until)| (lease.run_id.clone(), (lease, until)))
             .collect();
         self.leases.send_replace(Arc::new(held));
+    }
+
+    /// Whether no work of a run is under way here: a lease shed to another
+    /// replica is released in the database only then, so the run's new
+    /// owner never sends while this one's delivery is in flight (whose
+    /// mark would be refused, and the event sent twice without a fault).
+    pub fn work_ended(&self) -> impl Fn(&str) -> bool + Send + Sync + 'static {
+        let counts = self.working.clone();
+        move |run_id| {
+            !counts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(run_id)
+        }
     }
 }
 
@@ -274,5 +340,21 @@ mod tests {
         publisher.publish([(lease("r1", 1), past)]);
         assert_eq!(ownership.fence("r1"), None);
         assert!(!ownership.still_holds(&Fence::Lease(lease("r1", 1))));
+    }
+
+    #[test]
+    fn work_ends_when_its_last_guard_is_dropped() {
+        let (publisher, ownership) = Ownership::leased();
+        let ended = publisher.work_ended();
+        let run: Arc<str> = "r1".into();
+        assert!(ended("r1"));
+        let first = ownership.working(&run);
+        let second = ownership.clone().working(&run);
+        assert!(!ended("r1"));
+        assert!(ended("r2"));
+        drop(first);
+        assert!(!ended("r1"), "one chain still runs");
+        drop(second);
+        assert!(ended("r1"));
     }
 }

@@ -28,11 +28,14 @@ impl Leases {
     pub(super) fn start(store: PgStore, lease_ttl: Duration) -> (Self, Ownership) {
         let (publisher, ownership) = Ownership::leased();
         let stop = CancellationToken::new();
+        // A shed lease is released once its run's delivery chains ended.
+        let keeper = LeaseKeeper::new(store).releasing_when(publisher.work_ended());
         let draining = CancellationToken::new();
         let task = AbortOnDropHandle::new(tokio::spawn(keep_leases(
-            LeaseKeeper::new(store),
+            keeper,
             publisher,
             lease_ttl / 3,
+            lease_ttl * 2 / 3,
             stop.clone(),
             draining.clone(),
         )));
@@ -73,13 +76,19 @@ impl Leases {
     }
 }
 
-/// Ticks until `stop`. A tick is bounded by `every`: a database that does
-/// not answer must not keep the overdue check from running, which stops
-/// the runs before their leases can expire and be taken over.
+/// Ticks until `stop`, one tick every `every` (a third of a ttl). A tick is
+/// bounded by `trust` (two thirds of a ttl, how long a renewal sent at its
+/// start is trusted): a slow one that renews within it still keeps the
+/// runs (cut at `every`, a busy database's ticks timed out and every run
+/// stopped and moved), and past it nothing it brings back would be trusted
+/// anyway. The workers check each lease's trust per call, so a stuck tick
+/// never lets a run be worked past its trust; the overdue check after it
+/// only drops what lapsed.
 async fn keep_leases(
     mut keeper: LeaseKeeper,
     publisher: LeasePublisher,
     every: Duration,
+    trust: Duration,
     stop: CancellationToken,
     draining: CancellationToken,
 ) -> (LeaseKeeper, LeasePublisher) {
@@ -93,7 +102,7 @@ async fn keep_leases(
         if draining.is_cancelled() {
             keeper.stop_claiming();
         }
-        match tokio::time::timeout(every, keeper.tick()).await {
+        match tokio::time::timeout(trust, keeper.tick()).await {
             Ok(changes) => {
                 count_changes("gained", changes.gained.len());
                 count_changes("lost", changes.lost.len());
@@ -107,7 +116,7 @@ async fn keep_leases(
                     tracing::warn!(%error, "lease tick failed; trying again at the next");
                 }
             }
-            Err(_) => tracing::warn!(?every, "lease tick timed out; trying again at the next"),
+            Err(_) => tracing::warn!(?trust, "lease tick timed out; trying again at the next"),
         }
         let overdue = keeper.overdue();
         count_changes("overdue", overdue.len());

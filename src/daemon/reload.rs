@@ -59,11 +59,41 @@ pub(super) async fn follow_runs(
         tokio::select! {
             result = &mut supervisor => break result,
             Some(next) = reloads.recv() => {
-                config = reload(&config, next, state, ownership, ingest, sinks).await?;
+                config = reload_retrying(&config, next, state, ownership, ingest, sinks).await?;
             }
         }
     };
     Ok(Supervised { result, config })
+}
+
+/// How often a reload that met a PostgreSQL error is tried, a second apart.
+const RELOAD_TRIES: u32 = 5;
+
+/// On PostgreSQL, a reload that met a database error (a connection the
+/// server closed while this replica was paused past its idle-in-transaction
+/// timeout, a server restart) is tried again: the other replicas go on, and
+/// exiting would only hand this one's runs over. Applying a config twice
+/// changes nothing more than once. On SQLite a store error ends the daemon
+/// as before.
+async fn reload_retrying(
+    old: &Arc<Config>,
+    new: Config,
+    state: &State,
+    ownership: &Ownership,
+    ingest: &Ingest,
+    sinks: &mut Sinks,
+) -> Result<Arc<Config>, DaemonError> {
+    let mut tries = 1;
+    loop {
+        match reload(old, new.clone(), state, ownership, ingest, sinks).await {
+            Err(DaemonError::State(StateError::Postgres(error))) if tries < RELOAD_TRIES => {
+                tracing::warn!(%error, tries, "reload: PostgreSQL error; trying again");
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Applies a new, valid config: routes for new events, runs, sinks. What

@@ -52,7 +52,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::retry::{failure_rows, retry_delay};
 use crate::config::DeliveryPolicy;
-use crate::ownership::Ownership;
+use crate::ownership::{Ownership, Working};
 use crate::sink::{Event, Outcome, Sender};
 use crate::store::{Fence, Pending, State, StateError, now_ms};
 
@@ -133,6 +133,10 @@ enum Recorded {
     Done,
     Dead,
     RetryAt(i64),
+    /// A failure not recorded: the lease was no longer held when it came
+    /// (a Slack sink refuses to send for a run lost during its rate-limit
+    /// wait), so the run's new owner sends, with no attempt counted here.
+    Lapsed,
 }
 
 /// The dispatcher's view of one sink.
@@ -325,6 +329,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             if let Some(run) = run {
                 board.blocked.remove(&run);
                 board.work.remove(&run);
+                let working = sink.ownership.working(&run);
                 // Lost since it was booked (its new owner probes), or its
                 // lease not trusted right now.
                 let Some(fence) = sink.fence_for(&run) else {
@@ -334,7 +339,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
                     return;
                 };
                 board.in_flight.insert(run.clone());
-                chains.spawn(chain(sink.clone(), run, fence, true));
+                chains.spawn(chain(sink.clone(), run, fence, true, working));
             }
         }
         return;
@@ -343,6 +348,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
         let Some(run) = board.work.pop_first() else {
             break;
         };
+        let working = sink.ownership.working(&run);
         // Lost since it was booked (its new owner delivers it), or its
         // lease not trusted right now.
         let Some(fence) = sink.fence_for(&run) else {
@@ -352,7 +358,7 @@ fn start_chains(sink: &Arc<SinkRuntime>, board: &mut Board, chains: &mut JoinSet
             continue;
         };
         board.in_flight.insert(run.clone());
-        chains.spawn(chain(sink.clone(), run, fence, false));
+        chains.spawn(chain(sink.clone(), run, fence, false, working));
     }
 }
 
@@ -430,8 +436,16 @@ async fn set_sink_down(sink: &SinkRuntime, down: bool) {
 
 /// Delivers one run's pending deliveries in order until the run is drained,
 /// a delivery must wait, or shutdown. A probe sends one delivery, due or not.
-/// A store error blocks the run for a moment (`STORE_RETRY`).
-async fn chain(sink: Arc<SinkRuntime>, run_id: Arc<str>, fence: Fence, probe: bool) -> ChainReport {
+/// A store error blocks the run for a moment (`STORE_RETRY`). `_working`
+/// lives as long as the chain: a lease shed meanwhile is released only
+/// after it, so its last send's mark still commits.
+async fn chain(
+    sink: Arc<SinkRuntime>,
+    run_id: Arc<str>,
+    fence: Fence,
+    probe: bool,
+    _working: Working,
+) -> ChainReport {
     let mut report = ChainReport {
         run_id: run_id.clone(),
         fence: fence.clone(),
@@ -546,6 +560,7 @@ async fn deliver_in_order(
                 report.failed += 1;
                 return Ok(Some(ChainEnd::Blocked(at)));
             }
+            Recorded::Lapsed => return Ok(Some(ChainEnd::Lapsed)),
         }
         if probe {
             return Ok(Some(ChainEnd::Paused));
@@ -745,6 +760,7 @@ async fn deliver_unordered(
                 report.failed += 1;
                 earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
+            Some(Recorded::Lapsed) => lapsed = true,
         }
     }
     if lapsed {
@@ -769,6 +785,9 @@ async fn record(
         .await?;
         super::count_delivered(&sink.name, std::slice::from_ref(pending));
         return Ok(Recorded::Done);
+    }
+    if !sink.ownership.still_holds(fence) {
+        return Ok(Recorded::Lapsed);
     }
     let attempts = pending.attempts + 1;
     let mut recorded = Recorded::Done;
@@ -1072,6 +1091,72 @@ mod stop_tests {
             seen(&log).len()
         );
         assert_eq!(seen(&log).len(), 1, "sent once before the refusal");
+    }
+
+    /// A failure answered after the run's lease stopped being trusted (a
+    /// Slack sink refusing to send for a run lost during its rate-limit
+    /// wait; here a slow 500) is not recorded: the run's new owner sends
+    /// it, with no attempt or backoff counted by a replica that lost it.
+    /// Witness: any write under this lease on the SQLite state is refused
+    /// (`LeaseOnSqlite`) and ends the loop, as the test above shows.
+    #[tokio::test]
+    async fn a_failure_answered_after_the_lease_lapsed_is_not_recorded() {
+        use axum::http::StatusCode;
+        let dir = tempfile::tempdir().unwrap();
+        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let run = "r1";
+        store
+            .subscribe(run.into(), Default::default(), "config", None)
+            .await
+            .unwrap();
+        store
+            .record_batch(
+                &Fence::Exclusive,
+                Batch {
+                    run_id: run.into(),
+                    events: vec![NewEvent {
+                        sequence: 1,
+                        event_type: "STEP".into(),
+                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                        created_at: None,
+                        sinks: vec!["ops".into()],
+                    }],
+                    run_status: None,
+                    phase: None,
+                    finish: None,
+                    stalled: None,
+                },
+            )
+            .await
+            .unwrap();
+        let app = axum::Router::new().route(
+            "/h",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                StatusCode::INTERNAL_SERVER_ERROR
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (publisher, ownership) = Ownership::leased();
+        let lease = crate::store::pg::Lease {
+            run_id: run.into(),
+            epoch: 1,
+        };
+        let trusted_until = std::time::Instant::now() + Duration::from_millis(200);
+        publisher.publish([(lease, trusted_until)]);
+        let stop = CancellationToken::new();
+        let sink = runtime_owning(&store, &format!("http://{addr}/h"), stop.clone(), ownership);
+        let ended = tokio::time::timeout(Duration::from_secs(2), run_http_sink(sink)).await;
+        stop.cancel();
+        assert!(
+            ended.is_err(),
+            "a write was tried after the lease lapsed: {ended:?}"
+        );
+        let pending = store.pending_for_run("ops", run, 10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].attempts, 0, "an attempt counted");
     }
 }
 

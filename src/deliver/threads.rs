@@ -46,6 +46,12 @@ impl ThreadBook for StoredThreads {
         })
     }
 
+    /// The run's fence now, trust included: a lease past two thirds of a
+    /// ttl without renewal (a pause) is no longer this process's.
+    fn may_send(&self, run_id: &str) -> bool {
+        self.ownership.fence(run_id).is_some()
+    }
+
     fn keep<'a>(
         &'a self,
         run_id: &'a str,
@@ -99,5 +105,27 @@ mod tests {
         exclusive.keep("r1", root()).await.unwrap();
         let kept = exclusive.thread("r1").await.unwrap();
         assert_eq!(kept.map(|r| r.ts), Some("1.1".to_owned()));
+    }
+
+    /// The sink asks right before each Slack call: a lease whose trust
+    /// lapsed (a pause past two thirds of a ttl) is no longer the run's.
+    #[tokio::test]
+    async fn a_run_may_be_sent_for_only_while_its_lease_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
+        let (publisher, ownership) = Ownership::leased();
+        let threads = StoredThreads::new("chat".into(), state.clone(), ownership);
+        let lease = |epoch| crate::store::pg::Lease {
+            run_id: "r1".into(),
+            epoch,
+        };
+        let now = std::time::Instant::now();
+        publisher.publish([(lease(1), now + std::time::Duration::from_secs(60))]);
+        assert!(threads.may_send("r1"));
+        assert!(!threads.may_send("r2"), "never held");
+        publisher.publish([(lease(1), now - std::time::Duration::from_millis(1))]);
+        assert!(!threads.may_send("r1"), "its trust lapsed");
+        let exclusive = StoredThreads::new("chat".into(), state, Ownership::exclusive());
+        assert!(exclusive.may_send("r1"));
     }
 }

@@ -539,6 +539,140 @@ async fn two_replicas_share_ten_runs_five_and_five() {
     assert_eq!(owners, vec![("a".to_owned(), 5), ("b".to_owned(), 5)]);
 }
 
+/// Shedding takes two steps: a lease shed to another replica is reported
+/// lost at once (its run's work stops here) but released in the database
+/// only once that work ended. Released at once, the new owner sent while
+/// the old owner's delivery was in flight, whose mark was then refused: the
+/// event went out twice with no crash, kill or timeout (failover finding B).
+#[tokio::test]
+async fn a_shed_lease_is_released_only_once_its_runs_work_ended() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(5);
+    let a = open(&pg.url(), "a", ttl).await;
+    let b = open(&pg.url(), "b", ttl).await;
+    for n in 0..4 {
+        subscribe(&a, &format!("run-{n}")).await;
+    }
+    let working = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still_working = working.clone();
+    let mut keeper_a = LeaseKeeper::new(a)
+        .releasing_when(move |_| !still_working.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(
+        ticked(&mut keeper_a).await.gained.len(),
+        4,
+        "alone, a takes every run"
+    );
+    let mut keeper_b = LeaseKeeper::new(b);
+    ticked(&mut keeper_b).await;
+    let shed = ticked(&mut keeper_a).await.lost;
+    assert_eq!(shed.len(), 2, "a sheds down to its share: {shed:?}");
+    for _ in 0..3 {
+        let claimed = ticked(&mut keeper_b).await.gained;
+        assert_eq!(
+            claimed,
+            vec![],
+            "claimed while a's deliveries were under way"
+        );
+        ticked(&mut keeper_a).await;
+    }
+    let client = pg.client().await;
+    let owners: Vec<(String, Option<String>, i64)> = client
+        .query(
+            "SELECT run_id, owner, epoch FROM leases WHERE run_id IN ('run-2', 'run-3')
+             ORDER BY run_id",
+            &[],
+        )
+        .await
+        .expect("leases")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let held_by_a: Vec<(String, Option<String>, i64)> = shed
+        .iter()
+        .map(|l| (l.run_id.to_string(), Some("a".to_owned()), l.epoch))
+        .collect();
+    assert_eq!(owners, held_by_a, "still a's, renewed, until its work ends");
+
+    working.store(false, std::sync::atomic::Ordering::SeqCst);
+    ticked(&mut keeper_a).await;
+    let claimed = ticked(&mut keeper_b).await.gained;
+    let moved: Vec<(Arc<str>, i64)> = shed
+        .iter()
+        .map(|l| (l.run_id.clone(), l.epoch + 1))
+        .collect();
+    let claimed: Vec<(Arc<str>, i64)> = claimed.into_iter().map(|l| (l.run_id, l.epoch)).collect();
+    assert_eq!(claimed, moved, "released once the work ended, then claimed");
+}
+
+/// Lease ticks never queue behind the data path: with every data
+/// connection of the store waiting in the database (here on a lock of
+/// `events`, which no lease statement touches; in the failover test on
+/// delivery writes under load), the keeper still heartbeats, renews and
+/// claims. On the shared pool its ticks timed out on all three replicas at
+/// once, and their runs stopped and moved (failover finding C).
+#[tokio::test]
+async fn lease_ticks_go_through_while_every_data_connection_is_busy() {
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(3);
+    let a = open(&pg.url(), "a", ttl).await;
+    subscribe(&a, RUN).await;
+    let mut keeper = LeaseKeeper::new(a.clone());
+    assert_eq!(ticked(&mut keeper).await.gained.len(), 1);
+    subscribe(&a, "run-later").await;
+
+    let mut locker = pg.client().await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE", &[])
+        .await
+        .expect("lock events");
+    let stuck: Vec<_> = (0..16)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.pending_for_run("hook", RUN, 10).await })
+        })
+        .collect();
+    wait_for(
+        "the data path to fill the pool, waiting on the lock",
+        || async {
+            let waiting: i64 = pg
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if waiting >= 8 {
+                Ok(())
+            } else {
+                Err(format!("{waiting} waiting"))
+            }
+        },
+    )
+    .await;
+
+    let changes = tokio::time::timeout(ttl / 3, keeper.tick())
+        .await
+        .expect("a lease tick queued behind the data path");
+    assert!(changes.error.is_none(), "{:?}", changes.error);
+    assert_eq!(changes.lost, vec![], "the held lease renewed");
+    assert_eq!(changes.gained.len(), 1, "the new run claimed: {changes:?}");
+
+    lock.rollback().await.expect("unlock");
+    for read in stuck {
+        read.await
+            .expect("join")
+            .expect("the reads go on once unlocked");
+    }
+}
+
 /// A replica that cannot reach the database stops trusting its leases two
 /// thirds of a ttl after its last renewal was sent: before the server can
 /// let them expire and hand the runs to another replica.

@@ -250,7 +250,6 @@ on_both! {
 }
 
 on_both! {
-    #[postgres_ignore = "issue 14: with lease_ttl 3s, 1000 runs on one loaded replica renew late, followers restart: 1173 connections (passes with 15s)"]
     async fn a_thousand_runs_over_sse_at_once_each_event_once(backend: Backend) {
         let bulk = Bulk {
             runs: 1000,

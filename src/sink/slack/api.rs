@@ -31,14 +31,16 @@ const PERMANENT: [&str; 10] = [
 const API_ANSWER_CAP: usize = 16 * 1024;
 
 impl SlackSink {
-    /// One Web API call with a JSON body; the answer when Slack says `ok`.
+    /// One Web API call with a JSON body for `run_id`'s event; the answer
+    /// when Slack says `ok`.
     pub(super) async fn call(
         &self,
         token: &Secret,
+        run_id: &str,
         method: &str,
         body: &Value,
     ) -> Result<Value, Outcome> {
-        self.api_call(token, method, |request| request.json(body))
+        self.api_call(token, run_id, method, |request| request.json(body))
             .await
     }
 
@@ -47,20 +49,22 @@ impl SlackSink {
     pub(super) async fn call_form(
         &self,
         token: &Secret,
+        run_id: &str,
         method: &str,
         form: &[(&str, String)],
     ) -> Result<Value, Outcome> {
-        self.api_call(token, method, |request| request.form(form))
+        self.api_call(token, run_id, method, |request| request.form(form))
             .await
     }
 
     async fn api_call(
         &self,
         token: &Secret,
+        run_id: &str,
         method: &str,
         body: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<Value, Outcome> {
-        self.bucket.until_ready().await;
+        self.until_ready_for(run_id).await?;
         let url = self.api_base.join(method).map_err(|e| Outcome::Permanent {
             status: None,
             error: format!("slack: bad api_base: {e}"),

@@ -88,15 +88,17 @@ impl SlackSink {
     /// send-test` sends a rendered message it marked as a test this way.
     pub async fn send_message(&self, event: &Event<'_>, message: &Message) -> Outcome {
         match &self.mode {
-            SlackMode::IncomingWebhook { url } => self.post_webhook(url, message).await,
+            SlackMode::IncomingWebhook { url } => self.post_webhook(url, event, message).await,
             SlackMode::Bot { token, channel } => {
                 self.post_in_thread(token, channel, event, message).await
             }
         }
     }
 
-    async fn post_webhook(&self, url: &Secret, message: &Message) -> Outcome {
-        self.bucket.until_ready().await;
+    async fn post_webhook(&self, url: &Secret, event: &Event<'_>, message: &Message) -> Outcome {
+        if let Err(outcome) = self.until_ready_for(event.run_id).await {
+            return outcome;
+        }
         let request = self.client.post(url.expose()).json(message);
         match request.send().await {
             // Without the URL: it is the secret.
@@ -116,6 +118,23 @@ impl SlackSink {
         }
     }
 
+    /// Waits for the token bucket, then asks whether the run is still this
+    /// process's to send for: the delivery engine checked before the send,
+    /// but the wait (a second per message queued on this sink) may outlast
+    /// the run's lease. A refusal is a retry the engine cannot record
+    /// (its fence is lost too), so the run's new owner sends instead.
+    async fn until_ready_for(&self, run_id: &str) -> Result<(), Outcome> {
+        self.bucket.until_ready().await;
+        if self.threads.may_send(run_id) {
+            return Ok(());
+        }
+        tracing::info!(sink = %self.name, %run_id, "slack: the run is no longer this process's; not sending");
+        Err(retry(
+            None,
+            "slack: the run's lease was lost before sending; its new owner sends".into(),
+        ))
+    }
+
     async fn post_in_thread(
         &self,
         token: &Secret,
@@ -132,7 +151,10 @@ impl SlackSink {
             // The end of a run shows in the channel too.
             reply["reply_broadcast"] = json!(true);
         }
-        if let Err(outcome) = self.call(token, "chat.postMessage", &reply).await {
+        if let Err(outcome) = self
+            .call(token, event.run_id, "chat.postMessage", &reply)
+            .await
+        {
             return outcome;
         }
         if matches!(event.event_type, "PHASE_STARTED" | "run_finished") {
@@ -140,10 +162,13 @@ impl SlackSink {
             let update =
                 json!({"channel": channel, "ts": root, "text": live.text, "blocks": live.blocks});
             // Best effort: the reply is out; a stale root is not worth a duplicate reply.
-            if let Err(outcome) = self.call(token, "chat.update", &update).await {
+            if let Err(outcome) = self.call(token, event.run_id, "chat.update", &update).await {
                 tracing::warn!(sink = %self.name, run_id = %event.run_id, ?outcome, "slack: root message not updated");
             }
         }
         Outcome::Delivered
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -41,6 +41,12 @@ pub trait ThreadBook: Send + Sync {
         run_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ThreadRoot>, ThreadBookError>>;
 
+    /// Whether this process may still send for the run, asked right before
+    /// each Slack call (after the rate limit's wait, which can be long): a
+    /// process that lost the run meanwhile (paused past its lease) must not
+    /// post a second root, nor repeat a reply the run's new owner sends.
+    fn may_send(&self, run_id: &str) -> bool;
+
     /// Keeps `root` for the run, in place of what was kept; done only once
     /// it is durable.
     fn keep<'a>(
@@ -127,6 +133,7 @@ impl SlackSink {
         let answer = self
             .call(
                 token,
+                event.run_id,
                 "chat.postMessage",
                 &json!({"channel": channel, "text": message.text, "blocks": message.blocks, "metadata": metadata}),
             )
@@ -177,7 +184,10 @@ impl SlackSink {
             if let Some(cursor) = cursor.take() {
                 form.push(("cursor", cursor));
             }
-            let answer = match self.call_form(token, "conversations.history", &form).await {
+            let answer = match self
+                .call_form(token, event.run_id, "conversations.history", &form)
+                .await
+            {
                 Ok(answer) => answer,
                 Err(Outcome::Retry { error, .. } | Outcome::Permanent { error, .. })
                     if error.contains("missing_scope") =>

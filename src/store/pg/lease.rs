@@ -16,9 +16,12 @@
 //!   (missing from the answer too): an unwatched run's lease ends once its
 //!   last delivery is done or dead.
 //! - **release** (shedding, shutdown): clears the owner and expires the
-//!   lease now, so another replica claims it at once. A shed lease is
-//!   released a tick after its work was stopped, so the send in flight
-//!   then records its outcome rather than being repeated by the next owner.
+//!   lease now, so another replica claims it at once. Shedding takes two
+//!   steps: the lease is first reported lost (the run's work stops here)
+//!   and still renewed, and released at a later tick once the run's work
+//!   has ended (or a ttl after the shed, for work stuck in a send): else
+//!   the new owner would send while this one's delivery is in flight, and
+//!   the event would go out twice with no fault at all.
 //! - **fence**: every write for a run checks owner and epoch in its own
 //!   transaction (`PgStore` methods taking a [`Lease`]), so a replica that
 //!   lost its lease, however long it was paused, commits nothing.
@@ -105,7 +108,7 @@ impl PgStore {
 
     /// Says this replica is alive, for the others' fair share.
     pub async fn heartbeat(&self) -> Result<(), PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         client
             .execute(
                 "INSERT INTO replicas (node, heartbeat_at) VALUES ($1, now())
@@ -119,7 +122,7 @@ impl PgStore {
     /// How many runs each live replica should hold now: the runs with work
     /// (watched, or with pending deliveries) over the live replicas.
     pub async fn fair_share(&self) -> Result<Share, PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let row = client
             .query_one(
                 concat!(
@@ -154,7 +157,7 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let rows = client
             .query(
                 concat!(
@@ -181,7 +184,7 @@ impl PgStore {
     /// any other was lost or released: stop its run's work.
     pub async fn renew(&self, held: &[Lease]) -> Result<Vec<Lease>, PgStoreError> {
         let (runs, epochs) = columns(held);
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let rows = client
             .query(
                 concat!(
@@ -216,7 +219,7 @@ impl PgStore {
     /// them at its next tick, and this one's writes are refused at once.
     pub async fn release(&self, held: &[Lease]) -> Result<(), PgStoreError> {
         let (runs, epochs) = columns(held);
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         client
             .execute(RELEASE, &[&self.node(), &runs, &epochs])
             .await?;
@@ -231,7 +234,7 @@ impl PgStore {
     /// this process never read (a tick timed out) expires after a ttl.
     pub async fn leave_holding(&self, held: &[Lease]) -> Result<(), PgStoreError> {
         let (runs, epochs) = columns(held);
-        let mut client = self.pool.get().await?;
+        let mut client = self.lease_pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(RELEASE, &[&self.node(), &runs, &epochs]).await?;
         tx.execute("DELETE FROM replicas WHERE node = $1", &[&self.node()])
@@ -244,7 +247,7 @@ impl PgStore {
     /// gone, so the others take the runs over and count one replica fewer at
     /// once rather than after a ttl.
     pub async fn leave(&self) -> Result<(), PgStoreError> {
-        let mut client = self.pool.get().await?;
+        let mut client = self.lease_pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(
             "UPDATE leases SET owner = NULL, expires_at = now() WHERE owner = $1",
@@ -268,6 +271,19 @@ fn lease_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<Lease>, PgStoreError> 
     rows.iter().map(lease).collect()
 }
 
+fn lease(run_id: &Arc<str>, epoch: i64) -> Lease {
+    Lease {
+        run_id: run_id.clone(),
+        epoch,
+    }
+}
+
+fn leases(of: &BTreeMap<Arc<str>, (i64, Instant)>) -> Vec<Lease> {
+    of.iter()
+        .map(|(run_id, (epoch, _))| lease(run_id, *epoch))
+        .collect()
+}
+
 fn columns(leases: &[Lease]) -> (Vec<&str>, Vec<i64>) {
     leases.iter().map(|l| (&*l.run_id, l.epoch)).unzip()
 }
@@ -288,27 +304,30 @@ pub struct LeaseChanges {
 /// `lease_ttl / 3`.
 pub struct LeaseKeeper {
     store: PgStore,
+    /// Leases shed (reported lost, so their runs' work stops) but not yet
+    /// released, with their epoch and when they were shed: renewed until
+    /// [`LeaseKeeper::releasing_when`]'s check says their run's work ended.
+    shedding: BTreeMap<Arc<str>, (i64, Instant)>,
+    /// Whether a run's work here has ended (no delivery under way); every
+    /// run's, unless the daemon says otherwise.
+    work_ended: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Off once the process drains: it renews what its last deliveries
+    /// write under, and takes nothing it would no longer work.
+    claiming: bool,
     /// Each held run's epoch and the moment this replica stops trusting the
     /// lease unless renewed: two thirds of a ttl after the renewal was sent,
     /// so work stops before the server can let the lease expire.
     held: BTreeMap<Arc<str>, (i64, Instant)>,
-    /// Off once the process drains: it renews what its last deliveries
-    /// write under, and takes nothing it would no longer work.
-    claiming: bool,
-    /// Shed at the last tick: no longer worked here (reported lost), but
-    /// released only at the next, so that a chain sending when the run was
-    /// shed still records that send's outcome, rather than the next owner
-    /// sending it again.
-    shedding: Vec<Lease>,
 }
 
 impl LeaseKeeper {
     pub fn new(store: PgStore) -> Self {
         Self {
             store,
+            shedding: BTreeMap::new(),
+            work_ended: Box::new(|_| true),
             held: BTreeMap::new(),
             claiming: true,
-            shedding: Vec::new(),
         }
     }
 
@@ -317,6 +336,16 @@ impl LeaseKeeper {
     /// go to a live replica at its next tick).
     pub fn stop_claiming(&mut self) {
         self.claiming = false;
+    }
+
+    /// Releases a shed lease only once `work_ended` says its run's work
+    /// ended (the daemon: no delivery chain of the run under way).
+    pub fn releasing_when(
+        mut self,
+        work_ended: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.work_ended = Box::new(work_ended);
+        self
     }
 
     pub fn held(&self) -> Vec<Lease> {
@@ -361,15 +390,12 @@ impl LeaseKeeper {
     async fn steps(&mut self, changes: &mut LeaseChanges) -> Result<(), PgStoreError> {
         let sent = Instant::now();
         self.store.heartbeat().await?;
-        if !self.shedding.is_empty() {
-            self.store.release(&self.shedding).await?;
-            self.shedding.clear();
-        }
         let trusted_until = sent + self.trust();
+        self.release_shed().await?;
         self.renew(trusted_until, changes).await?;
         let share = self.store.fair_share().await?;
         let allowed = share.target + self.store.replica.share_slack;
-        self.shed_above(allowed, changes).await?;
+        self.shed_above(allowed, changes);
         if !self.claiming {
             return Ok(());
         }
@@ -392,10 +418,15 @@ impl LeaseKeeper {
         changes: &mut LeaseChanges,
     ) -> Result<(), PgStoreError> {
         let held = self.held();
-        if held.is_empty() {
+        let shed = leases(&self.shedding);
+        if held.is_empty() && shed.is_empty() {
             return Ok(());
         }
-        let renewed: HashSet<Lease> = self.store.renew(&held).await?.into_iter().collect();
+        let asked: Vec<Lease> = held.iter().chain(&shed).cloned().collect();
+        let renewed: HashSet<Lease> = self.store.renew(&asked).await?.into_iter().collect();
+        // Lost already reported, when shed.
+        self.shedding
+            .retain(|run_id, (epoch, _)| renewed.contains(&lease(run_id, *epoch)));
         for lease in held {
             if renewed.contains(&lease) {
                 self.held.insert(lease.run_id, (lease.epoch, trusted_until));
@@ -408,19 +439,35 @@ impl LeaseKeeper {
     }
 
     /// Sheds the leases above `allowed` (the highest run ids), so the
-    /// replicas below their share claim them: reported lost now (the work
-    /// stops before its next send), released at the next tick (what was in
-    /// flight records its outcome first).
-    async fn shed_above(
-        &mut self,
-        allowed: usize,
-        changes: &mut LeaseChanges,
-    ) -> Result<(), PgStoreError> {
+    /// replicas below their share claim them: reported lost now, so their
+    /// runs' work stops, and released by [`Self::release_shed`] once it has.
+    fn shed_above(&mut self, allowed: usize, changes: &mut LeaseChanges) {
         let excess: Vec<Lease> = self.held().into_iter().skip(allowed).collect();
+        let now = Instant::now();
         for lease in excess {
             self.held.remove(&lease.run_id);
-            changes.lost.push(lease.clone());
-            self.shedding.push(lease);
+            self.shedding
+                .insert(lease.run_id.clone(), (lease.epoch, now));
+            changes.lost.push(lease);
+        }
+    }
+
+    /// Releases the shed leases whose run's work ended here, or that were
+    /// shed a ttl ago (work stuck in a send: its repeat is a timeout's).
+    async fn release_shed(&mut self) -> Result<(), PgStoreError> {
+        let ttl = self.store.replica.lease_ttl;
+        let done: Vec<Lease> = self
+            .shedding
+            .iter()
+            .filter(|(run_id, (_, shed))| (self.work_ended)(run_id) || shed.elapsed() >= ttl)
+            .map(|(run_id, (epoch, _))| lease(run_id, *epoch))
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.store.release(&done).await?;
+        for lease in done {
+            self.shedding.remove(&lease.run_id);
         }
         Ok(())
     }
@@ -446,10 +493,10 @@ impl LeaseKeeper {
     }
 
     /// On SIGTERM, after the runs' work stopped: every lease this keeper
-    /// holds released, the heartbeat row removed.
+    /// holds released, those being shed too, the heartbeat row removed.
     pub async fn shutdown(self) -> Result<(), PgStoreError> {
         let mut held = self.held();
-        held.extend(self.shedding.iter().cloned());
+        held.extend(leases(&self.shedding));
         self.store.leave_holding(&held).await
     }
 

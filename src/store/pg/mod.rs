@@ -39,8 +39,13 @@ pub use reads::ReplicaRow;
 pub use schema::VERSION as SCHEMA_VERSION;
 pub use sink_lease::SinkLease;
 
-/// Connections per store: ingest, delivery and the lease keeper at once.
+/// Connections per store for the data path: ingest and delivery at once.
 const POOL_SIZE: usize = 8;
+/// Connections of the leases alone (the run lease keeper, a node's file
+/// sink lease): a renewal that waited for a data connection under load
+/// timed out, and the runs stopped and moved. Opened on first use, so
+/// `runhook status` and the other ops commands open none.
+const LEASE_POOL_SIZE: usize = 2;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PgStoreError {
@@ -156,6 +161,9 @@ pub struct Replica {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Heartbeat, claim, renew and release, apart from `pool`, so they
+    /// never queue behind data-path writes.
+    lease_pool: Pool,
     replica: Arc<Replica>,
     /// `commits` and `new_work`, fed by LISTEN/NOTIFY.
     notify: Arc<notify::Notifier>,
@@ -197,19 +205,11 @@ impl PgStore {
             tokio_postgres::Config::from_str(url).map_err(|e| PgStoreError::Url(describe(&e)))?;
         release_a_frozen_writers_locks(&mut config, replica.lease_ttl);
         let notify = Arc::new(notify::Notifier::new(config.clone()));
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .build()
-            .map_err(|e| PgStoreError::Pool(e.to_string()))?;
+        let pool = self::pool(config.clone(), POOL_SIZE)?;
+        let lease_pool = self::pool(config, LEASE_POOL_SIZE)?;
         Ok(Self {
             pool,
+            lease_pool,
             replica: Arc::new(replica),
             notify,
         })
@@ -228,6 +228,20 @@ impl PgStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool, PgStoreError> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|e| PgStoreError::Pool(e.to_string()))
 }
 
 /// The fencing check, inside the caller's transaction: the lease row must

@@ -57,7 +57,7 @@ impl PgStore {
     /// or expired), with a raised epoch; `None` while another process holds
     /// it, whatever its node's name.
     pub async fn claim_sink(&self, sink: &str) -> Result<Option<SinkLease>, PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let row = client
             .query_opt(
                 "INSERT INTO sink_leases AS l (sink, owner, epoch, expires_at)
@@ -81,7 +81,7 @@ impl PgStore {
     /// Renews the sink's lease for another ttl. `false`: it was lost (taken
     /// over after it expired, or released).
     pub async fn renew_sink(&self, lease: &SinkLease) -> Result<bool, PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         let renewed = client
             .execute(
                 "UPDATE sink_leases SET expires_at = now() + $4::bigint * interval '1 millisecond'
@@ -95,7 +95,7 @@ impl PgStore {
     /// Gives the sink up (a clean stop): unowned and expired now, so the
     /// node's next process claims it at once.
     pub async fn release_sink(&self, lease: &SinkLease) -> Result<(), PgStoreError> {
-        let client = self.pool.get().await?;
+        let client = self.lease_pool.get().await?;
         client
             .execute(
                 "UPDATE sink_leases SET owner = NULL, expires_at = now()
