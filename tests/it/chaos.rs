@@ -59,7 +59,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -562,71 +562,30 @@ fn draw_schedule(rng: &mut StdRng, switches: &Switches) -> Vec<(Duration, Action
     schedule
 }
 
-/// The daemon as a child process; killed when dropped (a failing test
-/// leaves nothing behind).
+/// The daemon as a child process ([`LoggedDaemon`]: killed when dropped,
+/// so a failing test leaves nothing behind) and its `/readyz`.
 struct Daemon {
-    config: PathBuf,
-    log: PathBuf,
+    process: LoggedDaemon,
     ready_url: String,
-    child: Option<Child>,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = LoggedDaemon;
+    fn deref(&self) -> &LoggedDaemon {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut LoggedDaemon {
+        &mut self.process
+    }
 }
 
 impl Daemon {
-    fn spawn(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .args(["--config", &self.config.display().to_string(), "run"])
-            .env("RUNHOOK_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("runhook starts");
-        self.child = Some(child);
-    }
-
-    fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .expect("daemon running")
-            .id()
-            .to_string()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name}");
-    }
-
     fn kill_and_restart(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reaped");
-        }
+        self.kill();
         self.spawn();
-    }
-
-    /// Panics with the daemon's log when it exited on its own.
-    fn assert_alive(&mut self) {
-        let child = self.child.as_mut().expect("daemon running");
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "the daemon exited by itself ({status}); its log:\n{}",
-                self.log_tail()
-            );
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// Waits for `/readyz`: signals are sent only to a daemon that is up,
@@ -645,32 +604,6 @@ impl Daemon {
             }
         })
         .await;
-    }
-
-    /// SIGTERM, and the exit status within a deadline.
-    async fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
-        let mut child = self.child.take().expect("daemon running");
-        wait_for("the daemon to exit after SIGTERM", || {
-            let exited = child.try_wait();
-            async move {
-                match exited {
-                    Ok(Some(status)) => Ok(status),
-                    Ok(None) => Err("still running".into()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -1232,13 +1165,16 @@ async fn run_seed(seed: u64, switches: &Switches, clustered: bool) {
             .iter()
             .enumerate()
             .map(|(node, port)| Daemon {
-                config: match cluster {
-                    None => config.clone(),
-                    Some(_) => replica_config(&env, node),
-                },
-                log: env.dir.path().join(format!("daemon-{node}.log")),
+                process: LoggedDaemon::new(
+                    format!("daemon {node}"),
+                    match cluster {
+                        None => config.clone(),
+                        Some(_) => replica_config(&env, node),
+                    },
+                    env.dir.path().join(format!("daemon-{node}.log")),
+                    "warn",
+                ),
                 ready_url: format!("http://127.0.0.1:{port}/readyz"),
-                child: None,
             })
             .collect(),
         disruptions: 0,

@@ -26,8 +26,6 @@
 //! each node has its own Slack bot token.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use runhook::simulate::Simulator;
@@ -51,100 +49,7 @@ const INTERVAL: Duration = Duration::from_millis(500);
 const MILESTONE: &str = "MILESTONE";
 
 /// One replica: the built binary on its own config, its log in a file.
-struct Node {
-    name: &'static str,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn spawn(&mut self) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("replica log");
-        let child = Command::new(env!("CARGO_BIN_EXE_runhook"))
-            .args(["--config", &self.config.display().to_string(), "run"])
-            .env("RUNHOOK_LOG", "warn,runhook::daemon::leases=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("runhook starts");
-        self.child = Some(child);
-    }
-
-    fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .expect("replica running")
-            .id()
-            .to_string()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} {}", self.name);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reaped");
-        }
-    }
-
-    fn assert_alive(&mut self) {
-        let child = self.child.as_mut().expect("replica running");
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "replica {} exited by itself ({status}); its log:\n{}",
-                self.name,
-                self.log_tail()
-            );
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// SIGTERM; the exit status within a deadline.
-    async fn stop(&mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
-        let mut child = self.child.take().expect("replica running");
-        wait_for("a replica to exit after SIGTERM", || {
-            let exited = child.try_wait();
-            async move {
-                match exited {
-                    Ok(Some(status)) => Ok(status),
-                    Ok(None) => Err("still running".into()),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // A paused child cannot die of SIGKILL any slower, but make sure.
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+type Node = LoggedDaemon;
 
 /// The connection string of one replica: the server's, with the node as
 /// `application_name`, which the fence audit reads.
@@ -249,12 +154,12 @@ sinks = ["chat"]
     fn node(&self, pg: &PgServer, name: &'static str) -> Node {
         let config = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&config, self.config_text(pg, name)).expect("write config");
-        Node {
-            name,
+        Node::new(
+            format!("replica {name}"),
             config,
-            log: self.dir.path().join(format!("{name}.log")),
-            child: None,
-        }
+            self.dir.path().join(format!("{name}.log")),
+            "warn,runhook::daemon::leases=info",
+        )
     }
 }
 

@@ -943,3 +943,122 @@ pub mod pg_store {
         .await;
     }
 }
+
+/// `runhook run` as a child whose stderr is appended to a log file, for the
+/// tests that kill, pause and restart daemons (failover, chaos): spawned
+/// again on the same config and log after each kill, and killed when
+/// dropped, paused or not.
+pub struct LoggedDaemon {
+    /// Who this is, in messages ("replica a", "the daemon").
+    pub name: String,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    /// `RUNHOOK_LOG` at each start.
+    filter: &'static str,
+    child: Option<std::process::Child>,
+}
+
+impl LoggedDaemon {
+    /// Not started yet: [`LoggedDaemon::spawn`] starts it.
+    pub fn new(
+        name: impl Into<String>,
+        config: PathBuf,
+        log: PathBuf,
+        filter: &'static str,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            config,
+            log,
+            filter,
+            child: None,
+        }
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_runhook"))
+            .args(["--config", &self.config.display().to_string(), "run"])
+            .env("RUNHOOK_LOG", self.filter)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log))
+            .spawn()
+            .expect("runhook starts");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> String {
+        let child = self.child.as_ref().expect("daemon running");
+        child.id().to_string()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.pid()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} {}", self.name);
+    }
+
+    /// SIGKILL, reaped; nothing running afterwards.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaped");
+        }
+    }
+
+    /// Panics with the log's tail when the daemon exited on its own.
+    pub fn assert_alive(&mut self) {
+        let child = self.child.as_mut().expect("daemon running");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{} exited by itself ({status}); its log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+    }
+
+    /// The log's last 40 lines.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGTERM; the exit status within a deadline.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("daemon running");
+        let what = format!("{} to exit after SIGTERM", self.name);
+        wait_for(&what, || {
+            let exited = child.try_wait();
+            async move {
+                match exited {
+                    Ok(Some(status)) => Ok(status),
+                    Ok(None) => Err("still running".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for LoggedDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A paused child cannot die of SIGKILL any slower, but make sure.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
