@@ -1040,6 +1040,33 @@ mod stop_tests {
         );
     }
 
+    /// A SQLite state in `dir` with `run` watched and one event of it
+    /// pending for the sink `ops`.
+    async fn one_event_for_ops(dir: &std::path::Path, run: &str) -> State {
+        let store = State::Sqlite(Sqlite::open_path(&dir.join("state.db")).unwrap());
+        store
+            .subscribe(run.into(), Default::default(), "config", None)
+            .await
+            .unwrap();
+        let event = NewEvent {
+            sequence: 1,
+            event_type: "STEP".into(),
+            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            created_at: None,
+            sinks: vec!["ops".into()],
+        };
+        let batch = Batch {
+            run_id: run.into(),
+            events: vec![event],
+            run_status: None,
+            phase: None,
+            finish: None,
+            stalled: None,
+        };
+        store.record_batch(&Fence::Exclusive, batch).await.unwrap();
+        store
+    }
+
     /// A chain whose write is refused for a fence this process should never
     /// hold (here a lease on the SQLite state: `LeaseOnSqlite`) stops the
     /// sink's loop with the error, for its supervisor to log, mark the sink
@@ -1048,32 +1075,8 @@ mod stop_tests {
     #[tokio::test]
     async fn a_write_under_the_wrong_fence_stops_the_sink() {
         let dir = tempfile::tempdir().unwrap();
-        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
         let run = "r1";
-        store
-            .subscribe(run.into(), Default::default(), "config", None)
-            .await
-            .unwrap();
-        store
-            .record_batch(
-                &Fence::Exclusive,
-                Batch {
-                    run_id: run.into(),
-                    events: vec![NewEvent {
-                        sequence: 1,
-                        event_type: "STEP".into(),
-                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-                        created_at: None,
-                        sinks: vec!["ops".into()],
-                    }],
-                    run_status: None,
-                    phase: None,
-                    finish: None,
-                    stalled: None,
-                },
-            )
-            .await
-            .unwrap();
+        let store = one_event_for_ops(dir.path(), run).await;
         let (url, log) = receiver().await;
         let (publisher, ownership) = Ownership::leased();
         let lease = crate::store::pg::Lease {
@@ -1103,32 +1106,8 @@ mod stop_tests {
     async fn a_failure_answered_after_the_lease_lapsed_is_not_recorded() {
         use axum::http::StatusCode;
         let dir = tempfile::tempdir().unwrap();
-        let store = State::Sqlite(Sqlite::open_path(&dir.path().join("state.db")).unwrap());
         let run = "r1";
-        store
-            .subscribe(run.into(), Default::default(), "config", None)
-            .await
-            .unwrap();
-        store
-            .record_batch(
-                &Fence::Exclusive,
-                Batch {
-                    run_id: run.into(),
-                    events: vec![NewEvent {
-                        sequence: 1,
-                        event_type: "STEP".into(),
-                        payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
-                        created_at: None,
-                        sinks: vec!["ops".into()],
-                    }],
-                    run_status: None,
-                    phase: None,
-                    finish: None,
-                    stalled: None,
-                },
-            )
-            .await
-            .unwrap();
+        let store = one_event_for_ops(dir.path(), run).await;
         let app = axum::Router::new().route(
             "/h",
             axum::routing::post(|| async {
