@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
+use backon::{BackoffBuilder, ConstantBuilder};
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +69,7 @@ pub(super) async fn follow_runs(
 }
 
 /// How often a reload that met a PostgreSQL error is tried, a second apart.
-const RELOAD_TRIES: u32 = 5;
+const RELOAD_TRIES: usize = 5;
 
 /// On PostgreSQL, a reload that met a database error (a connection the
 /// server closed while this replica was paused past its idle-in-transaction
@@ -83,14 +85,19 @@ async fn reload_retrying(
     ingest: &Ingest,
     sinks: &mut Sinks,
 ) -> Result<Arc<Config>, DaemonError> {
-    let mut tries = 1;
+    let mut waits = ConstantBuilder::default()
+        .with_delay(std::time::Duration::from_secs(1))
+        .with_max_times(RELOAD_TRIES - 1)
+        .build();
     loop {
         match reload(old, new.clone(), state, ownership, ingest, sinks).await {
-            Err(DaemonError::State(StateError::Postgres(error))) if tries < RELOAD_TRIES => {
-                tracing::warn!(%error, tries, "reload: PostgreSQL error; trying again");
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
+            Err(DaemonError::State(StateError::Postgres(error))) => match waits.next() {
+                Some(wait) => {
+                    tracing::warn!(%error, ?wait, "reload: PostgreSQL error; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(DaemonError::State(StateError::Postgres(error))),
+            },
             done => return done,
         }
     }
