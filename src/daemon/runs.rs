@@ -24,15 +24,11 @@ use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::sinks::restart_backoff;
 use super::{CONTROL_POLL, DaemonError, STARTUP_SPREAD_MAX, STARTUP_SPREAD_PER_RUN};
 use crate::ingest::RunEnd;
 use crate::ownership::Ownership;
 use crate::store::{Fence, State, StateError, WatchedRun, now_ms};
-
-/// Restart backoff of a failed follower: from `RESTART_MIN`, doubling,
-/// capped at `RESTART_MAX`, so a run that panics at once does not spin.
-const RESTART_MIN: Duration = Duration::from_secs(1);
-const RESTART_MAX: Duration = Duration::from_secs(60);
 
 /// What follows one run, writing under the fence it is given, until the
 /// run ends or its token is cancelled.
@@ -240,14 +236,6 @@ impl Followers {
             }
         }
     }
-}
-
-/// 1 s, 2 s, 4 s ... 60 s, jittered to between half and all of it.
-fn restart_backoff(failures: u32) -> Duration {
-    let ceiling = RESTART_MIN
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(RESTART_MAX);
-    crate::jitter::random_range(ceiling / 2..=ceiling)
 }
 
 /// Keeps one follower per watched run, following `watch`/`unwatch`

@@ -13,8 +13,9 @@ use super::DaemonError;
 use super::owned::Owned;
 use crate::store::{State, StateError};
 
-/// Restart backoff of a failed delivery loop: from `RESTART_MIN`, doubling,
-/// capped at `RESTART_MAX`.
+/// Restart backoff of a failed delivery loop, and of a failed run follower
+/// (`daemon/runs.rs`): from `RESTART_MIN`, doubling, capped at
+/// `RESTART_MAX`, so what panics at once does not spin.
 const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 /// A loop that ran this long before it failed starts the backoff afresh.
@@ -101,7 +102,7 @@ async fn mark_down(store: &State, sink: &Arc<str>, down: bool) -> bool {
 }
 
 /// 1 s, 2 s, 4 s ... 60 s, jittered to between half and all of it.
-fn restart_backoff(failures: u32) -> Duration {
+pub(super) fn restart_backoff(failures: u32) -> Duration {
     let ceiling = RESTART_MIN
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
         .min(RESTART_MAX);
