@@ -650,103 +650,6 @@ impl State {
     }
 }
 
-/// Reads: committed rows only, on either backend.
-impl State {
-    pub async fn last_event_row(&self) -> Result<i64, StateError> {
-        read!(self.last_event_row())
-    }
-
-    pub async fn events_after(
-        &self,
-        after: i64,
-        run: Option<String>,
-        event_type: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<Pending>, StateError> {
-        read!(self.events_after(after, run, event_type, limit))
-    }
-
-    pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StateError> {
-        read!(self.watched_runs())
-    }
-
-    pub async fn runs(&self) -> Result<Vec<RunRow>, StateError> {
-        read!(self.runs())
-    }
-
-    pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StateError> {
-        read!(self.pruned_run(run_id))
-    }
-
-    pub async fn pruned_count(&self) -> Result<i64, StateError> {
-        read!(self.pruned_count())
-    }
-
-    pub async fn control_generation(&self) -> Result<i64, StateError> {
-        read!(self.control_generation())
-    }
-
-    pub async fn pending_in_order(
-        &self,
-        sink: &str,
-        limit: usize,
-    ) -> Result<Vec<Pending>, StateError> {
-        read!(self.pending_in_order(sink, limit))
-    }
-
-    pub async fn pending_for_run(
-        &self,
-        sink: &str,
-        run_id: &str,
-        limit: usize,
-    ) -> Result<Vec<Pending>, StateError> {
-        read!(self.pending_for_run(sink, run_id, limit))
-    }
-
-    pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StateError> {
-        read!(self.runs_with_pending(sink))
-    }
-
-    pub async fn pending_count(&self, sink: &str) -> Result<i64, StateError> {
-        read!(self.pending_count(sink))
-    }
-
-    pub async fn pending_total(&self) -> Result<i64, StateError> {
-        read!(self.pending_total())
-    }
-
-    pub async fn dead_letters(
-        &self,
-        sink: Option<String>,
-        run: Option<String>,
-    ) -> Result<Vec<DeadLetter>, StateError> {
-        read!(self.dead_letters(sink, run))
-    }
-
-    pub async fn sinks(&self) -> Result<Vec<SinkRow>, StateError> {
-        read!(self.sinks())
-    }
-
-    pub async fn oldest_pending(
-        &self,
-        sinks: Vec<String>,
-    ) -> Result<Vec<(String, i64)>, StateError> {
-        read!(self.oldest_pending(sinks))
-    }
-
-    pub async fn sink_offset(&self, sink: &str) -> Result<Option<u64>, StateError> {
-        read!(self.sink_offset(sink))
-    }
-
-    pub async fn thread_root(
-        &self,
-        sink: &str,
-        run_id: &str,
-    ) -> Result<Option<(String, String)>, StateError> {
-        read!(self.thread_root(sink, run_id))
-    }
-}
-
 /// The read side alone: what `status`, `dead`, `tail`, `top` and the demo
 /// need beside a running daemon. On SQLite it opens only a read
 /// connection, as those commands always have: it creates no database (a
@@ -782,100 +685,51 @@ impl Reads {
             }
         }
     }
+}
 
-    pub async fn last_event_row(&self) -> Result<i64, StateError> {
-        reads!(self.last_event_row())
-    }
+/// The reads of committed rows that [`State`] and [`Reads`] both offer,
+/// written once: each line becomes a method of both, handing the call to
+/// the backend's reader (SQLite's read connection, or the PostgreSQL pool).
+macro_rules! read_methods {
+    ($(fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        /// Reads: committed rows only, on either backend.
+        impl State {
+            $(pub async fn $name(&self, $($arg: $ty),*) -> Result<$ret, StateError> {
+                read!(self.$name($($arg),*))
+            })*
+        }
 
-    pub async fn events_after(
-        &self,
+        impl Reads {
+            $(pub async fn $name(&self, $($arg: $ty),*) -> Result<$ret, StateError> {
+                reads!(self.$name($($arg),*))
+            })*
+        }
+    };
+}
+
+read_methods! {
+    fn last_event_row() -> i64;
+    fn events_after(
         after: i64,
         run: Option<String>,
         event_type: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<Pending>, StateError> {
-        reads!(self.events_after(after, run, event_type, limit))
-    }
-
-    pub async fn watched_runs(&self) -> Result<Vec<WatchedRun>, StateError> {
-        reads!(self.watched_runs())
-    }
-
-    pub async fn runs(&self) -> Result<Vec<RunRow>, StateError> {
-        reads!(self.runs())
-    }
-
-    pub async fn control_generation(&self) -> Result<i64, StateError> {
-        reads!(self.control_generation())
-    }
-
-    pub async fn pending_in_order(
-        &self,
-        sink: &str,
-        limit: usize,
-    ) -> Result<Vec<Pending>, StateError> {
-        reads!(self.pending_in_order(sink, limit))
-    }
-
-    pub async fn pending_for_run(
-        &self,
-        sink: &str,
-        run_id: &str,
-        limit: usize,
-    ) -> Result<Vec<Pending>, StateError> {
-        reads!(self.pending_for_run(sink, run_id, limit))
-    }
-
-    pub async fn runs_with_pending(&self, sink: &str) -> Result<Vec<String>, StateError> {
-        reads!(self.runs_with_pending(sink))
-    }
-
-    pub async fn pruned_run(&self, run_id: String) -> Result<Option<PrunedRun>, StateError> {
-        reads!(self.pruned_run(run_id))
-    }
-
-    pub async fn pruned_count(&self) -> Result<i64, StateError> {
-        reads!(self.pruned_count())
-    }
-
-    pub async fn pending_count(&self, sink: &str) -> Result<i64, StateError> {
-        reads!(self.pending_count(sink))
-    }
-
-    pub async fn pending_total(&self) -> Result<i64, StateError> {
-        reads!(self.pending_total())
-    }
-
-    pub async fn dead_letters(
-        &self,
-        sink: Option<String>,
-        run: Option<String>,
-    ) -> Result<Vec<DeadLetter>, StateError> {
-        reads!(self.dead_letters(sink, run))
-    }
-
-    pub async fn sinks(&self) -> Result<Vec<SinkRow>, StateError> {
-        reads!(self.sinks())
-    }
-
-    pub async fn oldest_pending(
-        &self,
-        sinks: Vec<String>,
-    ) -> Result<Vec<(String, i64)>, StateError> {
-        reads!(self.oldest_pending(sinks))
-    }
-
-    pub async fn sink_offset(&self, sink: &str) -> Result<Option<u64>, StateError> {
-        reads!(self.sink_offset(sink))
-    }
-
-    pub async fn thread_root(
-        &self,
-        sink: &str,
-        run_id: &str,
-    ) -> Result<Option<(String, String)>, StateError> {
-        reads!(self.thread_root(sink, run_id))
-    }
+        limit: usize
+    ) -> Vec<Pending>;
+    fn watched_runs() -> Vec<WatchedRun>;
+    fn runs() -> Vec<RunRow>;
+    fn pruned_run(run_id: String) -> Option<PrunedRun>;
+    fn pruned_count() -> i64;
+    fn control_generation() -> i64;
+    fn pending_in_order(sink: &str, limit: usize) -> Vec<Pending>;
+    fn pending_for_run(sink: &str, run_id: &str, limit: usize) -> Vec<Pending>;
+    fn runs_with_pending(sink: &str) -> Vec<String>;
+    fn pending_count(sink: &str) -> i64;
+    fn pending_total() -> i64;
+    fn dead_letters(sink: Option<String>, run: Option<String>) -> Vec<DeadLetter>;
+    fn sinks() -> Vec<SinkRow>;
+    fn oldest_pending(sinks: Vec<String>) -> Vec<(String, i64)>;
+    fn sink_offset(sink: &str) -> Option<u64>;
+    fn thread_root(sink: &str, run_id: &str) -> Option<(String, String)>;
 }
 
 /// Where `tail` is in the events, between two reads
