@@ -501,9 +501,10 @@ async fn a_shed_lease_outlives_its_chains_last_outcome_and_moves_at_the_next_tic
 /// lasts up to its sink's timeout (a webhook's defaults to 10 s, Slack's
 /// is 10 s) while `lease_ttl` may be as short as 3 s. Released a ttl after
 /// the shed, the lease went to the next owner while that send was still
-/// in flight: it sent the same delivery again and the run's next ones
-/// beside it, a repeat and a reorder no fault caused. The shed lease stays
-/// until its work ended or a send started before the shed must have ended.
+/// in flight: it sent the same delivery again beside it, a repeat no
+/// fault caused (the failover test's per-run bound counts those). The shed
+/// lease stays until its work ended or a send started before the shed must
+/// have ended.
 #[tokio::test]
 async fn a_shed_lease_stays_while_a_send_started_before_the_shed_may_be_in_flight() {
     use runhook::store::pg::LeaseKeeper;
