@@ -149,8 +149,24 @@ fn own_runs(config: &Config, state: &State) -> (Option<Leases>, Ownership) {
         return (None, Ownership::exclusive());
     };
     crate::metrics::metrics().cluster_node(pg.node());
-    let (leases, ownership) = Leases::start(pg.clone(), config.cluster.lease_ttl);
+    let (leases, ownership) =
+        Leases::start(pg.clone(), config.cluster.lease_ttl, longest_send(config));
     (Some(leases), ownership)
+}
+
+/// The longest a send of an HTTP sink may take: its request timeout (a
+/// Slack call's is fixed). File sinks write under their node's own lease.
+fn longest_send(config: &Config) -> Duration {
+    config
+        .sinks
+        .values()
+        .map(|sink| match &sink.kind {
+            crate::config::SinkKind::Webhook(webhook) => webhook.timeout,
+            crate::config::SinkKind::Slack(_) => crate::sink::slack::TIMEOUT,
+            crate::config::SinkKind::File(_) => Duration::ZERO,
+        })
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Opens the state database and brings its watched runs in line with the

@@ -25,11 +25,21 @@ pub(super) struct Leases {
 impl Leases {
     /// Starts ticking at once; the returned [`Ownership`] holds nothing
     /// until the first tick has claimed.
-    pub(super) fn start(store: PgStore, lease_ttl: Duration) -> (Self, Ownership) {
+    /// `longest_send`: the longest sink timeout, how long a send started
+    /// before a shed may still be in flight.
+    pub(super) fn start(
+        store: PgStore,
+        lease_ttl: Duration,
+        longest_send: Duration,
+    ) -> (Self, Ownership) {
         let (publisher, ownership) = Ownership::leased();
         let stop = CancellationToken::new();
-        // A shed lease is released once its run's delivery chains ended.
-        let keeper = LeaseKeeper::new(store).releasing_when(publisher.work_ended());
+        // A shed lease is released once its run's delivery chains ended, or
+        // once a send they started must have ended: a shed is published at
+        // the end of its tick (a third of a ttl at most), sends stop then.
+        let keeper = LeaseKeeper::new(store)
+            .releasing_when(publisher.work_ended())
+            .sends_last_at_most(longest_send + lease_ttl / 3);
         let draining = CancellationToken::new();
         let task = AbortOnDropHandle::new(tokio::spawn(keep_leases(
             keeper,

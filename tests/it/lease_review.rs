@@ -496,3 +496,67 @@ async fn a_shed_lease_outlives_its_chains_last_outcome_and_moves_at_the_next_tic
         "b takes the shed run at its next tick"
     );
 }
+
+/// A shed run's chain may be in a send when the run is shed, and a send
+/// lasts up to its sink's timeout (a webhook's defaults to 10 s, Slack's
+/// is 10 s) while `lease_ttl` may be as short as 3 s. Released a ttl after
+/// the shed, the lease went to the next owner while that send was still
+/// in flight: it sent the same delivery again beside it, a repeat no
+/// fault caused (the failover test's per-run bound counts those). The shed
+/// lease stays until its work ended or a send started before the shed must
+/// have ended.
+#[tokio::test]
+async fn a_shed_lease_stays_while_a_send_started_before_the_shed_may_be_in_flight() {
+    use runhook::store::pg::LeaseKeeper;
+    let Some(pg) = PgDatabase::create().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(3);
+    let longest_send = Duration::from_secs(5);
+    let replica = |node: &str| Replica {
+        node: node.into(),
+        lease_ttl: ttl,
+        share_slack: 0,
+    };
+    let a = PgStore::open(&pg.url(), replica("a"))
+        .await
+        .expect("open a");
+    let b = PgStore::open(&pg.url(), replica("b"))
+        .await
+        .expect("open b");
+    let (first, second) = (RUN, "run-z");
+    for run in [first, second] {
+        a.subscribe(run.into(), BTreeMap::new(), "watch", None)
+            .await
+            .expect("subscribe");
+    }
+    // The shed run's chain is still sending (its work never ends here).
+    let mut keeper_a = LeaseKeeper::new(a.clone())
+        .releasing_when(|_| false)
+        .sends_last_at_most(longest_send);
+    assert_eq!(keeper_a.tick().await.gained.len(), 2, "a alone holds both");
+    let mut keeper_b = LeaseKeeper::new(b.clone());
+    assert!(keeper_b.tick().await.gained.is_empty(), "both held by a");
+    let shed_at = Instant::now();
+    let changes = keeper_a.tick().await;
+    assert_eq!(changes.lost.len(), 1, "a sheds the second run: {changes:?}");
+
+    // Ticking at the lease cadence, as the lease tasks do.
+    let mut ticks = tokio::time::interval(ttl / 3);
+    let moved_at = loop {
+        ticks.tick().await;
+        keeper_a.tick().await;
+        if !keeper_b.tick().await.gained.is_empty() {
+            break shed_at.elapsed();
+        }
+        assert!(
+            shed_at.elapsed() < longest_send + ttl * 2,
+            "the shed run never moved"
+        );
+    };
+    assert!(
+        moved_at >= longest_send,
+        "the shed run moved {moved_at:?} after the shed, while a send started before it \
+         may last {longest_send:?}"
+    );
+}

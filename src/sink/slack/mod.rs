@@ -38,8 +38,9 @@ use api::{classify_webhook, retry};
 use message::Message;
 pub use thread::{ThreadBook, ThreadBookError, ThreadRoot};
 
-/// Every Slack call, connecting included.
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// Every Slack call, connecting included. Public: a lease shed while a
+/// call is in flight is kept until it must have ended.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct SlackSink {
     name: Arc<str>,

@@ -19,7 +19,8 @@
 //!   lease now, so another replica claims it at once. Shedding takes two
 //!   steps: the lease is first reported lost (the run's work stops here)
 //!   and still renewed, and released at a later tick once the run's work
-//!   has ended (or a ttl after the shed, for work stuck in a send): else
+//!   has ended (or once a send started before the shed must have ended: a
+//!   ttl, or the longest sink timeout if longer): else
 //!   the new owner would send while this one's delivery is in flight, and
 //!   the event would go out twice with no fault at all.
 //! - **fence**: every write for a run checks owner and epoch in its own
@@ -311,6 +312,9 @@ pub struct LeaseKeeper {
     /// Whether a run's work here has ended (no delivery under way); every
     /// run's, unless the daemon says otherwise.
     work_ended: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// How long a send started before a shed may still be in flight (the
+    /// longest sink timeout): see [`LeaseKeeper::sends_last_at_most`].
+    longest_send: Duration,
     /// Off once the process drains: it renews what its last deliveries
     /// write under, and takes nothing it would no longer work.
     claiming: bool,
@@ -326,6 +330,7 @@ impl LeaseKeeper {
             store,
             shedding: BTreeMap::new(),
             work_ended: Box::new(|_| true),
+            longest_send: Duration::ZERO,
             held: BTreeMap::new(),
             claiming: true,
         }
@@ -345,6 +350,17 @@ impl LeaseKeeper {
         work_ended: impl Fn(&str) -> bool + Send + Sync + 'static,
     ) -> Self {
         self.work_ended = Box::new(work_ended);
+        self
+    }
+
+    /// A shed lease whose run's work has not ended is released anyway once
+    /// a send started before the shed must have ended: its sink's timeout
+    /// (`longest`, the longest of the sinks') or a ttl, whichever is
+    /// longer. Released a ttl after the shed while a send of up to a sink
+    /// timeout was in flight, the next owner sent that delivery again
+    /// beside it.
+    pub fn sends_last_at_most(mut self, longest: Duration) -> Self {
+        self.longest_send = longest;
         self
     }
 
@@ -453,9 +469,12 @@ impl LeaseKeeper {
     }
 
     /// Releases the shed leases whose run's work ended here, or that were
-    /// shed a ttl ago (work stuck in a send: its repeat is a timeout's).
+    /// shed long enough ago that a send started before must have ended (a
+    /// ttl, or the longest sink timeout if longer): work stuck elsewhere (a
+    /// Slack rate limit wait, which asks again before sending) must not
+    /// keep the run from its next owner for longer.
     async fn release_shed(&mut self) -> Result<(), PgStoreError> {
-        let ttl = self.store.replica.lease_ttl;
+        let ttl = self.store.replica.lease_ttl.max(self.longest_send);
         let done: Vec<Lease> = self
             .shedding
             .iter()
