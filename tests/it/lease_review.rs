@@ -87,6 +87,26 @@ fn sink_runtime(
     })
 }
 
+/// `RUN` watched, its lease claimed, and events `sequences` recorded under
+/// it: the state every delivery test here starts from.
+async fn watched_with_events(
+    pg: &PgDatabase,
+    sequences: std::ops::RangeInclusive<i64>,
+) -> (State, Lease) {
+    let store = open(pg).await;
+    store
+        .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
+        .await
+        .expect("subscribe");
+    let lease: Lease = store.claim(1).await.expect("claim").remove(0);
+    let state = State::Postgres(store);
+    state
+        .record_batch(&Fence::Lease(lease.clone()), batch(sequences))
+        .await
+        .expect("record under the lease");
+    (state, lease)
+}
+
 /// A replica whose lease renewal came late (its trust lapsed for a moment,
 /// the database slow) while the run's work became known: the dispatcher
 /// saw the run's pending deliveries (its start-up scan, or a new-work
@@ -100,17 +120,7 @@ async fn work_seen_while_a_lease_renewal_is_late_is_delivered_once_it_is_renewed
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg).await;
-    store
-        .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
-        .await
-        .expect("subscribe");
-    let lease: Lease = store.claim(1).await.expect("claim").remove(0);
-    let state = State::Postgres(store);
-    state
-        .record_batch(&Fence::Lease(lease.clone()), batch(1..=3))
-        .await
-        .expect("record under the lease");
+    let (state, lease) = watched_with_events(&pg, 1..=3).await;
 
     let (publisher, ownership) = Ownership::leased();
     // Listed, but its trust lapsed: the renewal is late.
@@ -168,17 +178,7 @@ async fn an_unordered_sink_sends_nothing_once_its_lease_is_no_longer_trusted() {
     let Some(pg) = PgDatabase::create().await else {
         return;
     };
-    let store = open(&pg).await;
-    store
-        .subscribe(RUN.into(), BTreeMap::new(), "watch", None)
-        .await
-        .expect("subscribe");
-    let lease: Lease = store.claim(1).await.expect("claim").remove(0);
-    let state = State::Postgres(store);
-    state
-        .record_batch(&Fence::Lease(lease.clone()), batch(1..=6))
-        .await
-        .expect("record under the lease");
+    let (state, lease) = watched_with_events(&pg, 1..=6).await;
 
     let receiver = Receiver::start().await;
     receiver.set_delay(Duration::from_secs(1));
