@@ -399,20 +399,8 @@ mod tests {
 
     fn pending(payload_bytes: usize) -> Pending {
         Pending {
-            event: 1,
-            id: "r:1".into(),
-            run_id: "r".into(),
-            sequence: Some(1),
-            event_type: "T".into(),
             payload: format!("\"{}\"", "x".repeat(payload_bytes.saturating_sub(2))),
-            created_at: None,
-            run_status: None,
-            phase: None,
-            labels: "{}".into(),
-            attempts: 0,
-            next_attempt_at: 0,
-            seen_at: 0,
-            queued_at: 0,
+            ..Pending::sample(1)
         }
     }
 

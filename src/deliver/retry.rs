@@ -178,20 +178,9 @@ mod tests {
 
     fn pending(event: i64, attempts: u32, queued_at: i64) -> Pending {
         Pending {
-            event,
-            id: format!("r:{event}"),
-            run_id: "r".into(),
-            sequence: Some(event),
-            event_type: "T".into(),
-            payload: "{}".into(),
-            created_at: None,
-            run_status: None,
-            phase: None,
-            labels: "{}".into(),
             attempts,
-            next_attempt_at: 0,
-            seen_at: 0,
             queued_at,
+            ..Pending::sample(event)
         }
     }
 

@@ -939,24 +939,7 @@ mod tests {
     }
 
     fn rows(rows: &[i64]) -> Vec<Pending> {
-        rows.iter()
-            .map(|&event| Pending {
-                event,
-                id: format!("r:{event}"),
-                run_id: "r".into(),
-                sequence: Some(event),
-                event_type: "T".into(),
-                payload: "{}".into(),
-                created_at: None,
-                run_status: None,
-                phase: None,
-                labels: "{}".into(),
-                attempts: 0,
-                next_attempt_at: 0,
-                seen_at: 0,
-                queued_at: 0,
-            })
-            .collect()
+        rows.iter().map(|&event| Pending::sample(event)).collect()
     }
 
     fn xids(ids: &[&str]) -> BTreeSet<String> {
